@@ -1,0 +1,13 @@
+//! The domain model shared by every binary: the configuration registry, typed values and
+//! the effective configuration. Pure: no sockets, no async.
+
+pub mod config;
+pub mod registry;
+pub mod value;
+
+pub use config::{Config, FileError, KeyError, Source};
+pub use registry::{Apply, KeyDef};
+pub use value::{Kind, Value};
+
+/// The version of the suite, shown by `Control.Version` and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,380 @@
+//! Every configuration key the gateway knows: type, default, range, description and who reads it.
+//!
+//! The key is the TOML path in `mailborder.toml` (`[network.smtp] port = 25` is
+//! `network.smtp.port`) and the name `mb-config` takes. Names come from the product
+//! documents; new keys follow the same style.
+
+use std::time::Duration;
+
+use crate::value::Kind;
+
+/// When a changed value takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// The owning daemons follow the change feed and use the new value at once.
+    Live,
+    /// The owning daemons read the value at start only (listeners, paths, pools).
+    Restart,
+}
+
+/// One configuration key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDef {
+    pub key: &'static str,
+    pub kind: Kind,
+    /// The built-in default in canonical text form.
+    pub default: &'static str,
+    pub description: &'static str,
+    pub apply: Apply,
+    /// The daemons that read the key.
+    pub daemons: &'static [&'static str],
+    /// Never logged, masked in listings and stored redacted in the audit trail.
+    pub secret: bool,
+    /// Stays on each cluster node instead of being synchronised from the main node.
+    pub node_local: bool,
+    /// Read from the configuration file only: where the sockets and the database are
+    /// must be known before the database can be asked (`mb-config set` refuses these).
+    pub file_only: bool,
+}
+
+pub const SMTPD: &str = "mb-smtpd";
+pub const FILTER: &str = "mb-filter";
+pub const MILTER: &str = "mb-milter";
+pub const RPCD: &str = "mb-rpcd";
+pub const CLUSTER: &str = "mb-cluster";
+const ALL: &[&str] = &[SMTPD, FILTER, MILTER, RPCD, CLUSTER];
+
+/// The daemons of the suite, in the order tools show them.
+pub const DAEMONS: &[&str] = ALL;
+
+const fn k(
+    key: &'static str,
+    kind: Kind,
+    default: &'static str,
+    description: &'static str,
+) -> KeyDef {
+    KeyDef {
+        key,
+        kind,
+        default,
+        description,
+        apply: Apply::Live,
+        daemons: ALL,
+        secret: false,
+        node_local: false,
+        file_only: false,
+    }
+}
+
+impl KeyDef {
+    const fn by(mut self, daemons: &'static [&'static str]) -> Self {
+        self.daemons = daemons;
+        self
+    }
+    const fn restart(mut self) -> Self {
+        self.apply = Apply::Restart;
+        self
+    }
+    const fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+    const fn file_only(mut self) -> Self {
+        self.file_only = true;
+        self.local()
+    }
+    /// Node-local keys need a restart too: they are listeners, paths and identities.
+    const fn local(mut self) -> Self {
+        self.node_local = true;
+        self.apply = Apply::Restart;
+        self
+    }
+}
+
+const fn int(min: i64, max: i64) -> Kind {
+    Kind::Int { min, max }
+}
+const PORT: Kind = int(1, 65535);
+const BOOL: Kind = Kind::Bool;
+const TEXT: Kind = Kind::Text { max: 1024 };
+const fn secs(min: u64, max: u64) -> Kind {
+    Kind::Duration {
+        min: Duration::from_secs(min),
+        max: Duration::from_secs(max),
+    }
+}
+const DAY: u64 = 86_400;
+const SCORE: Kind = Kind::Float {
+    min: -1000.0,
+    max: 1000.0,
+};
+const V4: Kind = Kind::IpList { v6: false };
+const V6: Kind = Kind::IpList { v6: true };
+const UNAVAILABLE: Kind = Kind::Enum(&["tempfail", "accept"]);
+const SCANNER_DOWN: Kind = Kind::Enum(&["tempfail", "skip"]);
+const S: &[&str] = &[SMTPD];
+const F: &[&str] = &[FILTER];
+const SF: &[&str] = &[SMTPD, FILTER];
+const SFM: &[&str] = &[SMTPD, FILTER, MILTER];
+const M: &[&str] = &[MILTER];
+const R: &[&str] = &[RPCD];
+const C: &[&str] = &[CLUSTER];
+
+/// All keys, sorted by name within each section.
+pub static KEYS: &[KeyDef] = &[
+    // Paths (node-local, read at start by every daemon).
+    k("paths.run_dir", Kind::Path, "/var/run/mailborder", "Directory of the daemons' gRPC sockets").file_only(),
+    k("paths.spool_dir", Kind::Path, "/var/spool/mailborder", "Mail spool: incoming, deferred, hold, quarantine").file_only(),
+    k("paths.data_dir", Kind::Path, "/var/lib/mailborder", "State: the SQLite database, the cached configuration, keys").file_only(),
+    k("paths.log_dir", Kind::Path, "/var/log/mailborder", "Log files when not logging to the journal").file_only(),
+    // Logging.
+    k("log.level", Kind::Enum(&["error", "warn", "info", "debug", "trace"]), "info", "Least severe level written to the log"),
+    k("log.format", Kind::Enum(&["text", "json"]), "text", "Log line format: text for people and fail2ban, json for collectors"),
+    // Database and Redis.
+    k("database.url", TEXT, "", "Database URL: empty for SQLite under paths.data_dir, or sqlite://, mysql:// (MariaDB), postgres://").by(R).secret().file_only(),
+    k("database.max_connections", int(1, 1000), "10", "Connections in mb-rpcd's database pool").by(R).file_only(),
+    k("redis.url", TEXT, "", "Redis URL for shared rate-limit and ban state (redis://host:port/db); empty to keep state in memory").secret().restart(),
+    // SMTP listeners (mb-smtpd).
+    k("network.smtp.listen", V4, "0.0.0.0", "IPv4 addresses mb-smtpd listens on for SMTP").by(S).local(),
+    k("network.smtp.listen_ipv6", V6, "::", "IPv6 addresses mb-smtpd listens on when network.ipv6.enabled is true").by(S).local(),
+    k("network.smtp.port", PORT, "25", "SMTP port for mail from the internet").by(S).local(),
+    k("network.smtp.max_connections", int(1, 100_000), "100", "Concurrent SMTP connections in total").by(S),
+    k("network.smtp.max_per_source", int(1, 100_000), "10", "Concurrent SMTP connections from one client IP").by(S),
+    k("network.smtp.connection_rate", int(1, 1_000_000), "20", "New SMTP connections accepted per second in total").by(S),
+    k("network.smtp.rate_per_source", int(1, 1_000_000), "2", "New SMTP connections accepted per second from one client IP").by(S),
+    k("network.smtp.timeout", secs(1, 3600), "5m", "Idle time allowed between SMTP commands and while receiving DATA").by(S),
+    k("network.smtp.tls.inbound", Kind::Enum(&["none", "enabled", "mandatory"]), "enabled", "STARTTLS for senders: not offered, offered, or required").by(S),
+    k("network.smtp.tls.outbound", Kind::Enum(&["none", "opportunistic", "mandatory"]), "opportunistic", "TLS when delivering to other servers: never, when offered, or required").by(S),
+    k("network.smtp.tls.cert", Kind::Path, "/etc/mailborder/ssl/mailborder.crt", "PEM certificate chain for SMTP TLS").by(S),
+    k("network.smtp.tls.key", Kind::Path, "/etc/mailborder/ssl/mailborder.key", "PEM private key for SMTP TLS").by(S),
+    k("network.submission.enabled", BOOL, "false", "Listen for authenticated submission").by(S).local(),
+    k("network.submission.port", PORT, "587", "Submission port").by(S).local(),
+    k("network.submission.require_auth", BOOL, "true", "Refuse mail on the submission port without AUTH").by(S),
+    k("network.submission.require_tls", BOOL, "true", "Refuse MAIL on the submission port before STARTTLS").by(S),
+    k("network.smtps.enabled", BOOL, "false", "Listen for SMTP over implicit TLS").by(S).local(),
+    k("network.smtps.port", PORT, "465", "SMTPS (implicit TLS) port").by(S).local(),
+    k("network.reinject.listen", Kind::Ip, "127.0.0.1", "Address of the unfiltered reinjection listener (local clients only)").by(S).local(),
+    k("network.reinject.port", PORT, "10025", "Port of the unfiltered reinjection listener").by(S).local(),
+    // TLS in general.
+    k("network.tls.min_version", Kind::Enum(&["1.2", "1.3"]), "1.2", "Oldest TLS version accepted"),
+    k("network.tls.versions", Kind::EnumList(&["1.2", "1.3"]), "1.2,1.3", "TLS versions offered"),
+    k("network.tls.ciphers", TEXT, "", "OpenSSL-style cipher list to restrict TLS 1.2 suites to; empty for the built-in strong set"),
+    k("network.tls.prefer_server_ciphers", BOOL, "true", "Choose the cipher by the server's order of preference"),
+    k("network.tls.dhparam", Kind::Path, "", "Accepted for compatibility; the TLS stack uses ECDHE only, so DH parameters are not used"),
+    k("network.ipv6.enabled", BOOL, "false", "Listen on IPv6 addresses too").local(),
+    // DNS.
+    k("network.dns.servers", Kind::DnsServers, "system", "Resolvers: system (from /etc/resolv.conf) or a list of IP, IP:port"),
+    k("network.dns.cache.enabled", BOOL, "true", "Cache DNS answers in each daemon"),
+    k("network.dns.cache.ttl", secs(1, DAY), "5m", "Longest time a cached DNS answer is kept"),
+    k("network.dns.dnssec", BOOL, "false", "Validate DNSSEC signatures"),
+    // mb-rpcd's optional TCP listener.
+    k("network.rpcd.tcp.enabled", BOOL, "false", "Serve the mb-rpcd API on TCP as well as on its Unix socket").by(R).local(),
+    k("network.rpcd.tcp.bind", Kind::Ip, "127.0.0.1", "Address of the mb-rpcd TCP listener; beyond loopback TLS and an API key are required").by(R).local(),
+    k("network.rpcd.tcp.port", PORT, "9000", "Port of the mb-rpcd TCP listener").by(R).local(),
+    k("network.rpcd.tcp.require_auth", BOOL, "true", "Require the API key on the TCP listener (always required beyond loopback)").by(R).restart(),
+    k("network.rpcd.tcp.api_key", TEXT, "", "API key TCP clients send as \"authorization: Bearer KEY\"; at least 16 characters").by(R).restart().secret(),
+    k("network.rpcd.tcp.tls.cert", Kind::Path, "", "PEM certificate chain for the TCP listener; empty for plaintext (loopback only)").by(R).local(),
+    k("network.rpcd.tcp.tls.key", Kind::Path, "", "PEM private key for the TCP listener").by(R).local(),
+    // Web interface.
+    k("network.https.listen", V4, "0.0.0.0", "IPv4 addresses of the HTTPS interface").local(),
+    k("network.https.listen_ipv6", V6, "::", "IPv6 addresses of the HTTPS interface").local(),
+    k("network.https.port", PORT, "443", "HTTPS port").local(),
+    k("network.https.rate_limit", int(1, 1_000_000), "60", "HTTPS requests per minute from one client IP"),
+    k("network.https.rate_burst", int(0, 1_000_000), "10", "Requests allowed above the HTTPS rate in a burst"),
+    k("network.http.enabled", BOOL, "false", "Listen for plain HTTP").local(),
+    k("network.http.port", PORT, "80", "HTTP port").local(),
+    k("network.http.redirect_to_https", BOOL, "true", "Answer every HTTP request with a redirect to HTTPS"),
+    // Protection modes.
+    k("network.protection.mode", Kind::Enum(&["autoban", "protected", "private", "public"]), "autoban", "How mail ports are guarded: rate-limit and ban, trusted-only submission, trusted-only, or open").by(S),
+    k("network.protection.autoban.rate", Kind::Rate, "10/minute", "Connection rate from one IP above which it is banned").by(S),
+    k("network.protection.autoban.period", secs(1, 365 * DAY), "1h", "How long a banned IP stays banned").by(S),
+    k("network.protection.trusted_networks", Kind::CidrList, "127.0.0.0/8,::1/128", "Networks never banned, and the only ones allowed in protected/private mode").by(S),
+    // SMTP behaviour.
+    k("smtp.enabled", BOOL, "true", "Run mb-smtpd (standalone mode); false when Postfix stays in front").by(S).restart(),
+    k("smtp.hostname", Kind::Text { max: 253 }, "", "Name in the greeting, EHLO and Received headers; empty for the system host name").by(S),
+    k("smtp.domains", Kind::List, "", "Domains the gateway accepts mail for (never relays for others)").by(SF),
+    k("smtp.mynetworks", Kind::CidrList, "127.0.0.0/8,::1/128", "Clients allowed to relay to any domain without AUTH").by(SF),
+    k("smtp.message_size_limit", Kind::Size { min: 1024, max: 1 << 32 }, "50M", "Largest message accepted (SIZE)").by(SFM),
+    k("smtp.max_recipients", int(1, 100_000), "100", "Recipients allowed in one message").by(S),
+    k("smtp.recipient_delimiter", Kind::Text { max: 4 }, "+", "Separator of address extensions (user+tag@domain); empty for none").by(SF),
+    k("smtp.helo_required", BOOL, "true", "Refuse MAIL before HELO/EHLO").by(S),
+    k("smtp.vrfy_enabled", BOOL, "false", "Answer VRFY truthfully instead of 252").by(S),
+    k("smtp.max_errors", int(1, 1000), "10", "Errors in one session before 421 and disconnect").by(S),
+    // Relay host (inbound delivery).
+    k("relay.host", Kind::Text { max: 253 }, "", "Internal mail server that receives accepted inbound mail").by(S),
+    k("relay.port", PORT, "25", "Port of the relay host").by(S),
+    k("relay.protocol", Kind::Enum(&["smtp", "lmtp"]), "smtp", "Protocol spoken to the relay host").by(S),
+    k("relay.tls", Kind::Enum(&["none", "starttls", "tls"]), "starttls", "TLS to the relay host: none, STARTTLS (required), or implicit TLS").by(S),
+    k("relay.tls.verify", BOOL, "true", "Verify the relay host's certificate").by(S),
+    k("relay.auth.username", Kind::Text { max: 256 }, "", "User name for AUTH at the relay host; empty for none").by(S),
+    k("relay.auth.password", Kind::Text { max: 256 }, "", "Password for AUTH at the relay host").by(S).secret(),
+    // Queue.
+    k("queue.retry_min", secs(1, DAY), "5m", "First retry delay after a temporary failure").by(S),
+    k("queue.retry_max", secs(1, 7 * DAY), "1h", "Longest delay between retries").by(S),
+    k("queue.delay_warning", secs(0, 30 * DAY), "4h", "Age at which the sender is told the message is delayed; 0 for never").by(S),
+    k("queue.lifetime", secs(60, 30 * DAY), "5d", "Age at which an undeliverable message is bounced").by(S),
+    // Spam.
+    k("spam.threshold.tag", SCORE, "4.0", "Score at which X-Spam headers are added").by(F),
+    k("spam.threshold.quarantine", SCORE, "6.0", "Score at which a message is quarantined").by(F),
+    k("spam.threshold.reject", SCORE, "20.0", "Score at which a message is rejected").by(F),
+    k("dmarc.enforce", BOOL, "true", "Apply the sender domain's DMARC policy (reject/quarantine)").by(F),
+    k("attachments.blocked_extensions", Kind::List, "exe,scr,com,pif,bat,cmd,vbs,vbe,js,jse,wsf,wsh,msi,msp,hta,cpl,jar,ps1,lnk,reg,iso,img", "File extensions refused in attachments (also inside archives and as double extensions)").by(F),
+    // Filter workers and the content filter.
+    k("filter.enabled", BOOL, "true", "Run mb-filter workers").by(F).restart(),
+    k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),
+    k("filter.max_concurrent", int(1, 10_000), "32", "Messages one worker scans at once").by(F),
+    k("filter.scan_timeout", secs(1, 3600), "1m", "Longest time one scan may take").by(SFM),
+    k("filter.listen", Kind::Ip, "127.0.0.1", "Address of the content-filter listener").by(F).local(),
+    k("filter.port", PORT, "10031", "Port of the content-filter listener (Postfix content_filter)").by(F).local(),
+    k("filter.next_hop", Kind::Text { max: 260 }, "127.0.0.1:10025", "Where the content filter reinjects clean mail (host:port)").by(F),
+    k("filter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-smtpd does when no filter worker answers").by(S),
+    // Milter.
+    k("milter.enabled", BOOL, "false", "Run mb-milter (Postfix milter mode)").by(M).restart(),
+    k("milter.listen", Kind::Ip, "127.0.0.1", "Address of the milter listener").by(M).local(),
+    k("milter.port", PORT, "10032", "Port of the milter listener (smtpd_milters = inet:127.0.0.1:10032)").by(M).local(),
+    k("milter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-milter answers when no filter worker answers").by(M),
+    // Scanners.
+    k("clamav.enabled", BOOL, "false", "Scan messages with ClamAV (clamd)").by(F),
+    k("clamav.address", TEXT, "127.0.0.1:3310", "clamd address: host:port or the path of its Unix socket").by(F),
+    k("clamav.timeout", secs(1, 3600), "30s", "Longest time a ClamAV scan may take").by(F),
+    k("clamav.unavailable_action", SCANNER_DOWN, "tempfail", "What to do with a message when clamd cannot be reached").by(F),
+    k("rspamd.enabled", BOOL, "false", "Ask Rspamd for a spam score").by(F),
+    k("rspamd.url", TEXT, "http://127.0.0.1:11333", "Rspamd normal worker URL (POST /checkv2)").by(F),
+    k("rspamd.timeout", secs(1, 3600), "30s", "Longest time an Rspamd check may take").by(F),
+    k("rspamd.unavailable_action", SCANNER_DOWN, "skip", "What to do with a message when Rspamd cannot be reached").by(F),
+    // DKIM signing.
+    k("dkim.sign", BOOL, "false", "DKIM-sign outbound mail").by(F),
+    k("dkim.selector", Kind::Text { max: 63 }, "mailborder", "DKIM selector (the DNS name is SELECTOR._domainkey.DOMAIN)").by(F),
+    k("dkim.key", Kind::Path, "/etc/mailborder/dkim/private.key", "PEM private key used for DKIM signing").by(F),
+    // Quarantine.
+    k("quarantine.retention_days", int(1, 3650), "30", "Days a quarantined message is kept").by(&[FILTER, RPCD]),
+    k("quarantine.max_size_mb", int(1, 10_000_000), "10240", "Largest total size of the quarantine in MiB").by(&[FILTER, RPCD]),
+    k("quarantine.max_messages", int(0, 100_000_000), "0", "Most messages kept in quarantine; 0 for no limit").by(&[FILTER, RPCD]),
+    // Cluster.
+    k("cluster.enabled", BOOL, "false", "Take part in a cluster of gateway nodes").by(C).local(),
+    k("cluster.role", Kind::Enum(&["main", "child"]), "main", "This node's role: main (edits configuration) or child (follows it)").by(C).local(),
+    k("cluster.node_name", Kind::Text { max: 253 }, "", "This node's name in the cluster; empty for the host name").by(C).local(),
+    k("cluster.bind", Kind::Ip, "0.0.0.0", "Address of the cluster listener").by(C).local(),
+    k("cluster.port", PORT, "10050", "Port of the cluster listener (mutual TLS)").by(C).local(),
+    k("cluster.main", Kind::Text { max: 260 }, "", "The main node as host:port (children only)").by(C).local(),
+    k("cluster.heartbeat", secs(1, 3600), "10s", "Interval between heartbeats").by(C),
+];
+
+/// Looks up a key by its exact name.
+pub fn find(key: &str) -> Option<&'static KeyDef> {
+    KEYS.iter().find(|k| k.key == key)
+}
+
+/// The valid key nearest to a mistyped one, for "did you mean" hints.
+pub fn nearest(key: &str) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    KEYS.iter()
+        .map(|k| (edit_distance(&key, k.key), k.key))
+        .min()
+        .filter(|(d, _)| *d <= key.len().max(4) / 2)
+        .map(|(_, k)| k)
+}
+
+/// Whether some key lives below `prefix` (so `prefix` names a TOML table).
+pub fn is_section(prefix: &str) -> bool {
+    KEYS.iter().any(|k| {
+        k.key.len() > prefix.len()
+            && k.key.starts_with(prefix)
+            && k.key.as_bytes()[prefix.len()] == b'.'
+    })
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::Value;
+
+    #[test]
+    fn defaults_parse_and_are_canonical() {
+        for k in KEYS {
+            let v = Value::parse(&k.kind, k.default)
+                .unwrap_or_else(|e| panic!("default of {}: {e}", k.key));
+            assert_eq!(
+                v.to_string(),
+                k.default,
+                "default of {} is not canonical",
+                k.key
+            );
+            assert!(
+                !k.description.is_empty() && !k.description.ends_with('.'),
+                "{}",
+                k.key
+            );
+        }
+    }
+
+    #[test]
+    fn keys_are_unique_and_well_formed() {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in KEYS {
+            assert!(seen.insert(k.key), "{} twice", k.key);
+            assert!(
+                k.key.split('.').all(|p| !p.is_empty()
+                    && p.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')),
+                "{}",
+                k.key
+            );
+        }
+    }
+
+    #[test]
+    fn documented_keys_exist() {
+        // Keys named in the product documents and the blueprint.
+        for key in [
+            "network.smtp.listen",
+            "network.smtp.listen_ipv6",
+            "network.submission.require_tls",
+            "network.dns.cache.ttl",
+            "network.rpcd.tcp.api_key",
+            "network.tls.dhparam",
+            "network.https.rate_burst",
+            "network.http.redirect_to_https",
+            "network.protection.autoban.rate",
+            "relay.tls.verify",
+            "spam.threshold.reject",
+            "cluster.port",
+            "paths.log_dir",
+        ] {
+            assert!(find(key).is_some(), "{key}");
+        }
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(nearest("network.smtp.prot"), Some("network.smtp.port"));
+        assert_eq!(nearest("spam.threshold.taq"), Some("spam.threshold.tag"));
+        assert_eq!(
+            nearest("network.dns.cache.tll"),
+            Some("network.dns.cache.ttl")
+        );
+        assert_eq!(nearest("completely.unrelated.thing.here"), None);
+    }
+
+    #[test]
+    fn sections() {
+        assert!(is_section("relay.tls"));
+        assert!(is_section("network"));
+        assert!(!is_section("relay.port"));
+        assert!(!is_section("relay.t"));
+    }
+}

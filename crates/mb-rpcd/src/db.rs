@@ -1,0 +1,447 @@
+//! The database mb-rpcd owns: SQLite by default, MariaDB or PostgreSQL by URL.
+//!
+//! Queries go through sqlx's `Any` driver with the SQL kept portable; the few
+//! differences between dialects (placeholders, migrations) are handled here.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mb_core::config::redact_url;
+use mb_proto::v1::{AuditEntry, EventQuery, MessageEvent};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    MySql,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL {0} (use sqlite://, mysql:// or postgres://)")]
+    Scheme(String),
+    #[error("cannot open database {url}: {cause}")]
+    Open { url: String, cause: String },
+    #[error("cannot migrate database {url}: {cause}")]
+    Migrate { url: String, cause: String },
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+pub struct Db {
+    pool: AnyPool,
+    pub dialect: Dialect,
+    /// The URL with any password removed, for logs and status.
+    pub url: String,
+}
+
+/// One stored override.
+pub struct Override {
+    pub key: String,
+    pub value: String,
+}
+
+/// A change to record: the override and the audit entry that goes with it.
+pub struct Change<'a> {
+    pub key: &'a str,
+    /// The new stored value, `None` to remove the override.
+    pub value: Option<&'a str>,
+    /// What the audit trail records (secrets already redacted).
+    pub audit_old: Option<&'a str>,
+    pub audit_new: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub user: &'a str,
+    pub at: i64,
+}
+
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("migrations/mysql");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+impl Db {
+    /// Opens (creating a SQLite file and its directory if needed) and migrates.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let shown = redact_url(url);
+        let (dialect, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
+            let path = path.split('?').next().unwrap_or(path);
+            if let Some(dir) = Path::new(path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| DbError::Open {
+                    url: shown.clone(),
+                    cause: format!("cannot create {}: {e}", dir.display()),
+                })?;
+            }
+            (Dialect::Sqlite, format!("sqlite://{path}?mode=rwc"))
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            (Dialect::MySql, url.replacen("mariadb://", "mysql://", 1))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Dialect::Postgres, url.to_string())
+        } else {
+            return Err(DbError::Scheme(shown));
+        };
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10));
+        if dialect == Dialect::Sqlite {
+            // WAL lets status readers run beside a writer; the busy timeout covers the rest.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = FULL")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        // One direct connection first: the pool would retry a refused connection until
+        // its timeout, while the administrator wants the reason now.
+        let open_err = |e: sqlx::Error| DbError::Open {
+            url: shown.clone(),
+            cause: describe(&e),
+        };
+        let probe = tokio::time::timeout(
+            Duration::from_secs(10),
+            AnyConnection::connect(&connect_url),
+        )
+        .await
+        .map_err(|_| DbError::Open {
+            url: shown.clone(),
+            cause: "no answer within 10s".into(),
+        })?
+        .map_err(open_err)?;
+        let _ = probe.close().await;
+        let pool = options.connect(&connect_url).await.map_err(open_err)?;
+        let migrator = match dialect {
+            Dialect::Sqlite => &SQLITE,
+            Dialect::MySql => &MYSQL,
+            Dialect::Postgres => &POSTGRES,
+        };
+        migrator.run(&pool).await.map_err(|e| DbError::Migrate {
+            url: shown.clone(),
+            cause: e.to_string(),
+        })?;
+        Ok(Db {
+            pool,
+            dialect,
+            url: shown,
+        })
+    }
+
+    /// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL. Every statement is
+    /// built from constants in this file; values always go through `bind`.
+    fn sql(&self, q: &str) -> AssertSqlSafe<String> {
+        if self.dialect != Dialect::Postgres {
+            return AssertSqlSafe(q.to_string());
+        }
+        let mut out = String::with_capacity(q.len() + 8);
+        let mut n = 0;
+        for c in q.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        AssertSqlSafe(out)
+    }
+
+    pub async fn ping(&self) -> Result<Duration, DbError> {
+        let start = Instant::now();
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(start.elapsed())
+    }
+
+    pub async fn overrides(&self) -> Result<Vec<Override>, DbError> {
+        let rows = sqlx::query("SELECT cfg_key, cfg_value FROM config_overrides ORDER BY cfg_key")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Override {
+                    key: r.try_get(0)?,
+                    value: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn generation(&self) -> Result<u64, DbError> {
+        let g: i64 = sqlx::query("SELECT generation FROM config_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(g).unwrap_or(0))
+    }
+
+    /// Stores or removes an override and its audit entry in one transaction; returns the
+    /// new configuration generation and whether an override was there before.
+    pub async fn apply(&self, c: &Change<'_>) -> Result<(u64, bool), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let existed = sqlx::query(self.sql("SELECT 1 FROM config_overrides WHERE cfg_key = ?"))
+            .bind(c.key)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        sqlx::query(self.sql("DELETE FROM config_overrides WHERE cfg_key = ?"))
+            .bind(c.key)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(value) = c.value {
+            sqlx::query(self.sql(
+                "INSERT INTO config_overrides (cfg_key, cfg_value, updated_at, updated_by) VALUES (?, ?, ?, ?)",
+            ))
+            .bind(c.key)
+            .bind(value)
+            .bind(c.at)
+            .bind(c.user)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let action = if c.value.is_some() { "set" } else { "unset" };
+        sqlx::query(self.sql(
+            "INSERT INTO config_audit (cfg_key, action, old_value, new_value, uid, username, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(c.key)
+        .bind(action)
+        .bind(c.audit_old)
+        .bind(c.audit_new)
+        .bind(c.uid.map_or(-1, i64::from))
+        .bind(c.user)
+        .bind(c.at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE config_state SET generation = generation + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let g: i64 = sqlx::query("SELECT generation FROM config_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        tx.commit().await?;
+        Ok((u64::try_from(g).unwrap_or(0), existed))
+    }
+
+    pub async fn history(&self, key: &str, limit: u32) -> Result<Vec<AuditEntry>, DbError> {
+        let limit = i64::from(limit.clamp(1, 10_000));
+        let base =
+            "SELECT id, cfg_key, action, old_value, new_value, uid, username, at FROM config_audit";
+        let rows = if key.is_empty() {
+            sqlx::query(self.sql(&format!("{base} ORDER BY id DESC LIMIT ?")))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            sqlx::query(self.sql(&format!(
+                "{base} WHERE cfg_key = ? ORDER BY id DESC LIMIT ?"
+            )))
+            .bind(key)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+        };
+        rows.iter().map(audit_entry).collect()
+    }
+
+    /// Stores events whose id is new; returns (stored, duplicates).
+    pub async fn store_events(&self, events: &[MessageEvent]) -> Result<(u32, u32), DbError> {
+        let mut tx = self.pool.begin().await?;
+        let (mut stored, mut dupes) = (0, 0);
+        for e in events {
+            let seen = sqlx::query(self.sql("SELECT 1 FROM message_events WHERE event_id = ?"))
+                .bind(&e.event_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if seen {
+                dupes += 1;
+                continue;
+            }
+            sqlx::query(self.sql(
+                "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ))
+            .bind(&e.event_id)
+            .bind(&e.node)
+            .bind(&e.daemon)
+            .bind(e.at_unix_ms)
+            .bind(&e.queue_id)
+            .bind(&e.message_id)
+            .bind(&e.client_ip)
+            .bind(&e.client_name)
+            .bind(&e.helo)
+            .bind(&e.sender)
+            .bind(e.recipients.join("\n"))
+            .bind(i64::try_from(e.size).unwrap_or(i64::MAX))
+            .bind(&e.stage)
+            .bind(&e.verdict)
+            .bind(e.score)
+            .bind(e.symbols.join("\n"))
+            .bind(&e.detail)
+            .execute(&mut *tx)
+            .await?;
+            stored += 1;
+        }
+        tx.commit().await?;
+        Ok((stored, dupes))
+    }
+
+    pub async fn query_events(&self, q: &EventQuery) -> Result<Vec<MessageEvent>, DbError> {
+        let mut sql = String::from(
+            "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail FROM message_events WHERE at_ms >= ?",
+        );
+        if !q.queue_id.is_empty() {
+            sql.push_str(" AND queue_id = ?");
+        }
+        if !q.sender.is_empty() {
+            sql.push_str(" AND sender = ?");
+        }
+        if !q.recipient.is_empty() {
+            // Recipients are stored one per line; match a whole line.
+            sql.push_str(" AND ('\n' || recipients || '\n') LIKE ?");
+            if self.dialect == Dialect::MySql {
+                sql = sql.replace(
+                    "('\n' || recipients || '\n')",
+                    "CONCAT('\n', recipients, '\n')",
+                );
+            }
+        }
+        sql.push_str(" ORDER BY at_ms, id LIMIT ?");
+        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_unix_ms);
+        if !q.queue_id.is_empty() {
+            query = query.bind(&q.queue_id);
+        }
+        if !q.sender.is_empty() {
+            query = query.bind(&q.sender);
+        }
+        if !q.recipient.is_empty() {
+            query = query.bind(format!("%\n{}\n%", q.recipient.replace(['%', '_'], "")));
+        }
+        let limit = if q.limit == 0 {
+            1000
+        } else {
+            q.limit.min(100_000)
+        };
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(message_event).collect()
+    }
+}
+
+fn audit_entry(r: &AnyRow) -> Result<AuditEntry, DbError> {
+    let uid: i64 = r.try_get(5)?;
+    Ok(AuditEntry {
+        id: r.try_get(0)?,
+        key: r.try_get(1)?,
+        action: r.try_get(2)?,
+        old_value: r.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
+        new_value: r.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
+        uid: u32::try_from(uid).unwrap_or(u32::MAX),
+        user: r.try_get(6)?,
+        at_unix: r.try_get(7)?,
+    })
+}
+
+fn message_event(r: &AnyRow) -> Result<MessageEvent, DbError> {
+    let lines = |s: String| -> Vec<String> {
+        s.lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    Ok(MessageEvent {
+        event_id: r.try_get(0)?,
+        node: r.try_get(1)?,
+        daemon: r.try_get(2)?,
+        at_unix_ms: r.try_get(3)?,
+        queue_id: r.try_get(4)?,
+        message_id: r.try_get(5)?,
+        client_ip: r.try_get(6)?,
+        client_name: r.try_get(7)?,
+        helo: r.try_get(8)?,
+        sender: r.try_get(9)?,
+        recipients: lines(r.try_get(10)?),
+        size: u64::try_from(r.try_get::<i64, _>(11)?).unwrap_or(0),
+        stage: r.try_get(12)?,
+        verdict: r.try_get(13)?,
+        score: r.try_get(14)?,
+        symbols: lines(r.try_get(15)?),
+        detail: r.try_get(16)?,
+    })
+}
+
+/// A connection error in words: the driver's message, without the URL's password.
+fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) => io.to_string(),
+        sqlx::Error::PoolTimedOut => "timed out connecting".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_round_trip() {
+        let dir = std::env::temp_dir().join(format!("mb-db-test-{}", std::process::id()));
+        let url = format!("sqlite://{}/sub/mb.db", dir.display());
+        let db = Db::open(&url, 2).await.expect("open");
+        assert_eq!(db.generation().await.unwrap(), 0);
+        let change = |value| Change {
+            key: "smtp.max_recipients",
+            value,
+            audit_old: None,
+            audit_new: value,
+            uid: Some(0),
+            user: "root",
+            at: 1,
+        };
+        assert_eq!(db.apply(&change(Some("50"))).await.unwrap(), (1, false));
+        assert_eq!(db.apply(&change(Some("60"))).await.unwrap(), (2, true));
+        let o = db.overrides().await.unwrap();
+        assert_eq!(
+            (o[0].key.as_str(), o[0].value.as_str()),
+            ("smtp.max_recipients", "60")
+        );
+        assert_eq!(db.apply(&change(None)).await.unwrap(), (3, true));
+        assert!(db.overrides().await.unwrap().is_empty());
+        let h = db.history("smtp.max_recipients", 10).await.unwrap();
+        assert_eq!(h.len(), 3);
+        assert_eq!(
+            (h[0].action.as_str(), h[2].new_value.as_str()),
+            ("unset", "50")
+        );
+        // Reopening applies no migration twice.
+        drop(db);
+        let db = Db::open(&url, 1).await.expect("reopen");
+        assert_eq!(db.generation().await.unwrap(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_urls_say_why() {
+        let e = Db::open("oracle://x", 1).await.err().unwrap();
+        assert!(e.to_string().contains("unsupported database URL"), "{e}");
+        let e = Db::open("postgres://mb:hunter2@127.0.0.1:1/mb", 1)
+            .await
+            .err()
+            .unwrap();
+        let text = e.to_string();
+        assert!(
+            text.contains("cannot open database postgres://mb:********@127.0.0.1:1/mb"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}

@@ -1,0 +1,275 @@
+//! mb-rpcd, the hub of a node: owns the database, serves the `Config` store with its
+//! change feed, the `Events` message log and `Control`, and aggregates the status of
+//! every daemon it can reach.
+
+pub mod db;
+pub mod grpc;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mb_proto::v1::config_server::ConfigServer;
+use mb_proto::v1::control_server::ControlServer;
+use mb_proto::v1::events_server::EventsServer;
+use mb_runtime::control::{ControlService, DaemonInfo};
+use mb_runtime::lifecycle::{self, Shutdown};
+use mb_runtime::uds::Guard;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::db::Db;
+use crate::grpc::Rpcd;
+use crate::store::Store;
+
+pub const DAEMON: &str = "mb-rpcd";
+
+/// How long in-flight requests may run after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Command-line options of the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub log_format: Option<String>,
+    /// Check the configuration and the database, then exit.
+    pub check: bool,
+}
+
+/// Runs the daemon to completion and returns the process exit status.
+pub async fn main(opts: Options) -> i32 {
+    mb_runtime::set_umask();
+    let file_cfg = match mb_runtime::load_config(opts.config.as_deref()) {
+        Ok(c) => c,
+        Err(msg) => {
+            for line in msg.lines() {
+                eprintln!("{DAEMON}: {line}");
+            }
+            return mb_runtime::EX_USAGE;
+        }
+    };
+    let json = opts
+        .log_format
+        .as_deref()
+        .unwrap_or(&file_cfg.text("log.format"))
+        == "json";
+    mb_runtime::logging::init(DAEMON, &file_cfg.text("log.level"), json);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let fail = |code: i32, msg: String| {
+        tracing::error!("{msg}");
+        eprintln!("{DAEMON}: {msg}");
+        code
+    };
+
+    let url = file_cfg.database_url();
+    let max = u32::try_from(file_cfg.int("database.max_connections")).unwrap_or(10);
+    let db = match Db::open(&url, max).await {
+        Ok(db) => db,
+        Err(e) => return fail(mb_runtime::EX_UNAVAILABLE, e.to_string()),
+    };
+    let (config_path, _) = mb_runtime::config_path(opts.config.as_deref());
+    let config_path = config_path.exists().then_some(config_path);
+    let store = match Store::open(db, file_cfg, config_path).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(mb_runtime::EX_UNAVAILABLE, e.to_string()),
+    };
+    let cfg = store.effective();
+    let problems = cfg.check();
+    if !problems.is_empty() {
+        for p in &problems {
+            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
+        }
+        return mb_runtime::EX_USAGE;
+    }
+    if opts.check {
+        println!(
+            "{DAEMON}: configuration and database {} are fine",
+            store.db.url
+        );
+        return 0;
+    }
+
+    let (shutdown, reload_rx) = match lifecycle::install_signal_handlers() {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                mb_runtime::EX_SOFTWARE,
+                format!("cannot install signal handlers: {e}"),
+            );
+        }
+    };
+    let socket = cfg.socket(DAEMON);
+    let unix = match mb_runtime::uds::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
+    };
+    let tcp = if cfg.bool("network.rpcd.tcp.enabled") {
+        let addr = std::net::SocketAddr::new(
+            cfg.ip("network.rpcd.tcp.bind"),
+            cfg.port("network.rpcd.tcp.port"),
+        );
+        match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(
+                    mb_runtime::EX_CANTCREAT,
+                    format!("cannot listen on {addr}: {e}"),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let tls = match tcp_tls(&cfg) {
+        Ok(t) => t,
+        Err(msg) => return fail(mb_runtime::EX_USAGE, msg),
+    };
+    let listeners = Listeners {
+        unix,
+        socket: socket.clone(),
+        tcp,
+        tls,
+    };
+    let result = run(store, listeners, shutdown, reload_rx).await;
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(()) => 0,
+        Err(e) => fail(mb_runtime::EX_SOFTWARE, format!("{e:#}")),
+    }
+}
+
+fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, String> {
+    let (cert, key) = (
+        cfg.path("network.rpcd.tcp.tls.cert"),
+        cfg.path("network.rpcd.tcp.tls.key"),
+    );
+    if !cfg.bool("network.rpcd.tcp.enabled") || cert.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let identity = Identity::from_pem(read(&cert)?, read(&key)?);
+    Ok(Some(ServerTlsConfig::new().identity(identity)))
+}
+
+/// What the daemon serves on.
+pub struct Listeners {
+    pub unix: UnixListener,
+    pub socket: PathBuf,
+    pub tcp: Option<TcpListener>,
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// Serves until `shutdown`, then drains with a deadline. SIGHUP (on `reload`) re-reads
+/// the configuration file.
+pub async fn run(
+    store: Arc<Store>,
+    listeners: Listeners,
+    shutdown: Shutdown,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let info = DaemonInfo::new(DAEMON);
+    let cfg = store.effective();
+    let rpcd = Rpcd {
+        store: store.clone(),
+        info: info.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let hooks = Arc::new(rpcd.clone());
+    info.add_listener(format!("unix:{}", listeners.socket.display()));
+
+    let peer = Guard::peer();
+    let unix = Server::builder()
+        .add_service(ControlServer::with_interceptor(
+            ControlService::new(info.clone(), hooks.clone()),
+            peer.clone(),
+        ))
+        .add_service(ConfigServer::with_interceptor(rpcd.clone(), peer.clone()))
+        .add_service(EventsServer::with_interceptor(rpcd.clone(), peer))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), {
+            let s = shutdown.clone();
+            async move { s.requested().await }
+        });
+
+    let tcp = match listeners.tcp {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let key = cfg.text("network.rpcd.tcp.api_key");
+            let need_key = cfg.bool("network.rpcd.tcp.require_auth") || !addr.ip().is_loopback();
+            let guard = Guard::ApiKey {
+                key: need_key.then(|| Arc::from(key.as_str())),
+                daemon: DAEMON,
+            };
+            let scheme = if listeners.tls.is_some() {
+                "tls"
+            } else {
+                "tcp"
+            };
+            info.add_listener(format!("{scheme}:{addr}"));
+            let mut builder = Server::builder();
+            if let Some(tls) = listeners.tls {
+                builder = builder.tls_config(tls)?;
+            }
+            let s = shutdown.clone();
+            Some(
+                builder
+                    .add_service(ControlServer::with_interceptor(
+                        ControlService::new(info.clone(), hooks.clone()),
+                        guard.clone(),
+                    ))
+                    .add_service(ConfigServer::with_interceptor(rpcd.clone(), guard.clone()))
+                    .add_service(EventsServer::with_interceptor(rpcd.clone(), guard))
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        s.requested().await
+                    }),
+            )
+        }
+        None => None,
+    };
+
+    let reloader = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while reload.recv().await.is_some() {
+                lifecycle::notify_reloading();
+                match store.reload(DAEMON).await {
+                    Ok(restart) if !restart.is_empty() => {
+                        tracing::warn!(keys = %restart.join(","), "restart mb-rpcd to apply these keys");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(cause = %e, "reload failed, keeping the running configuration")
+                    }
+                }
+                lifecycle::notify_reloaded();
+            }
+        })
+    };
+
+    tracing::info!(
+        socket = %listeners.socket.display(),
+        database = %store.db.url,
+        generation = store.generation(),
+        "mb-rpcd started"
+    );
+    lifecycle::notify_ready();
+    let served = lifecycle::drain(&shutdown, DRAIN_DEADLINE, async move {
+        match tcp {
+            Some(tcp) => {
+                let (a, b) = tokio::join!(unix, tcp);
+                a.and(b)
+            }
+            None => unix.await,
+        }
+    })
+    .await;
+    reloader.abort();
+    if let Some(r) = served {
+        r?;
+    }
+    tracing::info!("mb-rpcd stopped");
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! What every daemon and tool shares: log lines, configuration loading, signals and
+//! drain, sd_notify, and gRPC over Unix sockets with peer-credential checks.
+
+pub mod control;
+pub mod lifecycle;
+pub mod logging;
+pub mod probe;
+pub mod uds;
+
+use std::path::{Path, PathBuf};
+
+use mb_core::Config;
+
+/// Exit status for a bad configuration or command line (sysexits EX_USAGE).
+pub const EX_USAGE: i32 = 64;
+/// Exit status when a needed service (database, daemon) cannot be reached (EX_UNAVAILABLE).
+pub const EX_UNAVAILABLE: i32 = 69;
+/// Exit status for an internal error (EX_SOFTWARE).
+pub const EX_SOFTWARE: i32 = 70;
+/// Exit status when a socket or listener cannot be created (EX_CANTCREAT).
+pub const EX_CANTCREAT: i32 = 73;
+
+/// Where the configuration file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/mailborder/mailborder.toml";
+/// The variable that names the configuration file when `--config` is not given.
+pub const CONFIG_ENV: &str = "MAILBORDER_CONFIG";
+
+/// The configuration file to read: `--config`, else `$MAILBORDER_CONFIG`, else the
+/// default path. The flag says whether the user named it (then it must exist).
+pub fn config_path(arg: Option<&Path>) -> (PathBuf, bool) {
+    if let Some(p) = arg {
+        return (p.to_path_buf(), true);
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_CONFIG), false),
+    }
+}
+
+/// Loads the configuration file (defaults only when the default file is absent).
+/// The error is ready to print: one line per problem, each naming file and line.
+pub fn load_config(arg: Option<&Path>) -> Result<Config, String> {
+    let (path, named) = config_path(arg);
+    if !named && !path.exists() {
+        return Ok(Config::default());
+    }
+    let cfg = Config::load_file(&path).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    Ok(cfg)
+}
+
+/// Files a daemon creates are for its user and group only (sockets get 0660 explicitly).
+pub fn set_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+}

@@ -1,0 +1,320 @@
+//! gRPC over Unix sockets: binding a daemon's socket safely, checking each caller's
+//! credentials, and connecting to a daemon with errors that say what to do.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::unistd::{Gid, Group, Uid};
+use tokio::net::UnixListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// The group whose members may use the daemons' sockets.
+pub const GROUP: &str = "mailborder";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(
+        "another daemon is already listening on {0}; stop it first (systemctl stop, or cargo xtask down)"
+    )]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; move it away")]
+    NotASocket(PathBuf),
+    #[error("cannot create {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Binds a daemon's socket: creates the run directory, refuses to start over a live
+/// socket, removes a stale one, then sets mode 0660 and the `mailborder` group.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let io_err = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        // Members of the group must reach the sockets; nobody else needs to.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(io_err)?;
+        set_group(dir);
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "removing stale socket");
+                    std::fs::remove_file(path).map_err(io_err)?;
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
+    set_group(path);
+    Ok(listener)
+}
+
+/// Gives `path` to the `mailborder` group when it exists and we may.
+fn set_group(path: &Path) {
+    if let Some(gid) = mailborder_gid()
+        && let Err(e) = nix::unistd::chown(path, None, Some(gid))
+    {
+        tracing::warn!(path = %path.display(), cause = %e, "cannot give the path to group {GROUP}");
+    }
+}
+
+pub fn mailborder_gid() -> Option<Gid> {
+    Group::from_name(GROUP).ok().flatten().map(|g| g.gid)
+}
+
+/// Who made a request, put into the request's extensions by [`Guard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's uid on a Unix socket; `None` over TCP.
+    pub uid: Option<u32>,
+    /// A user name for logs and the audit trail (`root`, `alice`, `api-key@192.0.2.1`).
+    pub name: String,
+}
+
+/// Access control for incoming requests, used as a tonic interceptor.
+#[derive(Clone)]
+pub enum Guard {
+    /// Unix socket: root, the daemon's own uid and members of the `mailborder` group pass.
+    Peer { own_uid: u32, group: Option<u32> },
+    /// TCP: the API key must be sent as `authorization: Bearer KEY` (when one is required).
+    ApiKey {
+        key: Option<Arc<str>>,
+        daemon: &'static str,
+    },
+}
+
+impl Guard {
+    pub fn peer() -> Guard {
+        Guard::Peer {
+            own_uid: Uid::effective().as_raw(),
+            group: mailborder_gid().map(Gid::as_raw),
+        }
+    }
+
+    fn check(&self, req: &Request<()>) -> Result<Caller, Status> {
+        match self {
+            Guard::Peer { own_uid, group } => {
+                let cred = req
+                    .extensions()
+                    .get::<tonic::transport::server::UdsConnectInfo>()
+                    .and_then(|i| i.peer_cred)
+                    .ok_or_else(|| Status::permission_denied("peer credentials unavailable"))?;
+                let (uid, gid) = (cred.uid(), cred.gid());
+                let in_group = group
+                    .is_some_and(|g| gid == g || cred.pid().is_some_and(|pid| has_group(pid, g)));
+                if uid == 0 || uid == *own_uid || in_group {
+                    Ok(Caller {
+                        uid: Some(uid),
+                        name: user_name(uid),
+                    })
+                } else {
+                    tracing::warn!(uid, gid, pid = cred.pid(), "refused a caller on the socket");
+                    Err(Status::permission_denied(format!(
+                        "uid {uid} may not use this socket: run as root or as a member of the {GROUP} group"
+                    )))
+                }
+            }
+            Guard::ApiKey { key, daemon } => {
+                let client = req
+                    .remote_addr()
+                    .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+                let Some(key) = key else {
+                    return Ok(Caller {
+                        uid: None,
+                        name: format!("tcp@{client}"),
+                    });
+                };
+                let sent = req
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if constant_time_eq(sent.as_bytes(), key.as_bytes()) {
+                    Ok(Caller {
+                        uid: None,
+                        name: format!("api-key@{client}"),
+                    })
+                } else {
+                    // One stable line per failure: etc/fail2ban/filter.d/mailborder-auth.conf matches it.
+                    let reason = if sent.is_empty() {
+                        "no api key"
+                    } else {
+                        "wrong api key"
+                    };
+                    tracing::warn!(
+                        "authentication failed client={client} user=api-key service={daemon} reason=\"{reason}\""
+                    );
+                    Err(Status::unauthenticated(
+                        "a valid API key is required (authorization: Bearer KEY)",
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Guard {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.check(&req)?;
+        req.extensions_mut().insert(caller);
+        Ok(req)
+    }
+}
+
+/// The caller of a request that passed a [`Guard`].
+pub fn caller<T>(req: &Request<T>) -> Caller {
+    req.extensions().get::<Caller>().cloned().unwrap_or(Caller {
+        uid: None,
+        name: "unknown".into(),
+    })
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups (SO_PEERCRED only
+/// gives the primary group).
+fn has_group(pid: i32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+}
+
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid{uid}"), |u| u.name)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a tool could not reach a daemon, worded for the administrator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{daemon} is not running (no socket at {}); start it with `systemctl start {daemon}` (or `cargo xtask up` in a source checkout)", .socket.display())]
+    NotRunning { daemon: String, socket: PathBuf },
+    #[error("{daemon} is not running (stale socket {}); start it with `systemctl start {daemon}` (or `cargo xtask up` in a source checkout)", .socket.display())]
+    Stale { daemon: String, socket: PathBuf },
+    #[error("permission denied on {}: run as root or as a member of the {GROUP} group", .socket.display())]
+    Denied { socket: PathBuf },
+    #[error("cannot connect to {daemon} at {}: {cause}", .socket.display())]
+    Other {
+        daemon: String,
+        socket: PathBuf,
+        cause: String,
+    },
+}
+
+/// Connects to a daemon's socket. The first connection is made eagerly so that a
+/// missing or refused daemon is reported at once, in words.
+pub async fn connect(socket: &Path, daemon: &str) -> Result<Channel, ConnectError> {
+    let other = |cause: String| ConnectError::Other {
+        daemon: daemon.to_string(),
+        socket: socket.to_path_buf(),
+        cause,
+    };
+    match tokio::net::UnixStream::connect(socket).await {
+        Ok(_) => {}
+        Err(e) => {
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound => ConnectError::NotRunning {
+                    daemon: daemon.to_string(),
+                    socket: socket.to_path_buf(),
+                },
+                io::ErrorKind::ConnectionRefused => ConnectError::Stale {
+                    daemon: daemon.to_string(),
+                    socket: socket.to_path_buf(),
+                },
+                io::ErrorKind::PermissionDenied => ConnectError::Denied {
+                    socket: socket.to_path_buf(),
+                },
+                _ => other(e.to_string()),
+            });
+        }
+    }
+    let uri = format!("unix://{}", socket.display());
+    Endpoint::from_shared(uri)
+        .map_err(|e| other(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| other(format!("{e}")))
+}
+
+/// Says a gRPC error in words for a tool's user.
+pub fn describe_status(daemon: &str, status: &Status) -> String {
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            status.message().to_string()
+        }
+        tonic::Code::Unavailable => format!("{daemon} is unavailable: {}", status.message()),
+        tonic::Code::Unimplemented => {
+            format!("{daemon} does not implement this call (version mismatch?)")
+        }
+        _ => status.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn binding_refuses_live_sockets_and_replaces_stale_ones() {
+        let dir = tempfile_dir();
+        let path = dir.join("run/mb-test.sock");
+        let live = bind(&path).expect("first bind");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        assert!(matches!(bind(&path), Err(SocketError::InUse(_))));
+        drop(live);
+        // The file is left behind, nobody listens: it is stale and gets replaced.
+        assert!(path.exists());
+        let _again = bind(&path).expect("rebind over a stale socket");
+        std::fs::write(dir.join("plain"), b"x").unwrap();
+        assert!(matches!(
+            bind(&dir.join("plain")),
+            Err(SocketError::NotASocket(_))
+        ));
+        let err = connect(&dir.join("none.sock"), "mb-test")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("systemctl start mb-test"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mb-uds-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

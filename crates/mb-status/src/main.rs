@@ -1,0 +1,217 @@
+//! mb-status: is every daemon of this node up, and can they reach the database and Redis?
+//!
+//! Each daemon is asked on its own socket, so the answer still comes when mb-rpcd is down.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use mb_proto::v1::{ComponentStatus, DaemonStatus, ServingState, StatusResponse};
+use serde_json::{Value as Json, json};
+
+const AFTER_HELP: &str = "\
+Exit status: 0 every enabled daemon is healthy (and the database and Redis, when
+configured, are reachable), 1 something is down or degraded, 2 usage error.";
+
+/// Show the health of the Mailborder daemons on this node.
+#[derive(Parser)]
+#[command(name = "mb-status", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Configuration file [env: MAILBORDER_CONFIG; default: /etc/mailborder/mailborder.toml]
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the status as JSON
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for each daemon
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    timeout: u64,
+}
+
+/// One line of the report.
+struct Row {
+    name: String,
+    enabled: bool,
+    probe: DaemonStatus,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match mb_runtime::load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mb-status: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mb-status: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let timeout = Duration::from_secs(args.timeout);
+    let (rows, components) = runtime.block_on(async {
+        let expected = mb_runtime::probe::expected_daemons(&cfg);
+        let probes = mb_runtime::probe::probe_all(&cfg, timeout).await;
+        let rows: Vec<Row> = expected
+            .into_iter()
+            .zip(probes)
+            .map(|(e, probe)| Row {
+                name: e.name,
+                enabled: e.enabled,
+                probe,
+            })
+            .collect();
+        // The database is reached through mb-rpcd, which owns it; Redis directly.
+        let rpcd = rows
+            .iter()
+            .find(|r| r.name == "mb-rpcd")
+            .and_then(|r| r.probe.status.clone());
+        let mut components: Vec<ComponentStatus> = match &rpcd {
+            Some(s) => s
+                .components
+                .iter()
+                .filter(|c| c.name == "database")
+                .cloned()
+                .collect(),
+            None => vec![ComponentStatus {
+                name: "database".into(),
+                state: "unknown".into(),
+                address: mb_core::config::redact_url(&cfg.database_url()),
+                detail: "mb-rpcd is down; it is the daemon that reaches the database".into(),
+                latency_micros: 0,
+            }],
+        };
+        components.push(mb_runtime::probe::redis_ping(&cfg.text("redis.url"), timeout).await);
+        (rows, components)
+    });
+
+    let healthy = rows.iter().all(|r| !r.enabled || serving(&r.probe))
+        && components
+            .iter()
+            .all(|c| c.state == "ok" || c.state == "disabled");
+    if args.json {
+        let daemons: Vec<Json> = rows.iter().map(row_json).collect();
+        let comps: Vec<Json> = components
+            .iter()
+            .map(|c| {
+                json!({"name": c.name, "state": c.state, "address": c.address, "detail": c.detail,
+                       "latency_ms": c.latency_micros as f64 / 1000.0})
+            })
+            .collect();
+        let out = json!({"healthy": healthy, "daemons": daemons, "components": comps});
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        print_table(&rows, &components);
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn serving(p: &DaemonStatus) -> bool {
+    p.reachable
+        && p.status
+            .as_ref()
+            .is_some_and(|s| s.state == ServingState::Serving as i32)
+}
+
+fn state_word(r: &Row) -> &'static str {
+    match &r.probe.status {
+        None if r.enabled => "down",
+        None => "stopped",
+        Some(s) => match ServingState::try_from(s.state) {
+            Ok(ServingState::Serving) => "running",
+            Ok(ServingState::Degraded) => "degraded",
+            Ok(ServingState::Draining) => "draining",
+            _ => "not-serving",
+        },
+    }
+}
+
+fn row_json(r: &Row) -> Json {
+    let s: Option<&StatusResponse> = r.probe.status.as_ref();
+    json!({
+        "name": r.name,
+        "enabled": r.enabled,
+        "state": state_word(r),
+        "socket": r.probe.socket,
+        "pid": s.map(|s| s.pid),
+        "uptime_seconds": s.map(|s| s.uptime_seconds),
+        "version": s.map(|s| s.version.clone()),
+        "listening": s.map(|s| s.listening.clone()).unwrap_or_default(),
+        "counters": s.map(|s| s.counters.clone()).unwrap_or_default(),
+        "config_generation": s.map(|s| s.config_generation),
+        "error": (!r.probe.error.is_empty()).then(|| r.probe.error.clone()),
+    })
+}
+
+fn print_table(rows: &[Row], components: &[ComponentStatus]) {
+    println!(
+        "{:<14} {:<11} {:>7} {:>9} {:<8} LISTENING / DETAIL",
+        "DAEMON", "STATE", "PID", "UPTIME", "VERSION"
+    );
+    for r in rows {
+        let state = state_word(r);
+        match &r.probe.status {
+            Some(s) => {
+                let counters: Vec<String> =
+                    s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<14} {:<11} {:>7} {:>9} {:<8} {}{}",
+                    r.name,
+                    state,
+                    s.pid,
+                    uptime(s.uptime_seconds),
+                    s.version,
+                    s.listening.join(" "),
+                    if counters.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  {}", counters.join(" "))
+                    }
+                );
+            }
+            None => println!(
+                "{:<14} {:<11} {:>7} {:>9} {:<8} {}",
+                r.name, state, "-", "-", "-", r.probe.error
+            ),
+        }
+    }
+    println!();
+    for c in components {
+        let latency = if c.state == "ok" {
+            format!(" ({:.1} ms)", c.latency_micros as f64 / 1000.0)
+        } else {
+            String::new()
+        };
+        let detail = if c.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", c.detail)
+        };
+        let address = if c.address.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", c.address)
+        };
+        println!("{:<14} {}{address}{latency}{detail}", c.name, c.state);
+    }
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}

@@ -1,0 +1,431 @@
+//! Project automation: `cargo xtask up|down|test|install|gen-config`.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The daemons of the suite, in start order. Those not built yet are skipped by `up`.
+const DAEMONS: &[&str] = &[
+    "mb-rpcd",
+    "mb-smtpd",
+    "mb-filter",
+    "mb-milter",
+    "mb-cluster",
+];
+/// Administrator tools installed in bin/.
+const TOOLS: &[&str] = &["mb-config", "mb-status"];
+/// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("mariadb-server", "/usr/sbin/mariadbd"),
+    ("postgresql", "/usr/lib/postgresql"),
+    ("redis-server", "/usr/bin/redis-server"),
+    ("fail2ban", "/usr/bin/fail2ban-regex"),
+    ("systemd", "/usr/bin/systemd-analyze"),
+];
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build and run the whole gateway locally, unprivileged (run dir under target/)
+    Up {
+        /// Start the daemons in the background and return (stop them with `cargo xtask down`)
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop the daemons started by `cargo xtask up --detach`
+    Down,
+    /// Run every test; as root, install the Debian packages of missing peers first
+    Test {
+        /// Extra arguments for `cargo test` (after --)
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Lay out binaries, systemd units and configuration as a package would
+    Install {
+        #[arg(long, value_name = "DIR")]
+        destdir: PathBuf,
+        #[arg(long, default_value = "/usr")]
+        prefix: String,
+        /// Install the debug build instead of building a release
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Regenerate etc/mailborder/mailborder.toml from the key registry
+    GenConfig,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Cmd::Up { detach } => up(detach),
+        Cmd::Down => down(),
+        Cmd::Test { cargo_args } => test(&cargo_args),
+        Cmd::Install {
+            destdir,
+            prefix,
+            debug,
+        } => install(&destdir, &prefix, debug),
+        Cmd::GenConfig => gen_config(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Installs the Debian packages the tests need, when root and when missing.
+fn ensure_test_packages() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!(
+            "xtask: missing test peers: {}; install them with `sudo apt-get install -y {}` (tests that need them will fail)",
+            missing.join(", "),
+            missing.join(" ")
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: installing test peers: {}", missing.join(" "));
+    // Keep Debian from starting the system services: tests start private instances.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(policy, fs::Permissions::from_mode(0o755))?;
+    }
+    let result = (|| {
+        run(Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    })();
+    if ours {
+        let _ = fs::remove_file(policy);
+    }
+    result
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    ensure_test_packages()?;
+    let started = Instant::now();
+    // The end-to-end tests run the real binaries: build them all first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra))?;
+    eprintln!(
+        "xtask: all tests passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn dev_dir() -> PathBuf {
+    root().join("target/mailborder-dev")
+}
+
+/// The configuration `cargo xtask up` runs with: unprivileged ports, everything under target/.
+fn dev_config(dir: &Path) -> String {
+    let built = |d: &str| root().join("target/debug").join(d).exists();
+    format!(
+        "# Written by `cargo xtask up`: a local, unprivileged gateway.\n\
+         [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n\
+         [network.smtp]\nlisten = \"127.0.0.1\"\nport = 2525\n\n\
+         [network.submission]\nenabled = true\nport = 2587\n\n\
+         [network.reinject]\nport = 10025\n\n\
+         [smtp]\nenabled = {smtpd}\nhostname = \"localhost\"\ndomains = \"example.test\"\n\n\
+         [filter]\nenabled = {filter}\nworkers = 1\n\n\
+         [milter]\nenabled = {milter}\n",
+        d = dir.display(),
+        smtpd = built("mb-smtpd"),
+        filter = built("mb-filter"),
+        milter = built("mb-milter"),
+    )
+}
+
+fn up(detach: bool) -> Result<()> {
+    if dev_dir().join("pids").exists() {
+        bail!("a local gateway is already running; stop it with `cargo xtask down`");
+    }
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let dir = dev_dir();
+    for sub in ["run", "spool", "data", "log"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    let config = dir.join("mailborder.toml");
+    fs::write(&config, dev_config(&dir))?;
+    let bin = root().join("target/debug");
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for daemon in DAEMONS {
+        let exe = bin.join(daemon);
+        if !exe.exists() {
+            continue;
+        }
+        let mut instances = vec![(daemon.to_string(), Vec::new())];
+        if *daemon == "mb-filter" {
+            instances = vec![(
+                "mb-filter@1".into(),
+                vec!["--instance".to_string(), "1".into()],
+            )];
+        }
+        for (name, extra) in instances {
+            let log = fs::File::create(dir.join("log").join(format!("{name}.log")))?;
+            let child = Command::new(&exe)
+                .arg("--config")
+                .arg(&config)
+                .args(&extra)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("cannot start {name}"))?;
+            children.push((name, child));
+        }
+        // Later daemons read their configuration from mb-rpcd: let it come up first.
+        if *daemon == "mb-rpcd" {
+            wait_for(&dir.join("run/mb-rpcd.sock"), Duration::from_secs(20))?;
+        }
+    }
+    let pids: Vec<String> = children
+        .iter()
+        .map(|(n, c)| format!("{} {n}", c.id()))
+        .collect();
+    fs::write(dir.join("pids"), pids.join("\n") + "\n")?;
+    let names: Vec<&str> = children.iter().map(|(n, _)| n.as_str()).collect();
+    println!("Mailborder is running locally: {}", names.join(", "));
+    println!("  configuration  {}", config.display());
+    println!("  sockets        {}/run", dir.display());
+    println!(
+        "  database       {}/data/mailborder.db (SQLite)",
+        dir.display()
+    );
+    println!("  logs           {}/log", dir.display());
+    println!(
+        "  try            target/debug/mb-status --config {}",
+        config.display()
+    );
+    println!(
+        "                 target/debug/mb-config --config {} show network.smtp",
+        config.display()
+    );
+    if root().join("target/debug/mb-smtpd").exists() {
+        println!("  send mail      swaks --server 127.0.0.1:2525 --to user@example.test");
+    } else {
+        println!(
+            "  SMTP           not built yet: mb-smtpd arrives with its own issue (it will listen on 127.0.0.1:2525)"
+        );
+    }
+    if detach {
+        println!("Stop it with `cargo xtask down`.");
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop.");
+    let waited = wait_for_signal();
+    stop_pids(&dir)?;
+    for (_, mut c) in children {
+        let _ = c.wait();
+    }
+    waited
+}
+
+/// Blocks until SIGINT or SIGTERM arrives.
+fn wait_for_signal() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    set.wait()?;
+    Ok(())
+}
+
+fn wait_for(path: &Path, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > limit {
+            bail!(
+                "{} did not appear within {}s; see {}/log",
+                path.display(),
+                limit.as_secs(),
+                dev_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    let dir = dev_dir();
+    if !dir.join("pids").exists() {
+        bail!("no local gateway is running (no {}/pids)", dir.display());
+    }
+    stop_pids(&dir)
+}
+
+/// SIGTERM to every daemon `up` started, in reverse order, waiting for each to exit.
+fn stop_pids(dir: &Path) -> Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let text = fs::read_to_string(dir.join("pids"))?;
+    for line in text.lines().rev() {
+        let Some((pid, name)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        let pid = Pid::from_raw(pid);
+        if kill(pid, Signal::SIGTERM).is_err() {
+            continue;
+        }
+        let start = Instant::now();
+        while kill(pid, None).is_ok() && start.elapsed() < Duration::from_secs(15) {
+            // Our own children stay zombies until waited for; that counts as stopped.
+            if fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("stopped {name}");
+    }
+    fs::remove_file(dir.join("pids"))?;
+    Ok(())
+}
+
+fn gen_config() -> Result<()> {
+    let path = root().join("etc/mailborder/mailborder.toml");
+    fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    fs::write(&path, mb_core::config::render_example())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn install(destdir: &Path, prefix: &str, debug: bool) -> Result<()> {
+    let profile = if debug { "debug" } else { "release" };
+    if debug {
+        run(cargo().args(["build", "--workspace", "--bins"]))?;
+    } else {
+        run(cargo().args(["build", "--workspace", "--bins", "--release"]))?;
+    }
+    let src = root();
+    let bin = src.join("target").join(profile);
+    let under = |p: &str| destdir.join(p.trim_start_matches('/'));
+    let prefix = prefix.trim_end_matches('/');
+    let sbin = under(&format!("{prefix}/sbin"));
+    let bindir = under(&format!("{prefix}/bin"));
+    let units = under(&format!("{prefix}/lib/systemd/system"));
+    for d in [&sbin, &bindir, &units] {
+        fs::create_dir_all(d)?;
+    }
+    let copy_exe = |from: &Path, to: &Path| -> Result<()> {
+        fs::copy(from, to).with_context(|| format!("cannot copy {}", from.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    for d in DAEMONS {
+        if bin.join(d).exists() {
+            copy_exe(&bin.join(d), &sbin.join(d))?;
+        }
+    }
+    for t in TOOLS {
+        copy_exe(&bin.join(t), &bindir.join(t))?;
+    }
+    for entry in fs::read_dir(src.join("systemd"))? {
+        let entry = entry?;
+        let text =
+            fs::read_to_string(entry.path())?.replace("/usr/sbin/", &format!("{prefix}/sbin/"));
+        fs::write(units.join(entry.file_name()), text)?;
+    }
+    let files = [
+        (
+            "etc/mailborder/mailborder.toml",
+            "/etc/mailborder/mailborder.toml".to_string(),
+        ),
+        (
+            "etc/fail2ban/filter.d/mailborder-auth.conf",
+            "/etc/fail2ban/filter.d/mailborder-auth.conf".into(),
+        ),
+        (
+            "etc/fail2ban/jail.d/mailborder.conf",
+            "/etc/fail2ban/jail.d/mailborder.conf".into(),
+        ),
+        (
+            "etc/sysusers.d/mailborder.conf",
+            format!("{prefix}/lib/sysusers.d/mailborder.conf"),
+        ),
+        (
+            "etc/tmpfiles.d/mailborder.conf",
+            format!("{prefix}/lib/tmpfiles.d/mailborder.conf"),
+        ),
+        (
+            "README.md",
+            format!("{prefix}/share/doc/mailborder/README.md"),
+        ),
+        (
+            "ARCHITECTURE.md",
+            format!("{prefix}/share/doc/mailborder/ARCHITECTURE.md"),
+        ),
+    ];
+    for (from, to) in files {
+        let to = under(&to);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(src.join(from), &to).with_context(|| format!("cannot copy {from}"))?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "installed into {}", destdir.display())?;
+    Ok(())
+}
