@@ -71,7 +71,9 @@ pub enum KeyError {
         kind: &'static str,
         message: String,
     },
-    #[error("{key} is read from the configuration file only (it says where the sockets and the database are): edit the file and restart the daemons")]
+    #[error(
+        "{key} is read from the configuration file only (it says where the sockets and the database are): edit the file and restart the daemons"
+    )]
     FileOnly { key: String },
 }
 
@@ -282,7 +284,9 @@ impl Config {
         let mut skipped = Vec::new();
         for (key, text) in overrides {
             match parse_key_value(key, text) {
-                Ok((def, _)) if def.file_only => skipped.push(KeyError::FileOnly { key: def.key.into() }),
+                Ok((def, _)) if def.file_only => skipped.push(KeyError::FileOnly {
+                    key: def.key.into(),
+                }),
                 Ok((def, v)) => self.set_override(def, v),
                 Err(e) => skipped.push(e),
             }

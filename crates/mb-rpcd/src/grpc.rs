@@ -27,7 +27,9 @@ const MAX_BATCH: usize = 10_000;
 fn status(e: StoreError) -> Status {
     match e {
         StoreError::Key(k @ mb_core::KeyError::Unknown { .. }) => Status::not_found(k.to_string()),
-        StoreError::Key(k @ mb_core::KeyError::FileOnly { .. }) => Status::failed_precondition(k.to_string()),
+        StoreError::Key(k @ mb_core::KeyError::FileOnly { .. }) => {
+            Status::failed_precondition(k.to_string())
+        }
         StoreError::Key(k) => Status::invalid_argument(k.to_string()),
         StoreError::File(msg) => Status::failed_precondition(msg),
         StoreError::Db(d) => {

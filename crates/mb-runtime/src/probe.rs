@@ -228,8 +228,11 @@ mod tests {
 
     #[test]
     fn expected_follows_config() {
-        let mut cfg =
-            Config::from_toml_str("paths.run_dir = \"/nonexistent/run\"\nfilter.workers = 3\n", "t").unwrap();
+        let mut cfg = Config::from_toml_str(
+            "paths.run_dir = \"/nonexistent/run\"\nfilter.workers = 3\n",
+            "t",
+        )
+        .unwrap();
         let names: Vec<String> = expected_daemons(&cfg).into_iter().map(|e| e.name).collect();
         assert_eq!(
             names,
