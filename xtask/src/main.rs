@@ -42,6 +42,9 @@ enum Cmd {
         /// Start the daemons in the background and return (stop them with `cargo xtask down`)
         #[arg(long)]
         detach: bool,
+        /// Use the binaries already in target/debug
+        #[arg(long)]
+        no_build: bool,
     },
     /// Stop the daemons started by `cargo xtask up --detach`
     Down,
@@ -60,6 +63,9 @@ enum Cmd {
         /// Install the debug build instead of building a release
         #[arg(long)]
         debug: bool,
+        /// Use the binaries already built
+        #[arg(long)]
+        no_build: bool,
     },
     /// Regenerate etc/mailborder/mailborder.toml from the key registry
     GenConfig,
@@ -68,14 +74,15 @@ enum Cmd {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
-        Cmd::Up { detach } => up(detach),
+        Cmd::Up { detach, no_build } => up(detach, no_build),
         Cmd::Down => down(),
         Cmd::Test { cargo_args } => test(&cargo_args),
         Cmd::Install {
             destdir,
             prefix,
             debug,
-        } => install(&destdir, &prefix, debug),
+            no_build,
+        } => install(&destdir, &prefix, debug, no_build),
         Cmd::GenConfig => gen_config(),
     };
     match result {
@@ -171,8 +178,10 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Where `up` keeps its run dir, database and logs (`MB_DEV_DIR` overrides, for tests).
 fn dev_dir() -> PathBuf {
-    root().join("target/mailborder-dev")
+    std::env::var_os("MB_DEV_DIR")
+        .map_or_else(|| root().join("target/mailborder-dev"), PathBuf::from)
 }
 
 /// The configuration `cargo xtask up` runs with: unprivileged ports, everything under target/.
@@ -194,11 +203,13 @@ fn dev_config(dir: &Path) -> String {
     )
 }
 
-fn up(detach: bool) -> Result<()> {
+fn up(detach: bool, no_build: bool) -> Result<()> {
     if dev_dir().join("pids").exists() {
         bail!("a local gateway is already running; stop it with `cargo xtask down`");
     }
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    if !no_build {
+        run(cargo().args(["build", "--workspace", "--bins"]))?;
+    }
     let dir = dev_dir();
     for sub in ["run", "spool", "data", "log"] {
         fs::create_dir_all(dir.join(sub))?;
@@ -351,12 +362,15 @@ fn gen_config() -> Result<()> {
     Ok(())
 }
 
-fn install(destdir: &Path, prefix: &str, debug: bool) -> Result<()> {
+fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<()> {
     let profile = if debug { "debug" } else { "release" };
-    if debug {
-        run(cargo().args(["build", "--workspace", "--bins"]))?;
-    } else {
-        run(cargo().args(["build", "--workspace", "--bins", "--release"]))?;
+    if !no_build {
+        let mut build = cargo();
+        build.args(["build", "--workspace", "--bins"]);
+        if !debug {
+            build.arg("--release");
+        }
+        run(&mut build)?;
     }
     let src = root();
     let bin = src.join("target").join(profile);

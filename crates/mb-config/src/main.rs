@@ -130,8 +130,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Validate { file } => return validate(file.or(args.config), json),
         _ => {}
     }
-    let cfg =
-        mb_runtime::load_config(args.config.as_deref()).map_err(|e| Failure(1, anyhow!(e)))?;
+    let cfg = mb_runtime::load_config_for_tool("mb-config", args.config.as_deref());
     let socket = cfg.socket("mb-rpcd");
     let channel = mb_runtime::uds::connect(&socket, "mb-rpcd").await?;
     let mut client = ConfigClient::new(channel.clone());

@@ -138,23 +138,49 @@ impl Default for Config {
 impl Config {
     /// Reads and checks a configuration file; every problem is reported, not just the first.
     pub fn load_file(path: &Path) -> Result<Config, Vec<FileError>> {
+        let (cfg, errors) = Config::load_file_lenient(path);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reads a file leniently (see [`Config::from_toml_str_lenient`]).
+    pub fn load_file_lenient(path: &Path) -> (Config, Vec<FileError>) {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![FileError {
-                file: name.clone(),
-                line: 0,
-                column: 0,
-                key: None,
-                message: format!("cannot read: {e}"),
-            }]
-        })?;
-        let mut cfg = Config::from_toml_str(&text, &name)?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                let error = FileError {
+                    file: name,
+                    line: 0,
+                    column: 0,
+                    key: None,
+                    message: format!("cannot read: {e}"),
+                };
+                return (Config::default(), vec![error]);
+            }
+        };
+        let (mut cfg, errors) = Config::from_toml_str_lenient(&text, &name);
         cfg.file = Some(path.to_path_buf());
-        Ok(cfg)
+        (cfg, errors)
     }
 
     /// Parses a TOML document; `name` is used in error messages.
     pub fn from_toml_str(text: &str, name: &str) -> Result<Config, Vec<FileError>> {
+        let (cfg, errors) = Config::from_toml_str_lenient(text, name);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Like [`Config::from_toml_str`], but also returns the configuration made of the
+    /// values that did parse (the defaults after a syntax error). Tools use it to find
+    /// the sockets when the file is broken; daemons never start on it.
+    pub fn from_toml_str_lenient(text: &str, name: &str) -> (Config, Vec<FileError>) {
         let at = |span: std::ops::Range<usize>, key: Option<String>, message: String| {
             let (line, column) = line_col(text, span.start);
             FileError {
@@ -165,22 +191,27 @@ impl Config {
                 message,
             }
         };
-        let spanned = toml::de::DeTable::parse(text).map_err(|e| {
+        let syntax = |e: toml::de::Error| {
             vec![at(
                 e.span().unwrap_or(0..0),
                 None,
                 e.message().trim().to_string(),
             )]
-        })?;
+        };
+        let parsed = toml::de::DeTable::parse(text)
+            .map_err(syntax)
+            .and_then(|spanned| {
+                Ok((
+                    spanned,
+                    toml::from_str::<toml::Table>(text).map_err(syntax)?,
+                ))
+            });
+        let (spanned, table) = match parsed {
+            Ok(p) => p,
+            Err(errors) => return (Config::default(), errors),
+        };
         let mut spans = BTreeMap::new();
         collect_spans(spanned.get_ref(), "", &mut spans);
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            vec![at(
-                e.span().unwrap_or(0..0),
-                None,
-                e.message().trim().to_string(),
-            )]
-        })?;
         let mut flat = Vec::new();
         flatten(&table, "", &mut flat);
 
@@ -221,11 +252,7 @@ impl Config {
                 )),
             }
         }
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(errors)
-        }
+        (cfg, errors)
     }
 
     /// The entry of a key, `None` for a key not in the registry.
@@ -602,6 +629,9 @@ fn describe(k: &KeyDef) -> String {
     }
     if k.secret {
         meta.push_str(", secret");
+    }
+    if k.file_only {
+        meta.push_str(", file only");
     }
     format!("# {} ({meta})\n", k.description)
 }

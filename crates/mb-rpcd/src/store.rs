@@ -151,6 +151,12 @@ impl Store {
         new: Option<String>,
         caller: &Caller,
     ) -> Result<Outcome, StoreError> {
+        if def.file_only {
+            return Err(KeyError::FileOnly {
+                key: def.key.into(),
+            }
+            .into());
+        }
         let _guard = self.write.lock().await;
         let before = self.effective();
         let old_override = self

@@ -58,3 +58,23 @@ pub fn load_config(arg: Option<&Path>) -> Result<Config, String> {
 pub fn set_umask() {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
 }
+
+/// For tools: the configuration even when the file has errors, so the sockets can still
+/// be found; the problems are printed as a warning first.
+pub fn load_config_for_tool(tool: &str, arg: Option<&Path>) -> Config {
+    let (path, named) = config_path(arg);
+    if !named && !path.exists() {
+        return Config::default();
+    }
+    let (cfg, errors) = Config::load_file_lenient(&path);
+    if !errors.is_empty() {
+        eprintln!(
+            "{tool}: warning: {} has errors (see `mb-config validate`); using what parses:",
+            path.display()
+        );
+        for e in errors {
+            eprintln!("{tool}: warning: {e}");
+        }
+    }
+    cfg
+}

@@ -38,13 +38,7 @@ struct Row {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cfg = match mb_runtime::load_config(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mb-status: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = mb_runtime::load_config_for_tool("mb-status", args.config.as_deref());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

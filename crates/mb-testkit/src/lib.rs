@@ -1,1 +1,483 @@
-//! placeholder
+//! Test helpers: the built binaries, mb-rpcd on a temp directory, and private MariaDB,
+//! PostgreSQL and Redis servers on loopback ports. A missing peer is a failure that says
+//! which Debian package to install, never a skip.
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The directory of the built binaries (`target/debug`), or `MB_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MB_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test binaries live in target/debug/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a built binary; fails with the command that builds it.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// The source tree's root.
+pub fn source_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("source root")
+}
+
+/// A loopback TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind :0")
+        .port()
+}
+
+/// Fails with an install hint when a peer program is missing.
+pub fn require(program: &str, package: &str) -> PathBuf {
+    let candidates = [
+        PathBuf::from(program),
+        Path::new("/usr/bin").join(program),
+        Path::new("/usr/sbin").join(program),
+        Path::new("/usr/local/bin").join(program),
+    ];
+    candidates.into_iter().find(|p| p.is_absolute() && p.exists()).unwrap_or_else(|| {
+        panic!("{program} is missing: install it with `apt-get install -y {package}` (`cargo xtask test` does this when run as root)")
+    })
+}
+
+/// Waits until `check` holds, or fails with `what`.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > limit {
+            bail!("{what} did not happen within {}s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), sig);
+    }
+
+    /// SIGTERM and wait up to `limit`; returns the exit code (None if killed).
+    pub fn stop(&mut self, limit: Duration) -> Option<i32> {
+        self.signal(Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// A temp directory with a config file and an mb-rpcd using it.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub rpcd: Option<Proc>,
+}
+
+impl Gateway {
+    /// A directory and config file; `extra` is appended TOML (may repeat no table twice).
+    pub fn new(extra: &str) -> Gateway {
+        let dir = tempfile::Builder::new()
+            .prefix("mb-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path().display();
+        let config = dir.path().join("mailborder.toml");
+        let text = format!(
+            "[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n{extra}\n"
+        );
+        fs::write(&config, text).expect("write config");
+        Gateway {
+            dir,
+            config,
+            rpcd: None,
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("run/mb-rpcd.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.path("rpcd.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts mb-rpcd and waits for its socket.
+    pub fn start(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(bin("mb-rpcd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn mb-rpcd")?;
+        let mut proc = Proc {
+            child,
+            name: "mb-rpcd".into(),
+        };
+        let socket = self.socket();
+        let started = wait_until("mb-rpcd socket", Duration::from_secs(30), || {
+            socket.exists() || matches!(proc.child.try_wait(), Ok(Some(_)))
+        });
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            bail!("mb-rpcd exited with {status}:\n{}", self.log());
+        }
+        started.with_context(|| self.log())?;
+        self.rpcd = Some(proc);
+        Ok(())
+    }
+
+    /// Runs `mb-rpcd` to completion (for start-up failures); returns (code, stderr).
+    pub fn run_rpcd_expecting_exit(&self) -> (Option<i32>, String) {
+        let out = Command::new(bin("mb-rpcd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run mb-rpcd");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn stop(&mut self) -> Option<i32> {
+        self.rpcd
+            .take()
+            .and_then(|mut p| p.stop(Duration::from_secs(15)))
+    }
+
+    /// Runs a tool with `--config` of this gateway.
+    pub fn tool(&self, name: &str, args: &[&str]) -> Output {
+        Command::new(bin(name))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tool")
+    }
+}
+
+/// Text of a tool's output, for assertions.
+pub fn text(out: &Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A private MariaDB server in a temp dir on a loopback port, with database `mb` and user
+/// `mb` (password `mb-secret-pw`).
+pub struct MariaDb {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    _server: Proc,
+}
+
+impl MariaDb {
+    pub fn start() -> Result<MariaDb> {
+        let install = require("mariadb-install-db", "mariadb-server");
+        let server = require("mariadbd", "mariadb-server");
+        let client = require("mariadb", "mariadb-client");
+        let dir = tempfile::Builder::new().prefix("mb-mariadb-").tempdir()?;
+        let data = dir.path().join("data");
+        let sock = dir.path().join("mysqld.sock");
+        run_ok(
+            Command::new(install)
+                .arg(format!("--datadir={}", data.display()))
+                .args([
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ]),
+        )?;
+        let port = free_port();
+        let log = fs::File::create(dir.path().join("mariadb.log"))?;
+        let child = Command::new(server)
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+            ])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", sock.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!(
+                "--pid-file={}",
+                dir.path().join("mariadb.pid").display()
+            ))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let proc = Proc {
+            child,
+            name: "mariadbd".into(),
+        };
+        let sql = |q: &str| {
+            Command::new(&client)
+                .arg(format!("--socket={}", sock.display()))
+                .args(["-u", "root", "-e", q])
+                .output()
+        };
+        wait_until(
+            "MariaDB to accept connections",
+            Duration::from_secs(60),
+            || sql("SELECT 1").is_ok_and(|o| o.status.success()),
+        )
+        .with_context(|| fs::read_to_string(dir.path().join("mariadb.log")).unwrap_or_default())?;
+        run_ok(Command::new(&client).arg(format!("--socket={}", sock.display())).args([
+            "-u",
+            "root",
+            "-e",
+            "CREATE DATABASE mb; CREATE USER 'mb'@'127.0.0.1' IDENTIFIED BY 'mb-secret-pw'; GRANT ALL ON mb.* TO 'mb'@'127.0.0.1';",
+        ]))?;
+        Ok(MariaDb {
+            dir,
+            port,
+            _server: proc,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://mb:mb-secret-pw@127.0.0.1:{}/mb", self.port)
+    }
+}
+
+/// A private PostgreSQL cluster in a temp dir on a loopback port, with database `mb`
+/// owned by user `mb` (password `mb-secret-pw`).
+pub struct Postgres {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    as_postgres: bool,
+}
+
+impl Postgres {
+    pub fn start() -> Result<Postgres> {
+        let bindir = fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.filter_map(Result::ok).map(|e| e.path().join("bin")).find(|p| p.join("initdb").exists()))
+            .unwrap_or_else(|| {
+                panic!("PostgreSQL is missing: install it with `apt-get install -y postgresql` (`cargo xtask test` does this when run as root)")
+            });
+        let dir = tempfile::Builder::new().prefix("mb-postgres-").tempdir()?;
+        let data = dir.path().join("data");
+        // initdb refuses to run as root: run the server as the postgres user then.
+        let as_postgres = nix::unistd::Uid::effective().is_root();
+        if as_postgres {
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777))?;
+        }
+        let pw = dir.path().join("pw");
+        fs::write(&pw, "mb-secret-pw\n")?;
+        fs::set_permissions(&pw, fs::Permissions::from_mode(0o644))?;
+        let cmd = |program: &Path| {
+            if as_postgres {
+                let mut c = Command::new(require("runuser", "util-linux"));
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            }
+        };
+        run_ok(
+            cmd(&bindir.join("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-U",
+                    "mb",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ])
+                .arg(format!("--pwfile={}", pw.display())),
+        )?;
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("postgres.log");
+        run_ok(
+            cmd(&bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", &opts, "-l"])
+                .arg(&log)
+                .args(["-w", "-t", "60", "start"]),
+        )
+        .with_context(|| fs::read_to_string(&log).unwrap_or_default())?;
+        let pg = Postgres {
+            pg_ctl: bindir.join("pg_ctl"),
+            data,
+            as_postgres,
+            dir,
+            port,
+        };
+        run_ok(
+            Command::new(bindir.join("createdb"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "mb", "mb"])
+                .env("PGPASSWORD", "mb-secret-pw"),
+        )?;
+        Ok(pg)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://mb:mb-secret-pw@127.0.0.1:{}/mb", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let mut c = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
+            c
+        } else {
+            Command::new(&self.pg_ctl)
+        };
+        let _ = c
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A private Redis server on a loopback port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    pub server: Proc,
+}
+
+impl Redis {
+    pub fn start() -> Result<Redis> {
+        let program = require("redis-server", "redis-server");
+        let port = free_port();
+        let child = Command::new(program)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let server = Proc {
+            child,
+            name: "redis-server".into(),
+        };
+        wait_until("redis to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                use std::io::Write;
+                let mut buf = [0u8; 7];
+                s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"+PONG\r\n"
+            })
+        })?;
+        Ok(Redis { port, server })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1: (cert PEM, key PEM).
+pub fn self_signed() -> (String, String) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("generate certificate");
+    (cert.cert.pem(), cert.signing_key.serialize_pem())
+}

@@ -1,0 +1,321 @@
+//! mb-rpcd's services over their real transports: the change feed, the message log,
+//! and the TCP listener with its API key, TLS and fail2ban line.
+
+use std::time::Duration;
+
+use mb_proto::v1::config_client::ConfigClient;
+use mb_proto::v1::control_client::ControlClient;
+use mb_proto::v1::events_client::EventsClient;
+use mb_proto::v1::{
+    EventBatch, EventQuery, MessageEvent, Source, StatusRequest, VersionRequest, WatchRequest,
+};
+use mb_testkit::{Gateway, text};
+use tokio_stream::StreamExt;
+
+const ONLY_RPCD: &str = "[smtp]\nenabled = false\n[filter]\nenabled = false\n";
+
+async fn channel(gw: &Gateway) -> tonic::transport::Channel {
+    mb_runtime::uds::connect(&gw.socket(), "mb-rpcd")
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_sees_a_set_from_another_client() {
+    let mut gw = Gateway::new(ONLY_RPCD);
+    gw.start().unwrap();
+    let mut config = ConfigClient::new(channel(&gw).await);
+    let mut feed = config
+        .watch(WatchRequest {
+            prefix: "network.smtp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Another process changes a key outside the prefix, then one inside it.
+    let gw_ref = &gw;
+    let set = |k: &'static str, v: &'static str| {
+        let out = gw_ref.tool("mb-config", &["set", k, v]);
+        assert_eq!(text(&out).0, 0, "{}", text(&out).2);
+    };
+    tokio::task::block_in_place(|| {
+        set("spam.threshold.tag", "5");
+        set("network.smtp.port", "2526");
+    });
+    let change = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("a change within 10s")
+        .expect("stream open")
+        .expect("no error");
+    assert_eq!(
+        change.key, "network.smtp.port",
+        "the prefix filter let {change:?} through"
+    );
+    assert_eq!(
+        (change.old_value.as_str(), change.new_value.as_str()),
+        ("25", "2526")
+    );
+    assert_eq!(change.source, Source::Database as i32);
+    assert_eq!(change.changed_by_uid, 0);
+    assert!(change.restart_required);
+    assert!(change.generation >= 2, "{change:?}");
+
+    // An unset arrives as such, with the value now in force.
+    tokio::task::block_in_place(|| {
+        let out = gw_ref.tool("mb-config", &["unset", "network.smtp.port"]);
+        assert_eq!(text(&out).0, 0);
+    });
+    let change = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(change.unset);
+    assert_eq!(
+        (change.key.as_str(), change.new_value.as_str()),
+        ("network.smtp.port", "25")
+    );
+
+    // The feed ends when the daemon stops, instead of hanging the client.
+    tokio::task::block_in_place(|| assert_eq!(gw.stop(), Some(0)));
+    let end = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("stream ends");
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+}
+
+fn event(id: &str, queue: &str) -> MessageEvent {
+    MessageEvent {
+        event_id: id.into(),
+        node: "node1".into(),
+        daemon: "mb-smtpd".into(),
+        at_unix_ms: 1_700_000_000_000,
+        queue_id: queue.into(),
+        sender: "alice@example.org".into(),
+        recipients: vec!["bob@example.test".into(), "carol@example.test".into()],
+        size: 4096,
+        stage: "received".into(),
+        verdict: "accept".into(),
+        score: 1.5,
+        symbols: vec!["SPF_PASS".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_stored_once_and_queried() {
+    let mut gw = Gateway::new(ONLY_RPCD);
+    gw.start().unwrap();
+    let mut events = EventsClient::new(channel(&gw).await);
+    let batches = vec![
+        EventBatch {
+            sequence: 1,
+            events: vec![event("e1", "Q1"), event("e2", "Q2")],
+        },
+        // A resent batch (after a lost acknowledgement) is not stored twice.
+        EventBatch {
+            sequence: 2,
+            events: vec![event("e2", "Q2"), event("e3", "Q1")],
+        },
+    ];
+    let mut acks = events
+        .publish(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let a1 = acks.next().await.unwrap().unwrap();
+    let a2 = acks.next().await.unwrap().unwrap();
+    assert_eq!((a1.sequence, a1.stored, a1.duplicates), (1, 2, 0));
+    assert_eq!((a2.sequence, a2.stored, a2.duplicates), (2, 1, 1));
+
+    let found = events
+        .query(EventQuery {
+            queue_id: "Q1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        found
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect::<Vec<_>>(),
+        ["e1", "e3"]
+    );
+    assert_eq!(
+        found[0].recipients,
+        ["bob@example.test", "carol@example.test"]
+    );
+    assert_eq!((found[0].score, found[0].size), (1.5, 4096));
+    let by_rcpt = events
+        .query(EventQuery {
+            recipient: "carol@example.test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(by_rcpt.len(), 3);
+
+    // A malformed event is refused with a reason.
+    let mut acks = events
+        .publish(tokio_stream::iter(vec![EventBatch {
+            sequence: 3,
+            events: vec![event("", "Q9")],
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = acks.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let status = ControlClient::new(channel(&gw).await)
+        .status(StatusRequest {
+            include_daemons: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.counters.get("events_stored"), Some(&3));
+    assert_eq!(status.counters.get("events_duplicate"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_listener_requires_the_api_key_and_logs_failures_for_fail2ban() {
+    let fail2ban = mb_testkit::require("fail2ban-regex", "fail2ban");
+    let port = mb_testkit::free_port();
+    let key = "k3y-0123456789abcdef";
+    let mut gw = Gateway::new(&format!(
+        "{ONLY_RPCD}[network.rpcd.tcp]\nenabled = true\nbind = \"127.0.0.1\"\nport = {port}\napi_key = \"{key}\"\n"
+    ));
+    gw.start().unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut refused = 0;
+    for sent in [None, Some("wrong-key"), Some("k3y-0123456789abcdeF")] {
+        let mut req = tonic::Request::new(VersionRequest {});
+        if let Some(k) = sent {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        let err = ControlClient::new(ch.clone())
+            .version(req)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        refused += 1;
+    }
+    let mut req = tonic::Request::new(mb_proto::v1::GetRequest {
+        key: "relay.auth.password".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut config = ConfigClient::new(ch.clone());
+    config.get(req).await.unwrap();
+    // Secrets are masked for TCP callers.
+    let mut req = tonic::Request::new(mb_proto::v1::GetRequest {
+        key: "network.rpcd.tcp.api_key".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let v = config.get(req).await.unwrap().into_inner().value.unwrap();
+    assert_eq!(v.value, "********");
+
+    let log = gw.path("rpcd.log");
+    let filter = mb_testkit::source_root().join("etc/fail2ban/filter.d/mailborder-auth.conf");
+    let out = std::process::Command::new(fail2ban)
+        .arg(&log)
+        .arg(&filter)
+        .output()
+        .unwrap();
+    let (code, out, err) = text(&out);
+    assert_eq!(code, 0, "{out}{err}");
+    let matched = out
+        .lines()
+        .find(|l| l.starts_with("Lines:"))
+        .and_then(|l| l.split(',').find(|p| p.contains("matched")))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok());
+    assert_eq!(
+        matched,
+        Some(refused),
+        "fail2ban-regex:\n{out}\nlog:\n{}",
+        gw.log()
+    );
+    assert!(
+        gw.log()
+            .contains("authentication failed client=127.0.0.1 user=api-key service=mb-rpcd")
+    );
+    assert!(
+        !gw.log().contains("wrong-key"),
+        "a sent key reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_listener_speaks_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let (cert, key) = mb_testkit::self_signed();
+    let mut gw = Gateway::new("");
+    std::fs::write(gw.path("cert.pem"), &cert).unwrap();
+    std::fs::write(gw.path("key.pem"), &key).unwrap();
+    let port = mb_testkit::free_port();
+    let api_key = "0123456789abcdef0123";
+    let d = gw.dir.path().display().to_string();
+    let base = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(
+        &gw.config,
+        format!(
+            "{base}[network.rpcd.tcp]\nenabled = true\nport = {port}\napi_key = \"{api_key}\"\n\
+             \"tls.cert\" = \"{d}/cert.pem\"\n\"tls.key\" = \"{d}/key.pem\"\n"
+        ),
+    )
+    .unwrap();
+    gw.start().unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&cert))
+        .domain_name("localhost");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(StatusRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {api_key}").parse().unwrap(),
+    );
+    let status = ControlClient::new(ch)
+        .status(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status.listening.contains(&format!("tls:127.0.0.1:{port}")),
+        "{:?}",
+        status.listening
+    );
+    // Plaintext on the TLS port gets nowhere.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(
+            ControlClient::new(ch)
+                .version(VersionRequest {})
+                .await
+                .is_err()
+        );
+    }
+}
