@@ -27,6 +27,12 @@ fn another_uid_is_refused_on_every_socket() {
         nix::unistd::Uid::effective().is_root(),
         "this test switches to uid {NOBODY}: run it as root (CI does)"
     );
+    // Members of the mailborder group are let in: make sure it exists (as the package's
+    // sysusers.d entry would) before the daemon starts and looks it up.
+    let created = ensure_group();
+    let group = nix::unistd::Group::from_name("mailborder")
+        .unwrap()
+        .expect("mailborder group");
     let mut gw = Gateway::new("[smtp]\nenabled = false\n[filter]\nenabled = false\n");
     gw.start().unwrap();
     // Let nobody reach the directory and read the config, so only the socket decides.
@@ -87,4 +93,48 @@ fn another_uid_is_refused_on_every_socket() {
     // Root still gets in, and nothing was changed by the refused calls.
     let (code, out, _) = text(&gw.tool("mb-config", &["get", "smtp.hostname"]));
     assert_eq!((code, out.as_str()), (0, "\n"));
+
+    // The socket belongs to the group, and a member of it gets in with the mode at 0660.
+    use std::os::unix::fs::MetadataExt;
+    for socket in &sockets {
+        assert_eq!(std::fs::metadata(socket).unwrap().gid(), group.gid.as_raw());
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).unwrap();
+    }
+    let out = Command::new(mb_testkit::bin("mb-config"))
+        .arg("--config")
+        .arg(&gw.config)
+        .args(["get", "network.smtp.port"])
+        .uid(NOBODY)
+        .gid(group.gid.as_raw())
+        .output()
+        .unwrap();
+    let (code, out, err) = text(&out);
+    assert_eq!((code, out.as_str()), (0, "25\n"), "{err}");
+    drop(gw);
+    if created {
+        let _ = Command::new("groupdel").arg("mailborder").status();
+    }
+}
+
+/// Creates the `mailborder` system group if it is missing; says whether it did.
+fn ensure_group() -> bool {
+    if nix::unistd::Group::from_name("mailborder")
+        .unwrap()
+        .is_some()
+    {
+        return false;
+    }
+    let status = Command::new(mb_testkit::require("groupadd", "passwd"))
+        .args(["--system", "mailborder"])
+        .status()
+        .unwrap();
+    // Another process may have created it meanwhile; then it is not ours to remove.
+    assert!(
+        status.success()
+            || nix::unistd::Group::from_name("mailborder")
+                .unwrap()
+                .is_some(),
+        "cannot create the mailborder group"
+    );
+    status.success()
 }

@@ -4,6 +4,7 @@
 mod access;
 mod config_cli;
 mod databases;
+mod follow;
 mod packaging;
 mod rpcd;
 mod status;

@@ -319,3 +319,52 @@ async fn tcp_listener_speaks_tls() {
         );
     }
 }
+
+#[test]
+fn log_lines_follow_the_documented_formats() {
+    // Text: `YYYY-MM-DD HH:MM:SS [LEVEL] daemon: message key=value`.
+    let mut gw = Gateway::new(ONLY_RPCD);
+    gw.start().unwrap();
+    assert_eq!(gw.stop(), Some(0));
+    let log = gw.log();
+    let first = log.lines().next().unwrap();
+    let (date, rest) = first.split_at(19);
+    assert!(
+        date.len() == 19
+            && date.as_bytes()[4] == b'-'
+            && date.as_bytes()[10] == b' '
+            && date.as_bytes()[13] == b':',
+        "{first}"
+    );
+    assert!(
+        rest.starts_with(" [INFO] mb-rpcd: mb-rpcd started socket="),
+        "{first}"
+    );
+    assert!(
+        log.lines()
+            .all(|l| l.len() > 19 && l.as_bytes()[19..].starts_with(b" [")),
+        "{log}"
+    );
+
+    // JSON on request, one object per line.
+    let mut gw = Gateway::new(&format!("{ONLY_RPCD}[log]\nformat = \"json\"\n"));
+    gw.start().unwrap();
+    assert_eq!(gw.stop(), Some(0));
+    let lines: Vec<serde_json::Value> = gw
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "mb-rpcd started")
+        .expect("start line");
+    assert_eq!(started["level"], "INFO");
+    assert!(
+        started["socket"]
+            .as_str()
+            .unwrap()
+            .ends_with("mb-rpcd.sock"),
+        "{started}"
+    );
+}

@@ -144,12 +144,12 @@ async fn run(args: Args) -> Result<(), Failure> {
             let v = r.value.unwrap_or_default();
             if json {
                 print_json(&json!({
-                    "key": v.key, "value": shown(&v, false), "previous": r.previous.map(|p| shown(&p, false)),
+                    "key": v.key, "value": shown(&v, true), "previous": r.previous.map(|p| shown(&p, true)),
                     "generation": r.generation, "restart_required": r.restart_required,
                     "restart": restart_units(&v), "warnings": r.warnings,
                 }));
             } else {
-                println!("{} = {}", v.key, shown(&v, false));
+                println!("{} = {}", v.key, shown(&v, true));
                 if r.restart_required {
                     println!(
                         "note: restart to apply: systemctl restart {}",
@@ -184,7 +184,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             let v = r.value.unwrap_or_default();
             if json {
                 print_json(&json!({
-                    "key": v.key, "value": shown(&v, false), "source": source_name(v.source),
+                    "key": v.key, "value": shown(&v, true), "source": source_name(v.source),
                     "removed": r.removed, "restart_required": r.restart_required,
                 }));
             } else {
@@ -194,7 +194,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 println!(
                     "{} = {} ({})",
                     v.key,
-                    shown(&v, false),
+                    shown(&v, true),
                     source_name(v.source)
                 );
                 if r.restart_required {
