@@ -7,6 +7,7 @@ mod databases;
 mod follow;
 mod packaging;
 mod rpcd;
+mod smtp;
 mod status;
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must

@@ -26,6 +26,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "/usr/bin/redis-server"),
     ("fail2ban", "/usr/bin/fail2ban-regex"),
     ("systemd", "/usr/bin/systemd-analyze"),
+    ("swaks", "/usr/bin/swaks"),
 ];
 
 #[derive(Parser)]
@@ -184,19 +185,30 @@ fn dev_dir() -> PathBuf {
         .map_or_else(|| root().join("target/mailborder-dev"), PathBuf::from)
 }
 
+/// A port of the local gateway; tests move them with `MB_DEV_<NAME>_PORT`.
+fn dev_port(name: &str, default: u16) -> u16 {
+    std::env::var(format!("MB_DEV_{name}_PORT"))
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The configuration `cargo xtask up` runs with: unprivileged ports, everything under target/.
 fn dev_config(dir: &Path) -> String {
     let built = |d: &str| root().join("target/debug").join(d).exists();
     format!(
         "# Written by `cargo xtask up`: a local, unprivileged gateway.\n\
          [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n\
-         [network.smtp]\nlisten = \"127.0.0.1\"\nport = 2525\n\n\
-         [network.submission]\nenabled = true\nport = 2587\n\n\
-         [network.reinject]\nport = 10025\n\n\
+         [network.smtp]\nlisten = \"127.0.0.1\"\nport = {smtp}\n\n\
+         [network.submission]\nenabled = true\nport = {submission}\n\n\
+         [network.reinject]\nport = {reinject}\n\n\
          [smtp]\nenabled = {smtpd}\nhostname = \"localhost\"\ndomains = \"example.test\"\n\n\
          [filter]\nenabled = {filter}\nworkers = 1\n\n\
          [milter]\nenabled = {milter}\n",
         d = dir.display(),
+        smtp = dev_port("SMTP", 2525),
+        submission = dev_port("SUBMISSION", 2587),
+        reinject = dev_port("REINJECT", 10025),
         smtpd = built("mb-smtpd"),
         filter = built("mb-filter"),
         milter = built("mb-milter"),
@@ -240,11 +252,20 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("cannot start {name}"))?;
-            children.push((name, child));
-        }
-        // Later daemons read their configuration from mb-rpcd: let it come up first.
-        if *daemon == "mb-rpcd" {
-            wait_for(&dir.join("run/mb-rpcd.sock"), Duration::from_secs(20))?;
+            let socket = dir
+                .join("run")
+                .join(format!("{}.sock", name.replace('@', "-")));
+            children.push((name.clone(), child));
+            // Wait for each daemon to serve before starting the next (mb-rpcd first).
+            if let Err(e) = wait_for(&socket, Duration::from_secs(20), &mut children) {
+                let log = fs::read_to_string(dir.join("log").join(format!("{name}.log")))
+                    .unwrap_or_default();
+                for (_, c) in &mut children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                bail!("{e}\n{name}'s log:\n{log}");
+            }
         }
     }
     let pids: Vec<String> = children
@@ -270,7 +291,14 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
         config.display()
     );
     if root().join("target/debug/mb-smtpd").exists() {
-        println!("  send mail      swaks --server 127.0.0.1:2525 --to user@example.test");
+        println!(
+            "  send mail      swaks --server 127.0.0.1:{} --to user@example.test",
+            dev_port("SMTP", 2525)
+        );
+        println!(
+            "  spool          {}/spool/incoming (delivery onward arrives with the queue manager)",
+            dir.display()
+        );
     } else {
         println!(
             "  SMTP           not built yet: mb-smtpd arrives with its own issue (it will listen on 127.0.0.1:2525)"
@@ -300,9 +328,15 @@ fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-fn wait_for(path: &Path, limit: Duration) -> Result<()> {
+/// Waits for a daemon's socket; fails at once if a started daemon exits.
+fn wait_for(path: &Path, limit: Duration, children: &mut [(String, Child)]) -> Result<()> {
     let start = Instant::now();
     while !path.exists() {
+        for (name, c) in children.iter_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("{name} exited ({status})");
+            }
+        }
         if start.elapsed() > limit {
             bail!(
                 "{} did not appear within {}s; see {}/log",

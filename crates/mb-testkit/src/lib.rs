@@ -125,6 +125,7 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub rpcd: Option<Proc>,
+    pub smtpd: Option<Proc>,
 }
 
 impl Gateway {
@@ -144,6 +145,7 @@ impl Gateway {
             dir,
             config,
             rpcd: None,
+            smtpd: None,
         }
     }
 
@@ -165,31 +167,46 @@ impl Gateway {
 
     /// Starts mb-rpcd and waits for its socket.
     pub fn start(&mut self) -> Result<()> {
+        self.rpcd = Some(self.spawn_daemon("mb-rpcd", &self.log_path())?);
+        Ok(())
+    }
+
+    /// Starts mb-smtpd (logging to `smtpd.log`) and waits for its socket.
+    pub fn start_smtpd(&mut self) -> Result<()> {
+        self.smtpd = Some(self.spawn_daemon("mb-smtpd", &self.path("smtpd.log"))?);
+        Ok(())
+    }
+
+    pub fn smtpd_log(&self) -> String {
+        fs::read_to_string(self.path("smtpd.log")).unwrap_or_default()
+    }
+
+    fn spawn_daemon(&self, name: &str, log_path: &Path) -> Result<Proc> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path())?;
-        let child = Command::new(bin("mb-rpcd"))
+            .open(log_path)?;
+        let child = Command::new(bin(name))
             .arg("--config")
             .arg(&self.config)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("spawn mb-rpcd")?;
+            .with_context(|| format!("spawn {name}"))?;
         let mut proc = Proc {
             child,
-            name: "mb-rpcd".into(),
+            name: name.into(),
         };
-        let socket = self.socket();
-        let started = wait_until("mb-rpcd socket", Duration::from_secs(30), || {
+        let socket = self.path(&format!("run/{name}.sock"));
+        let started = wait_until(&format!("{name} socket"), Duration::from_secs(30), || {
             socket.exists() || matches!(proc.child.try_wait(), Ok(Some(_)))
         });
+        let log = || fs::read_to_string(log_path).unwrap_or_default();
         if let Ok(Some(status)) = proc.child.try_wait() {
-            bail!("mb-rpcd exited with {status}:\n{}", self.log());
+            bail!("{name} exited with {status}:\n{}", log());
         }
-        started.with_context(|| self.log())?;
-        self.rpcd = Some(proc);
-        Ok(())
+        started.with_context(log)?;
+        Ok(proc)
     }
 
     /// Runs `mb-rpcd` to completion (for start-up failures); returns (code, stderr).

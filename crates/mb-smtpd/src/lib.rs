@@ -1,0 +1,241 @@
+//! mb-smtpd: the gateway's SMTP server. It speaks ESMTP on port 25 (mail from the
+//! internet), 587 (submission), 465 (SMTPS) and the local reinjection port, refuses
+//! relaying, abuse and malformed input, and writes every accepted message durably to
+//! the spool before it answers 250.
+
+pub mod conn;
+pub mod data;
+pub mod proto;
+pub mod server;
+pub mod session;
+pub mod spool;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mb_proto::v1::control_server::ControlServer;
+use mb_proto::v1::{ReloadResponse, StatusRequest, StatusResponse};
+use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle;
+use mb_runtime::uds::Guard;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server as GrpcServer;
+
+use crate::server::Server;
+use crate::session::Listener;
+use crate::spool::Spool;
+
+pub const DAEMON: &str = "mb-smtpd";
+
+/// How long sessions may finish their transaction after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+/// The addresses to listen on, from the configuration.
+pub fn listen_addrs(cfg: &mb_core::Config) -> Vec<(SocketAddr, Listener)> {
+    let mut out = Vec::new();
+    let mut ips = cfg.ips("network.smtp.listen");
+    if cfg.bool("network.ipv6.enabled") {
+        ips.extend(cfg.ips("network.smtp.listen_ipv6"));
+    }
+    for ip in &ips {
+        out.push((
+            SocketAddr::new(*ip, cfg.port("network.smtp.port")),
+            Listener::Smtp,
+        ));
+        if cfg.bool("network.submission.enabled") {
+            out.push((
+                SocketAddr::new(*ip, cfg.port("network.submission.port")),
+                Listener::Submission,
+            ));
+        }
+        if cfg.bool("network.smtps.enabled") {
+            out.push((
+                SocketAddr::new(*ip, cfg.port("network.smtps.port")),
+                Listener::Smtps,
+            ));
+        }
+    }
+    out.push((
+        SocketAddr::new(
+            cfg.ip("network.reinject.listen"),
+            cfg.port("network.reinject.port"),
+        ),
+        Listener::Reinject,
+    ));
+    out
+}
+
+struct Hooks {
+    server: Arc<Server>,
+    config: Option<PathBuf>,
+}
+
+#[tonic::async_trait]
+impl DaemonHooks for Hooks {
+    async fn status(&self, _req: &StatusRequest, resp: &mut StatusResponse) {
+        resp.counters
+            .insert("connections_active".into(), self.server.active() as u64);
+        resp.detail = "receiving; onward delivery arrives with the queue manager".into();
+    }
+
+    async fn reload(&self) -> Result<ReloadResponse, tonic::Status> {
+        reload(&self.server, self.config.as_deref()).map_err(tonic::Status::failed_precondition)?;
+        Ok(ReloadResponse {
+            reloaded: true,
+            ..Default::default()
+        })
+    }
+}
+
+/// Re-reads the file and the TLS certificate; on error the running ones are kept.
+fn reload(server: &Server, config: Option<&std::path::Path>) -> Result<(), String> {
+    let file = mb_runtime::load_config(config)?;
+    let tls = server::tls_acceptor(&file)?;
+    server.follower.reload_file(file);
+    if let Ok(mut t) = server.tls.write() {
+        *t = tls;
+    }
+    tracing::info!("configuration and certificates reloaded");
+    Ok(())
+}
+
+pub async fn main(opts: Options) -> i32 {
+    mb_runtime::set_umask();
+    let file = match mb_runtime::load_config(opts.config.as_deref()) {
+        Ok(c) => c,
+        Err(msg) => {
+            for line in msg.lines() {
+                eprintln!("{DAEMON}: {line}");
+            }
+            return mb_runtime::EX_USAGE;
+        }
+    };
+    let json = opts
+        .log_format
+        .as_deref()
+        .unwrap_or(&file.text("log.format"))
+        == "json";
+    mb_runtime::logging::init(DAEMON, &file.text("log.level"), json);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let fail = |code: i32, msg: String| {
+        tracing::error!("{msg}");
+        eprintln!("{DAEMON}: {msg}");
+        code
+    };
+    let (shutdown, mut reload_rx) = match lifecycle::install_signal_handlers() {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                mb_runtime::EX_SOFTWARE,
+                format!("cannot install signal handlers: {e}"),
+            );
+        }
+    };
+    let follower = Follower::start(DAEMON, file, shutdown.clone());
+    let cfg = follower.current();
+    let problems = cfg.check();
+    if !problems.is_empty() {
+        for p in problems {
+            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
+        }
+        return mb_runtime::EX_USAGE;
+    }
+    let tls = match server::tls_acceptor(&cfg) {
+        Ok(t) => t,
+        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+    };
+    let spool_dir = cfg.path("paths.spool_dir");
+    let spool = match Spool::open(&spool_dir) {
+        Ok((s, rec)) => {
+            tracing::info!(complete = rec.complete, torn = rec.torn, unfinished = rec.unfinished, spool = %spool_dir.display(), "spool opened");
+            Arc::new(s)
+        }
+        Err(e) => {
+            return fail(
+                mb_runtime::EX_CANTCREAT,
+                format!("cannot open the spool {}: {e}", spool_dir.display()),
+            );
+        }
+    };
+    let mut listeners = Vec::new();
+    for (addr, kind) in listen_addrs(&cfg) {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push((l, kind)),
+            Err(e) => {
+                return fail(
+                    mb_runtime::EX_CANTCREAT,
+                    format!("cannot listen on {addr} ({}): {e}", kind.name()),
+                );
+            }
+        }
+    }
+    let socket = cfg.socket(DAEMON);
+    let control = match mb_runtime::uds::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
+    };
+    let info = DaemonInfo::new(DAEMON);
+    info.add_listener(format!("unix:{}", socket.display()));
+    for (l, kind) in &listeners {
+        if let Ok(a) = l.local_addr() {
+            info.add_listener(format!("{}:{a}", kind.name()));
+        }
+    }
+    let server = Arc::new(Server::new(follower, spool, tls, info.clone()));
+    let hooks = Arc::new(Hooks {
+        server: server.clone(),
+        config: opts.config.clone(),
+    });
+    let grpc = GrpcServer::builder()
+        .add_service(ControlServer::with_interceptor(
+            ControlService::new(info.clone(), hooks),
+            Guard::peer(),
+        ))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(control), {
+            let s = shutdown.clone();
+            async move { s.requested().await }
+        });
+    let reloader = {
+        let server = server.clone();
+        let config = opts.config.clone();
+        tokio::spawn(async move {
+            while reload_rx.recv().await.is_some() {
+                lifecycle::notify_reloading();
+                if let Err(e) = reload(&server, config.as_deref()) {
+                    tracing::error!(cause = %e, "reload failed, keeping the running configuration");
+                }
+                lifecycle::notify_reloaded();
+            }
+        })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, kind) in listeners {
+        tasks.spawn(server.clone().serve(l, kind, shutdown.clone()));
+    }
+    tracing::info!(listening = %info.base_status().listening.join(" "), "mb-smtpd started");
+    lifecycle::notify_ready();
+    let drained = lifecycle::drain(&shutdown, DRAIN_DEADLINE, async move {
+        let _ = grpc.await;
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    reloader.abort();
+    let _ = std::fs::remove_file(&socket);
+    if drained.is_none() {
+        tracing::warn!("sessions were still open at the drain deadline");
+    }
+    tracing::info!("mb-smtpd stopped");
+    0
+}

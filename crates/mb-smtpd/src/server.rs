@@ -1,0 +1,328 @@
+//! Listeners: admission (connection limits and rates), TLS set-up, and one task per session.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use mb_core::Config;
+use mb_runtime::control::DaemonInfo;
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle::Shutdown;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::session::{Client, Listener, Session, Settings, TlsMode};
+use crate::spool::Spool;
+
+/// Per-IP and global connection counts and per-second rates.
+#[derive(Default)]
+struct Limits {
+    per_ip: HashMap<IpAddr, usize>,
+    second: u64,
+    global_rate: u32,
+    ip_rate: HashMap<IpAddr, u32>,
+}
+
+pub struct Server {
+    pub follower: Follower,
+    pub spool: Arc<Spool>,
+    pub tls: RwLock<Option<TlsAcceptor>>,
+    pub info: Arc<DaemonInfo>,
+    limits: Mutex<Limits>,
+    active: AtomicUsize,
+    started: Instant,
+}
+
+/// Releases a connection's slot when the session ends.
+struct Slot<'a> {
+    server: &'a Server,
+    ip: IpAddr,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.server.active.fetch_sub(1, Ordering::SeqCst);
+        if let Ok(mut l) = self.server.limits.lock()
+            && let Some(n) = l.per_ip.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                l.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Server {
+    pub fn new(
+        follower: Follower,
+        spool: Arc<Spool>,
+        tls: Option<TlsAcceptor>,
+        info: Arc<DaemonInfo>,
+    ) -> Server {
+        Server {
+            follower,
+            spool,
+            tls: RwLock::new(tls),
+            info,
+            limits: Mutex::new(Limits::default()),
+            active: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Decides whether a new connection may start; `Err` is the 421 to send.
+    fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, String> {
+        if listener == Listener::Reinject && !ip.is_loopback() {
+            return Err("554 5.7.1 Reinjection is for local clients only".into());
+        }
+        let exempt = listener == Listener::Reinject
+            || cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip))
+            || cfg
+                .nets("network.protection.trusted_networks")
+                .iter()
+                .any(|n| n.contains(&ip));
+        let mut l = self
+            .limits
+            .lock()
+            .map_err(|_| "421 4.3.0 Internal error".to_string())?;
+        let now = self.started.elapsed().as_secs();
+        if l.second != now {
+            l.second = now;
+            l.global_rate = 0;
+            l.ip_rate.clear();
+        }
+        let max_total =
+            usize::try_from(cfg.int("network.smtp.max_connections")).unwrap_or(usize::MAX);
+        if self.active.load(Ordering::SeqCst) >= max_total {
+            return Err("421 4.7.0 Error: too many connections, try again later".into());
+        }
+        l.global_rate += 1;
+        if i64::from(l.global_rate) > cfg.int("network.smtp.connection_rate") {
+            return Err("421 4.7.0 Error: too many connections per second, try again later".into());
+        }
+        if !exempt {
+            let per_ip = l.per_ip.get(&ip).copied().unwrap_or(0);
+            if i64::try_from(per_ip).unwrap_or(i64::MAX) >= cfg.int("network.smtp.max_per_source") {
+                return Err(format!("421 4.7.0 Error: too many connections from {ip}"));
+            }
+            let rate = l.ip_rate.entry(ip).or_default();
+            *rate += 1;
+            if i64::from(*rate) > cfg.int("network.smtp.rate_per_source") {
+                return Err(format!(
+                    "421 4.7.0 Error: too many connections per second from {ip}"
+                ));
+            }
+        }
+        *l.per_ip.entry(ip).or_default() += 1;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Ok(Slot { server: self, ip })
+    }
+
+    fn settings(&self, cfg: &Config, listener: Listener) -> Settings {
+        let tls_mode = match cfg.text("network.smtp.tls.inbound").as_str() {
+            "none" => TlsMode::None,
+            "mandatory" if listener != Listener::Reinject => TlsMode::Mandatory,
+            _ => TlsMode::Enabled,
+        };
+        let submission = matches!(listener, Listener::Submission | Listener::Smtps);
+        Settings {
+            hostname: hostname(cfg),
+            domains: cfg.list("smtp.domains"),
+            mynetworks: cfg.nets("smtp.mynetworks"),
+            max_size: cfg.size("smtp.message_size_limit"),
+            max_recipients: usize::try_from(cfg.int("smtp.max_recipients")).unwrap_or(100),
+            max_errors: u32::try_from(cfg.int("smtp.max_errors")).unwrap_or(10),
+            timeout: cfg.duration("network.smtp.timeout"),
+            tls_mode,
+            tls: self.tls.read().ok().and_then(|t| t.clone()),
+            require_auth: submission && cfg.bool("network.submission.require_auth"),
+            require_tls: listener == Listener::Submission
+                && cfg.bool("network.submission.require_tls"),
+            helo_required: cfg.bool("smtp.helo_required"),
+            vrfy: cfg.bool("smtp.vrfy_enabled"),
+        }
+    }
+
+    /// Accepts connections until shutdown, then waits for the sessions to end.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: Listener, shutdown: Shutdown) {
+        let mut sessions = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.requested() => break,
+                a = listener.accept() => a,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: pause instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            let shutdown = shutdown.clone();
+            sessions.spawn(async move { server.session(stream, peer, kind, shutdown).await });
+        }
+        while sessions.join_next().await.is_some() {}
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        kind: Listener,
+        shutdown: Shutdown,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let ip = normalize(peer.ip());
+        let cfg = self.follower.current();
+        self.info.counters.add("connections", 1);
+        let slot = match self.admit(&cfg, ip, kind) {
+            Ok(slot) => slot,
+            Err(reply) => {
+                self.info.counters.add("connections_refused", 1);
+                tracing::info!(client = %ip, listener = kind.name(), "connection refused: {reply}");
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    stream.write_all(format!("{reply}\r\n").as_bytes()),
+                )
+                .await;
+                return;
+            }
+        };
+        let settings = self.settings(&cfg, kind);
+        let client = Client {
+            ip,
+            port: peer.port(),
+        };
+        tracing::debug!(client = %ip, listener = kind.name(), "connect");
+        let io: Box<dyn crate::conn::Io> = if kind == Listener::Smtps {
+            let Some(acceptor) = settings.tls.clone() else {
+                return;
+            };
+            match tokio::time::timeout(settings.timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Box::new(tls),
+                _ => {
+                    tracing::info!(client = %ip, "TLS handshake failed on the SMTPS port");
+                    return;
+                }
+            }
+        } else {
+            Box::new(stream)
+        };
+        let mut session = Session::new(io, &settings, &self.spool, client, kind);
+        if kind == Listener::Smtps {
+            session = session.with_tls("TLS (implicit)".into());
+        }
+        let summary = session.run(shutdown).await;
+        drop(slot);
+        let c = &self.info.counters;
+        c.add("messages_accepted", summary.accepted.len() as u64);
+        c.add("bytes_accepted", summary.bytes);
+        c.add("relay_denied", u64::from(summary.relay_denied));
+        c.add("session_errors", u64::from(summary.errors));
+        if summary.tls {
+            c.add("tls_sessions", 1);
+        }
+        tracing::info!(
+            "disconnect from unknown[{ip}] {} client={ip} end=\"{}\"",
+            summary.counts(),
+            if summary.end.is_empty() {
+                "quit"
+            } else {
+                summary.end
+            }
+        );
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 clients.
+fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// `smtp.hostname`, or the system's host name.
+pub fn hostname(cfg: &Config) -> String {
+    let h = cfg.text("smtp.hostname");
+    if !h.is_empty() {
+        return h;
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The TLS acceptor from `network.smtp.tls.{cert,key}`; when neither file exists, a
+/// self-signed certificate is generated under `paths.data_dir/tls/` (with a warning).
+pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if cfg.text("network.smtp.tls.inbound") == "none" && !cfg.bool("network.smtps.enabled") {
+        return Ok(None);
+    }
+    let (mut cert, mut key) = (
+        cfg.path("network.smtp.tls.cert"),
+        cfg.path("network.smtp.tls.key"),
+    );
+    if !cert.exists() && !key.exists() {
+        let dir = cfg.path("paths.data_dir").join("tls");
+        let (c, k) = (dir.join("selfsigned.crt"), dir.join("selfsigned.key"));
+        if !c.exists() || !k.exists() {
+            let name = hostname(cfg);
+            let generated = rcgen::generate_simple_self_signed(vec![name.clone()])
+                .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::write(&c, generated.cert.pem())
+                .map_err(|e| format!("cannot write {}: {e}", c.display()))?;
+            std::fs::write(&k, generated.signing_key.serialize_pem())
+                .map_err(|e| format!("cannot write {}: {e}", k.display()))?;
+        }
+        tracing::warn!(
+            cert = %c.display(),
+            "network.smtp.tls.cert does not exist: using a self-signed certificate; install a real one"
+        );
+        (cert, key) = (c, k);
+    }
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = {
+        let min = cfg.text("network.tls.min_version");
+        let offered = cfg.list("network.tls.versions");
+        let mut v = Vec::new();
+        if offered.iter().any(|x| x == "1.3") {
+            v.push(&rustls::version::TLS13);
+        }
+        if min == "1.2" && offered.iter().any(|x| x == "1.2") {
+            v.push(&rustls::version::TLS12);
+        }
+        v
+    };
+    let config = rustls::ServerConfig::builder_with_protocol_versions(&versions)
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}

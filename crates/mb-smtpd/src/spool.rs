@@ -1,0 +1,302 @@
+//! The durable spool. A message is streamed into `tmp/ID` as it arrives; at the end of
+//! DATA its envelope and a footer are appended, the file is fsynced, renamed into
+//! `incoming/ID`, and the directory is fsynced: only then does the client get 250.
+//!
+//! File layout: `message bytes | envelope JSON | envelope length (u64 LE) | MAGIC`. A file
+//! without the footer, or whose lengths disagree, is torn: found at start and moved to
+//! `corrupt/`, never delivered. A crash before the rename leaves only `tmp/`, which is
+//! emptied at start (the client never got a 250 for it).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::io::AsyncWriteExt;
+
+/// The last bytes of every complete spool file.
+pub const MAGIC: &[u8; 8] = b"MBQ1END\n";
+
+/// What is kept with each message for delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Envelope {
+    pub id: String,
+    pub received_at: u64,
+    pub client_ip: String,
+    pub client_name: String,
+    pub helo: String,
+    pub protocol: String,
+    pub tls: String,
+    pub auth_user: String,
+    /// Empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub body: String,
+    pub smtputf8: bool,
+    pub ret: String,
+    pub envid: String,
+    /// The listener it came in on (`smtp`, `submission`, `smtps`, `reinject`).
+    pub listener: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recipient {
+    pub address: String,
+    pub notify: String,
+    pub orcpt: String,
+}
+
+impl Envelope {
+    pub fn to_json(&self) -> String {
+        let rcpts: Vec<serde_json::Value> = self
+            .recipients
+            .iter()
+            .map(
+                |r| serde_json::json!({"address": r.address, "notify": r.notify, "orcpt": r.orcpt}),
+            )
+            .collect();
+        serde_json::json!({
+            "id": self.id, "received_at": self.received_at, "client_ip": self.client_ip,
+            "client_name": self.client_name, "helo": self.helo, "protocol": self.protocol,
+            "tls": self.tls, "auth_user": self.auth_user, "sender": self.sender,
+            "recipients": rcpts, "body": self.body, "smtputf8": self.smtputf8, "ret": self.ret,
+            "envid": self.envid, "listener": self.listener,
+        })
+        .to_string()
+    }
+
+    pub fn from_json(text: &str) -> Option<Envelope> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Some(Envelope {
+            id: s("id"),
+            received_at: v["received_at"].as_u64().unwrap_or(0),
+            client_ip: s("client_ip"),
+            client_name: s("client_name"),
+            helo: s("helo"),
+            protocol: s("protocol"),
+            tls: s("tls"),
+            auth_user: s("auth_user"),
+            sender: s("sender"),
+            recipients: v["recipients"]
+                .as_array()?
+                .iter()
+                .map(|r| Recipient {
+                    address: r["address"].as_str().unwrap_or_default().into(),
+                    notify: r["notify"].as_str().unwrap_or_default().into(),
+                    orcpt: r["orcpt"].as_str().unwrap_or_default().into(),
+                })
+                .collect(),
+            body: s("body"),
+            smtputf8: v["smtputf8"].as_bool().unwrap_or(false),
+            ret: s("ret"),
+            envid: s("envid"),
+            listener: s("listener"),
+        })
+    }
+}
+
+pub struct Spool {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+/// What a start-up scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub complete: usize,
+    pub torn: usize,
+    pub unfinished: usize,
+}
+
+impl Spool {
+    /// Opens the spool under `root`, creating its directories, and recovers from a crash:
+    /// unfinished files in `tmp/` are removed, torn files in `incoming/` are moved aside.
+    pub fn open(root: &Path) -> io::Result<(Spool, Recovery)> {
+        for sub in ["tmp", "incoming", "deferred", "hold", "corrupt"] {
+            std::fs::create_dir_all(root.join(sub))?;
+        }
+        let mut rec = Recovery::default();
+        for entry in std::fs::read_dir(root.join("tmp"))? {
+            std::fs::remove_file(entry?.path())?;
+            rec.unfinished += 1;
+        }
+        for entry in std::fs::read_dir(root.join("incoming"))? {
+            let path = entry?.path();
+            if read_message(&path).is_ok() {
+                rec.complete += 1;
+            } else {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_default();
+                tracing::error!(file = %path.display(), "torn spool file moved to corrupt/");
+                std::fs::rename(&path, root.join("corrupt").join(name))?;
+                rec.torn += 1;
+            }
+        }
+        Ok((
+            Spool {
+                root: root.to_path_buf(),
+                counter: AtomicU64::new(0),
+            },
+            rec,
+        ))
+    }
+
+    /// A new queue id: microseconds since the epoch and a counter, in hex. Sortable by
+    /// arrival, unique within the node.
+    pub fn new_id(&self) -> String {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
+        format!("{micros:X}{n:04X}")
+    }
+
+    pub fn incoming(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+
+    /// Starts writing a message.
+    pub async fn create(&self, id: &str) -> io::Result<SpoolWriter> {
+        let tmp = self.root.join("tmp").join(id);
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await?;
+        Ok(SpoolWriter {
+            file: Some(tokio::io::BufWriter::with_capacity(64 * 1024, file)),
+            tmp,
+            incoming: self.incoming(),
+            id: id.to_string(),
+            written: 0,
+        })
+    }
+}
+
+/// A message being received. Dropping it without `commit` removes the partial file.
+pub struct SpoolWriter {
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    tmp: PathBuf,
+    incoming: PathBuf,
+    pub id: String,
+    pub written: u64,
+}
+
+impl SpoolWriter {
+    pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(bytes).await?;
+            self.written += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Appends the envelope, makes the file durable and moves it into `incoming/`.
+    pub async fn commit(mut self, envelope: &Envelope) -> io::Result<()> {
+        let Some(mut f) = self.file.take() else {
+            return Err(io::Error::other("spool file already closed"));
+        };
+        let env = envelope.to_json();
+        f.write_all(env.as_bytes()).await?;
+        f.write_all(&(env.len() as u64).to_le_bytes()).await?;
+        f.write_all(MAGIC).await?;
+        f.flush().await?;
+        let file = f.into_inner();
+        file.sync_all().await?;
+        drop(file);
+        let target = self.incoming.join(&self.id);
+        tokio::fs::rename(&self.tmp, &target).await?;
+        let dir = self.incoming.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+            .await
+            .map_err(io::Error::other)??;
+        Ok(())
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
+pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
+    let data = std::fs::read(path)?;
+    let torn = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is torn", path.display()),
+        )
+    };
+    if data.len() < 16 || &data[data.len() - 8..] != MAGIC {
+        return Err(torn());
+    }
+    let len_at = data.len() - 16;
+    let env_len = u64::from_le_bytes(data[len_at..len_at + 8].try_into().map_err(|_| torn())?);
+    let env_len = usize::try_from(env_len).map_err(|_| torn())?;
+    if env_len > len_at {
+        return Err(torn());
+    }
+    let env_start = len_at - env_len;
+    let env = std::str::from_utf8(&data[env_start..len_at]).map_err(|_| torn())?;
+    let envelope = Envelope::from_json(env).ok_or_else(torn)?;
+    Ok((data[..env_start].to_vec(), envelope))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commit_recover_and_detect_torn_files() {
+        let dir = std::env::temp_dir().join(format!("mb-spool-test-{}", std::process::id()));
+        let (spool, rec) = Spool::open(&dir).unwrap();
+        assert_eq!(rec, Recovery::default());
+        let id = spool.new_id();
+        assert_ne!(id, spool.new_id());
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
+        let env = Envelope {
+            id: id.clone(),
+            sender: "a@b.example".into(),
+            recipients: vec![Recipient {
+                address: "c@d.example".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        w.commit(&env).await.unwrap();
+        let (msg, got) = read_message(&spool.incoming().join(&id)).unwrap();
+        assert_eq!(msg, b"Subject: hi\r\n\r\nbody\r\n");
+        assert_eq!(got, env);
+
+        // An abandoned writer leaves nothing behind.
+        let other = spool.new_id();
+        let mut w = spool.create(&other).await.unwrap();
+        w.write(b"partial").await.unwrap();
+        drop(w);
+        assert!(!dir.join("tmp").join(&other).exists());
+
+        // A crash mid-write leaves tmp/ files; a torn file in incoming/ is moved aside.
+        std::fs::write(dir.join("tmp/leftover"), b"half").unwrap();
+        let full = std::fs::read(spool.incoming().join(&id)).unwrap();
+        std::fs::write(spool.incoming().join("TORN"), &full[..full.len() - 3]).unwrap();
+        let (_, rec) = Spool::open(&dir).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                complete: 1,
+                torn: 1,
+                unfinished: 1
+            }
+        );
+        assert!(dir.join("corrupt/TORN").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

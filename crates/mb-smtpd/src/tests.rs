@@ -1,0 +1,629 @@
+//! The session state machine over an in-memory duplex: every command, extension and error
+//! path, without sockets.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+
+use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
+use crate::spool::{Spool, read_message};
+
+fn settings() -> Settings {
+    Settings {
+        hostname: "mx.served.example".into(),
+        domains: vec!["served.example".into(), ".sub.example".into()],
+        mynetworks: vec!["10.0.0.0/8".parse().unwrap()],
+        max_size: 10_000,
+        max_recipients: 3,
+        max_errors: 10,
+        timeout: Duration::from_secs(10),
+        tls_mode: TlsMode::Enabled,
+        tls: None,
+        require_auth: false,
+        require_tls: false,
+        helo_required: true,
+        vrfy: false,
+    }
+}
+
+const OUTSIDE: &str = "198.51.100.7";
+const INSIDE: &str = "10.1.2.3";
+
+struct T {
+    io: DuplexStream,
+    task: Option<JoinHandle<Summary>>,
+    dir: tempfile::TempDir,
+    spool: Arc<Spool>,
+    pending: Vec<u8>,
+}
+
+impl T {
+    async fn start(settings: Settings, ip: &str, listener: Listener) -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let spool = Arc::new(spool);
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let s = spool.clone();
+        let ip: IpAddr = ip.parse().unwrap();
+        let task = tokio::spawn(async move {
+            let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+            let session = Session::new(
+                Box::new(server),
+                &settings,
+                &s,
+                Client { ip, port: 1234 },
+                listener,
+            );
+            session.run(shutdown).await
+        });
+        let mut t = T {
+            io: client,
+            task: Some(task),
+            dir,
+            spool,
+            pending: Vec::new(),
+        };
+        t.expect(220).await;
+        t
+    }
+
+    async fn outside() -> T {
+        T::start(settings(), OUTSIDE, Listener::Smtp).await
+    }
+
+    async fn send(&mut self, s: &str) {
+        self.io.write_all(s.as_bytes()).await.unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply and checks its code.
+    async fn expect(&mut self, code: u16) -> String {
+        let reply = self.reply().await;
+        assert!(
+            reply.starts_with(&code.to_string()),
+            "expected {code}, got {reply:?}"
+        );
+        reply
+    }
+
+    async fn reply(&mut self) -> String {
+        let mut out = String::new();
+        loop {
+            let line = self.line().await;
+            let last = line.as_bytes().get(3) == Some(&b' ') || line.len() == 3;
+            out.push_str(&line);
+            out.push('\n');
+            if last {
+                return out;
+            }
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(pos) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.pending[..pos]).into_owned();
+                self.pending.drain(..pos + 2);
+                return line;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.io.read(&mut buf))
+                .await
+                .expect("reply within 10s")
+                .unwrap();
+            assert!(
+                n > 0,
+                "connection closed; had {:?}",
+                String::from_utf8_lossy(&self.pending)
+            );
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    async fn cmd(&mut self, line: &str, code: u16) -> String {
+        self.send(&format!("{line}\r\n")).await;
+        self.expect(code).await
+    }
+
+    /// The session ended: the server closed its side.
+    async fn closed(&mut self) -> Summary {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.io.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "more data: {:?}", String::from_utf8_lossy(&buf[..n]));
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    fn spooled(&self) -> Vec<(Vec<u8>, crate::spool::Envelope)> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.spool.incoming()).unwrap() {
+            out.push(read_message(&e.unwrap().path()).unwrap());
+        }
+        out
+    }
+
+    async fn envelope(&mut self, from: &str, to: &[&str]) {
+        self.cmd("EHLO client.example", 250).await;
+        self.cmd(&format!("MAIL FROM:<{from}>"), 250).await;
+        for r in to {
+            self.cmd(&format!("RCPT TO:<{r}>"), 250).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_is_spooled_with_its_envelope() {
+    let mut t = T::outside().await;
+    let ehlo = t.cmd("EHLO client.example", 250).await;
+    for ext in [
+        "PIPELINING",
+        "SIZE 10000",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "DSN",
+        "SMTPUTF8",
+        "CHUNKING",
+    ] {
+        assert!(ehlo.contains(ext), "{ext} missing from {ehlo}");
+    }
+    assert!(
+        !ehlo.contains("STARTTLS"),
+        "STARTTLS offered without a certificate"
+    );
+    assert!(!ehlo.contains("VRFY"));
+    t.cmd(
+        "MAIL FROM:<alice@sender.example> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=abc",
+        250,
+    )
+    .await;
+    t.cmd(
+        "RCPT TO:<bob@served.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@served.example",
+        250,
+    )
+    .await;
+    t.cmd("RCPT TO:<Carol@X.Sub.Example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send("Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n")
+        .await;
+    let r = t.expect(250).await;
+    assert!(r.contains("2.0.0 Ok: queued as "), "{r}");
+    t.cmd("QUIT", 221).await;
+    let summary = t.closed().await;
+    assert_eq!(
+        summary.counts(),
+        "ehlo=1 mail=1 rcpt=2 data=1 quit=1 commands=6"
+    );
+    let spooled = t.spooled();
+    assert_eq!(spooled.len(), 1);
+    let (msg, env) = &spooled[0];
+    let text = String::from_utf8_lossy(msg);
+    assert!(text.starts_with("Received: from client.example (unknown [198.51.100.7])\r\n\tby mx.served.example (Mailborder) with ESMTP id "), "{text}");
+    assert!(text.contains("\tfor <bob@served.example>; "), "{text}");
+    assert!(
+        text.ends_with("Subject: hi\r\n\r\n.leading dot\r\nbody\r\n"),
+        "{text}"
+    );
+    assert_eq!(env.sender, "alice@sender.example");
+    assert_eq!(env.recipients.len(), 2);
+    assert_eq!(env.recipients[0].notify, "SUCCESS,FAILURE");
+    assert_eq!(env.recipients[0].orcpt, "rfc822;bob@served.example");
+    assert_eq!(env.recipients[1].address, "Carol@x.sub.example");
+    assert_eq!(
+        (env.body.as_str(), env.ret.as_str(), env.envid.as_str()),
+        ("8BITMIME", "HDRS", "abc")
+    );
+    assert!(r.contains(&env.id));
+}
+
+#[tokio::test]
+async fn sequence_errors() {
+    let mut t = T::outside().await;
+    t.cmd("MAIL FROM:<a@b.example>", 503).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 503).await;
+    t.cmd("DATA", 503).await;
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("MAIL FROM:<a@b.example>", 503).await;
+    t.cmd("DATA", 554).await;
+    t.cmd("RSET", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 503).await;
+    t.cmd("QUIT", 221).await;
+    let s = t.closed().await;
+    assert_eq!(s.errors, 6);
+}
+
+#[tokio::test]
+async fn other_commands() {
+    let mut t = T::outside().await;
+    t.cmd("HELP", 214).await;
+    t.cmd("NOOP", 250).await;
+    t.cmd("NOOP ignored argument", 250).await;
+    t.cmd("VRFY root", 252).await;
+    t.cmd("EXPN staff", 502).await;
+    t.cmd("FROB", 502).await;
+    t.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==", 538).await;
+    t.cmd("STARTTLS", 502).await;
+    t.cmd("QUIT now", 501).await;
+    t.cmd("QUIT", 221).await;
+    t.closed().await;
+}
+
+#[tokio::test]
+async fn relay_is_refused_from_outside_and_allowed_from_mynetworks() {
+    let mut t = T::outside().await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    let r = t.cmd("RCPT TO:<victim@elsewhere.example>", 554).await;
+    assert!(
+        r.contains("5.7.1") && r.contains("Relay access denied"),
+        "{r}"
+    );
+    t.cmd("RCPT TO:<user@[192.0.2.1]>", 554).await;
+    t.cmd("RCPT TO:<user@served.example.evil.example>", 554)
+        .await;
+    t.cmd("RCPT TO:<user@sub.example>", 554).await;
+    t.cmd("RCPT TO:<Postmaster>", 250).await;
+    t.cmd("RCPT TO:<USER@SERVED.EXAMPLE>", 250).await;
+    t.cmd("QUIT", 221).await;
+    let s = t.closed().await;
+    assert_eq!(s.relay_denied, 4);
+
+    let mut t = T::start(settings(), INSIDE, Listener::Smtp).await;
+    t.envelope("a@served.example", &["someone@elsewhere.example"])
+        .await;
+    let mut t = T::start(settings(), "127.0.0.1", Listener::Reinject).await;
+    t.envelope("a@b.example", &["someone@elsewhere.example"])
+        .await;
+}
+
+#[tokio::test]
+async fn size_and_recipient_limits() {
+    let mut t = T::outside().await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("MAIL FROM:<a@b.example> SIZE=10001", 552).await;
+    t.cmd("MAIL FROM:<a@b.example> SIZE=9999", 250).await;
+    for i in 0..3 {
+        t.cmd(&format!("RCPT TO:<u{i}@served.example>"), 250).await;
+    }
+    t.cmd("RCPT TO:<u4@served.example>", 452).await;
+    t.cmd("DATA", 354).await;
+    let body = "x".repeat(100);
+    for _ in 0..120 {
+        t.send(&format!("{body}\r\n")).await;
+    }
+    t.send(".\r\n").await;
+    let r = t.expect(552).await;
+    assert!(r.contains("5.3.4"), "{r}");
+    assert!(t.spooled().is_empty());
+    assert!(
+        std::fs::read_dir(t.dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "partial file left"
+    );
+    // The session goes on after a refused message.
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<u@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send(&format!("{}\r\n.\r\n", "y".repeat(1200))).await;
+    let r = t.expect(554).await;
+    assert!(r.contains("longer than 998"), "{r}");
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<u@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send("a\0b\r\n.\r\n").await;
+    t.expect(554).await;
+    assert!(t.spooled().is_empty());
+}
+
+#[tokio::test]
+async fn input_limits_and_error_counts() {
+    let mut s = settings();
+    s.max_errors = 5;
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    let long = format!("NOOP {}", "x".repeat(600));
+    t.cmd(&long, 500).await;
+    t.cmd("NOOP", 250).await;
+    t.send("NOOP \0\r\n").await;
+    t.expect(500).await;
+    t.cmd("MAIL FROM:<x@y.example>", 503).await;
+    t.cmd("XYZZY", 502).await;
+    t.send("XYZZY\r\n").await;
+    let r = t.expect(421).await;
+    assert!(r.contains("too many errors"), "{r}");
+    let s = t.closed().await;
+    assert_eq!(s.end, "too many errors");
+}
+
+#[tokio::test]
+async fn bare_lf_in_a_command_ends_the_session() {
+    let mut t = T::outside().await;
+    t.send("EHLO c.example\n").await;
+    let r = t.expect(521).await;
+    assert!(r.contains("bare <LF>"), "{r}");
+    t.closed().await;
+}
+
+#[tokio::test]
+async fn smuggling_probes_never_end_data_or_start_a_second_message() {
+    for probe in ["\n.\n", "\r.\r", "\r\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r"] {
+        let mut t = T::outside().await;
+        t.envelope("a@b.example", &["u@served.example"]).await;
+        t.cmd("DATA", 354).await;
+        t.send(&format!("Subject: one\r\n\r\nbody{probe}MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@served.example>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\n")).await;
+        let r = t.expect(521).await;
+        assert!(r.contains("received"), "{probe:?}: {r}");
+        let s = t.closed().await;
+        assert_eq!(s.end, "smuggling attempt");
+        assert!(t.spooled().is_empty(), "{probe:?} produced a message");
+        assert!(
+            std::fs::read_dir(t.dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+    }
+    // NUL in the body is refused, without ending the session.
+    let mut t = T::outside().await;
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.cmd("DATA", 354).await;
+    t.send("a\0\r\n.\r\n").await;
+    t.expect(554).await;
+}
+
+#[tokio::test]
+async fn pipelining_is_answered_in_order_and_enforced() {
+    let mut t = T::outside().await;
+    t.cmd("EHLO c.example", 250).await;
+    t.send("MAIL FROM:<a@b.example>\r\nRCPT TO:<u@served.example>\r\nRCPT TO:<v@elsewhere.example>\r\nRCPT TO:<w@served.example>\r\nDATA\r\n").await;
+    t.expect(250).await;
+    t.expect(250).await;
+    t.expect(554).await;
+    t.expect(250).await;
+    t.expect(354).await;
+    t.send("Subject: p\r\n\r\nx\r\n.\r\nQUIT\r\n").await;
+    t.expect(250).await;
+    t.expect(221).await;
+    let s = t.closed().await;
+    assert_eq!(s.accepted.len(), 1);
+    let (_, env) = &t.spooled()[0];
+    assert_eq!(
+        env.recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect::<Vec<_>>(),
+        ["u@served.example", "w@served.example"]
+    );
+
+    // Message text sent before the 354 is refused, not taken as a message.
+    let mut t = T::outside().await;
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.send("DATA\r\nSubject: early\r\n\r\n.\r\n").await;
+    let r = t.expect(554).await;
+    assert!(r.contains("improper pipelining after DATA"), "{r}");
+    t.closed().await;
+    assert!(t.spooled().is_empty());
+
+    // Without EHLO there is no pipelining.
+    let mut t = T::outside().await;
+    t.cmd("HELO c.example", 250).await;
+    t.send("MAIL FROM:<a@b.example>\r\nRCPT TO:<u@served.example>\r\n")
+        .await;
+    let r = t.expect(554).await;
+    assert!(r.contains("improper command pipelining"), "{r}");
+    t.closed().await;
+}
+
+#[tokio::test]
+async fn helo_clients_get_plain_smtp() {
+    let mut t = T::outside().await;
+    t.cmd("HELO c.example", 250).await;
+    t.cmd("MAIL FROM:<a@b.example> SIZE=10", 555).await;
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<u@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send("x\r\n.\r\n").await;
+    t.expect(250).await;
+    let (msg, env) = &t.spooled()[0];
+    assert_eq!(env.protocol, "SMTP");
+    assert!(String::from_utf8_lossy(msg).contains(" with SMTP id "));
+}
+
+#[tokio::test]
+async fn early_talkers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path()).unwrap();
+    let (mut client, server) = tokio::io::duplex(4096);
+    client.write_all(b"EHLO fast.example\r\n").await.unwrap();
+    let s = settings();
+    let (_t, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+    let summary = Session::new(
+        Box::new(server),
+        &s,
+        &spool,
+        Client {
+            ip: OUTSIDE.parse().unwrap(),
+            port: 1,
+        },
+        Listener::Smtp,
+    )
+    .run(shutdown)
+    .await;
+    assert_eq!(summary.end, "early talker");
+    let mut out = String::new();
+    client.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("554 5.5.1"), "{out}");
+}
+
+#[tokio::test]
+async fn idle_clients_time_out() {
+    let mut s = settings();
+    s.timeout = Duration::from_millis(200);
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    let r = t.expect(421).await;
+    assert!(r.contains("4.4.2") && r.contains("timeout"), "{r}");
+    assert_eq!(t.closed().await.end, "timeout");
+}
+
+#[tokio::test]
+async fn bdat_chunks_make_one_message() {
+    let mut t = T::outside().await;
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.send("BDAT 14\r\nSubject: b\r\n\r\n").await;
+    t.expect(250).await;
+    // Bare LF and dots are data in BDAT, taken as they come.
+    t.send("BDAT 8 LAST\r\n.x\n.\r\n\r\n").await;
+    let r = t.expect(250).await;
+    assert!(r.contains("queued as"), "{r}");
+    let (msg, _) = &t.spooled()[0];
+    assert!(
+        msg.ends_with(b"Subject: b\r\n\r\n.x\n.\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(msg)
+    );
+    // BDAT without a transaction: the chunk is read and thrown away, then 503.
+    t.send("BDAT 5 LAST\r\nhello").await;
+    t.expect(503).await;
+    t.cmd("NOOP", 250).await;
+    // DATA after BDAT is refused.
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<u@served.example>", 250).await;
+    t.send("BDAT 2\r\nab").await;
+    t.expect(250).await;
+    t.cmd("DATA", 503).await;
+    // Too big in total.
+    t.cmd("RSET", 250).await;
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<u@served.example>", 250).await;
+    t.send(&format!("BDAT 6000\r\n{}", "z".repeat(6000))).await;
+    t.expect(250).await;
+    t.send(&format!("BDAT 6000 LAST\r\n{}", "z".repeat(6000)))
+        .await;
+    t.expect(552).await;
+    assert_eq!(t.spooled().len(), 1);
+}
+
+#[tokio::test]
+async fn smtputf8_addresses_need_the_parameter() {
+    let mut t = T::outside().await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("MAIL FROM:<jöran@b.example>", 553).await;
+    t.cmd("MAIL FROM:<a@b.example>", 250).await;
+    t.cmd("RCPT TO:<jöran@served.example>", 553).await;
+    t.cmd("RSET", 250).await;
+    t.cmd("MAIL FROM:<jöran@bücher.example> SMTPUTF8", 250)
+        .await;
+    t.cmd("RCPT TO:<grüße@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send("Subject: ü\r\n\r\nü\r\n.\r\n").await;
+    t.expect(250).await;
+    let (msg, env) = &t.spooled()[0];
+    assert!(env.smtputf8);
+    assert_eq!(env.sender, "jöran@bücher.example");
+    assert!(String::from_utf8_lossy(msg).contains(" with UTF8SMTP id "));
+}
+
+#[tokio::test]
+async fn submission_requires_tls_and_auth() {
+    let mut s = settings();
+    s.require_auth = true;
+    s.require_tls = true;
+    let mut t = T::start(s.clone(), OUTSIDE, Listener::Submission).await;
+    t.cmd("EHLO c.example", 250).await;
+    let r = t.cmd("MAIL FROM:<a@b.example>", 530).await;
+    assert!(r.contains("STARTTLS"), "{r}");
+    s.require_tls = false;
+    let mut t = T::start(s, OUTSIDE, Listener::Submission).await;
+    t.cmd("EHLO c.example", 250).await;
+    let r = t.cmd("MAIL FROM:<a@b.example>", 530).await;
+    assert!(r.contains("Authentication required"), "{r}");
+
+    let mut s = settings();
+    s.tls_mode = TlsMode::Mandatory;
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("MAIL FROM:<a@b.example>", 530).await;
+}
+
+fn tls_pair() -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cert = rcgen::generate_simple_self_signed(vec!["mx.served.example".to_string()]).unwrap();
+    let der = cert.cert.der().clone();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        tokio_rustls::TlsConnector::from(Arc::new(client)),
+    )
+}
+
+#[tokio::test]
+async fn starttls_upgrades_and_is_recorded() {
+    let (acceptor, connector) = tls_pair();
+    let mut s = settings();
+    s.tls = Some(acceptor);
+    let mut t = T::start(s.clone(), OUTSIDE, Listener::Smtp).await;
+    let ehlo = t.cmd("EHLO c.example", 250).await;
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    t.cmd("STARTTLS", 220).await;
+    let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
+    let mut tls = connector.connect(name, t.io).await.unwrap();
+    tls.write_all(b"EHLO c.example\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !String::from_utf8_lossy(&got).contains("250 ") {
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let ehlo = String::from_utf8_lossy(&got).into_owned();
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    tls.write_all(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<u@served.example>\r\nDATA\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("354 ") {
+        let n = tls.read(&mut buf).await.unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    tls.write_all(b"Subject: tls\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    let _ = tls.read_to_string(&mut rest).await;
+    assert!(rest.contains("250 2.0.0 Ok: queued as"), "{rest}");
+    let summary = t.task.take().unwrap().await.unwrap();
+    assert!(summary.tls);
+    let dir = t.spool.incoming();
+    let file = std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (msg, env) = read_message(&file).unwrap();
+    assert_eq!(env.protocol, "ESMTPS");
+    let text = String::from_utf8_lossy(&msg);
+    assert!(text.contains("(using TLSv1.3 with cipher TLS13_"), "{text}");
+
+    // Commands pipelined behind STARTTLS are refused (CVE-2011-0411 class).
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.send("STARTTLS\r\nMAIL FROM:<a@b.example>\r\n").await;
+    let r = t.expect(554).await;
+    assert!(r.contains("after STARTTLS"), "{r}");
+    t.closed().await;
+}

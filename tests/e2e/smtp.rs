@@ -1,0 +1,365 @@
+//! mb-smtpd for real: independent clients (swaks, Python's smtplib), a raw socket for
+//! BDAT, the relay battery, smuggling probes and connection limits, all on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use mb_testkit::{Gateway, free_port, text};
+
+struct Smtp {
+    gw: Gateway,
+    port: u16,
+    reinject: u16,
+}
+
+/// mb-rpcd and mb-smtpd serving `served.test`. Loopback is outside `smtp.mynetworks`
+/// and the trusted networks, so the tests see what an internet client sees.
+fn start(extra: &str) -> Smtp {
+    let (port, reinject) = (free_port(), free_port());
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {reinject}\n\
+         [network.protection]\ntrusted_networks = \"192.0.2.0/24\"\n\
+         [smtp]\nhostname = \"mx.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\nmessage_size_limit = \"100K\"\n\
+         [filter]\nenabled = false\n{extra}"
+    ));
+    gw.start().unwrap();
+    gw.start_smtpd().unwrap();
+    Smtp { gw, port, reinject }
+}
+
+impl Smtp {
+    fn spooled(&self) -> Vec<PathBuf> {
+        let dir = self.gw.path("spool/incoming");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn swaks(&self, args: &[&str]) -> (i32, String) {
+        let swaks = mb_testkit::require("swaks", "swaks");
+        let port = self.port.to_string();
+        let out = Command::new(swaks)
+            .args([
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--from",
+                "alice@sender.test",
+                "--helo",
+                "client.test",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let (code, stdout, stderr) = text(&out);
+        (code, format!("{stdout}{stderr}"))
+    }
+}
+
+/// A raw SMTP client.
+struct Raw {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        self.w.write_all(s.as_bytes()).unwrap();
+    }
+
+    fn cmd(&mut self, s: &str) -> String {
+        self.send(&format!("{s}\r\n"));
+        self.reply()
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(self.r.read(&mut buf), Ok(0))
+    }
+}
+
+#[test]
+fn independent_clients_deliver_into_the_spool() {
+    let s = start("");
+    // swaks, plain.
+    let (code, out) = s.swaks(&[
+        "--to",
+        "bob@served.test",
+        "--h-Subject",
+        "plain",
+        "--body",
+        "hello",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+    // swaks with pipelining.
+    let (code, out) = s.swaks(&["--to", "bob@served.test,carol@served.test", "--pipeline"]);
+    assert_eq!(code, 0, "{out}");
+    // swaks over STARTTLS (self-signed certificate generated at first start).
+    let (code, out) = s.swaks(&["--to", "bob@served.test", "--tls", "--h-Subject", "tls"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("220 2.0.0 Ready to start TLS"), "{out}");
+    assert_eq!(s.spooled().len(), 3);
+    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[2]).unwrap();
+    let body = String::from_utf8_lossy(&msg);
+    assert_eq!(env.protocol, "ESMTPS");
+    assert!(body.contains("(using TLSv1."), "{body}");
+    assert!(
+        s.gw.smtpd_log().contains("self-signed certificate"),
+        "no warning about the generated certificate"
+    );
+
+    // Too big: refused at the end of DATA, nothing spooled.
+    let big = s.gw.path("big.txt");
+    std::fs::write(
+        &big,
+        "x".repeat(76)
+            .repeat(3000)
+            .as_bytes()
+            .chunks(76)
+            .map(|l| format!("{}\n", String::from_utf8_lossy(l)))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let (code, out) = s.swaks(&["--to", "bob@served.test", "--body", big.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(out.contains("552 5.3.4"), "{}", &out[..out.len().min(2000)]);
+    assert_eq!(s.spooled().len(), 3);
+
+    // Python's smtplib: 8BITMIME body and an SMTPUTF8 address.
+    let script = format!(
+        r#"
+import smtplib
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("py.test")
+assert s.has_extn("8bitmime") and s.has_extn("smtputf8")
+msg = "Subject: 8bit\r\n\r\nGrüße aus Köln\r\n".encode("utf-8")
+s.sendmail("a@sender.test", ["bob@served.test"], msg, mail_options=["BODY=8BITMIME"])
+s.sendmail("jörg@sender.test", ["grüße@served.test"], msg, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+try:
+    s.sendmail("a@sender.test", ["victim@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n")
+    raise SystemExit("relayed!")
+except smtplib.SMTPRecipientsRefused as e:
+    code = e.recipients["victim@elsewhere.test"][0]
+    assert code == 554, code
+s.quit()
+print("ok")
+"#,
+        port = s.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let (code, stdout, stderr) = text(&out);
+    assert_eq!((code, stdout.trim()), (0, "ok"), "{stderr}");
+    assert_eq!(s.spooled().len(), 5);
+    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[4]).unwrap();
+    assert!(env.smtputf8 && env.recipients[0].address == "grüße@served.test");
+    assert!(String::from_utf8_lossy(&msg).contains("Grüße aus Köln"));
+
+    // BDAT from a raw socket.
+    let mut c = Raw::connect(s.port);
+    assert!(c.reply().starts_with("220 mx.served.test"));
+    assert!(c.cmd("EHLO raw.test").contains("CHUNKING"));
+    c.send("MAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@served.test>\r\nBDAT 18\r\nSubject: chunk\r\n\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("250 2.0.0 18 octets"));
+    c.send("BDAT 6 LAST\r\nhello\n");
+    assert!(c.reply().contains("queued as"));
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert_eq!(s.spooled().len(), 6);
+
+    // mb-status sees mb-smtpd and its counters.
+    let (code, out, _) = text(&s.gw.tool("mb-status", &["--json"]));
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let smtpd = v["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-smtpd")
+        .unwrap();
+    assert_eq!(smtpd["state"], "running");
+    assert_eq!(smtpd["counters"]["messages_accepted"], 6);
+    assert!(
+        smtpd["listening"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == &format!("smtp:127.0.0.1:{}", s.port))
+    );
+    // Postfix-style summary lines.
+    assert!(
+        s.gw.smtpd_log().contains(
+            "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=1 bdat=2 quit=1 commands=6"
+        ),
+        "{}",
+        s.gw.smtpd_log()
+    );
+}
+
+#[test]
+fn relay_battery_is_refused_from_outside() {
+    let s = start("");
+    // At least twenty relay tricks; each must be refused, never accepted.
+    let tricks = [
+        "<victim@elsewhere.test>",
+        "<@served.test:victim@elsewhere.test>",
+        "<@served.test,@other.test:victim@elsewhere.test>",
+        "<victim%elsewhere.test@served.test>",
+        "<victim!elsewhere.test@served.test>",
+        "<elsewhere.test!victim@served.test>",
+        "<\"victim@elsewhere.test\"@served.test>",
+        "<\"victim%elsewhere.test\"@served.test>",
+        "<\"elsewhere.test!victim\"@served.test>",
+        "<victim@elsewhere.test@served.test>",
+        "<victim@served.test@elsewhere.test>",
+        "<victim@served.test.>",
+        "<victim@elsewhere.test.>",
+        "<victim@[127.0.0.1]>",
+        "<victim@[IPv6:::1]>",
+        "<victim@served.test.elsewhere.test>",
+        "<victim@SERVED.TEST.elsewhere.test>",
+        "<victim@elsewhere.test\\@served.test>",
+        "<victim@sub.served.test>",
+        "<victim@served..test>",
+        "victim@elsewhere.test",
+        "<victim@elsewhere.test> NOTIFY=NEVER ORCPT=rfc822;x@served.test",
+        "<victim(served.test)@elsewhere.test>",
+        "<victim@elsewhere.test%served.test>",
+    ];
+    assert!(tricks.len() >= 20);
+    for t in tricks {
+        let mut c = Raw::connect(s.port);
+        c.reply();
+        c.cmd("EHLO outside.test");
+        assert!(c.cmd("MAIL FROM:<spammer@outside.test>").starts_with("250"));
+        let r = c.cmd(&format!("RCPT TO:{t}"));
+        assert!(r.starts_with('5'), "{t} was not refused: {r}");
+        assert!(
+            c.cmd("DATA").starts_with('5'),
+            "{t}: DATA accepted after a refused recipient"
+        );
+    }
+    let mut c = Raw::connect(s.port);
+    c.reply();
+    c.cmd("EHLO outside.test");
+    c.cmd("MAIL FROM:<spammer@outside.test>");
+    // Mail for the served domain is taken, in any case.
+    assert!(
+        c.cmd("RCPT TO:<Bob@Served.TEST>").starts_with("250"),
+        "served domain refused"
+    );
+    assert!(c.cmd("RCPT TO:<Postmaster>").starts_with("250"));
+    c.cmd("QUIT");
+    assert!(s.spooled().is_empty());
+
+    // The reinjection port serves local clients as trusted (a content filter hands back mail).
+    let mut c = Raw::connect(s.reinject);
+    c.reply();
+    c.cmd("EHLO filter.local");
+    c.cmd("MAIL FROM:<a@served.test>");
+    assert!(c.cmd("RCPT TO:<someone@elsewhere.test>").starts_with("250"));
+}
+
+#[test]
+fn smuggling_over_tcp_never_makes_a_second_message() {
+    let s = start("");
+    for probe in ["\n.\n", "\r.\r", "\r\n.\n", "\n.\r\n"] {
+        let mut c = Raw::connect(s.port);
+        c.reply();
+        c.cmd("EHLO smuggler.test");
+        c.cmd("MAIL FROM:<a@sender.test>");
+        c.cmd("RCPT TO:<bob@served.test>");
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(&format!(
+            "Subject: one\r\n\r\nx{probe}MAIL FROM:<evil@sender.test>\r\nRCPT TO:<bob@served.test>\r\nDATA\r\nSubject: two\r\n\r\ny\r\n.\r\n"
+        ));
+        let r = c.reply();
+        assert!(r.starts_with("521 5.5.2"), "{probe:?}: {r}");
+        assert!(c.closed(), "{probe:?}: connection left open");
+    }
+    assert!(s.spooled().is_empty(), "a smuggled message was spooled");
+}
+
+#[test]
+fn per_source_limit_refuses_the_eleventh_connection_only_for_that_address() {
+    let s = start("");
+    let mut open: Vec<Raw> = (0..10).map(|_| Raw::connect(s.port)).collect();
+    for c in &mut open {
+        assert!(c.reply().starts_with("220"));
+    }
+    let mut eleventh = Raw::connect(s.port);
+    let r = eleventh.reply();
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    assert!(eleventh.closed());
+    // Another address still gets in.
+    let sock = connect_from("127.0.0.2", s.port);
+    let mut other = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    assert!(other.reply().starts_with("220"), "127.0.0.2 was refused");
+    // When one closes, the address may connect again.
+    drop(open.pop());
+    mb_testkit::wait_until("a free slot", Duration::from_secs(10), || {
+        let mut c = Raw::connect(s.port);
+        c.reply().starts_with("220")
+    })
+    .unwrap();
+}
+
+/// A TCP connection from a chosen loopback source address.
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
