@@ -10,8 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["control.proto", "config.proto", "events.proto"]
-        .map(|f| root.join("mailborder/v1").join(f));
+    let files = [
+        "control.proto",
+        "config.proto",
+        "events.proto",
+        "users.proto",
+    ]
+    .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -31,6 +31,8 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/sbin/mb-rpcd",
         "usr/bin/mb-config",
         "usr/bin/mb-status",
+        "usr/bin/mb-user",
+        "usr/sbin/mb-smtpd",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",
         "usr/lib/systemd/system/mb-filter@.service",

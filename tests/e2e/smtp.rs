@@ -97,6 +97,11 @@ impl Raw {
         self.w.write_all(s.as_bytes()).unwrap();
     }
 
+    /// Like `send`, for a server that may vanish (the crash test).
+    fn try_send(&mut self, s: &str) -> bool {
+        self.w.write_all(s.as_bytes()).is_ok()
+    }
+
     fn cmd(&mut self, s: &str) -> String {
         self.send(&format!("{s}\r\n"));
         self.reply()
@@ -362,4 +367,281 @@ fn connect_from(source: &str, port: u16) -> TcpStream {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
+}
+
+/// 20 lines of 80 characters.
+fn payload() -> String {
+    format!("{}\r\n", "payload ".repeat(10)).repeat(20)
+}
+
+/// Sends messages until told to stop; returns (token, queue id) for each 250.
+fn sender_loop(
+    port: u16,
+    worker: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<(String, String)> {
+    let mut acked = Vec::new();
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c = Raw {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        if !c.reply().starts_with("220") {
+            continue;
+        }
+        c.cmd("EHLO load.test");
+        for _ in 0..5 {
+            n += 1;
+            let token = format!("w{worker}-m{n}");
+            let body = format!("Subject: {token}\r\nX-Token: {token}\r\n\r\n{}", payload());
+            if !c.try_send("MAIL FROM:<load@sender.test>\r\nRCPT TO:<bob@served.test>\r\nDATA\r\n")
+            {
+                break;
+            }
+            if !(c.reply().starts_with("250")
+                && c.reply().starts_with("250")
+                && c.reply().starts_with("354"))
+            {
+                break;
+            }
+            if !c.try_send(&format!("{body}.\r\n")) {
+                break;
+            }
+            let r = c.reply();
+            if let Some(id) = r.strip_prefix("250 2.0.0 Ok: queued as ") {
+                acked.push((token, id.trim().to_string()));
+            } else {
+                break;
+            }
+        }
+    }
+    acked
+}
+
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_message() {
+    let mut s = start("");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = s.port;
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let stop = stop.clone();
+            std::thread::spawn(move || sender_loop(port, w, &stop))
+        })
+        .collect();
+    // Kill mb-smtpd at varied moments, four times, restarting it each time.
+    for round in 0..4u64 {
+        std::thread::sleep(Duration::from_millis(300 + 170 * round));
+        let mut smtpd = s.gw.smtpd.take().unwrap();
+        smtpd.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = smtpd.child.wait();
+        s.gw.start_smtpd().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked: Vec<(String, String)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        acked.len() >= 20,
+        "only {} messages were acknowledged",
+        acked.len()
+    );
+
+    // Every acknowledged message is in the spool, once, whole, under its queue id.
+    let mut tokens = std::collections::HashMap::new();
+    for path in s.spooled() {
+        let (msg, env) = mb_smtpd::spool::read_message(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = String::from_utf8_lossy(&msg).into_owned();
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Token: "))
+            .unwrap()
+            .to_string();
+        assert!(text.ends_with(&payload()), "{} is cut short", env.id);
+        assert!(
+            tokens.insert(token.clone(), env.id.clone()).is_none(),
+            "{token} spooled twice"
+        );
+    }
+    for (token, id) in &acked {
+        assert_eq!(
+            tokens.get(token),
+            Some(id),
+            "acknowledged {token} ({id}) is missing from the spool"
+        );
+    }
+    eprintln!(
+        "kill -9 x4: {} acknowledged, {} spooled (the rest were cut before their 250)",
+        acked.len(),
+        tokens.len()
+    );
+    let log = s.gw.smtpd_log();
+    assert_eq!(log.matches("mb-smtpd started").count(), 5, "{log}");
+}
+
+fn mb_user(gw: &Gateway, args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::process::Stdio;
+    let mut child = Command::new(mb_testkit::bin("mb-user"))
+        .arg("--config")
+        .arg(&gw.config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    text(&child.wait_with_output().unwrap())
+}
+
+#[test]
+fn submission_with_auth_over_tls_relays_and_failures_feed_fail2ban() {
+    let sub = free_port();
+    let s = start(&format!(
+        "[network.submission]\nenabled = true\nport = {sub}\n"
+    ));
+    // Accounts through mb-user, hashed by mb-rpcd.
+    assert_eq!(
+        mb_user(
+            &s.gw,
+            &["add", "alice@served.test"],
+            "correct horse battery\n"
+        )
+        .0,
+        0
+    );
+    let (code, _, err) = mb_user(&s.gw, &["add", "alice@served.test"], "another password\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, err) = mb_user(&s.gw, &["add", "bob"], "short\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("at least 10 characters"), "{err}");
+    let (code, out, _) = mb_user(&s.gw, &["list", "--json"], "");
+    assert_eq!(code, 0);
+    assert!(out.contains("\"name\": \"alice@served.test\""), "{out}");
+    assert!(
+        !s.gw.log().contains("correct horse"),
+        "a password reached the log"
+    );
+
+    let swaks = mb_testkit::require("swaks", "swaks");
+    let port = sub.to_string();
+    let send = |user: &str, password: &str| {
+        let out = Command::new(&swaks)
+            .args([
+                "--server",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--from",
+                "alice@served.test",
+                "--to",
+                "friend@elsewhere.test",
+            ])
+            .args([
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                user,
+                "--auth-password",
+                password,
+            ])
+            .output()
+            .unwrap();
+        let (code, o, e) = text(&out);
+        (code, format!("{o}{e}"))
+    };
+    let (code, out) = send("alice@served.test", "correct horse battery");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("235 2.7.0") && out.contains("queued as"),
+        "{out}"
+    );
+    let (code, out) = send("alice@served.test", "wrong password");
+    assert_ne!(code, 0);
+    assert!(out.contains("535 5.7.8"), "{out}");
+    let (_, out) = send("mallory", "guess-guess-guess");
+    assert!(out.contains("535 5.7.8"), "{out}");
+    // Without AUTH the submission port refuses mail.
+    let out = Command::new(&swaks)
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--from",
+            "a@served.test",
+            "--to",
+            "friend@elsewhere.test",
+            "--tls",
+        ])
+        .output()
+        .unwrap();
+    let (_, o, e) = text(&out);
+    assert!(
+        format!("{o}{e}").contains("530 5.7.0 Authentication required"),
+        "{o}{e}"
+    );
+    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    assert_eq!(
+        (env.auth_user.as_str(), env.protocol.as_str()),
+        ("alice@served.test", "ESMTPSA")
+    );
+    assert!(String::from_utf8_lossy(&msg).contains("with ESMTPSA id"));
+
+    // Both failures are one line each that the shipped fail2ban filter matches.
+    let fail2ban = mb_testkit::require("fail2ban-regex", "fail2ban");
+    let filter = mb_testkit::source_root().join("etc/fail2ban/filter.d/mailborder-auth.conf");
+    let out = Command::new(fail2ban)
+        .arg(s.gw.path("smtpd.log"))
+        .arg(&filter)
+        .output()
+        .unwrap();
+    let (_, out, _) = text(&out);
+    let matched = out
+        .lines()
+        .find(|l| l.starts_with("Lines:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        matched.contains(", 2 matched,"),
+        "{matched}\n{}",
+        s.gw.smtpd_log()
+    );
+    assert!(
+        s.gw.smtpd_log()
+            .contains("authentication failed client=127.0.0.1 user=mallory service=mb-smtpd")
+    );
+    assert!(!s.gw.smtpd_log().contains("wrong password"));
+
+    // Changing and removing accounts.
+    assert_eq!(
+        mb_user(
+            &s.gw,
+            &["passwd", "alice@served.test"],
+            "a new long password\n"
+        )
+        .0,
+        0
+    );
+    let (code, _) = send("alice@served.test", "a new long password");
+    assert_eq!(code, 0);
+    assert_eq!(mb_user(&s.gw, &["del", "alice@served.test"], "").0, 0);
+    let (code, _, err) = mb_user(&s.gw, &["del", "alice@served.test"], "");
+    assert_eq!(code, 1, "{err}");
 }

@@ -337,6 +337,78 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Adds a user; false when the name is taken.
+    pub async fn add_user(&self, name: &str, hash: &str, at: i64) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query(self.sql("SELECT 1 FROM users WHERE username = ?"))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if exists {
+            return Ok(false);
+        }
+        sqlx::query(self.sql("INSERT INTO users (username, password_hash, created_at, updated_at) VALUES (?, ?, ?, ?)"))
+            .bind(name)
+            .bind(hash)
+            .bind(at)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Replaces a user's hash; false when there is no such user.
+    pub async fn set_user_hash(&self, name: &str, hash: &str, at: i64) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            self.sql("UPDATE users SET password_hash = ?, updated_at = ? WHERE username = ?"),
+        )
+        .bind(hash)
+        .bind(at)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn remove_user(&self, name: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(self.sql("DELETE FROM users WHERE username = ?"))
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn user_hash(&self, name: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query(self.sql("SELECT password_hash FROM users WHERE username = ?"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<mb_proto::v1::UserInfo>, DbError> {
+        let rows =
+            sqlx::query("SELECT username, created_at, updated_at FROM users ORDER BY username")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(mb_proto::v1::UserInfo {
+                    username: r.try_get(0)?,
+                    created_at_unix: r.try_get(1)?,
+                    updated_at_unix: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+}
+
 fn audit_entry(r: &AnyRow) -> Result<AuditEntry, DbError> {
     let uid: i64 = r.try_get(5)?;
     Ok(AuditEntry {

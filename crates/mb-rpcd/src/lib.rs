@@ -5,6 +5,7 @@
 pub mod db;
 pub mod grpc;
 pub mod store;
+pub mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
+use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::{ControlService, DaemonInfo};
 use mb_runtime::lifecycle::{self, Shutdown};
 use mb_runtime::uds::Guard;
@@ -23,6 +25,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use crate::db::Db;
 use crate::grpc::Rpcd;
 use crate::store::Store;
+use crate::users::UsersService;
 
 pub const DAEMON: &str = "mb-rpcd";
 
@@ -188,7 +191,15 @@ pub async fn run(
             peer.clone(),
         ))
         .add_service(ConfigServer::with_interceptor(rpcd.clone(), peer.clone()))
-        .add_service(EventsServer::with_interceptor(rpcd.clone(), peer))
+        .add_service(EventsServer::with_interceptor(rpcd.clone(), peer.clone()))
+        // Accounts are managed and checked on the local socket only.
+        .add_service(UsersServer::with_interceptor(
+            UsersService {
+                store: store.clone(),
+                info: info.clone(),
+            },
+            peer,
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), {
             let s = shutdown.clone();
             async move { s.requested().await }

@@ -149,6 +149,11 @@ impl Server {
                 && cfg.bool("network.submission.require_tls"),
             helo_required: cfg.bool("smtp.helo_required"),
             vrfy: cfg.bool("smtp.vrfy_enabled"),
+            auth: submission.then(|| {
+                Arc::new(RpcdAuth {
+                    socket: cfg.socket("mb-rpcd"),
+                }) as Arc<dyn crate::session::Authenticator>
+            }),
         }
     }
 
@@ -244,6 +249,36 @@ impl Server {
                 summary.end
             }
         );
+    }
+}
+
+/// Passwords are checked by mb-rpcd (`Users.Verify`), which holds the hashes.
+struct RpcdAuth {
+    socket: std::path::PathBuf,
+}
+
+impl crate::session::Authenticator for RpcdAuth {
+    fn verify<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a str,
+        client: IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let channel = mb_runtime::uds::connect(&self.socket, "mb-rpcd")
+                .await
+                .map_err(|e| e.to_string())?;
+            let r = mb_proto::v1::users_client::UsersClient::new(channel)
+                .verify(mb_proto::v1::VerifyRequest {
+                    username: user.to_string(),
+                    password: password.to_string(),
+                    client_ip: client.to_string(),
+                })
+                .await
+                .map_err(|s| s.message().to_string())?;
+            Ok(r.into_inner().ok)
+        })
     }
 }
 

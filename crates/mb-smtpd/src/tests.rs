@@ -26,6 +26,27 @@ fn settings() -> Settings {
         require_tls: false,
         helo_required: true,
         vrfy: false,
+        auth: None,
+    }
+}
+
+/// Knows one account: alice / correct horse.
+struct Table;
+
+impl crate::session::Authenticator for Table {
+    fn verify<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a str,
+        _client: IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            if user == "down" {
+                return Err("mb-rpcd is not running".into());
+            }
+            Ok(user == "alice" && password == "correct horse")
+        })
     }
 }
 
@@ -246,6 +267,10 @@ async fn other_commands() {
     t.cmd("EXPN staff", 502).await;
     t.cmd("FROB", 502).await;
     t.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==", 538).await;
+    assert!(
+        !t.cmd("EHLO again.example", 250).await.contains("AUTH"),
+        "AUTH offered without TLS"
+    );
     t.cmd("STARTTLS", 502).await;
     t.cmd("QUIT now", 501).await;
     t.cmd("QUIT", 221).await;
@@ -626,4 +651,166 @@ async fn starttls_upgrades_and_is_recorded() {
     let r = t.expect(554).await;
     assert!(r.contains("after STARTTLS"), "{r}");
     t.closed().await;
+}
+
+async fn tls_session(
+    listener: Listener,
+    auth: bool,
+) -> (
+    tokio_rustls::client::TlsStream<DuplexStream>,
+    JoinHandle<Summary>,
+    Arc<Spool>,
+    tempfile::TempDir,
+) {
+    let (acceptor, connector) = tls_pair();
+    let mut s = settings();
+    s.tls = Some(acceptor);
+    if auth {
+        s.auth = Some(Arc::new(Table));
+    }
+    let mut t = T::start(s, OUTSIDE, listener).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("STARTTLS", 220).await;
+    let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
+    let tls = connector.connect(name, t.io).await.unwrap();
+    (tls, t.task.take().unwrap(), t.spool.clone(), t.dir)
+}
+
+async fn tls_cmd(tls: &mut tokio_rustls::client::TlsStream<DuplexStream>, line: &str) -> String {
+    tls.write_all(format!("{line}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(last) = text.lines().last()
+            && text.ends_with("\r\n")
+            && last.as_bytes().get(3) != Some(&b'-')
+        {
+            return text;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            return text;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn base64_is_strict() {
+    use crate::session::base64_decode;
+    assert_eq!(
+        base64_decode("AGFsaWNlAHNlY3JldA==").unwrap(),
+        b"\0alice\0secret"
+    );
+    assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+    assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
+    assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+    for bad in ["YQ", "Y===", "YQ==YQ==", "!!!!", "YW=j"] {
+        assert!(base64_decode(bad).is_none(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn auth_plain_and_login_under_tls() {
+    // AUTH PLAIN with an initial response; then relaying is allowed.
+    let (mut tls, task, spool, _dir) = tls_session(Listener::Submission, true).await;
+    let ehlo = tls_cmd(&mut tls, "EHLO c.example").await;
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    // \0alice\0correct horse
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=")
+            .await
+            .starts_with("235 2.7.0")
+    );
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=")
+            .await
+            .starts_with("503")
+    );
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        tls_cmd(&mut tls, "RCPT TO:<friend@elsewhere.example>")
+            .await
+            .starts_with("250")
+    );
+    assert!(tls_cmd(&mut tls, "DATA").await.starts_with("354"));
+    assert!(
+        tls_cmd(&mut tls, "Subject: out\r\n\r\nx\r\n.")
+            .await
+            .starts_with("250")
+    );
+    assert!(tls_cmd(&mut tls, "QUIT").await.starts_with("221"));
+    let s = task.await.unwrap();
+    assert_eq!(s.auth, 2);
+    let file = std::fs::read_dir(spool.incoming())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (_, env) = read_message(&file).unwrap();
+    assert_eq!(
+        (env.protocol.as_str(), env.auth_user.as_str()),
+        ("ESMTPSA", "alice")
+    );
+
+    // AUTH LOGIN step by step; a wrong password is refused, three end the session.
+    let (mut tls, task, _, _dir) = tls_session(Listener::Submission, true).await;
+    tls_cmd(&mut tls, "EHLO c.example").await;
+    assert!(
+        tls_cmd(&mut tls, "AUTH LOGIN")
+            .await
+            .starts_with("334 VXNlcm5hbWU6")
+    );
+    assert!(
+        tls_cmd(&mut tls, "YWxpY2U=")
+            .await
+            .starts_with("334 UGFzc3dvcmQ6")
+    );
+    assert!(tls_cmd(&mut tls, "d3Jvbmc=").await.starts_with("535 5.7.8"));
+    assert!(tls_cmd(&mut tls, "AUTH PLAIN").await.starts_with("334"));
+    assert!(tls_cmd(&mut tls, "*").await.starts_with("501"));
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGJvYgB4")
+            .await
+            .starts_with("535")
+    );
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGJvYgB4")
+            .await
+            .starts_with("421 4.7.0")
+    );
+    let s = task.await.unwrap();
+    assert_eq!((s.auth_failed, s.end), (3, "too many auth failures"));
+
+    // mb-rpcd unreachable: a temporary failure.
+    let (mut tls, _task, _, _dir) = tls_session(Listener::Submission, true).await;
+    tls_cmd(&mut tls, "EHLO c.example").await;
+    // \0down\0whatever
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGRvd24Ad2hhdGV2ZXI=")
+            .await
+            .starts_with("454 4.7.0")
+    );
+    assert!(tls_cmd(&mut tls, "AUTH CRAM-MD5").await.starts_with("504"));
+
+    // No AUTH on port 25.
+    let (mut tls, _task, _, _dir) = tls_session(Listener::Smtp, false).await;
+    let ehlo = tls_cmd(&mut tls, "EHLO c.example").await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    assert!(
+        tls_cmd(&mut tls, "AUTH PLAIN AGFsaWNlAGNvcnJlY3QgaG9yc2U=")
+            .await
+            .starts_with("503")
+    );
 }
