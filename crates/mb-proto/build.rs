@@ -15,6 +15,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "config.proto",
         "events.proto",
         "users.proto",
+        "access.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -18,11 +18,18 @@ struct Smtp {
 /// mb-rpcd and mb-smtpd serving `served.test`. Loopback is outside `smtp.mynetworks`
 /// and the trusted networks, so the tests see what an internet client sees.
 fn start(extra: &str) -> Smtp {
+    start_protected("public", extra)
+}
+
+/// Like `start`, with a protection mode (the other tests open many connections from
+/// loopback, so they run in public mode).
+fn start_protected(mode: &str, extra: &str) -> Smtp {
     let (port, reinject) = (free_port(), free_port());
     let mut gw = Gateway::new(&format!(
         "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
          [network.reinject]\nport = {reinject}\n\
-         [network.protection]\ntrusted_networks = \"192.0.2.0/24\"\n\
+         [network.protection]\nmode = \"{mode}\"\ntrusted_networks = \"192.0.2.0/24\"\n\
+         \"autoban.rate\" = \"3/minute\"\n\
          [smtp]\nhostname = \"mx.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\nmessage_size_limit = \"100K\"\n\
          [filter]\nenabled = false\n{extra}"
     ));
@@ -644,4 +651,129 @@ fn submission_with_auth_over_tls_relays_and_failures_feed_fail2ban() {
     assert_eq!(mb_user(&s.gw, &["del", "alice@served.test"], "").0, 0);
     let (code, _, err) = mb_user(&s.gw, &["del", "alice@served.test"], "");
     assert_eq!(code, 1, "{err}");
+}
+
+fn mb_ban(gw: &Gateway, args: &[&str]) -> (i32, String, String) {
+    text(&gw.tool("mb-ban", args))
+}
+
+fn greeting(port: u16) -> String {
+    let mut c = Raw::connect(port);
+    c.reply()
+}
+
+#[test]
+fn autoban_bans_fast_sources_and_mb_ban_lifts_it() {
+    let s = start_protected("autoban", "");
+    for _ in 0..3 {
+        assert!(greeting(s.port).starts_with("220"));
+    }
+    let r = greeting(s.port);
+    assert!(
+        r.starts_with("421 4.7.0") && r.contains("127.0.0.1 is banned"),
+        "{r}"
+    );
+    assert!(greeting(s.port).contains("banned"), "the ban did not hold");
+    // Another address is not affected.
+    let sock = connect_from("127.0.0.2", s.port);
+    let mut other = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    assert!(other.reply().starts_with("220"));
+    // The ban is stored in mb-rpcd and listed.
+    mb_testkit::wait_until("the ban to be stored", Duration::from_secs(20), || {
+        mb_ban(&s.gw, &["list"]).1.contains("127.0.0.1")
+    })
+    .unwrap();
+    let (code, out, _) = mb_ban(&s.gw, &["list", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            v[0]["ip"].as_str(),
+            v[0]["kind"].as_str(),
+            v[0]["added_by"].as_str()
+        ),
+        (Some("127.0.0.1"), Some("ban"), Some("mb-smtpd"))
+    );
+    assert!(v[0]["seconds_left"].as_u64().unwrap() > 3500);
+    // Bans survive a restart of mb-smtpd.
+    let mut s = s;
+    let mut smtpd = s.gw.smtpd.take().unwrap();
+    assert_eq!(smtpd.stop(Duration::from_secs(20)), Some(0));
+    s.gw.start_smtpd().unwrap();
+    mb_testkit::wait_until(
+        "the stored ban to be loaded",
+        Duration::from_secs(20),
+        || greeting(s.port).contains("banned"),
+    )
+    .unwrap();
+    assert_eq!(
+        s.gw.smtpd_log().matches("too many connections").count(),
+        1,
+        "banned anew instead of from the store"
+    );
+    // An administrator bans 127.0.0.3 and lifts the ban of 127.0.0.1; once the unban is
+    // seen, the manual ban is in force too (127.0.0.3 never connected, so it is not autoban).
+    assert_eq!(
+        mb_ban(
+            &s.gw,
+            &["add", "127.0.0.3", "--for", "10m", "--reason", "spam run"]
+        )
+        .0,
+        0
+    );
+    let (code, out, _) = mb_ban(&s.gw, &["del", "127.0.0.1"]);
+    assert_eq!(code, 0, "{out}");
+    mb_testkit::wait_until(
+        "the unban to reach mb-smtpd",
+        Duration::from_secs(20),
+        || greeting(s.port).starts_with("220"),
+    )
+    .unwrap();
+    let sock = connect_from("127.0.0.3", s.port);
+    let mut c = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    let r = c.reply();
+    assert!(r.contains("127.0.0.3 is banned"), "{r}");
+    let (code, _, err) = mb_ban(&s.gw, &["del", "127.0.0.1"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = mb_ban(&s.gw, &["add", "not-an-ip"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an IP address"), "{err}");
+}
+
+#[test]
+fn protected_mode_opens_submission_to_trusted_addresses_only() {
+    let sub = free_port();
+    let s = start_protected(
+        "protected",
+        &format!("[network.submission]\nenabled = true\nport = {sub}\nrequire_tls = false\n"),
+    );
+    let r = greeting(sub);
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("only open to trusted networks"),
+        "{r}"
+    );
+    assert!(
+        greeting(s.port).starts_with("220"),
+        "port 25 must stay open"
+    );
+    assert_eq!(mb_ban(&s.gw, &["trust", "127.0.0.1", "--for", "1h"]).0, 0);
+    mb_testkit::wait_until(
+        "the trust to reach mb-smtpd",
+        Duration::from_secs(20),
+        || greeting(sub).starts_with("220"),
+    )
+    .unwrap();
+    assert_eq!(mb_ban(&s.gw, &["untrust", "127.0.0.1"]).0, 0);
+    mb_testkit::wait_until(
+        "the untrust to reach mb-smtpd",
+        Duration::from_secs(20),
+        || greeting(sub).starts_with("554"),
+    )
+    .unwrap();
 }

@@ -432,6 +432,13 @@ impl Config {
         }
     }
 
+    pub fn rate(&self, key: &str) -> Option<crate::value::Rate> {
+        match self.get(key) {
+            Value::Rate(r) => Some(*r),
+            _ => None,
+        }
+    }
+
     pub fn ip(&self, key: &str) -> IpAddr {
         match self.get(key) {
             Value::Ip(ip) => *ip,

@@ -409,6 +409,87 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Adds or replaces a ban/trust entry.
+    pub async fn put_access(
+        &self,
+        ip: &str,
+        kind: &str,
+        until: i64,
+        reason: &str,
+        added_by: &str,
+        at: i64,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(self.sql("DELETE FROM access_list WHERE ip = ? AND kind = ?"))
+            .bind(ip)
+            .bind(kind)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(self.sql(
+            "INSERT INTO access_list (ip, kind, until_at, reason, added_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(ip)
+        .bind(kind)
+        .bind(until)
+        .bind(reason)
+        .bind(added_by)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn remove_access(&self, ip: &str, kind: &str) -> Result<bool, DbError> {
+        let r = sqlx::query(self.sql("DELETE FROM access_list WHERE ip = ? AND kind = ?"))
+            .bind(ip)
+            .bind(kind)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Unexpired entries (expired ones are deleted on the way).
+    pub async fn list_access(
+        &self,
+        kind: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<mb_proto::v1::AccessEntry>, DbError> {
+        sqlx::query(self.sql("DELETE FROM access_list WHERE until_at <= ?"))
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let base = "SELECT ip, kind, until_at, reason, added_by, created_at FROM access_list";
+        let rows = match kind {
+            Some(k) => {
+                sqlx::query(self.sql(&format!("{base} WHERE kind = ? ORDER BY kind, ip")))
+                    .bind(k)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(self.sql(&format!("{base} ORDER BY kind, ip")))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                let until: i64 = r.try_get(2)?;
+                Ok(mb_proto::v1::AccessEntry {
+                    ip: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    seconds: u64::try_from(until - now).unwrap_or(0),
+                    reason: r.try_get(3)?,
+                    added_by: r.try_get(4)?,
+                    created_at_unix: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+}
+
 fn audit_entry(r: &AnyRow) -> Result<AuditEntry, DbError> {
     let uid: i64 = r.try_get(5)?;
     Ok(AuditEntry {

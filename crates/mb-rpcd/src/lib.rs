@@ -2,6 +2,7 @@
 //! change feed, the `Events` message log and `Control`, and aggregates the status of
 //! every daemon it can reach.
 
+pub mod access;
 pub mod db;
 pub mod grpc;
 pub mod store;
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mb_proto::v1::access_server::AccessServer;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
@@ -22,6 +24,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::access::AccessService;
 use crate::db::Db;
 use crate::grpc::Rpcd;
 use crate::store::Store;
@@ -197,6 +200,12 @@ pub async fn run(
             UsersService {
                 store: store.clone(),
                 info: info.clone(),
+            },
+            peer.clone(),
+        ))
+        .add_service(AccessServer::with_interceptor(
+            AccessService {
+                store: store.clone(),
             },
             peer,
         ))

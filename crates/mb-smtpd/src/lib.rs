@@ -5,6 +5,7 @@
 
 pub mod conn;
 pub mod data;
+pub mod protect;
 pub mod proto;
 pub mod server;
 pub mod session;
@@ -87,6 +88,8 @@ impl DaemonHooks for Hooks {
     async fn status(&self, _req: &StatusRequest, resp: &mut StatusResponse) {
         resp.counters
             .insert("connections_active".into(), self.server.active() as u64);
+        let banned = self.server.protection.lock().map_or(0, |p| p.banned());
+        resp.counters.insert("banned_now".into(), banned as u64);
         resp.detail = "receiving; onward delivery arrives with the queue manager".into();
     }
 
@@ -221,6 +224,7 @@ pub async fn main(opts: Options) -> i32 {
         })
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let access = tokio::spawn(server::sync_access(server.clone(), shutdown.clone()));
     for (l, kind) in listeners {
         tasks.spawn(server.clone().serve(l, kind, shutdown.clone()));
     }
@@ -232,6 +236,7 @@ pub async fn main(opts: Options) -> i32 {
     })
     .await;
     reloader.abort();
+    access.abort();
     let _ = std::fs::remove_file(&socket);
     if drained.is_none() {
         tracing::warn!("sessions were still open at the drain deadline");

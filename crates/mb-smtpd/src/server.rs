@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::protect::{Mode, Policy, Refusal};
 use crate::session::{Client, Listener, Session, Settings, TlsMode};
 use crate::spool::Spool;
 
@@ -28,6 +29,7 @@ struct Limits {
 }
 
 pub struct Server {
+    pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
     pub spool: Arc<Spool>,
     pub tls: RwLock<Option<TlsAcceptor>>,
@@ -65,6 +67,7 @@ impl Server {
         info: Arc<DaemonInfo>,
     ) -> Server {
         Server {
+            protection: Arc::default(),
             follower,
             spool,
             tls: RwLock::new(tls),
@@ -152,6 +155,7 @@ impl Server {
             auth: submission.then(|| {
                 Arc::new(RpcdAuth {
                     socket: cfg.socket("mb-rpcd"),
+                    protection: self.protection.clone(),
                 }) as Arc<dyn crate::session::Authenticator>
             }),
         }
@@ -206,6 +210,39 @@ impl Server {
                 return;
             }
         };
+        let verdict = match self.protection.lock() {
+            Ok(mut p) => p.admit(&policy(&cfg), ip, kind),
+            Err(_) => Ok(()),
+        };
+        if let Err(refusal) = verdict {
+            drop(slot);
+            self.info.counters.add("connections_refused", 1);
+            let name = hostname(&cfg);
+            let reply = match refusal {
+                Refusal::Untrusted => format!(
+                    "554 5.7.1 {name} {} is only open to trusted networks",
+                    kind.name()
+                ),
+                Refusal::NewBan => {
+                    self.info.counters.add("bans", 1);
+                    let period = mb_core::value::format_duration(
+                        cfg.duration("network.protection.autoban.period"),
+                    );
+                    tracing::warn!(client = %ip, "banned for {period}: too many connections");
+                    format!("421 4.7.0 {name} Error: {ip} is banned, try again later")
+                }
+                Refusal::Banned => {
+                    format!("421 4.7.0 {name} Error: {ip} is banned, try again later")
+                }
+            };
+            tracing::info!(client = %ip, listener = kind.name(), "connection refused: {reply}");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                stream.write_all(format!("{reply}\r\n").as_bytes()),
+            )
+            .await;
+            return;
+        }
         let settings = self.settings(&cfg, kind);
         let client = Client {
             ip,
@@ -255,6 +292,7 @@ impl Server {
 /// Passwords are checked by mb-rpcd (`Users.Verify`), which holds the hashes.
 struct RpcdAuth {
     socket: std::path::PathBuf,
+    protection: Arc<Mutex<crate::protect::Protection>>,
 }
 
 impl crate::session::Authenticator for RpcdAuth {
@@ -277,10 +315,81 @@ impl crate::session::Authenticator for RpcdAuth {
                 })
                 .await
                 .map_err(|s| s.message().to_string())?;
-            Ok(r.into_inner().ok)
+            let ok = r.into_inner().ok;
+            if ok && let Ok(mut p) = self.protection.lock() {
+                p.authenticated(client);
+            }
+            Ok(ok)
         })
     }
 }
+
+/// The protection policy of the configuration.
+fn policy(cfg: &Config) -> Policy {
+    let rate = cfg.rate("network.protection.autoban.rate");
+    Policy {
+        mode: Mode::parse(&cfg.text("network.protection.mode")),
+        rate: rate.map_or(10, |r| r.count),
+        window: rate.map_or(Duration::from_secs(60), |r| r.per),
+        ban_for: cfg.duration("network.protection.autoban.period"),
+        trusted_networks: cfg.nets("network.protection.trusted_networks"),
+    }
+}
+
+/// Every few seconds: stores this process's bans and trusts in mb-rpcd, and re-reads the
+/// list (so `mb-ban` changes and other processes' decisions take effect here).
+pub async fn sync_access(server: Arc<Server>, shutdown: Shutdown) {
+    use mb_proto::v1::access_client::AccessClient;
+    use mb_proto::v1::{AccessEntry, ListAccessRequest};
+    loop {
+        let socket = server.follower.current().socket("mb-rpcd");
+        if let Ok(channel) = mb_runtime::uds::connect(&socket, "mb-rpcd").await {
+            let mut client = AccessClient::new(channel);
+            let pending: Vec<_> = server
+                .protection
+                .lock()
+                .map(|p| p.pending.clone())
+                .unwrap_or_default();
+            let mut stored = 0;
+            for d in &pending {
+                let entry = AccessEntry {
+                    ip: d.ip.to_string(),
+                    kind: if d.trust { "trust" } else { "ban" }.into(),
+                    seconds: d.for_secs,
+                    reason: d.reason.clone(),
+                    added_by: "mb-smtpd".into(),
+                    ..Default::default()
+                };
+                if client.add(entry).await.is_err() {
+                    break;
+                }
+                stored += 1;
+            }
+            if let Ok(mut p) = server.protection.lock() {
+                let n = stored.min(p.pending.len());
+                p.pending.drain(..n);
+            }
+            if let Ok(list) = client.list(ListAccessRequest::default()).await {
+                let entries: Vec<(IpAddr, bool, u64)> = list
+                    .into_inner()
+                    .entries
+                    .iter()
+                    .filter_map(|e| Some((e.ip.parse().ok()?, e.kind == "trust", e.seconds)))
+                    .collect();
+                if let Ok(mut p) = server.protection.lock() {
+                    p.load(&entries);
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.requested() => return,
+            () = tokio::time::sleep(ACCESS_SYNC) => {}
+        }
+    }
+}
+
+/// How often bans and trusts are exchanged with mb-rpcd.
+const ACCESS_SYNC: Duration = Duration::from_secs(3);
 
 /// IPv4-mapped IPv6 addresses are IPv4 clients.
 fn normalize(ip: IpAddr) -> IpAddr {
