@@ -233,6 +233,55 @@ print("ok")
             .iter()
             .any(|l| l == &format!("smtp:127.0.0.1:{}", s.port))
     );
+    // The message log in mb-rpcd has every accepted message and the refused relay attempt.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let query = |q: mb_proto::v1::EventQuery| {
+        rt.block_on(async {
+            let ch = mb_runtime::uds::connect(&s.gw.socket(), "mb-rpcd")
+                .await
+                .unwrap();
+            mb_proto::v1::events_client::EventsClient::new(ch)
+                .query(q)
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+        })
+    };
+    mb_testkit::wait_until("events in the message log", Duration::from_secs(20), || {
+        query(mb_proto::v1::EventQuery::default()).len() >= 7
+    })
+    .unwrap();
+    let (_, env) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    let ev = query(mb_proto::v1::EventQuery {
+        queue_id: env.id.clone(),
+        ..Default::default()
+    });
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (
+            ev[0].stage.as_str(),
+            ev[0].verdict.as_str(),
+            ev[0].sender.as_str()
+        ),
+        ("received", "accept", "alice@sender.test")
+    );
+    assert_eq!(
+        (ev[0].client_ip.as_str(), ev[0].helo.as_str()),
+        ("127.0.0.1", "client.test")
+    );
+    let refused = query(mb_proto::v1::EventQuery {
+        recipient: "victim@elsewhere.test".into(),
+        ..Default::default()
+    });
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].stage.as_str(), refused[0].detail.as_str()),
+        ("rejected", "relay access denied")
+    );
     // Postfix-style summary lines.
     assert!(
         s.gw.smtpd_log().contains(
@@ -325,6 +374,15 @@ fn smuggling_over_tcp_never_makes_a_second_message() {
         assert!(c.closed(), "{probe:?}: connection left open");
     }
     assert!(s.spooled().is_empty(), "a smuggled message was spooled");
+    let (_, out, _) = text(&s.gw.tool("mb-status", &["--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let smtpd = v["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-smtpd")
+        .unwrap();
+    assert_eq!(smtpd["counters"]["ended_smuggling"], 4, "{smtpd}");
 }
 
 #[test]

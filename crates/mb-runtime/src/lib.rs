@@ -2,6 +2,7 @@
 //! drain, sd_notify, and gRPC over Unix sockets with peer-credential checks.
 
 pub mod control;
+pub mod events;
 pub mod follow;
 pub mod lifecycle;
 pub mod logging;

@@ -90,6 +90,13 @@ impl DaemonHooks for Hooks {
             .insert("connections_active".into(), self.server.active() as u64);
         let banned = self.server.protection.lock().map_or(0, |p| p.banned());
         resp.counters.insert("banned_now".into(), banned as u64);
+        if let Some(ev) = &self.server.events {
+            use std::sync::atomic::Ordering;
+            resp.counters
+                .insert("events_sent".into(), ev.sent.load(Ordering::Relaxed));
+            resp.counters
+                .insert("events_dropped".into(), ev.dropped.load(Ordering::Relaxed));
+        }
         resp.detail = "receiving; onward delivery arrives with the queue manager".into();
     }
 
@@ -196,7 +203,11 @@ pub async fn main(opts: Options) -> i32 {
             info.add_listener(format!("{}:{a}", kind.name()));
         }
     }
-    let server = Arc::new(Server::new(follower, spool, tls, info.clone()));
+    let events =
+        mb_runtime::events::EventSink::start(DAEMON, cfg.socket("mb-rpcd"), shutdown.clone());
+    let mut server = Server::new(follower, spool, tls, info.clone());
+    server.events = Some(events);
+    let server = Arc::new(server);
     let hooks = Arc::new(Hooks {
         server: server.clone(),
         config: opts.config.clone(),

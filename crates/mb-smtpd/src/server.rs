@@ -29,6 +29,7 @@ struct Limits {
 }
 
 pub struct Server {
+    pub events: Option<mb_runtime::events::EventSink>,
     pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
     pub spool: Arc<Spool>,
@@ -67,6 +68,7 @@ impl Server {
         info: Arc<DaemonInfo>,
     ) -> Server {
         Server {
+            events: None,
             protection: Arc::default(),
             follower,
             spool,
@@ -152,6 +154,7 @@ impl Server {
                 && cfg.bool("network.submission.require_tls"),
             helo_required: cfg.bool("smtp.helo_required"),
             vrfy: cfg.bool("smtp.vrfy_enabled"),
+            events: self.events.clone(),
             auth: submission.then(|| {
                 Arc::new(RpcdAuth {
                     socket: cfg.socket("mb-rpcd"),
@@ -274,8 +277,22 @@ impl Server {
         c.add("bytes_accepted", summary.bytes);
         c.add("relay_denied", u64::from(summary.relay_denied));
         c.add("session_errors", u64::from(summary.errors));
+        c.add("auth_failed", u64::from(summary.auth_failed));
         if summary.tls {
             c.add("tls_sessions", 1);
+        }
+        // Sessions that ended on a refusal, by reason.
+        let reason = match summary.end {
+            "smuggling attempt" | "bare LF" => Some("ended_smuggling"),
+            "early talker" => Some("ended_early_talker"),
+            "improper pipelining" => Some("ended_pipelining"),
+            "too many errors" => Some("ended_errors"),
+            "too many auth failures" => Some("ended_auth_failures"),
+            "timeout" | "timeout in DATA" => Some("ended_timeout"),
+            _ => None,
+        };
+        if let Some(r) = reason {
+            c.add(r, 1);
         }
         tracing::info!(
             "disconnect from unknown[{ip}] {} client={ip} end=\"{}\"",

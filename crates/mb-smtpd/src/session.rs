@@ -75,6 +75,8 @@ pub struct Settings {
     pub vrfy: bool,
     /// AUTH is offered (submission and SMTPS listeners), once TLS is active.
     pub auth: Option<std::sync::Arc<dyn Authenticator>>,
+    /// Where message events go (mb-rpcd's message log).
+    pub events: Option<mb_runtime::events::EventSink>,
 }
 
 /// The client as seen at accept time.
@@ -435,6 +437,36 @@ impl<'a> Session<'a> {
         false
     }
 
+    /// Records a message event for the message log.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        stage: &str,
+        verdict: &str,
+        sender: &str,
+        recipients: Vec<String>,
+        size: u64,
+        queue_id: String,
+        detail: &str,
+    ) {
+        if let Some(sink) = &self.settings.events {
+            sink.send(mb_proto::v1::MessageEvent {
+                daemon: "mb-smtpd".into(),
+                node: self.settings.hostname.clone(),
+                queue_id,
+                client_ip: self.client.ip.to_string(),
+                helo: self.helo.clone().unwrap_or_default(),
+                sender: sender.to_string(),
+                recipients,
+                size,
+                stage: stage.into(),
+                verdict: verdict.into(),
+                detail: detail.into(),
+                ..Default::default()
+            });
+        }
+    }
+
     /// AUTH PLAIN and LOGIN (RFC 4954), only under TLS.
     async fn auth(&mut self, arg: &str) -> bool {
         if self.tls.is_none() {
@@ -707,6 +739,20 @@ impl<'a> Session<'a> {
         if !served && !may_relay {
             self.summary.relay_denied += 1;
             tracing::info!(client = %self.client.ip, to = %rcpt, "relay access denied");
+            let sender = tx
+                .sender
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            self.event(
+                "rejected",
+                "reject",
+                &sender,
+                vec![rcpt.to_string()],
+                0,
+                String::new(),
+                "relay access denied",
+            );
             return Reply::new(554, "5.7.1", format!("<{rcpt}>: Relay access denied"));
         }
         if tx.rcpts.len() >= max {
@@ -1042,6 +1088,24 @@ impl<'a> Session<'a> {
                     "message accepted"
                 );
                 self.summary.accepted.push(id.clone());
+                let rcpts = envelope
+                    .recipients
+                    .iter()
+                    .map(|r| r.address.clone())
+                    .collect();
+                let detail = format!(
+                    "listener={} protocol={}",
+                    envelope.listener, envelope.protocol
+                );
+                self.event(
+                    "received",
+                    "accept",
+                    &envelope.sender,
+                    rcpts,
+                    size,
+                    id.clone(),
+                    &detail,
+                );
                 self.error_count = 0;
                 self.summary.bytes += size;
                 Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))

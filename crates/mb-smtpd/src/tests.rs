@@ -27,6 +27,7 @@ fn settings() -> Settings {
         helo_required: true,
         vrfy: false,
         auth: None,
+        events: None,
     }
 }
 
