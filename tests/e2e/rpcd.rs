@@ -327,7 +327,10 @@ fn log_lines_follow_the_documented_formats() {
     gw.start().unwrap();
     assert_eq!(gw.stop(), Some(0));
     let log = gw.log();
-    let first = log.lines().next().unwrap();
+    let first = log
+        .lines()
+        .find(|l| l.contains("mb-rpcd started"))
+        .unwrap_or_else(|| panic!("{log}"));
     let (date, rest) = first.split_at(19);
     assert!(
         date.len() == 19

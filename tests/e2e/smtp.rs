@@ -835,3 +835,103 @@ fn protected_mode_opens_submission_to_trusted_addresses_only() {
     )
     .unwrap();
 }
+
+#[test]
+fn with_redis_a_ban_by_one_process_holds_for_another() {
+    let redis = mb_testkit::Redis::start().unwrap();
+    let extra = format!("[redis]\nurl = \"{}\"\n", redis.url());
+    let a = start_protected("autoban", &extra);
+    let b = start_protected("autoban", &extra);
+    assert!(
+        a.gw.smtpd_log()
+            .contains("sharing rate counters and bans through Redis"),
+        "{}",
+        a.gw.smtpd_log()
+    );
+    // Two connections to each: four in all from one source, over a shared limit of three.
+    assert!(greeting(a.port).starts_with("220"));
+    assert!(greeting(b.port).starts_with("220"));
+    assert!(greeting(a.port).starts_with("220"));
+    let r = greeting(b.port);
+    assert!(
+        r.contains("127.0.0.1 is banned"),
+        "the shared count did not ban: {r}"
+    );
+    // The ban made on B holds on A at once.
+    let r = greeting(a.port);
+    assert!(
+        r.contains("127.0.0.1 is banned"),
+        "A did not see B's ban: {r}"
+    );
+    // Without Redis the processes would not know of each other: a fresh address on A alone
+    // is fine.
+    let sock = connect_from("127.0.0.2", a.port);
+    let mut c = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    assert!(c.reply().starts_with("220"));
+    // Redis going away does not stop mail: counting falls back to each process.
+    drop(redis);
+    let sock = connect_from("127.0.0.4", b.port);
+    let mut c = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    assert!(c.reply().starts_with("220"), "Redis down stopped mail");
+}
+
+#[test]
+fn certificates_reload_on_sighup_and_the_cipher_policy_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("smtp.crt"), dir.path().join("smtp.key"));
+    let (c1, k1) = mb_testkit::self_signed_named("first.served.test");
+    std::fs::write(&cert, c1).unwrap();
+    std::fs::write(&key, k1).unwrap();
+    let s = start(&format!(
+        "[network.smtp.tls]\ncert = \"{}\"\nkey = \"{}\"\n[network.tls]\nversions = \"1.2\"\nciphers = \"ECDHE-ECDSA-AES128-GCM-SHA256\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let (code, out) = s.swaks(&["--to", "bob@served.test", "--tls"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("CN=first.served.test"), "{out}");
+    let (msg, _) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    let body = String::from_utf8_lossy(&msg);
+    assert!(
+        body.contains("(using TLSv1.2 with cipher TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)"),
+        "{body}"
+    );
+
+    let (c2, k2) = mb_testkit::self_signed_named("second.served.test");
+    std::fs::write(&cert, c2).unwrap();
+    std::fs::write(&key, k2).unwrap();
+    s.gw.smtpd
+        .as_ref()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    mb_testkit::wait_until("the new certificate", Duration::from_secs(20), || {
+        s.swaks(&["--to", "bob@served.test", "--tls", "--quit-after", "TLS"])
+            .1
+            .contains("CN=second.served.test")
+    })
+    .unwrap();
+    // A broken certificate on reload is refused; the running one stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    s.gw.smtpd
+        .as_ref()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    mb_testkit::wait_until(
+        "the failed reload to be logged",
+        Duration::from_secs(20),
+        || {
+            s.gw.smtpd_log()
+                .contains("reload failed, keeping the running configuration")
+        },
+    )
+    .unwrap();
+    let (code, out) = s.swaks(&["--to", "bob@served.test", "--tls"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("CN=second.served.test"), "{out}");
+}

@@ -9,6 +9,7 @@ pub mod protect;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod spool;
 #[cfg(test)]
 mod tests;
@@ -207,6 +208,19 @@ pub async fn main(opts: Options) -> i32 {
         mb_runtime::events::EventSink::start(DAEMON, cfg.socket("mb-rpcd"), shutdown.clone());
     let mut server = Server::new(follower, spool, tls, info.clone());
     server.events = Some(events);
+    let redis_url = cfg.text("redis.url");
+    if !redis_url.is_empty() {
+        match shared::Shared::connect(&redis_url).await {
+            Ok(r) => {
+                tracing::info!(redis = %mb_core::config::redact_url(&redis_url), "sharing rate counters and bans through Redis");
+                server.shared = std::sync::RwLock::new(Some(r));
+            }
+            // Mail flows without Redis: each process then counts on its own.
+            Err(e) => {
+                tracing::warn!(redis = %mb_core::config::redact_url(&redis_url), cause = %e, "Redis unreachable; counting locally")
+            }
+        }
+    }
     let server = Arc::new(server);
     let hooks = Arc::new(Hooks {
         server: server.clone(),

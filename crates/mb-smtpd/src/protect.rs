@@ -81,8 +81,16 @@ pub struct Protection {
 }
 
 impl Protection {
-    /// Decides whether a new connection may proceed.
-    pub fn admit(&mut self, p: &Policy, ip: IpAddr, listener: Listener) -> Result<(), Refusal> {
+    /// Decides whether a new connection may proceed. With `count_rate` false the rate is
+    /// counted elsewhere (in Redis, shared by every process) and only the lists and
+    /// modes are applied here.
+    pub fn admit(
+        &mut self,
+        p: &Policy,
+        ip: IpAddr,
+        listener: Listener,
+        count_rate: bool,
+    ) -> Result<(), Refusal> {
         let now = Instant::now();
         if listener == Listener::Reinject || p.mode == Mode::Public {
             return Ok(());
@@ -101,7 +109,7 @@ impl Protection {
             Mode::Protected if submission && !trusted => return Err(Refusal::Untrusted),
             _ => {}
         }
-        if trusted {
+        if trusted || !count_rate {
             return Ok(());
         }
         let times = self.recent.entry(ip).or_default();
@@ -128,6 +136,32 @@ impl Protection {
             return Err(Refusal::NewBan);
         }
         Ok(())
+    }
+
+    /// A ban decided elsewhere (Redis), kept here and stored in mb-rpcd like our own.
+    pub fn banned_by_shared(&mut self, p: &Policy, ip: IpAddr) {
+        self.bans.insert(ip, Instant::now() + p.ban_for);
+        self.pending.push(Decision {
+            ip,
+            trust: false,
+            for_secs: p.ban_for.as_secs(),
+            reason: format!(
+                "more than {} connections in {}s (shared)",
+                p.rate,
+                p.window.as_secs()
+            ),
+        });
+    }
+
+    /// Whether `admit` would skip rate counting for this connection anyway.
+    pub fn exempt(&self, p: &Policy, ip: IpAddr, listener: Listener) -> bool {
+        listener == Listener::Reinject
+            || p.mode == Mode::Public
+            || p.trusted_networks.iter().any(|n| n.contains(&ip))
+            || self
+                .trusted
+                .get(&ip)
+                .is_some_and(|until| *until > Instant::now())
     }
 
     /// A successful AUTH: the address is trusted for a day (protected mode opens
@@ -196,11 +230,14 @@ mod tests {
         let pol = policy(Mode::Autoban);
         let ip: IpAddr = BAD.parse().unwrap();
         for _ in 0..3 {
-            assert_eq!(p.admit(&pol, ip, Listener::Smtp), Ok(()));
+            assert_eq!(p.admit(&pol, ip, Listener::Smtp, true), Ok(()));
         }
-        assert_eq!(p.admit(&pol, ip, Listener::Smtp), Err(Refusal::NewBan));
         assert_eq!(
-            p.admit(&pol, ip, Listener::Submission),
+            p.admit(&pol, ip, Listener::Smtp, true),
+            Err(Refusal::NewBan)
+        );
+        assert_eq!(
+            p.admit(&pol, ip, Listener::Submission, true),
             Err(Refusal::Banned)
         );
         assert_eq!(p.pending.len(), 1);
@@ -208,11 +245,11 @@ mod tests {
         // Trusted networks are never banned, whatever their rate.
         let good: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..10 {
-            assert_eq!(p.admit(&pol, good, Listener::Smtp), Ok(()));
+            assert_eq!(p.admit(&pol, good, Listener::Smtp, true), Ok(()));
         }
         tokio::time::advance(Duration::from_secs(3601)).await;
         assert_eq!(
-            p.admit(&pol, ip, Listener::Smtp),
+            p.admit(&pol, ip, Listener::Smtp, true),
             Ok(()),
             "the ban should have expired"
         );
@@ -220,7 +257,7 @@ mod tests {
         // A slow sender is never banned: the window slides.
         let slow: IpAddr = "203.0.113.5".parse().unwrap();
         for _ in 0..10 {
-            assert_eq!(p.admit(&pol, slow, Listener::Smtp), Ok(()));
+            assert_eq!(p.admit(&pol, slow, Listener::Smtp, true), Ok(()));
             tokio::time::advance(Duration::from_secs(21)).await;
         }
     }
@@ -231,20 +268,28 @@ mod tests {
         let pol = policy(Mode::Protected);
         let ip: IpAddr = BAD.parse().unwrap();
         assert_eq!(
-            p.admit(&pol, ip, Listener::Submission),
+            p.admit(&pol, ip, Listener::Submission, true),
             Err(Refusal::Untrusted)
         );
         assert_eq!(
-            p.admit(&pol, ip, Listener::Smtp),
+            p.admit(&pol, ip, Listener::Smtp, true),
             Ok(()),
             "port 25 stays open"
         );
         p.authenticated(ip);
-        assert_eq!(p.admit(&pol, ip, Listener::Submission), Ok(()));
+        assert_eq!(p.admit(&pol, ip, Listener::Submission, true), Ok(()));
         tokio::time::advance(TRUST_AFTER_AUTH + Duration::from_secs(1)).await;
-        assert_eq!(p.admit(&pol, ip, Listener::Smtps), Err(Refusal::Untrusted));
         assert_eq!(
-            p.admit(&pol, "192.0.2.7".parse().unwrap(), Listener::Submission),
+            p.admit(&pol, ip, Listener::Smtps, true),
+            Err(Refusal::Untrusted)
+        );
+        assert_eq!(
+            p.admit(
+                &pol,
+                "192.0.2.7".parse().unwrap(),
+                Listener::Submission,
+                true
+            ),
             Ok(())
         );
     }
@@ -255,14 +300,15 @@ mod tests {
         let ip: IpAddr = BAD.parse().unwrap();
         p.authenticated(ip);
         assert_eq!(
-            p.admit(&policy(Mode::Private), ip, Listener::Submission),
+            p.admit(&policy(Mode::Private), ip, Listener::Submission, true),
             Err(Refusal::Untrusted)
         );
         assert_eq!(
             p.admit(
                 &policy(Mode::Private),
                 "192.0.2.7".parse().unwrap(),
-                Listener::Submission
+                Listener::Submission,
+                true
             ),
             Ok(())
         );
@@ -272,7 +318,8 @@ mod tests {
                 p.admit(
                     &public,
                     "203.0.113.77".parse().unwrap(),
-                    Listener::Submission
+                    Listener::Submission,
+                    true
                 ),
                 Ok(())
             );
@@ -285,16 +332,22 @@ mod tests {
         let pol = policy(Mode::Autoban);
         let stored: IpAddr = "203.0.113.1".parse().unwrap();
         p.load(&[(stored, false, 100)]);
-        assert_eq!(p.admit(&pol, stored, Listener::Smtp), Err(Refusal::Banned));
+        assert_eq!(
+            p.admit(&pol, stored, Listener::Smtp, true),
+            Err(Refusal::Banned)
+        );
         let ip: IpAddr = BAD.parse().unwrap();
         for _ in 0..4 {
-            let _ = p.admit(&pol, ip, Listener::Smtp);
+            let _ = p.admit(&pol, ip, Listener::Smtp, true);
         }
         // The stored list does not know this ban yet: it stays while pending.
         p.load(&[]);
-        assert_eq!(p.admit(&pol, ip, Listener::Smtp), Err(Refusal::Banned));
         assert_eq!(
-            p.admit(&pol, stored, Listener::Smtp),
+            p.admit(&pol, ip, Listener::Smtp, true),
+            Err(Refusal::Banned)
+        );
+        assert_eq!(
+            p.admit(&pol, stored, Listener::Smtp, true),
             Ok(()),
             "an unban from mb-ban takes effect"
         );

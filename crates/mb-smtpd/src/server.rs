@@ -29,6 +29,8 @@ struct Limits {
 }
 
 pub struct Server {
+    /// Redis, when `redis.url` is set and reachable.
+    pub shared: RwLock<Option<crate::shared::Shared>>,
     pub events: Option<mb_runtime::events::EventSink>,
     pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
@@ -68,6 +70,7 @@ impl Server {
         info: Arc<DaemonInfo>,
     ) -> Server {
         Server {
+            shared: RwLock::new(None),
             events: None,
             protection: Arc::default(),
             follower,
@@ -213,10 +216,34 @@ impl Server {
                 return;
             }
         };
-        let verdict = match self.protection.lock() {
-            Ok(mut p) => p.admit(&policy(&cfg), ip, kind),
-            Err(_) => Ok(()),
+        let policy = policy(&cfg);
+        let shared = self.shared.read().ok().and_then(|s| s.clone());
+        let (mut verdict, exempt) = match self.protection.lock() {
+            Ok(mut p) => (
+                p.admit(&policy, ip, kind, shared.is_none()),
+                p.exempt(&policy, ip, kind),
+            ),
+            Err(_) => (Ok(()), true),
         };
+        // With Redis, the rate is counted there, together with every other process.
+        if let (Ok(()), Some(shared), false) = (&verdict, shared, exempt) {
+            match shared.admit(&policy, ip).await {
+                Ok(None) => {}
+                Ok(Some(refusal)) => {
+                    if let Ok(mut p) = self.protection.lock() {
+                        p.banned_by_shared(&policy, ip);
+                    }
+                    verdict = Err(refusal);
+                }
+                Err(e) => {
+                    self.info.counters.add("redis_errors", 1);
+                    tracing::warn!(cause = %e, "Redis unreachable; counting this connection locally");
+                    if let Ok(mut p) = self.protection.lock() {
+                        verdict = p.admit(&policy, ip, kind, true);
+                    }
+                }
+            }
+        }
         if let Err(refusal) = verdict {
             drop(slot);
             self.info.counters.add("connections_refused", 1);
@@ -428,6 +455,42 @@ pub fn hostname(cfg: &Config) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The TLS suites allowed by `network.tls.ciphers`, an OpenSSL-style list that restricts
+/// TLS 1.2 (TLS 1.3 suites are always offered, as with OpenSSL). Names the TLS stack does
+/// not implement (CBC, DHE) are skipped; a list that leaves no TLS 1.2 suite is an error.
+pub fn cipher_suites(list: &str) -> Result<Vec<rustls::SupportedCipherSuite>, String> {
+    use rustls::CipherSuite as C;
+    let all = rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES;
+    if list.trim().is_empty() {
+        return Ok(all.to_vec());
+    }
+    let wanted: Vec<C> = list
+        .split([':', ',', ' '])
+        .filter_map(|name| match name.trim() {
+            "ECDHE-ECDSA-AES128-GCM-SHA256" => Some(C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+            "ECDHE-ECDSA-AES256-GCM-SHA384" => Some(C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+            "ECDHE-ECDSA-CHACHA20-POLY1305" => {
+                Some(C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+            }
+            "ECDHE-RSA-AES128-GCM-SHA256" => Some(C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+            "ECDHE-RSA-AES256-GCM-SHA384" => Some(C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
+            "ECDHE-RSA-CHACHA20-POLY1305" => Some(C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
+            _ => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Err(format!(
+            "network.tls.ciphers {list:?} names no TLS 1.2 suite this server implements \
+             (ECDHE-ECDSA/RSA with AES128-GCM-SHA256, AES256-GCM-SHA384 or CHACHA20-POLY1305)"
+        ));
+    }
+    Ok(all
+        .iter()
+        .filter(|s| s.tls13().is_some() || wanted.contains(&s.suite()))
+        .copied()
+        .collect())
+}
+
 /// The TLS acceptor from `network.smtp.tls.{cert,key}`; when neither file exists, a
 /// self-signed certificate is generated under `paths.data_dir/tls/` (with a warning).
 pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
@@ -481,9 +544,14 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
         }
         v
     };
-    let config = rustls::ServerConfig::builder_with_protocol_versions(&versions)
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = cipher_suites(&cfg.text("network.tls.ciphers"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)
+        .map_err(|e| format!("TLS configuration: {e}"))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS configuration: {e}"))?;
+    config.ignore_client_order = cfg.bool("network.tls.prefer_server_ciphers");
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }

@@ -815,3 +815,30 @@ async fn auth_plain_and_login_under_tls() {
             .starts_with("503")
     );
 }
+
+#[test]
+fn cipher_lists_restrict_tls12_only() {
+    use crate::server::cipher_suites;
+    let all = cipher_suites("").unwrap();
+    assert_eq!(
+        all.len(),
+        rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES.len()
+    );
+    let one = cipher_suites("ECDHE-ECDSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256:AES128-SHA")
+        .unwrap();
+    let tls12: Vec<_> = one
+        .iter()
+        .filter(|s| s.tls13().is_none())
+        .map(|s| s.suite())
+        .collect();
+    assert_eq!(
+        tls12,
+        [rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]
+    );
+    assert!(
+        one.iter().any(|s| s.tls13().is_some()),
+        "TLS 1.3 suites must stay"
+    );
+    let err = cipher_suites("DHE-RSA-AES128-GCM-SHA256").unwrap_err();
+    assert!(err.contains("names no TLS 1.2 suite"), "{err}");
+}

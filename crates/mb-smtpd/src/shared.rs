@@ -1,0 +1,76 @@
+//! Rate counters and bans shared through Redis (`redis.url`), so that several mb-smtpd
+//! processes and nodes count a source together and a ban made by one holds for all.
+//! Without Redis, or while it is unreachable, each process counts on its own.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::protect::{Policy, Refusal};
+
+/// Checks the ban and counts the connection in one step, atomically.
+const ADMIT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
+local n = redis.call('INCR', KEYS[2])
+if n == 1 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+if n > tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+";
+
+#[derive(Clone)]
+pub struct Shared {
+    conn: ConnectionManager,
+    script: redis::Script,
+}
+
+impl Shared {
+    /// Connects (with short timeouts: a slow Redis must not hold up mail).
+    pub async fn connect(url: &str) -> Result<Shared, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| "no answer within 3s".to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(Shared {
+            conn,
+            script: redis::Script::new(ADMIT),
+        })
+    }
+
+    /// Counts a connection from `ip` against the shared rate; `Err` when Redis failed.
+    pub async fn admit(&self, p: &Policy, ip: IpAddr) -> Result<Option<Refusal>, String> {
+        let window = p.window.as_secs().max(1);
+        let slot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / window);
+        let mut conn = self.conn.clone();
+        let r: i64 = self
+            .script
+            .key(format!("mailborder:ban:{ip}"))
+            .key(format!("mailborder:rate:{ip}:{slot}"))
+            .arg(p.rate)
+            .arg(window)
+            .arg(p.ban_for.as_secs().max(1))
+            .arg(format!("more than {} connections in {window}s", p.rate))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(match r {
+            1 => Some(Refusal::NewBan),
+            2 => Some(Refusal::Banned),
+            _ => None,
+        })
+    }
+}
