@@ -29,7 +29,7 @@ fn another_uid_is_refused_on_every_socket() {
     );
     // Members of the mailborder group are let in: make sure it exists (as the package's
     // sysusers.d entry would) before the daemon starts and looks it up.
-    let created = ensure_group();
+    mb_testkit::ensure_mailborder_account();
     let group = nix::unistd::Group::from_name("mailborder")
         .unwrap()
         .expect("mailborder group");
@@ -111,30 +111,4 @@ fn another_uid_is_refused_on_every_socket() {
     let (code, out, err) = text(&out);
     assert_eq!((code, out.as_str()), (0, "25\n"), "{err}");
     drop(gw);
-    if created {
-        let _ = Command::new("groupdel").arg("mailborder").status();
-    }
-}
-
-/// Creates the `mailborder` system group if it is missing; says whether it did.
-fn ensure_group() -> bool {
-    if nix::unistd::Group::from_name("mailborder")
-        .unwrap()
-        .is_some()
-    {
-        return false;
-    }
-    let status = Command::new(mb_testkit::require("groupadd", "passwd"))
-        .args(["--system", "mailborder"])
-        .status()
-        .unwrap();
-    // Another process may have created it meanwhile; then it is not ours to remove.
-    assert!(
-        status.success()
-            || nix::unistd::Group::from_name("mailborder")
-                .unwrap()
-                .is_some(),
-        "cannot create the mailborder group"
-    );
-    status.success()
 }

@@ -186,13 +186,13 @@ fn malformed_file_stops_the_daemon_before_binding() {
     let file = gw.config.display().to_string();
     assert!(
         err.contains(&format!(
-            "{file}:9:1: network.smtp.prot: unknown key; did you mean network.smtp.port?"
+            "{file}:10:1: network.smtp.prot: unknown key; did you mean network.smtp.port?"
         )),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "{file}:11:1: smtp.max_recipients: expected a whole number"
+            "{file}:12:1: smtp.max_recipients: expected a whole number"
         )),
         "{err}"
     );
@@ -202,7 +202,7 @@ fn malformed_file_stops_the_daemon_before_binding() {
     );
     let (code, _, verr) = text(&gw.tool("mb-config", &["validate"]));
     assert_eq!(code, 1);
-    assert!(verr.contains(&format!("{file}:9:1")), "{verr}");
+    assert!(verr.contains(&format!("{file}:10:1")), "{verr}");
 
     // TOML syntax errors are located too.
     fs::write(&gw.config, "[network.smtp\nport = 25\n").unwrap();

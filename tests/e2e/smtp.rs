@@ -935,3 +935,68 @@ fn certificates_reload_on_sighup_and_the_cipher_policy_holds() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("CN=second.served.test"), "{out}");
 }
+
+#[test]
+fn started_as_root_it_binds_then_runs_as_the_mailborder_user() {
+    mb_testkit::ensure_mailborder_account();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\n[network.reinject]\nport = {}\n\
+         [network.protection]\nmode = \"public\"\n[smtp]\ndomains = \"served.test\"\n[filter]\nenabled = false\n",
+        free_port()
+    ));
+    let text_cfg = std::fs::read_to_string(&gw.config).unwrap().replacen(
+        "process.user = \"\"",
+        "process.user = \"mailborder\"",
+        1,
+    );
+    std::fs::write(&gw.config, text_cfg).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(gw.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    gw.start().unwrap();
+    gw.start_smtpd().unwrap();
+    let pid = gw.smtpd.as_ref().unwrap().pid();
+    let uid = nix::unistd::User::from_name("mailborder")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        uids.split_whitespace()
+            .skip(1)
+            .all(|u| u == uid.to_string()),
+        "{uids}"
+    );
+    assert!(
+        gw.smtpd_log()
+            .contains("switched to an unprivileged user user=mailborder"),
+        "{}",
+        gw.smtpd_log()
+    );
+    // It still writes its spool.
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.cmd("EHLO c.test");
+    c.cmd("MAIL FROM:<a@sender.test>");
+    c.cmd("RCPT TO:<bob@served.test>");
+    c.cmd("DATA");
+    let r = c.cmd("Subject: x\r\n\r\nunprivileged\r\n.");
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    let file = std::fs::read_dir(gw.path("spool/incoming"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(file).unwrap().uid(), uid);
+    let mut smtpd = gw.smtpd.take().unwrap();
+    assert_eq!(smtpd.stop(Duration::from_secs(20)), Some(0));
+    assert!(!gw.path("run/mb-smtpd.sock").exists(), "socket left behind");
+}

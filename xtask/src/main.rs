@@ -198,6 +198,7 @@ fn dev_config(dir: &Path) -> String {
     let built = |d: &str| root().join("target/debug").join(d).exists();
     format!(
         "# Written by `cargo xtask up`: a local, unprivileged gateway.\n\
+         process.user = \"\"\n\
          [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n\
          [network.smtp]\nlisten = \"127.0.0.1\"\nport = {smtp}\n\n\
          [network.submission]\nenabled = true\nport = {submission}\n\n\

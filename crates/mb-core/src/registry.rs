@@ -130,6 +130,8 @@ pub static KEYS: &[KeyDef] = &[
     // Logging.
     k("log.level", Kind::Enum(&["error", "warn", "info", "debug", "trace"]), "info", "Least severe level written to the log"),
     k("log.format", Kind::Enum(&["text", "json"]), "text", "Log line format: text for people and fail2ban, json for collectors"),
+    // Process identity.
+    k("process.user", Kind::Text { max: 32 }, "mailborder", "User a daemon started as root switches to after binding its ports; empty to stay root").file_only(),
     // Database and Redis.
     k("database.url", TEXT, "", "Database URL: empty for SQLite under paths.data_dir, or sqlite://, mysql:// (MariaDB), postgres://").by(R).secret().file_only(),
     k("database.max_connections", int(1, 1000), "10", "Connections in mb-rpcd's database pool").by(R).file_only(),

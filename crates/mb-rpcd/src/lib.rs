@@ -106,11 +106,6 @@ pub async fn main(opts: Options) -> i32 {
             );
         }
     };
-    let socket = cfg.socket(DAEMON);
-    let unix = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
     let tcp = if cfg.bool("network.rpcd.tcp.enabled") {
         let addr = std::net::SocketAddr::new(
             cfg.ip("network.rpcd.tcp.bind"),
@@ -127,6 +122,12 @@ pub async fn main(opts: Options) -> i32 {
         }
     } else {
         None
+    };
+    // The Unix socket last: once it exists, every listener is ready.
+    let socket = cfg.socket(DAEMON);
+    let unix = match mb_runtime::uds::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
     };
     let tls = match tcp_tls(&cfg) {
         Ok(t) => t,

@@ -80,3 +80,47 @@ pub fn load_config_for_tool(tool: &str, arg: Option<&Path>) -> Config {
     }
     cfg
 }
+
+/// When running as root, hands `writable` (recursively) to `user` and switches to it:
+/// how a daemon started by hand binds port 25 and still runs unprivileged. Under systemd
+/// the unit starts it as that user with `CAP_NET_BIND_SERVICE`, and nothing happens here.
+/// Returns the user switched to, if any.
+pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>, String> {
+    use nix::unistd::{Uid, User, setgid, setgroups, setuid};
+    if user.is_empty() || !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let Some(u) = User::from_name(user).map_err(|e| format!("cannot look up user {user}: {e}"))?
+    else {
+        tracing::warn!(
+            user,
+            "running as root: user {user} does not exist (create it, or set process.user = \"\")"
+        );
+        return Ok(None);
+    };
+    for path in writable {
+        chown_tree(path, u.uid, u.gid)
+            .map_err(|e| format!("cannot hand {} to {user}: {e}", path.display()))?;
+    }
+    setgroups(&[u.gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(u.gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(u.uid).map_err(|e| format!("setuid: {e}"))?;
+    if setuid(Uid::from_raw(0)).is_ok() {
+        return Err("could regain root after dropping privileges".into());
+    }
+    Ok(Some(user.to_string()))
+}
+
+fn chown_tree(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    nix::unistd::chown(path, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}

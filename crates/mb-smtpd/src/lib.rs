@@ -192,6 +192,18 @@ pub async fn main(opts: Options) -> i32 {
             }
         }
     }
+    // Everything privileged is bound: switch to the unprivileged user when started as root.
+    let data_dir = cfg.path("paths.data_dir");
+    let run_dir = cfg.path("paths.run_dir");
+    // The control socket is bound after the switch, in a run directory the user owns.
+    let _ = std::fs::create_dir_all(&run_dir);
+    let writable: Vec<&std::path::Path> =
+        vec![spool_dir.as_path(), data_dir.as_path(), run_dir.as_path()];
+    match mb_runtime::drop_privileges(&cfg.text("process.user"), &writable) {
+        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
+        Ok(None) => {}
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+    }
     let socket = cfg.socket(DAEMON);
     let control = match mb_runtime::uds::bind(&socket) {
         Ok(l) => l,

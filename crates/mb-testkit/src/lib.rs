@@ -137,8 +137,9 @@ impl Gateway {
             .expect("tempdir");
         let d = dir.path().display();
         let config = dir.path().join("mailborder.toml");
+        // Daemons started as root by the tests stay root: the temp dirs are root's.
         let text = format!(
-            "[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n{extra}\n"
+            "process.user = \"\"\n[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n{extra}\n"
         );
         fs::write(&config, text).expect("write config");
         Gateway {
@@ -508,4 +509,37 @@ pub fn self_signed_named(cn: &str) -> (String, String) {
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("certificate");
     (cert.pem(), key.serialize_pem())
+}
+
+/// Creates the `mailborder` system group and user if missing, as the package's
+/// sysusers.d entry would (tests that check group access or privilege dropping need them).
+pub fn ensure_mailborder_account() {
+    use nix::unistd::{Group, User};
+    if Group::from_name("mailborder").ok().flatten().is_none() {
+        let _ = Command::new(require("groupadd", "passwd"))
+            .args(["--system", "mailborder"])
+            .status();
+    }
+    if User::from_name("mailborder").ok().flatten().is_none() {
+        let _ = Command::new(require("useradd", "passwd"))
+            .args([
+                "--system",
+                "--gid",
+                "mailborder",
+                "--no-create-home",
+                "--home-dir",
+                "/var/lib/mailborder",
+            ])
+            .args(["--shell", "/usr/sbin/nologin", "mailborder"])
+            .status();
+    }
+    // Another test may have been creating them at the same time: check the outcome.
+    assert!(
+        Group::from_name("mailborder").ok().flatten().is_some(),
+        "cannot create the mailborder group"
+    );
+    assert!(
+        User::from_name("mailborder").ok().flatten().is_some(),
+        "cannot create the mailborder user"
+    );
 }
