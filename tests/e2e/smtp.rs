@@ -1000,3 +1000,69 @@ fn started_as_root_it_binds_then_runs_as_the_mailborder_user() {
     assert_eq!(smtpd.stop(Duration::from_secs(20)), Some(0));
     assert!(!gw.path("run/mb-smtpd.sock").exists(), "socket left behind");
 }
+
+#[test]
+fn smtps_speaks_tls_from_the_first_byte_and_offers_auth() {
+    let smtps = free_port();
+    let s = start(&format!(
+        "[network.smtps]\nenabled = true\nport = {smtps}\n"
+    ));
+    let swaks = mb_testkit::require("swaks", "swaks");
+    let out = Command::new(&swaks)
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--port",
+            &smtps.to_string(),
+            "--tls-on-connect",
+            "--quit-after",
+            "EHLO",
+        ])
+        .output()
+        .unwrap();
+    let (code, o, e) = text(&out);
+    assert_eq!(code, 0, "{o}{e}");
+    assert!(
+        o.contains("TLS started") && o.contains("220 mx.served.test ESMTP"),
+        "{o}"
+    );
+    assert!(
+        o.contains("AUTH PLAIN LOGIN") && !o.contains("STARTTLS"),
+        "{o}"
+    );
+    // Plaintext on the SMTPS port gets no greeting.
+    let mut c = Raw::connect(smtps);
+    c.send("EHLO plain.test\r\n");
+    assert!(!c.reply().starts_with("220"));
+    // And port 25 is unaffected.
+    assert!(greeting(s.port).starts_with("220"));
+}
+
+#[test]
+fn max_connections_is_a_limit_for_everyone() {
+    let (port, reinject) = (free_port(), free_port());
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nmax_connections = 2\n[network.reinject]\nport = {reinject}\n\
+         [network.protection]\nmode = \"public\"\n[smtp]\ndomains = \"served.test\"\n[filter]\nenabled = false\n"
+    ));
+    gw.start().unwrap();
+    gw.start_smtpd().unwrap();
+    let mut a = Raw::connect(port);
+    let mut b = Raw::connect(port);
+    assert!(a.reply().starts_with("220") && b.reply().starts_with("220"));
+    let sock = connect_from("127.0.0.5", port);
+    let mut c = Raw {
+        r: BufReader::new(sock.try_clone().unwrap()),
+        w: sock,
+    };
+    let r = c.reply();
+    assert!(
+        r.starts_with("421 4.7.0") && r.contains("too many connections"),
+        "{r}"
+    );
+    a.cmd("QUIT");
+    mb_testkit::wait_until("a free slot", Duration::from_secs(10), || {
+        greeting(port).starts_with("220")
+    })
+    .unwrap();
+}
