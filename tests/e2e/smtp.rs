@@ -209,7 +209,7 @@ print("ok")
     assert!(c.reply().starts_with("250"));
     assert!(c.reply().starts_with("250"));
     assert!(c.reply().starts_with("250 2.0.0 18 octets"));
-    c.send("BDAT 6 LAST\r\nhello\n");
+    c.send("BDAT 7 LAST\r\nhello\r\n");
     assert!(c.reply().contains("queued as"));
     assert!(c.cmd("QUIT").starts_with("221"));
     assert_eq!(s.spooled().len(), 6);

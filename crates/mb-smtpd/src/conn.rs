@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Bytes of replies held back for batching, at most.
+const MAX_PENDING_REPLIES: usize = 8 * 1024;
+
 /// Anything a session can run over: TCP, TLS over TCP, an in-memory duplex in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -122,7 +125,9 @@ impl Conn {
                     self.consume(avail.len());
                 }
             }
-            if self.buffered().is_empty() {
+            // Flush when the client waits, and whenever replies pile up: a client that never
+            // lets the input run dry must not make us buffer replies without bound.
+            if self.buffered().is_empty() || self.out.len() > MAX_PENDING_REPLIES {
                 self.flush().await.map_err(ReadError::Io)?;
             }
             self.fill().await?;
@@ -132,6 +137,11 @@ impl Conn {
     /// Queues a reply; it is sent at the next flush.
     pub fn queue(&mut self, text: &str) {
         self.out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Whether replies have piled up beyond the batching limit.
+    pub fn replies_pending(&self) -> bool {
+        self.out.len() > MAX_PENDING_REPLIES
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {

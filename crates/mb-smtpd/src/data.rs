@@ -63,9 +63,11 @@ impl DataDecoder {
                 }
                 b'\n' => return Err(DataError::BareLf),
                 b'.' if self.line_start => {
-                    // Either the end marker or a stuffed dot: decided by the next byte.
+                    // Either the end marker or a stuffed dot: decided by the next byte. A
+                    // stuffed dot does not count towards the line limit (RFC 5321 §4.5.3.1.6).
                     self.dot_line = true;
                     self.line_start = false;
+                    self.line_len -= 1;
                 }
                 _ => {
                     if b == 0 {
@@ -78,6 +80,49 @@ impl DataDecoder {
             }
         }
         Ok((input.len(), false))
+    }
+}
+
+/// Checks BDAT content, which has no dot-stuffing but must have the same clean line
+/// endings as DATA: a chunk with bare CR or LF could be split into two messages by a
+/// next hop that accepts them.
+#[derive(Debug, Default)]
+pub struct LineChecker {
+    after_cr: bool,
+    line_len: usize,
+    pub longest_line: usize,
+    pub bare: bool,
+    pub nul_seen: bool,
+}
+
+impl LineChecker {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.line_len += 1;
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    self.longest_line = self.longest_line.max(self.line_len);
+                    self.line_len = 0;
+                    continue;
+                }
+                self.bare = true;
+            }
+            match b {
+                b'\r' => self.after_cr = true,
+                b'\n' => self.bare = true,
+                0 => self.nul_seen = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// At the end of the message: an unfinished CR is bare too.
+    pub fn finish(&mut self) {
+        if self.after_cr {
+            self.bare = true;
+        }
+        self.longest_line = self.longest_line.max(self.line_len);
     }
 }
 
@@ -138,6 +183,33 @@ mod tests {
                 "{:?} gave {r:?}",
                 String::from_utf8_lossy(probe)
             );
+        }
+    }
+
+    #[test]
+    fn a_stuffed_dot_does_not_count_towards_the_line_limit() {
+        let mut d = DataDecoder::default();
+        // The line "." + 997 characters, dot-stuffed on the wire to ".." + 997.
+        let mut line = b"..".to_vec();
+        line.extend(vec![b'x'; 997]);
+        line.extend_from_slice(b"\r\n.\r\n");
+        let mut out = Vec::new();
+        assert!(d.feed(&line, &mut out).unwrap().1);
+        assert_eq!(d.longest_line, 1000, "998 characters plus CRLF");
+    }
+
+    #[test]
+    fn bdat_lines_are_checked() {
+        let mut c = LineChecker::default();
+        c.feed(b"Subject: x\r\n\r\nbody\r");
+        c.feed(b"\n");
+        c.finish();
+        assert!(!c.bare && !c.nul_seen);
+        for bad in [&b"a\nb\r\n"[..], b"a\rb\r\n", b"a\r"] {
+            let mut c = LineChecker::default();
+            c.feed(bad);
+            c.finish();
+            assert!(c.bare, "{bad:?}");
         }
     }
 

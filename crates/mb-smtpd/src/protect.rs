@@ -112,6 +112,13 @@ impl Protection {
         if trusted || !count_rate {
             return Ok(());
         }
+        // Without mb-rpcd, `load` does not run: bound the map here too.
+        if self.recent.len() > 50_000 {
+            self.recent.retain(|_, t| {
+                t.back()
+                    .is_some_and(|last| now.duration_since(*last) < p.window)
+            });
+        }
         let times = self.recent.entry(ip).or_default();
         while times
             .front()
@@ -123,7 +130,7 @@ impl Protection {
         if times.len() > p.rate as usize {
             self.recent.remove(&ip);
             self.bans.insert(ip, now + p.ban_for);
-            self.pending.push(Decision {
+            self.remember(Decision {
                 ip,
                 trust: false,
                 for_secs: p.ban_for.as_secs(),
@@ -141,7 +148,7 @@ impl Protection {
     /// A ban decided elsewhere (Redis), kept here and stored in mb-rpcd like our own.
     pub fn banned_by_shared(&mut self, p: &Policy, ip: IpAddr) {
         self.bans.insert(ip, Instant::now() + p.ban_for);
-        self.pending.push(Decision {
+        self.remember(Decision {
             ip,
             trust: false,
             for_secs: p.ban_for.as_secs(),
@@ -168,7 +175,7 @@ impl Protection {
     /// submission to it).
     pub fn authenticated(&mut self, ip: IpAddr) {
         self.trusted.insert(ip, Instant::now() + TRUST_AFTER_AUTH);
-        self.pending.push(Decision {
+        self.remember(Decision {
             ip,
             trust: true,
             for_secs: TRUST_AFTER_AUTH.as_secs(),
@@ -177,8 +184,9 @@ impl Protection {
     }
 
     /// Replaces the stored lists with what mb-rpcd holds: (ip, trust, seconds left).
-    /// Decisions still pending are kept, so nothing decided here is forgotten.
-    pub fn load(&mut self, entries: &[(IpAddr, bool, u64)]) {
+    /// Decisions still pending are kept, so nothing decided here is forgotten; connection
+    /// times older than `window` are dropped, so memory follows recent clients only.
+    pub fn load(&mut self, entries: &[(IpAddr, bool, u64)], window: Duration) {
         let now = Instant::now();
         self.bans.clear();
         self.trusted.clear();
@@ -198,8 +206,20 @@ impl Protection {
                 self.bans.insert(d.ip, until);
             }
         }
-        // Old connection times matter only within the window; drop idle addresses.
-        self.recent.retain(|_, t| !t.is_empty());
+        self.recent.retain(|_, t| {
+            t.back()
+                .is_some_and(|last| now.duration_since(*last) < window)
+        });
+    }
+
+    /// Decisions kept while mb-rpcd cannot be reached, at most (the oldest go first).
+    const MAX_PENDING: usize = 10_000;
+
+    fn remember(&mut self, d: Decision) {
+        if self.pending.len() >= Self::MAX_PENDING {
+            self.pending.remove(0);
+        }
+        self.pending.push(d);
     }
 
     pub fn banned(&self) -> usize {
@@ -331,7 +351,7 @@ mod tests {
         let mut p = Protection::default();
         let pol = policy(Mode::Autoban);
         let stored: IpAddr = "203.0.113.1".parse().unwrap();
-        p.load(&[(stored, false, 100)]);
+        p.load(&[(stored, false, 100)], pol.window);
         assert_eq!(
             p.admit(&pol, stored, Listener::Smtp, true),
             Err(Refusal::Banned)
@@ -341,7 +361,7 @@ mod tests {
             let _ = p.admit(&pol, ip, Listener::Smtp, true);
         }
         // The stored list does not know this ban yet: it stays while pending.
-        p.load(&[]);
+        p.load(&[], pol.window);
         assert_eq!(
             p.admit(&pol, ip, Listener::Smtp, true),
             Err(Refusal::Banned)

@@ -420,8 +420,9 @@ pub async fn sync_access(server: Arc<Server>, shutdown: Shutdown) {
                     .iter()
                     .filter_map(|e| Some((e.ip.parse().ok()?, e.kind == "trust", e.seconds)))
                     .collect();
+                let window = policy(&server.follower.current()).window;
                 if let Ok(mut p) = server.protection.lock() {
-                    p.load(&entries);
+                    p.load(&entries, window);
                 }
             }
         }

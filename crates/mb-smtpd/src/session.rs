@@ -54,6 +54,9 @@ pub trait Authenticator: Send + Sync {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
 }
 
+/// NOOP, HELP, RSET and VRFY commands allowed in one session.
+const MAX_JUNK_COMMANDS: u32 = 100;
+
 /// Failed AUTH attempts allowed in one session before it is closed.
 const MAX_AUTH_FAILURES: u32 = 3;
 
@@ -145,6 +148,7 @@ struct Transaction {
     /// BDAT chunks received so far.
     bdat: Option<(SpoolWriter, u64)>,
     bdat_failed: Option<Reply>,
+    bdat_lines: crate::data::LineChecker,
 }
 
 pub struct Session<'a> {
@@ -161,6 +165,8 @@ pub struct Session<'a> {
     /// Errors since the last accepted message, against `max_errors` (like Postfix's
     /// hard error limit, a client that delivers mail starts afresh).
     error_count: u32,
+    /// NOOP, HELP, RSET and VRFY so far (Postfix's junk command limit).
+    junk: u32,
     pub summary: Summary,
 }
 
@@ -186,6 +192,7 @@ impl<'a> Session<'a> {
             auth_user: None,
             tx: None,
             error_count: 0,
+            junk: 0,
             summary: Summary::default(),
         }
     }
@@ -270,6 +277,13 @@ impl<'a> Session<'a> {
                     if reply.code == 502 {
                         self.summary.unknown += 1;
                     }
+                    // A BDAT line we cannot read leaves its chunk unread: the stream can
+                    // no longer be trusted to be commands.
+                    if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"BDAT") {
+                        let _ = self.conn.send(&reply.to_wire()).await;
+                        self.summary.end = "bad BDAT";
+                        break;
+                    }
                     if self.error(reply).await {
                         break;
                     }
@@ -314,6 +328,41 @@ impl<'a> Session<'a> {
             let _ = self.conn.send(&r.to_wire()).await;
             self.summary.end = "improper pipelining";
             return true;
+        }
+        if matches!(
+            cmd,
+            Command::Noop | Command::Help | Command::Rset | Command::Vrfy(_)
+        ) {
+            self.junk += 1;
+            if self.junk > MAX_JUNK_COMMANDS {
+                let r = Reply::new(
+                    421,
+                    "4.7.0",
+                    format!(
+                        "{} Error: too many commands without mail",
+                        self.settings.hostname
+                    ),
+                );
+                let _ = self.conn.send(&r.to_wire()).await;
+                self.summary.end = "too many junk commands";
+                return true;
+            }
+        }
+        if self.settings.tls_mode == TlsMode::Mandatory
+            && self.tls.is_none()
+            && let Command::Bdat { size, .. } = cmd
+        {
+            // The chunk follows the command whatever the answer: read it first.
+            if !self.skip(size).await {
+                return true;
+            }
+            return self
+                .error(Reply::new(
+                    530,
+                    "5.7.0",
+                    "Must issue a STARTTLS command first",
+                ))
+                .await;
         }
         if self.settings.tls_mode == TlsMode::Mandatory
             && self.tls.is_none()
@@ -437,6 +486,23 @@ impl<'a> Session<'a> {
         false
     }
 
+    /// Reads and throws away `size` bytes (a BDAT chunk we refuse); false if the client left.
+    async fn skip(&mut self, size: u64) -> bool {
+        let mut remaining = size;
+        while remaining > 0 {
+            if self.conn.buffered().is_empty() && self.conn.fill().await.is_err() {
+                self.summary.end = "lost in BDAT";
+                return false;
+            }
+            let n = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(self.conn.buffered().len());
+            self.conn.consume(n);
+            remaining -= n as u64;
+        }
+        true
+    }
+
     /// Records a message event for the message log.
     #[allow(clippy::too_many_arguments)]
     fn event(
@@ -552,7 +618,13 @@ impl<'a> Session<'a> {
                 .error(Reply::new(501, "5.7.0", "Authentication aborted"))
                 .await;
         };
-        match auth.verify(&user, &password, self.client.ip).await {
+        let verdict = tokio::time::timeout(
+            self.settings.timeout,
+            auth.verify(&user, &password, self.client.ip),
+        )
+        .await
+        .unwrap_or_else(|_| Err("no answer from the password check in time".into()));
+        match verdict {
             Ok(true) => {
                 tracing::info!(client = %self.client.ip, user = %loggable(&user), mechanism = %mechanism, "authenticated");
                 self.auth_user = Some(user);
@@ -687,6 +759,7 @@ impl<'a> Session<'a> {
             rcpts: Vec::new(),
             bdat: None,
             bdat_failed: None,
+            bdat_lines: crate::data::LineChecker::default(),
         });
         tracing::debug!(client = %self.client.ip, from = %from, "mail");
         Reply::new(250, "2.1.0", "Ok")
@@ -954,6 +1027,32 @@ impl<'a> Session<'a> {
             return false;
         }
         let writer = self.tx.as_mut().and_then(|t| t.bdat.take());
+        let content = self.tx.as_mut().map(|t| {
+            t.bdat_lines.finish();
+            (
+                t.bdat_lines.bare,
+                t.bdat_lines.nul_seen,
+                t.bdat_lines.longest_line,
+            )
+        });
+        let failed = failed.or_else(|| match content {
+            Some((true, _, _)) => Some(Reply::new(
+                554,
+                "5.6.0",
+                "Error: message contains a bare CR or LF",
+            )),
+            Some((_, true, _)) => Some(Reply::new(
+                554,
+                "5.6.0",
+                "Error: message contains a NUL byte",
+            )),
+            Some((_, _, n)) if n > proto::MAX_TEXT_LINE => Some(Reply::new(
+                554,
+                "5.6.0",
+                "Error: message has a line longer than 998 characters",
+            )),
+            _ => None,
+        });
         let reply = match (failed, writer) {
             (Some(r), _) => r,
             (None, Some((writer, total))) => self.commit(writer, total).await,
@@ -989,7 +1088,8 @@ impl<'a> Session<'a> {
                         ),
                         self.tls.as_deref(),
                         &id,
-                        tx.rcpts.first().map(|(r, _)| r),
+                        // "for" names the recipient only when there is one: others may be Bcc.
+                        (tx.rcpts.len() == 1).then(|| &tx.rcpts[0].0),
                     );
                     if w.write(received.as_bytes()).await.is_err() {
                         tx.bdat_failed =
@@ -1005,6 +1105,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
+        tx.bdat_lines.feed(bytes);
         if let Some((w, total)) = tx.bdat.as_mut() {
             *total += bytes.len() as u64;
             if *total > max {
@@ -1031,7 +1132,7 @@ impl<'a> Session<'a> {
             ),
             self.tls.as_deref(),
             id,
-            tx.and_then(|t| t.rcpts.first()).map(|(r, _)| r),
+            tx.filter(|t| t.rcpts.len() == 1).map(|t| &t.rcpts[0].0),
         )
     }
 

@@ -144,14 +144,15 @@ impl Spool {
         ))
     }
 
-    /// A new queue id: microseconds since the epoch and a counter, in hex. Sortable by
-    /// arrival, unique within the node.
+    /// A new queue id: microseconds since the epoch, the pid and a counter, in hex.
+    /// Sortable by arrival, unique within the node; `commit` never replaces a file anyway.
     pub fn new_id(&self) -> String {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
         let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
-        format!("{micros:X}{n:04X}")
+        // The pid keeps two processes (or a restart after a clock step) apart.
+        format!("{micros:X}{:X}{n:04X}", std::process::id())
     }
 
     pub fn incoming(&self) -> PathBuf {
@@ -172,6 +173,7 @@ impl Spool {
             incoming: self.incoming(),
             id: id.to_string(),
             written: 0,
+            committed: false,
         })
     }
 }
@@ -183,6 +185,7 @@ pub struct SpoolWriter {
     incoming: PathBuf,
     pub id: String,
     pub written: u64,
+    committed: bool,
 }
 
 impl SpoolWriter {
@@ -207,8 +210,12 @@ impl SpoolWriter {
         let file = f.into_inner();
         file.sync_all().await?;
         drop(file);
+        // A hard link fails if the name is taken, where rename would replace a message
+        // already answered 250; then the temporary name goes.
         let target = self.incoming.join(&self.id);
-        tokio::fs::rename(&self.tmp, &target).await?;
+        tokio::fs::hard_link(&self.tmp, &target).await?;
+        self.committed = true;
+        let _ = tokio::fs::remove_file(&self.tmp).await;
         let dir = self.incoming.clone();
         tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
             .await
@@ -218,8 +225,9 @@ impl SpoolWriter {
 }
 
 impl Drop for SpoolWriter {
+    /// A message not committed (abandoned, or its commit failed) leaves nothing behind.
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -275,6 +283,21 @@ mod tests {
         let (msg, got) = read_message(&spool.incoming().join(&id)).unwrap();
         assert_eq!(msg, b"Subject: hi\r\n\r\nbody\r\n");
         assert_eq!(got, env);
+
+        // A commit never replaces a message already in incoming/.
+        let mut w = spool.create(&format!("{id}-again")).await.unwrap();
+        w.id = id.clone();
+        w.write(b"other").await.unwrap();
+        assert!(w.commit(&env).await.is_err());
+        assert_eq!(
+            read_message(&spool.incoming().join(&id)).unwrap().0,
+            b"Subject: hi\r\n\r\nbody\r\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.join("tmp")).unwrap().count(),
+            0,
+            "failed commit left a file"
+        );
 
         // An abandoned writer leaves nothing behind.
         let other = spool.new_id();

@@ -31,7 +31,7 @@ fn settings() -> Settings {
     }
 }
 
-/// Knows one account: alice / correct horse.
+/// Knows one account: alice / correct horse; "slow" never gets an answer.
 struct Table;
 
 impl crate::session::Authenticator for Table {
@@ -45,6 +45,9 @@ impl crate::session::Authenticator for Table {
         Box::pin(async move {
             if user == "down" {
                 return Err("mb-rpcd is not running".into());
+            }
+            if user == "slow" {
+                std::future::pending::<()>().await;
             }
             Ok(user == "alice" && password == "correct horse")
         })
@@ -224,7 +227,10 @@ async fn a_message_is_spooled_with_its_envelope() {
     let (msg, env) = &spooled[0];
     let text = String::from_utf8_lossy(msg);
     assert!(text.starts_with("Received: from client.example (unknown [198.51.100.7])\r\n\tby mx.served.example (Mailborder) with ESMTP id "), "{text}");
-    assert!(text.contains("\tfor <bob@served.example>; "), "{text}");
+    assert!(
+        !text.contains("\tfor <"),
+        "two recipients, yet one is named: {text}"
+    );
     assert!(
         text.ends_with("Subject: hi\r\n\r\n.leading dot\r\nbody\r\n"),
         "{text}"
@@ -502,13 +508,13 @@ async fn bdat_chunks_make_one_message() {
     t.envelope("a@b.example", &["u@served.example"]).await;
     t.send("BDAT 14\r\nSubject: b\r\n\r\n").await;
     t.expect(250).await;
-    // Bare LF and dots are data in BDAT, taken as they come.
-    t.send("BDAT 8 LAST\r\n.x\n.\r\n\r\n").await;
+    // Dots are data in BDAT, taken as they come (no stuffing).
+    t.send("BDAT 8 LAST\r\n.x\r\n..\r\n").await;
     let r = t.expect(250).await;
     assert!(r.contains("queued as"), "{r}");
     let (msg, _) = &t.spooled()[0];
     assert!(
-        msg.ends_with(b"Subject: b\r\n\r\n.x\n.\r\n\r\n"),
+        msg.ends_with(b"Subject: b\r\n\r\n.x\r\n..\r\n"),
         "{:?}",
         String::from_utf8_lossy(msg)
     );
@@ -841,4 +847,66 @@ fn cipher_lists_restrict_tls12_only() {
     );
     let err = cipher_suites("DHE-RSA-AES128-GCM-SHA256").unwrap_err();
     assert!(err.contains("names no TLS 1.2 suite"), "{err}");
+}
+
+#[tokio::test]
+async fn review_fixes_hold() {
+    // BDAT content with a bare LF is refused like DATA's, and nothing is spooled.
+    let mut t = T::outside().await;
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.send("BDAT 10 LAST\r\nx\n.\nMAIL\r\n").await;
+    let r = t.expect(554).await;
+    assert!(r.contains("bare CR or LF"), "{r}");
+    assert!(t.spooled().is_empty());
+    // Two recipients: the Received header names neither.
+    t.envelope("a@b.example", &["u@served.example", "bcc@served.example"])
+        .await;
+    t.cmd("DATA", 354).await;
+    t.send("x\r\n.\r\n").await;
+    t.expect(250).await;
+    let (msg, _) = &t.spooled()[0];
+    assert!(
+        !String::from_utf8_lossy(msg).contains("\tfor <"),
+        "{}",
+        String::from_utf8_lossy(msg)
+    );
+    // A BDAT line we cannot parse ends the session instead of reading its chunk as commands.
+    t.send("BDAT 5x\r\nQUIT\r\n").await;
+    t.expect(501).await;
+    assert_eq!(t.closed().await.end, "bad BDAT");
+
+    // Under mandatory TLS a refused BDAT's chunk is still read.
+    let mut s = settings();
+    s.tls_mode = TlsMode::Mandatory;
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.send("BDAT 6 LAST\r\nNOOP\r\n").await;
+    t.expect(530).await;
+    t.cmd("NOOP", 250).await;
+
+    // Junk commands are limited.
+    let mut t = T::outside().await;
+    for _ in 0..100 {
+        t.cmd("NOOP", 250).await;
+    }
+    let r = t.cmd("RSET", 421).await;
+    assert!(r.contains("too many commands"), "{r}");
+}
+
+#[tokio::test]
+async fn a_stalled_password_check_times_out() {
+    let (acceptor, connector) = tls_pair();
+    let mut s = settings();
+    s.tls = Some(acceptor);
+    s.auth = Some(Arc::new(Table));
+    s.timeout = Duration::from_millis(500);
+    let mut t = T::start(s, OUTSIDE, Listener::Submission).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("STARTTLS", 220).await;
+    let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
+    let mut tls = connector.connect(name, t.io).await.unwrap();
+    tls_cmd(&mut tls, "EHLO c.example").await;
+    // \0slow\0whatever
+    let r = tls_cmd(&mut tls, "AUTH PLAIN AHNsb3cAd2hhdGV2ZXI=").await;
+    assert!(r.starts_with("454 4.7.0"), "{r}");
 }
