@@ -8,6 +8,7 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use mb_proto::v1::access_client::AccessClient;
 use mb_proto::v1::{AccessEntry, ListAccessRequest, RemoveAccessRequest};
+use mb_runtime::cli::{self, Failure};
 
 const AFTER_HELP: &str = "\
 mb-smtpd bans sources that connect faster than network.protection.autoban.rate, and in
@@ -56,18 +57,8 @@ enum Command {
     Untrust { ip: String },
 }
 
-struct Failure(u8, anyhow::Error);
-
 fn grpc(e: tonic::Status) -> Failure {
-    let code = match e.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound => 1,
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => 77,
-        _ => 69,
-    };
-    Failure(
-        code,
-        anyhow!(mb_runtime::uds::describe_status("mb-rpcd", &e)),
-    )
+    cli::grpc("mb-rpcd", &e)
 }
 
 fn seconds(text: &str) -> Result<u64, Failure> {
@@ -78,23 +69,7 @@ fn seconds(text: &str) -> Result<u64, Failure> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mb-ban: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(code, e)) => {
-            eprintln!("mb-ban: {e:#}");
-            ExitCode::from(code)
-        }
-    }
+    cli::run("mb-ban", run(args))
 }
 
 async fn run(args: Args) -> Result<(), Failure> {

@@ -12,7 +12,7 @@ use mb_proto::v1::control_client::ControlClient;
 use mb_proto::v1::{
     self, GetRequest, HistoryRequest, ListRequest, ReloadRequest, SetRequest, UnsetRequest,
 };
-use mb_runtime::uds::ConnectError;
+use mb_runtime::cli::{self, Failure};
 use serde_json::{Value as Json, json};
 
 const AFTER_HELP: &str = "\
@@ -76,51 +76,13 @@ enum Command {
     },
 }
 
-/// A failure with the exit status it maps to.
-struct Failure(u8, anyhow::Error);
-
-impl From<ConnectError> for Failure {
-    fn from(e: ConnectError) -> Self {
-        let code = if matches!(e, ConnectError::Denied { .. }) {
-            77
-        } else {
-            69
-        };
-        Failure(code, e.into())
-    }
-}
-
 fn grpc(e: tonic::Status) -> Failure {
-    let code = match e.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => 1,
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => 77,
-        _ => 69,
-    };
-    Failure(
-        code,
-        anyhow!(mb_runtime::uds::describe_status("mb-rpcd", &e)),
-    )
+    cli::grpc("mb-rpcd", &e)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mb-config: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(code, e)) => {
-            eprintln!("mb-config: {e:#}");
-            ExitCode::from(code)
-        }
-    }
+    cli::run("mb-config", run(args))
 }
 
 async fn run(args: Args) -> Result<(), Failure> {

@@ -46,28 +46,16 @@ pub struct Options {
 
 /// Runs the daemon to completion and returns the process exit status.
 pub async fn main(opts: Options) -> i32 {
-    mb_runtime::set_umask();
-    let file_cfg = match mb_runtime::load_config(opts.config.as_deref()) {
+    let file_cfg = match mb_runtime::start_daemon(
+        DAEMON,
+        opts.config.as_deref(),
+        opts.log_format.as_deref(),
+    ) {
         Ok(c) => c,
-        Err(msg) => {
-            for line in msg.lines() {
-                eprintln!("{DAEMON}: {line}");
-            }
-            return mb_runtime::EX_USAGE;
-        }
+        Err(code) => return code,
     };
-    let json = opts
-        .log_format
-        .as_deref()
-        .unwrap_or(&file_cfg.text("log.format"))
-        == "json";
-    mb_runtime::logging::init(DAEMON, &file_cfg.text("log.level"), json);
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let fail = |code: i32, msg: String| {
-        tracing::error!("{msg}");
-        eprintln!("{DAEMON}: {msg}");
-        code
-    };
+    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
 
     let url = file_cfg.database_url();
     let max = u32::try_from(file_cfg.int("database.max_connections")).unwrap_or(10);

@@ -1,6 +1,7 @@
 //! What every daemon and tool shares: log lines, configuration loading, signals and
 //! drain, sd_notify, and gRPC over Unix sockets with peer-credential checks.
 
+pub mod cli;
 pub mod control;
 pub mod events;
 pub mod follow;
@@ -123,4 +124,30 @@ fn chown_tree(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std:
         }
     }
     Ok(())
+}
+
+/// The first steps of every daemon: umask, configuration file (printing every problem and
+/// returning EX_USAGE before anything is bound), then logging as the file asks.
+pub fn start_daemon(
+    daemon: &'static str,
+    config: Option<&Path>,
+    log_format: Option<&str>,
+) -> Result<Config, i32> {
+    set_umask();
+    let cfg = load_config(config).map_err(|msg| {
+        for line in msg.lines() {
+            eprintln!("{daemon}: {line}");
+        }
+        EX_USAGE
+    })?;
+    let json = log_format.unwrap_or(&cfg.text("log.format")) == "json";
+    logging::init(daemon, &cfg.text("log.level"), json);
+    Ok(cfg)
+}
+
+/// Reports a start-up failure on the log and on stderr, and gives the exit status.
+pub fn fail(daemon: &str, code: i32, msg: &str) -> i32 {
+    tracing::error!("{msg}");
+    eprintln!("{daemon}: {msg}");
+    code
 }

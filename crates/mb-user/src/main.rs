@@ -8,6 +8,7 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use mb_proto::v1::users_client::UsersClient;
 use mb_proto::v1::{AddUserRequest, ListUsersRequest, RemoveUserRequest, SetPasswordRequest};
+use mb_runtime::cli::{self, Failure};
 
 const AFTER_HELP: &str = "\
 Passwords are read from the terminal (twice, without echo) or, when stdin is not a
@@ -43,39 +44,13 @@ enum Command {
     List,
 }
 
-struct Failure(u8, anyhow::Error);
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mb-user: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(code, e)) => {
-            eprintln!("mb-user: {e:#}");
-            ExitCode::from(code)
-        }
-    }
+    cli::run("mb-user", run(args))
 }
 
 fn grpc(e: tonic::Status) -> Failure {
-    let code = match e.code() {
-        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => 1,
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => 77,
-        _ => 69,
-    };
-    Failure(
-        code,
-        anyhow!(mb_runtime::uds::describe_status("mb-rpcd", &e)),
-    )
+    cli::grpc("mb-rpcd", &e)
 }
 
 /// Reads a new password: from the terminal twice without echo, else one line of stdin.
