@@ -89,6 +89,10 @@ impl DaemonHooks for Hooks {
     async fn status(&self, _req: &StatusRequest, resp: &mut StatusResponse) {
         resp.counters
             .insert("connections_active".into(), self.server.active() as u64);
+        for (phase, name) in session::Phase::ALL {
+            let n = u64::try_from(self.server.phases.get(phase)).unwrap_or(0);
+            resp.counters.insert(name.into(), n);
+        }
         let banned = self.server.protection.lock().map_or(0, |p| p.banned());
         resp.counters.insert("banned_now".into(), banned as u64);
         if let Some(ev) = &self.server.events {

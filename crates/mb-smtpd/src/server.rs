@@ -29,6 +29,8 @@ struct Limits {
 }
 
 pub struct Server {
+    /// Sessions by phase, for `Control.Status`.
+    pub phases: Arc<crate::session::Phases>,
     /// Redis, when `redis.url` is set and reachable.
     pub shared: RwLock<Option<crate::shared::Shared>>,
     pub events: Option<mb_runtime::events::EventSink>,
@@ -70,6 +72,7 @@ impl Server {
         info: Arc<DaemonInfo>,
     ) -> Server {
         Server {
+            phases: Arc::default(),
             shared: RwLock::new(None),
             events: None,
             protection: Arc::default(),
@@ -158,6 +161,7 @@ impl Server {
             helo_required: cfg.bool("smtp.helo_required"),
             vrfy: cfg.bool("smtp.vrfy_enabled"),
             events: self.events.clone(),
+            phases: Some(self.phases.clone()),
             auth: submission.then(|| {
                 Arc::new(RpcdAuth {
                     socket: cfg.socket("mb-rpcd"),

@@ -60,6 +60,72 @@ const MAX_JUNK_COMMANDS: u32 = 100;
 /// Failed AUTH attempts allowed in one session before it is closed.
 const MAX_AUTH_FAILURES: u32 = 3;
 
+/// What a session is doing, for the "connections by state" of `Control.Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Command = 0,
+    Data = 1,
+    TlsHandshake = 2,
+    Auth = 3,
+}
+
+impl Phase {
+    pub const ALL: [(Phase, &'static str); 4] = [
+        (Phase::Command, "sessions_command"),
+        (Phase::Data, "sessions_data"),
+        (Phase::TlsHandshake, "sessions_tls_handshake"),
+        (Phase::Auth, "sessions_auth"),
+    ];
+}
+
+/// Sessions in each phase, shared by all sessions of a process.
+#[derive(Default)]
+pub struct Phases([std::sync::atomic::AtomicI64; 4]);
+
+impl Phases {
+    pub fn get(&self, p: Phase) -> i64 {
+        self.0[p as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, p: Phase, n: i64) {
+        self.0[p as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The phase a session is in; moving it updates the shared gauges, dropping it leaves.
+struct PhaseGuard {
+    phases: Option<std::sync::Arc<Phases>>,
+    current: Phase,
+}
+
+impl PhaseGuard {
+    fn new(phases: Option<std::sync::Arc<Phases>>) -> PhaseGuard {
+        if let Some(p) = &phases {
+            p.add(Phase::Command, 1);
+        }
+        PhaseGuard {
+            phases,
+            current: Phase::Command,
+        }
+    }
+
+    fn set(&mut self, next: Phase) {
+        if let Some(p) = &self.phases {
+            p.add(self.current, -1);
+            p.add(next, 1);
+        }
+        self.current = next;
+    }
+}
+
+impl Drop for PhaseGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.phases {
+            p.add(self.current, -1);
+        }
+    }
+}
+
 /// The settings a session runs with (a snapshot of the configuration at connect time).
 #[derive(Clone)]
 pub struct Settings {
@@ -80,6 +146,8 @@ pub struct Settings {
     pub auth: Option<std::sync::Arc<dyn Authenticator>>,
     /// Where message events go (mb-rpcd's message log).
     pub events: Option<mb_runtime::events::EventSink>,
+    /// Where the session reports its phase.
+    pub phases: Option<std::sync::Arc<Phases>>,
 }
 
 /// The client as seen at accept time.
@@ -167,6 +235,7 @@ pub struct Session<'a> {
     error_count: u32,
     /// NOOP, HELP, RSET and VRFY so far (Postfix's junk command limit).
     junk: u32,
+    phase: PhaseGuard,
     pub summary: Summary,
 }
 
@@ -193,6 +262,7 @@ impl<'a> Session<'a> {
             tx: None,
             error_count: 0,
             junk: 0,
+            phase: PhaseGuard::new(settings.phases.clone()),
             summary: Summary::default(),
         }
     }
@@ -424,7 +494,12 @@ impl<'a> Session<'a> {
                 self.tx = None;
                 self.reply(Reply::new(250, "", self.settings.hostname.clone()));
             }
-            Command::StartTls => return self.starttls().await,
+            Command::StartTls => {
+                self.phase.set(Phase::TlsHandshake);
+                let end = self.starttls().await;
+                self.phase.set(Phase::Command);
+                return end;
+            }
             Command::Mail(sender, params) => {
                 self.summary.mail += 1;
                 let r = self.mail(sender, params);
@@ -443,11 +518,17 @@ impl<'a> Session<'a> {
             }
             Command::Data => {
                 self.summary.data += 1;
-                return self.data().await;
+                self.phase.set(Phase::Data);
+                let end = self.data().await;
+                self.phase.set(Phase::Command);
+                return end;
             }
             Command::Bdat { size, last } => {
                 self.summary.bdat += 1;
-                return self.bdat(size, last).await;
+                self.phase.set(Phase::Data);
+                let end = self.bdat(size, last).await;
+                self.phase.set(Phase::Command);
+                return end;
             }
             Command::Rset => {
                 self.summary.rset += 1;
@@ -480,7 +561,10 @@ impl<'a> Session<'a> {
             }
             Command::Auth(arg) => {
                 self.summary.auth += 1;
-                return self.auth(&arg).await;
+                self.phase.set(Phase::Auth);
+                let end = self.auth(&arg).await;
+                self.phase.set(Phase::Command);
+                return end;
             }
         }
         false

@@ -28,6 +28,7 @@ fn settings() -> Settings {
         vrfy: false,
         auth: None,
         events: None,
+        phases: None,
     }
 }
 
@@ -909,4 +910,33 @@ async fn a_stalled_password_check_times_out() {
     // \0slow\0whatever
     let r = tls_cmd(&mut tls, "AUTH PLAIN AHNsb3cAd2hhdGV2ZXI=").await;
     assert!(r.starts_with("454 4.7.0"), "{r}");
+}
+
+#[tokio::test]
+async fn sessions_report_their_phase() {
+    let phases = Arc::new(crate::session::Phases::default());
+    let mut s = settings();
+    s.phases = Some(phases.clone());
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    use crate::session::Phase;
+    assert_eq!(phases.get(Phase::Command), 1);
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.cmd("DATA", 354).await;
+    assert_eq!(
+        (phases.get(Phase::Command), phases.get(Phase::Data)),
+        (0, 1)
+    );
+    t.send("x\r\n.\r\n").await;
+    t.expect(250).await;
+    assert_eq!(
+        (phases.get(Phase::Command), phases.get(Phase::Data)),
+        (1, 0)
+    );
+    t.cmd("QUIT", 221).await;
+    t.closed().await;
+    assert_eq!(
+        phases.get(Phase::Command),
+        0,
+        "a closed session still counted"
+    );
 }
