@@ -202,6 +202,7 @@ pub static KEYS: &[KeyDef] = &[
     k("smtp.helo_required", BOOL, "true", "Refuse MAIL before HELO/EHLO").by(S),
     k("smtp.vrfy_enabled", BOOL, "false", "Answer VRFY truthfully instead of 252").by(S),
     k("smtp.max_errors", int(1, 1000), "10", "Errors in one session before 421 and disconnect").by(S),
+    k("smtp.data_deadline", secs(10, 86_400), "30m", "Longest time a client may take to send one message (DATA or BDAT), however steadily").by(S),
     // Relay host (inbound delivery).
     k("relay.host", Kind::Text { max: 253 }, "", "Internal mail server that receives accepted inbound mail").by(S),
     k("relay.port", PORT, "25", "Port of the relay host").by(S),

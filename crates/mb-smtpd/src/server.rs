@@ -153,6 +153,7 @@ impl Server {
             max_recipients: usize::try_from(cfg.int("smtp.max_recipients")).unwrap_or(100),
             max_errors: u32::try_from(cfg.int("smtp.max_errors")).unwrap_or(10),
             timeout: cfg.duration("network.smtp.timeout"),
+            data_deadline: cfg.duration("smtp.data_deadline"),
             tls_mode,
             tls: self.tls.read().ok().and_then(|t| t.clone()),
             require_auth: submission && cfg.bool("network.submission.require_auth"),
@@ -319,7 +320,7 @@ impl Server {
             "improper pipelining" => Some("ended_pipelining"),
             "too many errors" => Some("ended_errors"),
             "too many auth failures" => Some("ended_auth_failures"),
-            "timeout" | "timeout in DATA" => Some("ended_timeout"),
+            "timeout" | "timeout in DATA" | "DATA deadline" => Some("ended_timeout"),
             _ => None,
         };
         if let Some(r) = reason {

@@ -136,6 +136,8 @@ pub struct Settings {
     pub max_recipients: usize,
     pub max_errors: u32,
     pub timeout: Duration,
+    /// Longest time for one message's content, against clients that trickle it.
+    pub data_deadline: Duration,
     pub tls_mode: TlsMode,
     pub tls: Option<TlsAcceptor>,
     pub require_auth: bool,
@@ -995,7 +997,21 @@ impl<'a> Session<'a> {
         let mut size: u64 = 0;
         let mut too_big = false;
         let mut write_failed = false;
+        let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         loop {
+            if tokio::time::Instant::now() > deadline {
+                let r = Reply::new(
+                    421,
+                    "4.4.2",
+                    format!(
+                        "{} Error: message took too long to send",
+                        self.settings.hostname
+                    ),
+                );
+                let _ = self.conn.send(&r.to_wire()).await;
+                self.summary.end = "DATA deadline";
+                return true;
+            }
             if self.conn.buffered().is_empty()
                 && let Err(e) = self.conn.fill().await
             {
@@ -1074,7 +1090,21 @@ impl<'a> Session<'a> {
         let mut chunk = Vec::new();
         let keep = self.ready_for_data().is_none()
             && self.tx.as_ref().is_some_and(|t| t.bdat_failed.is_none());
+        let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         while remaining > 0 {
+            if tokio::time::Instant::now() > deadline {
+                let r = Reply::new(
+                    421,
+                    "4.4.2",
+                    format!(
+                        "{} Error: message took too long to send",
+                        self.settings.hostname
+                    ),
+                );
+                let _ = self.conn.send(&r.to_wire()).await;
+                self.summary.end = "DATA deadline";
+                return true;
+            }
             if self.conn.buffered().is_empty() && self.conn.fill().await.is_err() {
                 self.summary.end = "lost in BDAT";
                 return true;

@@ -20,6 +20,7 @@ fn settings() -> Settings {
         max_recipients: 3,
         max_errors: 10,
         timeout: Duration::from_secs(10),
+        data_deadline: Duration::from_secs(600),
         tls_mode: TlsMode::Enabled,
         tls: None,
         require_auth: false,
@@ -939,4 +940,25 @@ async fn sessions_report_their_phase() {
         0,
         "a closed session still counted"
     );
+}
+
+#[tokio::test]
+async fn a_trickled_message_hits_the_data_deadline() {
+    let mut s = settings();
+    s.timeout = Duration::from_millis(400);
+    s.data_deadline = Duration::from_millis(900);
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    t.envelope("a@b.example", &["u@served.example"]).await;
+    t.cmd("DATA", 354).await;
+    // Each byte comes before the idle timeout, but the whole never ends.
+    for _ in 0..8 {
+        if t.io.write_all(b"x").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = t.expect(421).await;
+    assert!(r.contains("took too long"), "{r}");
+    assert_eq!(t.closed().await.end, "DATA deadline");
+    assert!(t.spooled().is_empty());
 }
