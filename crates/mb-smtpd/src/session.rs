@@ -279,9 +279,11 @@ impl<'a> Session<'a> {
     /// Runs the session to its end and returns its summary.
     pub async fn run(mut self, shutdown: mb_runtime::lifecycle::Shutdown) -> Summary {
         if self.conn.input_pending().await {
-            let r = Reply::new(554, "5.5.1", "Error: talking before the greeting");
-            let _ = self.conn.send(&r.to_wire()).await;
-            self.summary.end = "early talker";
+            self.close(
+                Reply::new(554, "5.5.1", "Error: talking before the greeting"),
+                "early talker",
+            )
+            .await;
             self.conn.shutdown().await;
             return self.summary;
         }
@@ -294,8 +296,8 @@ impl<'a> Session<'a> {
             let line = tokio::select! {
                 l = self.conn.read_line(proto::MAX_COMMAND_LINE) => l,
                 () = shutdown.requested() => {
-                    let _ = self.conn.send(&Reply::new(421, "4.3.2", format!("{} Service shutting down", self.settings.hostname)).to_wire()).await;
-                    self.summary.end = "shutdown";
+                    let r = Reply::new(421, "4.3.2", format!("{} Service shutting down", self.settings.hostname));
+                    self.close(r, "shutdown").await;
                     break;
                 }
             };
@@ -311,23 +313,27 @@ impl<'a> Session<'a> {
                     continue;
                 }
                 Err(ReadError::BareLf) => {
-                    let r = Reply::new(
-                        521,
-                        "5.5.2",
-                        format!("{} Error: bare <LF> received", self.settings.hostname),
-                    );
-                    let _ = self.conn.send(&r.to_wire()).await;
-                    self.summary.end = "bare LF";
+                    self.close(
+                        Reply::new(
+                            521,
+                            "5.5.2",
+                            format!("{} Error: bare <LF> received", self.settings.hostname),
+                        ),
+                        "bare LF",
+                    )
+                    .await;
                     break;
                 }
                 Err(ReadError::Timeout) => {
-                    let r = Reply::new(
-                        421,
-                        "4.4.2",
-                        format!("{} Error: timeout exceeded", self.settings.hostname),
-                    );
-                    let _ = self.conn.send(&r.to_wire()).await;
-                    self.summary.end = "timeout";
+                    self.close(
+                        Reply::new(
+                            421,
+                            "4.4.2",
+                            format!("{} Error: timeout exceeded", self.settings.hostname),
+                        ),
+                        "timeout",
+                    )
+                    .await;
                     break;
                 }
                 Err(ReadError::Eof) => {
@@ -366,6 +372,12 @@ impl<'a> Session<'a> {
         self.summary
     }
 
+    /// Sends a last reply and records why the session ends.
+    async fn close(&mut self, reply: Reply, end: &'static str) {
+        let _ = self.conn.send(&reply.to_wire()).await;
+        self.summary.end = end;
+    }
+
     /// Sends an error reply; returns true when the session must end (too many errors).
     async fn error(&mut self, reply: Reply) -> bool {
         self.summary.errors += 1;
@@ -396,9 +408,11 @@ impl<'a> Session<'a> {
         // Without PIPELINING, a client may not send a command before its reply came.
         let pipelined = !self.conn.buffered().is_empty();
         if pipelined && !self.esmtp {
-            let r = Reply::new(554, "5.5.0", "Error: improper command pipelining");
-            let _ = self.conn.send(&r.to_wire()).await;
-            self.summary.end = "improper pipelining";
+            self.close(
+                Reply::new(554, "5.5.0", "Error: improper command pipelining"),
+                "improper pipelining",
+            )
+            .await;
             return true;
         }
         if matches!(
@@ -407,16 +421,18 @@ impl<'a> Session<'a> {
         ) {
             self.junk += 1;
             if self.junk > MAX_JUNK_COMMANDS {
-                let r = Reply::new(
-                    421,
-                    "4.7.0",
-                    format!(
-                        "{} Error: too many commands without mail",
-                        self.settings.hostname
+                self.close(
+                    Reply::new(
+                        421,
+                        "4.7.0",
+                        format!(
+                            "{} Error: too many commands without mail",
+                            self.settings.hostname
+                        ),
                     ),
-                );
-                let _ = self.conn.send(&r.to_wire()).await;
-                self.summary.end = "too many junk commands";
+                    "too many junk commands",
+                )
+                .await;
                 return true;
             }
         }
@@ -731,16 +747,18 @@ impl<'a> Session<'a> {
                 let _ = self.conn.flush().await;
                 tokio::time::sleep(pause).await;
                 if self.summary.auth_failed >= MAX_AUTH_FAILURES {
-                    let r = Reply::new(
-                        421,
-                        "4.7.0",
-                        format!(
-                            "{} Error: too many failed authentications",
-                            self.settings.hostname
+                    self.close(
+                        Reply::new(
+                            421,
+                            "4.7.0",
+                            format!(
+                                "{} Error: too many failed authentications",
+                                self.settings.hostname
+                            ),
                         ),
-                    );
-                    let _ = self.conn.send(&r.to_wire()).await;
-                    self.summary.end = "too many auth failures";
+                        "too many auth failures",
+                    )
+                    .await;
                     return true;
                 }
                 self.error(Reply::new(535, "5.7.8", "Error: authentication failed"))
@@ -786,9 +804,11 @@ impl<'a> Session<'a> {
         }
         // Anything pipelined after STARTTLS would cross into the TLS session (CVE-2011-0411).
         if !self.conn.buffered().is_empty() {
-            let r = Reply::new(554, "5.5.0", "Error: improper pipelining after STARTTLS");
-            let _ = self.conn.send(&r.to_wire()).await;
-            self.summary.end = "improper pipelining";
+            self.close(
+                Reply::new(554, "5.5.0", "Error: improper pipelining after STARTTLS"),
+                "improper pipelining",
+            )
+            .await;
             return true;
         }
         if self
@@ -961,9 +981,11 @@ impl<'a> Session<'a> {
         }
         // DATA ends a pipelined group (RFC 2920): input before 354 is not a message.
         if !self.conn.buffered().is_empty() {
-            let r = Reply::new(554, "5.5.0", "Error: improper pipelining after DATA");
-            let _ = self.conn.send(&r.to_wire()).await;
-            self.summary.end = "improper pipelining";
+            self.close(
+                Reply::new(554, "5.5.0", "Error: improper pipelining after DATA"),
+                "improper pipelining",
+            )
+            .await;
             return true;
         }
         let id = self.spool.new_id();
@@ -1000,33 +1022,34 @@ impl<'a> Session<'a> {
         let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         loop {
             if tokio::time::Instant::now() > deadline {
-                let r = Reply::new(
-                    421,
-                    "4.4.2",
-                    format!(
-                        "{} Error: message took too long to send",
-                        self.settings.hostname
+                self.close(
+                    Reply::new(
+                        421,
+                        "4.4.2",
+                        format!(
+                            "{} Error: message took too long to send",
+                            self.settings.hostname
+                        ),
                     ),
-                );
-                let _ = self.conn.send(&r.to_wire()).await;
-                self.summary.end = "DATA deadline";
+                    "DATA deadline",
+                )
+                .await;
                 return true;
             }
             if self.conn.buffered().is_empty()
                 && let Err(e) = self.conn.fill().await
             {
-                self.summary.end = match e {
+                match e {
                     ReadError::Timeout => {
                         let r = Reply::new(
                             421,
                             "4.4.2",
                             format!("{} Error: timeout exceeded", self.settings.hostname),
                         );
-                        let _ = self.conn.send(&r.to_wire()).await;
-                        "timeout in DATA"
+                        self.close(r, "timeout in DATA").await;
                     }
-                    _ => "lost in DATA",
-                };
+                    _ => self.summary.end = "lost in DATA",
+                }
                 return true;
             }
             out.clear();
@@ -1038,13 +1061,15 @@ impl<'a> Session<'a> {
                     } else {
                         "bare <CR>"
                     };
-                    let r = Reply::new(
-                        521,
-                        "5.5.2",
-                        format!("{} Error: {what} received", self.settings.hostname),
-                    );
-                    let _ = self.conn.send(&r.to_wire()).await;
-                    self.summary.end = "smuggling attempt";
+                    self.close(
+                        Reply::new(
+                            521,
+                            "5.5.2",
+                            format!("{} Error: {what} received", self.settings.hostname),
+                        ),
+                        "smuggling attempt",
+                    )
+                    .await;
                     tracing::warn!(client = %self.client.ip, "{what} in DATA, session closed");
                     return true;
                 }
@@ -1093,16 +1118,18 @@ impl<'a> Session<'a> {
         let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         while remaining > 0 {
             if tokio::time::Instant::now() > deadline {
-                let r = Reply::new(
-                    421,
-                    "4.4.2",
-                    format!(
-                        "{} Error: message took too long to send",
-                        self.settings.hostname
+                self.close(
+                    Reply::new(
+                        421,
+                        "4.4.2",
+                        format!(
+                            "{} Error: message took too long to send",
+                            self.settings.hostname
+                        ),
                     ),
-                );
-                let _ = self.conn.send(&r.to_wire()).await;
-                self.summary.end = "DATA deadline";
+                    "DATA deadline",
+                )
+                .await;
                 return true;
             }
             if self.conn.buffered().is_empty() && self.conn.fill().await.is_err() {
