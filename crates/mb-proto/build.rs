@@ -16,6 +16,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "events.proto",
         "users.proto",
         "access.proto",
+        "queue.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -33,6 +33,7 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-status",
         "usr/bin/mb-user",
         "usr/bin/mb-ban",
+        "usr/bin/mb-queue",
         "usr/sbin/mb-smtpd",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",

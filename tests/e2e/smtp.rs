@@ -1066,3 +1066,86 @@ fn max_connections_is_a_limit_for_everyone() {
     })
     .unwrap();
 }
+
+fn send_one(port: u16, subject: &str) -> String {
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.cmd("EHLO q.test");
+    c.cmd("MAIL FROM:<alice@sender.test>");
+    c.cmd("RCPT TO:<bob@served.test>");
+    c.cmd("DATA");
+    let r = c.cmd(&format!("Subject: {subject}\r\n\r\nbody\r\n."));
+    r.trim()
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
+}
+
+#[test]
+fn mb_queue_lists_shows_holds_releases_and_deletes() {
+    let s = start("");
+    let ids: Vec<String> = (0..3)
+        .map(|i| send_one(s.port, &format!("queued {i}")))
+        .collect();
+    let q = |args: &[&str]| text(&s.gw.tool("mb-queue", args));
+    let (code, out, err) = q(&["--json", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    assert_eq!(v[0]["id"], ids[0].as_str());
+    assert_eq!(
+        (v[0]["sender"].as_str(), v[0]["queue"].as_str()),
+        (Some("alice@sender.test"), Some("incoming"))
+    );
+    assert_eq!(v[0]["recipients"][0]["address"], "bob@served.test");
+    assert_eq!(v[0]["recipients"][0]["state"], "queued");
+
+    let (code, out, _) = q(&["hold", &ids[1]]);
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = q(&["--json", "list", "--queue", "hold"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert!(s.gw.path(&format!("spool/hold/{}", ids[1])).exists());
+    let (_, out, _) = text(&s.gw.tool("mb-status", &["--json"]));
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let smtpd = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-smtpd")
+        .unwrap();
+    assert_eq!(
+        (
+            smtpd["counters"]["queue_incoming"].as_u64(),
+            smtpd["counters"]["queue_hold"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+
+    let (code, out, _) = q(&["show", &ids[1]]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("queue: hold")
+            && out.contains("Subject: queued 1")
+            && out.contains("helo=q.test"),
+        "{out}"
+    );
+    let (code, _, err) = q(&["release", &ids[0]]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not on hold"), "{err}");
+    assert_eq!(q(&["release", &ids[1]]).0, 0);
+    assert!(s.gw.path(&format!("spool/incoming/{}", ids[1])).exists());
+
+    let (code, _, err) = q(&["show", "../../etc/passwd"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, _) = q(&["show", "ABCDEF"]);
+    assert_eq!(code, 1);
+    assert_eq!(q(&["delete", &ids[2]]).0, 0);
+    let (code, out, _) = q(&["delete", "--all"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("deleted 2 message(s)"), "{out}");
+    let (_, out, _) = q(&["list"]);
+    assert_eq!(out.trim(), "Mail queue is empty");
+    let (code, _, _) = q(&["delete"]);
+    assert_eq!(code, 2);
+}

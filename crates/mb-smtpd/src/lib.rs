@@ -7,6 +7,7 @@ pub mod conn;
 pub mod data;
 pub mod protect;
 pub mod proto;
+pub mod queue;
 pub mod server;
 pub mod session;
 pub mod shared;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mb_proto::v1::control_server::ControlServer;
+use mb_proto::v1::queue_server::QueueServer;
 use mb_proto::v1::{ReloadResponse, StatusRequest, StatusResponse};
 use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
 use mb_runtime::follow::Follower;
@@ -93,6 +95,14 @@ impl DaemonHooks for Hooks {
             let n = u64::try_from(self.server.phases.get(phase)).unwrap_or(0);
             resp.counters.insert(name.into(), n);
         }
+        let ([incoming, deferred, hold], oldest) = self.server.spool.counts();
+        resp.counters
+            .insert("queue_incoming".into(), incoming as u64);
+        resp.counters
+            .insert("queue_deferred".into(), deferred as u64);
+        resp.counters.insert("queue_hold".into(), hold as u64);
+        resp.counters
+            .insert("queue_oldest_age_seconds".into(), oldest);
         let banned = self.server.protection.lock().map_or(0, |p| p.banned());
         resp.counters.insert("banned_now".into(), banned as u64);
         if let Some(ev) = &self.server.events {
@@ -233,6 +243,12 @@ pub async fn main(opts: Options) -> i32 {
     let grpc = GrpcServer::builder()
         .add_service(ControlServer::with_interceptor(
             ControlService::new(info.clone(), hooks),
+            Guard::peer(),
+        ))
+        .add_service(QueueServer::with_interceptor(
+            queue::QueueService {
+                spool: server.spool.clone(),
+            },
             Guard::peer(),
         ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(control), {

@@ -233,6 +233,88 @@ impl Drop for SpoolWriter {
     }
 }
 
+/// The queues an administrator sees.
+pub const QUEUES: [&str; 3] = ["incoming", "deferred", "hold"];
+
+/// A queue id as `new_id` makes them: hex digits only, so it is safe as a file name.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Spool {
+    /// The ids in a queue, oldest first.
+    pub fn ids(&self, queue: &str) -> io::Result<Vec<String>> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.root.join(queue))?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_id(n))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Which queue holds `id`, if any.
+    pub fn locate(&self, id: &str) -> Option<(&'static str, PathBuf)> {
+        if !valid_id(id) {
+            return None;
+        }
+        QUEUES
+            .iter()
+            .map(|q| (*q, self.root.join(q).join(id)))
+            .find(|(_, p)| p.exists())
+    }
+
+    /// Moves a message between queues durably (rename, then both directories fsynced).
+    pub fn move_to(&self, id: &str, to: &str) -> io::Result<()> {
+        let (from, path) = self
+            .locate(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
+        if from == to {
+            return Ok(());
+        }
+        let target = self.root.join(to).join(id);
+        std::fs::rename(&path, &target)?;
+        std::fs::File::open(self.root.join(to))?.sync_all()?;
+        std::fs::File::open(self.root.join(from))?.sync_all()
+    }
+
+    /// Deletes a message; the directory is fsynced so it stays deleted.
+    pub fn delete(&self, id: &str) -> io::Result<()> {
+        let (queue, path) = self
+            .locate(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
+        std::fs::remove_file(path)?;
+        std::fs::File::open(self.root.join(queue))?.sync_all()
+    }
+
+    /// Messages per queue and the age in seconds of the oldest one.
+    pub fn counts(&self) -> ([usize; 3], u64) {
+        let mut counts = [0; 3];
+        let mut oldest: Option<String> = None;
+        for (i, q) in QUEUES.iter().enumerate() {
+            let ids = self.ids(q).unwrap_or_default();
+            counts[i] = ids.len();
+            if let Some(first) = ids.first()
+                && oldest.as_ref().is_none_or(|o| first < o)
+            {
+                oldest = Some(first.clone());
+            }
+        }
+        let age = oldest.and_then(|id| arrival_micros(&id)).map_or(0, |t| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            u64::try_from(now.saturating_sub(t) / 1_000_000).unwrap_or(0)
+        });
+        (counts, age)
+    }
+}
+
+/// The arrival time encoded in a queue id (its first 13 hex digits are microseconds).
+pub fn arrival_micros(id: &str) -> Option<u128> {
+    u128::from_str_radix(id.get(..13)?, 16).ok()
+}
+
 /// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
 pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
     let data = std::fs::read(path)?;
@@ -320,6 +402,17 @@ mod tests {
             }
         );
         assert!(dir.join("corrupt/TORN").exists());
+        // Queue operations: hold, release, delete; ids that could be paths are refused.
+        let (spool, _) = Spool::open(&dir).unwrap();
+        assert_eq!(spool.locate(&id).unwrap().0, "incoming");
+        spool.move_to(&id, "hold").unwrap();
+        assert_eq!(spool.locate(&id).unwrap().0, "hold");
+        assert_eq!(spool.counts().0, [0, 0, 1]);
+        spool.move_to(&id, "incoming").unwrap();
+        assert!(spool.locate("../incoming/x").is_none());
+        assert!(spool.delete("../../etc/passwd").is_err());
+        spool.delete(&id).unwrap();
+        assert!(spool.locate(&id).is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
