@@ -139,6 +139,11 @@ impl Conn {
         self.out.extend_from_slice(text.as_bytes());
     }
 
+    /// Queues raw bytes (message content on the client side).
+    pub fn queue_bytes(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
     /// Whether replies have piled up beyond the batching limit.
     pub fn replies_pending(&self) -> bool {
         self.out.len() > MAX_PENDING_REPLIES

@@ -3,6 +3,7 @@
 //! relaying, abuse and malformed input, and writes every accepted message durably to
 //! the spool before it answers 250.
 
+pub mod client;
 pub mod conn;
 pub mod data;
 pub mod protect;
