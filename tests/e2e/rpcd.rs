@@ -363,6 +363,7 @@ fn log_lines_follow_the_documented_formats() {
         .find(|l| l["message"] == "mb-rpcd started")
         .expect("start line");
     assert_eq!(started["level"], "INFO");
+    assert_eq!(started["daemon"], "mb-rpcd");
     assert!(
         started["socket"]
             .as_str()

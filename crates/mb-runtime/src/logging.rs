@@ -21,10 +21,14 @@ pub fn init(daemon: &'static str, level: &str, json: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(false);
     let _ = if json {
-        builder
+        let inner = tracing_subscriber::fmt::format()
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .with_span_list(false);
+        builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonFormat { daemon, inner })
             .try_init()
     } else {
         builder.event_format(LineFormat { daemon }).try_init()
@@ -67,6 +71,35 @@ where
             }
         }
         writeln!(w)
+    }
+}
+
+/// JSON lines with the daemon's name as their first field, so a collector that mixes
+/// several daemons' output can tell them apart.
+pub struct JsonFormat<F> {
+    pub daemon: &'static str,
+    pub inner: F,
+}
+
+impl<S, N, F> FormatEvent<S, N> for JsonFormat<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(w, "{{\"daemon\":\"{}\",{rest}", self.daemon),
+            None => w.write_str(&line),
+        }
     }
 }
 
