@@ -104,6 +104,15 @@ impl Raw {
         self.w.write_all(s.as_bytes()).unwrap();
     }
 
+    /// Connects from a chosen loopback source address.
+    fn from_source(source: &str, port: u16) -> Raw {
+        let sock = connect_from(source, port);
+        Raw {
+            r: BufReader::new(sock.try_clone().unwrap()),
+            w: sock,
+        }
+    }
+
     /// Like `send`, for a server that may vanish (the crash test).
     fn try_send(&mut self, s: &str) -> bool {
         self.w.write_all(s.as_bytes()).is_ok()
@@ -397,11 +406,7 @@ fn per_source_limit_refuses_the_eleventh_connection_only_for_that_address() {
     assert!(r.starts_with("421 4.7.0"), "{r}");
     assert!(eleventh.closed());
     // Another address still gets in.
-    let sock = connect_from("127.0.0.2", s.port);
-    let mut other = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut other = Raw::from_source("127.0.0.2", s.port);
     assert!(other.reply().starts_with("220"), "127.0.0.2 was refused");
     // When one closes, the address may connect again.
     drop(open.pop());
@@ -733,11 +738,7 @@ fn autoban_bans_fast_sources_and_mb_ban_lifts_it() {
     );
     assert!(greeting(s.port).contains("banned"), "the ban did not hold");
     // Another address is not affected.
-    let sock = connect_from("127.0.0.2", s.port);
-    let mut other = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut other = Raw::from_source("127.0.0.2", s.port);
     assert!(other.reply().starts_with("220"));
     // The ban is stored in mb-rpcd and listed.
     mb_testkit::wait_until("the ban to be stored", Duration::from_secs(20), || {
@@ -790,11 +791,7 @@ fn autoban_bans_fast_sources_and_mb_ban_lifts_it() {
         || greeting(s.port).starts_with("220"),
     )
     .unwrap();
-    let sock = connect_from("127.0.0.3", s.port);
-    let mut c = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut c = Raw::from_source("127.0.0.3", s.port);
     let r = c.reply();
     assert!(r.contains("127.0.0.3 is banned"), "{r}");
     let (code, _, err) = mb_ban(&s.gw, &["del", "127.0.0.1"]);
@@ -865,19 +862,11 @@ fn with_redis_a_ban_by_one_process_holds_for_another() {
     );
     // Without Redis the processes would not know of each other: a fresh address on A alone
     // is fine.
-    let sock = connect_from("127.0.0.2", a.port);
-    let mut c = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut c = Raw::from_source("127.0.0.2", a.port);
     assert!(c.reply().starts_with("220"));
     // Redis going away does not stop mail: counting falls back to each process.
     drop(redis);
-    let sock = connect_from("127.0.0.4", b.port);
-    let mut c = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut c = Raw::from_source("127.0.0.4", b.port);
     assert!(c.reply().starts_with("220"), "Redis down stopped mail");
 }
 
@@ -1050,11 +1039,7 @@ fn max_connections_is_a_limit_for_everyone() {
     let mut a = Raw::connect(port);
     let mut b = Raw::connect(port);
     assert!(a.reply().starts_with("220") && b.reply().starts_with("220"));
-    let sock = connect_from("127.0.0.5", port);
-    let mut c = Raw {
-        r: BufReader::new(sock.try_clone().unwrap()),
-        w: sock,
-    };
+    let mut c = Raw::from_source("127.0.0.5", port);
     let r = c.reply();
     assert!(
         r.starts_with("421 4.7.0") && r.contains("too many connections"),

@@ -56,6 +56,13 @@ fn check_password(p: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Checks a name and a new password, then hashes the password.
+async fn checked_hash(name: &str, password: String) -> Result<String, Status> {
+    check_name(name)?;
+    check_password(&password)?;
+    hash(password).await
+}
+
 /// Hashing is CPU-bound: keep it off the async workers.
 async fn hash(password: String) -> Result<String, Status> {
     tokio::task::spawn_blocking(move || {
@@ -87,9 +94,7 @@ impl Users for UsersService {
     async fn add(&self, req: Request<AddUserRequest>) -> Result<Response<UserInfo>, Status> {
         let who = caller(&req).name;
         let r = req.into_inner();
-        check_name(&r.username)?;
-        check_password(&r.password)?;
-        let h = hash(r.password).await?;
+        let h = checked_hash(&r.username, r.password).await?;
         let at = now();
         if !self
             .store
@@ -117,9 +122,7 @@ impl Users for UsersService {
     ) -> Result<Response<UserInfo>, Status> {
         let who = caller(&req).name;
         let r = req.into_inner();
-        check_name(&r.username)?;
-        check_password(&r.password)?;
-        let h = hash(r.password).await?;
+        let h = checked_hash(&r.username, r.password).await?;
         let at = now();
         if !self
             .store

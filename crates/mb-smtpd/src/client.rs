@@ -356,26 +356,14 @@ mod tests {
     use crate::session::{Client as Peer, Listener, Session, Settings, TlsMode};
     use crate::spool::{Spool, read_message};
 
+    /// The session tests' settings, as a relay for served.example that takes 100 kB.
     fn settings() -> Settings {
-        Settings {
-            hostname: "relay.served.example".into(),
-            domains: vec!["served.example".into()],
-            mynetworks: vec![],
-            max_size: 100_000,
-            max_recipients: 10,
-            max_errors: 10,
-            timeout: Duration::from_secs(10),
-            data_deadline: Duration::from_secs(60),
-            tls_mode: TlsMode::None,
-            tls: None,
-            require_auth: false,
-            require_tls: false,
-            helo_required: true,
-            vrfy: false,
-            auth: None,
-            events: None,
-            phases: None,
-        }
+        let mut s = crate::tests::settings();
+        s.max_size = 100_000;
+        s.max_recipients = 10;
+        s.mynetworks = vec![];
+        s.tls_mode = TlsMode::None;
+        s
     }
 
     #[test]
@@ -507,28 +495,14 @@ mod tests {
 
     #[tokio::test]
     async fn starttls_then_delivers() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let cert =
-            rcgen::generate_simple_self_signed(vec!["relay.served.example".to_string()]).unwrap();
-        let der = cert.cert.der().clone();
-        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-        let server_cfg = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
-            .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).unwrap();
-        let client_cfg = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+        let (acceptor, connector) = crate::tests::tls_pair();
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         let (a, b) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move {
             let mut settings = settings();
             settings.tls_mode = TlsMode::Enabled;
-            settings.tls = Some(tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)));
+            settings.tls = Some(acceptor);
             let (_t, shutdown) = mb_runtime::lifecycle::shutdown_pair();
             let ip: IpAddr = "192.0.2.9".parse().unwrap();
             Session::new(
@@ -546,7 +520,7 @@ mod tests {
             .unwrap();
         c.hello("mx.sender.example").await.unwrap();
         assert!(c.caps.starttls);
-        let name = rustls_pki_types::ServerName::try_from("relay.served.example").unwrap();
+        let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
         let tls = c
             .starttls(&connector, name, "mx.sender.example")
             .await

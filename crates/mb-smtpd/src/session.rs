@@ -296,7 +296,7 @@ impl<'a> Session<'a> {
             let line = tokio::select! {
                 l = self.conn.read_line(proto::MAX_COMMAND_LINE) => l,
                 () = shutdown.requested() => {
-                    let r = Reply::new(421, "4.3.2", format!("{} Service shutting down", self.settings.hostname));
+                    let r = self.fatal(421, "4.3.2", "Service shutting down");
                     self.close(r, "shutdown").await;
                     break;
                 }
@@ -314,11 +314,7 @@ impl<'a> Session<'a> {
                 }
                 Err(ReadError::BareLf) => {
                     self.close(
-                        Reply::new(
-                            521,
-                            "5.5.2",
-                            format!("{} Error: bare <LF> received", self.settings.hostname),
-                        ),
+                        self.fatal(521, "5.5.2", "Error: bare <LF> received"),
                         "bare LF",
                     )
                     .await;
@@ -326,11 +322,7 @@ impl<'a> Session<'a> {
                 }
                 Err(ReadError::Timeout) => {
                     self.close(
-                        Reply::new(
-                            421,
-                            "4.4.2",
-                            format!("{} Error: timeout exceeded", self.settings.hostname),
-                        ),
+                        self.fatal(421, "4.4.2", "Error: timeout exceeded"),
                         "timeout",
                     )
                     .await;
@@ -372,6 +364,11 @@ impl<'a> Session<'a> {
         self.summary
     }
 
+    /// A reply that ends the session, naming this server (as Postfix's 421s do).
+    fn fatal(&self, code: u16, status: &'static str, text: &str) -> Reply {
+        Reply::new(code, status, format!("{} {text}", self.settings.hostname))
+    }
+
     /// Sends a last reply and records why the session ends.
     async fn close(&mut self, reply: Reply, end: &'static str) {
         let _ = self.conn.send(&reply.to_wire()).await;
@@ -383,14 +380,8 @@ impl<'a> Session<'a> {
         self.summary.errors += 1;
         self.error_count += 1;
         if self.error_count >= self.settings.max_errors {
-            self.conn.queue(
-                &Reply::new(
-                    421,
-                    "4.7.0",
-                    format!("{} Error: too many errors", self.settings.hostname),
-                )
-                .to_wire(),
-            );
+            self.conn
+                .queue(&self.fatal(421, "4.7.0", "Error: too many errors").to_wire());
             let _ = self.conn.flush().await;
             self.summary.end = "too many errors";
             return true;
@@ -422,14 +413,7 @@ impl<'a> Session<'a> {
             self.junk += 1;
             if self.junk > MAX_JUNK_COMMANDS {
                 self.close(
-                    Reply::new(
-                        421,
-                        "4.7.0",
-                        format!(
-                            "{} Error: too many commands without mail",
-                            self.settings.hostname
-                        ),
-                    ),
+                    self.fatal(421, "4.7.0", "Error: too many commands without mail"),
                     "too many junk commands",
                 )
                 .await;
@@ -748,14 +732,7 @@ impl<'a> Session<'a> {
                 tokio::time::sleep(pause).await;
                 if self.summary.auth_failed >= MAX_AUTH_FAILURES {
                     self.close(
-                        Reply::new(
-                            421,
-                            "4.7.0",
-                            format!(
-                                "{} Error: too many failed authentications",
-                                self.settings.hostname
-                            ),
-                        ),
+                        self.fatal(421, "4.7.0", "Error: too many failed authentications"),
                         "too many auth failures",
                     )
                     .await;
@@ -1023,14 +1000,7 @@ impl<'a> Session<'a> {
         loop {
             if tokio::time::Instant::now() > deadline {
                 self.close(
-                    Reply::new(
-                        421,
-                        "4.4.2",
-                        format!(
-                            "{} Error: message took too long to send",
-                            self.settings.hostname
-                        ),
-                    ),
+                    self.fatal(421, "4.4.2", "Error: message took too long to send"),
                     "DATA deadline",
                 )
                 .await;
@@ -1041,11 +1011,7 @@ impl<'a> Session<'a> {
             {
                 match e {
                     ReadError::Timeout => {
-                        let r = Reply::new(
-                            421,
-                            "4.4.2",
-                            format!("{} Error: timeout exceeded", self.settings.hostname),
-                        );
+                        let r = self.fatal(421, "4.4.2", "Error: timeout exceeded");
                         self.close(r, "timeout in DATA").await;
                     }
                     _ => self.summary.end = "lost in DATA",
@@ -1062,11 +1028,7 @@ impl<'a> Session<'a> {
                         "bare <CR>"
                     };
                     self.close(
-                        Reply::new(
-                            521,
-                            "5.5.2",
-                            format!("{} Error: {what} received", self.settings.hostname),
-                        ),
+                        self.fatal(521, "5.5.2", &format!("Error: {what} received")),
                         "smuggling attempt",
                     )
                     .await;
@@ -1119,14 +1081,7 @@ impl<'a> Session<'a> {
         while remaining > 0 {
             if tokio::time::Instant::now() > deadline {
                 self.close(
-                    Reply::new(
-                        421,
-                        "4.4.2",
-                        format!(
-                            "{} Error: message took too long to send",
-                            self.settings.hostname
-                        ),
-                    ),
+                    self.fatal(421, "4.4.2", "Error: message took too long to send"),
                     "DATA deadline",
                 )
                 .await;

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
 use crate::spool::{Spool, read_message};
 
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     Settings {
         hostname: "mx.served.example".into(),
         domains: vec!["served.example".into(), ".sub.example".into()],
@@ -584,7 +584,7 @@ async fn submission_requires_tls_and_auth() {
     t.cmd("MAIL FROM:<a@b.example>", 530).await;
 }
 
-fn tls_pair() -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
+pub(crate) fn tls_pair() -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cert = rcgen::generate_simple_self_signed(vec!["mx.served.example".to_string()]).unwrap();
     let der = cert.cert.der().clone();
