@@ -146,6 +146,10 @@ fn bad_input_is_refused_with_a_reason() {
             "unknown size unit",
         ),
         (
+            &["set", "relay.transport", "example.org=uucp:host"],
+            "the protocol must be smtp or lmtp",
+        ),
+        (
             &["set", "network.smtp.listen", "203.0.113.300"],
             "not an IP address",
         ),

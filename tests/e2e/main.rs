@@ -1,9 +1,11 @@
 //! End-to-end tests: the real binaries, on temp directories and loopback ports, against
-//! real peers (MariaDB, PostgreSQL, Redis, fail2ban-regex, systemd-analyze).
+//! real peers (MariaDB, PostgreSQL, Redis, fail2ban-regex, systemd-analyze, Postfix's
+//! smtp-sink, dnsmasq, Dovecot LMTP).
 
 mod access;
 mod config_cli;
 mod databases;
+mod delivery;
 mod follow;
 mod packaging;
 mod rpcd;
@@ -14,6 +16,12 @@ mod status;
 /// print for it.
 pub fn sample(def: &mb_core::KeyDef) -> (String, String) {
     use mb_core::Kind;
+    if def.key == "relay.transport" {
+        return (
+            "a.example=smtp:[192.0.2.1]:25, .b.example=lmtp:unix:/run/lmtp".into(),
+            "a.example=smtp:[192.0.2.1]:25,.b.example=lmtp:unix:/run/lmtp".into(),
+        );
+    }
     let (input, canonical): (String, String) = match def.kind {
         Kind::Bool => {
             let v = if def.default == "true" {

@@ -31,7 +31,7 @@ fn start_protected(mode: &str, extra: &str) -> Smtp {
          [network.protection]\nmode = \"{mode}\"\ntrusted_networks = \"192.0.2.0/24\"\n\
          \"autoban.rate\" = \"3/minute\"\n\
          [smtp]\nhostname = \"mx.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\nmessage_size_limit = \"100K\"\n\
-         [filter]\nenabled = false\n{extra}"
+         [filter]\nenabled = false\n[queue]\ndelivery_enabled = false\n{extra}"
     ));
     gw.start().unwrap();
     gw.start_smtpd().unwrap();
@@ -71,13 +71,13 @@ impl Smtp {
 }
 
 /// A raw SMTP client.
-struct Raw {
+pub(crate) struct Raw {
     r: BufReader<TcpStream>,
     w: TcpStream,
 }
 
 impl Raw {
-    fn connect(port: u16) -> Raw {
+    pub(crate) fn connect(port: u16) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Raw {
@@ -86,7 +86,7 @@ impl Raw {
         }
     }
 
-    fn reply(&mut self) -> String {
+    pub(crate) fn reply(&mut self) -> String {
         let mut all = String::new();
         loop {
             let mut line = String::new();
@@ -100,12 +100,12 @@ impl Raw {
         }
     }
 
-    fn send(&mut self, s: &str) {
+    pub(crate) fn send(&mut self, s: &str) {
         self.w.write_all(s.as_bytes()).unwrap();
     }
 
     /// Connects from a chosen loopback source address.
-    fn from_source(source: &str, port: u16) -> Raw {
+    pub(crate) fn from_source(source: &str, port: u16) -> Raw {
         let sock = connect_from(source, port);
         Raw {
             r: BufReader::new(sock.try_clone().unwrap()),
@@ -114,16 +114,16 @@ impl Raw {
     }
 
     /// Like `send`, for a server that may vanish (the crash test).
-    fn try_send(&mut self, s: &str) -> bool {
+    pub(crate) fn try_send(&mut self, s: &str) -> bool {
         self.w.write_all(s.as_bytes()).is_ok()
     }
 
-    fn cmd(&mut self, s: &str) -> String {
+    pub(crate) fn cmd(&mut self, s: &str) -> String {
         self.send(&format!("{s}\r\n"));
         self.reply()
     }
 
-    fn closed(&mut self) -> bool {
+    pub(crate) fn closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
         matches!(self.r.read(&mut buf), Ok(0))
     }

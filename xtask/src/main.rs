@@ -27,6 +27,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("fail2ban", "/usr/bin/fail2ban-regex"),
     ("systemd", "/usr/bin/systemd-analyze"),
     ("swaks", "/usr/bin/swaks"),
+    // smtp-sink, smtp-source and the private Postfix instances of the delivery tests
+    // and the benchmark.
+    ("postfix", "/usr/sbin/smtp-sink"),
+    ("dovecot-lmtpd", "/usr/lib/dovecot/lmtp"),
+    ("dnsmasq-base", "/usr/sbin/dnsmasq"),
 ];
 
 #[derive(Parser)]
@@ -150,6 +155,19 @@ fn ensure_test_packages() -> Result<()> {
         fs::set_permissions(policy, fs::Permissions::from_mode(0o755))?;
     }
     let result = (|| {
+        if missing.contains(&"postfix") {
+            // Postfix asks what kind of mail system this is: none, tests configure their own.
+            let mut child = Command::new("debconf-set-selections")
+                .stdin(std::process::Stdio::piped())
+                .spawn()?;
+            if let Some(stdin) = child.stdin.as_mut() {
+                use std::io::Write;
+                stdin.write_all(
+                    b"postfix postfix/main_mailer_type select No configuration\npostfix postfix/mailname string localhost\n",
+                )?;
+            }
+            child.wait()?;
+        }
         run(Command::new("apt-get")
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;

@@ -90,6 +90,13 @@ pub fn parse_key_value(key: &str, text: &str) -> Result<(&'static KeyDef, Value)
         kind: def.kind.name(),
         message: e.0,
     })?;
+    if let Some(check) = def.validate {
+        check(&value).map_err(|message| KeyError::Invalid {
+            key: def.key.to_string(),
+            kind: def.kind.name(),
+            message,
+        })?;
+    }
     Ok((def, value))
 }
 
@@ -230,7 +237,9 @@ impl Config {
                 continue;
             };
             let parsed = match value {
-                Flat::Value(v) => Value::from_toml(&def.kind, v).map_err(|e| e.0),
+                Flat::Value(v) => Value::from_toml(&def.kind, v)
+                    .map_err(|e| e.0)
+                    .and_then(|v| def.validate.map_or(Ok(()), |f| f(&v)).map(|()| v)),
                 Flat::Unsupported(what) => Err(format!("expected a value, got {what}")),
             };
             match parsed {
@@ -369,6 +378,16 @@ impl Config {
             problems.push(format!(
                 "network.tls.versions offers nothing at or above network.tls.min_version ({min})"
             ));
+        }
+        let relay = self.text("relay.host");
+        if !relay.is_empty()
+            && let Err(e) = crate::route::relay_next_hop(
+                &relay,
+                self.port("relay.port"),
+                self.text("relay.protocol") == "lmtp",
+            )
+        {
+            problems.push(e);
         }
         if self.duration("queue.retry_min") > self.duration("queue.retry_max") {
             problems.push("queue.retry_min must not exceed queue.retry_max".into());

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod registry;
+pub mod route;
 pub mod value;
 
 pub use config::{Config, FileError, KeyError, Source};

@@ -17,6 +17,9 @@ pub enum Apply {
     Restart,
 }
 
+/// A check of a parsed value beyond its kind's syntax.
+pub type Validator = fn(&crate::Value) -> Result<(), String>;
+
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyDef {
@@ -35,6 +38,8 @@ pub struct KeyDef {
     /// Read from the configuration file only: where the sockets and the database are
     /// must be known before the database can be asked (`mb-config set` refuses these).
     pub file_only: bool,
+    /// A check beyond the kind's syntax (e.g. the next-hop syntax of relay.transport).
+    pub validate: Option<Validator>,
 }
 
 pub const SMTPD: &str = "mb-smtpd";
@@ -63,6 +68,7 @@ const fn k(
         secret: false,
         node_local: false,
         file_only: false,
+        validate: None,
     }
 }
 
@@ -83,11 +89,22 @@ impl KeyDef {
         self.file_only = true;
         self.local()
     }
+    const fn validated(mut self, f: Validator) -> Self {
+        self.validate = Some(f);
+        self
+    }
     /// Node-local keys need a restart too: they are listeners, paths and identities.
     const fn local(mut self) -> Self {
         self.node_local = true;
         self.apply = Apply::Restart;
         self
+    }
+}
+
+fn valid_transport(v: &crate::Value) -> Result<(), String> {
+    match v {
+        crate::Value::List(items) => crate::route::parse_transport(items, 25).map(|_| ()),
+        _ => Ok(()),
     }
 }
 
@@ -211,11 +228,19 @@ pub static KEYS: &[KeyDef] = &[
     k("relay.tls.verify", BOOL, "true", "Verify the relay host's certificate").by(S),
     k("relay.auth.username", Kind::Text { max: 256 }, "", "User name for AUTH at the relay host; empty for none").by(S),
     k("relay.auth.password", Kind::Text { max: 256 }, "", "Password for AUTH at the relay host").by(S).secret(),
+    k("relay.tls.ca_file", Kind::Path, "/etc/ssl/certs/ca-certificates.crt", "PEM file of the certificate authorities trusted for the relay host when relay.tls.verify is true").by(S),
+    k("relay.transport", Kind::List, "", "Per-domain next hops overriding relay host and MX: DOMAIN=NEXTHOP entries such as example.org=smtp:[10.0.0.5]:25 or example.net=lmtp:unix:/run/dovecot/lmtp (.example.org for subdomains)").by(S).validated(valid_transport),
     // Queue.
     k("queue.retry_min", secs(1, DAY), "5m", "First retry delay after a temporary failure").by(S),
     k("queue.retry_max", secs(1, 7 * DAY), "1h", "Longest delay between retries").by(S),
     k("queue.delay_warning", secs(0, 30 * DAY), "4h", "Age at which the sender is told the message is delayed; 0 for never").by(S),
     k("queue.lifetime", secs(60, 30 * DAY), "5d", "Age at which an undeliverable message is bounced").by(S),
+    k("queue.delivery_enabled", BOOL, "true", "Deliver queued mail; false keeps accepted mail queued (maintenance, as Postfix's defer_transports) until set back to true").by(S),
+    k("queue.concurrency", int(1, 10_000), "100", "Deliveries in progress at once, in total").by(S).restart(),
+    k("queue.destination_concurrency", int(1, 1000), "20", "Deliveries in progress at once to one destination (domain or relay host)").by(S),
+    k("queue.recipient_limit", int(1, 1000), "50", "Recipients sent in one transaction").by(S),
+    k("queue.connect_timeout", secs(1, 600), "30s", "Time allowed to connect to a next hop and read its greeting").by(S),
+    k("queue.mx_port", PORT, "25", "Port used for MX delivery (as Postfix's smtp_tcp_port); change only for testing").by(S),
     // Spam.
     k("spam.threshold.tag", SCORE, "4.0", "Score at which X-Spam headers are added").by(F),
     k("spam.threshold.quarantine", SCORE, "6.0", "Score at which a message is quarantined").by(F),

@@ -8,7 +8,8 @@ use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use mb_proto::v1::queue_client::QueueClient;
 use mb_proto::v1::{
-    DeleteQueueRequest, ListQueueRequest, QueueEntry, QueueIdRequest, ShowQueueRequest,
+    DeleteQueueRequest, FlushQueueRequest, ListQueueRequest, QueueEntry, QueueIdRequest,
+    ShowQueueRequest,
 };
 use mb_runtime::cli::{self, Failure};
 use serde_json::{Value as Json, json};
@@ -48,6 +49,10 @@ enum Command {
     Hold { id: String },
     /// Let a held message be delivered again
     Release { id: String },
+    /// Try deferred messages now: all of them, or one
+    Flush { id: Option<String> },
+    /// Start a message over: undelivered recipients are queued again with fresh retry counters
+    Requeue { id: String },
     /// Delete a message, or every message of a queue
     Delete {
         id: Option<String>,
@@ -79,10 +84,11 @@ fn entry_json(e: &QueueEntry) -> Json {
     let rcpts: Vec<Json> = e
         .recipients
         .iter()
-        .map(|r| json!({"address": r.address, "state": r.state, "last_error": r.last_error}))
+        .map(|r| json!({"address": r.address, "state": r.state, "last_error": r.last_error, "remote": r.remote}))
         .collect();
     json!({"id": e.id, "queue": e.queue, "size": e.size, "arrival": e.arrival_unix, "sender": e.sender,
-           "recipients": rcpts, "client_ip": e.client_ip, "protocol": e.protocol})
+           "recipients": rcpts, "client_ip": e.client_ip, "protocol": e.protocol,
+           "attempts": e.attempts, "next_attempt": e.next_attempt_unix})
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
@@ -151,6 +157,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 v["helo"] = json!(r.helo);
                 v["tls"] = json!(r.tls);
                 v["auth_user"] = json!(r.auth_user);
+                v["history"] = json!(r.history);
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 println!(
@@ -172,7 +179,18 @@ async fn run(args: Args) -> Result<(), Failure> {
                 }
                 println!("sender: <{}>", e.sender);
                 for rc in &e.recipients {
-                    println!("recipient: <{}> {}", rc.address, rc.state);
+                    let err = if rc.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", rc.last_error)
+                    };
+                    println!("recipient: <{}> {}{err}", rc.address, rc.state);
+                }
+                if e.attempts > 0 {
+                    println!("attempts: {}", e.attempts);
+                }
+                for h in &r.history {
+                    println!("history: {h}");
                 }
                 print!("\n{}", r.headers.replace("\r\n", "\n"));
             }
@@ -192,6 +210,25 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner();
             println!("{}: released from hold", e.id);
+        }
+        Command::Flush { id } => {
+            let n = queue
+                .flush(FlushQueueRequest {
+                    id: id.unwrap_or_default(),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .flushed;
+            println!("{n} deferred message(s) scheduled for delivery now");
+        }
+        Command::Requeue { id } => {
+            let e = queue
+                .requeue(QueueIdRequest { id })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            println!("{}: requeued", e.id);
         }
         Command::Delete {
             id,

@@ -57,6 +57,9 @@ pub struct Capabilities {
     pub size: Option<u64>,
     pub eightbitmime: bool,
     pub smtputf8: bool,
+    pub dsn: bool,
+    /// AUTH mechanisms offered, upper case.
+    pub auth: Vec<String>,
 }
 
 /// The final answer for one recipient.
@@ -150,14 +153,50 @@ impl Client {
         Ok(description)
     }
 
-    /// Sends one message to `recipients`. A refused MAIL FROM is an error for the whole
-    /// message; otherwise every recipient gets its own final outcome.
+    /// AUTH PLAIN (RFC 4954). The caller makes sure the session is encrypted.
+    pub async fn auth_plain(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
+        let token = base64_encode(format!("\0{user}\0{password}").as_bytes());
+        let r = self.command(&format!("AUTH PLAIN {token}")).await?;
+        if r.code != 235 {
+            return Err(ClientError::Refused(r));
+        }
+        Ok(())
+    }
+
+    /// Checks that a cached connection still works (RSET answered 250).
+    pub async fn reset(&mut self) -> bool {
+        matches!(self.command("RSET").await, Ok(r) if r.code == 250)
+    }
+
+    /// Sends one message to `recipients` without DSN parameters.
     pub async fn send(
         &mut self,
         from: &str,
         recipients: &[String],
         message: &[u8],
     ) -> Result<Vec<Outcome>, ClientError> {
+        let rcpts: Vec<crate::spool::Recipient> = recipients
+            .iter()
+            .map(|a| crate::spool::Recipient {
+                address: a.clone(),
+                ..Default::default()
+            })
+            .collect();
+        self.send_with_dsn(from, "", "", &rcpts, message).await
+    }
+
+    /// Sends one message. The DSN parameters (RET, ENVID, NOTIFY, ORCPT) go along when
+    /// the server offers DSN (RFC 3461 §5.2). A refused MAIL FROM is an error for the
+    /// whole message; otherwise every recipient gets its own final outcome.
+    pub async fn send_with_dsn(
+        &mut self,
+        from: &str,
+        ret: &str,
+        envid: &str,
+        rcpts: &[crate::spool::Recipient],
+        message: &[u8],
+    ) -> Result<Vec<Outcome>, ClientError> {
+        let recipients: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
         let mut mail = format!("MAIL FROM:<{from}>");
         if self.caps.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
@@ -168,8 +207,27 @@ impl Client {
         if self.caps.smtputf8 && !(from.is_ascii() && recipients.iter().all(|r| r.is_ascii())) {
             mail.push_str(" SMTPUTF8");
         }
+        if self.caps.dsn {
+            if !ret.is_empty() {
+                mail.push_str(&format!(" RET={ret}"));
+            }
+            if !envid.is_empty() {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
         let mut lines = vec![mail];
-        lines.extend(recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
+        lines.extend(rcpts.iter().map(|r| {
+            let mut l = format!("RCPT TO:<{}>", r.address);
+            if self.caps.dsn {
+                if !r.notify.is_empty() {
+                    l.push_str(&format!(" NOTIFY={}", r.notify));
+                }
+                if !r.orcpt.is_empty() {
+                    l.push_str(&format!(" ORCPT={}", r.orcpt));
+                }
+            }
+            l
+        }));
         lines.push("DATA".into());
         // With PIPELINING the whole envelope goes in one write (RFC 2920); without, one
         // command at a time.
@@ -319,6 +377,8 @@ fn parse_caps(r: &Response) -> Capabilities {
             Some("STARTTLS") => caps.starttls = true,
             Some("8BITMIME") => caps.eightbitmime = true,
             Some("SMTPUTF8") => caps.smtputf8 = true,
+            Some("DSN") => caps.dsn = true,
+            Some("AUTH") => caps.auth = words.map(str::to_ascii_uppercase).collect(),
             Some("SIZE") => {
                 caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
             }
@@ -326,6 +386,27 @@ fn parse_caps(r: &Response) -> Capabilities {
         }
     }
     caps
+}
+
+pub fn base64_encode(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The message as DATA needs it: lines starting with "." get another, and it ends in CRLF.
@@ -370,6 +451,16 @@ mod tests {
     fn dot_stuffing() {
         assert_eq!(dot_stuff(b".a\r\nb\r\n..c"), b"..a\r\nb\r\n...c\r\n");
         assert_eq!(dot_stuff(b"x\r\n"), b"x\r\n");
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("\0u\0p", "AHUAcA=="),
+        ] {
+            assert_eq!(base64_encode(i.as_bytes()), o);
+            assert_eq!(crate::session::base64_decode(o).unwrap(), i.as_bytes());
+        }
     }
 
     /// The client against our own server session: both sides of the protocol are real.

@@ -6,8 +6,11 @@
 pub mod client;
 pub mod conn;
 pub mod data;
+pub mod dns;
+pub mod dsn;
 pub mod protect;
 pub mod proto;
+pub mod qmgr;
 pub mod queue;
 pub mod server;
 pub mod session;
@@ -84,6 +87,7 @@ pub fn listen_addrs(cfg: &mb_core::Config) -> Vec<(SocketAddr, Listener)> {
 
 struct Hooks {
     server: Arc<Server>,
+    manager: Arc<qmgr::Manager>,
     config: Option<PathBuf>,
 }
 
@@ -113,7 +117,19 @@ impl DaemonHooks for Hooks {
             resp.counters
                 .insert("events_dropped".into(), ev.dropped.load(Ordering::Relaxed));
         }
-        resp.detail = "receiving; onward delivery arrives with the queue manager".into();
+        let c = &self.manager.counters;
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, v) in [
+            ("delivered", &c.delivered),
+            ("deferred", &c.deferred),
+            ("bounced", &c.bounced),
+            ("notices_sent", &c.notices),
+            ("outbound_connections", &c.connections),
+            ("outbound_reused", &c.reused),
+        ] {
+            resp.counters.insert(name.into(), v.load(Relaxed));
+        }
+        resp.detail = "receiving and delivering".into();
     }
 
     async fn reload(&self) -> Result<ReloadResponse, tonic::Status> {
@@ -237,7 +253,21 @@ pub async fn main(opts: Options) -> i32 {
         }
     }
     let server = Arc::new(server);
+    let dns = match dns::Dns::from_config(&cfg) {
+        Ok(d) => d,
+        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+    };
+    let mut manager = qmgr::Manager::new(
+        server.spool.clone(),
+        server.follower.clone(),
+        dns,
+        qmgr::Clock::new(),
+    );
+    if let Some(m) = Arc::get_mut(&mut manager) {
+        m.events = server.events.clone();
+    }
     let hooks = Arc::new(Hooks {
+        manager: manager.clone(),
         server: server.clone(),
         config: opts.config.clone(),
     });
@@ -249,6 +279,7 @@ pub async fn main(opts: Options) -> i32 {
         .add_service(QueueServer::with_interceptor(
             queue::QueueService {
                 spool: server.spool.clone(),
+                manager: Some(manager.clone()),
             },
             Guard::peer(),
         ))
@@ -271,6 +302,7 @@ pub async fn main(opts: Options) -> i32 {
     };
     let mut tasks = tokio::task::JoinSet::new();
     let access = tokio::spawn(server::sync_access(server.clone(), shutdown.clone()));
+    let delivery = tokio::spawn(manager.clone().run(shutdown.clone()));
     for (l, kind) in listeners {
         tasks.spawn(server.clone().serve(l, kind, shutdown.clone()));
     }
@@ -283,6 +315,7 @@ pub async fn main(opts: Options) -> i32 {
     .await;
     reloader.abort();
     access.abort();
+    delivery.abort();
     let _ = std::fs::remove_file(&socket);
     if drained.is_none() {
         tracing::warn!("sessions were still open at the drain deadline");

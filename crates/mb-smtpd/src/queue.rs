@@ -1,11 +1,13 @@
-//! The `Queue` service on mb-smtpd.sock: list, show, hold, release and delete messages.
+//! The `Queue` service on mb-smtpd.sock: list, show, hold, release, delete, flush and
+//! requeue messages.
 
 use std::sync::Arc;
 
 use mb_proto::v1::queue_server::Queue;
 use mb_proto::v1::{
-    DeleteQueueRequest, DeleteQueueResponse, ListQueueRequest, ListQueueResponse, QueueEntry,
-    QueueIdRequest, RecipientState, ShowQueueRequest, ShowQueueResponse,
+    DeleteQueueRequest, DeleteQueueResponse, FlushQueueRequest, FlushQueueResponse,
+    ListQueueRequest, ListQueueResponse, QueueEntry, QueueIdRequest, RecipientState,
+    ShowQueueRequest, ShowQueueResponse,
 };
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
@@ -14,26 +16,35 @@ use crate::spool::{self, Envelope, QUEUES, Spool};
 
 pub struct QueueService {
     pub spool: Arc<Spool>,
+    pub manager: Option<Arc<crate::qmgr::Manager>>,
 }
 
-fn entry(queue: &str, size: u64, env: &Envelope) -> QueueEntry {
+fn entry(spool: &Spool, queue: &str, size: u64, env: &Envelope) -> QueueEntry {
+    let state = spool.load_state(env);
     QueueEntry {
         id: env.id.clone(),
         queue: queue.into(),
         size,
         arrival_unix: i64::try_from(env.received_at).unwrap_or(0),
         sender: env.sender.clone(),
-        recipients: env
+        recipients: state
             .recipients
             .iter()
             .map(|r| RecipientState {
                 address: r.address.clone(),
-                state: "queued".into(),
-                last_error: String::new(),
+                state: r.state.clone(),
+                last_error: r.last_error.clone(),
+                remote: r.remote.clone(),
             })
             .collect(),
         client_ip: env.client_ip.clone(),
         protocol: env.protocol.clone(),
+        attempts: state.attempts,
+        next_attempt_unix: if queue == "deferred" {
+            i64::try_from(state.next_attempt).unwrap_or(0)
+        } else {
+            0
+        },
     }
 }
 
@@ -46,6 +57,18 @@ fn io_status(e: &std::io::Error, id: &str) -> Status {
 }
 
 impl QueueService {
+    fn manager(&self) -> Result<&Arc<crate::qmgr::Manager>, Status> {
+        self.manager
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the queue manager is not running"))
+    }
+
+    fn poke(&self) {
+        if let Some(m) = &self.manager {
+            m.poke();
+        }
+    }
+
     /// Reads one message's envelope off the disk without blocking the runtime.
     async fn read(&self, id: &str) -> Result<(&'static str, Vec<u8>, Envelope), Status> {
         let (queue, path) = self.spool.locate(id).ok_or_else(|| {
@@ -67,7 +90,12 @@ impl QueueService {
         self.spool.move_to(id, to).map_err(|e| io_status(&e, id))?;
         tracing::info!(id, queue = to, by, "message moved");
         let (queue, msg, env) = self.read(id).await?;
-        Ok(Response::new(entry(queue, msg.len() as u64, &env)))
+        Ok(Response::new(entry(
+            &self.spool,
+            queue,
+            msg.len() as u64,
+            &env,
+        )))
     }
 }
 
@@ -92,7 +120,7 @@ impl Queue for QueueService {
             {
                 // A message can leave the queue while we list it.
                 if let Ok((queue, msg, env)) = self.read(&id).await {
-                    entries.push(entry(queue, msg.len() as u64, &env));
+                    entries.push(entry(&self.spool, queue, msg.len() as u64, &env));
                 }
             }
         }
@@ -110,8 +138,9 @@ impl Queue for QueueService {
             .position(|w| w == b"\r\n\r\n")
             .map_or(msg.len(), |p| p + 2);
         Ok(Response::new(ShowQueueResponse {
-            entry: Some(entry(queue, msg.len() as u64, &env)),
+            entry: Some(entry(&self.spool, queue, msg.len() as u64, &env)),
             headers: String::from_utf8_lossy(&msg[..end]).into_owned(),
+            history: self.spool.load_state(&env).history,
             helo: env.helo,
             tls: env.tls,
             auth_user: env.auth_user,
@@ -127,7 +156,11 @@ impl Queue for QueueService {
         let by = caller(&req).name;
         let id = req.into_inner().id;
         match self.spool.locate(&id) {
-            Some(("hold", _)) => self.moved(&id, "incoming", &by).await,
+            Some(("hold", _)) => {
+                let r = self.moved(&id, "incoming", &by).await;
+                self.poke();
+                r
+            }
             Some((q, _)) => Err(Status::failed_precondition(format!(
                 "{id} is not on hold (it is in {q})"
             ))),
@@ -135,6 +168,62 @@ impl Queue for QueueService {
                 "no message {id} in the queue; see `mb-queue list`"
             ))),
         }
+    }
+
+    async fn flush(
+        &self,
+        req: Request<FlushQueueRequest>,
+    ) -> Result<Response<FlushQueueResponse>, Status> {
+        let id = req.into_inner().id;
+        let manager = self.manager()?;
+        if !id.is_empty() {
+            match self.spool.locate(&id) {
+                Some(("deferred", _)) => {}
+                Some((q, _)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "{id} is not deferred (it is in {q}); `mb-queue requeue {id}` starts it over"
+                    )));
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no message {id} in the queue; see `mb-queue list`"
+                    )));
+                }
+            }
+        }
+        let flushed = manager.flush((!id.is_empty()).then_some(id.as_str()));
+        Ok(Response::new(FlushQueueResponse {
+            flushed: u32::try_from(flushed).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn requeue(&self, req: Request<QueueIdRequest>) -> Result<Response<QueueEntry>, Status> {
+        let by = caller(&req).name;
+        let id = req.into_inner().id;
+        let manager = self.manager()?;
+        let (_, _, env) = self.read(&id).await?;
+        let mut state = self.spool.load_state(&env);
+        for r in state
+            .recipients
+            .iter_mut()
+            .filter(|r| r.state != "delivered")
+        {
+            r.state = "queued".into();
+            r.last_error.clear();
+        }
+        state.attempts = 0;
+        state.next_attempt = 0;
+        state.delay_warned = false;
+        state.note(format!(
+            "{} requeued by {by}",
+            mb_runtime::logging::timestamp(std::time::SystemTime::now())
+        ));
+        self.spool
+            .save_state(&id, &state)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let r = self.moved(&id, "incoming", &by).await;
+        manager.poke();
+        r
     }
 
     async fn delete(

@@ -497,6 +497,20 @@ pub fn cipher_suites(list: &str) -> Result<Vec<rustls::SupportedCipherSuite>, St
         .collect())
 }
 
+/// The TLS versions `network.tls.versions` and `network.tls.min_version` allow.
+pub fn tls_versions(cfg: &Config) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    let min = cfg.text("network.tls.min_version");
+    let offered = cfg.list("network.tls.versions");
+    let mut v = Vec::new();
+    if offered.iter().any(|x| x == "1.3") {
+        v.push(&rustls::version::TLS13);
+    }
+    if min == "1.2" && offered.iter().any(|x| x == "1.2") {
+        v.push(&rustls::version::TLS12);
+    }
+    v
+}
+
 /// The TLS acceptor from `network.smtp.tls.{cert,key}`; when neither file exists, a
 /// self-signed certificate is generated under `paths.data_dir/tls/` (with a warning).
 pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
@@ -538,18 +552,7 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&key)
         .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
-    let versions: Vec<&'static rustls::SupportedProtocolVersion> = {
-        let min = cfg.text("network.tls.min_version");
-        let offered = cfg.list("network.tls.versions");
-        let mut v = Vec::new();
-        if offered.iter().any(|x| x == "1.3") {
-            v.push(&rustls::version::TLS13);
-        }
-        if min == "1.2" && offered.iter().any(|x| x == "1.2") {
-            v.push(&rustls::version::TLS12);
-        }
-        v
-    };
+    let versions = tls_versions(cfg);
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = cipher_suites(&cfg.text("network.tls.ciphers"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))

@@ -99,6 +99,8 @@ impl Envelope {
 pub struct Spool {
     root: PathBuf,
     counter: AtomicU64,
+    /// Told the id of every committed message (the queue manager listens).
+    notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// What a start-up scan found.
@@ -113,7 +115,7 @@ impl Spool {
     /// Opens the spool under `root`, creating its directories, and recovers from a crash:
     /// unfinished files in `tmp/` are removed, torn files in `incoming/` are moved aside.
     pub fn open(root: &Path) -> io::Result<(Spool, Recovery)> {
-        for sub in ["tmp", "incoming", "deferred", "hold", "corrupt"] {
+        for sub in ["tmp", "incoming", "deferred", "hold", "corrupt", "state"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
         let mut rec = Recovery::default();
@@ -139,6 +141,7 @@ impl Spool {
             Spool {
                 root: root.to_path_buf(),
                 counter: AtomicU64::new(0),
+                notify: std::sync::OnceLock::new(),
             },
             rec,
         ))
@@ -153,6 +156,11 @@ impl Spool {
         let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
         // The pid keeps two processes (or a restart after a clock step) apart.
         format!("{micros:X}{:X}{n:04X}", std::process::id())
+    }
+
+    /// Sends the id of every message committed from now on to `tx`.
+    pub fn on_commit(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.notify.set(tx);
     }
 
     pub fn incoming(&self) -> PathBuf {
@@ -174,6 +182,7 @@ impl Spool {
             id: id.to_string(),
             written: 0,
             committed: false,
+            notify: self.notify.get().cloned(),
         })
     }
 }
@@ -186,6 +195,7 @@ pub struct SpoolWriter {
     pub id: String,
     pub written: u64,
     committed: bool,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl SpoolWriter {
@@ -220,6 +230,9 @@ impl SpoolWriter {
         tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
             .await
             .map_err(io::Error::other)??;
+        if let Some(tx) = &self.notify {
+            let _ = tx.send(self.id.clone());
+        }
         Ok(())
     }
 }
@@ -230,6 +243,128 @@ impl Drop for SpoolWriter {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// What the queue manager knows about a message's delivery, kept in `state/ID` next to
+/// the immutable message file. Written atomically (temporary file, fsync, rename,
+/// directory fsync) after every attempt that settled or deferred a recipient, so a
+/// restart never sends a delivered recipient again.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeliveryState {
+    pub attempts: u32,
+    /// Unix seconds of the next attempt (0: at once).
+    pub next_attempt: u64,
+    pub delay_warned: bool,
+    /// One per envelope recipient, in the envelope's order.
+    pub recipients: Vec<RecipientStatus>,
+    /// The latest attempts, newest last (at most `HISTORY` lines).
+    pub history: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecipientStatus {
+    pub address: String,
+    /// queued, deferred, delivered or bounced.
+    pub state: String,
+    pub last_error: String,
+    /// The host that answered last, as `name[ip]:port`.
+    pub remote: String,
+}
+
+/// Lines of delivery history kept per message.
+pub const HISTORY: usize = 50;
+
+impl DeliveryState {
+    pub fn fresh(env: &Envelope) -> DeliveryState {
+        DeliveryState {
+            recipients: env
+                .recipients
+                .iter()
+                .map(|r| RecipientStatus {
+                    address: r.address.clone(),
+                    state: "queued".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn settled(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|r| r.state == "delivered" || r.state == "bounced")
+    }
+
+    pub fn note(&mut self, line: String) {
+        self.history.push(line);
+        if self.history.len() > HISTORY {
+            let extra = self.history.len() - HISTORY;
+            self.history.drain(..extra);
+        }
+    }
+}
+
+impl Spool {
+    fn state_path(&self, id: &str) -> PathBuf {
+        self.root.join("state").join(id)
+    }
+
+    /// The delivery state of a message, or a fresh one when none was written yet (or
+    /// it does not match the envelope).
+    pub fn load_state(&self, env: &Envelope) -> DeliveryState {
+        std::fs::read(self.state_path(&env.id))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
+            .filter(|s| s.recipients.len() == env.recipients.len())
+            .unwrap_or_else(|| DeliveryState::fresh(env))
+    }
+
+    pub fn has_state(&self, id: &str) -> bool {
+        self.state_path(id).exists()
+    }
+
+    /// Writes the state durably.
+    pub fn save_state(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
+        use std::io::Write;
+        let dir = self.root.join("state");
+        let tmp = dir.join(format!("{id}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(state).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.state_path(id))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    pub fn remove_state(&self, id: &str) {
+        let _ = std::fs::remove_file(self.state_path(id));
+    }
+
+    /// Removes state files whose message is gone (deleted while it was being delivered,
+    /// or a crash between removing a message and its state).
+    pub fn prune_states(&self) -> usize {
+        let mut n = 0;
+        if let Ok(rd) = std::fs::read_dir(self.root.join("state")) {
+            for e in rd.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !valid_id(&name) || self.locate(&name).is_none() {
+                    let _ = std::fs::remove_file(e.path());
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Removes a delivered message. No directory fsync: should the unlink be lost in a
+    /// crash, the message is delivered again (a duplicate, never a loss), which is the
+    /// window Postfix has too.
+    pub fn remove_delivered(&self, id: &str) {
+        if let Some((_, path)) = self.locate(id) {
+            let _ = std::fs::remove_file(path);
+        }
+        self.remove_state(id);
     }
 }
 
@@ -284,6 +419,7 @@ impl Spool {
             .locate(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
         std::fs::remove_file(path)?;
+        self.remove_state(id);
         std::fs::File::open(self.root.join(queue))?.sync_all()
     }
 

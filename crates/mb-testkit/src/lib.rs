@@ -543,3 +543,106 @@ pub fn ensure_mailborder_account() {
         "cannot create the mailborder user"
     );
 }
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Postfix's `smtp-sink` on a loopback port, dumping every transaction into its own
+/// file (`-d`), so tests can count what arrived.
+pub struct SmtpSink {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub server: Proc,
+}
+
+impl SmtpSink {
+    /// `extra` are more smtp-sink options (e.g. `-e` to turn EHLO off, `-x` ...).
+    pub fn start(extra: &[&str]) -> Result<SmtpSink> {
+        let program = require("smtp-sink", "postfix");
+        let dir = tempfile::Builder::new().prefix("mb-sink-").tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        let port = free_port();
+        let mut cmd = Command::new(program);
+        if is_root() {
+            cmd.args(["-u", "nobody"]);
+        }
+        cmd.arg("-d")
+            .arg(dir.path().join("m."))
+            .args(extra)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("1000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let server = Proc {
+            child: cmd.spawn()?,
+            name: "smtp-sink".into(),
+        };
+        wait_until("smtp-sink to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(SmtpSink { port, dir, server })
+    }
+
+    /// Every transaction received so far, as text (smtp-sink's dump format: its
+    /// `X-Mail-Args`/`X-Rcpt-Args` records, then the message).
+    pub fn messages(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// dnsmasq serving a test zone on a loopback port. `records` are dnsmasq options such
+/// as `--mx-host=example.test,mx1.example.test,10` and `--host-record=mx1.example.test,127.0.0.1`.
+pub struct Dnsmasq {
+    pub port: u16,
+    pub server: Proc,
+}
+
+impl Dnsmasq {
+    pub fn start(records: &[String]) -> Result<Dnsmasq> {
+        let program = require("dnsmasq", "dnsmasq-base");
+        let port = free_port();
+        let mut cmd = Command::new(program);
+        cmd.args([
+            "--no-daemon",
+            "--port",
+            &port.to_string(),
+            "--listen-address",
+            "127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--log-facility=-",
+            "--pid-file",
+        ]);
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        cmd.args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let server = Proc {
+            child: cmd.spawn()?,
+            name: "dnsmasq".into(),
+        };
+        // dnsmasq answers TCP too: listening means it is ready.
+        wait_until("dnsmasq to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(Dnsmasq { port, server })
+    }
+
+    /// The `network.dns.servers` value for this server.
+    pub fn servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}

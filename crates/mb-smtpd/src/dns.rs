@@ -1,0 +1,182 @@
+//! DNS for delivery: MX hosts of a domain (RFC 5321 §5.1: by preference, the domain's
+//! own address when it has no MX, RFC 7505 null MX) and the addresses of a host, through
+//! hickory with the `network.dns.*` servers and cache.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::RData;
+use mb_core::Config;
+use mb_core::value::{DnsServers, Value};
+
+/// Why a lookup gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsFailure {
+    /// The answer is final (no such domain, null MX): the recipients bounce.
+    Permanent(String),
+    /// Time out, server failure: try later.
+    Transient(String),
+}
+
+pub enum Dns {
+    Real(Box<TokioResolver>),
+    /// Fixed answers, for tests: MX records by domain, addresses by host.
+    Fixed {
+        mx: HashMap<String, Vec<(u16, String)>>,
+        hosts: HashMap<String, Vec<IpAddr>>,
+    },
+}
+
+impl Dns {
+    /// A resolver for the configured servers (`system` reads /etc/resolv.conf).
+    pub fn from_config(cfg: &Config) -> Result<Dns, String> {
+        let mut opts = ResolverOpts::default();
+        opts.cache_size = if cfg.bool("network.dns.cache.enabled") {
+            4096
+        } else {
+            0
+        };
+        opts.positive_max_ttl = Some(cfg.duration("network.dns.cache.ttl"));
+        opts.negative_max_ttl = Some(
+            cfg.duration("network.dns.cache.ttl")
+                .min(Duration::from_secs(300)),
+        );
+        opts.timeout = Duration::from_secs(5);
+        opts.attempts = 2;
+        let builder = match cfg.get("network.dns.servers") {
+            Value::DnsServers(DnsServers::List(list)) => {
+                let servers = list
+                    .iter()
+                    .map(|a| {
+                        let conn = |mut c: ConnectionConfig| {
+                            c.port = a.port();
+                            c
+                        };
+                        NameServerConfig::new(
+                            a.ip(),
+                            true,
+                            vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
+                        )
+                    })
+                    .collect();
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_name_servers(servers),
+                    hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+                )
+            }
+            _ => TokioResolver::builder_tokio()
+                .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?,
+        };
+        let resolver = builder
+            .with_options(opts)
+            .build()
+            .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        Ok(Dns::Real(Box::new(resolver)))
+    }
+
+    /// The mail exchangers of `domain`, best first, as host names. A domain without MX
+    /// records is its own mail exchanger (RFC 5321 §5.1).
+    pub async fn mx(&self, domain: &str) -> Result<Vec<String>, DnsFailure> {
+        let records: Vec<(u16, String)> = match self {
+            Dns::Fixed { mx, .. } => match mx.get(domain) {
+                Some(list) => list.clone(),
+                None => Vec::new(),
+            },
+            Dns::Real(r) => match r.mx_lookup(format!("{domain}.")).await {
+                Ok(l) => l
+                    .answers()
+                    .iter()
+                    .filter_map(|rec| match &rec.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(e) if e.is_nx_domain() => {
+                    return Err(DnsFailure::Permanent(format!(
+                        "550 5.1.2 domain {domain} does not exist (DNS NXDOMAIN)"
+                    )));
+                }
+                Err(e) if e.is_no_records_found() => Vec::new(),
+                Err(e) => return Err(transient(domain, "MX", &e)),
+            },
+        };
+        // RFC 7505: a single MX of "." says the domain accepts no mail.
+        if records.len() == 1 && (records[0].1 == "." || records[0].1.is_empty()) {
+            return Err(DnsFailure::Permanent(format!(
+                "556 5.1.10 domain {domain} accepts no mail (null MX)"
+            )));
+        }
+        if records.is_empty() {
+            return Ok(vec![domain.to_string()]);
+        }
+        let mut records: Vec<(u16, String)> = records
+            .into_iter()
+            .filter(|(_, h)| h != "." && !h.is_empty())
+            .map(|(p, h)| (p, h.trim_end_matches('.').to_ascii_lowercase()))
+            .collect();
+        // Stable: equal preferences keep the order the server gave (servers rotate them).
+        records.sort_by_key(|(p, _)| *p);
+        let mut hosts: Vec<String> = Vec::new();
+        for (_, h) in records {
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The addresses of a host (A, then AAAA when `v6`). An IP literal is itself.
+    pub async fn addresses(&self, host: &str, v6: bool) -> Result<Vec<IpAddr>, DnsFailure> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        match self {
+            Dns::Fixed { hosts, .. } => hosts
+                .get(host)
+                .cloned()
+                .ok_or_else(|| DnsFailure::Permanent(format!("550 5.1.2 host {host} not found"))),
+            Dns::Real(r) => {
+                let name = format!("{host}.");
+                let mut out = Vec::new();
+                let mut failure = None;
+                match r.ipv4_lookup(name.clone()).await {
+                    Ok(l) => out.extend(l.answers().iter().filter_map(|rec| match &rec.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        _ => None,
+                    })),
+                    Err(e) if e.is_nx_domain() => {
+                        return Err(DnsFailure::Permanent(format!(
+                            "550 5.1.2 host {host} does not exist (DNS NXDOMAIN)"
+                        )));
+                    }
+                    Err(e) if e.is_no_records_found() => {}
+                    Err(e) => failure = Some(transient(host, "A", &e)),
+                }
+                if v6 {
+                    match r.ipv6_lookup(name).await {
+                        Ok(l) => out.extend(l.answers().iter().filter_map(|rec| match &rec.data {
+                            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                            _ => None,
+                        })),
+                        Err(e) if e.is_no_records_found() => {}
+                        Err(e) => failure = failure.or(Some(transient(host, "AAAA", &e))),
+                    }
+                }
+                if out.is_empty() {
+                    return Err(failure.unwrap_or_else(|| {
+                        DnsFailure::Permanent(format!("550 5.1.2 host {host} has no address"))
+                    }));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn transient(name: &str, kind: &str, e: &NetError) -> DnsFailure {
+    DnsFailure::Transient(format!("451 4.4.3 DNS {kind} lookup of {name} failed: {e}"))
+}
