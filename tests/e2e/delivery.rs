@@ -359,3 +359,124 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
     wait_empty(&g.gw, Duration::from_secs(20));
     assert_eq!(subjects(&sink), ["plain"]);
 }
+
+#[test]
+fn lmtp_to_dovecot_delivers_the_known_recipients_and_bounces_the_unknown_one() {
+    let dovecot = mb_testkit::Dovecot::start(&["alice", "bob"]).unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let g = start(&format!(
+        "[smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\nprotocol = \"lmtp\"\ntls = \"none\"\n\
+         transport = \"sender.test=smtp:[127.0.0.1]:{}\"\n",
+        dovecot.port, sink.port
+    ));
+    let id = send(
+        g.port,
+        "carol@sender.test",
+        &["alice@served.test", "nobody@served.test", "bob@served.test"],
+        "over-lmtp",
+    );
+    wait_empty(&g.gw, Duration::from_secs(30));
+    for user in ["alice", "bob"] {
+        let mbox = dovecot.mailbox(user);
+        assert_eq!(mbox.len(), 1, "{user}: {mbox:?}\n{}", dovecot.log());
+        // Final delivery: Return-Path carries the envelope sender.
+        assert!(
+            mbox[0].starts_with("Return-Path: <carol@sender.test>"),
+            "{}",
+            mbox[0]
+        );
+        assert!(mbox[0].contains("Subject: over-lmtp"));
+    }
+    let notices = sink.messages();
+    assert_eq!(notices.len(), 1, "one bounce: {notices:?}");
+    let n = &notices[0];
+    assert!(n.contains("X-Rcpt-Args: <carol@sender.test>"), "{n}");
+    assert!(
+        n.contains("Final-Recipient: rfc822; nobody@served.test"),
+        "{n}"
+    );
+    assert!(
+        !n.contains("Final-Recipient: rfc822; alice@served.test"),
+        "{n}"
+    );
+    assert!(
+        n.contains("Status: 5.1.1") || n.contains("Status: 5."),
+        "{n}"
+    );
+    assert!(n.contains(&format!("X-Mailborder-Queue-ID: {id}")));
+
+    // The same server over its Unix socket.
+    let socket = dovecot.socket();
+    let (code, _, err) = text(&g.gw.tool(
+        "mb-config",
+        &["set", "relay.host", &format!("unix:{}", socket.display())],
+    ));
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    send(
+        g.port,
+        "carol@sender.test",
+        &["alice@served.test"],
+        "over-unix",
+    );
+    wait_empty(&g.gw, Duration::from_secs(30));
+    let mbox = dovecot.mailbox("alice");
+    assert_eq!(mbox.len(), 2, "{mbox:?}");
+    assert!(mbox.iter().any(|m| m.contains("Subject: over-unix")));
+    assert!(
+        g.gw.smtpd_log()
+            .contains(&format!("relay=unix:{}", socket.display()))
+    );
+}
+
+#[test]
+fn relays_through_a_private_postfix_instance() {
+    let sink = SmtpSink::start(&[]).unwrap();
+    let postfix = mb_testkit::Postfix::start(&format!("[127.0.0.1]:{}", sink.port), "").unwrap();
+    let g = start(&format!(
+        "[smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+        postfix.port
+    ));
+    let ids: Vec<String> = (0..5)
+        .map(|i| {
+            send(
+                g.port,
+                "alice@sender.test",
+                &["bob@served.test", "carol@served.test"],
+                &format!("via-postfix-{i}"),
+            )
+        })
+        .collect();
+    wait_empty(&g.gw, Duration::from_secs(30));
+    wait_until(
+        "postfix to pass everything on",
+        Duration::from_secs(30),
+        || subjects(&sink).len() >= 5,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", subjects(&sink), postfix.log()));
+    let mut got = subjects(&sink);
+    got.sort();
+    assert_eq!(
+        got,
+        (0..5)
+            .map(|i| format!("via-postfix-{i}"))
+            .collect::<Vec<_>>()
+    );
+    let log = postfix.log();
+    // Postfix saw our client, both recipients in one transaction, and the DSN extension.
+    assert!(
+        log.contains("client=localhost[127.0.0.1]") || log.contains("[127.0.0.1]"),
+        "{log}"
+    );
+    for m in sink.messages() {
+        assert!(
+            m.contains("X-Rcpt-Args: <bob@served.test>")
+                && m.contains("X-Rcpt-Args: <carol@served.test>"),
+            "{m}"
+        );
+        assert!(m.contains("by gw.served.test (Mailborder)"), "{m}");
+    }
+    assert_eq!(ids.len(), 5);
+}

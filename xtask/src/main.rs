@@ -75,6 +75,22 @@ enum Cmd {
     },
     /// Regenerate etc/mailborder/mailborder.toml from the key registry
     GenConfig,
+    /// Measure throughput, CPU and memory side by side: smtp-source into smtp-sink
+    /// directly, through a private Postfix, and through mb-smtpd (release build)
+    Bench {
+        /// Messages per path (smtp-source -m)
+        #[arg(long, default_value_t = 20_000)]
+        messages: u32,
+        /// Concurrent sessions (smtp-source -s)
+        #[arg(long, default_value_t = 20)]
+        sessions: u32,
+        /// Message size in bytes (smtp-source -l)
+        #[arg(long, default_value_t = 4096)]
+        size: u32,
+        /// Use the debug build of mb-smtpd (faster to build, slower to run)
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +106,29 @@ fn main() -> ExitCode {
             no_build,
         } => install(&destdir, &prefix, debug, no_build),
         Cmd::GenConfig => gen_config(),
+        Cmd::Bench {
+            messages,
+            sessions,
+            size,
+            debug,
+        } => (|| {
+            ensure_test_packages()?;
+            let profile = if debug { "debug" } else { "release" };
+            let mut build = cargo();
+            build.args(["build", "-p", "mb-smtpd"]);
+            if !debug {
+                build.arg("--release");
+            }
+            run(&mut build)?;
+            bench::bench(
+                &bench::Load {
+                    messages,
+                    sessions,
+                    size,
+                },
+                root().join("target").join(profile).join("mb-smtpd"),
+            )
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,6 +138,8 @@ fn main() -> ExitCode {
         }
     }
 }
+
+mod bench;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -646,3 +646,249 @@ impl Dnsmasq {
         format!("127.0.0.1:{}", self.port)
     }
 }
+
+/// A private Dovecot serving LMTP on a loopback port and on `DIR/run/lmtp`, delivering to
+/// maildirs under `DIR/mail/USER` for the users given (any other recipient is unknown).
+pub struct Dovecot {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub server: Proc,
+}
+
+impl Dovecot {
+    pub fn start(users: &[&str]) -> Result<Dovecot> {
+        let program = require("dovecot", "dovecot-lmtpd");
+        require("/usr/lib/dovecot/lmtp", "dovecot-lmtpd");
+        let dir = tempfile::Builder::new().prefix("mb-dovecot-").tempdir()?;
+        let d = dir.path();
+        // Mail is written as nobody: the tree must be traversable and writable for it.
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        fs::create_dir_all(d.join("mail"))?;
+        fs::set_permissions(d.join("mail"), fs::Permissions::from_mode(0o777))?;
+        let (uid, gid) = (65534, 65534);
+        let mut passwd = String::new();
+        for u in users {
+            passwd.push_str(&format!(
+                "{u}::{uid}:{gid}::{}::\n",
+                d.join("mail").join(u).display()
+            ));
+        }
+        fs::write(d.join("users"), passwd)?;
+        let port = free_port();
+        let conf = format!(
+            "base_dir = {d}/run\n\
+             state_dir = {d}/state\n\
+             log_path = {d}/dovecot.log\n\
+             protocols = lmtp\n\
+             ssl = no\n\
+             listen = 127.0.0.1\n\
+             first_valid_uid = 1\n\
+             auth_username_format = %Ln\n\
+             mail_location = maildir:~/Maildir\n\
+             passdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
+             userdb {{\n  driver = passwd-file\n  args = {d}/users\n}}\n\
+             service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  unix_listener lmtp {{\n    mode = 0666\n  }}\n}}\n",
+            d = d.display()
+        );
+        fs::write(d.join("dovecot.conf"), conf)?;
+        let child = Command::new(program)
+            .arg("-F")
+            .arg("-c")
+            .arg(d.join("dovecot.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let server = Proc {
+            child,
+            name: "dovecot".into(),
+        };
+        let log = d.join("dovecot.log");
+        wait_until("dovecot LMTP to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .with_context(|| fs::read_to_string(&log).unwrap_or_default())?;
+        Ok(Dovecot { port, dir, server })
+    }
+
+    /// The LMTP Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/lmtp")
+    }
+
+    /// The messages delivered to `user`, as text.
+    pub fn mailbox(&self, user: &str) -> Vec<String> {
+        let new = self.dir.path().join("mail").join(user).join("Maildir/new");
+        let mut out: Vec<String> = fs::read_dir(new)
+            .map(|d| {
+                d.filter_map(std::result::Result::ok)
+                    .filter_map(|e| fs::read(e.path()).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+/// A private Postfix instance (its own config and queue directories) listening on a
+/// loopback port, relaying to `relayhost` (`[127.0.0.1]:PORT`). `main_cf` adds settings.
+pub struct Postfix {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Postfix {
+    pub fn start(relayhost: &str, main_cf: &str) -> Result<Postfix> {
+        let postfix = require("postfix", "postfix");
+        let postconf = require("postconf", "postfix");
+        let dir = tempfile::Builder::new().prefix("mb-postfix-").tempdir()?;
+        let d = dir.path();
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        let etc = d.join("etc");
+        fs::create_dir_all(&etc)?;
+        fs::create_dir_all(d.join("data"))?;
+        fs::create_dir_all(d.join("queue"))?;
+        // The data directory belongs to the mail owner (master.lock, caches).
+        let owner = nix::unistd::User::from_name("postfix")?
+            .context("no postfix user: is the postfix package installed?")?;
+        nix::unistd::chown(&d.join("data"), Some(owner.uid), Some(owner.gid))?;
+        let port = free_port();
+        // Postfix refuses a config directory that the default one does not list.
+        let default_main = Path::new("/etc/postfix/main.cf");
+        if !default_main.exists() {
+            fs::write(default_main, "compatibility_level = 3.6\n")?;
+        }
+        let listed = Command::new(&postconf)
+            .args(["-h", "alternate_config_directories"])
+            .output()?;
+        let current = String::from_utf8_lossy(&listed.stdout).trim().to_string();
+        let mut dirs: Vec<String> = current
+            .split([',', ' '])
+            .filter(|s| !s.is_empty() && Path::new(s).exists())
+            .map(str::to_string)
+            .collect();
+        dirs.push(etc.display().to_string());
+        let status = Command::new(&postconf)
+            .arg("-e")
+            .arg(format!(
+                "alternate_config_directories = {}",
+                dirs.join(", ")
+            ))
+            .status()?;
+        if !status.success() {
+            bail!("postconf -e alternate_config_directories failed");
+        }
+        let master = [
+            "/etc/postfix/master.cf",
+            "/usr/share/postfix/master.cf.dist",
+        ]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .context("no master.cf template in /etc/postfix or /usr/share/postfix")?;
+        let master = fs::read_to_string(master)?
+            .lines()
+            .map(|l| {
+                if l.starts_with("smtp      inet") || l.starts_with("smtp inet") {
+                    l.replacen("smtp", &port.to_string(), 1)
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        fs::write(etc.join("master.cf"), master + "\n")?;
+        let main = format!(
+            "compatibility_level = 3.6\n\
+             queue_directory = {d}/queue\n\
+             data_directory = {d}/data\n\
+             mail_owner = postfix\n\
+             setgid_group = postdrop\n\
+             inet_interfaces = 127.0.0.1\n\
+             inet_protocols = ipv4\n\
+             myhostname = postfix.test\n\
+             mydestination =\n\
+             relay_domains = served.test\n\
+             mynetworks = 127.0.0.0/8\n\
+             relayhost = {relayhost}\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+             maillog_file = {d}/postfix.log\n\
+             maillog_file_prefixes = /var, /dev/stdout, {d}\n\
+             smtp_tls_security_level = none\n\
+             smtpd_tls_security_level = none\n\
+             default_process_limit = 100\n\
+             alias_maps =\n\
+             alias_database =\n\
+             local_recipient_maps =\n\
+             {main_cf}\n",
+            d = d.display()
+        );
+        fs::write(etc.join("main.cf"), main)?;
+        // No chroot: a private queue directory has none of the files a chroot needs.
+        Command::new(&postconf)
+            .arg("-c")
+            .arg(&etc)
+            .args(["-F", "-e", "*/*/chroot = n"])
+            .status()?;
+        let pf = Postfix { port, dir };
+        let out = Command::new(&postfix)
+            .arg("-c")
+            .arg(&etc)
+            .arg("start")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "postfix start failed: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                pf.log()
+            );
+        }
+        wait_until("postfix to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .with_context(|| pf.log())?;
+        Ok(pf)
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postfix.log")).unwrap_or_default()
+    }
+
+    /// Whether the instance's queue is empty (`postqueue -p`).
+    pub fn queue_empty(&self) -> bool {
+        Command::new("postqueue")
+            .arg("-c")
+            .arg(self.config_dir())
+            .arg("-p")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Mail queue is empty"))
+    }
+
+    /// The master process id.
+    pub fn master_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.dir.path().join("queue/pid/master.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(self.config_dir())
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

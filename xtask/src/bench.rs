@@ -1,0 +1,334 @@
+//! `cargo xtask bench`: the same load, in one run on this machine, through three paths:
+//! smtp-source straight into smtp-sink (the ceiling), through a private Postfix instance
+//! (queue on disk) into smtp-sink, and through mb-smtpd (fsync before 250) into
+//! smtp-sink. Reports accepted and end-to-end rates, CPU per message and peak memory,
+//! and the ratios mb-smtpd / Postfix. A harness, not a test: nothing here asserts a time.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mb_testkit::{Postfix, Proc, free_port, require, wait_until};
+
+pub struct Load {
+    pub messages: u32,
+    pub sessions: u32,
+    pub size: u32,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    name: String,
+    accept_secs: f64,
+    total_secs: f64,
+    cpu_secs: Option<f64>,
+    peak_rss_kib: Option<u64>,
+}
+
+/// Clock ticks per second for /proc/PID/stat times (sysconf(_SC_CLK_TCK), 100 on Linux).
+const TICKS: f64 = 100.0;
+
+fn proc_stat(pid: i32) -> Option<(i32, u64, u64)> {
+    // (ppid, own cpu ticks, reaped children's cpu ticks)
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some((f.get(1)?.parse().ok()?, n(11) + n(12), n(13) + n(14)))
+}
+
+/// Proportional set size: shared pages (libraries, Postfix's many processes) counted
+/// once across the processes that share them, so a family's sum is fair.
+fn rss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A process and its direct children (Postfix's master and its services).
+fn family(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.filter_map(Result::ok) {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>()
+                && proc_stat(pid).is_some_and(|(ppid, ..)| ppid == root)
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// CPU seconds used so far by a process family: the live processes and the reaped ones.
+fn cpu_secs(root: i32) -> f64 {
+    let mut ticks = proc_stat(root).map_or(0, |(_, own, reaped)| own + reaped);
+    for pid in family(root).into_iter().skip(1) {
+        ticks += proc_stat(pid).map_or(0, |(_, own, _)| own);
+    }
+    ticks as f64 / TICKS
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.filter_map(Result::ok)
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() { count_files(&p) } else { 1 }
+        })
+        .sum()
+}
+
+fn sink() -> Result<(u16, Proc)> {
+    let program = require("smtp-sink", "postfix");
+    let port = free_port();
+    let mut cmd = Command::new(program);
+    if nix::unistd::Uid::effective().is_root() {
+        cmd.args(["-u", "nobody"]);
+    }
+    let child = cmd
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_until("smtp-sink", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    Ok((
+        port,
+        Proc {
+            child,
+            name: "smtp-sink".into(),
+        },
+    ))
+}
+
+fn source(load: &Load, port: u16) -> Result<f64> {
+    let program = require("smtp-source", "postfix");
+    let started = Instant::now();
+    let out = Command::new(program)
+        .args([
+            "-s",
+            &load.sessions.to_string(),
+            "-m",
+            &load.messages.to_string(),
+            "-l",
+            &load.size.to_string(),
+            "-f",
+            "load@bench.test",
+            "-t",
+            "rcpt@served.test",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "smtp-source failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Waits until `pending()` is 0, sampling memory of the family of `root`.
+fn drain(
+    started: Instant,
+    root: i32,
+    peak: &mut u64,
+    mut pending: impl FnMut() -> usize,
+) -> Result<f64> {
+    let limit = Duration::from_secs(1800);
+    loop {
+        let rss: u64 = family(root).into_iter().map(rss_kib).sum();
+        *peak = (*peak).max(rss);
+        if pending() == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > limit {
+            bail!("the queue did not drain in {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `source` while sampling memory in another thread.
+fn source_sampling(load: &Load, port: u16, root: i32, peak: &mut u64) -> Result<f64> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(family(root).into_iter().map(rss_kib).sum::<u64>());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            max
+        })
+    };
+    let r = source(load, port);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    *peak = (*peak).max(sampler.join().unwrap_or(0));
+    r
+}
+
+fn ceiling(load: &Load) -> Result<Outcome> {
+    let (port, _sink) = sink()?;
+    let secs = source(load, port)?;
+    Ok(Outcome {
+        name: "smtp-source -> smtp-sink".into(),
+        accept_secs: secs,
+        total_secs: secs,
+        ..Default::default()
+    })
+}
+
+fn through_postfix(load: &Load) -> Result<Outcome> {
+    let (sink_port, _sink) = sink()?;
+    let pf = Postfix::start(&format!("[127.0.0.1]:{sink_port}"), "")?;
+    let master = pf.master_pid().context("no postfix master pid")?;
+    let cpu0 = cpu_secs(master);
+    let mut peak = 0;
+    let started = Instant::now();
+    let accept = source_sampling(load, pf.port, master, &mut peak)?;
+    let queue = pf.dir.path().join("queue");
+    let total = drain(started, master, &mut peak, || {
+        ["maildrop", "incoming", "active", "deferred"]
+            .iter()
+            .map(|q| count_files(&queue.join(q)))
+            .sum()
+    })?;
+    let deferred = count_files(&queue.join("deferred"));
+    if deferred > 0 {
+        bail!("postfix deferred {deferred} messages:\n{}", pf.log());
+    }
+    Ok(Outcome {
+        name: "via Postfix (queue on disk)".into(),
+        accept_secs: accept,
+        total_secs: total,
+        cpu_secs: Some(cpu_secs(master) - cpu0),
+        peak_rss_kib: Some(peak),
+    })
+}
+
+fn through_mailborder(load: &Load, bin: &Path) -> Result<Outcome> {
+    let (sink_port, _sink) = sink()?;
+    let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
+    let d = dir.path();
+    let port = free_port();
+    let config = d.join("mailborder.toml");
+    fs::write(
+        &config,
+        format!(
+            "process.user = \"\"\n\
+             [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\
+             [log]\nlevel = \"warn\"\n\
+             [network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nmax_connections = 1000\nmax_per_source = 1000\n\
+             connection_rate = 100000\nrate_per_source = 100000\n\
+             [network.smtp.tls]\ninbound = \"none\"\n\
+             [network.reinject]\nport = {}\n\
+             [network.protection]\nmode = \"public\"\n\
+             [smtp]\nhostname = \"mb.bench.test\"\ndomains = \"served.test\"\n\
+             [relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\n\
+             [filter]\nenabled = false\n",
+            free_port(),
+            d = d.display()
+        ),
+    )?;
+    let log = fs::File::create(d.join("smtpd.log"))?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let smtpd = Proc {
+        child,
+        name: "mb-smtpd".into(),
+    };
+    let socket = d.join("run/mb-smtpd.sock");
+    wait_until("mb-smtpd", Duration::from_secs(30), || socket.exists())
+        .with_context(|| fs::read_to_string(d.join("smtpd.log")).unwrap_or_default())?;
+    let pid = smtpd.pid();
+    let cpu0 = cpu_secs(pid);
+    let mut peak = 0;
+    let started = Instant::now();
+    let accept = source_sampling(load, port, pid, &mut peak)?;
+    let spool = d.join("spool");
+    let total = drain(started, pid, &mut peak, || {
+        count_files(&spool.join("incoming")) + count_files(&spool.join("deferred"))
+    })?;
+    Ok(Outcome {
+        name: "via mb-smtpd (fsync before 250)".into(),
+        accept_secs: accept,
+        total_secs: total,
+        cpu_secs: Some(cpu_secs(pid) - cpu0),
+        peak_rss_kib: Some(peak),
+    })
+}
+
+pub fn bench(load: &Load, mb_smtpd: PathBuf) -> Result<()> {
+    let n = f64::from(load.messages);
+    eprintln!(
+        "xtask: bench: {} messages of {} bytes over {} sessions, each path in turn",
+        load.messages, load.size, load.sessions
+    );
+    let mut results = Vec::new();
+    for (i, step) in ["ceiling", "postfix", "mailborder"].iter().enumerate() {
+        eprintln!("xtask: bench {}/3: {step} ...", i + 1);
+        let r = match *step {
+            "ceiling" => ceiling(load)?,
+            "postfix" => through_postfix(load)?,
+            _ => through_mailborder(load, &mb_smtpd)?,
+        };
+        eprintln!(
+            "xtask: bench {}/3: {} accepted in {:.1}s, delivered in {:.1}s",
+            i + 1,
+            r.name,
+            r.accept_secs,
+            r.total_secs
+        );
+        results.push(r);
+    }
+    println!(
+        "{:<34} {:>14} {:>16} {:>12} {:>14}",
+        "path", "accepted msg/s", "end-to-end msg/s", "CPU ms/msg", "peak PSS MiB"
+    );
+    for r in &results {
+        println!(
+            "{:<34} {:>14.0} {:>16.0} {:>12} {:>14}",
+            r.name,
+            n / r.accept_secs,
+            n / r.total_secs,
+            r.cpu_secs
+                .map_or("-".into(), |c| format!("{:.2}", c * 1000.0 / n)),
+            r.peak_rss_kib
+                .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        );
+    }
+    let (pf, mb) = (&results[1], &results[2]);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!(
+        "mb-smtpd / Postfix: accepted {:.2}x, end-to-end {:.2}x, CPU per message {:.2}x, peak memory {:.2}x",
+        ratio(pf.accept_secs, mb.accept_secs),
+        ratio(pf.total_secs, mb.total_secs),
+        ratio(mb.cpu_secs.unwrap_or(0.0), pf.cpu_secs.unwrap_or(0.0)),
+        ratio(
+            mb.peak_rss_kib.unwrap_or(0) as f64,
+            pf.peak_rss_kib.unwrap_or(0) as f64
+        ),
+    );
+    println!(
+        "ceiling / mb-smtpd end-to-end: {:.2}x",
+        ratio(mb.total_secs, results[0].total_secs)
+    );
+    Ok(())
+}
