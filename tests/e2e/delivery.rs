@@ -480,3 +480,129 @@ fn relays_through_a_private_postfix_instance() {
     }
     assert_eq!(ids.len(), 5);
 }
+
+#[test]
+fn relay_host_certificate_is_verified_and_auth_goes_only_over_tls() {
+    // The relay host: another mb-smtpd whose submission port requires STARTTLS and AUTH.
+    let (cert, key) = mb_testkit::self_signed();
+    let submission = free_port();
+    let mut relay = Gateway::new("");
+    std::fs::write(relay.path("relay.crt"), &cert).unwrap();
+    std::fs::write(relay.path("relay.key"), &key).unwrap();
+    std::fs::write(
+        &relay.config,
+        format!(
+            "{}\n[network.smtp]\nlisten = \"127.0.0.1\"\nport = {}\n\
+             [network.smtp.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [network.submission]\nenabled = true\nport = {submission}\n\
+             [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+             [smtp]\nhostname = \"relay.served.test\"\ndomains = \"served.test\"\n\
+             [filter]\nenabled = false\n[queue]\ndelivery_enabled = false\n",
+            std::fs::read_to_string(&relay.config).unwrap(),
+            free_port(),
+            relay.path("relay.crt").display(),
+            relay.path("relay.key").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    relay.start().unwrap();
+    relay.start_smtpd().unwrap();
+    let (code, _, err) = crate::smtp::mb_user(&relay, &["add", "gateway"], "relay password 1\n");
+    assert_eq!(code, 0, "{err}");
+
+    // An authority that did not sign the relay's certificate.
+    let other_ca = relay.path("other-ca.crt");
+    std::fs::write(&other_ca, mb_testkit::self_signed().0).unwrap();
+    let g = start(&format!(
+        "[smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {submission}\ntls = \"starttls\"\n\
+         \"auth.username\" = \"gateway\"\n\"auth.password\" = \"wrong password\"\n\
+         \"tls.ca_file\" = \"{}\"\n",
+        other_ca.display()
+    ));
+    let id = send(
+        g.port,
+        "alice@sender.test",
+        &["bob@served.test"],
+        "to-relay",
+    );
+    let last_error = |g: &Gw| {
+        queue_json(&g.gw)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id.as_str())
+            .map(|e| {
+                e["recipients"][0]["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    // A certificate from an unknown authority: deferred, never sent.
+    let mut err = String::new();
+    wait_until("a verification failure", Duration::from_secs(20), || {
+        err = last_error(&g);
+        !err.is_empty()
+    })
+    .unwrap();
+    assert!(
+        err.contains("STARTTLS") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // The right authority, the wrong password: AUTH is refused, mail waits.
+    let set = |k: &str, v: &str| {
+        let (code, _, err) = text(&g.gw.tool("mb-config", &["set", k, v]));
+        assert_eq!(code, 0, "{k}: {err}");
+    };
+    set(
+        "relay.tls.ca_file",
+        &relay.path("relay.crt").display().to_string(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    text(&g.gw.tool("mb-queue", &["flush"]));
+    wait_until("an AUTH refusal", Duration::from_secs(20), || {
+        err = last_error(&g);
+        err.contains("refused AUTH")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert!(
+        !g.gw.smtpd_log().contains("wrong password"),
+        "a secret reached the log"
+    );
+    // The right password: delivered over TLS with AUTH.
+    set("relay.auth.password", "relay password 1");
+    std::thread::sleep(Duration::from_millis(500));
+    text(&g.gw.tool("mb-queue", &["flush"]));
+    wait_empty(&g.gw, Duration::from_secs(20));
+    let file = std::fs::read_dir(relay.path("spool/incoming"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (msg, env) = mb_smtpd::spool::read_message(&file).unwrap();
+    assert_eq!(env.auth_user, "gateway");
+    assert!(String::from_utf8_lossy(&msg).contains("with ESMTPSA"));
+
+    // Without TLS the password is never sent: the message waits with the reason.
+    set("relay.tls", "none");
+    std::thread::sleep(Duration::from_millis(500));
+    let id2 = send(g.port, "alice@sender.test", &["bob@served.test"], "no-tls");
+    wait_until(
+        "the refusal to authenticate in clear",
+        Duration::from_secs(20),
+        || {
+            queue_json(&g.gw).as_array().unwrap().iter().any(|e| {
+                e["id"] == id2.as_str()
+                    && e["recipients"][0]["last_error"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("not encrypted")
+            })
+        },
+    )
+    .unwrap();
+}

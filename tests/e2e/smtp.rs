@@ -558,7 +558,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
     assert_eq!(log.matches("mb-smtpd started").count(), 5, "{log}");
 }
 
-fn mb_user(gw: &Gateway, args: &[&str], stdin: &str) -> (i32, String, String) {
+pub(crate) fn mb_user(gw: &Gateway, args: &[&str], stdin: &str) -> (i32, String, String) {
     use std::process::Stdio;
     let mut child = Command::new(mb_testkit::bin("mb-user"))
         .arg("--config")

@@ -263,12 +263,15 @@ fn dev_config(dir: &Path) -> String {
          [network.submission]\nenabled = true\nport = {submission}\n\n\
          [network.reinject]\nport = {reinject}\n\n\
          [smtp]\nenabled = {smtpd}\nhostname = \"localhost\"\ndomains = \"example.test\"\n\n\
+         # The internal mail server accepted mail goes to: e.g. `smtp-sink 127.0.0.1:{relay} 100`.\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {relay}\ntls = \"none\"\n\n\
          [filter]\nenabled = {filter}\nworkers = 1\n\n\
          [milter]\nenabled = {milter}\n",
         d = dir.display(),
         smtp = dev_port("SMTP", 2525),
         submission = dev_port("SUBMISSION", 2587),
         reinject = dev_port("REINJECT", 10025),
+        relay = dev_port("RELAY", 2526),
         smtpd = built("mb-smtpd"),
         filter = built("mb-filter"),
         milter = built("mb-milter"),

@@ -606,9 +606,20 @@ impl Manager {
         message: &[u8],
         rcpts: &[Recipient],
     ) -> Vec<Result1> {
-        let key = format!("{hop}{}", if relay { " relay" } else { "" });
+        // Cached sessions are reused only under the settings they were opened with.
+        let key = if relay {
+            format!(
+                "{hop} relay tls={} verify={} ca={} auth={}",
+                cfg.text("relay.tls"),
+                cfg.bool("relay.tls.verify"),
+                cfg.text("relay.tls.ca_file"),
+                cfg.text("relay.auth.username")
+            )
+        } else {
+            format!("{hop} tls={}", cfg.text("network.smtp.tls.outbound"))
+        };
         let limit = usize::try_from(cfg.int("queue.destination_concurrency")).unwrap_or(20);
-        let sem = self.destination(&key, limit);
+        let sem = self.destination(&hop.to_string(), limit);
         let Ok(_permit) = sem.acquire_owned().await else {
             return Vec::new();
         };
