@@ -176,8 +176,14 @@ impl Conn {
             return true;
         }
         let mut probe = [0u8; 512];
-        match tokio::time::timeout(Duration::from_millis(0), self.io.read(&mut probe)).await {
-            Ok(Ok(n)) if n > 0 => {
+        // One poll of the read, no timer: whatever has already arrived, nothing more.
+        let read = tokio::select! {
+            biased;
+            r = self.io.read(&mut probe) => Some(r),
+            () = std::future::ready(()) => None,
+        };
+        match read {
+            Some(Ok(n)) if n > 0 => {
                 self.buf.extend_from_slice(&probe[..n]);
                 true
             }

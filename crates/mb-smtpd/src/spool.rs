@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::AsyncWriteExt;
-
 /// The last bytes of every complete spool file.
 pub const MAGIC: &[u8; 8] = b"MBQ1END\n";
 
@@ -101,6 +99,53 @@ pub struct Spool {
     counter: AtomicU64,
     /// Told the id of every committed message (the queue manager listens).
     notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    incoming_sync: std::sync::Arc<GroupSync>,
+}
+
+/// Group commit for a directory: callers that linked a file ask for an fsync of the
+/// directory; one fsync started after a caller's link covers it, so concurrent commits
+/// share one fsync instead of paying one each.
+#[derive(Default)]
+pub struct GroupSync {
+    state: std::sync::Mutex<GroupState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    requested: u64,
+    synced: u64,
+    running: bool,
+}
+
+impl GroupSync {
+    /// Blocks (on a blocking-pool thread) until an fsync of `dir` that started after
+    /// this call has finished.
+    pub fn sync(&self, dir: &Path) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested += 1;
+        let mine = st.requested;
+        loop {
+            if st.synced >= mine {
+                return Ok(());
+            }
+            if st.running {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.running = true;
+            let target = st.requested;
+            drop(st);
+            let result = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.running = false;
+            if result.is_ok() {
+                st.synced = st.synced.max(target);
+            }
+            self.done.notify_all();
+            result?;
+        }
+    }
 }
 
 /// What a start-up scan found.
@@ -142,6 +187,7 @@ impl Spool {
                 root: root.to_path_buf(),
                 counter: AtomicU64::new(0),
                 notify: std::sync::OnceLock::new(),
+                incoming_sync: std::sync::Arc::default(),
             },
             rec,
         ))
@@ -167,73 +213,108 @@ impl Spool {
         self.root.join("incoming")
     }
 
-    /// Starts writing a message.
+    /// Starts writing a message. Nothing touches the disk until the message outgrows
+    /// `SPILL` or is committed, so a small message costs one trip to the blocking pool.
     pub async fn create(&self, id: &str) -> io::Result<SpoolWriter> {
-        let tmp = self.root.join("tmp").join(id);
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .await?;
         Ok(SpoolWriter {
-            file: Some(tokio::io::BufWriter::with_capacity(64 * 1024, file)),
-            tmp,
+            buf: Vec::with_capacity(16 * 1024),
+            file: None,
+            tmp: self.root.join("tmp").join(id),
             incoming: self.incoming(),
             id: id.to_string(),
             written: 0,
             committed: false,
             notify: self.notify.get().cloned(),
+            sync: self.incoming_sync.clone(),
         })
     }
 }
 
+/// Bytes kept in memory before a message being received is written out to `tmp/`.
+const SPILL: usize = 256 * 1024;
+
 /// A message being received. Dropping it without `commit` removes the partial file.
 pub struct SpoolWriter {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    buf: Vec<u8>,
+    file: Option<std::fs::File>,
     tmp: PathBuf,
     incoming: PathBuf,
     pub id: String,
     pub written: u64,
     committed: bool,
     notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    sync: std::sync::Arc<GroupSync>,
+}
+
+fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File> {
+    match file {
+        Some(f) => Ok(f),
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp),
+    }
 }
 
 impl SpoolWriter {
     pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if let Some(f) = self.file.as_mut() {
-            f.write_all(bytes).await?;
-            self.written += bytes.len() as u64;
+        self.buf.extend_from_slice(bytes);
+        self.written += bytes.len() as u64;
+        if self.buf.len() >= SPILL {
+            let buf = std::mem::take(&mut self.buf);
+            let file = self.file.take();
+            let tmp = self.tmp.clone();
+            let (file, mut buf) = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut f = open_tmp(file, &tmp)?;
+                f.write_all(&buf)?;
+                Ok::<_, io::Error>((f, buf))
+            })
+            .await
+            .map_err(io::Error::other)??;
+            buf.clear();
+            self.file = Some(file);
+            self.buf = buf;
         }
         Ok(())
     }
 
-    /// Appends the envelope, makes the file durable and moves it into `incoming/`.
+    /// Appends the envelope, makes the file durable and links it into `incoming/`, all
+    /// in one trip to the blocking pool.
     pub async fn commit(mut self, envelope: &Envelope) -> io::Result<()> {
-        let Some(mut f) = self.file.take() else {
-            return Err(io::Error::other("spool file already closed"));
-        };
         let env = envelope.to_json();
-        f.write_all(env.as_bytes()).await?;
-        f.write_all(&(env.len() as u64).to_le_bytes()).await?;
-        f.write_all(MAGIC).await?;
-        f.flush().await?;
-        let file = f.into_inner();
-        file.sync_all().await?;
-        drop(file);
-        // A hard link fails if the name is taken, where rename would replace a message
-        // already answered 250; then the temporary name goes.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.extend_from_slice(env.as_bytes());
+        buf.extend_from_slice(&(env.len() as u64).to_le_bytes());
+        buf.extend_from_slice(MAGIC);
+        let file = self.file.take();
+        let (tmp, dir) = (self.tmp.clone(), self.incoming.clone());
         let target = self.incoming.join(&self.id);
-        tokio::fs::hard_link(&self.tmp, &target).await?;
-        self.committed = true;
-        let _ = tokio::fs::remove_file(&self.tmp).await;
-        let dir = self.incoming.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-            .await
-            .map_err(io::Error::other)??;
-        if let Some(tx) = &self.notify {
-            let _ = tx.send(self.id.clone());
+        let sync = self.sync.clone();
+        let linked = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = open_tmp(file, &tmp)?;
+            f.write_all(&buf)?;
+            f.sync_all()?;
+            drop(f);
+            // A hard link fails if the name is taken, where rename would replace a
+            // message already answered 250; then the temporary name goes.
+            std::fs::hard_link(&tmp, &target)?;
+            let _ = std::fs::remove_file(&tmp);
+            sync.sync(&dir)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match linked {
+            Ok(()) => {
+                self.committed = true;
+                if let Some(tx) = &self.notify {
+                    let _ = tx.send(self.id.clone());
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        Ok(())
     }
 }
 
@@ -478,6 +559,25 @@ pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_sync_lets_every_caller_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = std::sync::Arc::new(GroupSync::default());
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (g, d) = (g.clone(), dir.path().to_path_buf());
+                std::thread::spawn(move || (0..20).all(|_| g.sync(&d).is_ok()))
+            })
+            .collect();
+        assert!(threads.into_iter().all(|t| t.join().unwrap()));
+        let st = g.state.lock().unwrap();
+        assert_eq!(st.requested, 320);
+        assert!(st.synced == 320 && !st.running);
+        drop(st);
+        // A directory that cannot be opened is an error for the caller, not a hang.
+        assert!(g.sync(&dir.path().join("missing")).is_err());
+    }
 
     #[tokio::test]
     async fn commit_recover_and_detect_torn_files() {
