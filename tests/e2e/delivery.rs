@@ -236,6 +236,16 @@ fn mx_routing_follows_priority_falls_back_and_honours_null_mx() {
         "--mx-host=fb.test,mx2.fb.test,20".into(),
         "--host-record=mx1.fb.test,127.0.0.4".into(),
         "--host-record=mx2.fb.test,127.0.0.3".into(),
+        // aonly.test has no MX: its own address is used (RFC 5321 §5.1). dnsmasq is made
+        // authoritative for the test zones so that a missing type gets "no data", not a
+        // refusal.
+        "--auth-server=ns.test,127.0.0.1".into(),
+        "--auth-zone=aonly.test".into(),
+        "--auth-zone=pri.test".into(),
+        "--auth-zone=fb.test".into(),
+        "--auth-zone=null.test".into(),
+        "--auth-zone=sender.test".into(),
+        "--host-record=aonly.test,127.0.0.3".into(),
         // null.test accepts no mail (RFC 7505).
         "--mx-host=null.test,.,0".into(),
         // sender.test, where bounces go: A.
@@ -252,17 +262,31 @@ fn mx_routing_follows_priority_falls_back_and_honours_null_mx() {
     // The reinjection port is trusted to relay.
     send(g.reinject, "alice@sender.test", &["u@pri.test"], "to-pri");
     send(g.reinject, "alice@sender.test", &["u@fb.test"], "to-fb");
+    send(
+        g.reinject,
+        "alice@sender.test",
+        &["u@aonly.test"],
+        "to-aonly",
+    );
     let bounced = send(g.reinject, "alice@sender.test", &["u@null.test"], "to-null");
+    // A domain that does not exist (NXDOMAIN from the authoritative server) bounces too.
+    send(
+        g.reinject,
+        "alice@sender.test",
+        &["u@missing.pri.test"],
+        "to-missing",
+    );
     wait_empty(&g.gw, Duration::from_secs(30));
     let (sa, sb) = (subjects(&a), subjects(&b));
     assert!(sa.contains(&"to-pri".to_string()), "A got {sa:?}");
     assert!(!sb.contains(&"to-pri".to_string()), "B got {sb:?}");
     assert!(sb.contains(&"to-fb".to_string()), "B got {sb:?}");
+    assert!(sb.contains(&"to-aonly".to_string()), "B got {sb:?}");
     // The null MX bounced at once; the bounce went to the sender's MX (A).
     let notice = a
         .messages()
         .into_iter()
-        .find(|m| m.contains("Undelivered Mail Returned to Sender"))
+        .find(|m| m.contains("Undelivered Mail Returned to Sender") && m.contains("u@null.test"))
         .unwrap_or_else(|| panic!("no bounce at A: {:?}", a.messages()));
     assert!(notice.contains("X-Mail-Args: <>"), "{notice}");
     assert!(notice.contains("X-Rcpt-Args: <alice@sender.test>"));
@@ -273,6 +297,15 @@ fn mx_routing_follows_priority_falls_back_and_honours_null_mx() {
     assert!(
         notice.contains("Subject: to-null"),
         "the message comes back"
+    );
+    let nx = a
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Final-Recipient: rfc822; u@missing.pri.test"))
+        .unwrap_or_else(|| panic!("no bounce for the missing domain: {:?}", a.messages()));
+    assert!(
+        nx.contains("Status: 5.1.2") && nx.contains("does not exist"),
+        "{nx}"
     );
     let log = g.gw.smtpd_log();
     assert!(log.contains("connect to mx1.fb.test[127.0.0.4]"), "{log}");
@@ -345,6 +378,20 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
         out.contains("history:") && out.contains("TLS is required"),
         "{out}"
     );
+    // requeue starts it over: tried at once, fresh counters, the admin named in the history.
+    let (code, out, err) = text(&g.gw.tool("mb-queue", &["requeue", &plain]));
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until("the requeued attempt", Duration::from_secs(20), || {
+        let (_, out, _) = text(&g.gw.tool("mb-queue", &["--json", "show", &plain]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["queue"] == "deferred"
+            && v["attempts"] == 1
+            && v["history"].as_array().is_some_and(|h| {
+                h.iter()
+                    .any(|l| l.as_str().unwrap_or("").contains("requeued by"))
+            })
+    })
+    .unwrap();
 
     // Opportunistic: the same peer is then used without TLS; flush delivers at once.
     let (code, _, err) = text(&g.gw.tool(
@@ -358,6 +405,21 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
     assert!(out.contains("1 deferred message(s)"), "{out}");
     wait_empty(&g.gw, Duration::from_secs(20));
     assert_eq!(subjects(&sink), ["plain"]);
+    // Opportunistic TLS still uses STARTTLS where it is offered.
+    send(
+        g.reinject,
+        "alice@sender.test",
+        &["u@tls.test"],
+        "secure-again",
+    );
+    wait_until("the second TLS delivery", Duration::from_secs(20), || {
+        std::fs::read_dir(peer.path("spool/incoming")).is_ok_and(|d| d.count() == 2)
+    })
+    .unwrap();
+    for f in std::fs::read_dir(peer.path("spool/incoming")).unwrap() {
+        let (msg, _) = mb_smtpd::spool::read_message(&f.unwrap().path()).unwrap();
+        assert!(String::from_utf8_lossy(&msg).contains("with ESMTPS"));
+    }
 }
 
 #[test]

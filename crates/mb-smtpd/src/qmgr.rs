@@ -300,6 +300,7 @@ impl Manager {
 
         // Route the pending recipients; one group per next hop.
         let mut groups: Vec<(NextHop, bool, Vec<usize>)> = Vec::new();
+        let mut unroutable: Vec<(usize, String)> = Vec::new();
         let transport = mb_core::route::parse_transport(
             &cfg.list("relay.transport"),
             cfg.port("queue.mx_port"),
@@ -309,7 +310,13 @@ impl Manager {
             if r.state == "delivered" || r.state == "bounced" {
                 continue;
             }
-            let (hop, relay) = route(&cfg, &transport, &r.address);
+            let (hop, relay) = match route(&cfg, &transport, &r.address) {
+                Ok(r) => r,
+                Err(why) => {
+                    unroutable.push((i, why));
+                    continue;
+                }
+            };
             match groups.iter_mut().find(|g| g.0 == hop && g.1 == relay) {
                 Some(g) => g.2.push(i),
                 None => groups.push((hop, relay, vec![i])),
@@ -361,6 +368,12 @@ impl Manager {
                     state.note(line);
                 }
             }
+        }
+        for (i, why) in unroutable {
+            let r = &mut state.recipients[i];
+            tracing::warn!(id = %id, to = %r.address, reply = %why, "deferred");
+            r.state = "deferred".into();
+            r.last_error = why;
         }
         state.attempts += 1;
 
@@ -1084,8 +1097,14 @@ pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
 
 /// Where a recipient goes: the transport table first (exact domain, then `.parent`
 /// entries), then the relay host for the gateway's own domains, then the domain's MX.
-/// The bool says whether it is the relay host (whose TLS and AUTH settings apply).
-pub fn route(cfg: &Config, transport: &[(String, NextHop)], address: &str) -> (NextHop, bool) {
+/// The bool says whether it is the relay host (whose TLS and AUTH settings apply). A
+/// served domain with neither a relay host nor a transport entry has no route: its MX
+/// is this gateway, so delivering there would loop.
+pub fn route(
+    cfg: &Config,
+    transport: &[(String, NextHop)],
+    address: &str,
+) -> Result<(NextHop, bool), String> {
     let domain = address
         .rsplit_once('@')
         .map_or(String::new(), |(_, d)| d.to_ascii_lowercase());
@@ -1094,14 +1113,14 @@ pub fn route(cfg: &Config, transport: &[(String, NextHop)], address: &str) -> (N
         .trim_end_matches(']')
         .to_string();
     if let Some((_, hop)) = transport.iter().find(|(d, _)| *d == domain) {
-        return (hop.clone(), false);
+        return Ok((hop.clone(), false));
     }
     if let Some((_, hop)) = transport
         .iter()
         .filter(|(d, _)| d.starts_with('.') && (domain.ends_with(d.as_str())))
         .max_by_key(|(d, _)| d.len())
     {
-        return (hop.clone(), false);
+        return Ok((hop.clone(), false));
     }
     let relay = cfg.text("relay.host");
     let local = cfg.list("smtp.domains").iter().any(|d| {
@@ -1119,9 +1138,14 @@ pub fn route(cfg: &Config, transport: &[(String, NextHop)], address: &str) -> (N
             cfg.text("relay.protocol") == "lmtp",
         )
     {
-        return (hop, true);
+        return Ok((hop, true));
     }
-    (
+    if local {
+        return Err(format!(
+            "451 4.3.5 no route for {domain}: it is one of smtp.domains, so set relay.host (or a relay.transport entry) to the internal mail server; its MX is this gateway"
+        ));
+    }
+    Ok((
         NextHop {
             protocol: Protocol::Smtp,
             hop: Hop::Mx {
@@ -1130,7 +1154,7 @@ pub fn route(cfg: &Config, transport: &[(String, NextHop)], address: &str) -> (N
             },
         },
         false,
-    )
+    ))
 }
 
 /// A certificate verifier that accepts any certificate but still checks the handshake
@@ -1527,23 +1551,19 @@ mod tests {
             "[relay]\nhost = \"[10.0.0.1]\"\nport = 2525\ntransport = \"lmtp.example=lmtp:unix:/run/lmtp,.sub.example=smtp:[10.0.0.9]:25\"\n",
         );
         let t = mb_core::route::parse_transport(&cfg.list("relay.transport"), 25).unwrap();
-        assert_eq!(
-            route(&cfg, &t, "a@served.example").0.to_string(),
-            "smtp:[10.0.0.1]:2525"
+        let r = |a| route(&cfg, &t, a).unwrap();
+        assert_eq!(r("a@served.example").0.to_string(), "smtp:[10.0.0.1]:2525");
+        assert!(r("a@served.example").1);
+        assert_eq!(r("a@LMTP.example").0.to_string(), "lmtp:unix:/run/lmtp");
+        assert_eq!(r("a@x.sub.example").0.to_string(), "smtp:[10.0.0.9]:25");
+        assert_eq!(r("a@other.example").0.to_string(), "smtp:other.example:25");
+        assert!(!r("a@other.example").1);
+        // A served domain without a relay host would loop through its own MX.
+        let bare = config(dir.path(), "");
+        let err = route(&bare, &[], "a@served.example").unwrap_err();
+        assert!(
+            err.starts_with("451 4.3.5") && err.contains("relay.host"),
+            "{err}"
         );
-        assert!(route(&cfg, &t, "a@served.example").1);
-        assert_eq!(
-            route(&cfg, &t, "a@LMTP.example").0.to_string(),
-            "lmtp:unix:/run/lmtp"
-        );
-        assert_eq!(
-            route(&cfg, &t, "a@x.sub.example").0.to_string(),
-            "smtp:[10.0.0.9]:25"
-        );
-        assert_eq!(
-            route(&cfg, &t, "a@other.example").0.to_string(),
-            "smtp:other.example:25"
-        );
-        assert!(!route(&cfg, &t, "a@other.example").1);
     }
 }

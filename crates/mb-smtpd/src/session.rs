@@ -1235,6 +1235,10 @@ impl<'a> Session<'a> {
     /// Makes the message durable; only then is 250 sent.
     async fn commit(&mut self, writer: SpoolWriter, size: u64) -> Reply {
         let id = writer.id.clone();
+        if writer.hops() > crate::spool::MAX_HOPS {
+            tracing::warn!(client = %self.client.ip, hops = writer.hops(), "message refused: too many hops");
+            return Reply::new(554, "5.4.6", "Error: too many hops (a mail loop?)");
+        }
         let Some(tx) = self.tx.as_ref() else {
             return Reply::new(451, "4.3.0", "Error: no transaction");
         };

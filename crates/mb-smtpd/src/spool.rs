@@ -226,6 +226,7 @@ impl Spool {
             committed: false,
             notify: self.notify.get().cloned(),
             sync: self.incoming_sync.clone(),
+            headers: HeaderScan::default(),
         })
     }
 }
@@ -244,7 +245,45 @@ pub struct SpoolWriter {
     committed: bool,
     notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     sync: std::sync::Arc<GroupSync>,
+    headers: HeaderScan,
 }
+
+/// Counts `Received:` fields in the header section as the message streams by, for the
+/// hop limit that stops mail loops (RFC 5321 §6.3).
+#[derive(Default)]
+struct HeaderScan {
+    done: bool,
+    line_len: usize,
+    prefix: [u8; 9],
+    hops: u32,
+}
+
+impl HeaderScan {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b == b'\n' {
+                if self.line_len <= 1 {
+                    // An empty line (CRLF or LF): the body starts.
+                    self.done = true;
+                } else if self.line_len >= 9 && self.prefix.eq_ignore_ascii_case(b"received:") {
+                    self.hops += 1;
+                }
+                self.line_len = 0;
+                continue;
+            }
+            if self.line_len < 9 {
+                self.prefix[self.line_len] = b;
+            }
+            self.line_len += 1;
+        }
+    }
+}
+
+/// Most `Received:` fields a message may carry (Postfix's hopcount_limit).
+pub const MAX_HOPS: u32 = 50;
 
 fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File> {
     match file {
@@ -257,7 +296,13 @@ fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File
 }
 
 impl SpoolWriter {
+    /// `Received:` fields seen so far in the header section.
+    pub fn hops(&self) -> u32 {
+        self.headers.hops
+    }
+
     pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.headers.feed(bytes);
         self.buf.extend_from_slice(bytes);
         self.written += bytes.len() as u64;
         if self.buf.len() >= SPILL {
@@ -559,6 +604,17 @@ pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_fields_are_counted_across_chunks() {
+        let mut h = HeaderScan::default();
+        let msg = b"Received: a\r\n\tcontinued\r\nRECEIVED: b\r\nX-Received: no\r\nSubject: x\r\n\r\nReceived: in the body\r\n";
+        for chunk in msg.chunks(3) {
+            h.feed(chunk);
+        }
+        assert_eq!(h.hops, 2);
+        assert!(h.done);
+    }
 
     #[test]
     fn group_sync_lets_every_caller_through() {

@@ -962,3 +962,26 @@ async fn a_trickled_message_hits_the_data_deadline() {
     assert_eq!(t.closed().await.end, "DATA deadline");
     assert!(t.spooled().is_empty());
 }
+
+#[tokio::test]
+async fn a_looping_message_is_refused_by_its_hop_count() {
+    let mut t = T::outside().await;
+    t.cmd("EHLO c.example", 250).await;
+    for (received, code) in [(49, 250), (50, 554)] {
+        t.cmd("MAIL FROM:<a@b.example>", 250).await;
+        t.cmd("RCPT TO:<u@served.example>", 250).await;
+        t.cmd("DATA", 354).await;
+        let mut msg = String::new();
+        for i in 0..received {
+            msg.push_str(&format!("Received: from hop{i}.example by x\r\n"));
+        }
+        msg.push_str("Subject: loop\r\n\r\nReceived: in the body does not count\r\n.\r\n");
+        t.send(&msg).await;
+        // Ours makes the count 50 (allowed) or 51 (a loop).
+        let r = t.expect(code).await;
+        if code == 554 {
+            assert!(r.contains("5.4.6") && r.contains("too many hops"), "{r}");
+        }
+    }
+    assert_eq!(t.spooled().len(), 1);
+}
