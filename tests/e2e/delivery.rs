@@ -467,6 +467,49 @@ fn lmtp_to_dovecot_delivers_the_known_recipients_and_bounces_the_unknown_one() {
         "{n}"
     );
     assert!(n.contains(&format!("X-Mailborder-Queue-ID: {id}")));
+    // The message log in mb-rpcd records what happened to each recipient.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut stages = Vec::new();
+    wait_until("delivery events", Duration::from_secs(20), || {
+        let events = rt.block_on(async {
+            let ch = mb_runtime::uds::connect(&g.gw.socket(), "mb-rpcd")
+                .await
+                .unwrap();
+            mb_proto::v1::events_client::EventsClient::new(ch)
+                .query(mb_proto::v1::EventQuery {
+                    queue_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+        });
+        stages = events
+            .iter()
+            .map(|e| (e.stage.clone(), e.recipients.join(",")))
+            .collect();
+        stages.len() >= 3
+    })
+    .unwrap_or_else(|e| panic!("{e}: {stages:?}"));
+    stages.sort();
+    assert_eq!(
+        stages,
+        [
+            ("bounced".to_string(), "nobody@served.test".to_string()),
+            (
+                "delivered".into(),
+                "alice@served.test,bob@served.test".into()
+            ),
+            (
+                "received".into(),
+                "alice@served.test,nobody@served.test,bob@served.test".into()
+            ),
+        ]
+    );
 
     // The same server over its Unix socket.
     let socket = dovecot.socket();
