@@ -277,23 +277,31 @@ impl Manager {
 
     /// One delivery attempt for every recipient of a message that is still pending.
     async fn deliver(self: &Arc<Self>, id: &str) {
-        let Some((queue, path)) = self.spool.locate(id) else {
-            return;
+        // File system work goes to the blocking pool: a metadata operation can wait for a
+        // journal commit, and the runtime's threads serve every SMTP session meanwhile.
+        let read = {
+            let (spool, id) = (self.spool.clone(), id.to_string());
+            tokio::task::spawn_blocking(move || {
+                let (queue, path) = spool.locate(&id)?;
+                if queue == "hold" {
+                    return None;
+                }
+                Some(spool::read_message(&path).map(|(m, env)| {
+                    let state = spool.load_state(&env);
+                    (m, env, state)
+                }))
+            })
+            .await
         };
-        if queue == "hold" {
-            return;
-        }
-        let read = tokio::task::spawn_blocking(move || spool::read_message(&path)).await;
-        let (message, env) = match read {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
+        let (message, env, mut state) = match read {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
                 tracing::error!(id = %id, cause = %e, "cannot read a queued message");
                 return;
             }
-            Err(_) => return,
+            Ok(None) | Err(_) => return,
         };
         let cfg = self.follower.current();
-        let mut state = self.spool.load_state(&env);
         let before: Vec<String> = state.recipients.iter().map(|r| r.state.clone()).collect();
         let now = self.clock.unix();
         let started = tokio::time::Instant::now();
@@ -465,7 +473,8 @@ impl Manager {
 
         if state.settled() {
             // The usual case: everything went on the first attempt, no state to write.
-            self.spool.remove_delivered(id);
+            let (spool, idc) = (self.spool.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || spool.remove_delivered(&idc)).await;
             tracing::debug!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "message done");
             return;
         }
@@ -480,20 +489,28 @@ impl Manager {
             .next_attempt
             .min(env.received_at + lifetime)
             .max(now + 1);
-        if let Err(e) = self.spool.save_state(id, &state) {
-            tracing::error!(id = %id, cause = %e, "cannot write the delivery state; will retry");
-        }
-        match self.spool.locate(id) {
-            Some(("incoming", _)) => {
-                if let Err(e) = self.spool.move_to(id, "deferred") {
-                    tracing::error!(id = %id, cause = %e, "cannot move to deferred/");
-                }
+        let next = state.next_attempt;
+        let (spool, idc) = (self.spool.clone(), id.to_string());
+        let schedule = tokio::task::spawn_blocking(move || {
+            if let Err(e) = spool.save_state(&idc, &state) {
+                tracing::error!(id = %idc, cause = %e, "cannot write the delivery state; will retry");
             }
-            Some(("hold", _)) | None => return,
-            _ => {}
+            match spool.locate(&idc) {
+                Some(("incoming", _)) => {
+                    if let Err(e) = spool.move_to(&idc, "deferred") {
+                        tracing::error!(id = %idc, cause = %e, "cannot move to deferred/");
+                    }
+                    true
+                }
+                Some(("hold", _)) | None => false,
+                _ => true,
+            }
+        })
+        .await
+        .unwrap_or(true);
+        if schedule {
+            self.lock_schedule().insert(id.to_string(), next);
         }
-        self.lock_schedule()
-            .insert(id.to_string(), state.next_attempt);
     }
 
     fn event(&self, env: &Envelope, state: &DeliveryState, size: u64) {
