@@ -17,6 +17,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "users.proto",
         "access.proto",
         "queue.proto",
+        "filter.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -1,11 +1,12 @@
 //! End-to-end tests: the real binaries, on temp directories and loopback ports, against
 //! real peers (MariaDB, PostgreSQL, Redis, fail2ban-regex, systemd-analyze, Postfix's
-//! smtp-sink, dnsmasq, Dovecot LMTP).
+//! smtp-sink, dnsmasq, Dovecot LMTP, clamd).
 
 mod access;
 mod config_cli;
 mod databases;
 mod delivery;
+mod filter;
 mod follow;
 mod packaging;
 mod rpcd;

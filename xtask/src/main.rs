@@ -32,6 +32,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("postfix", "/usr/sbin/smtp-sink"),
     ("dovecot-lmtpd", "/usr/lib/dovecot/lmtp"),
     ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+    // clamd with a one-line EICAR signature for the filter tests.
+    ("clamav-daemon", "/usr/sbin/clamd"),
 ];
 
 #[derive(Parser)]

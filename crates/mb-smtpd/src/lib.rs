@@ -12,6 +12,7 @@ pub mod protect;
 pub mod proto;
 pub mod qmgr;
 pub mod queue;
+pub mod scan;
 pub mod server;
 pub mod session;
 pub mod shared;
@@ -239,6 +240,13 @@ pub async fn main(opts: Options) -> i32 {
         mb_runtime::events::EventSink::start(DAEMON, cfg.socket("mb-rpcd"), shutdown.clone());
     let mut server = Server::new(follower, spool, tls, info.clone());
     server.events = Some(events);
+    if cfg.bool("filter.enabled") {
+        server.scanner = Some(Arc::new(scan::Workers::new(
+            run_dir.clone(),
+            usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
+            cfg.duration("filter.scan_timeout"),
+        )));
+    }
     let redis_url = cfg.text("redis.url");
     if !redis_url.is_empty() {
         match shared::Shared::connect(&redis_url).await {

@@ -34,6 +34,8 @@ pub struct Server {
     /// Redis, when `redis.url` is set and reachable.
     pub shared: RwLock<Option<crate::shared::Shared>>,
     pub events: Option<mb_runtime::events::EventSink>,
+    /// The mb-filter workers, when filtering is enabled.
+    pub scanner: Option<Arc<dyn crate::scan::Scanner>>,
     pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
     pub spool: Arc<Spool>,
@@ -75,6 +77,7 @@ impl Server {
             phases: Arc::default(),
             shared: RwLock::new(None),
             events: None,
+            scanner: None,
             protection: Arc::default(),
             follower,
             spool,
@@ -163,6 +166,13 @@ impl Server {
             vrfy: cfg.bool("smtp.vrfy_enabled"),
             events: self.events.clone(),
             phases: Some(self.phases.clone()),
+            // Reinjected mail (quarantine releases, content-filter returns) was scanned.
+            scanner: if cfg.bool("filter.enabled") && listener != Listener::Reinject {
+                self.scanner.clone()
+            } else {
+                None
+            },
+            accept_unscanned: cfg.text("filter.unavailable_action") == "accept",
             auth: submission.then(|| {
                 Arc::new(RpcdAuth {
                     socket: cfg.socket("mb-rpcd"),

@@ -150,6 +150,10 @@ pub struct Settings {
     pub events: Option<mb_runtime::events::EventSink>,
     /// Where the session reports its phase.
     pub phases: Option<std::sync::Arc<Phases>>,
+    /// The mb-filter workers asked at the end of each message (none: not scanned).
+    pub scanner: Option<std::sync::Arc<dyn crate::scan::Scanner>>,
+    /// `filter.unavailable_action = "accept"`: take mail unscanned when no worker answers.
+    pub accept_unscanned: bool,
 }
 
 /// The client as seen at accept time.
@@ -1232,12 +1236,125 @@ impl<'a> Session<'a> {
         )
     }
 
+    /// Asks the filter for a verdict before the message is committed. `Ok` carries the
+    /// header changes to keep with the envelope; `Err` is the reply that ends the
+    /// transaction instead (reject, tempfail, discard, or no scanner and tempfail).
+    async fn scan(
+        &mut self,
+        scanner: &dyn crate::scan::Scanner,
+        writer: &SpoolWriter,
+        id: &str,
+    ) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, Reply> {
+        let Some(tx) = self.tx.as_ref() else {
+            return Ok(None);
+        };
+        let message = writer
+            .contents()
+            .await
+            .map_err(|_| Reply::new(451, "4.3.0", "Error: queue file read error"))?;
+        let outbound = self.auth_user.is_some()
+            || self
+                .settings
+                .mynetworks
+                .iter()
+                .any(|n| n.contains(&self.client.ip));
+        let envelope = mb_proto::v1::ScanEnvelope {
+            queue_id: id.into(),
+            client_ip: self.client.ip.to_string(),
+            client_name: "unknown".into(),
+            helo: self.helo.clone().unwrap_or_default(),
+            sender: tx
+                .sender
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            recipients: tx.rcpts.iter().map(|(r, _)| r.to_string()).collect(),
+            auth_user: self.auth_user.clone().unwrap_or_default(),
+            tls: self.tls.clone().unwrap_or_default(),
+            direction: if outbound { "outbound" } else { "inbound" }.into(),
+        };
+        let (sender, rcpts) = (envelope.sender.clone(), envelope.recipients.clone());
+        match scanner.scan(envelope, message).await {
+            Ok(v) => match v.action.as_str() {
+                "reject" | "tempfail" => {
+                    let fallback = if v.action == "reject" { 554 } else { 451 };
+                    let code = u16::try_from(v.smtp_code)
+                        .ok()
+                        .filter(|c| (400..600).contains(c))
+                        .unwrap_or(fallback);
+                    tracing::info!(
+                        client = %self.client.ip,
+                        id,
+                        action = %v.action,
+                        score = v.score,
+                        "message refused by the filter: {}",
+                        v.smtp_text
+                    );
+                    self.event(
+                        "scanned",
+                        &v.action,
+                        &sender,
+                        rcpts,
+                        writer.written,
+                        id.into(),
+                        &v.smtp_text,
+                    );
+                    Err(Reply::new(
+                        code,
+                        crate::scan::status_of(u32::from(code), &v.smtp_status),
+                        v.smtp_text,
+                    ))
+                }
+                "discard" => {
+                    tracing::info!(client = %self.client.ip, id, "message discarded by the filter");
+                    self.event(
+                        "scanned",
+                        "discard",
+                        &sender,
+                        rcpts,
+                        writer.written,
+                        id.into(),
+                        "",
+                    );
+                    Err(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
+                }
+                _ => Ok(Some((
+                    v.add_headers
+                        .into_iter()
+                        .map(|h| (h.name, h.value))
+                        .collect(),
+                    v.remove_headers,
+                ))),
+            },
+            Err(e) if self.settings.accept_unscanned => {
+                tracing::warn!(id, cause = %e, "no mb-filter worker answered; accepting unscanned (filter.unavailable_action = accept)");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(id, cause = %e, "no mb-filter worker answered; message tempfailed");
+                Err(Reply::new(
+                    451,
+                    "4.7.1",
+                    "Error: content scanner unavailable, try again later",
+                ))
+            }
+        }
+    }
+
     /// Makes the message durable; only then is 250 sent.
     async fn commit(&mut self, writer: SpoolWriter, size: u64) -> Reply {
         let id = writer.id.clone();
         if writer.hops() > crate::spool::MAX_HOPS {
             tracing::warn!(client = %self.client.ip, hops = writer.hops(), "message refused: too many hops");
             return Reply::new(554, "5.4.6", "Error: too many hops (a mail loop?)");
+        }
+        let mut verdict_headers = (Vec::new(), Vec::new());
+        if let Some(scanner) = self.settings.scanner.clone() {
+            match self.scan(scanner.as_ref(), &writer, &id).await {
+                Ok(Some((add, remove))) => verdict_headers = (add, remove),
+                Ok(None) => {}
+                Err(reply) => return reply,
+            }
         }
         let Some(tx) = self.tx.as_ref() else {
             return Reply::new(451, "4.3.0", "Error: no transaction");
@@ -1277,6 +1394,8 @@ impl<'a> Session<'a> {
             ret: tx.params.ret.clone().unwrap_or_default(),
             envid: tx.params.envid.clone().unwrap_or_default(),
             listener: self.listener.name().into(),
+            add_headers: verdict_headers.0,
+            remove_headers: verdict_headers.1,
         };
         match writer.commit(&envelope).await {
             Ok(()) => {

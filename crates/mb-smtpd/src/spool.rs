@@ -35,6 +35,10 @@ pub struct Envelope {
     pub envid: String,
     /// The listener it came in on (`smtp`, `submission`, `smtps`, `reinject`).
     pub listener: String,
+    /// Header fields the filter's verdict adds at delivery (name, value), and the names
+    /// of fields it removes; the message file itself is never rewritten.
+    pub add_headers: Vec<(String, String)>,
+    pub remove_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -59,6 +63,7 @@ impl Envelope {
             "tls": self.tls, "auth_user": self.auth_user, "sender": self.sender,
             "recipients": rcpts, "body": self.body, "smtputf8": self.smtputf8, "ret": self.ret,
             "envid": self.envid, "listener": self.listener,
+            "add_headers": self.add_headers, "remove_headers": self.remove_headers,
         })
         .to_string()
     }
@@ -90,6 +95,24 @@ impl Envelope {
             ret: s("ret"),
             envid: s("envid"),
             listener: s("listener"),
+            add_headers: v["add_headers"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| {
+                            Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            remove_headers: v["remove_headers"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -296,6 +319,20 @@ fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File
 }
 
 impl SpoolWriter {
+    /// The message as received so far (for the scanner), from memory and, for a large
+    /// message, from its temporary file.
+    pub async fn contents(&self) -> io::Result<Vec<u8>> {
+        if self.file.is_none() {
+            return Ok(self.buf.clone());
+        }
+        let tmp = self.tmp.clone();
+        let mut out = tokio::task::spawn_blocking(move || std::fs::read(tmp))
+            .await
+            .map_err(io::Error::other)??;
+        out.extend_from_slice(&self.buf);
+        Ok(out)
+    }
+
     /// `Received:` fields seen so far in the header section.
     pub fn hops(&self) -> u32 {
         self.headers.hops
@@ -577,6 +614,41 @@ pub fn arrival_micros(id: &str) -> Option<u128> {
     u128::from_str_radix(id.get(..13)?, 16).ok()
 }
 
+/// The message as it is delivered: the verdict's fields removed from the header
+/// section (with their continuation lines) and its added fields at the top.
+pub fn with_headers(message: &[u8], add: &[(String, String)], remove: &[String]) -> Vec<u8> {
+    if add.is_empty() && remove.is_empty() {
+        return message.to_vec();
+    }
+    let mut out = Vec::with_capacity(message.len() + 256);
+    for (name, value) in add {
+        let clean: String = value
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+            .collect();
+        out.extend_from_slice(format!("{name}: {clean}\r\n").as_bytes());
+    }
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |p| p + 2);
+    let mut dropping = false;
+    for line in message[..end].split_inclusive(|b| *b == b'\n') {
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if !continuation {
+            let name = line.split(|b| *b == b':').next().unwrap_or_default();
+            dropping = remove
+                .iter()
+                .any(|r| r.as_bytes().eq_ignore_ascii_case(name));
+        }
+        if !dropping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(&message[end..]);
+    out
+}
+
 /// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
 pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
     let data = std::fs::read(path)?;
@@ -604,6 +676,24 @@ pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_headers_are_applied_at_delivery() {
+        let msg = b"Received: x\r\nX-Spam: Yes\r\n\tforged continuation\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n";
+        let out = with_headers(
+            msg,
+            &[(
+                "X-Spam-Status".into(),
+                "No, score=0.0\r\nInjected: x".into(),
+            )],
+            &["x-spam".into()],
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "X-Spam-Status: No, score=0.0  Injected: x\r\nReceived: x\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n"
+        );
+        assert_eq!(with_headers(msg, &[], &[]), msg);
+    }
 
     #[test]
     fn received_fields_are_counted_across_chunks() {

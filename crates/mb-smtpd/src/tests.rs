@@ -30,6 +30,8 @@ pub(crate) fn settings() -> Settings {
         auth: None,
         events: None,
         phases: None,
+        scanner: None,
+        accept_unscanned: false,
     }
 }
 
@@ -984,4 +986,99 @@ async fn a_looping_message_is_refused_by_its_hop_count() {
         }
     }
     assert_eq!(t.spooled().len(), 1);
+}
+
+/// A scanner that decides by the subject: "virus" rejects, "later" tempfails, "gone"
+/// fails like a dead worker, anything else is accepted with a header to add.
+struct Verdicts;
+
+#[tonic::async_trait]
+impl crate::scan::Scanner for Verdicts {
+    async fn scan(
+        &self,
+        envelope: mb_proto::v1::ScanEnvelope,
+        message: Vec<u8>,
+    ) -> Result<mb_proto::v1::ScanVerdict, String> {
+        let text = String::from_utf8_lossy(&message);
+        assert!(
+            text.starts_with("Received: "),
+            "the scanner sees our Received first"
+        );
+        assert_eq!(envelope.direction, "inbound");
+        let v = |action: &str, code, status: &str, t: &str| mb_proto::v1::ScanVerdict {
+            action: action.into(),
+            smtp_code: code,
+            smtp_status: status.into(),
+            smtp_text: t.into(),
+            ..Default::default()
+        };
+        if text.contains("Subject: virus") {
+            Ok(v(
+                "reject",
+                554,
+                "5.7.1",
+                "Message refused: virus found (EICAR)",
+            ))
+        } else if text.contains("Subject: later") {
+            Ok(v(
+                "tempfail",
+                451,
+                "4.7.1",
+                "Virus scanner unavailable, try again later",
+            ))
+        } else if text.contains("Subject: gone") {
+            Err("no mb-filter worker answered".into())
+        } else {
+            let mut ok = v("accept", 0, "", "");
+            ok.add_headers.push(mb_proto::v1::ScanHeader {
+                name: "X-Spam-Status".into(),
+                value: "No, score=0.0".into(),
+            });
+            ok.remove_headers.push("X-Spam".into());
+            Ok(ok)
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_filter_verdict_decides_the_reply() {
+    let mut settings = settings();
+    settings.scanner = Some(Arc::new(Verdicts));
+    let mut t = T::start(settings, OUTSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    for (subject, code) in [
+        ("virus", 554),
+        ("later", 451),
+        ("gone", 451),
+        ("clean", 250),
+    ] {
+        t.cmd("MAIL FROM:<a@b.example>", 250).await;
+        t.cmd("RCPT TO:<u@served.example>", 250).await;
+        t.cmd("DATA", 354).await;
+        t.send(&format!(
+            "Subject: {subject}\r\nX-Spam: Yes\r\n\r\nbody\r\n.\r\n"
+        ))
+        .await;
+        let r = t.expect(code).await;
+        if subject == "virus" {
+            assert!(r.contains("5.7.1") && r.contains("EICAR"), "{r}");
+        }
+    }
+    let spooled = t.spooled();
+    assert_eq!(spooled.len(), 1, "only the clean message is queued");
+    let (msg, env) = &spooled[0];
+    assert_eq!(
+        env.add_headers,
+        [("X-Spam-Status".to_string(), "No, score=0.0".to_string())]
+    );
+    let delivered = crate::spool::with_headers(msg, &env.add_headers, &env.remove_headers);
+    let text = String::from_utf8(delivered).unwrap();
+    assert!(
+        text.starts_with("X-Spam-Status: No, score=0.0\r\nReceived: "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("X-Spam: Yes"),
+        "the forged field is removed: {text}"
+    );
 }

@@ -126,6 +126,7 @@ pub struct Gateway {
     pub config: PathBuf,
     pub rpcd: Option<Proc>,
     pub smtpd: Option<Proc>,
+    pub filters: Vec<Proc>,
 }
 
 impl Gateway {
@@ -147,6 +148,7 @@ impl Gateway {
             config,
             rpcd: None,
             smtpd: None,
+            filters: Vec::new(),
         }
     }
 
@@ -178,11 +180,34 @@ impl Gateway {
         Ok(())
     }
 
+    /// Starts mb-filter worker `n` (logging to `filter-N.log`) and waits for its socket.
+    pub fn start_filter(&mut self, n: u32) -> Result<()> {
+        let log = self.path(&format!("filter-{n}.log"));
+        let proc = self.spawn_daemon_args(
+            "mb-filter",
+            &format!("mb-filter-{n}"),
+            &["--instance", &n.to_string()],
+            &log,
+        )?;
+        self.filters.push(proc);
+        Ok(())
+    }
+
     pub fn smtpd_log(&self) -> String {
         fs::read_to_string(self.path("smtpd.log")).unwrap_or_default()
     }
 
     fn spawn_daemon(&self, name: &str, log_path: &Path) -> Result<Proc> {
+        self.spawn_daemon_args(name, name, &[], log_path)
+    }
+
+    fn spawn_daemon_args(
+        &self,
+        name: &str,
+        socket_name: &str,
+        args: &[&str],
+        log_path: &Path,
+    ) -> Result<Proc> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -190,6 +215,7 @@ impl Gateway {
         let child = Command::new(bin(name))
             .arg("--config")
             .arg(&self.config)
+            .args(args)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -198,7 +224,7 @@ impl Gateway {
             child,
             name: name.into(),
         };
-        let socket = self.path(&format!("run/{name}.sock"));
+        let socket = self.path(&format!("run/{socket_name}.sock"));
         let started = wait_until(&format!("{name} socket"), Duration::from_secs(30), || {
             socket.exists() || matches!(proc.child.try_wait(), Ok(Some(_)))
         });
@@ -890,5 +916,90 @@ impl Drop for Postfix {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// The 68-byte EICAR anti-virus test file.
+pub const EICAR: &str = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// A private clamd on a loopback port whose only signature is EICAR's (an `.hdb` line:
+/// MD5, size, name), so it starts offline in seconds.
+pub struct Clamd {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub server: Proc,
+}
+
+impl Clamd {
+    pub fn start() -> Result<Clamd> {
+        let program = require("clamd", "clamav-daemon");
+        let dir = tempfile::Builder::new().prefix("mb-clamd-").tempdir()?;
+        let d = dir.path();
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        let db = d.join("db");
+        fs::create_dir_all(&db)?;
+        let md5 = Command::new("md5sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = {
+            let mut md5 = md5;
+            use std::io::Write;
+            md5.stdin
+                .take()
+                .context("md5sum stdin")?
+                .write_all(EICAR.as_bytes())?;
+            md5.wait_with_output()?
+        };
+        let hash = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        fs::write(
+            db.join("test.hdb"),
+            format!("{hash}:{}:Test.EICAR\n", EICAR.len()),
+        )?;
+        let port = free_port();
+        let conf = d.join("clamd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "DatabaseDirectory {}\nLocalSocket {}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\nUser root\nLogFile {}\n",
+                db.display(),
+                d.join("clamd.sock").display(),
+                d.join("clamd.log").display()
+            ),
+        )?;
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let server = Proc {
+            child,
+            name: "clamd".into(),
+        };
+        let log = d.join("clamd.log");
+        wait_until("clamd to answer PING", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                use std::io::Write;
+                let mut buf = [0u8; 5];
+                s.write_all(b"zPING\0").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"PONG\0"
+            })
+        })
+        .with_context(|| fs::read_to_string(&log).unwrap_or_default())?;
+        Ok(Clamd { port, dir, server })
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("clamd.sock")
     }
 }

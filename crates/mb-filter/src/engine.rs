@@ -1,0 +1,362 @@
+//! The decision for one message: MIME and attachment rules, ClamAV, header sanity, and
+//! the score thresholds, turned into a `ScanVerdict`.
+
+use std::fmt::Write as _;
+
+use mail_parser::{HeaderName, Message, MessageParser, MimeHeaders};
+use mb_core::Config;
+use mb_proto::v1::{ScanEnvelope, ScanHeader, ScanSymbol, ScanVerdict};
+
+use crate::clamav;
+
+/// A rule that fired and what it adds to the score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Symbol {
+    pub name: &'static str,
+    pub score: f64,
+    pub detail: String,
+}
+
+fn verdict(action: &str, code: u32, status: &str, text: String) -> ScanVerdict {
+    ScanVerdict {
+        action: action.into(),
+        smtp_code: code,
+        smtp_status: status.into(),
+        smtp_text: text,
+        ..Default::default()
+    }
+}
+
+/// Attachment file names whose extension is blocked (the last extension decides, so
+/// `invoice.pdf.exe` is an `exe`), also inside attached messages.
+pub fn blocked_attachments(message: &Message<'_>, blocked: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_blocked(message, blocked, &mut out, 0);
+    out
+}
+
+fn collect_blocked(message: &Message<'_>, blocked: &[String], out: &mut Vec<String>, depth: u32) {
+    for part in message.attachments() {
+        if let Some(name) = part.attachment_name() {
+            let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            if let Some((_, ext)) = lower.rsplit_once('.')
+                && blocked.iter().any(|b| b.eq_ignore_ascii_case(ext))
+            {
+                out.push(name.to_string());
+            }
+        }
+        // An attached message is scanned too (a few levels deep, no further).
+        if depth < 4
+            && let Some(inner) = part.message()
+        {
+            collect_blocked(inner, blocked, out, depth + 1);
+        }
+    }
+}
+
+/// Header sanity: what a well-formed message has (RFC 5322 §3.6).
+pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
+    let count = |n: HeaderName<'_>| message.headers().iter().filter(|h| h.name == n).count();
+    let mut out = Vec::new();
+    match count(HeaderName::From) {
+        0 => out.push(Symbol {
+            name: "MISSING_FROM",
+            score: 2.0,
+            detail: "no From field".into(),
+        }),
+        1 => {}
+        n => out.push(Symbol {
+            name: "MULTIPLE_FROM",
+            score: 3.0,
+            detail: format!("{n} From fields"),
+        }),
+    }
+    if count(HeaderName::Date) == 0 {
+        out.push(Symbol {
+            name: "MISSING_DATE",
+            score: 1.0,
+            detail: "no Date field".into(),
+        });
+    }
+    if count(HeaderName::MessageId) == 0 {
+        out.push(Symbol {
+            name: "MISSING_MID",
+            score: 0.5,
+            detail: "no Message-ID field".into(),
+        });
+    }
+    if count(HeaderName::Subject) == 0 {
+        out.push(Symbol {
+            name: "MISSING_SUBJECT",
+            score: 0.5,
+            detail: "no Subject field".into(),
+        });
+    }
+    out
+}
+
+/// Scans one message under `cfg`.
+pub async fn scan(cfg: &Config, env: &ScanEnvelope, raw: &[u8]) -> ScanVerdict {
+    let mut symbols: Vec<Symbol> = Vec::new();
+    let parsed = MessageParser::default().parse(raw);
+    let Some(message) = parsed else {
+        return verdict(
+            "reject",
+            554,
+            "5.6.0",
+            "Message refused: it cannot be parsed as a mail message".into(),
+        );
+    };
+
+    // Attachment rules: a blocked type is refused whatever the score.
+    let blocked = blocked_attachments(&message, &cfg.list("attachments.blocked_extensions"));
+    if let Some(name) = blocked.first() {
+        let mut v = verdict(
+            "reject",
+            554,
+            "5.7.1",
+            format!("Message refused: attachment {name:?} is of a blocked type"),
+        );
+        v.symbols.push(ScanSymbol {
+            name: "BLOCKED_ATTACHMENT".into(),
+            score: 0.0,
+            detail: blocked.join(", "),
+        });
+        return v;
+    }
+
+    // Viruses.
+    if cfg.bool("clamav.enabled") {
+        match clamav::scan(
+            &cfg.text("clamav.address"),
+            raw,
+            cfg.duration("clamav.timeout"),
+        )
+        .await
+        {
+            Ok(clamav::Scan::Clean) => {}
+            Ok(clamav::Scan::Infected(name)) => {
+                let mut v = verdict(
+                    "reject",
+                    554,
+                    "5.7.1",
+                    format!("Message refused: virus found ({name})"),
+                );
+                v.symbols.push(ScanSymbol {
+                    name: "VIRUS".into(),
+                    score: 0.0,
+                    detail: name,
+                });
+                return v;
+            }
+            Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
+                tracing::warn!(cause = %e, id = %env.queue_id, "ClamAV unavailable; message not scanned for viruses");
+                symbols.push(Symbol {
+                    name: "CLAMAV_UNAVAILABLE",
+                    score: 0.0,
+                    detail: e,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, id = %env.queue_id, "ClamAV unavailable; message tempfailed");
+                return verdict(
+                    "tempfail",
+                    451,
+                    "4.7.1",
+                    "Virus scanner unavailable, try again later".into(),
+                );
+            }
+        }
+    }
+
+    symbols.extend(header_symbols(&message));
+    let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
+    let (tag, reject) = (
+        cfg.float("spam.threshold.tag"),
+        cfg.float("spam.threshold.reject"),
+    );
+    let mut listed = String::new();
+    for s in symbols.iter().filter(|s| s.score != 0.0) {
+        if !listed.is_empty() {
+            listed.push(',');
+        }
+        let _ = write!(listed, "{}({:.1})", s.name, s.score);
+    }
+    let mut v = if score >= reject {
+        verdict(
+            "reject",
+            550,
+            "5.7.1",
+            format!("Message refused as spam (score {score:.1})"),
+        )
+    } else if score >= tag {
+        verdict("tag", 0, "", String::new())
+    } else {
+        verdict("accept", 0, "", String::new())
+    };
+    v.score = score;
+    v.symbols = symbols
+        .iter()
+        .map(|s| ScanSymbol {
+            name: s.name.into(),
+            score: s.score,
+            detail: s.detail.clone(),
+        })
+        .collect();
+    if v.action != "reject" {
+        let spam = v.action == "tag";
+        // Our own verdict headers replace any the message arrived with (forgeries).
+        v.remove_headers = vec![
+            "X-Spam".into(),
+            "X-Spam-Score".into(),
+            "X-Spam-Status".into(),
+        ];
+        if spam {
+            v.add_headers.push(ScanHeader {
+                name: "X-Spam".into(),
+                value: "Yes".into(),
+            });
+        }
+        v.add_headers.push(ScanHeader {
+            name: "X-Spam-Score".into(),
+            value: format!("{score:.1}"),
+        });
+        v.add_headers.push(ScanHeader {
+            name: "X-Spam-Status".into(),
+            value: format!(
+                "{}, score={score:.1} required={tag:.1} tests=[{listed}]",
+                if spam { "Yes" } else { "No" }
+            ),
+        });
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Config {
+        Config::from_toml_str(extra, "test").unwrap()
+    }
+
+    fn env() -> ScanEnvelope {
+        ScanEnvelope {
+            queue_id: "Q1".into(),
+            ..Default::default()
+        }
+    }
+
+    const CLEAN: &[u8] = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <1@b.example>\r\n\r\nhello\r\n";
+
+    fn with_attachment(name: &str) -> Vec<u8> {
+        format!(
+            "From: a@b.example\r\nSubject: files\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <2@b.example>\r\n\
+             MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+             --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+             --b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b1--\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn clean_mail_is_accepted_with_status_headers() {
+        let v = scan(&cfg(""), &env(), CLEAN).await;
+        assert_eq!(v.action, "accept");
+        assert_eq!(v.score, 0.0);
+        let status = v
+            .add_headers
+            .iter()
+            .find(|h| h.name == "X-Spam-Status")
+            .unwrap();
+        assert!(
+            status.value.starts_with("No, score=0.0 required=4.0"),
+            "{status:?}"
+        );
+        assert!(v.remove_headers.contains(&"X-Spam".to_string()));
+    }
+
+    #[tokio::test]
+    async fn blocked_extensions_are_refused_even_doubled_and_nested() {
+        for name in ["invoice.pdf.exe", "RUN.BAT", "script.js."] {
+            let v = scan(&cfg(""), &env(), &with_attachment(name)).await;
+            assert_eq!((v.action.as_str(), v.smtp_code), ("reject", 554), "{name}");
+            assert!(
+                v.smtp_text.contains(name.trim_end_matches('.')),
+                "{}",
+                v.smtp_text
+            );
+        }
+        let v = scan(&cfg(""), &env(), &with_attachment("report.pdf")).await;
+        assert_eq!(v.action, "accept");
+        // Inside an attached message.
+        let inner = String::from_utf8(with_attachment("payload.scr")).unwrap();
+        let outer = format!(
+            "From: a@b.example\r\nSubject: fwd\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"o\"\r\n\r\n\
+             --o\r\nContent-Type: text/plain\r\n\r\nfwd\r\n--o\r\nContent-Type: message/rfc822\r\n\r\n{inner}\r\n--o--\r\n"
+        );
+        let v = scan(&cfg(""), &env(), outer.as_bytes()).await;
+        assert_eq!(v.action, "reject", "{v:?}");
+        // The list is configurable.
+        let v = scan(
+            &cfg("[attachments]\nblocked_extensions = \"pdf\"\n"),
+            &env(),
+            &with_attachment("report.pdf"),
+        )
+        .await;
+        assert_eq!(v.action, "reject");
+    }
+
+    #[tokio::test]
+    async fn scores_tag_and_reject_by_threshold() {
+        // No From, no Date, no Message-ID, no Subject: 4.0 = the tag threshold.
+        let v = scan(&cfg(""), &env(), b"To: x@y.example\r\n\r\nbody\r\n").await;
+        assert_eq!(v.action, "tag");
+        assert!((v.score - 4.0).abs() < 1e-9);
+        assert!(
+            v.add_headers
+                .iter()
+                .any(|h| h.name == "X-Spam" && h.value == "Yes")
+        );
+        let status = &v
+            .add_headers
+            .iter()
+            .find(|h| h.name == "X-Spam-Status")
+            .unwrap()
+            .value;
+        assert!(
+            status.contains("MISSING_FROM(2.0)") && status.contains("MISSING_DATE(1.0)"),
+            "{status}"
+        );
+        let v = scan(
+            &cfg("[spam.threshold]\ntag = 1.0\nquarantine = 2.0\nreject = 3.0\n"),
+            &env(),
+            b"To: x@y.example\r\n\r\nbody\r\n",
+        )
+        .await;
+        assert_eq!(
+            (v.action.as_str(), v.smtp_code, v.smtp_status.as_str()),
+            ("reject", 550, "5.7.1")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_clamd_follows_its_unavailable_action() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let base = format!("[clamav]\nenabled = true\naddress = \"{closed}\"\ntimeout = \"2s\"\n");
+        let v = scan(&cfg(&base), &env(), CLEAN).await;
+        assert_eq!((v.action.as_str(), v.smtp_code), ("tempfail", 451));
+        let v = scan(
+            &cfg(&format!("{base}unavailable_action = \"skip\"\n")),
+            &env(),
+            CLEAN,
+        )
+        .await;
+        assert_eq!(v.action, "accept");
+        assert!(v.symbols.iter().any(|s| s.name == "CLAMAV_UNAVAILABLE"));
+    }
+}

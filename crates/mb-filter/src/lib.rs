@@ -1,0 +1,267 @@
+//! mb-filter: the scanning engine. Each worker (`--instance N`, systemd `mb-filter@N`)
+//! serves `Filter.Scan` and `Control` on `mb-filter-N.sock`; mb-smtpd spreads its scans
+//! over the live workers.
+
+pub mod clamav;
+pub mod engine;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mb_proto::v1::control_server::ControlServer;
+use mb_proto::v1::filter_server::{Filter, FilterServer};
+use mb_proto::v1::{ReloadResponse, ScanChunk, ScanVerdict, StatusRequest, StatusResponse};
+use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle;
+use mb_runtime::uds::Guard;
+use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub const DAEMON: &str = "mb-filter";
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub instance: u32,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub in_flight: AtomicU64,
+    pub scanned: AtomicU64,
+    pub accepted: AtomicU64,
+    pub tagged: AtomicU64,
+    pub rejected: AtomicU64,
+    pub tempfailed: AtomicU64,
+}
+
+pub struct FilterService {
+    pub follower: Follower,
+    pub slots: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+}
+
+/// Counts a scan in flight for as long as it lives.
+struct InFlight<'a>(&'a Stats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[tonic::async_trait]
+impl Filter for FilterService {
+    async fn scan(
+        &self,
+        req: Request<Streaming<ScanChunk>>,
+    ) -> Result<Response<ScanVerdict>, Status> {
+        let cfg = self.follower.current();
+        let _slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.stats);
+        // Memory is bounded: nothing larger than the message size limit (plus headroom
+        // for the headers mb-smtpd adds) is accepted.
+        let limit = usize::try_from(cfg.size("smtp.message_size_limit"))
+            .unwrap_or(usize::MAX)
+            .saturating_add(1 << 20);
+        let mut stream = req.into_inner();
+        let mut envelope = None;
+        let mut message = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if envelope.is_none() {
+                envelope = chunk.envelope;
+            }
+            if message.len() + chunk.data.len() > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "message larger than {limit} bytes"
+                )));
+            }
+            message.extend_from_slice(&chunk.data);
+        }
+        let envelope =
+            envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
+        let deadline = cfg.duration("filter.scan_timeout");
+        let verdict =
+            match tokio::time::timeout(deadline, engine::scan(&cfg, &envelope, &message)).await {
+                Ok(v) => v,
+                Err(_) => ScanVerdict {
+                    action: "tempfail".into(),
+                    smtp_code: 451,
+                    smtp_status: "4.7.1".into(),
+                    smtp_text: "Scan took too long, try again later".into(),
+                    ..Default::default()
+                },
+            };
+        self.stats.scanned.fetch_add(1, Ordering::Relaxed);
+        let counter = match verdict.action.as_str() {
+            "accept" => &self.stats.accepted,
+            "tag" => &self.stats.tagged,
+            "tempfail" => &self.stats.tempfailed,
+            _ => &self.stats.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            id = %envelope.queue_id,
+            from = %envelope.sender,
+            action = %verdict.action,
+            score = verdict.score,
+            symbols = %verdict.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
+            "scanned"
+        );
+        Ok(Response::new(verdict))
+    }
+}
+
+struct Hooks {
+    stats: Arc<Stats>,
+    follower: Follower,
+    config: Option<PathBuf>,
+}
+
+#[tonic::async_trait]
+impl DaemonHooks for Hooks {
+    async fn status(&self, _req: &StatusRequest, resp: &mut StatusResponse) {
+        let s = &self.stats;
+        for (name, v) in [
+            ("in_flight", &s.in_flight),
+            ("scanned", &s.scanned),
+            ("accepted", &s.accepted),
+            ("tagged", &s.tagged),
+            ("rejected", &s.rejected),
+            ("tempfailed", &s.tempfailed),
+        ] {
+            resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
+        }
+        let cfg = self.follower.current();
+        resp.detail = format!(
+            "scanning: attachments, headers{}",
+            if cfg.bool("clamav.enabled") {
+                ", ClamAV"
+            } else {
+                ""
+            }
+        );
+    }
+
+    async fn reload(&self) -> Result<ReloadResponse, Status> {
+        let file =
+            mb_runtime::load_config(self.config.as_deref()).map_err(Status::failed_precondition)?;
+        self.follower.reload_file(file);
+        Ok(ReloadResponse {
+            reloaded: true,
+            ..Default::default()
+        })
+    }
+}
+
+pub async fn main(opts: Options) -> i32 {
+    let file = match mb_runtime::start_daemon(
+        DAEMON,
+        opts.config.as_deref(),
+        opts.log_format.as_deref(),
+    ) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let name = format!("{DAEMON}@{}", opts.instance);
+    let fail = |code: i32, msg: String| mb_runtime::fail(&name, code, &msg);
+    let (shutdown, mut reload_rx) = match lifecycle::install_signal_handlers() {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                mb_runtime::EX_SOFTWARE,
+                format!("cannot install signal handlers: {e}"),
+            );
+        }
+    };
+    let follower = Follower::start(DAEMON, file, shutdown.clone());
+    let cfg = follower.current();
+    let problems = cfg.check();
+    if !problems.is_empty() {
+        for p in problems {
+            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
+        }
+        return mb_runtime::EX_USAGE;
+    }
+    let run_dir = cfg.path("paths.run_dir");
+    let _ = std::fs::create_dir_all(&run_dir);
+    match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path()]) {
+        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
+        Ok(None) => {}
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+    }
+    let socket = cfg.socket(&format!("{DAEMON}-{}", opts.instance));
+    let listener = match mb_runtime::uds::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
+    };
+    let info = DaemonInfo::new(name.clone());
+    info.add_listener(format!("unix:{}", socket.display()));
+    let stats = Arc::new(Stats::default());
+    let permits = usize::try_from(cfg.int("filter.max_concurrent")).unwrap_or(32);
+    let hooks = Arc::new(Hooks {
+        stats: stats.clone(),
+        follower: follower.clone(),
+        config: opts.config.clone(),
+    });
+    let grpc = tonic::transport::Server::builder()
+        .add_service(ControlServer::with_interceptor(
+            ControlService::new(info.clone(), hooks),
+            Guard::peer(),
+        ))
+        .add_service(FilterServer::with_interceptor(
+            FilterService {
+                follower: follower.clone(),
+                slots: Arc::new(Semaphore::new(permits)),
+                stats,
+            },
+            Guard::peer(),
+        ))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), {
+            let s = shutdown.clone();
+            async move { s.requested().await }
+        });
+    let reloader = {
+        let follower = follower.clone();
+        let config = opts.config.clone();
+        tokio::spawn(async move {
+            while reload_rx.recv().await.is_some() {
+                lifecycle::notify_reloading();
+                match mb_runtime::load_config(config.as_deref()) {
+                    Ok(file) => follower.reload_file(file),
+                    Err(e) => {
+                        tracing::error!(cause = %e, "reload failed, keeping the running configuration")
+                    }
+                }
+                lifecycle::notify_reloaded();
+            }
+        })
+    };
+    tracing::info!(socket = %socket.display(), "{name} started");
+    lifecycle::notify_ready();
+    // In-flight scans finish (the server stops accepting, then drains) before exit.
+    let drained = lifecycle::drain(&shutdown, Duration::from_secs(30), async move {
+        let _ = grpc.await;
+    })
+    .await;
+    reloader.abort();
+    let _ = std::fs::remove_file(&socket);
+    if drained.is_none() {
+        tracing::warn!("scans were still running at the drain deadline");
+    }
+    tracing::info!("{name} stopped");
+    0
+}

@@ -1,0 +1,164 @@
+//! mb-filter for real: two workers behind mb-smtpd, a real clamd with the EICAR
+//! signature, attachment rules, verdict headers at delivery, worker failover and
+//! `filter.unavailable_action`.
+
+use std::time::Duration;
+
+use mb_testkit::{Clamd, EICAR, Gateway, SmtpSink, free_port, text, wait_until};
+
+use crate::smtp::Raw;
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+fn with_attachment(subject: &str, name: &str, content: &[u8]) -> String {
+    format!(
+        "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+         Message-ID: <{subject}@sender.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+         --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+         --b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
+        base64(content)
+    )
+}
+
+/// Sends a message; returns the final reply.
+fn send(port: u16, message: &str) -> String {
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<alice@sender.test>");
+    c.cmd("RCPT TO:<bob@served.test>");
+    c.cmd("DATA");
+    let dotted = message.replace("\r\n.", "\r\n..");
+    let r = c.cmd(&format!("{dotted}."));
+    c.cmd("QUIT");
+    r
+}
+
+const CLEAN: &str = "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: clean\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <clean@sender.test>\r\nX-Spam: Yes\r\n\r\nhello\r\n";
+
+#[test]
+fn viruses_and_blocked_attachments_are_refused_in_the_session_and_workers_fail_over() {
+    let clamd = Clamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 2\n\
+         [clamav]\nenabled = true\naddress = \"{}\"\n",
+        free_port(),
+        sink.port,
+        clamd.address()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_filter(2).unwrap();
+    gw.start_smtpd().unwrap();
+
+    let r = send(
+        port,
+        &with_attachment("infected", "readme.txt", EICAR.as_bytes()),
+    );
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("virus found (Test.EICAR"),
+        "{r}"
+    );
+    let r = send(
+        port,
+        &with_attachment("blocked", "invoice.pdf.exe", b"MZ not really"),
+    );
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("invoice.pdf.exe"),
+        "{r}"
+    );
+    let r = send(port, CLEAN);
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    wait_until(
+        "the clean message at the sink",
+        Duration::from_secs(20),
+        || sink.messages().len() == 1,
+    )
+    .unwrap();
+    let delivered = &sink.messages()[0];
+    assert!(
+        delivered.contains("X-Spam-Status: No, score=0.0 required=4.0"),
+        "{delivered}"
+    );
+    assert!(
+        !delivered.contains("X-Spam: Yes"),
+        "the sender's own X-Spam field is removed: {delivered}"
+    );
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "refused messages never reach the queue"
+    );
+
+    // Both workers serve and report; mb-status lists them.
+    let (code, out, _) = text(&gw.tool("mb-status", &["--json"]));
+    assert_eq!(code, 0, "{out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let workers: Vec<&serde_json::Value> = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["name"].as_str().unwrap_or("").starts_with("mb-filter@"))
+        .collect();
+    assert_eq!(workers.len(), 2, "{st:#}");
+    let scanned: u64 = workers
+        .iter()
+        .map(|w| w["counters"]["scanned"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(scanned, 3, "{st:#}");
+
+    // A worker dies: the next message is scanned by the other one.
+    let mut first = gw.filters.remove(0);
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = first.child.wait();
+    let r = send(port, &CLEAN.replace("Subject: clean", "Subject: failover"));
+    assert!(r.starts_with("250"), "{r}");
+    let r = send(
+        port,
+        &with_attachment("infected2", "x.txt", EICAR.as_bytes()),
+    );
+    assert!(r.starts_with("554"), "still scanned by worker 2: {r}");
+    // No worker: tempfail by default, or accept unscanned when so configured.
+    let mut second = gw.filters.remove(0);
+    second.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = second.child.wait();
+    let r = send(port, &CLEAN.replace("Subject: clean", "Subject: noworker"));
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    let (code, _, err) =
+        text(&gw.tool("mb-config", &["set", "filter.unavailable_action", "accept"]));
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = send(port, &CLEAN.replace("Subject: clean", "Subject: unscanned"));
+    assert!(r.starts_with("250"), "{r}");
+    assert!(
+        gw.smtpd_log().contains("accepting unscanned"),
+        "{}",
+        gw.smtpd_log()
+    );
+}
