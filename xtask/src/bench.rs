@@ -139,16 +139,21 @@ fn source(load: &Load, port: u16) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Waits until `pending()` is 0, sampling memory of the family of `root`.
+/// Memory of the families of `roots`.
+fn pss(roots: &[i32]) -> u64 {
+    roots.iter().flat_map(|r| family(*r)).map(rss_kib).sum()
+}
+
+/// Waits until `pending()` is 0, sampling memory of the families of `roots`.
 fn drain(
     started: Instant,
-    root: i32,
+    roots: &[i32],
     peak: &mut u64,
     mut pending: impl FnMut() -> usize,
 ) -> Result<f64> {
     let limit = Duration::from_secs(1800);
     loop {
-        let rss: u64 = family(root).into_iter().map(rss_kib).sum();
+        let rss = pss(roots);
         *peak = (*peak).max(rss);
         if pending() == 0 {
             return Ok(started.elapsed().as_secs_f64());
@@ -161,14 +166,15 @@ fn drain(
 }
 
 /// Runs `source` while sampling memory in another thread.
-fn source_sampling(load: &Load, port: u16, root: i32, peak: &mut u64) -> Result<f64> {
+fn source_sampling(load: &Load, port: u16, roots: &[i32], peak: &mut u64) -> Result<f64> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
+        let roots = roots.to_vec();
         std::thread::spawn(move || {
             let mut max = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                max = max.max(family(root).into_iter().map(rss_kib).sum::<u64>());
+                max = max.max(pss(&roots));
                 std::thread::sleep(Duration::from_millis(100));
             }
             max
@@ -198,9 +204,9 @@ fn through_postfix(load: &Load) -> Result<Outcome> {
     let cpu0 = cpu_secs(master);
     let mut peak = 0;
     let started = Instant::now();
-    let accept = source_sampling(load, pf.port, master, &mut peak)?;
+    let accept = source_sampling(load, pf.port, &[master], &mut peak)?;
     let queue = pf.dir.path().join("queue");
-    let total = drain(started, master, &mut peak, || {
+    let total = drain(started, &[master], &mut peak, || {
         ["maildrop", "incoming", "active", "deferred"]
             .iter()
             .map(|q| count_files(&queue.join(q)))
@@ -219,7 +225,7 @@ fn through_postfix(load: &Load) -> Result<Outcome> {
     })
 }
 
-fn through_mailborder(load: &Load, bin: &Path) -> Result<Outcome> {
+fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> {
     let (sink_port, _sink) = sink()?;
     let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
     let d = dir.path();
@@ -238,11 +244,31 @@ fn through_mailborder(load: &Load, bin: &Path) -> Result<Outcome> {
              [network.protection]\nmode = \"public\"\n\
              [smtp]\nhostname = \"mb.bench.test\"\ndomains = \"served.test\"\n\
              [relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\n\
-             [filter]\nenabled = false\n",
+             [filter]\nenabled = {filter}\nworkers = 2\n",
             free_port(),
             d = d.display()
         ),
     )?;
+    // With filtering: two workers, started first (mb-smtpd finds their sockets).
+    let mut workers = Vec::new();
+    if filter {
+        for n in 1..=2 {
+            let log = fs::File::create(d.join(format!("filter-{n}.log")))?;
+            let child = Command::new(bin.with_file_name("mb-filter"))
+                .arg("--config")
+                .arg(&config)
+                .args(["--instance", &n.to_string()])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?;
+            workers.push(Proc {
+                child,
+                name: format!("mb-filter@{n}"),
+            });
+            let socket = d.join(format!("run/mb-filter-{n}.sock"));
+            wait_until("mb-filter", Duration::from_secs(30), || socket.exists())?;
+        }
+    }
     let log = fs::File::create(d.join("smtpd.log"))?;
     let child = Command::new(bin)
         .arg("--config")
@@ -257,40 +283,59 @@ fn through_mailborder(load: &Load, bin: &Path) -> Result<Outcome> {
     let socket = d.join("run/mb-smtpd.sock");
     wait_until("mb-smtpd", Duration::from_secs(30), || socket.exists())
         .with_context(|| fs::read_to_string(d.join("smtpd.log")).unwrap_or_default())?;
-    let pid = smtpd.pid();
-    let cpu0 = cpu_secs(pid);
+    let mut pids = vec![smtpd.pid()];
+    pids.extend(workers.iter().map(Proc::pid));
+    let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+    let cpu0 = cpu(&pids);
     let mut peak = 0;
     let started = Instant::now();
-    let accept = source_sampling(load, port, pid, &mut peak)?;
+    let accept = source_sampling(load, port, &pids, &mut peak)?;
     let spool = d.join("spool");
-    let total = drain(started, pid, &mut peak, || {
+    let total = drain(started, &pids, &mut peak, || {
         count_files(&spool.join("incoming")) + count_files(&spool.join("deferred"))
     })?;
+    let refused = fs::read_to_string(d.join("smtpd.log"))
+        .unwrap_or_default()
+        .matches("refused by the filter")
+        .count();
+    if refused > 0 {
+        bail!("the filter refused {refused} benchmark messages");
+    }
     Ok(Outcome {
-        name: "via mb-smtpd (fsync before 250)".into(),
+        name: if filter {
+            "via mb-smtpd + 2 mb-filter workers".into()
+        } else {
+            "via mb-smtpd (fsync before 250)".into()
+        },
         accept_secs: accept,
         total_secs: total,
-        cpu_secs: Some(cpu_secs(pid) - cpu0),
+        cpu_secs: Some(cpu(&pids) - cpu0),
         peak_rss_kib: Some(peak),
     })
 }
 
-pub fn bench(load: &Load, mb_smtpd: PathBuf) -> Result<()> {
+pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool) -> Result<()> {
     let n = f64::from(load.messages);
     eprintln!(
         "xtask: bench: {} messages of {} bytes over {} sessions, each path in turn",
         load.messages, load.size, load.sessions
     );
     let mut results = Vec::new();
-    for (i, step) in ["ceiling", "postfix", "mailborder"].iter().enumerate() {
-        eprintln!("xtask: bench {}/3: {step} ...", i + 1);
+    let mut steps = vec!["ceiling", "postfix", "mailborder"];
+    if filter {
+        steps.push("mailborder+filter");
+    }
+    let total = steps.len();
+    for (i, step) in steps.iter().enumerate() {
+        eprintln!("xtask: bench {}/{total}: {step} ...", i + 1);
         let r = match *step {
             "ceiling" => ceiling(load)?,
             "postfix" => through_postfix(load)?,
-            _ => through_mailborder(load, &mb_smtpd)?,
+            "mailborder" => through_mailborder(load, &mb_smtpd, false)?,
+            _ => through_mailborder(load, &mb_smtpd, true)?,
         };
         eprintln!(
-            "xtask: bench {}/3: {} accepted in {:.1}s, delivered in {:.1}s",
+            "xtask: bench {}/{total}: {} accepted in {:.1}s, delivered in {:.1}s",
             i + 1,
             r.name,
             r.accept_secs,
@@ -330,5 +375,11 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf) -> Result<()> {
         "ceiling / mb-smtpd end-to-end: {:.2}x",
         ratio(mb.total_secs, results[0].total_secs)
     );
+    if let Some(f) = results.get(3) {
+        println!(
+            "mb-smtpd with filtering / Postfix plain relay: end-to-end {:.2}x",
+            ratio(pf.total_secs, f.total_secs)
+        );
+    }
     Ok(())
 }

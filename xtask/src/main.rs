@@ -92,6 +92,9 @@ enum Cmd {
         /// Use the debug build of mb-smtpd (faster to build, slower to run)
         #[arg(long)]
         debug: bool,
+        /// Also measure mb-smtpd with two mb-filter workers scanning every message
+        #[arg(long)]
+        filter: bool,
     },
 }
 
@@ -113,11 +116,12 @@ fn main() -> ExitCode {
             sessions,
             size,
             debug,
+            filter,
         } => (|| {
             ensure_test_packages()?;
             let profile = if debug { "debug" } else { "release" };
             let mut build = cargo();
-            build.args(["build", "-p", "mb-smtpd"]);
+            build.args(["build", "-p", "mb-smtpd", "-p", "mb-filter"]);
             if !debug {
                 build.arg("--release");
             }
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
                     size,
                 },
                 root().join("target").join(profile).join("mb-smtpd"),
+                filter,
             )
         })(),
     };
