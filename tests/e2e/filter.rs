@@ -162,3 +162,118 @@ fn viruses_and_blocked_attachments_are_refused_in_the_session_and_workers_fail_o
         gw.smtpd_log()
     );
 }
+
+fn send_from(port: u16, from: &str, message: &str) -> String {
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.cmd("EHLO mail.sender.test");
+    c.cmd(&format!("MAIL FROM:<{from}>"));
+    c.cmd("RCPT TO:<bob@served.test>");
+    c.cmd("DATA");
+    let r = c.cmd(&format!("{message}."));
+    c.cmd("QUIT");
+    r
+}
+
+#[test]
+fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
+    // Authoritative for all of .test: the DMARC tree walk asks up to _dmarc.test, which
+    // must be "no such name", not a refusal.
+    let mut records: Vec<String> = vec![
+        "--auth-server=ns.test,127.0.0.1".into(),
+        "--auth-zone=test".into(),
+    ];
+    for (domain, spf, dmarc) in [
+        (
+            "aligned.test",
+            "v=spf1 ip4:127.0.0.1 -all",
+            "v=DMARC1; p=reject",
+        ),
+        (
+            "forged.test",
+            "v=spf1 ip4:192.0.2.1 -all",
+            "v=DMARC1; p=reject",
+        ),
+        (
+            "lenient.test",
+            "v=spf1 ip4:192.0.2.1 -all",
+            "v=DMARC1; p=none",
+        ),
+    ] {
+        records.push(format!("--txt-record={domain},{spf}"));
+        records.push(format!("--txt-record=_dmarc.{domain},{dmarc}"));
+    }
+    let dns = mb_testkit::Dnsmasq::start(&records).unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [network.dns]\nservers = \"{}\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 1\n",
+        free_port(),
+        dns.servers(),
+        sink.port
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+    let message = |domain: &str| {
+        format!(
+            "From: alice@{domain}\r\nTo: bob@served.test\r\nSubject: from {domain}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+             Message-ID: <m@{domain}>\r\nAuthentication-Results: gw.served.test; spf=pass; dmarc=pass (forged)\r\n\r\nhello\r\n"
+        )
+    };
+    // SPF passes and is aligned with From: DMARC passes.
+    let r = send_from(port, "alice@aligned.test", &message("aligned.test"));
+    assert!(r.starts_with("250"), "{r}");
+    // SPF fails and the domain says reject: refused in the session.
+    let r = send_from(port, "alice@forged.test", &message("forged.test"));
+    assert!(
+        r.starts_with("550 5.7.1") && r.contains("DMARC"),
+        "{r}\n{}",
+        std::fs::read_to_string(gw.path("filter-1.log")).unwrap_or_default()
+    );
+    // SPF fails, the policy is none: accepted, scored, results recorded.
+    let r = send_from(port, "alice@lenient.test", &message("lenient.test"));
+    assert!(r.starts_with("250"), "{r}");
+    wait_until("two deliveries", Duration::from_secs(20), || {
+        sink.messages().len() == 2
+    })
+    .unwrap();
+    let got = sink.messages();
+    let aligned = got
+        .iter()
+        .find(|m| m.contains("Subject: from aligned.test"))
+        .unwrap();
+    let lenient = got
+        .iter()
+        .find(|m| m.contains("Subject: from lenient.test"))
+        .unwrap();
+    assert!(
+        aligned.contains("Authentication-Results: gw.served.test;"),
+        "{aligned}"
+    );
+    assert!(
+        aligned.contains("spf=pass") && aligned.contains("dmarc=pass"),
+        "{aligned}"
+    );
+    assert!(
+        !aligned.contains("(forged)"),
+        "the sender's own results are removed: {aligned}"
+    );
+    assert!(
+        lenient.contains("spf=fail") && lenient.contains("dmarc=fail"),
+        "{lenient}"
+    );
+    assert!(
+        lenient.contains("SPF_FAIL(3.0)") && lenient.contains("DMARC_FAIL(3.5)"),
+        "{lenient}"
+    );
+    assert!(
+        lenient.contains("X-Spam: Yes"),
+        "6.5 is above the tag threshold: {lenient}"
+    );
+}

@@ -95,8 +95,13 @@ pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
     out
 }
 
-/// Scans one message under `cfg`.
-pub async fn scan(cfg: &Config, env: &ScanEnvelope, raw: &[u8]) -> ScanVerdict {
+/// Scans one message under `cfg`. `auth` checks SPF/DKIM/DMARC for inbound mail.
+pub async fn scan(
+    cfg: &Config,
+    env: &ScanEnvelope,
+    raw: &[u8],
+    auth: Option<&crate::auth::Auth>,
+) -> ScanVerdict {
     let mut symbols: Vec<Symbol> = Vec::new();
     let parsed = MessageParser::default().parse(raw);
     let Some(message) = parsed else {
@@ -169,6 +174,30 @@ pub async fn scan(cfg: &Config, env: &ScanEnvelope, raw: &[u8]) -> ScanVerdict {
         }
     }
 
+    // Sender authentication, for mail from outside.
+    let mut auth_header = None;
+    if let (Some(auth), "inbound", Ok(ip)) = (
+        auth,
+        env.direction.as_str(),
+        env.client_ip.parse::<std::net::IpAddr>(),
+    ) {
+        let hostname = crate::hostname(cfg);
+        let out = auth
+            .check(cfg, &hostname, ip, &env.helo, &env.sender, raw)
+            .await;
+        if let Some(reason) = out.dmarc_reject {
+            let mut v = verdict("reject", 550, "5.7.1", reason);
+            v.symbols.push(ScanSymbol {
+                name: "DMARC_REJECT".into(),
+                score: 0.0,
+                detail: out.header,
+            });
+            return v;
+        }
+        symbols.extend(out.symbols);
+        auth_header = Some(out.header);
+    }
+
     symbols.extend(header_symbols(&message));
     let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
     let (tag, reject) = (
@@ -211,6 +240,14 @@ pub async fn scan(cfg: &Config, env: &ScanEnvelope, raw: &[u8]) -> ScanVerdict {
             "X-Spam-Score".into(),
             "X-Spam-Status".into(),
         ];
+        if let Some(h) = auth_header {
+            // Results claimed by anyone before the border are not ours to trust.
+            v.remove_headers.push("Authentication-Results".into());
+            v.add_headers.push(ScanHeader {
+                name: "Authentication-Results".into(),
+                value: h,
+            });
+        }
         if spam {
             v.add_headers.push(ScanHeader {
                 name: "X-Spam".into(),
@@ -262,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn clean_mail_is_accepted_with_status_headers() {
-        let v = scan(&cfg(""), &env(), CLEAN).await;
+        let v = scan(&cfg(""), &env(), CLEAN, None).await;
         assert_eq!(v.action, "accept");
         assert_eq!(v.score, 0.0);
         let status = v
@@ -280,7 +317,7 @@ mod tests {
     #[tokio::test]
     async fn blocked_extensions_are_refused_even_doubled_and_nested() {
         for name in ["invoice.pdf.exe", "RUN.BAT", "script.js."] {
-            let v = scan(&cfg(""), &env(), &with_attachment(name)).await;
+            let v = scan(&cfg(""), &env(), &with_attachment(name), None).await;
             assert_eq!((v.action.as_str(), v.smtp_code), ("reject", 554), "{name}");
             assert!(
                 v.smtp_text.contains(name.trim_end_matches('.')),
@@ -288,7 +325,7 @@ mod tests {
                 v.smtp_text
             );
         }
-        let v = scan(&cfg(""), &env(), &with_attachment("report.pdf")).await;
+        let v = scan(&cfg(""), &env(), &with_attachment("report.pdf"), None).await;
         assert_eq!(v.action, "accept");
         // Inside an attached message.
         let inner = String::from_utf8(with_attachment("payload.scr")).unwrap();
@@ -296,13 +333,14 @@ mod tests {
             "From: a@b.example\r\nSubject: fwd\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"o\"\r\n\r\n\
              --o\r\nContent-Type: text/plain\r\n\r\nfwd\r\n--o\r\nContent-Type: message/rfc822\r\n\r\n{inner}\r\n--o--\r\n"
         );
-        let v = scan(&cfg(""), &env(), outer.as_bytes()).await;
+        let v = scan(&cfg(""), &env(), outer.as_bytes(), None).await;
         assert_eq!(v.action, "reject", "{v:?}");
         // The list is configurable.
         let v = scan(
             &cfg("[attachments]\nblocked_extensions = \"pdf\"\n"),
             &env(),
             &with_attachment("report.pdf"),
+            None,
         )
         .await;
         assert_eq!(v.action, "reject");
@@ -311,7 +349,7 @@ mod tests {
     #[tokio::test]
     async fn scores_tag_and_reject_by_threshold() {
         // No From, no Date, no Message-ID, no Subject: 4.0 = the tag threshold.
-        let v = scan(&cfg(""), &env(), b"To: x@y.example\r\n\r\nbody\r\n").await;
+        let v = scan(&cfg(""), &env(), b"To: x@y.example\r\n\r\nbody\r\n", None).await;
         assert_eq!(v.action, "tag");
         assert!((v.score - 4.0).abs() < 1e-9);
         assert!(
@@ -333,6 +371,7 @@ mod tests {
             &cfg("[spam.threshold]\ntag = 1.0\nquarantine = 2.0\nreject = 3.0\n"),
             &env(),
             b"To: x@y.example\r\n\r\nbody\r\n",
+            None,
         )
         .await;
         assert_eq!(
@@ -348,12 +387,13 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let base = format!("[clamav]\nenabled = true\naddress = \"{closed}\"\ntimeout = \"2s\"\n");
-        let v = scan(&cfg(&base), &env(), CLEAN).await;
+        let v = scan(&cfg(&base), &env(), CLEAN, None).await;
         assert_eq!((v.action.as_str(), v.smtp_code), ("tempfail", 451));
         let v = scan(
             &cfg(&format!("{base}unavailable_action = \"skip\"\n")),
             &env(),
             CLEAN,
+            None,
         )
         .await;
         assert_eq!(v.action, "accept");

@@ -2,6 +2,7 @@
 //! serves `Filter.Scan` and `Control` on `mb-filter-N.sock`; mb-smtpd spreads its scans
 //! over the live workers.
 
+pub mod auth;
 pub mod clamav;
 pub mod engine;
 
@@ -43,6 +44,7 @@ pub struct Stats {
 
 pub struct FilterService {
     pub follower: Follower,
+    pub auth: Option<auth::Auth>,
     pub slots: Arc<Semaphore>,
     pub stats: Arc<Stats>,
 }
@@ -94,17 +96,21 @@ impl Filter for FilterService {
         let envelope =
             envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
         let deadline = cfg.duration("filter.scan_timeout");
-        let verdict =
-            match tokio::time::timeout(deadline, engine::scan(&cfg, &envelope, &message)).await {
-                Ok(v) => v,
-                Err(_) => ScanVerdict {
-                    action: "tempfail".into(),
-                    smtp_code: 451,
-                    smtp_status: "4.7.1".into(),
-                    smtp_text: "Scan took too long, try again later".into(),
-                    ..Default::default()
-                },
-            };
+        let verdict = match tokio::time::timeout(
+            deadline,
+            engine::scan(&cfg, &envelope, &message, self.auth.as_ref()),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(_) => ScanVerdict {
+                action: "tempfail".into(),
+                smtp_code: 451,
+                smtp_status: "4.7.1".into(),
+                smtp_text: "Scan took too long, try again later".into(),
+                ..Default::default()
+            },
+        };
         self.stats.scanned.fetch_add(1, Ordering::Relaxed);
         let counter = match verdict.action.as_str() {
             "accept" => &self.stats.accepted,
@@ -167,6 +173,18 @@ impl DaemonHooks for Hooks {
     }
 }
 
+/// The name in Authentication-Results: `smtp.hostname`, or the system's host name.
+pub fn hostname(cfg: &mb_core::Config) -> String {
+    let name = cfg.text("smtp.hostname");
+    if !name.is_empty() {
+        return name;
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 pub async fn main(opts: Options) -> i32 {
     let file = match mb_runtime::start_daemon(
         DAEMON,
@@ -203,6 +221,10 @@ pub async fn main(opts: Options) -> i32 {
         Ok(None) => {}
         Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
     }
+    let auth = match auth::Auth::from_config(&cfg) {
+        Ok(a) => a,
+        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+    };
     let socket = cfg.socket(&format!("{DAEMON}-{}", opts.instance));
     let listener = match mb_runtime::uds::bind(&socket) {
         Ok(l) => l,
@@ -224,6 +246,7 @@ pub async fn main(opts: Options) -> i32 {
         ))
         .add_service(FilterServer::with_interceptor(
             FilterService {
+                auth: Some(auth),
                 follower: follower.clone(),
                 slots: Arc::new(Semaphore::new(permits)),
                 stats,

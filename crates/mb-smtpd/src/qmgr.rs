@@ -232,11 +232,13 @@ impl Manager {
 
     fn dispatch_due(self: &Arc<Self>) {
         let now = self.clock.unix();
+        let active = self.active.lock().map(|a| a.clone()).unwrap_or_default();
         let due: Vec<String> = {
             let mut s = self.lock_schedule();
+            // A message still being delivered keeps its entry: its attempt reschedules it.
             let due: Vec<String> = s
                 .iter()
-                .filter(|(_, t)| **t <= now)
+                .filter(|(id, t)| **t <= now && !active.contains(*id))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in &due {
@@ -491,6 +493,8 @@ impl Manager {
             .min(env.received_at + lifetime)
             .max(now + 1);
         let next = state.next_attempt;
+        // Scheduled before the move, so a flush that sees it in deferred/ finds it.
+        self.lock_schedule().insert(id.to_string(), next);
         let (spool, idc) = (self.spool.clone(), id.to_string());
         let schedule = tokio::task::spawn_blocking(move || {
             if let Err(e) = spool.save_state(&idc, &state) {
@@ -509,8 +513,8 @@ impl Manager {
         })
         .await
         .unwrap_or(true);
-        if schedule {
-            self.lock_schedule().insert(id.to_string(), next);
+        if !schedule {
+            self.lock_schedule().remove(id);
         }
     }
 
@@ -1437,7 +1441,10 @@ mod tests {
         // A flush retries at once; delivered recipients are not sent again.
         tmp_ok.store(true, Ordering::SeqCst);
         assert_eq!(m.flush(Some(&id)), 1);
-        wait_for("the retry", || spool.locate(&id).is_none()).await;
+        wait_for("the retry", || {
+            spool.locate(&id).is_none() && !spool.has_state(&id)
+        })
+        .await;
         let got = got.lock().unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].1, ["tmp@served.example"]);

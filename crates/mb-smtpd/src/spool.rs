@@ -622,11 +622,7 @@ pub fn with_headers(message: &[u8], add: &[(String, String)], remove: &[String])
     }
     let mut out = Vec::with_capacity(message.len() + 256);
     for (name, value) in add {
-        let clean: String = value
-            .chars()
-            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-            .collect();
-        out.extend_from_slice(format!("{name}: {clean}\r\n").as_bytes());
+        out.extend_from_slice(format!("{name}: {}\r\n", fold_safe(value)).as_bytes());
     }
     let end = message
         .windows(4)
@@ -646,6 +642,28 @@ pub fn with_headers(message: &[u8], add: &[(String, String)], remove: &[String])
         }
     }
     out.extend_from_slice(&message[end..]);
+    out
+}
+
+/// A header value that cannot start a new field: a line break is kept only as a fold
+/// (CRLF followed by a space or tab); any other CR or LF becomes a space.
+fn fold_safe(value: &str) -> String {
+    let b = value.as_bytes();
+    let mut out = String::with_capacity(value.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\r'
+            && b.get(i + 1) == Some(&b'\n')
+            && matches!(b.get(i + 2), Some(b' ' | b'\t'))
+        {
+            out.push_str("\r\n");
+            i += 2;
+            continue;
+        }
+        let c = value[i..].chars().next().unwrap_or(' ');
+        out.push(if c == '\r' || c == '\n' { ' ' } else { c });
+        i += c.len_utf8();
+    }
     out
 }
 
@@ -682,15 +700,18 @@ mod tests {
         let msg = b"Received: x\r\nX-Spam: Yes\r\n\tforged continuation\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n";
         let out = with_headers(
             msg,
-            &[(
-                "X-Spam-Status".into(),
-                "No, score=0.0\r\nInjected: x".into(),
-            )],
+            &[
+                (
+                    "X-Spam-Status".into(),
+                    "No, score=0.0\r\nInjected: x".into(),
+                ),
+                ("Authentication-Results".into(), "gw;\r\n\tspf=pass".into()),
+            ],
             &["x-spam".into()],
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "X-Spam-Status: No, score=0.0  Injected: x\r\nReceived: x\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n"
+            "X-Spam-Status: No, score=0.0  Injected: x\r\nAuthentication-Results: gw;\r\n\tspf=pass\r\nReceived: x\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n"
         );
         assert_eq!(with_headers(msg, &[], &[]), msg);
     }

@@ -1,0 +1,160 @@
+//! Sender authentication with mail-auth: SPF (RFC 7208) for the MAIL FROM and HELO
+//! identities, DKIM (RFC 6376) signatures, DMARC (RFC 7489) alignment and policy, all
+//! through a hickory resolver on `network.dns.servers`; the results become one
+//! `Authentication-Results` field (RFC 8601) and scoring symbols.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use mail_auth::dmarc::Policy;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+};
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
+    SpfResult,
+};
+use mb_core::Config;
+use mb_core::value::{DnsServers, Value};
+
+use crate::engine::Symbol;
+
+/// What the checks found.
+pub struct Outcome {
+    /// The value of the Authentication-Results field (without the field name).
+    pub header: String,
+    pub symbols: Vec<Symbol>,
+    /// Set when DMARC fails for a domain whose policy is reject (and it is enforced).
+    pub dmarc_reject: Option<String>,
+}
+
+pub struct Auth(MessageAuthenticator);
+
+impl Auth {
+    pub fn from_config(cfg: &Config) -> Result<Auth, String> {
+        let mut opts = ResolverOpts::default();
+        opts.cache_size = if cfg.bool("network.dns.cache.enabled") {
+            4096
+        } else {
+            0
+        };
+        opts.positive_max_ttl = Some(cfg.duration("network.dns.cache.ttl"));
+        opts.timeout = Duration::from_secs(5);
+        opts.attempts = 2;
+        let authenticator = match cfg.get("network.dns.servers") {
+            Value::DnsServers(DnsServers::List(list)) => {
+                let servers = list
+                    .iter()
+                    .map(|a| {
+                        let conn = |mut c: ConnectionConfig| {
+                            c.port = a.port();
+                            c
+                        };
+                        NameServerConfig::new(
+                            a.ip(),
+                            true,
+                            vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
+                        )
+                    })
+                    .collect();
+                MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
+            }
+            _ => MessageAuthenticator::new_system_conf(),
+        }
+        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        Ok(Auth(authenticator))
+    }
+
+    /// SPF, DKIM and DMARC for one message from `ip` that said `helo`.
+    pub async fn check(
+        &self,
+        cfg: &Config,
+        hostname: &str,
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        raw: &[u8],
+    ) -> Outcome {
+        let Some(message) = AuthenticatedMessage::parse(raw) else {
+            return Outcome {
+                header: format!("{hostname}; none"),
+                symbols: Vec::new(),
+                dmarc_reject: None,
+            };
+        };
+        let spf = self
+            .0
+            .verify_spf(SpfParameters::verify(ip, helo, hostname, sender))
+            .await;
+        let dkim = self.0.verify_dkim(&message).await;
+        let mail_from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
+        let dmarc = self
+            .0
+            .verify_dmarc(DmarcParameters::new(
+                &message,
+                &dkim,
+                mail_from_domain,
+                &spf,
+            ))
+            .await;
+        let header = AuthenticationResults::new(hostname)
+            .with_dkim_results(&dkim, message.from())
+            .with_spf_mailfrom_result(&spf, ip, sender, helo)
+            .with_dmarc_result(&dmarc)
+            .to_string();
+        let mut symbols = Vec::new();
+        let mut add = |name: &'static str, score: f64, detail: String| {
+            symbols.push(Symbol {
+                name,
+                score,
+                detail,
+            })
+        };
+        match spf.result() {
+            SpfResult::Pass => add("SPF_PASS", -0.5, spf.domain().to_string()),
+            SpfResult::Fail => add("SPF_FAIL", 3.0, spf.domain().to_string()),
+            SpfResult::SoftFail => add("SPF_SOFTFAIL", 1.0, spf.domain().to_string()),
+            _ => {}
+        }
+        for d in &dkim {
+            match d.result() {
+                DkimResult::Pass => add("DKIM_PASS", -0.5, String::new()),
+                DkimResult::Fail(e) | DkimResult::PermError(e) => {
+                    add("DKIM_FAIL", 2.0, e.to_string())
+                }
+                _ => {}
+            }
+        }
+        let passed = matches!(dmarc.spf_result(), DmarcResult::Pass)
+            || matches!(dmarc.dkim_result(), DmarcResult::Pass);
+        // DMARC fails when the domain publishes a policy and neither SPF nor DKIM passed
+        // aligned; a DNS error is no verdict.
+        let temp = matches!(dmarc.spf_result(), DmarcResult::TempError(_))
+            || matches!(dmarc.dkim_result(), DmarcResult::TempError(_));
+        let failed = !passed && !temp && !matches!(dmarc.policy(), Policy::Unspecified);
+        let mut dmarc_reject = None;
+        if failed {
+            match dmarc.policy() {
+                Policy::Reject if cfg.bool("dmarc.enforce") => {
+                    dmarc_reject = Some(format!(
+                        "Message refused: DMARC policy of {} says reject",
+                        dmarc.domain()
+                    ));
+                }
+                Policy::Quarantine if cfg.bool("dmarc.enforce") => {
+                    add("DMARC_QUARANTINE", 6.0, dmarc.domain().to_string())
+                }
+                _ => add("DMARC_FAIL", 3.5, dmarc.domain().to_string()),
+            }
+        } else if passed {
+            add("DMARC_PASS", -0.5, dmarc.domain().to_string());
+        }
+        Outcome {
+            header,
+            symbols,
+            dmarc_reject,
+        }
+    }
+}
