@@ -8,27 +8,6 @@ use mb_testkit::{Clamd, EICAR, Gateway, SmtpSink, free_port, text, wait_until};
 
 use crate::smtp::Raw;
 
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                T[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 fn with_attachment(subject: &str, name: &str, content: &[u8]) -> String {
     format!(
         "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
@@ -36,7 +15,7 @@ fn with_attachment(subject: &str, name: &str, content: &[u8]) -> String {
          --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
          --b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
          Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
-        base64(content)
+        mb_smtpd::client::base64_encode(content)
     )
 }
 
