@@ -161,6 +161,9 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
     let mut records: Vec<String> = vec![
         "--auth-server=ns.test,127.0.0.1".into(),
         "--auth-zone=test".into(),
+        // 127.0.0.1 is mail.sender.test, and mail.sender.test is 127.0.0.1: iprev passes.
+        "--ptr-record=1.0.0.127.in-addr.arpa,mail.sender.test".into(),
+        "--host-record=mail.sender.test,127.0.0.1".into(),
     ];
     for (domain, spf, dmarc) in [
         (
@@ -239,6 +242,7 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
         aligned.contains("spf=pass") && aligned.contains("dmarc=pass"),
         "{aligned}"
     );
+    assert!(aligned.contains("iprev=pass"), "{aligned}");
     assert!(
         !aligned.contains("(forged)"),
         "the sender's own results are removed: {aligned}"

@@ -13,8 +13,8 @@ use mail_auth::hickory_resolver::config::{
 };
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    SpfResult,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, IprevResult,
+    MessageAuthenticator, SpfResult,
 };
 use mb_core::Config;
 use mb_core::value::{DnsServers, Value};
@@ -99,10 +99,13 @@ impl Auth {
                 &spf,
             ))
             .await;
+        // Reverse DNS confirmed by the forward lookup (iprev, RFC 8601 §3).
+        let iprev = self.0.verify_iprev(ip).await;
         let header = AuthenticationResults::new(hostname)
             .with_dkim_results(&dkim, message.from())
             .with_spf_mailfrom_result(&spf, ip, sender, helo)
             .with_dmarc_result(&dmarc)
+            .with_iprev_result(&iprev, ip)
             .to_string();
         let mut symbols = Vec::new();
         let mut add = |name: &'static str, score: f64, detail: String| {
@@ -129,6 +132,13 @@ impl Auth {
         }
         let passed = matches!(dmarc.spf_result(), DmarcResult::Pass)
             || matches!(dmarc.dkim_result(), DmarcResult::Pass);
+        match iprev.result() {
+            IprevResult::Pass => {}
+            IprevResult::Fail(e) | IprevResult::PermError(e) => {
+                add("IPREV_FAIL", 1.0, e.to_string())
+            }
+            _ => {}
+        }
         // DMARC fails when the domain publishes a policy and neither SPF nor DKIM passed
         // aligned; a DNS error is no verdict.
         let temp = matches!(dmarc.spf_result(), DmarcResult::TempError(_))
