@@ -149,6 +149,7 @@ fn bad_input_is_refused_with_a_reason() {
             &["set", "relay.transport", "example.org=uucp:host"],
             "the protocol must be smtp or lmtp",
         ),
+        (&["set", "spam.rbl.ip", "zen.example"], "is not LIST=WEIGHT"),
         (
             &["set", "network.smtp.listen", "203.0.113.300"],
             "not an IP address",

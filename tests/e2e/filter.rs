@@ -164,6 +164,9 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
         // 127.0.0.1 is mail.sender.test, and mail.sender.test is 127.0.0.1: iprev passes.
         "--ptr-record=1.0.0.127.in-addr.arpa,mail.sender.test".into(),
         "--host-record=mail.sender.test,127.0.0.1".into(),
+        // Blocklists: 127.0.0.1 is on bl.test, lenient.test is on dbl.test.
+        "--host-record=1.0.0.127.bl.test,127.0.0.2".into(),
+        "--host-record=lenient.test.dbl.test,127.0.1.2".into(),
     ];
     for (domain, spf, dmarc) in [
         (
@@ -194,7 +197,8 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
          [network.dns]\nservers = \"{}\"\n\
          [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
          [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
-         [filter]\nenabled = true\nworkers = 1\n",
+         [filter]\nenabled = true\nworkers = 1\n\
+         [spam.rbl]\nip = \"bl.test=0.5\"\ndomain = \"dbl.test=1.5,missing.test=9\"\n",
         free_port(),
         dns.servers(),
         sink.port
@@ -257,6 +261,17 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
     );
     assert!(
         lenient.contains("X-Spam: Yes"),
-        "6.5 is above the tag threshold: {lenient}"
+        "above the tag threshold: {lenient}"
     );
+    // The client address is listed on bl.test (both messages), the lenient.test domain
+    // on dbl.test; the domain list that lists nothing adds nothing.
+    assert!(
+        aligned.contains("RBL_IP(0.5)") && !aligned.contains("RBL_DOMAIN"),
+        "{aligned}"
+    );
+    assert!(
+        lenient.contains("RBL_IP(0.5)") && lenient.contains("RBL_DOMAIN(1.5)"),
+        "{lenient}"
+    );
+    assert!(!lenient.contains("(9.0)"), "{lenient}");
 }

@@ -17,6 +17,9 @@ mod status;
 /// print for it.
 pub fn sample(def: &mb_core::KeyDef) -> (String, String) {
     use mb_core::Kind;
+    if def.key.starts_with("spam.rbl.") {
+        return ("bl.example = 2.5".into(), "bl.example = 2.5".into());
+    }
     if def.key == "relay.transport" {
         return (
             "a.example=smtp:[192.0.2.1]:25, .b.example=lmtp:unix:/run/lmtp".into(),

@@ -101,6 +101,44 @@ impl KeyDef {
     }
 }
 
+/// `LIST=WEIGHT` entries: a DNS zone and the score a listing adds.
+pub fn weighted_lists(items: &[String]) -> Result<Vec<(String, f64)>, String> {
+    items
+        .iter()
+        .map(|e| {
+            let (zone, weight) = e.split_once('=').ok_or_else(|| {
+                format!("{e:?} is not LIST=WEIGHT (for example zen.spamhaus.org=5.0)")
+            })?;
+            let zone = zone.trim().trim_end_matches('.').to_ascii_lowercase();
+            let valid = !zone.is_empty()
+                && zone.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !valid {
+                return Err(format!("{zone:?} in {e:?} is not a DNS zone"));
+            }
+            let weight: f64 = weight
+                .trim()
+                .parse()
+                .ok()
+                .filter(|w: &f64| w.is_finite() && w.abs() <= 1000.0)
+                .ok_or_else(|| {
+                    format!("the weight in {e:?} is not a number between -1000 and 1000")
+                })?;
+            Ok((zone, weight))
+        })
+        .collect()
+}
+
+fn valid_weighted_lists(v: &crate::Value) -> Result<(), String> {
+    match v {
+        crate::Value::List(items) => weighted_lists(items).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 fn valid_transport(v: &crate::Value) -> Result<(), String> {
     match v {
         crate::Value::List(items) => crate::route::parse_transport(items, 25).map(|_| ()),
@@ -245,6 +283,8 @@ pub static KEYS: &[KeyDef] = &[
     k("spam.threshold.tag", SCORE, "4.0", "Score at which X-Spam headers are added").by(F),
     k("spam.threshold.quarantine", SCORE, "6.0", "Score at which a message is quarantined").by(F),
     k("spam.threshold.reject", SCORE, "20.0", "Score at which a message is rejected").by(F),
+    k("spam.rbl.ip", Kind::List, "", "DNS blocklists for the client IP with the score each listing adds: LIST=WEIGHT entries such as zen.spamhaus.org=5.0").by(F).validated(valid_weighted_lists),
+    k("spam.rbl.domain", Kind::List, "", "DNS blocklists for the sender's domain (MAIL FROM and From) with their scores: LIST=WEIGHT entries such as dbl.spamhaus.org=4.0").by(F).validated(valid_weighted_lists),
     k("dmarc.enforce", BOOL, "true", "Apply the sender domain's DMARC policy (reject/quarantine)").by(F),
     k("attachments.blocked_extensions", Kind::List, "exe,scr,com,pif,bat,cmd,vbs,vbe,js,jse,wsf,wsh,msi,msp,hta,cpl,jar,ps1,lnk,reg,iso,img", "File extensions refused in attachments (also inside archives and as double extensions)").by(F),
     // Filter workers and the content filter.
@@ -328,6 +368,28 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn weighted_lists_parse_and_refuse_nonsense() {
+        let ok = weighted_lists(&["zen.example = 5".into(), "Dbl.Example.=-1.5".into()]).unwrap();
+        assert_eq!(
+            ok,
+            [("zen.example".into(), 5.0), ("dbl.example".into(), -1.5)]
+        );
+        for bad in [
+            "zen.example",
+            "=1",
+            "a..b=1",
+            "zen.example=x",
+            "zen.example=inf",
+            "z=1e9",
+        ] {
+            assert!(
+                weighted_lists(&[bad.to_string()]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
     use super::*;
     use crate::value::Value;
 

@@ -161,10 +161,83 @@ impl Auth {
         } else if passed {
             add("DMARC_PASS", -0.5, dmarc.domain().to_string());
         }
+        // DNS blocklists: the client address, then the sender's and the From domains.
+        let mut domains: Vec<String> = Vec::new();
+        for d in [
+            sender.rsplit_once('@').map(|(_, d)| d),
+            message.from().rsplit_once('@').map(|(_, d)| d),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let d = d.trim_end_matches('>').to_ascii_lowercase();
+            if !d.is_empty() && !domains.contains(&d) {
+                domains.push(d);
+            }
+        }
+        symbols.extend(self.blocklists(cfg, ip, &domains).await);
         Outcome {
             header,
             symbols,
             dmarc_reject,
+        }
+    }
+
+    /// `RBL_IP` / `RBL_DOMAIN` for every configured list that lists the client address
+    /// or one of the domains (an A answer in 127.0.0.0/8; 127.255.255.x are the lists'
+    /// own error codes and are ignored).
+    pub async fn blocklists(&self, cfg: &Config, ip: IpAddr, domains: &[String]) -> Vec<Symbol> {
+        let weighted =
+            |key: &str| mb_core::registry::weighted_lists(&cfg.list(key)).unwrap_or_default();
+        let reversed = match ip {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                format!("{}.{}.{}.{}", o[3], o[2], o[1], o[0])
+            }
+            IpAddr::V6(v6) => v6
+                .octets()
+                .iter()
+                .rev()
+                .flat_map(|b| [b & 0xf, b >> 4])
+                .map(|n| format!("{n:x}"))
+                .collect::<Vec<_>>()
+                .join("."),
+        };
+        let mut out = Vec::new();
+        for (zone, weight) in weighted("spam.rbl.ip") {
+            if self.listed(&format!("{reversed}.{zone}.")).await {
+                out.push(Symbol {
+                    name: "RBL_IP",
+                    score: weight,
+                    detail: format!("{ip} in {zone}"),
+                });
+            }
+        }
+        for (zone, weight) in weighted("spam.rbl.domain") {
+            for d in domains {
+                if self.listed(&format!("{d}.{zone}.")).await {
+                    out.push(Symbol {
+                        name: "RBL_DOMAIN",
+                        score: weight,
+                        detail: format!("{d} in {zone}"),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    async fn listed(&self, name: &str) -> bool {
+        use mail_auth::hickory_resolver::proto::rr::RData;
+        match self.0.resolver().ipv4_lookup(name).await {
+            Ok(l) => l.answers().iter().any(|r| match &r.data {
+                RData::A(a) => {
+                    let o = a.0.octets();
+                    o[0] == 127 && !(o[1] == 255 && o[2] == 255)
+                }
+                _ => false,
+            }),
+            Err(_) => false,
         }
     }
 }
