@@ -4,20 +4,15 @@
 //! `Authentication-Results` field (RFC 8601) and scoring symbols.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
-use mail_auth::hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
-};
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, IprevResult,
     MessageAuthenticator, SpfResult,
 };
 use mb_core::Config;
-use mb_core::value::{DnsServers, Value};
 
 use crate::engine::Symbol;
 
@@ -34,37 +29,18 @@ pub struct Auth(MessageAuthenticator);
 
 impl Auth {
     pub fn from_config(cfg: &Config) -> Result<Auth, String> {
-        let mut opts = ResolverOpts::default();
-        opts.cache_size = if cfg.bool("network.dns.cache.enabled") {
-            4096
-        } else {
-            0
-        };
-        opts.positive_max_ttl = Some(cfg.duration("network.dns.cache.ttl"));
-        opts.timeout = Duration::from_secs(5);
-        opts.attempts = 2;
-        let authenticator = match cfg.get("network.dns.servers") {
-            Value::DnsServers(DnsServers::List(list)) => {
-                let servers = list
-                    .iter()
-                    .map(|a| {
-                        let conn = |mut c: ConnectionConfig| {
-                            c.port = a.port();
-                            c
-                        };
-                        NameServerConfig::new(
-                            a.ip(),
-                            true,
-                            vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
-                        )
-                    })
-                    .collect();
-                MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), opts)
+        let (servers, opts) = mb_runtime::resolver_settings(cfg);
+        let config = match servers {
+            Some(c) => c,
+            None => {
+                mail_auth::hickory_resolver::system_conf::read_system_conf()
+                    .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
+                    .0
             }
-            _ => MessageAuthenticator::new_system_conf(),
-        }
-        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
-        Ok(Auth(authenticator))
+        };
+        MessageAuthenticator::new(config, opts)
+            .map(Auth)
+            .map_err(|e| format!("cannot start the DNS resolver: {e}"))
     }
 
     /// SPF, DKIM and DMARC for one message from `ip` that said `helo`.

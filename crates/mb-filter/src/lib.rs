@@ -196,24 +196,15 @@ pub async fn main(opts: Options) -> i32 {
     };
     let name = format!("{DAEMON}@{}", opts.instance);
     let fail = |code: i32, msg: String| mb_runtime::fail(&name, code, &msg);
-    let (shutdown, mut reload_rx) = match lifecycle::install_signal_handlers() {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_SOFTWARE,
-                format!("cannot install signal handlers: {e}"),
-            );
-        }
+    let mb_runtime::Following {
+        shutdown,
+        reload: mut reload_rx,
+        follower,
+    } = match mb_runtime::follow_checked(DAEMON, &name, file) {
+        Ok(f) => f,
+        Err(code) => return code,
     };
-    let follower = Follower::start(DAEMON, file, shutdown.clone());
     let cfg = follower.current();
-    let problems = cfg.check();
-    if !problems.is_empty() {
-        for p in problems {
-            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
-        }
-        return mb_runtime::EX_USAGE;
-    }
     let run_dir = cfg.path("paths.run_dir");
     let _ = std::fs::create_dir_all(&run_dir);
     match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path()]) {

@@ -151,3 +151,85 @@ pub fn fail(daemon: &str, code: i32, msg: &str) -> i32 {
     eprintln!("{daemon}: {msg}");
     code
 }
+
+/// What a daemon that follows the configuration feed starts with.
+pub struct Following {
+    pub shutdown: lifecycle::Shutdown,
+    /// SIGHUP requests.
+    pub reload: tokio::sync::mpsc::Receiver<()>,
+    pub follower: follow::Follower,
+}
+
+/// Installs the signal handlers, starts following mb-rpcd's configuration for `daemon`
+/// and checks the cross-key rules: a problem is logged under `name` and is exit 64,
+/// before anything is bound.
+pub fn follow_checked(daemon: &str, name: &str, file: Config) -> Result<Following, i32> {
+    let (shutdown, reload) = lifecycle::install_signal_handlers().map_err(|e| {
+        fail(
+            name,
+            EX_SOFTWARE,
+            &format!("cannot install signal handlers: {e}"),
+        )
+    })?;
+    let follower = follow::Follower::start(daemon, file, shutdown.clone());
+    let problems = follower.current().check();
+    if !problems.is_empty() {
+        for p in problems {
+            fail(name, EX_USAGE, &format!("configuration: {p}"));
+        }
+        return Err(EX_USAGE);
+    }
+    Ok(Following {
+        shutdown,
+        reload,
+        follower,
+    })
+}
+
+/// The resolver settings `network.dns.*` describe: the servers (`None` for the system's
+/// /etc/resolv.conf) and the options (cache, TTL cap, timeouts). Every daemon that
+/// resolves (mb-smtpd's delivery, mb-filter's checks) builds its resolver from these.
+pub fn resolver_settings(
+    cfg: &Config,
+) -> (
+    Option<hickory_resolver::config::ResolverConfig>,
+    hickory_resolver::config::ResolverOpts,
+) {
+    use hickory_resolver::config::{
+        ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+    };
+    use mb_core::value::{DnsServers, Value};
+    let mut opts = ResolverOpts::default();
+    opts.cache_size = if cfg.bool("network.dns.cache.enabled") {
+        4096
+    } else {
+        0
+    };
+    let ttl = cfg.duration("network.dns.cache.ttl");
+    opts.positive_max_ttl = Some(ttl);
+    opts.negative_max_ttl = Some(ttl.min(std::time::Duration::from_secs(300)));
+    opts.timeout = std::time::Duration::from_secs(5);
+    opts.attempts = 2;
+    let servers = match cfg.get("network.dns.servers") {
+        Value::DnsServers(DnsServers::List(list)) => Some(ResolverConfig::from_name_servers(
+            list.iter()
+                .map(|a| {
+                    let on_port = |mut c: ConnectionConfig| {
+                        c.port = a.port();
+                        c
+                    };
+                    NameServerConfig::new(
+                        a.ip(),
+                        true,
+                        vec![
+                            on_port(ConnectionConfig::udp()),
+                            on_port(ConnectionConfig::tcp()),
+                        ],
+                    )
+                })
+                .collect(),
+        )),
+        _ => None,
+    };
+    (servers, opts)
+}

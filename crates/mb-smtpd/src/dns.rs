@@ -4,14 +4,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::RData;
 use mb_core::Config;
-use mb_core::value::{DnsServers, Value};
 
 /// Why a lookup gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,41 +31,13 @@ pub enum Dns {
 impl Dns {
     /// A resolver for the configured servers (`system` reads /etc/resolv.conf).
     pub fn from_config(cfg: &Config) -> Result<Dns, String> {
-        let mut opts = ResolverOpts::default();
-        opts.cache_size = if cfg.bool("network.dns.cache.enabled") {
-            4096
-        } else {
-            0
-        };
-        opts.positive_max_ttl = Some(cfg.duration("network.dns.cache.ttl"));
-        opts.negative_max_ttl = Some(
-            cfg.duration("network.dns.cache.ttl")
-                .min(Duration::from_secs(300)),
-        );
-        opts.timeout = Duration::from_secs(5);
-        opts.attempts = 2;
-        let builder = match cfg.get("network.dns.servers") {
-            Value::DnsServers(DnsServers::List(list)) => {
-                let servers = list
-                    .iter()
-                    .map(|a| {
-                        let conn = |mut c: ConnectionConfig| {
-                            c.port = a.port();
-                            c
-                        };
-                        NameServerConfig::new(
-                            a.ip(),
-                            true,
-                            vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
-                        )
-                    })
-                    .collect();
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_name_servers(servers),
-                    hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-                )
-            }
-            _ => TokioResolver::builder_tokio()
+        let (servers, opts) = mb_runtime::resolver_settings(cfg);
+        let builder = match servers {
+            Some(config) => TokioResolver::builder_with_config(
+                config,
+                hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+            ),
+            None => TokioResolver::builder_tokio()
                 .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?,
         };
         let resolver = builder

@@ -29,7 +29,6 @@ use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::queue_server::QueueServer;
 use mb_proto::v1::{ReloadResponse, StatusRequest, StatusResponse};
 use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
-use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle;
 use mb_runtime::uds::Guard;
 use tokio::net::TcpListener;
@@ -165,24 +164,15 @@ pub async fn main(opts: Options) -> i32 {
     };
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
-    let (shutdown, mut reload_rx) = match lifecycle::install_signal_handlers() {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_SOFTWARE,
-                format!("cannot install signal handlers: {e}"),
-            );
-        }
+    let mb_runtime::Following {
+        shutdown,
+        reload: mut reload_rx,
+        follower,
+    } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
+        Ok(f) => f,
+        Err(code) => return code,
     };
-    let follower = Follower::start(DAEMON, file, shutdown.clone());
     let cfg = follower.current();
-    let problems = cfg.check();
-    if !problems.is_empty() {
-        for p in problems {
-            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
-        }
-        return mb_runtime::EX_USAGE;
-    }
     let tls = match server::tls_acceptor(&cfg) {
         Ok(t) => t,
         Err(e) => return fail(mb_runtime::EX_USAGE, e),

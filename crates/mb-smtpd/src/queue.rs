@@ -19,8 +19,17 @@ pub struct QueueService {
     pub manager: Option<Arc<crate::qmgr::Manager>>,
 }
 
-fn entry(spool: &Spool, queue: &str, size: u64, env: &Envelope) -> QueueEntry {
-    let state = spool.load_state(env);
+/// A queued message as read off the disk: its queue, bytes, envelope and delivery state.
+struct Queued {
+    queue: &'static str,
+    msg: Vec<u8>,
+    env: Envelope,
+    state: spool::DeliveryState,
+}
+
+fn entry(q: &Queued) -> QueueEntry {
+    let (queue, env, state) = (q.queue, &q.env, &q.state);
+    let size = q.msg.len() as u64;
     QueueEntry {
         id: env.id.clone(),
         queue: queue.into(),
@@ -69,16 +78,27 @@ impl QueueService {
         }
     }
 
-    /// Reads one message's envelope off the disk without blocking the runtime.
-    async fn read(&self, id: &str) -> Result<(&'static str, Vec<u8>, Envelope), Status> {
+    /// Reads one message and its delivery state off the disk without blocking the runtime.
+    async fn read(&self, id: &str) -> Result<Queued, Status> {
         let (queue, path) = self.spool.locate(id).ok_or_else(|| {
             Status::not_found(format!("no message {id} in the queue; see `mb-queue list`"))
         })?;
-        let (msg, env) = tokio::task::spawn_blocking(move || spool::read_message(&path))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| io_status(&e, id))?;
-        Ok((queue, msg, env))
+        let spool = self.spool.clone();
+        let (msg, env, state) = tokio::task::spawn_blocking(move || {
+            spool::read_message(&path).map(|(msg, env)| {
+                let state = spool.load_state(&env);
+                (msg, env, state)
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| io_status(&e, id))?;
+        Ok(Queued {
+            queue,
+            msg,
+            env,
+            state,
+        })
     }
 
     async fn moved(
@@ -89,13 +109,7 @@ impl QueueService {
     ) -> Result<Response<QueueEntry>, Status> {
         self.spool.move_to(id, to).map_err(|e| io_status(&e, id))?;
         tracing::info!(id, queue = to, by, "message moved");
-        let (queue, msg, env) = self.read(id).await?;
-        Ok(Response::new(entry(
-            &self.spool,
-            queue,
-            msg.len() as u64,
-            &env,
-        )))
+        Ok(Response::new(entry(&self.read(id).await?)))
     }
 }
 
@@ -119,8 +133,8 @@ impl Queue for QueueService {
                 .map_err(|e| Status::internal(e.to_string()))?
             {
                 // A message can leave the queue while we list it.
-                if let Ok((queue, msg, env)) = self.read(&id).await {
-                    entries.push(entry(&self.spool, queue, msg.len() as u64, &env));
+                if let Ok(q) = self.read(&id).await {
+                    entries.push(entry(&q));
                 }
             }
         }
@@ -132,18 +146,19 @@ impl Queue for QueueService {
         req: Request<ShowQueueRequest>,
     ) -> Result<Response<ShowQueueResponse>, Status> {
         let id = req.into_inner().id;
-        let (queue, msg, env) = self.read(&id).await?;
-        let end = msg
+        let q = self.read(&id).await?;
+        let end = q
+            .msg
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
-            .map_or(msg.len(), |p| p + 2);
+            .map_or(q.msg.len(), |p| p + 2);
         Ok(Response::new(ShowQueueResponse {
-            entry: Some(entry(&self.spool, queue, msg.len() as u64, &env)),
-            headers: String::from_utf8_lossy(&msg[..end]).into_owned(),
-            history: self.spool.load_state(&env).history,
-            helo: env.helo,
-            tls: env.tls,
-            auth_user: env.auth_user,
+            entry: Some(entry(&q)),
+            headers: String::from_utf8_lossy(&q.msg[..end]).into_owned(),
+            history: q.state.history,
+            helo: q.env.helo,
+            tls: q.env.tls,
+            auth_user: q.env.auth_user,
         }))
     }
 
@@ -201,8 +216,7 @@ impl Queue for QueueService {
         let by = caller(&req).name;
         let id = req.into_inner().id;
         let manager = self.manager()?;
-        let (_, _, env) = self.read(&id).await?;
-        let mut state = self.spool.load_state(&env);
+        let mut state = self.read(&id).await?.state;
         for r in state
             .recipients
             .iter_mut()

@@ -784,12 +784,7 @@ impl<'a> Session<'a> {
                 .await;
         }
         // Anything pipelined after STARTTLS would cross into the TLS session (CVE-2011-0411).
-        if !self.conn.buffered().is_empty() {
-            self.close(
-                Reply::new(554, "5.5.0", "Error: improper pipelining after STARTTLS"),
-                "improper pipelining",
-            )
-            .await;
+        if self.refuse_pipelined_input("STARTTLS").await {
             return true;
         }
         if self
@@ -961,12 +956,7 @@ impl<'a> Session<'a> {
                 .await;
         }
         // DATA ends a pipelined group (RFC 2920): input before 354 is not a message.
-        if !self.conn.buffered().is_empty() {
-            self.close(
-                Reply::new(554, "5.5.0", "Error: improper pipelining after DATA"),
-                "improper pipelining",
-            )
-            .await;
+        if self.refuse_pipelined_input("DATA").await {
             return true;
         }
         let id = self.spool.new_id();
@@ -1234,6 +1224,24 @@ impl<'a> Session<'a> {
             id,
             tx.filter(|t| t.rcpts.len() == 1).map(|t| &t.rcpts[0].0),
         )
+    }
+
+    /// Input already waiting behind a command that must end a pipelined group (STARTTLS,
+    /// DATA) is refused with 554 and the session closed; true when that happened.
+    async fn refuse_pipelined_input(&mut self, verb: &str) -> bool {
+        if self.conn.buffered().is_empty() {
+            return false;
+        }
+        self.close(
+            Reply::new(
+                554,
+                "5.5.0",
+                format!("Error: improper pipelining after {verb}"),
+            ),
+            "improper pipelining",
+        )
+        .await;
+        true
     }
 
     /// Asks the filter for a verdict before the message is committed. `Ok` carries the
