@@ -18,6 +18,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "access.proto",
         "queue.proto",
         "filter.proto",
+        "quarantine.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -28,6 +28,55 @@ fn exercise(url: &str, dialect: &str) {
         "{db}"
     );
 
+    // The quarantine index and the message log's searches on this dialect: two messages
+    // found on disk are indexed by purge, listed by recipient, and their totals summed.
+    let root = gw.path("spool/quarantine");
+    for (id, rcpt, size) in [
+        ("DBQ1", "a@served.test", 100),
+        ("DBQ2", "b@served.test", 50),
+    ] {
+        let at = 1_795_322_400_000;
+        let entry = mb_proto::v1::QuarantineEntry {
+            id: id.into(),
+            at_unix_ms: at,
+            sender: "x@sender.test".into(),
+            recipients: vec![rcpt.into(), "c@served.test".into()],
+            subject: format!("subject {id}"),
+            size,
+            path: mb_runtime::quarantine::relative_path(at, id),
+            ..Default::default()
+        };
+        mb_runtime::quarantine::store(&root, &entry, b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    }
+    let (code, out, err) = text(&gw.tool("mb-quarantine", &["purge", "--json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = text(&gw.tool(
+        "mb-quarantine",
+        &["list", "--json", "--to", "b@served.test"],
+    ));
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["entries"].as_array().map(Vec::len), Some(1), "{v:#}");
+    assert_eq!(v["entries"][0]["subject"], "subject DBQ2");
+    assert_eq!(
+        (v["total"].as_u64(), v["total_bytes"].as_u64()),
+        (Some(2), Some(150)),
+        "{v:#}"
+    );
+    let (code, out, err) = text(&gw.tool(
+        "mb-log",
+        &[
+            "--json",
+            "--to",
+            "c@served.test",
+            "--verdict",
+            "quarantine",
+            "--since",
+            "2020-01-01",
+        ],
+    ));
+    assert_eq!((code, out.trim()), (0, "[]"), "{err}");
+
     // Overrides survive a restart (the listener keys are put back first so it can start).
     assert_eq!(
         text(&gw.tool("mb-config", &["unset", "network.rpcd.tcp.enabled"])).0,

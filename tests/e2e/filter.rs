@@ -197,7 +197,7 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
          [network.dns]\nservers = \"{}\"\n\
          [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
          [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
-         [filter]\nenabled = true\nworkers = 1\n\
+         [filter]\nenabled = true\nworkers = 1\n[spam.threshold]\nquarantine = 15.0\n\
          [spam.rbl]\nip = \"bl.test=0.5\"\ndomain = \"dbl.test=1.5,missing.test=9\"\n",
         free_port(),
         dns.servers(),
@@ -279,4 +279,183 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
         "{lenient}"
     );
     assert!(!lenient.contains("(9.0)"), "{lenient}");
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    let (code, stdout, err) = text(out);
+    assert_eq!(code, 0, "{stdout}{err}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn quarantined_mail_is_held_released_and_purged_and_the_message_log_tells() {
+    let clamd = Clamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let (port, reinject) = (free_port(), free_port());
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {reinject}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 1\nnext_hop = \"127.0.0.1:{reinject}\"\n\
+         [spam.threshold]\ntag = 0.5\nquarantine = 1.0\nreject = 20.0\n\
+         [clamav]\nenabled = true\naddress = \"{}\"\nvirus_action = \"quarantine\"\n",
+        sink.port,
+        clamd.address()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+    let quarantine = |args: &[&str]| gw.tool("mb-quarantine", args);
+
+    // No Date field scores 1.0: quarantined. A virus is quarantined by configuration. Both
+    // are answered 250 (the sender is not told) and neither is delivered.
+    let spammy = "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: held for review\r\n\
+                  Message-ID: <q1@sender.test>\r\n\r\nbuy now\r\n";
+    assert!(send(port, spammy).starts_with("250 2.0.0"));
+    let r = send(
+        port,
+        &with_attachment("infected", "readme.txt", EICAR.as_bytes()),
+    );
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert!(send(port, CLEAN).starts_with("250 2.0.0"));
+    wait_until(
+        "the clean message at the sink",
+        Duration::from_secs(20),
+        || sink.messages().iter().any(|m| m.contains("\nhello")),
+    )
+    .unwrap();
+
+    let mut listed = serde_json::Value::Null;
+    wait_until("two messages indexed", Duration::from_secs(20), || {
+        listed = json(&quarantine(&["list", "--json"]));
+        listed["total"] == 2
+    })
+    .unwrap_or_else(|e| panic!("{e}: {listed:#}"));
+    let entries = listed["entries"].as_array().unwrap();
+    let held = entries
+        .iter()
+        .find(|e| e["subject"] == "held for review")
+        .unwrap_or_else(|| panic!("{listed:#}"));
+    assert_eq!(held["reason"], "spam score 1.0", "{held:#}");
+    assert_eq!(held["recipients"], serde_json::json!(["bob@served.test"]));
+    assert_eq!(held["sender"], "alice@sender.test");
+    let virus = entries.iter().find(|e| e["subject"] == "infected").unwrap();
+    assert!(
+        virus["reason"]
+            .as_str()
+            .unwrap()
+            .contains("virus found (Test.EICAR"),
+        "{virus:#}"
+    );
+    let id = held["id"].as_str().unwrap().to_string();
+    let stored = gw
+        .path("spool/quarantine")
+        .join(held["path"].as_str().unwrap());
+    assert!(stored.exists(), "{}", stored.display());
+    // Show prints the header section as stored, with the verdict's headers.
+    let (code, out, err) = text(&quarantine(&["show", &id]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("X-Spam: Yes")
+            && out.contains("MISSING_DATE(1.0)")
+            && out.contains("Subject: held for review"),
+        "{out}"
+    );
+
+    // Release: the message goes to its original recipient through the reinjection port,
+    // unfiltered, and leaves the quarantine.
+    let (code, out, err) = text(&quarantine(&["release", &id]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("released to bob@served.test") && out.contains("250"),
+        "{out}"
+    );
+    wait_until(
+        "the released message at the sink",
+        Duration::from_secs(20),
+        || sink.messages().iter().any(|m| m.contains("\nbuy now")),
+    )
+    .unwrap();
+    let released = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("held for review"))
+        .unwrap();
+    assert!(
+        released.contains("X-Spam-Status: Yes, score=1.0"),
+        "{released}"
+    );
+    assert!(!stored.exists(), "the released message's file is removed");
+    let listed = json(&quarantine(&["list", "--json"]));
+    assert_eq!(listed["total"], 1, "{listed:#}");
+    let (code, _, err) = text(&quarantine(&["release", &id]));
+    assert_eq!(code, 1, "released twice: {err}");
+    assert!(err.contains("no message"), "{err}");
+
+    // Retention: with at most one message kept, purge removes the oldest.
+    let (code, _, err) = text(&gw.tool("mb-config", &["set", "quarantine.max_messages", "1"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(send(port, &spammy.replace("held for review", "second")).starts_with("250"));
+    wait_until(
+        "two messages indexed again",
+        Duration::from_secs(20),
+        || json(&quarantine(&["list", "--json"]))["total"] == 2,
+    )
+    .unwrap();
+    let purged = json(&quarantine(&["purge", "--json"]));
+    assert_eq!(
+        (purged["removed"].as_u64(), purged["remaining"].as_u64()),
+        (Some(1), Some(1)),
+        "{purged}"
+    );
+    let listed = json(&quarantine(&["list", "--json"]));
+    assert_eq!(
+        listed["entries"][0]["subject"], "second",
+        "the newest stays: {listed:#}"
+    );
+    let last = listed["entries"][0]["id"].as_str().unwrap().to_string();
+    let (code, out, err) = text(&quarantine(&["delete", &last]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(json(&quarantine(&["list", "--json"]))["total"], 0);
+
+    // The message log has every scan with its verdict, score and subject.
+    let mut log = serde_json::Value::Null;
+    wait_until("scans in the message log", Duration::from_secs(20), || {
+        log = json(&gw.tool("mb-log", &["--stage", "scanned", "--json"]));
+        log.as_array().is_some_and(|a| a.len() == 4)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {log:#}"));
+    let quarantined = json(&gw.tool("mb-log", &["--verdict", "quarantine", "--json"]));
+    let subjects: Vec<&str> = quarantined
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subjects,
+        ["held for review", "infected", "second"],
+        "{quarantined:#}"
+    );
+    let clean = json(&gw.tool(
+        "mb-log",
+        &[
+            "--verdict",
+            "accept",
+            "--from",
+            "alice@sender.test",
+            "--json",
+        ],
+    ));
+    assert_eq!(clean[0]["subject"], "clean", "{clean:#}");
+    assert_eq!(clean[0]["score"], 0.0);
+    let (code, out, _) = text(&gw.tool("mb-log", &["--since", "1h", "--to", "bob@served.test"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("verdict=quarantine score=1.0 subject=\"held for review\""),
+        "{out}"
+    );
+    let (code, _, err) = text(&gw.tool("mb-log", &["--since", "last week"]));
+    assert_eq!(code, 2, "{err}");
 }

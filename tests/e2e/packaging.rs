@@ -34,6 +34,8 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-user",
         "usr/bin/mb-ban",
         "usr/bin/mb-queue",
+        "usr/bin/mb-quarantine",
+        "usr/bin/mb-log",
         "usr/sbin/mb-smtpd",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",

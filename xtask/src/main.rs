@@ -18,7 +18,15 @@ const DAEMONS: &[&str] = &[
     "mb-cluster",
 ];
 /// Administrator tools installed in bin/.
-const TOOLS: &[&str] = &["mb-config", "mb-status", "mb-user", "mb-ban", "mb-queue"];
+const TOOLS: &[&str] = &[
+    "mb-config",
+    "mb-status",
+    "mb-user",
+    "mb-ban",
+    "mb-queue",
+    "mb-quarantine",
+    "mb-log",
+];
 /// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("mariadb-server", "/usr/sbin/mariadbd"),

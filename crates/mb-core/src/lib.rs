@@ -2,6 +2,7 @@
 //! the effective configuration. Pure: no sockets, no async.
 
 pub mod config;
+pub mod message;
 pub mod registry;
 pub mod route;
 pub mod value;

@@ -294,7 +294,7 @@ pub static KEYS: &[KeyDef] = &[
     k("filter.scan_timeout", secs(1, 3600), "1m", "Longest time one scan may take").by(SFM),
     k("filter.listen", Kind::Ip, "127.0.0.1", "Address of the content-filter listener").by(F).local(),
     k("filter.port", PORT, "10031", "Port of the content-filter listener (Postfix content_filter)").by(F).local(),
-    k("filter.next_hop", Kind::Text { max: 260 }, "127.0.0.1:10025", "Where the content filter reinjects clean mail (host:port)").by(F),
+    k("filter.next_hop", Kind::Text { max: 260 }, "127.0.0.1:10025", "Where the content filter reinjects clean mail and quarantine releases go (host:port, an unfiltered listener such as mb-smtpd's or Postfix's 10025)").by(&[FILTER, RPCD]),
     k("filter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-smtpd does when no filter worker answers").by(S),
     // Milter.
     k("milter.enabled", BOOL, "false", "Run mb-milter (Postfix milter mode)").by(M).restart(),
@@ -306,6 +306,7 @@ pub static KEYS: &[KeyDef] = &[
     k("clamav.address", TEXT, "127.0.0.1:3310", "clamd address: host:port or the path of its Unix socket").by(F),
     k("clamav.timeout", secs(1, 3600), "30s", "Longest time a ClamAV scan may take").by(F),
     k("clamav.unavailable_action", SCANNER_DOWN, "tempfail", "What to do with a message when clamd cannot be reached").by(F),
+    k("clamav.virus_action", Kind::Enum(&["reject", "quarantine"]), "reject", "What to do with an infected message: refuse it in the session, or accept and quarantine it").by(F),
     k("rspamd.enabled", BOOL, "false", "Ask Rspamd for a spam score").by(F),
     k("rspamd.url", TEXT, "http://127.0.0.1:11333", "Rspamd normal worker URL (POST /checkv2)").by(F),
     k("rspamd.timeout", secs(1, 3600), "30s", "Longest time an Rspamd check may take").by(F),

@@ -141,12 +141,16 @@ pub async fn scan(
         {
             Ok(clamav::Scan::Clean) => {}
             Ok(clamav::Scan::Infected(name)) => {
-                let mut v = verdict(
-                    "reject",
-                    554,
-                    "5.7.1",
-                    format!("Message refused: virus found ({name})"),
-                );
+                let mut v = if cfg.text("clamav.virus_action") == "quarantine" {
+                    verdict("quarantine", 0, "", format!("virus found ({name})"))
+                } else {
+                    verdict(
+                        "reject",
+                        554,
+                        "5.7.1",
+                        format!("Message refused: virus found ({name})"),
+                    )
+                };
                 v.symbols.push(ScanSymbol {
                     name: "VIRUS".into(),
                     score: 0.0,
@@ -200,8 +204,9 @@ pub async fn scan(
 
     symbols.extend(header_symbols(&message));
     let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
-    let (tag, reject) = (
+    let (tag, quarantine, reject) = (
         cfg.float("spam.threshold.tag"),
+        cfg.float("spam.threshold.quarantine"),
         cfg.float("spam.threshold.reject"),
     );
     let mut listed = String::new();
@@ -218,6 +223,8 @@ pub async fn scan(
             "5.7.1",
             format!("Message refused as spam (score {score:.1})"),
         )
+    } else if score >= quarantine {
+        verdict("quarantine", 0, "", format!("spam score {score:.1}"))
     } else if score >= tag {
         verdict("tag", 0, "", String::new())
     } else {
@@ -233,7 +240,7 @@ pub async fn scan(
         })
         .collect();
     if v.action != "reject" {
-        let spam = v.action == "tag";
+        let spam = v.action != "accept";
         // Our own verdict headers replace any the message arrived with (forgeries).
         v.remove_headers = vec![
             "X-Spam".into(),
@@ -347,7 +354,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn scores_tag_and_reject_by_threshold() {
+    async fn scores_tag_quarantine_and_reject_by_threshold() {
         // No From, no Date, no Message-ID, no Subject: 4.0 = the tag threshold.
         let v = scan(&cfg(""), &env(), b"To: x@y.example\r\n\r\nbody\r\n", None).await;
         assert_eq!(v.action, "tag");
@@ -377,6 +384,24 @@ mod tests {
         assert_eq!(
             (v.action.as_str(), v.smtp_code, v.smtp_status.as_str()),
             ("reject", 550, "5.7.1")
+        );
+        // Between the quarantine and reject thresholds: quarantined, with the headers the
+        // stored copy carries.
+        let v = scan(
+            &cfg("[spam.threshold]\ntag = 1.0\nquarantine = 3.0\nreject = 5.0\n"),
+            &env(),
+            b"To: x@y.example\r\n\r\nbody\r\n",
+            None,
+        )
+        .await;
+        assert_eq!(
+            (v.action.as_str(), v.smtp_text.as_str()),
+            ("quarantine", "spam score 4.0")
+        );
+        assert!(
+            v.add_headers
+                .iter()
+                .any(|h| h.name == "X-Spam" && h.value == "Yes")
         );
     }
 

@@ -9,12 +9,17 @@ pub mod engine;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::filter_server::{Filter, FilterServer};
-use mb_proto::v1::{ReloadResponse, ScanChunk, ScanVerdict, StatusRequest, StatusResponse};
+use mb_proto::v1::quarantine_client::QuarantineClient;
+use mb_proto::v1::{
+    MessageEvent, QuarantineEntry, ReloadResponse, ScanChunk, ScanEnvelope, ScanVerdict,
+    StatusRequest, StatusResponse,
+};
 use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::events::EventSink;
 use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle;
 use mb_runtime::uds::Guard;
@@ -40,6 +45,7 @@ pub struct Stats {
     pub tagged: AtomicU64,
     pub rejected: AtomicU64,
     pub tempfailed: AtomicU64,
+    pub quarantined: AtomicU64,
 }
 
 pub struct FilterService {
@@ -47,6 +53,129 @@ pub struct FilterService {
     pub auth: Option<auth::Auth>,
     pub slots: Arc<Semaphore>,
     pub stats: Arc<Stats>,
+    /// The message log (mb-rpcd); `None` in unit tests.
+    pub events: Option<EventSink>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The Subject and Message-ID of a message, from its header section only.
+fn subject_and_id(raw: &[u8]) -> (String, String) {
+    mail_parser::MessageParser::default()
+        .parse_headers(raw)
+        .map(|m| {
+            (
+                m.subject().unwrap_or_default().to_string(),
+                m.message_id().unwrap_or_default().to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// A quarantine id for a message without a usable queue id (content filter, milter).
+fn new_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!(
+        "{micros:013X}F{:X}{:X}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Stores a message the verdict quarantines (with the verdict's headers, as it would have
+/// been delivered), durably, before the verdict is returned; indexes it through mb-rpcd.
+/// If it cannot be stored the message is tempfailed: the sender keeps it.
+async fn quarantine(
+    cfg: &mb_core::Config,
+    env: &ScanEnvelope,
+    message: &[u8],
+    subject: &str,
+    mut v: ScanVerdict,
+) -> ScanVerdict {
+    use mb_runtime::quarantine as files;
+    let id = if files::valid_id(&env.queue_id) {
+        env.queue_id.clone()
+    } else {
+        new_id()
+    };
+    let at = now_ms();
+    let add: Vec<(String, String)> = v
+        .add_headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    let stored = mb_core::message::with_headers(message, &add, &v.remove_headers);
+    let entry = QuarantineEntry {
+        id: id.clone(),
+        node: hostname(cfg),
+        at_unix_ms: at,
+        queue_id: env.queue_id.clone(),
+        client_ip: env.client_ip.clone(),
+        sender: env.sender.clone(),
+        recipients: env.recipients.clone(),
+        subject: subject.to_string(),
+        reason: v.smtp_text.clone(),
+        score: v.score,
+        symbols: v.symbols.iter().map(|s| s.name.clone()).collect(),
+        size: stored.len() as u64,
+        path: files::relative_path(at, &id),
+    };
+    let root = files::root(cfg);
+    let e = entry.clone();
+    let saved = tokio::task::spawn_blocking(move || files::store(&root, &e, &stored)).await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::error!(id = %id, cause = %err, "cannot store a message in the quarantine; tempfailing it");
+            return ScanVerdict {
+                action: "tempfail".into(),
+                smtp_code: 451,
+                smtp_status: "4.3.0".into(),
+                smtp_text: "Error: cannot store the message, try again later".into(),
+                ..Default::default()
+            };
+        }
+        Err(err) => {
+            tracing::error!(id = %id, cause = %err, "quarantine task failed; tempfailing the message");
+            return ScanVerdict {
+                action: "tempfail".into(),
+                smtp_code: 451,
+                smtp_status: "4.3.0".into(),
+                smtp_text: "Error: cannot store the message, try again later".into(),
+                ..Default::default()
+            };
+        }
+    }
+    tracing::info!(id = %id, path = %entry.path, reason = %entry.reason, "message quarantined");
+    // The index entry is best effort: the files are the truth, and mb-rpcd indexes what
+    // it missed at its next retention pass.
+    let socket = cfg.socket("mb-rpcd");
+    tokio::spawn(async move {
+        let added = async {
+            let channel = mb_runtime::uds::connect(&socket, "mb-rpcd")
+                .await
+                .map_err(|e| e.to_string())?;
+            QuarantineClient::new(channel)
+                .add(entry)
+                .await
+                .map_err(|e| e.message().to_string())
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(10), added)
+            .await
+            .unwrap_or_else(|_| Err("no answer in 10s".into()))
+        {
+            tracing::warn!(cause = %e, "cannot index a quarantined message now; mb-rpcd will find it on disk");
+        }
+    });
+    v.quarantine_id = id;
+    v
 }
 
 /// Counts a scan in flight for as long as it lives.
@@ -96,7 +225,7 @@ impl Filter for FilterService {
         let envelope =
             envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
         let deadline = cfg.duration("filter.scan_timeout");
-        let verdict = match tokio::time::timeout(
+        let mut verdict = match tokio::time::timeout(
             deadline,
             engine::scan(&cfg, &envelope, &message, self.auth.as_ref()),
         )
@@ -111,11 +240,16 @@ impl Filter for FilterService {
                 ..Default::default()
             },
         };
+        let (subject, message_id) = subject_and_id(&message);
+        if verdict.action == "quarantine" {
+            verdict = quarantine(&cfg, &envelope, &message, &subject, verdict).await;
+        }
         self.stats.scanned.fetch_add(1, Ordering::Relaxed);
         let counter = match verdict.action.as_str() {
             "accept" => &self.stats.accepted,
             "tag" => &self.stats.tagged,
             "tempfail" => &self.stats.tempfailed,
+            "quarantine" => &self.stats.quarantined,
             _ => &self.stats.rejected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -127,6 +261,35 @@ impl Filter for FilterService {
             symbols = %verdict.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
             "scanned"
         );
+        if let Some(sink) = &self.events {
+            sink.send(MessageEvent {
+                node: hostname(&cfg),
+                daemon: DAEMON.into(),
+                queue_id: if verdict.quarantine_id.is_empty() {
+                    envelope.queue_id.clone()
+                } else {
+                    verdict.quarantine_id.clone()
+                },
+                message_id,
+                client_ip: envelope.client_ip.clone(),
+                client_name: envelope.client_name.clone(),
+                helo: envelope.helo.clone(),
+                sender: envelope.sender.clone(),
+                recipients: envelope.recipients.clone(),
+                size: message.len() as u64,
+                stage: "scanned".into(),
+                verdict: verdict.action.clone(),
+                score: verdict.score,
+                symbols: verdict
+                    .symbols
+                    .iter()
+                    .map(|s| format!("{}({:.1})", s.name, s.score))
+                    .collect(),
+                detail: verdict.smtp_text.clone(),
+                subject,
+                ..Default::default()
+            });
+        }
         Ok(Response::new(verdict))
     }
 }
@@ -148,6 +311,7 @@ impl DaemonHooks for Hooks {
             ("tagged", &s.tagged),
             ("rejected", &s.rejected),
             ("tempfailed", &s.tempfailed),
+            ("quarantined", &s.quarantined),
         ] {
             resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
         }
@@ -207,7 +371,12 @@ pub async fn main(opts: Options) -> i32 {
     let cfg = follower.current();
     let run_dir = cfg.path("paths.run_dir");
     let _ = std::fs::create_dir_all(&run_dir);
-    match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path()]) {
+    let quarantine_dir = mb_runtime::quarantine::root(&cfg);
+    let _ = std::fs::create_dir_all(&quarantine_dir);
+    match mb_runtime::drop_privileges(
+        &cfg.text("process.user"),
+        &[run_dir.as_path(), quarantine_dir.as_path()],
+    ) {
         Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
         Ok(None) => {}
         Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
@@ -241,6 +410,11 @@ pub async fn main(opts: Options) -> i32 {
                 follower: follower.clone(),
                 slots: Arc::new(Semaphore::new(permits)),
                 stats,
+                events: Some(EventSink::start(
+                    &name,
+                    cfg.socket("mb-rpcd"),
+                    shutdown.clone(),
+                )),
             },
             Guard::peer(),
         ))

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mb_core::config::redact_url;
-use mb_proto::v1::{AuditEntry, EventQuery, MessageEvent};
+use mb_proto::v1::{AuditEntry, EventQuery, ListQuarantineRequest, MessageEvent, QuarantineEntry};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Row};
 
@@ -268,8 +268,8 @@ impl Db {
                 continue;
             }
             sqlx::query(self.sql(
-                "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
             .bind(&e.event_id)
             .bind(&e.node)
@@ -288,6 +288,7 @@ impl Db {
             .bind(e.score)
             .bind(e.symbols.join("\n"))
             .bind(&e.detail)
+            .bind(&e.subject)
             .execute(&mut *tx)
             .await?;
             stored += 1;
@@ -298,7 +299,7 @@ impl Db {
 
     pub async fn query_events(&self, q: &EventQuery) -> Result<Vec<MessageEvent>, DbError> {
         let mut sql = String::from(
-            "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail FROM message_events WHERE at_ms >= ?",
+            "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject FROM message_events WHERE at_ms >= ?",
         );
         if !q.queue_id.is_empty() {
             sql.push_str(" AND queue_id = ?");
@@ -306,17 +307,24 @@ impl Db {
         if !q.sender.is_empty() {
             sql.push_str(" AND sender = ?");
         }
+        if !q.verdict.is_empty() {
+            sql.push_str(" AND verdict = ?");
+        }
+        if !q.stage.is_empty() {
+            sql.push_str(" AND stage = ?");
+        }
+        if q.until_unix_ms > 0 {
+            sql.push_str(" AND at_ms < ?");
+        }
         if !q.recipient.is_empty() {
             // Recipients are stored one per line; match a whole line.
-            sql.push_str(" AND ('\n' || recipients || '\n') LIKE ?");
-            if self.dialect == Dialect::MySql {
-                sql = sql.replace(
-                    "('\n' || recipients || '\n')",
-                    "CONCAT('\n', recipients, '\n')",
-                );
-            }
+            sql.push_str(self.recipient_match());
         }
-        sql.push_str(" ORDER BY at_ms, id LIMIT ?");
+        sql.push_str(if q.newest_first {
+            " ORDER BY at_ms DESC, id DESC LIMIT ?"
+        } else {
+            " ORDER BY at_ms, id LIMIT ?"
+        });
         let mut query = sqlx::query(self.sql(&sql)).bind(q.since_unix_ms);
         if !q.queue_id.is_empty() {
             query = query.bind(&q.queue_id);
@@ -324,8 +332,17 @@ impl Db {
         if !q.sender.is_empty() {
             query = query.bind(&q.sender);
         }
+        if !q.verdict.is_empty() {
+            query = query.bind(&q.verdict);
+        }
+        if !q.stage.is_empty() {
+            query = query.bind(&q.stage);
+        }
+        if q.until_unix_ms > 0 {
+            query = query.bind(q.until_unix_ms);
+        }
         if !q.recipient.is_empty() {
-            query = query.bind(format!("%\n{}\n%", q.recipient.replace(['%', '_'], "")));
+            query = query.bind(recipient_pattern(&q.recipient));
         }
         let limit = if q.limit == 0 {
             1000
@@ -504,13 +521,153 @@ fn audit_entry(r: &AnyRow) -> Result<AuditEntry, DbError> {
     })
 }
 
+impl Db {
+    /// Recipients are stored one per line; this matches a whole line (see
+    /// `recipient_pattern`).
+    fn recipient_match(&self) -> &'static str {
+        if self.dialect == Dialect::MySql {
+            " AND CONCAT('\n', recipients, '\n') LIKE ?"
+        } else {
+            " AND ('\n' || recipients || '\n') LIKE ?"
+        }
+    }
+
+    /// Indexes a quarantined message; false when its id was already there.
+    pub async fn add_quarantine(&self, e: &QuarantineEntry) -> Result<bool, DbError> {
+        let seen = sqlx::query(self.sql("SELECT 1 FROM quarantine WHERE id = ?"))
+            .bind(&e.id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if seen {
+            return Ok(false);
+        }
+        sqlx::query(self.sql(
+            "INSERT INTO quarantine (id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(&e.id)
+        .bind(&e.node)
+        .bind(e.at_unix_ms)
+        .bind(&e.queue_id)
+        .bind(&e.client_ip)
+        .bind(&e.sender)
+        .bind(e.recipients.join("\n"))
+        .bind(&e.subject)
+        .bind(&e.reason)
+        .bind(e.score)
+        .bind(e.symbols.join("\n"))
+        .bind(i64::try_from(e.size).unwrap_or(i64::MAX))
+        .bind(&e.path)
+        .execute(&self.pool)
+        .await?;
+        Ok(true)
+    }
+
+    /// Entries newest first.
+    pub async fn list_quarantine(
+        &self,
+        q: &ListQuarantineRequest,
+    ) -> Result<Vec<QuarantineEntry>, DbError> {
+        let mut sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE at_ms >= ?");
+        if !q.sender.is_empty() {
+            sql.push_str(" AND sender = ?");
+        }
+        if !q.recipient.is_empty() {
+            sql.push_str(self.recipient_match());
+        }
+        sql.push_str(" ORDER BY at_ms DESC, id LIMIT ?");
+        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_unix_ms);
+        if !q.sender.is_empty() {
+            query = query.bind(&q.sender);
+        }
+        if !q.recipient.is_empty() {
+            query = query.bind(recipient_pattern(&q.recipient));
+        }
+        let limit = if q.limit == 0 {
+            1000
+        } else {
+            q.limit.min(100_000)
+        };
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(quarantine_entry).collect()
+    }
+
+    /// Every entry, oldest first (for the retention pass).
+    pub async fn all_quarantine(&self) -> Result<Vec<QuarantineEntry>, DbError> {
+        let sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine ORDER BY at_ms, id");
+        let rows = sqlx::query(self.sql(&sql)).fetch_all(&self.pool).await?;
+        rows.iter().map(quarantine_entry).collect()
+    }
+
+    pub async fn quarantine_entry(&self, id: &str) -> Result<Option<QuarantineEntry>, DbError> {
+        let sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id = ?");
+        let row = sqlx::query(self.sql(&sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(quarantine_entry).transpose()
+    }
+
+    pub async fn remove_quarantine(&self, id: &str) -> Result<bool, DbError> {
+        let done = sqlx::query(self.sql("DELETE FROM quarantine WHERE id = ?"))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// (messages, bytes) in the quarantine.
+    pub async fn quarantine_totals(&self) -> Result<(u64, u64), DbError> {
+        // SUM is DECIMAL on MariaDB and NUMERIC on PostgreSQL, which Any cannot read.
+        let sql = if self.dialect == Dialect::MySql {
+            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS SIGNED) FROM quarantine"
+        } else {
+            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM quarantine"
+        };
+        let row = sqlx::query(sql).fetch_one(&self.pool).await?;
+        let n: i64 = row.try_get(0)?;
+        let bytes: i64 = row.try_get(1)?;
+        Ok((
+            u64::try_from(n).unwrap_or(0),
+            u64::try_from(bytes).unwrap_or(0),
+        ))
+    }
+}
+
+const QUARANTINE_COLUMNS: &str = "id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path";
+
+/// The LIKE pattern for one whole recipient line (wildcards in the address dropped).
+fn recipient_pattern(recipient: &str) -> String {
+    format!("%\n{}\n%", recipient.replace(['%', '_'], ""))
+}
+
+fn lines(s: String) -> Vec<String> {
+    s.lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn quarantine_entry(r: &AnyRow) -> Result<QuarantineEntry, DbError> {
+    Ok(QuarantineEntry {
+        id: r.try_get(0)?,
+        node: r.try_get(1)?,
+        at_unix_ms: r.try_get(2)?,
+        queue_id: r.try_get(3)?,
+        client_ip: r.try_get(4)?,
+        sender: r.try_get(5)?,
+        recipients: lines(r.try_get(6)?),
+        subject: r.try_get(7)?,
+        reason: r.try_get(8)?,
+        score: r.try_get(9)?,
+        symbols: lines(r.try_get(10)?),
+        size: u64::try_from(r.try_get::<i64, _>(11)?).unwrap_or(0),
+        path: r.try_get(12)?,
+    })
+}
+
 fn message_event(r: &AnyRow) -> Result<MessageEvent, DbError> {
-    let lines = |s: String| -> Vec<String> {
-        s.lines()
-            .map(str::to_string)
-            .filter(|l| !l.is_empty())
-            .collect()
-    };
     Ok(MessageEvent {
         event_id: r.try_get(0)?,
         node: r.try_get(1)?,
@@ -529,6 +686,7 @@ fn message_event(r: &AnyRow) -> Result<MessageEvent, DbError> {
         score: r.try_get(14)?,
         symbols: lines(r.try_get(15)?),
         detail: r.try_get(16)?,
+        subject: r.try_get::<Option<String>, _>(17)?.unwrap_or_default(),
     })
 }
 

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod db;
 pub mod grpc;
+pub mod quarantine;
 pub mod store;
 pub mod users;
 
@@ -16,6 +17,7 @@ use mb_proto::v1::access_server::AccessServer;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
+use mb_proto::v1::quarantine_server::QuarantineServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::{ControlService, DaemonInfo};
 use mb_runtime::lifecycle::{self, Shutdown};
@@ -196,6 +198,12 @@ pub async fn run(
             AccessService {
                 store: store.clone(),
             },
+            peer.clone(),
+        ))
+        .add_service(QuarantineServer::with_interceptor(
+            quarantine::QuarantineService {
+                store: store.clone(),
+            },
             peer,
         ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), {
@@ -258,6 +266,7 @@ pub async fn run(
         })
     };
 
+    quarantine::spawn_retention(store.clone(), shutdown.clone());
     tracing::info!(
         socket = %listeners.socket.display(),
         database = %store.db.url,

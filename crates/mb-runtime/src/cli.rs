@@ -72,3 +72,65 @@ pub fn run<F: Future<Output = Result<(), Failure>>>(tool: &str, work: F) -> Exit
         }
     }
 }
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A `--since`/`--until` value as Unix milliseconds: an age (`30m`, `2h`, `7d`: that
+/// long before `now_ms`) or a UTC time `YYYY-MM-DD[ HH:MM[:SS]]` (also with a `T`).
+pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    let text = text.trim();
+    if let Ok(age) = mb_core::value::parse_duration(text) {
+        return Ok(now_ms - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2));
+    }
+    let bad = || {
+        format!(
+            "{text:?} is neither an age such as 2h or 7d nor a UTC time such as 2026-11-22 08:30"
+        )
+    };
+    let (date, time) = match text.split_once([' ', 'T']) {
+        Some((d, t)) => (d, t),
+        None => (text, "00:00"),
+    };
+    let mut dp = date.split('-');
+    let (Some(y), Some(m), Some(d), None) = (dp.next(), dp.next(), dp.next(), dp.next()) else {
+        return Err(bad());
+    };
+    let (y, m, d): (i64, u32, u32) = (
+        y.parse().map_err(|_| bad())?,
+        m.parse().map_err(|_| bad())?,
+        d.parse().map_err(|_| bad())?,
+    );
+    let mut tp = time.split(':');
+    let h: i64 = tp.next().unwrap_or("0").parse().map_err(|_| bad())?;
+    let min: i64 = tp.next().unwrap_or("0").parse().map_err(|_| bad())?;
+    let sec: i64 = tp.next().unwrap_or("0").parse().map_err(|_| bad())?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || h > 23 || min > 59 || sec > 60 {
+        return Err(bad());
+    }
+    Ok(((days_from_civil(y, m, d) * 86_400) + h * 3600 + min * 60 + sec) * 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_ages_or_utc_dates() {
+        let now = 1_795_322_400_000; // 2026-11-22 04:40:00 UTC
+        assert_eq!(parse_time("2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_time("2026-11-22 04:40", now), Ok(now));
+        assert_eq!(parse_time("2026-11-22T04:40:00", now), Ok(now));
+        assert_eq!(parse_time("1970-01-02", now), Ok(86_400_000));
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("2026-13-01", now).is_err());
+    }
+}

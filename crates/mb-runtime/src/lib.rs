@@ -8,6 +8,7 @@ pub mod follow;
 pub mod lifecycle;
 pub mod logging;
 pub mod probe;
+pub mod quarantine;
 pub mod uds;
 
 use std::path::{Path, PathBuf};

@@ -368,6 +368,46 @@ impl Client {
     }
 }
 
+/// The host and port of a reinjection hop: `host:port`, `[host]:port` or
+/// `smtp:[host]:port` (Postfix's syntax, as in `filter.next_hop`).
+pub fn reinjection_address(hop: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{hop:?} is not host:port (for example 127.0.0.1:10025)");
+    let rest = hop.strip_prefix("smtp:").unwrap_or(hop);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Hands one message to a reinjection hop over plain SMTP (a local, trusted listener
+/// such as mb-smtpd's or Postfix's 10025) and returns each recipient's outcome.
+pub async fn reinject(
+    hop: &str,
+    helo: &str,
+    from: &str,
+    recipients: &[String],
+    message: &[u8],
+    timeout: Duration,
+) -> Result<Vec<Outcome>, ClientError> {
+    let (host, port) = reinjection_address(hop).map_err(ClientError::Io)?;
+    let stream = tokio::time::timeout(
+        timeout,
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout)?
+    .map_err(|e| ClientError::Io(format!("{host}:{port}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut client = Client::connect(Box::new(stream), timeout, false).await?;
+    client.hello(helo).await?;
+    let outcomes = client.send(from, recipients, message).await;
+    client.quit().await;
+    outcomes
+}
+
 fn parse_caps(r: &Response) -> Capabilities {
     let mut caps = Capabilities::default();
     for line in r.lines.iter().skip(1) {

@@ -303,7 +303,8 @@ impl Manager {
             }
             Ok(None) | Err(_) => return,
         };
-        let message = spool::with_headers(&message, &env.add_headers, &env.remove_headers);
+        let message =
+            mb_core::message::with_headers(&message, &env.add_headers, &env.remove_headers);
         let cfg = self.follower.current();
         let before: Vec<String> = state.recipients.iter().map(|r| r.state.clone()).collect();
         let now = self.clock.unix();

@@ -1298,32 +1298,21 @@ impl<'a> Session<'a> {
                         "message refused by the filter: {}",
                         v.smtp_text
                     );
-                    self.event(
-                        "scanned",
-                        &v.action,
-                        &sender,
-                        rcpts,
-                        writer.written,
-                        id.into(),
-                        &v.smtp_text,
-                    );
                     Err(Reply::new(
                         code,
                         crate::scan::status_of(u32::from(code), &v.smtp_status),
                         v.smtp_text,
                     ))
                 }
+                // The filter logs the verdict in the message log; the sender is not told
+                // (a quarantined message is safe on disk before this 250).
                 "discard" => {
                     tracing::info!(client = %self.client.ip, id, "message discarded by the filter");
-                    self.event(
-                        "scanned",
-                        "discard",
-                        &sender,
-                        rcpts,
-                        writer.written,
-                        id.into(),
-                        "",
-                    );
+                    Err(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
+                }
+                "quarantine" => {
+                    tracing::info!(client = %self.client.ip, id, quarantine_id = %v.quarantine_id, from = %sender, nrcpt = rcpts.len(), "message quarantined by the filter");
+                    self.summary.accepted.push(id.to_string());
                     Err(Reply::new(250, "2.0.0", format!("Ok: queued as {id}")))
                 }
                 _ => Ok(Some((

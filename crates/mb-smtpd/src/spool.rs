@@ -614,59 +614,6 @@ pub fn arrival_micros(id: &str) -> Option<u128> {
     u128::from_str_radix(id.get(..13)?, 16).ok()
 }
 
-/// The message as it is delivered: the verdict's fields removed from the header
-/// section (with their continuation lines) and its added fields at the top.
-pub fn with_headers(message: &[u8], add: &[(String, String)], remove: &[String]) -> Vec<u8> {
-    if add.is_empty() && remove.is_empty() {
-        return message.to_vec();
-    }
-    let mut out = Vec::with_capacity(message.len() + 256);
-    for (name, value) in add {
-        out.extend_from_slice(format!("{name}: {}\r\n", fold_safe(value)).as_bytes());
-    }
-    let end = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(message.len(), |p| p + 2);
-    let mut dropping = false;
-    for line in message[..end].split_inclusive(|b| *b == b'\n') {
-        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
-        if !continuation {
-            let name = line.split(|b| *b == b':').next().unwrap_or_default();
-            dropping = remove
-                .iter()
-                .any(|r| r.as_bytes().eq_ignore_ascii_case(name));
-        }
-        if !dropping {
-            out.extend_from_slice(line);
-        }
-    }
-    out.extend_from_slice(&message[end..]);
-    out
-}
-
-/// A header value that cannot start a new field: a line break is kept only as a fold
-/// (CRLF followed by a space or tab); any other CR or LF becomes a space.
-fn fold_safe(value: &str) -> String {
-    let b = value.as_bytes();
-    let mut out = String::with_capacity(value.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\r'
-            && b.get(i + 1) == Some(&b'\n')
-            && matches!(b.get(i + 2), Some(b' ' | b'\t'))
-        {
-            out.push_str("\r\n");
-            i += 2;
-            continue;
-        }
-        let c = value[i..].chars().next().unwrap_or(' ');
-        out.push(if c == '\r' || c == '\n' { ' ' } else { c });
-        i += c.len_utf8();
-    }
-    out
-}
-
 /// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
 pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
     let data = std::fs::read(path)?;
@@ -698,7 +645,7 @@ mod tests {
     #[test]
     fn verdict_headers_are_applied_at_delivery() {
         let msg = b"Received: x\r\nX-Spam: Yes\r\n\tforged continuation\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n";
-        let out = with_headers(
+        let out = mb_core::message::with_headers(
             msg,
             &[
                 (
@@ -713,7 +660,7 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "X-Spam-Status: No, score=0.0  Injected: x\r\nAuthentication-Results: gw;\r\n\tspf=pass\r\nReceived: x\r\nSubject: s\r\n\r\nX-Spam: body stays\r\n"
         );
-        assert_eq!(with_headers(msg, &[], &[]), msg);
+        assert_eq!(mb_core::message::with_headers(msg, &[], &[]), msg);
     }
 
     #[test]

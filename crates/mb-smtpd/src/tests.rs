@@ -1071,7 +1071,7 @@ async fn the_filter_verdict_decides_the_reply() {
         env.add_headers,
         [("X-Spam-Status".to_string(), "No, score=0.0".to_string())]
     );
-    let delivered = crate::spool::with_headers(msg, &env.add_headers, &env.remove_headers);
+    let delivered = mb_core::message::with_headers(msg, &env.add_headers, &env.remove_headers);
     let text = String::from_utf8(delivered).unwrap();
     assert!(
         text.starts_with("X-Spam-Status: No, score=0.0\r\nReceived: "),
