@@ -19,6 +19,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "queue.proto",
         "filter.proto",
         "quarantine.proto",
+        "policy.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -77,6 +77,40 @@ fn exercise(url: &str, dialect: &str) {
     ));
     assert_eq!((code, out.trim()), (0, "[]"), "{err}");
 
+    // Policies on this dialect, with and without thresholds (NULL doubles).
+    for add in [
+        &[
+            "add",
+            "strict",
+            "--action",
+            "score",
+            "--to",
+            "ceo@served.test",
+            "--tag",
+            "2.5",
+        ][..],
+        &[
+            "add",
+            "partners",
+            "--action",
+            "allow",
+            "--from",
+            "*@partner.test",
+        ],
+    ] {
+        let (code, out, err) = text(&gw.tool("mb-policy", add));
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let (code, out, err) = text(&gw.tool("mb-policy", &["--json", "list"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v[0]["name"].as_str(), v[0]["tag"].as_f64()),
+        (Some("strict"), Some(2.5)),
+        "{v:#}"
+    );
+    assert!(v[1]["tag"].is_null(), "{v:#}");
+
     // Overrides survive a restart (the listener keys are put back first so it can start).
     assert_eq!(
         text(&gw.tool("mb-config", &["unset", "network.rpcd.tcp.enabled"])).0,

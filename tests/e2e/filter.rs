@@ -459,3 +459,174 @@ fn quarantined_mail_is_held_released_and_purged_and_the_message_log_tells() {
     let (code, _, err) = text(&gw.tool("mb-log", &["--since", "last week"]));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks() {
+    let clamd = Clamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 1\n\
+         [clamav]\nenabled = true\naddress = \"{}\"\n",
+        free_port(),
+        sink.port,
+        clamd.address()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+    let policy = |args: &[&str]| text(&gw.tool("mb-policy", args));
+    for add in [
+        &[
+            "add",
+            "partners",
+            "--action",
+            "allow",
+            "--from",
+            "*@partner.test",
+            "--priority",
+            "10",
+        ][..],
+        &[
+            "add",
+            "spammer",
+            "--action",
+            "block",
+            "--from",
+            "spammer.test",
+        ],
+        &[
+            "add",
+            "bad-net",
+            "--action",
+            "block",
+            "--network",
+            "198.51.100.0/24",
+        ],
+    ] {
+        let (code, out, err) = policy(add);
+        assert_eq!(code, 0, "{add:?}: {out}{err}");
+        assert!(out.starts_with("added"), "{out}");
+    }
+    wait_until(
+        "the worker loads the policies",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(gw.path("filter-1.log"))
+                .unwrap_or_default()
+                .contains("policies loaded count=3")
+        },
+    )
+    .unwrap();
+
+    // No From, Date, Message-ID or Subject: 4.0, tagged under the global thresholds.
+    let spammy = |_from: &str, body: &str| format!("To: bob@served.test\r\n\r\n{body}\r\n");
+    let r = send_from(
+        port,
+        "news@partner.test",
+        &spammy("news@partner.test", "allowed body"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let r = send_from(
+        port,
+        "news@partner.test",
+        &with_attachment("allowed but infected", "a.txt", EICAR.as_bytes()),
+    );
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("virus found"),
+        "an allowed sender's virus is refused: {r}"
+    );
+    let r = send_from(
+        port,
+        "boss@spammer.test",
+        &spammy("boss@spammer.test", "blocked body"),
+    );
+    assert!(
+        r.starts_with("550 5.7.1") && r.contains("policy spammer"),
+        "{r}"
+    );
+    let r = send_from(
+        port,
+        "someone@other.test",
+        &spammy("someone@other.test", "scored body"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait_until("two deliveries", Duration::from_secs(20), || {
+        let got = sink.messages();
+        got.iter().any(|m| m.contains("\nallowed body"))
+            && got.iter().any(|m| m.contains("\nscored body"))
+    })
+    .unwrap();
+    let got = sink.messages();
+    let allowed = got.iter().find(|m| m.contains("allowed body")).unwrap();
+    assert!(
+        allowed.contains("X-Spam-Status: No, score=0.0") && allowed.contains("POLICY_ALLOW"),
+        "{allowed}"
+    );
+    let scored = got.iter().find(|m| m.contains("scored body")).unwrap();
+    assert!(scored.contains("X-Spam: Yes"), "{scored}");
+    assert_eq!(
+        got.len(),
+        2,
+        "the blocked and the infected message were not delivered"
+    );
+
+    // test explains the choice, including a tie broken by specificity.
+    let (code, out, _) = policy(&[
+        "test",
+        "--from",
+        "x@partner.test",
+        "--to",
+        "bob@served.test",
+        "--ip",
+        "127.0.0.1",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("partners (priority 10, address allow): matches: sender x@partner.test matches *@partner.test"), "{out}");
+    assert!(out.contains("=> partners wins"), "{out}");
+    let (code, out, _) = policy(&[
+        "--json",
+        "test",
+        "--from",
+        "a@spammer.test",
+        "--ip",
+        "198.51.100.7",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["policy"]["name"], "bad-net", "{v:#}");
+    assert!(
+        v["explanation"]
+            .to_string()
+            .contains("tie broken by specificity"),
+        "{v:#}"
+    );
+    let (code, out, _) = policy(&["test", "--from", "a@elsewhere.test"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("no policy matches"), "{out}");
+
+    // Nonsense and duplicates are refused with the reason.
+    let (code, _, err) = policy(&["add", "partners", "--action", "allow", "--from", "x.test"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exists"), "{err}");
+    let (code, _, err) = policy(&["add", "n", "--action", "allow", "--network", "not-a-net"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("CIDR"), "{err}");
+    let (code, _, err) = policy(&[
+        "add", "n", "--action", "allow", "--from", "a.test", "--tag", "3",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, _) = policy(&["add", "n", "--action", "allow"]);
+    assert_eq!(code, 2, "a target is required");
+    let (code, out, err) = policy(&["del", "spammer"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = policy(&["del", "spammer"]);
+    assert_eq!(code, 1, "{err}");
+    let (_, out, _) = policy(&["--json", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v:#}");
+}

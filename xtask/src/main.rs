@@ -26,6 +26,7 @@ const TOOLS: &[&str] = &[
     "mb-queue",
     "mb-quarantine",
     "mb-log",
+    "mb-policy",
 ];
 /// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
 const TEST_PACKAGES: &[(&str, &str)] = &[

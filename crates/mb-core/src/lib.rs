@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod message;
+pub mod policy;
 pub mod registry;
 pub mod route;
 pub mod value;

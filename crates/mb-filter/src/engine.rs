@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use mail_parser::{HeaderName, Message, MessageParser, MimeHeaders};
 use mb_core::Config;
+use mb_core::policy::{self, Action, Policy};
 use mb_proto::v1::{ScanEnvelope, ScanHeader, ScanSymbol, ScanVerdict};
 
 use crate::clamav;
@@ -95,14 +96,40 @@ pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
     out
 }
 
-/// Scans one message under `cfg`. `auth` checks SPF/DKIM/DMARC for inbound mail.
+/// Scans one message under `cfg`. `auth` checks SPF/DKIM/DMARC for inbound mail;
+/// `policies` may block the message, skip its spam scoring (allow) or set its thresholds.
 pub async fn scan(
     cfg: &Config,
     env: &ScanEnvelope,
     raw: &[u8],
     auth: Option<&crate::auth::Auth>,
+    policies: &[Policy],
 ) -> ScanVerdict {
     let mut symbols: Vec<Symbol> = Vec::new();
+    let policy = policy::best(
+        policies,
+        &policy::Subject {
+            sender: &env.sender,
+            recipients: &env.recipients,
+            client_ip: env.client_ip.parse().ok(),
+        },
+    );
+    if let Some(p) = policy.filter(|p| p.action == Action::Block) {
+        let mut v = verdict(
+            "reject",
+            550,
+            "5.7.1",
+            format!("Message refused by policy {}", p.name),
+        );
+        v.symbols.push(ScanSymbol {
+            name: "POLICY_BLOCK".into(),
+            score: 0.0,
+            detail: p.name.clone(),
+        });
+        return v;
+    }
+    // Allow-listed: no spam scoring; viruses and attachment rules still apply.
+    let allow = policy.filter(|p| p.action == Action::Allow);
     let parsed = MessageParser::default().parse(raw);
     let Some(message) = parsed else {
         return verdict(
@@ -189,7 +216,9 @@ pub async fn scan(
         let out = auth
             .check(cfg, &hostname, ip, &env.helo, &env.sender, raw)
             .await;
-        if let Some(reason) = out.dmarc_reject {
+        if allow.is_none()
+            && let Some(reason) = out.dmarc_reject
+        {
             let mut v = verdict("reject", 550, "5.7.1", reason);
             v.symbols.push(ScanSymbol {
                 name: "DMARC_REJECT".into(),
@@ -198,19 +227,36 @@ pub async fn scan(
             });
             return v;
         }
-        symbols.extend(out.symbols);
+        if allow.is_none() {
+            symbols.extend(out.symbols);
+        }
         auth_header = Some(out.header);
     }
 
-    symbols.extend(header_symbols(&message));
+    match allow {
+        Some(p) => symbols.push(Symbol {
+            name: "POLICY_ALLOW",
+            score: 0.0,
+            detail: p.name.clone(),
+        }),
+        None => symbols.extend(header_symbols(&message)),
+    }
     let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
+    let own = policy.filter(|p| p.action == Action::Score);
     let (tag, quarantine, reject) = (
-        cfg.float("spam.threshold.tag"),
-        cfg.float("spam.threshold.quarantine"),
-        cfg.float("spam.threshold.reject"),
+        own.and_then(|p| p.tag)
+            .unwrap_or_else(|| cfg.float("spam.threshold.tag")),
+        own.and_then(|p| p.quarantine)
+            .unwrap_or_else(|| cfg.float("spam.threshold.quarantine")),
+        own.and_then(|p| p.reject)
+            .unwrap_or_else(|| cfg.float("spam.threshold.reject")),
     );
     let mut listed = String::new();
-    for s in symbols.iter().filter(|s| s.score != 0.0) {
+    // Rules that scored, and the policy that decided (an allow-listing scores nothing).
+    for s in symbols
+        .iter()
+        .filter(|s| s.score != 0.0 || s.name.starts_with("POLICY_"))
+    {
         if !listed.is_empty() {
             listed.push(',');
         }
@@ -306,7 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn clean_mail_is_accepted_with_status_headers() {
-        let v = scan(&cfg(""), &env(), CLEAN, None).await;
+        let v = scan(&cfg(""), &env(), CLEAN, None, &[]).await;
         assert_eq!(v.action, "accept");
         assert_eq!(v.score, 0.0);
         let status = v
@@ -324,7 +370,7 @@ mod tests {
     #[tokio::test]
     async fn blocked_extensions_are_refused_even_doubled_and_nested() {
         for name in ["invoice.pdf.exe", "RUN.BAT", "script.js."] {
-            let v = scan(&cfg(""), &env(), &with_attachment(name), None).await;
+            let v = scan(&cfg(""), &env(), &with_attachment(name), None, &[]).await;
             assert_eq!((v.action.as_str(), v.smtp_code), ("reject", 554), "{name}");
             assert!(
                 v.smtp_text.contains(name.trim_end_matches('.')),
@@ -332,7 +378,7 @@ mod tests {
                 v.smtp_text
             );
         }
-        let v = scan(&cfg(""), &env(), &with_attachment("report.pdf"), None).await;
+        let v = scan(&cfg(""), &env(), &with_attachment("report.pdf"), None, &[]).await;
         assert_eq!(v.action, "accept");
         // Inside an attached message.
         let inner = String::from_utf8(with_attachment("payload.scr")).unwrap();
@@ -340,7 +386,7 @@ mod tests {
             "From: a@b.example\r\nSubject: fwd\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"o\"\r\n\r\n\
              --o\r\nContent-Type: text/plain\r\n\r\nfwd\r\n--o\r\nContent-Type: message/rfc822\r\n\r\n{inner}\r\n--o--\r\n"
         );
-        let v = scan(&cfg(""), &env(), outer.as_bytes(), None).await;
+        let v = scan(&cfg(""), &env(), outer.as_bytes(), None, &[]).await;
         assert_eq!(v.action, "reject", "{v:?}");
         // The list is configurable.
         let v = scan(
@@ -348,6 +394,7 @@ mod tests {
             &env(),
             &with_attachment("report.pdf"),
             None,
+            &[],
         )
         .await;
         assert_eq!(v.action, "reject");
@@ -356,7 +403,14 @@ mod tests {
     #[tokio::test]
     async fn scores_tag_quarantine_and_reject_by_threshold() {
         // No From, no Date, no Message-ID, no Subject: 4.0 = the tag threshold.
-        let v = scan(&cfg(""), &env(), b"To: x@y.example\r\n\r\nbody\r\n", None).await;
+        let v = scan(
+            &cfg(""),
+            &env(),
+            b"To: x@y.example\r\n\r\nbody\r\n",
+            None,
+            &[],
+        )
+        .await;
         assert_eq!(v.action, "tag");
         assert!((v.score - 4.0).abs() < 1e-9);
         assert!(
@@ -379,6 +433,7 @@ mod tests {
             &env(),
             b"To: x@y.example\r\n\r\nbody\r\n",
             None,
+            &[],
         )
         .await;
         assert_eq!(
@@ -392,6 +447,7 @@ mod tests {
             &env(),
             b"To: x@y.example\r\n\r\nbody\r\n",
             None,
+            &[],
         )
         .await;
         assert_eq!(
@@ -406,19 +462,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn policies_block_allow_and_set_thresholds() {
+        let p = |name: &str, object, pattern: &str, action, tag| Policy {
+            id: 1,
+            name: name.into(),
+            priority: 10,
+            object,
+            pattern: pattern.into(),
+            direction: policy::Direction::From,
+            action,
+            tag,
+            quarantine: None,
+            reject: None,
+        };
+        let spammy = b"To: x@y.example\r\n\r\nbody\r\n"; // 4.0: tagged by default
+        let mut e = env();
+        e.sender = "news@partner.example".into();
+        let blocked = [p(
+            "no-partner",
+            policy::Object::Domain,
+            "partner.example",
+            Action::Block,
+            None,
+        )];
+        let v = scan(&cfg(""), &e, CLEAN, None, &blocked).await;
+        assert_eq!(
+            (v.action.as_str(), v.smtp_code, v.smtp_text.as_str()),
+            ("reject", 550, "Message refused by policy no-partner")
+        );
+        let allowed = [p(
+            "partner",
+            policy::Object::Address,
+            "*@partner.example",
+            Action::Allow,
+            None,
+        )];
+        let v = scan(&cfg(""), &e, spammy, None, &allowed).await;
+        assert_eq!((v.action.as_str(), v.score), ("accept", 0.0), "{v:?}");
+        assert_eq!(v.symbols[0].name, "POLICY_ALLOW");
+        // Allowed, but a blocked attachment is still refused.
+        let v = scan(&cfg(""), &e, &with_attachment("x.exe"), None, &allowed).await;
+        assert_eq!(v.action, "reject");
+        let strict = [p(
+            "strict",
+            policy::Object::Domain,
+            "partner.example",
+            Action::Score,
+            Some(10.0),
+        )];
+        let v = scan(&cfg(""), &e, spammy, None, &strict).await;
+        assert_eq!(
+            v.action, "accept",
+            "the policy's tag threshold (10) applies: {v:?}"
+        );
+        // Another sender gets the global thresholds.
+        let v = scan(&cfg(""), &env(), spammy, None, &strict).await;
+        assert_eq!(v.action, "tag");
+    }
+
+    #[tokio::test]
     async fn an_unreachable_clamd_follows_its_unavailable_action() {
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
         let base = format!("[clamav]\nenabled = true\naddress = \"{closed}\"\ntimeout = \"2s\"\n");
-        let v = scan(&cfg(&base), &env(), CLEAN, None).await;
+        let v = scan(&cfg(&base), &env(), CLEAN, None, &[]).await;
         assert_eq!((v.action.as_str(), v.smtp_code), ("tempfail", 451));
         let v = scan(
             &cfg(&format!("{base}unavailable_action = \"skip\"\n")),
             &env(),
             CLEAN,
             None,
+            &[],
         )
         .await;
         assert_eq!(v.action, "accept");

@@ -55,6 +55,7 @@ pub struct FilterService {
     pub stats: Arc<Stats>,
     /// The message log (mb-rpcd); `None` in unit tests.
     pub events: Option<EventSink>,
+    pub policies: Arc<mb_runtime::policies::PolicySet>,
 }
 
 fn now_ms() -> i64 {
@@ -227,7 +228,13 @@ impl Filter for FilterService {
         let deadline = cfg.duration("filter.scan_timeout");
         let mut verdict = match tokio::time::timeout(
             deadline,
-            engine::scan(&cfg, &envelope, &message, self.auth.as_ref()),
+            engine::scan(
+                &cfg,
+                &envelope,
+                &message,
+                self.auth.as_ref(),
+                &self.policies.current(),
+            ),
         )
         .await
         {
@@ -394,6 +401,12 @@ pub async fn main(opts: Options) -> i32 {
     info.add_listener(format!("unix:{}", socket.display()));
     let stats = Arc::new(Stats::default());
     let permits = usize::try_from(cfg.int("filter.max_concurrent")).unwrap_or(32);
+    let policies = mb_runtime::policies::PolicySet::load(
+        cfg.path("paths.data_dir")
+            .join("cache")
+            .join(format!("policies-{}.json", opts.instance)),
+    );
+    policies.spawn_refresh(cfg.socket("mb-rpcd"), shutdown.clone());
     let hooks = Arc::new(Hooks {
         stats: stats.clone(),
         follower: follower.clone(),
@@ -410,6 +423,7 @@ pub async fn main(opts: Options) -> i32 {
                 follower: follower.clone(),
                 slots: Arc::new(Semaphore::new(permits)),
                 stats,
+                policies,
                 events: Some(EventSink::start(
                     &name,
                     cfg.socket("mb-rpcd"),

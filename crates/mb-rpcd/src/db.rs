@@ -635,6 +635,82 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Stores a new policy; false when its name is taken.
+    pub async fn add_policy(&self, p: &mb_proto::v1::Policy) -> Result<bool, DbError> {
+        let taken = sqlx::query(self.sql("SELECT 1 FROM policies WHERE name = ?"))
+            .bind(&p.name)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if taken {
+            return Ok(false);
+        }
+        sqlx::query(self.sql(
+            "INSERT INTO policies (name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(&p.name)
+        .bind(i64::from(p.priority))
+        .bind(&p.object)
+        .bind(&p.pattern)
+        .bind(&p.direction)
+        .bind(&p.action)
+        .bind(p.tag)
+        .bind(p.quarantine)
+        .bind(p.reject)
+        .bind(&p.comment)
+        .bind(p.created_at_unix)
+        .execute(&self.pool)
+        .await?;
+        Ok(true)
+    }
+
+    /// Every policy, by priority then id.
+    pub async fn list_policies(&self) -> Result<Vec<mb_proto::v1::Policy>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at \
+             FROM policies ORDER BY priority, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(mb_proto::v1::Policy {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    priority: i32::try_from(r.try_get::<i64, _>(2)?).unwrap_or(i32::MAX),
+                    object: r.try_get(3)?,
+                    pattern: r.try_get(4)?,
+                    direction: r.try_get(5)?,
+                    action: r.try_get(6)?,
+                    tag: r.try_get(7)?,
+                    quarantine: r.try_get(8)?,
+                    reject: r.try_get(9)?,
+                    comment: r.try_get(10)?,
+                    created_at_unix: r.try_get(11)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes a policy by id (or by name when `id` is 0); false when there was none.
+    pub async fn remove_policy(&self, id: i64, name: &str) -> Result<bool, DbError> {
+        let done = if id != 0 {
+            sqlx::query(self.sql("DELETE FROM policies WHERE id = ?"))
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+        } else {
+            sqlx::query(self.sql("DELETE FROM policies WHERE name = ?"))
+                .bind(name)
+                .execute(&self.pool)
+                .await?
+        };
+        Ok(done.rows_affected() > 0)
+    }
+}
+
 const QUARANTINE_COLUMNS: &str = "id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path";
 
 /// The LIKE pattern for one whole recipient line (wildcards in the address dropped).

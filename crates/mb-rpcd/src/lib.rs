@@ -5,6 +5,7 @@
 pub mod access;
 pub mod db;
 pub mod grpc;
+pub mod policies;
 pub mod quarantine;
 pub mod store;
 pub mod users;
@@ -17,6 +18,7 @@ use mb_proto::v1::access_server::AccessServer;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
+use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::{ControlService, DaemonInfo};
@@ -202,6 +204,12 @@ pub async fn run(
         ))
         .add_service(QuarantineServer::with_interceptor(
             quarantine::QuarantineService {
+                store: store.clone(),
+            },
+            peer.clone(),
+        ))
+        .add_service(PoliciesServer::with_interceptor(
+            policies::PoliciesService {
                 store: store.clone(),
             },
             peer,

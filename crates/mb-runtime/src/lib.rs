@@ -7,6 +7,7 @@ pub mod events;
 pub mod follow;
 pub mod lifecycle;
 pub mod logging;
+pub mod policies;
 pub mod probe;
 pub mod quarantine;
 pub mod uds;

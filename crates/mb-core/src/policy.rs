@@ -1,0 +1,482 @@
+//! Policies: who is allowed, blocked or scored differently, as the product models them.
+//!
+//! A policy names an object (an address with `*`/`?` wildcards, a domain, a CIDR network
+//! of client addresses, or the default), a direction (the sender, the recipients, or
+//! either), a priority and an action. For a message, the matching policy with the lowest
+//! priority wins; on a tie the more specific object wins (address > network > domain >
+//! default), then the older policy.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Object {
+    Address,
+    Network,
+    Domain,
+    Default,
+}
+
+impl Object {
+    pub fn parse(s: &str) -> Result<Object, String> {
+        match s {
+            "address" => Ok(Object::Address),
+            "network" => Ok(Object::Network),
+            "domain" => Ok(Object::Domain),
+            "default" => Ok(Object::Default),
+            _ => Err(format!(
+                "object {s:?} is not one of address, network, domain, default"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Object::Address => "address",
+            Object::Network => "network",
+            Object::Domain => "domain",
+            Object::Default => "default",
+        }
+    }
+
+    /// Higher is more specific (wins a priority tie).
+    fn specificity(self) -> u8 {
+        match self {
+            Object::Address => 3,
+            Object::Network => 2,
+            Object::Domain => 1,
+            Object::Default => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    From,
+    To,
+    FromOrTo,
+}
+
+impl Direction {
+    pub fn parse(s: &str) -> Result<Direction, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "from" => Ok(Direction::From),
+            "to" => Ok(Direction::To),
+            "from-or-to" => Ok(Direction::FromOrTo),
+            _ => Err(format!(
+                "direction {s:?} is not one of from, to, from-or-to"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::From => "from",
+            Direction::To => "to",
+            Direction::FromOrTo => "from-or-to",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Skip spam scoring (viruses and attachment rules still apply).
+    Allow,
+    /// Refuse the message.
+    Block,
+    /// Score with this policy's thresholds.
+    Score,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Result<Action, String> {
+        match s {
+            "allow" => Ok(Action::Allow),
+            "block" => Ok(Action::Block),
+            "score" => Ok(Action::Score),
+            _ => Err(format!("action {s:?} is not one of allow, block, score")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Block => "block",
+            Action::Score => "score",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub id: i64,
+    pub name: String,
+    pub priority: i32,
+    pub object: Object,
+    /// `*@example.org`, `example.org`, `*.example.org`, `192.0.2.0/24`; empty for default.
+    pub pattern: String,
+    pub direction: Direction,
+    pub action: Action,
+    pub tag: Option<f64>,
+    pub quarantine: Option<f64>,
+    pub reject: Option<f64>,
+}
+
+/// What a message is matched on.
+pub struct Subject<'a> {
+    /// Empty for the null sender.
+    pub sender: &'a str,
+    pub recipients: &'a [String],
+    pub client_ip: Option<IpAddr>,
+}
+
+/// `*` any run of characters, `?` one character; ASCII case-insensitive.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p].eq_ignore_ascii_case(&text[t])) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if let Some(s) = star {
+            p = s + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|b| *b == b'*')
+}
+
+fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// `example.org` is that domain; `*.example.org` its subdomains (not itself).
+fn domain_matches(pattern: &str, domain: &str) -> bool {
+    if domain.is_empty() {
+        return false;
+    }
+    match pattern.strip_prefix("*.") {
+        Some(parent) => domain
+            .to_ascii_lowercase()
+            .strip_suffix(&parent.to_ascii_lowercase())
+            .is_some_and(|rest| rest.ends_with('.') && rest.len() > 1),
+        None => pattern.eq_ignore_ascii_case(domain),
+    }
+}
+
+impl Policy {
+    /// Refuses a pattern that cannot match what its object says.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.pattern;
+        if self.name.is_empty() || self.name.len() > 100 {
+            return Err("a policy needs a name of at most 100 characters".into());
+        }
+        if p.len() > 320 || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("pattern {p:?} is too long or has spaces"));
+        }
+        match self.object {
+            Object::Address if !p.contains('@') => Err(format!(
+                "address pattern {p:?} has no @ (for example *@example.org or ceo@example.org)"
+            )),
+            Object::Domain if p.is_empty() || p.contains('@') || p.contains('/') => Err(format!(
+                "domain pattern {p:?} is not a domain (for example example.org or *.example.org)"
+            )),
+            Object::Network if p.parse::<IpNet>().is_err() && p.parse::<IpAddr>().is_err() => {
+                Err(format!(
+                    "network {p:?} is not an address or CIDR network (for example 192.0.2.0/24)"
+                ))
+            }
+            Object::Network if self.direction != Direction::From => {
+                Err("a network policy matches the client address: its direction is from".into())
+            }
+            Object::Default if !p.is_empty() => Err("the default object takes no pattern".into()),
+            _ => Ok(()),
+        }?;
+        for (what, v) in [
+            ("tag", self.tag),
+            ("quarantine", self.quarantine),
+            ("reject", self.reject),
+        ] {
+            if let Some(v) = v
+                && !(-1000.0..=1000.0).contains(&v)
+            {
+                return Err(format!("{what} threshold {v} is out of range"));
+            }
+        }
+        if self.action != Action::Score
+            && (self.tag.is_some() || self.quarantine.is_some() || self.reject.is_some())
+        {
+            return Err("thresholds belong to a policy whose action is score".into());
+        }
+        Ok(())
+    }
+
+    fn matches_address(&self, address: &str) -> bool {
+        match self.object {
+            Object::Address => glob(self.pattern.as_bytes(), address.as_bytes()),
+            Object::Domain => domain_matches(&self.pattern, domain_of(address)),
+            _ => false,
+        }
+    }
+
+    /// Why this policy matches the message, or `None`.
+    pub fn matches(&self, s: &Subject<'_>) -> Option<String> {
+        match self.object {
+            Object::Default => return Some("the default policy matches every message".into()),
+            Object::Network => {
+                let ip = s.client_ip?;
+                let hit = match self.pattern.parse::<IpNet>() {
+                    Ok(net) => net.contains(&ip),
+                    Err(_) => self.pattern.parse::<IpAddr>().is_ok_and(|a| a == ip),
+                };
+                return hit.then(|| format!("client {ip} is in {}", self.pattern));
+            }
+            _ => {}
+        }
+        if matches!(self.direction, Direction::From | Direction::FromOrTo)
+            && self.matches_address(s.sender)
+        {
+            return Some(format!("sender {} matches {}", s.sender, self.pattern));
+        }
+        if matches!(self.direction, Direction::To | Direction::FromOrTo)
+            && let Some(r) = s.recipients.iter().find(|r| self.matches_address(r))
+        {
+            return Some(format!("recipient {r} matches {}", self.pattern));
+        }
+        None
+    }
+}
+
+fn rank(p: &Policy) -> (i32, std::cmp::Reverse<u8>, i64) {
+    (p.priority, std::cmp::Reverse(p.object.specificity()), p.id)
+}
+
+/// The winning policy for a message (what the filter applies).
+pub fn best<'a>(policies: &'a [Policy], s: &Subject<'_>) -> Option<&'a Policy> {
+    policies
+        .iter()
+        .filter(|p| p.matches(s).is_some())
+        .min_by_key(|p| rank(p))
+}
+
+/// The winning policy for a message and, line by line, how it was chosen.
+pub fn decide<'a>(policies: &'a [Policy], s: &Subject<'_>) -> (Option<&'a Policy>, Vec<String>) {
+    let best = best(policies, s);
+    let mut why = Vec::new();
+    for p in policies {
+        match p.matches(s) {
+            Some(reason) => {
+                why.push(format!(
+                    "{} (priority {}, {} {}): matches: {reason}",
+                    p.name,
+                    p.priority,
+                    p.object.as_str(),
+                    p.action.as_str()
+                ));
+            }
+            None => why.push(format!(
+                "{} (priority {}, {} {} {}): no match",
+                p.name,
+                p.priority,
+                p.object.as_str(),
+                p.direction.as_str(),
+                if p.pattern.is_empty() {
+                    "*"
+                } else {
+                    &p.pattern
+                }
+            )),
+        }
+    }
+    match best {
+        Some(b) => why.push(format!(
+            "=> {} wins: lowest priority{}, action {}",
+            b.name,
+            if policies
+                .iter()
+                .filter(|p| p.id != b.id && p.priority == b.priority && p.matches(s).is_some())
+                .count()
+                > 0
+            {
+                " (tie broken by specificity: address > network > domain > default)"
+            } else {
+                ""
+            },
+            b.action.as_str()
+        )),
+        None => why.push("=> no policy matches: the global thresholds apply".into()),
+    }
+    (best, why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(
+        id: i64,
+        priority: i32,
+        object: Object,
+        pattern: &str,
+        direction: Direction,
+        action: Action,
+    ) -> Policy {
+        Policy {
+            id,
+            name: format!("p{id}"),
+            priority,
+            object,
+            pattern: pattern.into(),
+            direction,
+            action,
+            tag: None,
+            quarantine: None,
+            reject: None,
+        }
+    }
+
+    #[test]
+    fn wildcards_domains_and_networks_match() {
+        assert!(glob(b"*@example.org", b"Alice@EXAMPLE.org"));
+        assert!(glob(b"a?ice@*.org", b"alice@x.org"));
+        assert!(!glob(b"*@example.org", b"alice@example.org.evil"));
+        assert!(domain_matches("*.example.org", "mx.Example.org"));
+        assert!(!domain_matches("*.example.org", "example.org"));
+        assert!(!domain_matches("*.example.org", "badexample.org"));
+        let net = policy(
+            1,
+            10,
+            Object::Network,
+            "192.0.2.0/24",
+            Direction::From,
+            Action::Allow,
+        );
+        let rcpts = vec!["bob@served.test".to_string()];
+        let s = |ip: &str| Subject {
+            sender: "",
+            recipients: &rcpts,
+            client_ip: ip.parse().ok(),
+        };
+        assert!(net.matches(&s("192.0.2.77")).is_some());
+        assert!(net.matches(&s("198.51.100.1")).is_none());
+        let to = policy(
+            2,
+            10,
+            Object::Domain,
+            "served.test",
+            Direction::To,
+            Action::Block,
+        );
+        assert!(
+            to.matches(&s("192.0.2.77"))
+                .unwrap()
+                .contains("recipient bob@served.test")
+        );
+        let from = policy(
+            3,
+            10,
+            Object::Domain,
+            "served.test",
+            Direction::From,
+            Action::Block,
+        );
+        assert!(
+            from.matches(&s("192.0.2.77")).is_none(),
+            "the null sender has no domain"
+        );
+    }
+
+    #[test]
+    fn lowest_priority_wins_then_specificity() {
+        let rcpts = vec!["bob@served.test".to_string()];
+        let s = Subject {
+            sender: "ceo@partner.test",
+            recipients: &rcpts,
+            client_ip: "192.0.2.7".parse().ok(),
+        };
+        let policies = vec![
+            policy(
+                1,
+                100,
+                Object::Default,
+                "",
+                Direction::FromOrTo,
+                Action::Score,
+            ),
+            policy(
+                2,
+                50,
+                Object::Domain,
+                "partner.test",
+                Direction::From,
+                Action::Block,
+            ),
+            policy(
+                3,
+                50,
+                Object::Address,
+                "ceo@partner.test",
+                Direction::From,
+                Action::Allow,
+            ),
+            policy(
+                4,
+                60,
+                Object::Network,
+                "192.0.2.0/24",
+                Direction::From,
+                Action::Block,
+            ),
+        ];
+        let (best, why) = decide(&policies, &s);
+        assert_eq!(best.map(|p| p.id), Some(3), "{why:#?}");
+        assert!(
+            why.last().unwrap().contains("tie broken by specificity"),
+            "{why:#?}"
+        );
+        let (best, _) = decide(&policies[..2], &s);
+        assert_eq!(best.map(|p| p.id), Some(2));
+        let (best, why) = decide(
+            &policies[3..],
+            &Subject {
+                client_ip: None,
+                ..s
+            },
+        );
+        assert!(best.is_none());
+        assert!(why.last().unwrap().contains("no policy matches"));
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        let mut p = policy(
+            1,
+            1,
+            Object::Address,
+            "example.org",
+            Direction::From,
+            Action::Allow,
+        );
+        assert!(p.validate().unwrap_err().contains("no @"));
+        p.object = Object::Network;
+        p.pattern = "10.0.0.0/8".into();
+        p.direction = Direction::To;
+        assert!(p.validate().is_err());
+        p.direction = Direction::From;
+        assert!(p.validate().is_ok());
+        p.tag = Some(3.0);
+        assert!(p.validate().unwrap_err().contains("score"));
+    }
+}
