@@ -630,3 +630,96 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().map(Vec::len), Some(2), "{v:#}");
 }
+
+#[test]
+fn rspamd_scores_join_the_verdict_and_its_absence_follows_the_unavailable_action() {
+    // Rspamd loads for 20-30 s: start it first, set up the rest meanwhile.
+    let rspamd = mb_testkit::Rspamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 1\n\
+         [rspamd]\nenabled = true\nurl = \"{}\"\ntimeout = \"10s\"\n",
+        free_port(),
+        sink.port,
+        rspamd.url()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+    rspamd.wait_ready().unwrap();
+
+    // No Message-ID and no Date: Rspamd's MISSING_MID (2.5) and MISSING_DATE (1.0).
+    let message = |subject: &str| {
+        format!(
+            "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\n\r\nrspamd body\r\n"
+        )
+    };
+    let r = send_from(port, "alice@sender.test", &message("scored by rspamd"));
+    assert!(r.starts_with("250"), "{r}");
+    wait_until("the delivery", Duration::from_secs(20), || {
+        sink.messages().iter().any(|m| m.contains("\nrspamd body"))
+    })
+    .unwrap();
+    let got = sink.messages().remove(0);
+    let status = got
+        .lines()
+        .find(|l| l.starts_with("X-Spam-Status:"))
+        .unwrap_or_else(|| panic!("{got}"));
+    assert!(
+        status.contains("MISSING_MID(2.5)") && status.contains("MISSING_DATE(1.0)"),
+        "Rspamd's symbols join the verdict: {status}"
+    );
+    assert!(
+        !status.contains("MISSING_MID(0.5)"),
+        "ours are not counted twice: {status}"
+    );
+    let mut log = serde_json::Value::Null;
+    wait_until(
+        "the scan in the message log",
+        Duration::from_secs(20),
+        || {
+            log = json(&gw.tool("mb-log", &["--stage", "scanned", "--json"]));
+            log.as_array().is_some_and(|a| !a.is_empty())
+        },
+    )
+    .unwrap();
+    let symbols = log[0]["symbols"].to_string();
+    assert!(
+        symbols.contains("MISSING_MID(2.5)") && symbols.contains("RSPAMD(0.0)"),
+        "{log:#}"
+    );
+    assert!(log[0]["score"].as_f64().unwrap() >= 3.0, "{log:#}");
+
+    // Rspamd goes away: skipped by default (our own header rules score instead) ...
+    drop(rspamd);
+    let r = send_from(port, "alice@sender.test", &message("without rspamd"));
+    assert!(r.starts_with("250"), "{r}");
+    wait_until("the second delivery", Duration::from_secs(20), || {
+        sink.messages()
+            .iter()
+            .filter(|m| m.contains("\nrspamd body"))
+            .count()
+            == 2
+    })
+    .unwrap();
+    let second = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Subject: without rspamd"))
+        .unwrap();
+    assert!(second.contains("MISSING_MID(0.5)"), "{second}");
+    // ... or tempfailed when so configured.
+    let (code, _, err) = text(&gw.tool(
+        "mb-config",
+        &["set", "rspamd.unavailable_action", "tempfail"],
+    ));
+    assert_eq!(code, 0, "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = send_from(port, "alice@sender.test", &message("tempfailed"));
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+}

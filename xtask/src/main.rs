@@ -43,6 +43,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "/usr/sbin/dnsmasq"),
     // clamd with a one-line EICAR signature for the filter tests.
     ("clamav-daemon", "/usr/sbin/clamd"),
+    // Rspamd for the filter's spam-scoring test.
+    ("rspamd", "/usr/bin/rspamd"),
 ];
 
 #[derive(Parser)]

@@ -86,7 +86,7 @@ impl Auth {
         let mut symbols = Vec::new();
         let mut add = |name: &'static str, score: f64, detail: String| {
             symbols.push(Symbol {
-                name,
+                name: name.into(),
                 score,
                 detail,
             })
@@ -183,7 +183,7 @@ impl Auth {
         for (zone, weight) in weighted("spam.rbl.ip") {
             if self.listed(&format!("{reversed}.{zone}.")).await {
                 out.push(Symbol {
-                    name: "RBL_IP",
+                    name: "RBL_IP".into(),
                     score: weight,
                     detail: format!("{ip} in {zone}"),
                 });
@@ -193,7 +193,7 @@ impl Auth {
             for d in domains {
                 if self.listed(&format!("{d}.{zone}.")).await {
                     out.push(Symbol {
-                        name: "RBL_DOMAIN",
+                        name: "RBL_DOMAIN".into(),
                         score: weight,
                         detail: format!("{d} in {zone}"),
                     });

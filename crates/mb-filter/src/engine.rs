@@ -8,12 +8,12 @@ use mb_core::Config;
 use mb_core::policy::{self, Action, Policy};
 use mb_proto::v1::{ScanEnvelope, ScanHeader, ScanSymbol, ScanVerdict};
 
-use crate::clamav;
+use crate::{clamav, rspamd};
 
 /// A rule that fired and what it adds to the score.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Symbol {
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     pub score: f64,
     pub detail: String,
 }
@@ -61,34 +61,34 @@ pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
     let mut out = Vec::new();
     match count(HeaderName::From) {
         0 => out.push(Symbol {
-            name: "MISSING_FROM",
+            name: "MISSING_FROM".into(),
             score: 2.0,
             detail: "no From field".into(),
         }),
         1 => {}
         n => out.push(Symbol {
-            name: "MULTIPLE_FROM",
+            name: "MULTIPLE_FROM".into(),
             score: 3.0,
             detail: format!("{n} From fields"),
         }),
     }
     if count(HeaderName::Date) == 0 {
         out.push(Symbol {
-            name: "MISSING_DATE",
+            name: "MISSING_DATE".into(),
             score: 1.0,
             detail: "no Date field".into(),
         });
     }
     if count(HeaderName::MessageId) == 0 {
         out.push(Symbol {
-            name: "MISSING_MID",
+            name: "MISSING_MID".into(),
             score: 0.5,
             detail: "no Message-ID field".into(),
         });
     }
     if count(HeaderName::Subject) == 0 {
         out.push(Symbol {
-            name: "MISSING_SUBJECT",
+            name: "MISSING_SUBJECT".into(),
             score: 0.5,
             detail: "no Subject field".into(),
         });
@@ -188,7 +188,7 @@ pub async fn scan(
             Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
                 tracing::warn!(cause = %e, id = %env.queue_id, "ClamAV unavailable; message not scanned for viruses");
                 symbols.push(Symbol {
-                    name: "CLAMAV_UNAVAILABLE",
+                    name: "CLAMAV_UNAVAILABLE".into(),
                     score: 0.0,
                     detail: e,
                 });
@@ -235,11 +235,61 @@ pub async fn scan(
 
     match allow {
         Some(p) => symbols.push(Symbol {
-            name: "POLICY_ALLOW",
+            name: "POLICY_ALLOW".into(),
             score: 0.0,
             detail: p.name.clone(),
         }),
-        None => symbols.extend(header_symbols(&message)),
+        None => {
+            // Rspamd's content rules include header sanity, so with Rspamd answering
+            // ours would count the same faults twice.
+            let mut checked_headers = false;
+            if cfg.bool("rspamd.enabled") {
+                match rspamd::check(
+                    &cfg.text("rspamd.url"),
+                    env,
+                    raw,
+                    cfg.duration("rspamd.timeout"),
+                )
+                .await
+                {
+                    Ok(c) => {
+                        checked_headers = true;
+                        symbols.extend(c.symbols.into_iter().filter(|s| s.score != 0.0).map(|s| {
+                            Symbol {
+                                name: s.name.into(),
+                                score: s.score,
+                                detail: s.description,
+                            }
+                        }));
+                        symbols.push(Symbol {
+                            name: "RSPAMD".into(),
+                            score: 0.0,
+                            detail: format!("score {:.2}, action {}", c.score, c.action),
+                        });
+                    }
+                    Err(e) if cfg.text("rspamd.unavailable_action") == "tempfail" => {
+                        tracing::warn!(cause = %e, id = %env.queue_id, "Rspamd unavailable; message tempfailed");
+                        return verdict(
+                            "tempfail",
+                            451,
+                            "4.7.1",
+                            "Spam scanner unavailable, try again later".into(),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, id = %env.queue_id, "Rspamd unavailable; scored without it");
+                        symbols.push(Symbol {
+                            name: "RSPAMD_UNAVAILABLE".into(),
+                            score: 0.0,
+                            detail: e,
+                        });
+                    }
+                }
+            }
+            if !checked_headers {
+                symbols.extend(header_symbols(&message));
+            }
+        }
     }
     let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
     let own = policy.filter(|p| p.action == Action::Score);
@@ -280,7 +330,7 @@ pub async fn scan(
     v.symbols = symbols
         .iter()
         .map(|s| ScanSymbol {
-            name: s.name.into(),
+            name: s.name.to_string(),
             score: s.score,
             detail: s.detail.clone(),
         })

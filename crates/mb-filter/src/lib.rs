@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod clamav;
 pub mod engine;
+pub mod rspamd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -323,14 +324,14 @@ impl DaemonHooks for Hooks {
             resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
         }
         let cfg = self.follower.current();
-        resp.detail = format!(
-            "scanning: attachments, headers{}",
-            if cfg.bool("clamav.enabled") {
-                ", ClamAV"
-            } else {
-                ""
-            }
-        );
+        let mut detail = String::from("scanning: policies, attachments, headers, SPF/DKIM/DMARC");
+        if cfg.bool("clamav.enabled") {
+            detail.push_str(", ClamAV");
+        }
+        if cfg.bool("rspamd.enabled") {
+            detail.push_str(", Rspamd");
+        }
+        resp.detail = detail;
     }
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {

@@ -1,0 +1,244 @@
+//! Rspamd's `/checkv2` (the normal worker's HTTP API): the message is POSTed with the
+//! envelope in headers (`IP`, `Helo`, `From`, `Rcpt`, `Queue-Id`, `User`); the answer is
+//! JSON with the score and every symbol. HTTP/1.1 with `Connection: close`, written here
+//! rather than pulling an HTTP client stack for one request shape.
+
+use std::time::Duration;
+
+use mb_proto::v1::ScanEnvelope;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest answer read from Rspamd.
+const MAX_REPLY: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RspamdSymbol {
+    pub name: String,
+    pub score: f64,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    pub score: f64,
+    pub action: String,
+    pub symbols: Vec<RspamdSymbol>,
+}
+
+/// `http://host:port[/prefix]` as (host:port, path prefix).
+fn split_url(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("rspamd.url {url:?} must be http://host:port (Rspamd's normal worker)")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() {
+        return Err(format!("rspamd.url {url:?} has no host"));
+    }
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((authority, path.to_string()))
+}
+
+/// A header value without line breaks (the envelope is the sender's text).
+fn clean(v: &str) -> String {
+    v.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// The request: headers carrying the envelope, then the message.
+pub fn request(host: &str, path: &str, env: &ScanEnvelope, message: &[u8]) -> Vec<u8> {
+    let mut head = format!("POST {path}/checkv2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    let mut add = |name: &str, value: &str| {
+        if !value.is_empty() {
+            head.push_str(&format!("{name}: {}\r\n", clean(value)));
+        }
+    };
+    add("IP", &env.client_ip);
+    add("Helo", &env.helo);
+    if env.client_name != "unknown" {
+        add("Hostname", &env.client_name);
+    }
+    add("From", &env.sender);
+    for r in &env.recipients {
+        add("Rcpt", r);
+    }
+    add("Queue-Id", &env.queue_id);
+    add("User", &env.auth_user);
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", message.len()));
+    let mut out = head.into_bytes();
+    out.extend_from_slice(message);
+    out
+}
+
+/// The JSON body of a 200 answer.
+pub fn parse(body: &[u8]) -> Result<Check, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("Rspamd answered with bad JSON: {e}"))?;
+    let score = v
+        .get("score")
+        .and_then(serde_json::Value::as_f64)
+        .ok_or("Rspamd's answer has no score")?;
+    let mut symbols: Vec<RspamdSymbol> = v
+        .get("symbols")
+        .and_then(|s| s.as_object())
+        .map(|m| {
+            m.iter()
+                .map(|(name, s)| RspamdSymbol {
+                    name: name.clone(),
+                    score: s
+                        .get("score")
+                        .and_then(serde_json::Value::as_f64)
+                        .unwrap_or(0.0),
+                    description: s
+                        .get("description")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    symbols.sort_by(|a, b| {
+        b.score
+            .abs()
+            .total_cmp(&a.score.abs())
+            .then(a.name.cmp(&b.name))
+    });
+    Ok(Check {
+        score,
+        action: v
+            .get("action")
+            .and_then(|a| a.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        symbols,
+    })
+}
+
+/// Splits an HTTP/1.1 answer into status and body (Content-Length or to the end).
+fn response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("Rspamd's answer has no header end")?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "Rspamd's answer is not text")?;
+    let status: u16 = head
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("Rspamd's answer has no status: {:?}", head.lines().next()))?;
+    if head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"))
+    {
+        return Err("Rspamd answered chunked, which is not expected from /checkv2".into());
+    }
+    let body = &raw[end + 4..];
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    Ok((status, len.map_or(body, |n| &body[..n.min(body.len())])))
+}
+
+/// Asks the Rspamd at `url` about `message`.
+pub async fn check(
+    url: &str,
+    env: &ScanEnvelope,
+    message: &[u8],
+    timeout: Duration,
+) -> Result<Check, String> {
+    let (host, path) = split_url(url)?;
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(&host)
+            .await
+            .map_err(|e| format!("cannot connect to Rspamd at {host}: {e}"))?;
+        let io = |e: std::io::Error| format!("Rspamd at {host}: {e}");
+        s.write_all(&request(&host, &path, env, message))
+            .await
+            .map_err(io)?;
+        s.flush().await.map_err(io)?;
+        let mut raw = Vec::new();
+        (&mut s)
+            .take(MAX_REPLY as u64 + 1)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(io)?;
+        if raw.len() > MAX_REPLY {
+            return Err(format!(
+                "Rspamd at {host} answered more than {MAX_REPLY} bytes"
+            ));
+        }
+        let (status, body) = response(&raw)?;
+        if status != 200 {
+            return Err(format!(
+                "Rspamd at {host} answered HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ));
+        }
+        parse(body)
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("Rspamd at {url} did not answer within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_requests_and_answers() {
+        assert_eq!(
+            split_url("http://127.0.0.1:11333").unwrap(),
+            ("127.0.0.1:11333".into(), String::new())
+        );
+        assert_eq!(
+            split_url("http://rspamd.local/api/").unwrap(),
+            ("rspamd.local:80".into(), "/api".into())
+        );
+        assert!(split_url("https://x:1").is_err());
+        let env = ScanEnvelope {
+            client_ip: "192.0.2.1".into(),
+            helo: "mx.example\r\nX-Evil: 1".into(),
+            sender: "a@b.example".into(),
+            recipients: vec!["c@d.example".into(), "e@f.example".into()],
+            client_name: "unknown".into(),
+            ..Default::default()
+        };
+        let req = String::from_utf8(request("h:1", "", &env, b"body")).unwrap();
+        assert!(req.starts_with("POST /checkv2 HTTP/1.1\r\n"), "{req}");
+        assert!(
+            req.contains("Rcpt: c@d.example\r\nRcpt: e@f.example\r\n"),
+            "{req}"
+        );
+        assert!(
+            req.contains("Helo: mx.exampleX-Evil: 1\r\n"),
+            "no header injection: {req}"
+        );
+        assert!(!req.contains("Hostname"), "{req}");
+        assert!(req.ends_with("Content-Length: 4\r\n\r\nbody"), "{req}");
+        let json = r#"{"score":3.4,"action":"no action","symbols":{"A":{"score":0.0},"MISSING_MID":{"score":2.5,"description":"no id"}}}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{json}trailing",
+            json.len()
+        );
+        let answer = answer.as_bytes();
+        let (status, body) = response(answer).unwrap();
+        assert_eq!(status, 200);
+        let c = parse(body).unwrap();
+        assert_eq!((c.score, c.action.as_str()), (3.4, "no action"));
+        assert_eq!(c.symbols[0].name, "MISSING_MID");
+        assert_eq!(c.symbols[0].description, "no id");
+        assert!(parse(b"{}").is_err());
+    }
+}
