@@ -723,3 +723,217 @@ fn rspamd_scores_join_the_verdict_and_its_absence_follows_the_unavailable_action
     let r = send_from(port, "alice@sender.test", &message("tempfailed"));
     assert!(r.starts_with("451 4.7.1"), "{r}");
 }
+
+/// Runs Python with dkimpy (Debian's python3-dkim) on `script`, with `stdin`.
+fn dkimpy(script: &str, stdin: &[u8]) -> String {
+    use std::io::Write;
+    let python = "/usr/bin/python3";
+    assert!(
+        std::path::Path::new("/usr/lib/python3/dist-packages/dkim/__init__.py").exists(),
+        "dkimpy is missing: install it with `apt-get install -y python3-dkim` (`cargo xtask test` does this when run as root)"
+    );
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn dkim_signatures_from_an_independent_signer_verify_and_ours_verify_with_dkimpy() {
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"127.0.0.2/32\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntransport = \"elsewhere.test=smtp:[127.0.0.1]:{}\"\n\
+         [filter]\nenabled = true\nworkers = 1\n[spam.threshold]\nquarantine = 15.0\n\
+         [dkim]\nsign = true\nselector = \"mb\"\n",
+        free_port(),
+        sink.port,
+        sink.port
+    ));
+    // Our key, made by our tool; dkimpy signs the inbound test mail with the same key
+    // for another domain, so one record serves both checks.
+    let key = gw.path("dkim.key");
+    let (code, out, err) = text(&gw.tool(
+        "mb-dkim",
+        &[
+            "--json",
+            "keygen",
+            "--domain",
+            "served.test",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code, 0, "{out}{err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["name"], "mb._domainkey.served.test");
+    let value = record["value"].as_str().unwrap().to_string();
+    assert!(value.starts_with("v=DKIM1; k=rsa; p=MII"), "{value}");
+    let (code, out, _) = text(&gw.tool(
+        "mb-dkim",
+        &[
+            "record",
+            "--domain",
+            "served.test",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("mb._domainkey.served.test. IN TXT ( \"v=DKIM1; k=rsa; p="),
+        "{out}"
+    );
+    let (code, _, err) = text(&gw.tool(
+        "mb-dkim",
+        &[
+            "keygen",
+            "--domain",
+            "served.test",
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code, 1, "an existing key is kept: {err}");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&gw.config)
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "key = \"{}\"", key.display())
+        })
+        .unwrap();
+
+    // signed.test: SPF does not cover 127.0.0.1, DMARC says reject; only a valid DKIM
+    // signature can get its mail in.
+    let chunks: Vec<String> = value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    let dns = mb_testkit::Dnsmasq::start(&[
+        "--auth-server=ns.test,127.0.0.1".into(),
+        "--auth-zone=test".into(),
+        "--txt-record=signed.test,v=spf1 ip4:192.0.2.1 -all".into(),
+        "--txt-record=_dmarc.signed.test,v=DMARC1; p=reject".into(),
+        format!(
+            "--txt-record=sel._domainkey.signed.test,{}",
+            chunks.join(",")
+        ),
+    ])
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&gw.config)
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "[network.dns]\nservers = \"{}\"", dns.servers())
+        })
+        .unwrap();
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+
+    let sign = format!(
+        "import dkim,sys\nmsg=sys.stdin.buffer.read()\nkey=open('{}','rb').read()\n\
+         sys.stdout.buffer.write(dkim.sign(msg,b'sel',b'signed.test',key,include_headers=[b'from',b'to',b'subject',b'date',b'message-id'])+msg)",
+        key.display()
+    );
+    let message = |subject: &str, body: &str| {
+        format!(
+            "From: alice@signed.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+             Message-ID: <{subject}@signed.test>\r\n\r\n{body}\r\n"
+        )
+    };
+    let signed = dkimpy(&sign, message("dkim-good", "signed body").as_bytes());
+    let r = send_from(port, "alice@signed.test", &signed);
+    assert!(
+        r.starts_with("250"),
+        "a valid signature passes DMARC although SPF fails: {r}"
+    );
+    let tampered = dkimpy(&sign, message("dkim-bad", "signed body").as_bytes())
+        .replace("signed body", "changed body");
+    let r = send_from(port, "alice@signed.test", &tampered);
+    assert!(
+        r.starts_with("550 5.7.1") && r.contains("DMARC"),
+        "a broken signature fails DKIM, so DMARC's reject applies: {r}"
+    );
+    wait_until("the inbound delivery", Duration::from_secs(20), || {
+        sink.messages().iter().any(|m| m.contains("\nsigned body"))
+    })
+    .unwrap();
+    let inbound = sink.messages().remove(0);
+    assert!(
+        inbound.contains("dkim=pass")
+            && inbound.contains("header.i=@signed.test")
+            && inbound.contains("dmarc=pass"),
+        "{inbound}"
+    );
+    assert!(inbound.contains("spf=fail"), "{inbound}");
+
+    // Outbound from mynetworks: signed by mb-filter, verified by dkimpy.
+    let swaks = mb_testkit::require("swaks", "swaks");
+    let out = std::process::Command::new(swaks)
+        .args([
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            "--local-interface",
+            "127.0.0.2",
+        ])
+        .args(["--from", "bob@served.test", "--to", "carol@elsewhere.test"])
+        .args([
+            "--header",
+            "Subject: outbound signed",
+            "--body",
+            "outbound body",
+        ])
+        .output()
+        .unwrap();
+    let (code, out, err) = text(&out);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut outbound = String::new();
+    wait_until("the outbound delivery", Duration::from_secs(20), || {
+        outbound = sink
+            .messages()
+            .into_iter()
+            .find(|m| m.contains("outbound body"))
+            .unwrap_or_default();
+        !outbound.is_empty()
+    })
+    .unwrap();
+    assert!(
+        outbound.contains("DKIM-Signature: v=1; a=rsa-sha256;"),
+        "{outbound}"
+    );
+    assert!(
+        outbound.contains("d=served.test") && outbound.contains("s=mb"),
+        "{outbound}"
+    );
+    // smtp-sink's own fields on top are not signed; normalise line ends for dkimpy.
+    let crlf = outbound.replace("\r\n", "\n").replace('\n', "\r\n");
+    let verify = format!(
+        "import dkim,sys\nmsg=sys.stdin.buffer.read()\n\
+         print(dkim.verify(msg, dnsfunc=lambda name, timeout=5: b'{value}' if name == b'mb._domainkey.served.test.' else None))"
+    );
+    assert_eq!(
+        dkimpy(&verify, crlf.as_bytes()).trim(),
+        "True",
+        "{outbound}"
+    );
+    let broken = crlf.replace("outbound body", "altered body");
+    assert_eq!(dkimpy(&verify, broken.as_bytes()).trim(), "False");
+}

@@ -37,6 +37,7 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-quarantine",
         "usr/bin/mb-log",
         "usr/bin/mb-policy",
+        "usr/bin/mb-dkim",
         "usr/sbin/mb-smtpd",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",

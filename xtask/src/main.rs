@@ -27,6 +27,7 @@ const TOOLS: &[&str] = &[
     "mb-quarantine",
     "mb-log",
     "mb-policy",
+    "mb-dkim",
 ];
 /// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
 const TEST_PACKAGES: &[(&str, &str)] = &[
@@ -45,6 +46,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("clamav-daemon", "/usr/sbin/clamd"),
     // Rspamd for the filter's spam-scoring test.
     ("rspamd", "/usr/bin/rspamd"),
+    // dkimpy, the independent DKIM signer and verifier of the filter tests.
+    (
+        "python3-dkim",
+        "/usr/lib/python3/dist-packages/dkim/__init__.py",
+    ),
 ];
 
 #[derive(Parser)]

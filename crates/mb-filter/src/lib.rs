@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod clamav;
+pub mod dkim;
 pub mod engine;
 pub mod rspamd;
 
@@ -57,6 +58,7 @@ pub struct FilterService {
     /// The message log (mb-rpcd); `None` in unit tests.
     pub events: Option<EventSink>,
     pub policies: Arc<mb_runtime::policies::PolicySet>,
+    pub signer: dkim::Signer,
 }
 
 fn now_ms() -> i64 {
@@ -65,14 +67,22 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The Subject and Message-ID of a message, from its header section only.
-fn subject_and_id(raw: &[u8]) -> (String, String) {
+/// The Subject, Message-ID and From domain of a message, from its header section only.
+fn header_facts(raw: &[u8]) -> (String, String, String) {
     mail_parser::MessageParser::default()
         .parse_headers(raw)
         .map(|m| {
+            let from = m
+                .from()
+                .and_then(|f| f.first())
+                .and_then(|a| a.address())
+                .and_then(|a| a.rsplit_once('@'))
+                .map(|(_, d)| d.to_string())
+                .unwrap_or_default();
             (
                 m.subject().unwrap_or_default().to_string(),
                 m.message_id().unwrap_or_default().to_string(),
+                from,
             )
         })
         .unwrap_or_default()
@@ -248,7 +258,31 @@ impl Filter for FilterService {
                 ..Default::default()
             },
         };
-        let (subject, message_id) = subject_and_id(&message);
+        let (subject, message_id, from_domain) = header_facts(&message);
+        // Outbound mail from our domains leaves signed (RFC 6376).
+        if matches!(verdict.action.as_str(), "accept" | "tag")
+            && envelope.direction == "outbound"
+            && cfg.bool("dkim.sign")
+        {
+            match self.signer.sign(&cfg, &from_domain, &message) {
+                Ok(Some(value)) => verdict.add_headers.insert(
+                    0,
+                    mb_proto::v1::ScanHeader {
+                        name: "DKIM-Signature".into(),
+                        value,
+                    },
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(id = %envelope.queue_id, cause = %e, "message sent unsigned");
+                    verdict.symbols.push(mb_proto::v1::ScanSymbol {
+                        name: "DKIM_SIGN_FAILED".into(),
+                        score: 0.0,
+                        detail: e,
+                    });
+                }
+            }
+        }
         if verdict.action == "quarantine" {
             verdict = quarantine(&cfg, &envelope, &message, &subject, verdict).await;
         }
@@ -425,6 +459,7 @@ pub async fn main(opts: Options) -> i32 {
                 slots: Arc::new(Semaphore::new(permits)),
                 stats,
                 policies,
+                signer: dkim::Signer::default(),
                 events: Some(EventSink::start(
                     &name,
                     cfg.socket("mb-rpcd"),
