@@ -937,3 +937,143 @@ fn dkim_signatures_from_an_independent_signer_verify_and_ours_verify_with_dkimpy
     let broken = crlf.replace("outbound body", "altered body");
     assert_eq!(dkimpy(&verify, broken.as_bytes()).trim(), "False");
 }
+
+#[test]
+fn postfix_content_filter_mode_scans_and_reinjects_and_a_down_filter_defers() {
+    let clamd = Clamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let (cf_port, reinject) = (free_port(), free_port());
+    let master = [
+        "mbfilter unix - - n - 10 smtp".to_string(),
+        "  -o smtp_send_xforward_command=yes".into(),
+        "  -o disable_dns_lookups=yes".into(),
+        format!("127.0.0.1:{reinject} inet n - n - 10 smtpd"),
+        "  -o content_filter=".into(),
+        "  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters".into(),
+        "  -o smtpd_recipient_restrictions=permit_mynetworks,reject".into(),
+        "  -o smtpd_relay_restrictions=permit_mynetworks,reject".into(),
+        "  -o mynetworks=127.0.0.0/8".into(),
+    ]
+    .join("\n");
+    let postfix = mb_testkit::Postfix::start_with(
+        &format!("[127.0.0.1]:{}", sink.port),
+        &format!("content_filter = mbfilter:[127.0.0.1]:{cf_port}\nminimal_backoff_time = 1s\nmaximal_backoff_time = 2s\nqueue_run_delay = 1s\n"),
+        &master,
+    )
+    .unwrap();
+    let mut gw = Gateway::new(&format!(
+        "[smtp]\nenabled = false\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
+         [filter]\nenabled = true\nworkers = 1\nport = {cf_port}\nnext_hop = \"127.0.0.1:{reinject}\"\n\
+         [clamav]\nenabled = true\naddress = \"{}\"\n",
+        clamd.address()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    let send_raw = |message: &str| {
+        let mut c = Raw::connect(postfix.port);
+        c.reply();
+        c.cmd("EHLO client.test");
+        c.cmd("MAIL FROM:<alice@sender.test>");
+        c.cmd("RCPT TO:<bob@served.test>");
+        c.cmd("DATA");
+        let r = c.cmd(&format!("{message}."));
+        c.cmd("QUIT");
+        r
+    };
+    let send_postfix = |subject: &str, body: &str| {
+        send_raw(&format!(
+            "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+             Message-ID: <{subject}@sender.test>\r\n\r\n{body}\r\n"
+        ))
+    };
+
+    // Clean: Postfix -> mb-filter (10031) -> Postfix reinjection -> smtp-sink, with headers.
+    assert!(send_postfix("cf-clean", "through the filter").starts_with("250"));
+    wait_until(
+        "the filtered message at the sink",
+        Duration::from_secs(30),
+        || {
+            sink.messages()
+                .iter()
+                .any(|m| m.contains("\nthrough the filter"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    let got = sink.messages().remove(0);
+    assert!(got.contains("X-Spam-Status: No, score="), "{got}");
+    // XFORWARD told the filter who the client was; the scan is in the message log.
+    let mut log = serde_json::Value::Null;
+    wait_until(
+        "the scan in the message log",
+        Duration::from_secs(20),
+        || {
+            log = json(&gw.tool("mb-log", &["--stage", "scanned", "--json"]));
+            log.as_array().is_some_and(|a| !a.is_empty())
+        },
+    )
+    .unwrap();
+    assert_eq!(log[0]["client_ip"], "127.0.0.1", "{log:#}");
+    assert_eq!(log[0]["subject"], "cf-clean", "{log:#}");
+    assert!(
+        !log[0]["queue_id"].as_str().unwrap_or("").is_empty(),
+        "Postfix's queue id: {log:#}"
+    );
+
+    // A virus: the filter refuses it, Postfix returns it to the sender (the bounce goes
+    // to the sink, which is the relay host for everything).
+    let r = send_raw(&with_attachment("cf-virus", "eicar.txt", EICAR.as_bytes()));
+    assert!(r.starts_with("250"), "{r}");
+    wait_until(
+        "Postfix's bounce for the virus",
+        Duration::from_secs(30),
+        || sink.messages().iter().any(|m| m.contains("virus found")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    assert!(
+        !sink
+            .messages()
+            .iter()
+            .any(|m| m.contains("Subject: cf-virus") && m.contains("X-Spam-Status")),
+        "the infected message itself is never delivered"
+    );
+
+    // The filter is down: Postfix keeps the message and delivers it once it is back.
+    let mut worker = gw.filters.remove(0);
+    worker.stop(Duration::from_secs(10));
+    assert!(send_postfix("cf-later", "delivered later").starts_with("250"));
+    wait_until("Postfix defers", Duration::from_secs(30), || {
+        postfix.log().contains("status=deferred")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    assert!(
+        !sink
+            .messages()
+            .iter()
+            .any(|m| m.contains("delivered later"))
+    );
+    gw.start_filter(1).unwrap();
+    wait_until(
+        "the deferred message after the filter is back",
+        Duration::from_secs(60),
+        || {
+            postfix.flush();
+            sink.messages()
+                .iter()
+                .any(|m| m.contains("\ndelivered later"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    let (code, out, _) = text(&gw.tool("mb-status", &["--json"]));
+    assert!(code == 0 || code == 1, "{out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let worker = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-filter@1")
+        .unwrap();
+    assert_eq!(
+        worker["counters"]["content_filter_messages"], 1,
+        "the restarted worker: {worker:#}"
+    );
+}

@@ -3,6 +3,7 @@
 //! over the live workers.
 
 pub mod auth;
+pub mod cfilter;
 pub mod clamav;
 pub mod dkim;
 pub mod engine;
@@ -28,6 +29,7 @@ use mb_runtime::uds::Guard;
 use tokio::sync::Semaphore;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 pub const DAEMON: &str = "mb-filter";
@@ -199,6 +201,116 @@ impl Drop for InFlight<'_> {
     }
 }
 
+impl FilterService {
+    /// The verdict for one message, whichever way it came (gRPC `Scan` or the content
+    /// filter): the engine under `filter.scan_timeout`, then quarantine, DKIM signing,
+    /// counters and the message log.
+    pub async fn process(
+        &self,
+        cfg: &mb_core::Config,
+        envelope: &ScanEnvelope,
+        message: &[u8],
+    ) -> ScanVerdict {
+        let deadline = cfg.duration("filter.scan_timeout");
+        let mut verdict = match tokio::time::timeout(
+            deadline,
+            engine::scan(
+                cfg,
+                envelope,
+                message,
+                self.auth.as_ref(),
+                &self.policies.current(),
+            ),
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(_) => ScanVerdict {
+                action: "tempfail".into(),
+                smtp_code: 451,
+                smtp_status: "4.7.1".into(),
+                smtp_text: "Scan took too long, try again later".into(),
+                ..Default::default()
+            },
+        };
+        let (subject, message_id, from_domain) = header_facts(message);
+        // Outbound mail from our domains leaves signed (RFC 6376).
+        if matches!(verdict.action.as_str(), "accept" | "tag")
+            && envelope.direction == "outbound"
+            && cfg.bool("dkim.sign")
+        {
+            match self.signer.sign(cfg, &from_domain, message) {
+                Ok(Some(value)) => verdict.add_headers.insert(
+                    0,
+                    mb_proto::v1::ScanHeader {
+                        name: "DKIM-Signature".into(),
+                        value,
+                    },
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(id = %envelope.queue_id, cause = %e, "message sent unsigned");
+                    verdict.symbols.push(mb_proto::v1::ScanSymbol {
+                        name: "DKIM_SIGN_FAILED".into(),
+                        score: 0.0,
+                        detail: e,
+                    });
+                }
+            }
+        }
+        if verdict.action == "quarantine" {
+            verdict = quarantine(cfg, envelope, message, &subject, verdict).await;
+        }
+        self.stats.scanned.fetch_add(1, Ordering::Relaxed);
+        let counter = match verdict.action.as_str() {
+            "accept" => &self.stats.accepted,
+            "tag" => &self.stats.tagged,
+            "tempfail" => &self.stats.tempfailed,
+            "quarantine" => &self.stats.quarantined,
+            _ => &self.stats.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            id = %envelope.queue_id,
+            from = %envelope.sender,
+            action = %verdict.action,
+            score = verdict.score,
+            symbols = %verdict.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
+            "scanned"
+        );
+        if let Some(sink) = &self.events {
+            sink.send(MessageEvent {
+                node: hostname(cfg),
+                daemon: DAEMON.into(),
+                queue_id: if verdict.quarantine_id.is_empty() {
+                    envelope.queue_id.clone()
+                } else {
+                    verdict.quarantine_id.clone()
+                },
+                message_id,
+                client_ip: envelope.client_ip.clone(),
+                client_name: envelope.client_name.clone(),
+                helo: envelope.helo.clone(),
+                sender: envelope.sender.clone(),
+                recipients: envelope.recipients.clone(),
+                size: message.len() as u64,
+                stage: "scanned".into(),
+                verdict: verdict.action.clone(),
+                score: verdict.score,
+                symbols: verdict
+                    .symbols
+                    .iter()
+                    .map(|s| format!("{}({:.1})", s.name, s.score))
+                    .collect(),
+                detail: verdict.smtp_text.clone(),
+                subject,
+                ..Default::default()
+            });
+        }
+        verdict
+    }
+}
+
 #[tonic::async_trait]
 impl Filter for FilterService {
     async fn scan(
@@ -236,108 +348,13 @@ impl Filter for FilterService {
         }
         let envelope =
             envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
-        let deadline = cfg.duration("filter.scan_timeout");
-        let mut verdict = match tokio::time::timeout(
-            deadline,
-            engine::scan(
-                &cfg,
-                &envelope,
-                &message,
-                self.auth.as_ref(),
-                &self.policies.current(),
-            ),
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(_) => ScanVerdict {
-                action: "tempfail".into(),
-                smtp_code: 451,
-                smtp_status: "4.7.1".into(),
-                smtp_text: "Scan took too long, try again later".into(),
-                ..Default::default()
-            },
-        };
-        let (subject, message_id, from_domain) = header_facts(&message);
-        // Outbound mail from our domains leaves signed (RFC 6376).
-        if matches!(verdict.action.as_str(), "accept" | "tag")
-            && envelope.direction == "outbound"
-            && cfg.bool("dkim.sign")
-        {
-            match self.signer.sign(&cfg, &from_domain, &message) {
-                Ok(Some(value)) => verdict.add_headers.insert(
-                    0,
-                    mb_proto::v1::ScanHeader {
-                        name: "DKIM-Signature".into(),
-                        value,
-                    },
-                ),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(id = %envelope.queue_id, cause = %e, "message sent unsigned");
-                    verdict.symbols.push(mb_proto::v1::ScanSymbol {
-                        name: "DKIM_SIGN_FAILED".into(),
-                        score: 0.0,
-                        detail: e,
-                    });
-                }
-            }
-        }
-        if verdict.action == "quarantine" {
-            verdict = quarantine(&cfg, &envelope, &message, &subject, verdict).await;
-        }
-        self.stats.scanned.fetch_add(1, Ordering::Relaxed);
-        let counter = match verdict.action.as_str() {
-            "accept" => &self.stats.accepted,
-            "tag" => &self.stats.tagged,
-            "tempfail" => &self.stats.tempfailed,
-            "quarantine" => &self.stats.quarantined,
-            _ => &self.stats.rejected,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            id = %envelope.queue_id,
-            from = %envelope.sender,
-            action = %verdict.action,
-            score = verdict.score,
-            symbols = %verdict.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
-            "scanned"
-        );
-        if let Some(sink) = &self.events {
-            sink.send(MessageEvent {
-                node: hostname(&cfg),
-                daemon: DAEMON.into(),
-                queue_id: if verdict.quarantine_id.is_empty() {
-                    envelope.queue_id.clone()
-                } else {
-                    verdict.quarantine_id.clone()
-                },
-                message_id,
-                client_ip: envelope.client_ip.clone(),
-                client_name: envelope.client_name.clone(),
-                helo: envelope.helo.clone(),
-                sender: envelope.sender.clone(),
-                recipients: envelope.recipients.clone(),
-                size: message.len() as u64,
-                stage: "scanned".into(),
-                verdict: verdict.action.clone(),
-                score: verdict.score,
-                symbols: verdict
-                    .symbols
-                    .iter()
-                    .map(|s| format!("{}({:.1})", s.name, s.score))
-                    .collect(),
-                detail: verdict.smtp_text.clone(),
-                subject,
-                ..Default::default()
-            });
-        }
-        Ok(Response::new(verdict))
+        Ok(Response::new(self.process(&cfg, &envelope, &message).await))
     }
 }
 
 struct Hooks {
     stats: Arc<Stats>,
+    content_filter: Arc<cfilter::Counters>,
     follower: Follower,
     config: Option<PathBuf>,
 }
@@ -354,6 +371,14 @@ impl DaemonHooks for Hooks {
             ("rejected", &s.rejected),
             ("tempfailed", &s.tempfailed),
             ("quarantined", &s.quarantined),
+        ] {
+            resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
+        }
+        let c = &self.content_filter;
+        for (name, v) in [
+            ("content_filter_connections", &c.connections),
+            ("content_filter_messages", &c.messages),
+            ("content_filter_reinjected", &c.reinjected),
         ] {
             resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
         }
@@ -442,30 +467,52 @@ pub async fn main(opts: Options) -> i32 {
             .join(format!("policies-{}.json", opts.instance)),
     );
     policies.spawn_refresh(cfg.socket("mb-rpcd"), shutdown.clone());
+    let listen = std::net::SocketAddr::new(cfg.ip("filter.listen"), cfg.port("filter.port"));
+    let content_listener = match cfilter::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                mb_runtime::EX_CANTCREAT,
+                format!(
+                    "cannot listen on {listen} (the content filter, filter.listen/filter.port): {e}"
+                ),
+            );
+        }
+    };
+    info.add_listener(format!("content filter smtp:{listen}"));
+    let content_counters = Arc::new(cfilter::Counters::default());
     let hooks = Arc::new(Hooks {
         stats: stats.clone(),
+        content_filter: content_counters.clone(),
         follower: follower.clone(),
         config: opts.config.clone(),
     });
+    let service = Arc::new(FilterService {
+        auth: Some(auth),
+        follower: follower.clone(),
+        slots: Arc::new(Semaphore::new(permits)),
+        stats,
+        policies,
+        signer: dkim::Signer::default(),
+        events: Some(EventSink::start(
+            &name,
+            cfg.socket("mb-rpcd"),
+            shutdown.clone(),
+        )),
+    });
+    let content_filter = tokio::spawn(cfilter::serve(
+        content_listener,
+        service.clone(),
+        content_counters.clone(),
+        shutdown.clone(),
+    ));
     let grpc = tonic::transport::Server::builder()
         .add_service(ControlServer::with_interceptor(
             ControlService::new(info.clone(), hooks),
             Guard::peer(),
         ))
-        .add_service(FilterServer::with_interceptor(
-            FilterService {
-                auth: Some(auth),
-                follower: follower.clone(),
-                slots: Arc::new(Semaphore::new(permits)),
-                stats,
-                policies,
-                signer: dkim::Signer::default(),
-                events: Some(EventSink::start(
-                    &name,
-                    cfg.socket("mb-rpcd"),
-                    shutdown.clone(),
-                )),
-            },
+        .add_service(InterceptedService::new(
+            FilterServer::from_arc(service.clone()),
             Guard::peer(),
         ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), {
@@ -493,6 +540,11 @@ pub async fn main(opts: Options) -> i32 {
     // In-flight scans finish (the server stops accepting, then drains) before exit.
     let drained = lifecycle::drain(&shutdown, Duration::from_secs(30), async move {
         let _ = grpc.await;
+        let _ = content_filter.await;
+        // Content-filter sessions in progress finish their message (or time out).
+        while content_counters.active.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
     reloader.abort();

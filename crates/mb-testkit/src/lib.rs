@@ -770,6 +770,11 @@ pub struct Postfix {
 
 impl Postfix {
     pub fn start(relayhost: &str, main_cf: &str) -> Result<Postfix> {
+        Postfix::start_with(relayhost, main_cf, "")
+    }
+
+    /// As `start`, with `master_cf` appended to master.cf (extra services).
+    pub fn start_with(relayhost: &str, main_cf: &str, master_cf: &str) -> Result<Postfix> {
         let postfix = require("postfix", "postfix");
         let postconf = require("postconf", "postfix");
         let dir = tempfile::Builder::new().prefix("mb-postfix-").tempdir()?;
@@ -827,7 +832,7 @@ impl Postfix {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        fs::write(etc.join("master.cf"), master + "\n")?;
+        fs::write(etc.join("master.cf"), format!("{master}\n{master_cf}\n"))?;
         let main = format!(
             "compatibility_level = 3.6\n\
              queue_directory = {d}/queue\n\
@@ -887,6 +892,15 @@ impl Postfix {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("postfix.log")).unwrap_or_default()
+    }
+
+    /// Asks the queue manager to retry deferred mail now (`postqueue -f`).
+    pub fn flush(&self) {
+        let _ = Command::new("postqueue")
+            .arg("-c")
+            .arg(self.config_dir())
+            .arg("-f")
+            .status();
     }
 
     /// Whether the instance's queue is empty (`postqueue -p`).

@@ -1,0 +1,487 @@
+//! The content filter on `filter.listen:filter.port` (10031) for Postfix sites
+//! (`content_filter = smtp:[127.0.0.1]:10031`, or `lmtp:` for per-recipient replies):
+//! each message is scanned here and, if it passes, handed to `filter.next_hop` (Postfix's
+//! 10025 reinjection service) before Postfix gets its reply, so nothing is queued twice
+//! and a failure is a tempfail that Postfix retries, never a loss.
+//!
+//! Every worker binds the port with SO_REUSEPORT, so the kernel spreads connections over
+//! the workers. Only loopback and `smtp.mynetworks` clients are served: the next hop
+//! trusts what comes from here. Postfix's XFORWARD (`smtp_send_xforward_command = yes`)
+//! supplies the original client's address, name and HELO for the sender checks.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mb_proto::v1::{ScanEnvelope, ScanVerdict};
+use mb_runtime::lifecycle::Shutdown;
+use mb_smtpd::conn::{Conn, ReadError};
+use mb_smtpd::data::DataDecoder;
+use mb_smtpd::proto::{Command, MAX_COMMAND_LINE, parse_command};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::FilterService;
+
+/// Connections and messages seen by the content filter.
+#[derive(Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub active: AtomicU64,
+    pub messages: AtomicU64,
+    pub reinjected: AtomicU64,
+}
+
+/// Binds the listener with SO_REUSEPORT (every worker binds the same address).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts until shutdown; sessions run on their own tasks.
+pub async fn serve(
+    listener: TcpListener,
+    svc: Arc<FilterService>,
+    counters: Arc<Counters>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.requested() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "content filter accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let (svc, counters) = (svc.clone(), counters.clone());
+        tokio::spawn(async move {
+            counters.active.fetch_add(1, Ordering::Relaxed);
+            let cfg = svc.follower.current();
+            let allowed = peer.ip().is_loopback()
+                || cfg
+                    .nets("smtp.mynetworks")
+                    .iter()
+                    .any(|n| n.contains(&peer.ip()));
+            let timeout = cfg.duration("network.smtp.timeout");
+            let mut conn = Conn::new(Box::new(stream), timeout);
+            if allowed {
+                Session::new(&svc, &counters, peer).run(&mut conn).await;
+            } else {
+                tracing::warn!(client = %peer.ip(), "content filter refused a client outside loopback and smtp.mynetworks");
+                let _ = conn
+                    .send("554 5.7.1 Not a trusted client of this content filter\r\n")
+                    .await;
+            }
+            conn.shutdown().await;
+            counters.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// What XFORWARD told about the original client.
+#[derive(Default, Clone)]
+struct Forwarded {
+    addr: Option<IpAddr>,
+    name: String,
+    helo: String,
+    ident: String,
+}
+
+struct Session<'a> {
+    svc: &'a FilterService,
+    counters: &'a Counters,
+    peer: SocketAddr,
+    lmtp: bool,
+    xforward: Forwarded,
+    sender: Option<String>,
+    rcpts: Vec<String>,
+}
+
+fn line(code: u16, status: &str, text: &str) -> String {
+    format!("{code} {status} {text}\r\n")
+}
+
+/// XFORWARD attribute values are xtext (RFC 1891); `[UNAVAILABLE]`/`[TEMPUNAVAIL]` mean
+/// unknown.
+fn xtext(v: &str) -> String {
+    let mut out = String::new();
+    let b = v.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+'
+            && let Some(n) = v
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(char::from(n));
+            i += 3;
+            continue;
+        }
+        out.push(char::from(b[i]));
+        i += 1;
+    }
+    if out.starts_with('[') && out.ends_with("UNAVAIL]") || out == "[UNAVAILABLE]" {
+        String::new()
+    } else {
+        out
+    }
+}
+
+impl<'a> Session<'a> {
+    fn new(svc: &'a FilterService, counters: &'a Counters, peer: SocketAddr) -> Self {
+        Session {
+            svc,
+            counters,
+            peer,
+            lmtp: false,
+            xforward: Forwarded::default(),
+            sender: None,
+            rcpts: Vec::new(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.sender = None;
+        self.rcpts.clear();
+        self.xforward = Forwarded::default();
+    }
+
+    async fn run(&mut self, conn: &mut Conn) {
+        let cfg = self.svc.follower.current();
+        let host = crate::hostname(&cfg);
+        if conn
+            .send(&format!("220 {host} ESMTP mb-filter content filter\r\n"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let raw = match conn.read_line(MAX_COMMAND_LINE).await {
+                Ok(l) => l,
+                Err(ReadError::TooLong) => {
+                    let _ = conn.send("500 5.5.2 Line too long\r\n").await;
+                    continue;
+                }
+                Err(ReadError::Timeout) => {
+                    let _ = conn.send("421 4.4.2 Timeout, closing\r\n").await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            let verb = text
+                .split_ascii_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            let reply = match verb.as_str() {
+                "LHLO" | "EHLO" => {
+                    self.lmtp = verb == "LHLO";
+                    self.reset();
+                    let size = cfg.size("smtp.message_size_limit");
+                    format!(
+                        "250-{host}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
+                         250 XFORWARD NAME ADDR PROTO HELO SOURCE IDENT\r\n"
+                    )
+                }
+                "XFORWARD" => {
+                    for attr in text.split_ascii_whitespace().skip(1) {
+                        let Some((k, v)) = attr.split_once('=') else {
+                            continue;
+                        };
+                        let v = xtext(v);
+                        match k.to_ascii_uppercase().as_str() {
+                            "ADDR" => {
+                                self.xforward.addr = v.trim_start_matches("IPV6:").parse().ok();
+                            }
+                            "NAME" => self.xforward.name = v,
+                            "HELO" => self.xforward.helo = v,
+                            "IDENT" => self.xforward.ident = v,
+                            _ => {}
+                        }
+                    }
+                    line(250, "2.0.0", "Ok")
+                }
+                "QUIT" => {
+                    let _ = conn.send("221 2.0.0 Bye\r\n").await;
+                    return;
+                }
+                "DATA" => {
+                    if self.rcpts.is_empty() {
+                        line(503, "5.5.1", "Error: need RCPT command")
+                    } else {
+                        if conn
+                            .send("354 End data with <CR><LF>.<CR><LF>\r\n")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        let limit = cfg.size("smtp.message_size_limit");
+                        match read_data(conn, limit).await {
+                            Ok(Some(message)) => {
+                                let r = self.deliver(&cfg, message).await;
+                                self.reset();
+                                r
+                            }
+                            Ok(None) => {
+                                let r = self.each(&line(552, "5.3.4", "Error: message too large"));
+                                self.reset();
+                                r
+                            }
+                            Err(reply) => {
+                                let _ = conn.send(&reply).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+                _ => match parse_command(&raw) {
+                    Ok(Command::Helo(_)) if !self.lmtp => {
+                        self.reset();
+                        format!("250 {host}\r\n")
+                    }
+                    Ok(Command::Mail(from, _)) => {
+                        if self.sender.is_some() {
+                            line(503, "5.5.1", "Error: nested MAIL command")
+                        } else {
+                            self.sender = Some(from.map(|m| m.to_string()).unwrap_or_default());
+                            line(250, "2.1.0", "Ok")
+                        }
+                    }
+                    Ok(Command::Rcpt(to, _)) => {
+                        let max = usize::try_from(cfg.int("smtp.max_recipients")).unwrap_or(100);
+                        if self.sender.is_none() {
+                            line(503, "5.5.1", "Error: need MAIL command")
+                        } else if self.rcpts.len() >= max {
+                            line(452, "4.5.3", "Error: too many recipients")
+                        } else {
+                            self.rcpts.push(to.to_string());
+                            line(250, "2.1.5", "Ok")
+                        }
+                    }
+                    Ok(Command::Rset) => {
+                        self.reset();
+                        line(250, "2.0.0", "Ok")
+                    }
+                    Ok(Command::Noop) => line(250, "2.0.0", "Ok"),
+                    Ok(_) => line(502, "5.5.1", "Error: command not implemented"),
+                    Err(e) => e.0.to_wire(),
+                },
+            };
+            if conn.send(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Scans, then reinjects what passes; returns the reply (one per recipient for LMTP).
+    async fn deliver(&mut self, cfg: &mb_core::Config, message: Vec<u8>) -> String {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        let client = self.xforward.addr;
+        let outbound =
+            client.is_some_and(|ip| cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip)));
+        let queue_id = if mb_runtime::quarantine::valid_id(&self.xforward.ident) {
+            self.xforward.ident.clone()
+        } else {
+            String::new()
+        };
+        let envelope = ScanEnvelope {
+            queue_id: queue_id.clone(),
+            // Without XFORWARD the original client is unknown, and the sender checks
+            // that need it are skipped rather than run against Postfix's address.
+            client_ip: client.map(|ip| ip.to_string()).unwrap_or_default(),
+            client_name: if self.xforward.name.is_empty() {
+                "unknown".into()
+            } else {
+                self.xforward.name.clone()
+            },
+            helo: self.xforward.helo.clone(),
+            sender: self.sender.clone().unwrap_or_default(),
+            recipients: self.rcpts.clone(),
+            direction: if outbound { "outbound" } else { "inbound" }.into(),
+            ..Default::default()
+        };
+        let Ok(_slot) = self.svc.slots.clone().acquire_owned().await else {
+            return self.each(&line(421, "4.3.2", "Shutting down"));
+        };
+        self.svc.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let v = self.svc.process(cfg, &envelope, &message).await;
+        self.svc.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let code_of = |v: &ScanVerdict, fallback: u16| {
+            u16::try_from(v.smtp_code)
+                .ok()
+                .filter(|c| (400..600).contains(c))
+                .unwrap_or(fallback)
+        };
+        match v.action.as_str() {
+            "reject" => {
+                let code = code_of(&v, 554);
+                self.each(&line(
+                    code,
+                    mb_smtpd::scan::status_of(u32::from(code), &v.smtp_status),
+                    &v.smtp_text,
+                ))
+            }
+            "tempfail" => {
+                let code = code_of(&v, 451);
+                self.each(&line(
+                    code,
+                    mb_smtpd::scan::status_of(u32::from(code), &v.smtp_status),
+                    &v.smtp_text,
+                ))
+            }
+            "discard" => self.each(&line(250, "2.0.0", "Ok: discarded")),
+            "quarantine" => self.each(&line(
+                250,
+                "2.0.0",
+                &format!("Ok: quarantined as {}", v.quarantine_id),
+            )),
+            _ => {
+                let add: Vec<(String, String)> = v
+                    .add_headers
+                    .iter()
+                    .map(|h| (h.name.clone(), h.value.clone()))
+                    .collect();
+                let out = mb_core::message::with_headers(&message, &add, &v.remove_headers);
+                self.reinject(cfg, &out).await
+            }
+        }
+    }
+
+    /// The same line for every recipient (LMTP) or once (SMTP).
+    fn each(&self, l: &str) -> String {
+        if self.lmtp {
+            l.repeat(self.rcpts.len())
+        } else {
+            l.to_string()
+        }
+    }
+
+    async fn reinject(&self, cfg: &mb_core::Config, message: &[u8]) -> String {
+        let hop = cfg.text("filter.next_hop");
+        let result = mb_smtpd::client::reinject(
+            &hop,
+            &crate::hostname(cfg),
+            self.sender.as_deref().unwrap_or_default(),
+            &self.rcpts,
+            message,
+            cfg.duration("network.smtp.timeout"),
+        )
+        .await;
+        let outcomes = match result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(client = %self.peer.ip(), next_hop = %hop, cause = %e, "content filter could not reinject; tempfailing");
+                return self.each(&line(
+                    451,
+                    "4.4.0",
+                    &format!("Error: next hop {hop} failed: {e}"),
+                ));
+            }
+        };
+        self.counters.reinjected.fetch_add(1, Ordering::Relaxed);
+        if self.lmtp {
+            // One answer per recipient, in RCPT order, as the next hop gave it.
+            return self
+                .rcpts
+                .iter()
+                .map(|r| match outcomes.iter().find(|o| &o.recipient == r) {
+                    Some(o) if o.response.is_positive() => line(250, "2.0.0", "Ok"),
+                    Some(o) => format!("{} {}\r\n", o.response.code, o.response.lines.join(" ")),
+                    None => line(451, "4.4.0", "Error: no answer from the next hop"),
+                })
+                .collect();
+        }
+        let accepted = outcomes.iter().filter(|o| o.response.is_positive()).count();
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter(|o| !o.response.is_positive())
+            .map(|o| format!("{}: {}", o.recipient, o.response.text()))
+            .collect();
+        if failed.is_empty() {
+            line(
+                250,
+                "2.0.0",
+                &format!("Ok: filtered and delivered to {hop}"),
+            )
+        } else if outcomes.iter().any(|o| o.response.is_transient()) || accepted > 0 {
+            // A single SMTP reply cannot be partial: try again (some recipients may get
+            // the message twice; none lose it).
+            tracing::warn!(refused = %failed.join("; "), "next hop refused some recipients; tempfailing the message");
+            line(
+                451,
+                "4.4.0",
+                &format!("Error: next hop refused {}", failed.join("; ")),
+            )
+        } else {
+            line(
+                554,
+                "5.0.0",
+                &format!("Error: next hop refused {}", failed.join("; ")),
+            )
+        }
+    }
+}
+
+/// Reads DATA up to `limit` bytes: `Ok(None)` when larger (the rest is read and dropped),
+/// `Err(reply)` on a bare CR/LF or a broken connection.
+async fn read_data(conn: &mut Conn, limit: u64) -> Result<Option<Vec<u8>>, String> {
+    let mut decoder = DataDecoder::default();
+    let mut message = Vec::new();
+    let mut scratch = Vec::new();
+    let mut too_large = false;
+    loop {
+        if conn.buffered().is_empty() {
+            match conn.fill().await {
+                Ok(_) => {}
+                Err(ReadError::Timeout) => return Err("421 4.4.2 Timeout, closing\r\n".into()),
+                Err(_) => return Err(String::new()),
+            }
+        }
+        let out = if too_large {
+            &mut scratch
+        } else {
+            &mut message
+        };
+        let (used, done) = decoder
+            .feed(conn.buffered(), out)
+            .map_err(|_| "521 5.5.2 Bare CR or LF in DATA, closing\r\n".to_string())?;
+        conn.consume(used);
+        if !too_large && message.len() as u64 > limit {
+            too_large = true;
+            message = Vec::new();
+        }
+        scratch.clear();
+        if done {
+            return Ok((!too_large).then_some(message));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xforward_values_are_decoded() {
+        assert_eq!(xtext("mail.example"), "mail.example");
+        assert_eq!(xtext("a+2Bb"), "a+b");
+        assert_eq!(xtext("[UNAVAILABLE]"), "");
+        assert_eq!(xtext("[TEMPUNAVAIL]"), "");
+    }
+}
