@@ -695,8 +695,32 @@ fn rspamd_scores_join_the_verdict_and_its_absence_follows_the_unavailable_action
     );
     assert!(log[0]["score"].as_f64().unwrap() >= 3.0, "{log:#}");
 
-    // Rspamd goes away: skipped by default (our own header rules score instead) ...
+    let scanner = |state: &str| {
+        let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let c = st["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "rspamd")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(c["state"], state, "{st:#}");
+        c
+    };
+    scanner("ok");
+
+    // Rspamd goes away: mb-status says so, and messages are scored without it by default
+    // (our own header rules score instead) ...
     drop(rspamd);
+    let down = scanner("down");
+    assert!(
+        down["detail"]
+            .as_str()
+            .unwrap()
+            .contains("rspamd.unavailable_action (skip)"),
+        "{down}"
+    );
     let r = send_from(port, "alice@sender.test", &message("without rspamd"));
     assert!(r.starts_with("250"), "{r}");
     wait_until("the second delivery", Duration::from_secs(20), || {
@@ -884,6 +908,31 @@ fn dkim_signatures_from_an_independent_signer_verify_and_ours_verify_with_dkimpy
         "{inbound}"
     );
     assert!(inbound.contains("spf=fail"), "{inbound}");
+
+    // An ARC set made by dkimpy (as a mailing list would seal what it saw) verifies.
+    let seal = format!(
+        "import dkim,sys\nmsg=sys.stdin.buffer.read()\nkey=open('{}','rb').read()\n\
+         sys.stdout.buffer.write(b''.join(dkim.arc_sign(msg,b'sel',b'signed.test',key,b'lists.test'))+msg)",
+        key.display()
+    );
+    let listed = "Authentication-Results: lists.test; dkim=pass header.d=plain.test\r\n\
+                  From: alice@plain.test\r\nTo: bob@served.test\r\nSubject: arc\r\n\
+                  Date: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <arc@plain.test>\r\n\r\nsealed body\r\n";
+    let sealed = dkimpy(&seal, listed.as_bytes());
+    let r = send_from(port, "alice@plain.test", &sealed);
+    assert!(r.starts_with("250"), "{r}");
+    let mut arc = String::new();
+    wait_until("the sealed delivery", Duration::from_secs(20), || {
+        arc = sink
+            .messages()
+            .into_iter()
+            .find(|m| m.contains("\nsealed body"))
+            .unwrap_or_default();
+        !arc.is_empty()
+    })
+    .unwrap();
+    assert!(arc.contains("arc=pass"), "{arc}");
+    assert!(arc.contains("ARC_PASS(-0.2)"), "{arc}");
 
     // Outbound from mynetworks: signed by mb-filter, verified by dkimpy.
     let swaks = mb_testkit::require("swaks", "swaks");

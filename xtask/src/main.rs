@@ -51,6 +51,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "python3-dkim",
         "/usr/lib/python3/dist-packages/dkim/__init__.py",
     ),
+    // authres lets dkimpy make ARC sets.
+    (
+        "python3-authres",
+        "/usr/lib/python3/dist-packages/authres/__init__.py",
+    ),
 ];
 
 #[derive(Parser)]

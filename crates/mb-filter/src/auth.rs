@@ -65,6 +65,9 @@ impl Auth {
             .verify_spf(SpfParameters::verify(ip, helo, hostname, sender))
             .await;
         let dkim = self.0.verify_dkim(&message).await;
+        // ARC (RFC 8617): the chain of earlier authentication results, e.g. a mailing list
+        // that broke the signature but sealed what it saw.
+        let arc = self.0.verify_arc(&message).await;
         let mail_from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
         let dmarc = self
             .0
@@ -82,6 +85,7 @@ impl Auth {
             .with_spf_mailfrom_result(&spf, ip, sender, helo)
             .with_dmarc_result(&dmarc)
             .with_iprev_result(&iprev, ip)
+            .with_arc_result(&arc, ip)
             .to_string();
         let mut symbols = Vec::new();
         let mut add = |name: &'static str, score: f64, detail: String| {
@@ -105,6 +109,11 @@ impl Auth {
                 }
                 _ => {}
             }
+        }
+        match arc.result() {
+            DkimResult::Pass => add("ARC_PASS", -0.2, String::new()),
+            DkimResult::Fail(e) | DkimResult::PermError(e) => add("ARC_FAIL", 1.0, e.to_string()),
+            _ => {}
         }
         let passed = matches!(dmarc.spf_result(), DmarcResult::Pass)
             || matches!(dmarc.dkim_result(), DmarcResult::Pass);

@@ -37,6 +37,40 @@ pub async fn scan(address: &str, message: &[u8], timeout: Duration) -> Result<Sc
         .map_err(|_| format!("clamd at {address} did not answer within {timeout:?}"))?
 }
 
+/// `zPING` -> `PONG`: whether clamd answers, for mb-status.
+pub async fn ping(address: &str, timeout: Duration) -> Result<(), String> {
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("clamd: {e}");
+        s.write_all(b"zPING\0").await.map_err(io)?;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.map_err(io)?;
+        if &buf == b"PONG\0" {
+            Ok(())
+        } else {
+            Err(format!(
+                "clamd answered {:?}",
+                String::from_utf8_lossy(&buf)
+            ))
+        }
+    }
+    let work = async {
+        if address.starts_with('/') {
+            let s = tokio::net::UnixStream::connect(address)
+                .await
+                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
+            exchange(s).await
+        } else {
+            let s = tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
+            exchange(s).await
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("clamd at {address} did not answer within {timeout:?}"))?
+}
+
 async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     message: &[u8],

@@ -383,6 +383,44 @@ impl DaemonHooks for Hooks {
             resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
         }
         let cfg = self.follower.current();
+        // The scanners this worker depends on, as it reaches them.
+        let timeout = Duration::from_secs(2);
+        for (name, enabled, address) in [
+            (
+                "clamav",
+                cfg.bool("clamav.enabled"),
+                cfg.text("clamav.address"),
+            ),
+            ("rspamd", cfg.bool("rspamd.enabled"), cfg.text("rspamd.url")),
+        ] {
+            let started = std::time::Instant::now();
+            let (state, detail) = if !enabled {
+                ("disabled", String::new())
+            } else {
+                let answer = if name == "clamav" {
+                    clamav::ping(&address, timeout).await
+                } else {
+                    rspamd::ping(&address, timeout).await
+                };
+                match answer {
+                    Ok(()) => ("ok", String::new()),
+                    Err(e) => (
+                        "down",
+                        format!(
+                            "{e}; messages follow {name}.unavailable_action ({})",
+                            cfg.text(&format!("{name}.unavailable_action"))
+                        ),
+                    ),
+                }
+            };
+            resp.components.push(mb_proto::v1::ComponentStatus {
+                name: name.into(),
+                state: state.into(),
+                address,
+                detail,
+                latency_micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(0),
+            });
+        }
         let mut detail = String::from("scanning: policies, attachments, headers, SPF/DKIM/DMARC");
         if cfg.bool("clamav.enabled") {
             detail.push_str(", ClamAV");

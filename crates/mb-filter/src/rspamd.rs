@@ -150,6 +150,38 @@ fn response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
     Ok((status, len.map_or(body, |n| &body[..n.min(body.len())])))
 }
 
+/// `GET /ping` -> `pong`: whether Rspamd answers, for mb-status.
+pub async fn ping(url: &str, timeout: Duration) -> Result<(), String> {
+    let (host, path) = split_url(url)?;
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(&host)
+            .await
+            .map_err(|e| format!("cannot connect to Rspamd at {host}: {e}"))?;
+        let io = |e: std::io::Error| format!("Rspamd at {host}: {e}");
+        s.write_all(
+            format!("GET {path}/ping HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(io)?;
+        let mut raw = Vec::new();
+        (&mut s)
+            .take(4096)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(io)?;
+        let (status, body) = response(&raw)?;
+        if status == 200 && body.starts_with(b"pong") {
+            Ok(())
+        } else {
+            Err(format!("Rspamd at {host} answered HTTP {status} to /ping"))
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("Rspamd at {url} did not answer within {timeout:?}"))?
+}
+
 /// Asks the Rspamd at `url` about `message`.
 pub async fn check(
     url: &str,

@@ -83,6 +83,31 @@ fn main() -> ExitCode {
             }],
         };
         components.push(mb_runtime::probe::redis_ping(&cfg.text("redis.url"), timeout).await);
+        // The scanners, as the first serving filter worker reaches them.
+        let worker = rows
+            .iter()
+            .filter(|r| r.name.starts_with("mb-filter@"))
+            .find_map(|r| r.probe.status.clone());
+        for scanner in ["clamav", "rspamd"] {
+            let enabled = cfg.bool(&format!("{scanner}.enabled"));
+            let seen = worker
+                .as_ref()
+                .and_then(|w| w.components.iter().find(|c| c.name == scanner).cloned());
+            components.push(match seen {
+                Some(c) => c,
+                None => ComponentStatus {
+                    name: scanner.into(),
+                    state: if enabled { "unknown" } else { "disabled" }.into(),
+                    address: String::new(),
+                    detail: if enabled {
+                        "no mb-filter worker is up to check it".into()
+                    } else {
+                        String::new()
+                    },
+                    latency_micros: 0,
+                },
+            });
+        }
         (rows, components)
     });
 
