@@ -72,6 +72,22 @@ fn viruses_and_blocked_attachments_are_refused_in_the_session_and_workers_fail_o
         r.starts_with("554 5.7.1") && r.contains("invoice.pdf.exe"),
         "{r}"
     );
+    // A real (deflated) archive made by Python's zipfile, with an executable inside.
+    let zip = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import io,sys,zipfile\nb=io.BytesIO()\nz=zipfile.ZipFile(b,'w',zipfile.ZIP_DEFLATED)\n\
+             z.writestr('docs/readme.txt','hello')\nz.writestr('docs/payload.exe','MZ'*100)\nz.close()\n\
+             sys.stdout.buffer.write(b.getvalue())",
+        ])
+        .output()
+        .unwrap();
+    assert!(zip.status.success());
+    let r = send(port, &with_attachment("zipped", "docs.zip", &zip.stdout));
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("holds \"docs/payload.exe\""),
+        "{r}"
+    );
     let r = send(port, CLEAN);
     assert!(r.starts_with("250 2.0.0"), "{r}");
     wait_until(
@@ -110,7 +126,7 @@ fn viruses_and_blocked_attachments_are_refused_in_the_session_and_workers_fail_o
         .iter()
         .map(|w| w["counters"]["scanned"].as_u64().unwrap_or(0))
         .sum();
-    assert_eq!(scanned, 3, "{st:#}");
+    assert_eq!(scanned, 4, "{st:#}");
 
     // A worker dies: the next message is scanned by the other one.
     let mut first = gw.filters.remove(0);

@@ -287,6 +287,8 @@ pub static KEYS: &[KeyDef] = &[
     k("spam.rbl.domain", Kind::List, "", "DNS blocklists for the sender's domain (MAIL FROM and From) with their scores: LIST=WEIGHT entries such as dbl.spamhaus.org=4.0").by(F).validated(valid_weighted_lists),
     k("dmarc.enforce", BOOL, "true", "Apply the sender domain's DMARC policy (reject/quarantine)").by(F),
     k("attachments.blocked_extensions", Kind::List, "exe,scr,com,pif,bat,cmd,vbs,vbe,js,jse,wsf,wsh,msi,msp,hta,cpl,jar,ps1,lnk,reg,iso,img", "File extensions refused in attachments (also inside archives and as double extensions)").by(F),
+    k("attachments.blocked_types", Kind::List, "application/x-msdownload,application/x-msdos-program,application/x-ms-installer,application/x-ms-shortcut,application/hta,application/x-sh,application/x-bat", "MIME types refused in attachments (as declared by the sender)").by(F),
+    k("attachments.max_size", Kind::Size { min: 0, max: 1 << 32 }, "0", "Largest single attachment (decoded); 0 for no limit beyond smtp.message_size_limit").by(F),
     // Filter workers and the content filter.
     k("filter.enabled", BOOL, "true", "Run mb-filter workers").by(F).restart(),
     k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),

@@ -28,29 +28,90 @@ fn verdict(action: &str, code: u32, status: &str, text: String) -> ScanVerdict {
     }
 }
 
-/// Attachment file names whose extension is blocked (the last extension decides, so
-/// `invoice.pdf.exe` is an `exe`), also inside attached messages.
-pub fn blocked_attachments(message: &Message<'_>, blocked: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    collect_blocked(message, blocked, &mut out, 0);
+/// What attachments may not be.
+pub struct AttachmentRules {
+    pub extensions: Vec<String>,
+    pub types: Vec<String>,
+    /// Decoded bytes; 0 for no limit.
+    pub max_size: u64,
+}
+
+impl AttachmentRules {
+    pub fn from_config(cfg: &Config) -> AttachmentRules {
+        AttachmentRules {
+            extensions: cfg.list("attachments.blocked_extensions"),
+            types: cfg.list("attachments.blocked_types"),
+            max_size: cfg.size("attachments.max_size"),
+        }
+    }
+
+    /// Whether a file name's last extension is blocked (`invoice.pdf.exe` is an `exe`).
+    fn name_blocked(&self, name: &str) -> bool {
+        let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        lower
+            .rsplit_once('.')
+            .is_some_and(|(_, ext)| self.extensions.iter().any(|b| b.eq_ignore_ascii_case(ext)))
+    }
+}
+
+/// What the attachment rules found.
+#[derive(Debug, Default, PartialEq)]
+pub struct AttachmentFindings {
+    /// Why the message is refused: one line per offending attachment.
+    pub blocked: Vec<String>,
+    /// A ZIP archive with encrypted entries (its contents cannot be checked).
+    pub encrypted_archive: bool,
+}
+
+/// Checks every attachment: its name, declared type and size, the names inside ZIP
+/// archives, and attached messages (a few levels deep).
+pub fn check_attachments(message: &Message<'_>, rules: &AttachmentRules) -> AttachmentFindings {
+    let mut out = AttachmentFindings::default();
+    collect_blocked(message, rules, &mut out, 0);
     out
 }
 
-fn collect_blocked(message: &Message<'_>, blocked: &[String], out: &mut Vec<String>, depth: u32) {
+fn collect_blocked(
+    message: &Message<'_>,
+    rules: &AttachmentRules,
+    out: &mut AttachmentFindings,
+    depth: u32,
+) {
     for part in message.attachments() {
-        if let Some(name) = part.attachment_name() {
-            let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
-            if let Some((_, ext)) = lower.rsplit_once('.')
-                && blocked.iter().any(|b| b.eq_ignore_ascii_case(ext))
-            {
-                out.push(name.to_string());
+        let name = part.attachment_name().unwrap_or("(unnamed)").to_string();
+        if rules.name_blocked(&name) {
+            out.blocked
+                .push(format!("attachment {name:?} is of a blocked type"));
+        }
+        if let Some(ct) = part.content_type() {
+            let mime =
+                format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or_default()).to_ascii_lowercase();
+            if rules.types.iter().any(|t| t.eq_ignore_ascii_case(&mime)) {
+                out.blocked
+                    .push(format!("attachment {name:?} has the blocked type {mime}"));
+            }
+        }
+        let data = part.contents();
+        if rules.max_size > 0 && data.len() as u64 > rules.max_size {
+            out.blocked.push(format!(
+                "attachment {name:?} is larger than {} bytes",
+                rules.max_size
+            ));
+        }
+        if crate::zip::is_zip(data)
+            && let Some(listing) = crate::zip::list(data)
+        {
+            out.encrypted_archive |= listing.encrypted;
+            for inner in listing.names.iter().filter(|n| rules.name_blocked(n)) {
+                out.blocked
+                    .push(format!("archive {name:?} holds {inner:?}, a blocked type"));
             }
         }
         // An attached message is scanned too (a few levels deep, no further).
         if depth < 4
             && let Some(inner) = part.message()
         {
-            collect_blocked(inner, blocked, out, depth + 1);
+            collect_blocked(inner, rules, out, depth + 1);
         }
     }
 }
@@ -141,20 +202,22 @@ pub async fn scan(
     };
 
     // Attachment rules: a blocked type is refused whatever the score.
-    let blocked = blocked_attachments(&message, &cfg.list("attachments.blocked_extensions"));
-    if let Some(name) = blocked.first() {
-        let mut v = verdict(
-            "reject",
-            554,
-            "5.7.1",
-            format!("Message refused: attachment {name:?} is of a blocked type"),
-        );
+    let findings = check_attachments(&message, &AttachmentRules::from_config(cfg));
+    if let Some(first) = findings.blocked.first() {
+        let mut v = verdict("reject", 554, "5.7.1", format!("Message refused: {first}"));
         v.symbols.push(ScanSymbol {
             name: "BLOCKED_ATTACHMENT".into(),
             score: 0.0,
-            detail: blocked.join(", "),
+            detail: findings.blocked.join("; "),
         });
         return v;
+    }
+    if findings.encrypted_archive {
+        symbols.push(Symbol {
+            name: "ENCRYPTED_ARCHIVE".into(),
+            score: 2.0,
+            detail: "a ZIP archive with encrypted entries".into(),
+        });
     }
 
     // Viruses.
@@ -398,6 +461,88 @@ mod tests {
              Content-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n--b1--\r\n"
         )
         .into_bytes()
+    }
+
+    fn attachment(name: &str, mime: &str, data: &[u8]) -> Vec<u8> {
+        format!(
+            "From: a@b.example\r\nSubject: files\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <3@b.example>\r\n\
+             MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+             --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
+             --b1\r\nContent-Type: {mime}\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
+             Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
+            mb_core::message::base64_encode(data)
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn archives_types_and_sizes_are_checked() {
+        let zip = crate::zip::tests::archive(&[("a/readme.txt", false), ("a/setup.scr", false)]);
+        let v = scan(
+            &cfg(""),
+            &env(),
+            &attachment("files.zip", "application/zip", &zip),
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(v.action, "reject");
+        assert!(
+            v.smtp_text.contains("\"files.zip\" holds \"a/setup.scr\""),
+            "{}",
+            v.smtp_text
+        );
+        let safe = crate::zip::tests::archive(&[("a/readme.txt", true)]);
+        let v = scan(
+            &cfg(""),
+            &env(),
+            &attachment("files.zip", "application/zip", &safe),
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(v.action, "accept", "{v:?}");
+        assert!(
+            v.symbols.iter().any(|s| s.name == "ENCRYPTED_ARCHIVE"),
+            "{v:?}"
+        );
+        let v = scan(
+            &cfg(""),
+            &env(),
+            &attachment("tool", "application/x-msdownload", b"MZ"),
+            None,
+            &[],
+        )
+        .await;
+        assert!(
+            v.smtp_text
+                .contains("blocked type application/x-msdownload"),
+            "{}",
+            v.smtp_text
+        );
+        let big = vec![b'a'; 5000];
+        let v = scan(
+            &cfg("[attachments]\nmax_size = 4096\n"),
+            &env(),
+            &attachment("big.txt", "text/plain", &big),
+            None,
+            &[],
+        )
+        .await;
+        assert!(
+            v.smtp_text.contains("larger than 4096 bytes"),
+            "{}",
+            v.smtp_text
+        );
+        let v = scan(
+            &cfg(""),
+            &env(),
+            &attachment("big.txt", "text/plain", &big),
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(v.action, "accept");
     }
 
     #[tokio::test]

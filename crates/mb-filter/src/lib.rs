@@ -8,6 +8,7 @@ pub mod clamav;
 pub mod dkim;
 pub mod engine;
 pub mod rspamd;
+pub mod zip;
 
 use std::path::PathBuf;
 use std::sync::Arc;
