@@ -1142,3 +1142,91 @@ fn postfix_content_filter_mode_scans_and_reinjects_and_a_down_filter_defers() {
         "the restarted worker: {worker:#}"
     );
 }
+
+#[test]
+fn killing_a_worker_under_load_loses_no_message() {
+    let sink = SmtpSink::start(&[]).unwrap();
+    let port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 100000\nconnection_rate = 100000\nmax_per_source = 100\n\
+         [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+         [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+         [filter]\nenabled = true\nworkers = 2\nport = {}\n",
+        free_port(),
+        sink.port,
+        free_port()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_filter(2).unwrap();
+    gw.start_smtpd().unwrap();
+    const CLIENTS: usize = 4;
+    const EACH: usize = 40;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                let mut replies = Vec::new();
+                let mut conn = Raw::connect(port);
+                conn.reply();
+                conn.cmd("EHLO load.test");
+                for i in 0..EACH {
+                    conn.cmd("MAIL FROM:<load@sender.test>");
+                    conn.cmd("RCPT TO:<bob@served.test>");
+                    conn.cmd("DATA");
+                    let r = conn.cmd(&format!(
+                        "From: load@sender.test\r\nTo: bob@served.test\r\nSubject: load {c}-{i}\r\n\
+                         Date: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <{c}-{i}@sender.test>\r\n\r\nload body {c}-{i}\r\n."
+                    ));
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    replies.push((format!("{c}-{i}"), r));
+                }
+                conn.cmd("QUIT");
+                replies
+            })
+        })
+        .collect();
+    // A quarter of the way in, worker 1 dies without warning.
+    wait_until("a quarter of the load", Duration::from_secs(60), || {
+        sent.load(std::sync::atomic::Ordering::Relaxed) >= CLIENTS * EACH / 4
+    })
+    .unwrap();
+    let mut first = gw.filters.remove(0);
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = first.child.wait();
+    let replies: Vec<(String, String)> = clients
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let refused: Vec<&(String, String)> = replies
+        .iter()
+        .filter(|(_, r)| !r.starts_with("250"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "every message was accepted: {refused:?}\n{}",
+        gw.smtpd_log()
+    );
+    // Every accepted message is delivered, once.
+    wait_until("all deliveries", Duration::from_secs(60), || {
+        sink.messages()
+            .iter()
+            .filter(|m| m.contains("\nload body "))
+            .count()
+            >= CLIENTS * EACH
+    })
+    .unwrap();
+    let got = sink.messages();
+    for (id, _) in &replies {
+        let n = got
+            .iter()
+            .filter(|m| {
+                m.contains(&format!("\nload body {id}\r\n"))
+                    || m.contains(&format!("\nload body {id}\n"))
+            })
+            .count();
+        assert_eq!(n, 1, "message {id} delivered {n} times");
+    }
+}

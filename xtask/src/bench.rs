@@ -225,12 +225,62 @@ fn through_postfix(load: &Load) -> Result<Outcome> {
     })
 }
 
+/// The policies a filtered run evaluates for every message: twenty that match nothing
+/// the load sends, as a site's list of partners and blocked senders would.
+fn bench_policies() -> String {
+    let items: Vec<String> = (1..=20)
+        .map(|i| {
+            let (object, pattern, action) = match i % 4 {
+                0 => ("address", format!("*@partner{i}.test"), "allow"),
+                1 => ("domain", format!("blocked{i}.test"), "block"),
+                2 => ("network", format!("198.51.100.{i}/32"), "block"),
+                _ => ("domain", format!("*.strict{i}.test"), "allow"),
+            };
+            format!(
+                "{{\"id\":{i},\"name\":\"p{i}\",\"priority\":{},\"object\":\"{object}\",\"pattern\":\"{pattern}\",\
+                 \"direction\":\"from\",\"action\":\"{action}\",\"tag\":null,\"quarantine\":null,\"reject\":null}}",
+                10 + i
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
 fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> {
     let (sink_port, _sink) = sink()?;
     let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
     let d = dir.path();
     let port = free_port();
     let config = d.join("mailborder.toml");
+    // Filtering checks the sender for real: SPF, DMARC and iprev answered by a local DNS
+    // server (the load comes from 127.0.0.1, which is not in mynetworks: inbound mail).
+    let dns = if filter {
+        Some(mb_testkit::Dnsmasq::start(&[
+            "--auth-server=ns.test,127.0.0.1".into(),
+            "--auth-zone=test".into(),
+            "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all".into(),
+            "--txt-record=_dmarc.bench.test,v=DMARC1; p=none".into(),
+            "--ptr-record=1.0.0.127.in-addr.arpa,mail.bench.test".into(),
+            "--host-record=mail.bench.test,127.0.0.1".into(),
+        ])?)
+    } else {
+        None
+    };
+    let filter_keys = match &dns {
+        Some(dns) => format!(
+            "port = {}\n[network.dns]\nservers = \"{}\"\n",
+            free_port(),
+            dns.servers()
+        ),
+        None => String::new(),
+    };
+    if filter {
+        let cache = d.join("data/cache");
+        fs::create_dir_all(&cache)?;
+        for n in 1..=2 {
+            fs::write(cache.join(format!("policies-{n}.json")), bench_policies())?;
+        }
+    }
     fs::write(
         &config,
         format!(
@@ -242,9 +292,9 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
              [network.smtp.tls]\ninbound = \"none\"\n\
              [network.reinject]\nport = {}\n\
              [network.protection]\nmode = \"public\"\n\
-             [smtp]\nhostname = \"mb.bench.test\"\ndomains = \"served.test\"\n\
+             [smtp]\nhostname = \"mb.bench.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
              [relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\n\
-             [filter]\nenabled = {filter}\nworkers = 2\n",
+             [filter]\nenabled = {filter}\nworkers = 2\n{filter_keys}",
             free_port(),
             d = d.display()
         ),
