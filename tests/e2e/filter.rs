@@ -1230,3 +1230,110 @@ fn killing_a_worker_under_load_loses_no_message() {
         assert_eq!(n, 1, "message {id} delivered {n} times");
     }
 }
+
+#[test]
+fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
+    let clamd = Clamd::start().unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let milter_port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[smtp]\nenabled = false\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
+         [filter]\nenabled = true\nworkers = 1\nport = {}\n\
+         [milter]\nenabled = true\nport = {milter_port}\n\
+         [clamav]\nenabled = true\naddress = \"{}\"\n",
+        free_port(),
+        clamd.address()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_milter().unwrap();
+    let postfix = mb_testkit::Postfix::start(
+        &format!("[127.0.0.1]:{}", sink.port),
+        &format!(
+            "smtpd_milters = inet:127.0.0.1:{milter_port}\nmilter_default_action = tempfail\nmilter_protocol = 6\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = text(&gw.tool(
+        "mb-policy",
+        &[
+            "add",
+            "no-spammer",
+            "--action",
+            "block",
+            "--from",
+            "spammer.test",
+        ],
+    ));
+    assert_eq!(code, 0, "{out}{err}");
+    let session = |from: &str, message: &str| -> (String, String) {
+        let mut c = Raw::connect(postfix.port);
+        c.reply();
+        c.cmd("EHLO client.test");
+        let mail = c.cmd(&format!("MAIL FROM:<{from}>"));
+        if !mail.starts_with("250") {
+            c.cmd("QUIT");
+            return (mail, String::new());
+        }
+        c.cmd("RCPT TO:<bob@served.test>");
+        c.cmd("DATA");
+        let r = c.cmd(&format!("{message}."));
+        c.cmd("QUIT");
+        (mail, r)
+    };
+
+    // Clean: delivered with the verdict's headers; the sender's X-Spam is removed.
+    let (_, r) = session("alice@sender.test", CLEAN);
+    assert!(r.starts_with("250"), "{r}");
+    wait_until(
+        "the clean message at the sink",
+        Duration::from_secs(30),
+        || sink.messages().iter().any(|m| m.contains("\nhello")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    let got = sink.messages().remove(0);
+    assert!(got.contains("X-Spam-Status: No, score="), "{got}");
+    assert!(!got.contains("X-Spam: Yes"), "{got}");
+    // A virus: refused by Postfix at the end of DATA, as the client sees it.
+    let (_, r) = session(
+        "alice@sender.test",
+        &with_attachment("milter-virus", "eicar.txt", EICAR.as_bytes()),
+    );
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("virus found"),
+        "{r}"
+    );
+    // A blocked sender: refused at MAIL, before any data (once the milter has the policy).
+    wait_until("the milter loads the policy", Duration::from_secs(20), || {
+        std::fs::read_to_string(gw.path("milter.log"))
+            .unwrap_or_default()
+            .contains("policies loaded count=1")
+    })
+    .unwrap();
+    let (mail, _) = session("boss@spammer.test", CLEAN);
+    assert!(
+        mail.starts_with("550 5.7.1") && mail.contains("policy no-spammer"),
+        "{mail}"
+    );
+    // No filter worker: Postfix answers 451 at the end of DATA.
+    let mut worker = gw.filters.remove(0);
+    worker.stop(Duration::from_secs(10));
+    let (_, r) = session(
+        "alice@sender.test",
+        &CLEAN.replace("Subject: clean", "Subject: later"),
+    );
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    // mb-status shows the milter's counters.
+    let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let milter = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-milter")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(milter["counters"]["messages"], 3, "{st:#}");
+    assert_eq!(milter["counters"]["rejected"], 2, "{st:#}");
+    assert_eq!(milter["counters"]["tempfailed"], 1, "{st:#}");
+}

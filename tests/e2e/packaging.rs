@@ -39,6 +39,7 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-policy",
         "usr/bin/mb-dkim",
         "usr/sbin/mb-smtpd",
+        "usr/sbin/mb-milter",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",
         "usr/lib/systemd/system/mb-filter@.service",
@@ -131,7 +132,8 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
 #[test]
 fn xtask_up_runs_the_suite_and_down_stops_it() {
     let dev = tempfile::tempdir().unwrap();
-    let (smtp, submission, reinject) = (
+    let (smtp, submission, reinject, milter) = (
+        mb_testkit::free_port(),
         mb_testkit::free_port(),
         mb_testkit::free_port(),
         mb_testkit::free_port(),
@@ -143,6 +145,7 @@ fn xtask_up_runs_the_suite_and_down_stops_it() {
             .env("MB_DEV_SMTP_PORT", smtp.to_string())
             .env("MB_DEV_SUBMISSION_PORT", submission.to_string())
             .env("MB_DEV_REINJECT_PORT", reinject.to_string())
+            .env("MB_DEV_MILTER_PORT", milter.to_string())
             .current_dir(source_root())
             .output()
             .unwrap();

@@ -295,7 +295,7 @@ fn dev_config(dir: &Path) -> String {
          # The internal mail server accepted mail goes to: e.g. `smtp-sink 127.0.0.1:{relay} 100`.\n\
          [relay]\nhost = \"127.0.0.1\"\nport = {relay}\ntls = \"none\"\n\n\
          [filter]\nenabled = {filter}\nworkers = 1\n\n\
-         [milter]\nenabled = {milter}\n",
+         [milter]\nenabled = {milter}\nport = {milter_port}\n",
         d = dir.display(),
         smtp = dev_port("SMTP", 2525),
         submission = dev_port("SUBMISSION", 2587),
@@ -304,6 +304,7 @@ fn dev_config(dir: &Path) -> String {
         smtpd = built("mb-smtpd"),
         filter = built("mb-filter"),
         milter = built("mb-milter"),
+        milter_port = dev_port("MILTER", 10032),
     )
 }
 

@@ -127,6 +127,7 @@ pub struct Gateway {
     pub rpcd: Option<Proc>,
     pub smtpd: Option<Proc>,
     pub filters: Vec<Proc>,
+    pub milter: Option<Proc>,
 }
 
 impl Gateway {
@@ -149,6 +150,7 @@ impl Gateway {
             rpcd: None,
             smtpd: None,
             filters: Vec::new(),
+            milter: None,
         }
     }
 
@@ -190,6 +192,12 @@ impl Gateway {
             &log,
         )?;
         self.filters.push(proc);
+        Ok(())
+    }
+
+    /// Starts mb-milter (logging to `milter.log`) and waits for its socket.
+    pub fn start_milter(&mut self) -> Result<()> {
+        self.milter = Some(self.spawn_daemon("mb-milter", &self.path("milter.log"))?);
         Ok(())
     }
 

@@ -1,0 +1,419 @@
+//! One milter connection: negotiation, macros, the envelope and the message as Postfix
+//! hands them over, and the verdict of an mb-filter worker turned into milter replies.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mb_core::policy::{self, Action};
+use mb_proto::v1::{ScanEnvelope, ScanVerdict};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Shared;
+use crate::proto::{self, Error};
+
+/// What a connection knows.
+#[derive(Default)]
+struct State {
+    protocol: u32,
+    macros: HashMap<String, String>,
+    client_ip: Option<IpAddr>,
+    client_name: String,
+    helo: String,
+    sender: Option<String>,
+    rcpts: Vec<String>,
+    /// The header fields as received, in order (for deletions by index).
+    headers: Vec<(String, String)>,
+    message: Vec<u8>,
+    too_large: bool,
+}
+
+impl State {
+    fn reset_message(&mut self) {
+        self.sender = None;
+        self.rcpts.clear();
+        self.headers.clear();
+        self.message.clear();
+        self.too_large = false;
+    }
+
+    fn macro_value(&self, name: &str) -> Option<&str> {
+        self.macros
+            .get(name)
+            .or_else(|| self.macros.get(&format!("{{{name}}}")))
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, shared: Arc<Shared>, peer: IpAddr) {
+    let mut st = State::default();
+    loop {
+        let (cmd, data) = match proto::read(io).await {
+            Ok(p) => p,
+            Err(Error::Closed) => return,
+            Err(e) => {
+                tracing::warn!(client = %peer, cause = %e, "milter connection closed: malformed input");
+                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        match handle(io, &shared, &mut st, cmd, &data).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(client = %peer, cause = %e, "milter connection closed");
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one packet; `Ok(false)` ends the connection.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    shared: &Shared,
+    st: &mut State,
+    cmd: u8,
+    data: &[u8],
+) -> Result<bool, String> {
+    let io_err = |e: std::io::Error| e.to_string();
+    let reply_unless = |flag: u32, st: &State| st.protocol & flag == 0;
+    match cmd {
+        proto::OPTNEG => {
+            if data.len() < 12 {
+                return Err("short option negotiation".into());
+            }
+            let word =
+                |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
+            let (version, actions, offered) = (word(0), word(4), word(8));
+            if version < 2 {
+                return Err(format!("milter protocol version {version} is too old"));
+            }
+            let want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
+            // Steps we do not need are declined, and replies we would only "continue" are
+            // skipped where the MTA allows it.
+            let want_protocol = proto::NOUNKNOWN
+                | proto::NODATA
+                | proto::NOHREPL
+                | proto::NR_CONN
+                | proto::NR_HELO
+                | proto::NR_EOH
+                | proto::NR_BODY;
+            st.protocol = offered & want_protocol;
+            let mut out = Vec::with_capacity(12);
+            out.extend_from_slice(&version.min(6).to_be_bytes());
+            out.extend_from_slice(&(actions & want_actions).to_be_bytes());
+            out.extend_from_slice(&st.protocol.to_be_bytes());
+            proto::write(io, proto::OPTNEG, &out)
+                .await
+                .map_err(io_err)?;
+        }
+        proto::MACRO => {
+            let parts = proto::strings(data.get(1..).unwrap_or_default());
+            for pair in parts.chunks(2) {
+                if let [k, v] = pair {
+                    st.macros.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        proto::CONNECT => {
+            let parts = data.splitn(2, |b| *b == 0).collect::<Vec<_>>();
+            st.client_name =
+                String::from_utf8_lossy(parts.first().copied().unwrap_or_default()).into_owned();
+            if let Some(rest) = parts.get(1)
+                && rest.len() > 3
+                && matches!(rest[0], b'4' | b'6')
+            {
+                let addr = proto::strings(&rest[3..]);
+                st.client_ip = addr
+                    .first()
+                    .and_then(|a| a.trim_start_matches("IPv6:").parse().ok());
+            }
+            if reply_unless(proto::NR_CONN, st) {
+                proto::write(io, proto::CONTINUE, &[])
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        proto::HELO => {
+            st.helo = proto::strings(data).first().cloned().unwrap_or_default();
+            if reply_unless(proto::NR_HELO, st) {
+                proto::write(io, proto::CONTINUE, &[])
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        proto::MAIL => {
+            st.reset_message();
+            let sender = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
+            let blocked = blocked_by(shared, &sender, &[], st.client_ip);
+            st.sender = Some(sender);
+            respond_policy(io, shared, blocked).await?;
+        }
+        proto::RCPT => {
+            let rcpt = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
+            let blocked =
+                blocked_by(shared, "", std::slice::from_ref(&rcpt), None).filter(|p| p.1 != "from");
+            if blocked.is_none() {
+                st.rcpts.push(rcpt);
+            }
+            respond_policy(io, shared, blocked).await?;
+        }
+        proto::HEADER => {
+            let parts = proto::strings(data);
+            let (name, value) = (
+                parts.first().cloned().unwrap_or_default(),
+                parts.get(1).cloned().unwrap_or_default(),
+            );
+            append(
+                st,
+                shared,
+                format!(
+                    "{name}: {}\r\n",
+                    value.replace("\r\n", "\n").replace('\n', "\r\n")
+                )
+                .as_bytes(),
+            );
+            st.headers.push((name, value));
+            if reply_unless(proto::NOHREPL, st) {
+                proto::write(io, proto::CONTINUE, &[])
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        proto::EOH => {
+            append(st, shared, b"\r\n");
+            if reply_unless(proto::NR_EOH, st) {
+                proto::write(io, proto::CONTINUE, &[])
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        proto::BODY => {
+            append(st, shared, data);
+            if reply_unless(proto::NR_BODY, st) {
+                proto::write(io, proto::CONTINUE, &[])
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        proto::BODYEOB => {
+            append(st, shared, data);
+            end_of_message(io, shared, st).await?;
+            st.reset_message();
+        }
+        proto::ABORT => st.reset_message(),
+        proto::QUIT => return Ok(false),
+        proto::QUIT_NC => *st = State::default(),
+        proto::DATA | proto::UNKNOWN => {
+            proto::write(io, proto::CONTINUE, &[])
+                .await
+                .map_err(io_err)?;
+        }
+        other => {
+            return Err(format!("unknown milter command {:?}", char::from(other)));
+        }
+    }
+    Ok(true)
+}
+
+/// Adds to the message, up to the size limit.
+fn append(st: &mut State, shared: &Shared, bytes: &[u8]) {
+    if st.too_large {
+        return;
+    }
+    let limit = usize::try_from(shared.follower.current().size("smtp.message_size_limit"))
+        .unwrap_or(usize::MAX);
+    if st.message.len() + bytes.len() > limit {
+        st.too_large = true;
+        st.message = Vec::new();
+        return;
+    }
+    st.message.extend_from_slice(bytes);
+}
+
+/// The blocking policy for a sender (or recipient), with its direction.
+fn blocked_by(
+    shared: &Shared,
+    sender: &str,
+    rcpts: &[String],
+    ip: Option<IpAddr>,
+) -> Option<(String, &'static str)> {
+    let set = shared.policies.current();
+    let p = policy::best(
+        &set,
+        &policy::Subject {
+            sender,
+            recipients: rcpts,
+            client_ip: ip,
+        },
+    )?;
+    (p.action == Action::Block).then(|| (p.name.clone(), p.direction.as_str()))
+}
+
+async fn respond_policy<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    shared: &Shared,
+    blocked: Option<(String, &'static str)>,
+) -> Result<(), String> {
+    let io_err = |e: std::io::Error| e.to_string();
+    match blocked {
+        Some((name, _)) => {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let line = proto::reply_line(550, "5.7.1", &format!("Refused by policy {name}"));
+            proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
+                .await
+                .map_err(io_err)
+        }
+        None => proto::write(io, proto::CONTINUE, &[]).await.map_err(io_err),
+    }
+}
+
+async fn end_of_message<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    shared: &Shared,
+    st: &mut State,
+) -> Result<(), String> {
+    let io_err = |e: std::io::Error| e.to_string();
+    let cfg = shared.follower.current();
+    shared.stats.messages.fetch_add(1, Ordering::Relaxed);
+    if st.too_large {
+        let line = proto::reply_line(552, "5.3.4", "Message too big");
+        shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
+            .await
+            .map_err(io_err);
+    }
+    let client_ip = st
+        .macro_value("client_addr")
+        .and_then(|a| a.parse().ok())
+        .or(st.client_ip);
+    let auth_user = st
+        .macro_value("auth_authen")
+        .unwrap_or_default()
+        .to_string();
+    let outbound = !auth_user.is_empty()
+        || client_ip.is_some_and(|ip| cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip)));
+    let tls = match (st.macro_value("tls_version"), st.macro_value("cipher")) {
+        (Some(v), Some(c)) => format!("{v} {c}"),
+        (Some(v), None) => v.to_string(),
+        _ => String::new(),
+    };
+    let queue_id = st.macro_value("i").unwrap_or_default().to_string();
+    let envelope = ScanEnvelope {
+        queue_id: queue_id.clone(),
+        client_ip: client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        client_name: st
+            .macro_value("client_name")
+            .map_or_else(|| st.client_name.clone(), str::to_string),
+        helo: st.helo.clone(),
+        sender: st.sender.clone().unwrap_or_default(),
+        recipients: st.rcpts.clone(),
+        auth_user,
+        tls,
+        direction: if outbound { "outbound" } else { "inbound" }.into(),
+    };
+    let started = Instant::now();
+    let verdict = shared
+        .scanner
+        .scan(envelope, std::mem::take(&mut st.message))
+        .await;
+    shared.stats.latency_micros.fetch_add(
+        u64::try_from(started.elapsed().as_micros()).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    let v = match verdict {
+        Ok(v) => v,
+        Err(e) if cfg.text("milter.unavailable_action") == "accept" => {
+            tracing::warn!(id = %queue_id, cause = %e, "no mb-filter worker answered; accepting unscanned (milter.unavailable_action = accept)");
+            shared.stats.unscanned.fetch_add(1, Ordering::Relaxed);
+            return proto::write(io, proto::CONTINUE, &[]).await.map_err(io_err);
+        }
+        Err(e) => {
+            tracing::warn!(id = %queue_id, cause = %e, "no mb-filter worker answered; tempfailing");
+            shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
+            let line =
+                proto::reply_line(451, "4.7.1", "Content scanner unavailable, try again later");
+            return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
+                .await
+                .map_err(io_err);
+        }
+    };
+    apply(io, shared, st, &v).await.map_err(io_err)
+}
+
+/// Turns a verdict into milter modifications and the final reply.
+async fn apply<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    shared: &Shared,
+    st: &State,
+    v: &ScanVerdict,
+) -> std::io::Result<()> {
+    let code = |fallback: u32| {
+        Some(v.smtp_code)
+            .filter(|c| (400..600).contains(c))
+            .unwrap_or(fallback)
+    };
+    match v.action.as_str() {
+        "reject" => {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let c = code(550);
+            let line = proto::reply_line(
+                c,
+                mb_smtpd::scan::status_of(c, &v.smtp_status),
+                &v.smtp_text,
+            );
+            proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line])).await
+        }
+        "tempfail" => {
+            shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
+            let c = code(451);
+            let line = proto::reply_line(
+                c,
+                mb_smtpd::scan::status_of(c, &v.smtp_status),
+                &v.smtp_text,
+            );
+            proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line])).await
+        }
+        "discard" => {
+            shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            proto::write(io, proto::DISCARD, &[]).await
+        }
+        action => {
+            // Remove the fields the verdict replaces (each occurrence, by its index among
+            // fields of that name), then add ours at the top, in order.
+            for name in &v.remove_headers {
+                let count = st
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .count();
+                for index in (1..=count).rev() {
+                    let mut data = u32::try_from(index).unwrap_or(1).to_be_bytes().to_vec();
+                    data.extend_from_slice(&proto::cstrings(&[name, ""]));
+                    proto::write(io, proto::CHGHEADER, &data).await?;
+                }
+            }
+            for h in v.add_headers.iter().rev() {
+                let mut data = 0u32.to_be_bytes().to_vec();
+                let value = h.value.replace("\r\n", "\n");
+                data.extend_from_slice(&proto::cstrings(&[&h.name, &value]));
+                proto::write(io, proto::INSHEADER, &data).await?;
+            }
+            if action == "quarantine" {
+                shared.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+                let reason = format!(
+                    "mailborder: {} (quarantine id {})",
+                    v.smtp_text, v.quarantine_id
+                );
+                proto::write(io, proto::QUARANTINE, &proto::cstrings(&[&reason])).await?;
+            } else {
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            proto::write(io, proto::CONTINUE, &[]).await
+        }
+    }
+}
