@@ -1304,11 +1304,15 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
         "{r}"
     );
     // A blocked sender: refused at MAIL, before any data (once the milter has the policy).
-    wait_until("the milter loads the policy", Duration::from_secs(20), || {
-        std::fs::read_to_string(gw.path("milter.log"))
-            .unwrap_or_default()
-            .contains("policies loaded count=1")
-    })
+    wait_until(
+        "the milter loads the policy",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(gw.path("milter.log"))
+                .unwrap_or_default()
+                .contains("policies loaded count=1")
+        },
+    )
     .unwrap();
     let (mail, _) = session("boss@spammer.test", CLEAN);
     assert!(
@@ -1336,4 +1340,114 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
     assert_eq!(milter["counters"]["messages"], 3, "{st:#}");
     assert_eq!(milter["counters"]["rejected"], 2, "{st:#}");
     assert_eq!(milter["counters"]["tempfailed"], 1, "{st:#}");
+}
+
+#[test]
+fn miltertest_scripts_drive_the_milter_and_malformed_frames_close_only_their_connection() {
+    let miltertest = mb_testkit::require("miltertest", "miltertest");
+    let milter_port = free_port();
+    let mut gw = Gateway::new(&format!(
+        "[smtp]\nenabled = false\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
+         [filter]\nenabled = true\nworkers = 1\nport = {}\n\
+         [milter]\nenabled = true\nport = {milter_port}\n",
+        free_port(),
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_milter().unwrap();
+    // Three messages on one connection: a clean one (headers inserted and the sender's
+    // X-Spam deleted), one aborted halfway, one with a blocked attachment (a reply code).
+    let attachment = with_attachment("mt-blocked", "run.exe", b"MZ")
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace("\r\n", "\\r\\n");
+    let (headers, body) = attachment.split_once("\\r\\n\\r\\n").unwrap();
+    let mut script = format!(
+        "conn = mt.connect(\"inet:{milter_port}@127.0.0.1\", 10, 0.5)\n\
+         if conn == nil then error(\"connect failed\") end\n\
+         if mt.negotiate(conn, nil, nil, nil) ~= nil then error(\"negotiate failed\") end\n\
+         mt.macro(conn, SMFIC_CONNECT, \"j\", \"gw.served.test\")\n\
+         if mt.conninfo(conn, \"client.test\", \"127.0.0.1\") ~= nil then error(\"conninfo failed\") end\n\
+         if mt.helo(conn, \"client.test\") ~= nil then error(\"helo failed\") end\n\
+         mt.macro(conn, SMFIC_MAIL, \"i\", \"MT0001\")\n\
+         if mt.mailfrom(conn, \"<alice@sender.test>\") ~= nil then error(\"mailfrom failed\") end\n\
+         if mt.getreply(conn) ~= SMFIR_CONTINUE then error(\"mailfrom reply\") end\n\
+         if mt.rcptto(conn, \"<bob@served.test>\") ~= nil then error(\"rcptto failed\") end\n\
+         if mt.getreply(conn) ~= SMFIR_CONTINUE then error(\"rcptto reply\") end\n\
+         mt.header(conn, \"From\", \"alice@sender.test\")\n\
+         mt.header(conn, \"Subject\", \"miltertest\")\n\
+         mt.header(conn, \"Date\", \"Sun, 22 Nov 2026 01:00:00 +0000\")\n\
+         mt.header(conn, \"Message-ID\", \"<mt1@sender.test>\")\n\
+         mt.header(conn, \"X-Spam\", \"Yes\")\n\
+         mt.eoh(conn)\n\
+         mt.bodystring(conn, \"hello\\r\\n\")\n\
+         if mt.eom(conn) ~= nil then error(\"eom failed\") end\n\
+         if mt.getreply(conn) ~= SMFIR_CONTINUE then error(\"eom reply\") end\n\
+         if not mt.eom_check(conn, MT_HDRINSERT, \"X-Spam-Status\") then error(\"no X-Spam-Status inserted\") end\n\
+         if not mt.eom_check(conn, MT_HDRDELETE, \"X-Spam\") then error(\"X-Spam not deleted\") end\n\
+         mt.echo(\"STATUS=\" .. mt.getheader(conn, \"X-Spam-Status\", 0))\n\
+         if mt.mailfrom(conn, \"<alice@sender.test>\") ~= nil then error(\"mailfrom 2 failed\") end\n\
+         mt.rcptto(conn, \"<bob@served.test>\")\n\
+         mt.header(conn, \"Subject\", \"aborted\")\n\
+         if mt.abort(conn) ~= nil then error(\"abort failed\") end\n\
+         if mt.mailfrom(conn, \"<alice@sender.test>\") ~= nil then error(\"mailfrom 3 failed\") end\n\
+         mt.rcptto(conn, \"<bob@served.test>\")\n"
+    );
+    for line in headers.split("\\r\\n") {
+        let (name, value) = line.split_once(": ").unwrap();
+        script.push_str(&format!("mt.header(conn, \"{name}\", \"{value}\")\n"));
+    }
+    script.push_str(&format!(
+        "mt.eoh(conn)\nmt.bodystring(conn, \"{body}\")\n\
+         if mt.eom(conn) ~= nil then error(\"eom 3 failed\") end\n\
+         if mt.getreply(conn) ~= SMFIR_REPLYCODE then error(\"a blocked attachment gets a reply code\") end\n\
+         mt.disconnect(conn)\nmt.echo(\"DONE\")\n"
+    ));
+    let file = gw.path("test.lua");
+    std::fs::write(&file, &script).unwrap();
+    let out = std::process::Command::new(miltertest)
+        .arg("-s")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let (code, stdout, stderr) = text(&out);
+    assert_eq!(
+        code,
+        0,
+        "{stdout}{stderr}\n{script}\n{}",
+        std::fs::read_to_string(gw.path("milter.log")).unwrap_or_default()
+    );
+    assert!(stdout.contains("STATUS=No, score="), "{stdout}");
+    assert!(stdout.contains("DONE"), "{stdout}");
+
+    // Malformed frames close their own connection; the milter serves the next one.
+    use std::io::{Read, Write};
+    for bad in [
+        &[0xffu8, 0xff, 0xff, 0xff][..],
+        &[0, 0, 0, 0],
+        &[0, 0, 0, 1, b'Z'],
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", milter_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bad).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed after {bad:?}");
+    }
+    let out = std::process::Command::new(mb_testkit::require("miltertest", "miltertest"))
+        .arg("-s")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(text(&out).0, 0, "still serving: {}", text(&out).1);
+    let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let milter = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "mb-milter")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(milter["counters"]["malformed"], 3, "{milter:#}");
+    assert_eq!(milter["counters"]["messages"], 4, "{milter:#}");
 }

@@ -200,13 +200,67 @@ fn ceiling(load: &Load) -> Result<Outcome> {
 fn through_postfix(load: &Load) -> Result<Outcome> {
     let (sink_port, _sink) = sink()?;
     let pf = Postfix::start(&format!("[127.0.0.1]:{sink_port}"), "")?;
+    postfix_run(load, &pf, &[], "via Postfix (queue on disk)")
+}
+
+/// Postfix with mb-milter in smtpd_milters, mb-milter asking two mb-filter workers (the
+/// same checks as the filtered mb-smtpd run).
+fn through_postfix_milter(load: &Load, bin: &Path) -> Result<Outcome> {
+    let (sink_port, _sink) = sink()?;
+    let gw = BenchGateway::start(bin, sink_port, true)?;
+    let milter_port = free_port();
+    let d = gw.dir.path();
+    fs::write(
+        d.join("milter.toml"),
+        format!(
+            "{}\n[milter]\nenabled = true\nport = {milter_port}\n",
+            gw.config_text
+        ),
+    )?;
+    let log = fs::File::create(d.join("milter.log"))?;
+    let child = Command::new(bin.with_file_name("mb-milter"))
+        .arg("--config")
+        .arg(d.join("milter.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let milter = Proc {
+        child,
+        name: "mb-milter".into(),
+    };
+    wait_until("mb-milter", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", milter_port)).is_ok()
+    })?;
+    let pf = Postfix::start(
+        &format!("[127.0.0.1]:{sink_port}"),
+        &format!(
+            "smtpd_milters = inet:127.0.0.1:{milter_port}\nmilter_default_action = tempfail\n"
+        ),
+    )?;
+    let mut extra = vec![milter.pid()];
+    extra.extend(gw.workers.iter().map(Proc::pid));
+    let r = postfix_run(load, &pf, &extra, "via Postfix + mb-milter + 2 workers")?;
+    let refused = fs::read_to_string(pf.dir.path().join("postfix.log"))
+        .unwrap_or_default()
+        .matches("milter-reject")
+        .count();
+    if refused > 0 {
+        bail!("the milter refused {refused} benchmark messages");
+    }
+    Ok(r)
+}
+
+fn postfix_run(load: &Load, pf: &Postfix, extra: &[i32], name: &str) -> Result<Outcome> {
     let master = pf.master_pid().context("no postfix master pid")?;
-    let cpu0 = cpu_secs(master);
+    let mut roots = vec![master];
+    roots.extend_from_slice(extra);
+    let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_secs(*p)).sum::<f64>();
+    let cpu0 = cpu(&roots);
     let mut peak = 0;
     let started = Instant::now();
-    let accept = source_sampling(load, pf.port, &[master], &mut peak)?;
+    let accept = source_sampling(load, pf.port, &roots, &mut peak)?;
     let queue = pf.dir.path().join("queue");
-    let total = drain(started, &[master], &mut peak, || {
+    let total = drain(started, &roots, &mut peak, || {
         ["maildrop", "incoming", "active", "deferred"]
             .iter()
             .map(|q| count_files(&queue.join(q)))
@@ -217,10 +271,10 @@ fn through_postfix(load: &Load) -> Result<Outcome> {
         bail!("postfix deferred {deferred} messages:\n{}", pf.log());
     }
     Ok(Outcome {
-        name: "via Postfix (queue on disk)".into(),
+        name: name.into(),
         accept_secs: accept,
         total_secs: total,
-        cpu_secs: Some(cpu_secs(master) - cpu0),
+        cpu_secs: Some(cpu(&roots) - cpu0),
         peak_rss_kib: Some(peak),
     })
 }
@@ -246,44 +300,53 @@ fn bench_policies() -> String {
     format!("[{}]", items.join(","))
 }
 
-fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> {
-    let (sink_port, _sink) = sink()?;
-    let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
-    let d = dir.path();
-    let port = free_port();
-    let config = d.join("mailborder.toml");
-    // Filtering checks the sender for real: SPF, DMARC and iprev answered by a local DNS
-    // server (the load comes from 127.0.0.1, which is not in mynetworks: inbound mail).
-    let dns = if filter {
-        Some(mb_testkit::Dnsmasq::start(&[
-            "--auth-server=ns.test,127.0.0.1".into(),
-            "--auth-zone=test".into(),
-            "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all".into(),
-            "--txt-record=_dmarc.bench.test,v=DMARC1; p=none".into(),
-            "--ptr-record=1.0.0.127.in-addr.arpa,mail.bench.test".into(),
-            "--host-record=mail.bench.test,127.0.0.1".into(),
-        ])?)
-    } else {
-        None
-    };
-    let filter_keys = match &dns {
-        Some(dns) => format!(
-            "port = {}\n[network.dns]\nservers = \"{}\"\n",
-            free_port(),
-            dns.servers()
-        ),
-        None => String::new(),
-    };
-    if filter {
-        let cache = d.join("data/cache");
-        fs::create_dir_all(&cache)?;
-        for n in 1..=2 {
-            fs::write(cache.join(format!("policies-{n}.json")), bench_policies())?;
+/// A bench gateway's directory, configuration and (when filtering) its two workers and
+/// DNS server.
+struct BenchGateway {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    config_text: String,
+    port: u16,
+    workers: Vec<Proc>,
+    _dns: Option<mb_testkit::Dnsmasq>,
+}
+
+impl BenchGateway {
+    fn start(bin: &Path, sink_port: u16, filter: bool) -> Result<BenchGateway> {
+        let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
+        let d = dir.path();
+        let port = free_port();
+        let config = d.join("mailborder.toml");
+        // Filtering checks the sender for real: SPF, DMARC and iprev answered by a local
+        // DNS server (the load comes from 127.0.0.1, not in mynetworks: inbound mail).
+        let dns = if filter {
+            Some(mb_testkit::Dnsmasq::start(&[
+                "--auth-server=ns.test,127.0.0.1".into(),
+                "--auth-zone=test".into(),
+                "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all".into(),
+                "--txt-record=_dmarc.bench.test,v=DMARC1; p=none".into(),
+                "--ptr-record=1.0.0.127.in-addr.arpa,mail.bench.test".into(),
+                "--host-record=mail.bench.test,127.0.0.1".into(),
+            ])?)
+        } else {
+            None
+        };
+        let filter_keys = match &dns {
+            Some(dns) => format!(
+                "port = {}\n[network.dns]\nservers = \"{}\"\n",
+                free_port(),
+                dns.servers()
+            ),
+            None => String::new(),
+        };
+        if filter {
+            let cache = d.join("data/cache");
+            fs::create_dir_all(&cache)?;
+            for name in ["policies-1.json", "policies-2.json", "policies-milter.json"] {
+                fs::write(cache.join(name), bench_policies())?;
+            }
         }
-    }
-    fs::write(
-        &config,
-        format!(
+        let config_text = format!(
             "process.user = \"\"\n\
              [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\
              [log]\nlevel = \"warn\"\n\
@@ -297,28 +360,43 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
              [filter]\nenabled = {filter}\nworkers = 2\n{filter_keys}",
             free_port(),
             d = d.display()
-        ),
-    )?;
-    // With filtering: two workers, started first (mb-smtpd finds their sockets).
-    let mut workers = Vec::new();
-    if filter {
-        for n in 1..=2 {
-            let log = fs::File::create(d.join(format!("filter-{n}.log")))?;
-            let child = Command::new(bin.with_file_name("mb-filter"))
-                .arg("--config")
-                .arg(&config)
-                .args(["--instance", &n.to_string()])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?;
-            workers.push(Proc {
-                child,
-                name: format!("mb-filter@{n}"),
-            });
-            let socket = d.join(format!("run/mb-filter-{n}.sock"));
-            wait_until("mb-filter", Duration::from_secs(30), || socket.exists())?;
+        );
+        fs::write(&config, &config_text)?;
+        // Two workers, started first (their users find their sockets).
+        let mut workers = Vec::new();
+        if filter {
+            for n in 1..=2 {
+                let log = fs::File::create(d.join(format!("filter-{n}.log")))?;
+                let child = Command::new(bin.with_file_name("mb-filter"))
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["--instance", &n.to_string()])
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()?;
+                workers.push(Proc {
+                    child,
+                    name: format!("mb-filter@{n}"),
+                });
+                let socket = d.join(format!("run/mb-filter-{n}.sock"));
+                wait_until("mb-filter", Duration::from_secs(30), || socket.exists())?;
+            }
         }
+        Ok(BenchGateway {
+            dir,
+            config,
+            config_text,
+            port,
+            workers,
+            _dns: dns,
+        })
     }
+}
+
+fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> {
+    let (sink_port, _sink) = sink()?;
+    let gw = BenchGateway::start(bin, sink_port, filter)?;
+    let (d, config, port, workers) = (gw.dir.path(), &gw.config, gw.port, &gw.workers);
     let log = fs::File::create(d.join("smtpd.log"))?;
     let child = Command::new(bin)
         .arg("--config")
@@ -364,7 +442,7 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
     })
 }
 
-pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool) -> Result<()> {
+pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Result<()> {
     let n = f64::from(load.messages);
     eprintln!(
         "xtask: bench: {} messages of {} bytes over {} sessions, each path in turn",
@@ -375,6 +453,9 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool) -> Result<()> {
     if filter {
         steps.push("mailborder+filter");
     }
+    if milter {
+        steps.push("postfix+milter");
+    }
     let total = steps.len();
     for (i, step) in steps.iter().enumerate() {
         eprintln!("xtask: bench {}/{total}: {step} ...", i + 1);
@@ -382,6 +463,7 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool) -> Result<()> {
             "ceiling" => ceiling(load)?,
             "postfix" => through_postfix(load)?,
             "mailborder" => through_mailborder(load, &mb_smtpd, false)?,
+            "postfix+milter" => through_postfix_milter(load, &mb_smtpd)?,
             _ => through_mailborder(load, &mb_smtpd, true)?,
         };
         eprintln!(
@@ -425,11 +507,19 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool) -> Result<()> {
         "ceiling / mb-smtpd end-to-end: {:.2}x",
         ratio(mb.total_secs, results[0].total_secs)
     );
-    if let Some(f) = results.get(3) {
-        println!(
-            "mb-smtpd with filtering / Postfix plain relay: end-to-end {:.2}x",
-            ratio(pf.total_secs, f.total_secs)
-        );
+    for r in &results[3..] {
+        if r.name.contains("mb-milter") {
+            println!(
+                "Postfix with mb-milter / Postfix alone: end-to-end {:.2} ({:.0}% of Postfix's throughput)",
+                ratio(pf.total_secs, r.total_secs),
+                100.0 * ratio(pf.total_secs, r.total_secs)
+            );
+        } else {
+            println!(
+                "mb-smtpd with filtering / Postfix plain relay: end-to-end {:.2}x",
+                ratio(pf.total_secs, r.total_secs)
+            );
+        }
     }
     Ok(())
 }

@@ -56,6 +56,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "python3-authres",
         "/usr/lib/python3/dist-packages/authres/__init__.py",
     ),
+    // OpenDKIM's miltertest, an independent milter client for the mb-milter tests.
+    ("miltertest", "/usr/bin/miltertest"),
 ];
 
 #[derive(Parser)]
@@ -117,6 +119,9 @@ enum Cmd {
         /// Also measure mb-smtpd with two mb-filter workers scanning every message
         #[arg(long)]
         filter: bool,
+        /// Also measure Postfix with mb-milter (two mb-filter workers) in its smtpd_milters
+        #[arg(long)]
+        milter: bool,
     },
 }
 
@@ -139,11 +144,20 @@ fn main() -> ExitCode {
             size,
             debug,
             filter,
+            milter,
         } => (|| {
             ensure_test_packages()?;
             let profile = if debug { "debug" } else { "release" };
             let mut build = cargo();
-            build.args(["build", "-p", "mb-smtpd", "-p", "mb-filter"]);
+            build.args([
+                "build",
+                "-p",
+                "mb-smtpd",
+                "-p",
+                "mb-filter",
+                "-p",
+                "mb-milter",
+            ]);
             if !debug {
                 build.arg("--release");
             }
@@ -156,6 +170,7 @@ fn main() -> ExitCode {
                 },
                 root().join("target").join(profile).join("mb-smtpd"),
                 filter,
+                milter,
             )
         })(),
     };

@@ -64,7 +64,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, shared: Arc<Shar
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                tracing::warn!(client = %peer, cause = %e, "milter connection closed");
+                tracing::warn!(client = %peer, cause = %e, "milter connection closed: bad packet or write failure");
+                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
