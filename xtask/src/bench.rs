@@ -400,7 +400,7 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
     let log = fs::File::create(d.join("smtpd.log"))?;
     let child = Command::new(bin)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
