@@ -54,6 +54,9 @@ pub struct Shared {
     pub policies: Arc<PolicySet>,
     pub scanner: Box<dyn Scanner>,
     pub stats: Stats,
+    /// How often a PROGRESS packet tells the MTA a long scan is still running (so its
+    /// milter timeouts do not fire first).
+    pub progress_every: Duration,
 }
 
 struct Hooks {
@@ -153,6 +156,7 @@ pub async fn main(opts: Options) -> i32 {
             cfg.duration("filter.scan_timeout"),
         )),
         stats: Stats::default(),
+        progress_every: Duration::from_secs(30),
     });
     let info = DaemonInfo::new(DAEMON);
     info.add_listener(format!("milter inet:{listen}"));

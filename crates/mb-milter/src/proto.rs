@@ -28,6 +28,7 @@ pub const UNKNOWN: u8 = b'U';
 pub const ACCEPT: u8 = b'a';
 pub const CONTINUE: u8 = b'c';
 pub const DISCARD: u8 = b'd';
+pub const PROGRESS: u8 = b'p';
 pub const CHGHEADER: u8 = b'm';
 pub const INSHEADER: u8 = b'i';
 pub const QUARANTINE: u8 = b'q';

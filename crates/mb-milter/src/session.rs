@@ -322,10 +322,22 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         direction: if outbound { "outbound" } else { "inbound" }.into(),
     };
     let started = Instant::now();
-    let verdict = shared
+    let scan = shared
         .scanner
-        .scan(envelope, std::mem::take(&mut st.message))
-        .await;
+        .scan(envelope, std::mem::take(&mut st.message));
+    tokio::pin!(scan);
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + shared.progress_every,
+        shared.progress_every,
+    );
+    let verdict = loop {
+        tokio::select! {
+            v = &mut scan => break v,
+            _ = progress.tick() => {
+                proto::write(io, proto::PROGRESS, &[]).await.map_err(io_err)?;
+            }
+        }
+    };
     shared.stats.latency_micros.fetch_add(
         u64::try_from(started.elapsed().as_micros()).unwrap_or(0),
         Ordering::Relaxed,
@@ -420,5 +432,111 @@ async fn apply<S: AsyncWrite + Unpin>(
             }
             proto::write(io, proto::CONTINUE, &[]).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use mb_proto::v1::ScanHeader;
+    use tokio::io::AsyncWriteExt;
+
+    /// A scanner that takes its time and tags everything.
+    struct Slow;
+
+    #[tonic::async_trait]
+    impl mb_smtpd::scan::Scanner for Slow {
+        async fn scan(&self, env: ScanEnvelope, message: Vec<u8>) -> Result<ScanVerdict, String> {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert!(String::from_utf8_lossy(&message).contains("X-Spam: Yes\r\n\r\nbody"));
+            assert_eq!(
+                (env.sender.as_str(), env.queue_id.as_str()),
+                ("a@b.example", "Q1")
+            );
+            Ok(ScanVerdict {
+                action: "tag".into(),
+                add_headers: vec![ScanHeader {
+                    name: "X-Spam-Status".into(),
+                    value: "Yes".into(),
+                }],
+                remove_headers: vec!["X-Spam".into()],
+                ..Default::default()
+            })
+        }
+    }
+
+    async fn packet<W: AsyncWrite + Unpin>(w: &mut W, cmd: u8, data: &[u8]) {
+        proto::write(w, cmd, data).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn long_scans_send_progress_then_the_changes_and_continue() {
+        let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let cfg = mb_core::Config::from_toml_str("", "test").unwrap();
+        let shared = Arc::new(Shared {
+            follower: mb_runtime::follow::Follower::start("mb-milter-test", cfg, shutdown),
+            policies: mb_runtime::policies::PolicySet::fixed(Vec::new()),
+            scanner: Box::new(Slow),
+            stats: crate::Stats::default(),
+            progress_every: Duration::from_millis(60),
+        });
+        let (mut mta, mut milter) = tokio::io::duplex(1 << 16);
+        let server = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut st = State::default();
+                loop {
+                    let Ok((cmd, data)) = proto::read(&mut milter).await else {
+                        return;
+                    };
+                    if !handle(&mut milter, &shared, &mut st, cmd, &data)
+                        .await
+                        .unwrap()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x3fu32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
+        packet(&mut mta, proto::MACRO, b"Mi\0Q1\0").await;
+        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::HEADER, b"X-Spam\0Yes\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::EOH, b"").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
+        let mut seen = Vec::new();
+        loop {
+            let (cmd, data) = proto::read(&mut mta).await.unwrap();
+            seen.push((cmd, data));
+            if cmd == proto::CONTINUE {
+                break;
+            }
+        }
+        let cmds: Vec<u8> = seen.iter().map(|(c, _)| *c).collect();
+        assert!(
+            cmds.starts_with(&[proto::PROGRESS, proto::PROGRESS]),
+            "{cmds:?}"
+        );
+        let changes: Vec<&(u8, Vec<u8>)> =
+            seen.iter().filter(|(c, _)| *c != proto::PROGRESS).collect();
+        assert_eq!(changes[0].0, proto::CHGHEADER);
+        assert_eq!(changes[0].1, b"\0\0\0\x01X-Spam\0\0");
+        assert_eq!(changes[1].0, proto::INSHEADER);
+        assert_eq!(changes[1].1, b"\0\0\0\0X-Spam-Status\0Yes\0");
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 1);
     }
 }
