@@ -1143,16 +1143,54 @@ fn postfix_content_filter_mode_scans_and_reinjects_and_a_down_filter_defers() {
     );
 }
 
+/// A clamd stand-in that answers "clean" after `delay`, so scans are in flight long
+/// enough for a worker to die in the middle of them.
+fn slow_clamd(delay: Duration) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut command = [0u8; 10];
+                if conn.read_exact(&mut command).is_err() {
+                    return;
+                }
+                loop {
+                    let mut len = [0u8; 4];
+                    if conn.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let n = u32::from_be_bytes(len) as usize;
+                    if n == 0 {
+                        break;
+                    }
+                    let mut chunk = vec![0u8; n];
+                    if conn.read_exact(&mut chunk).is_err() {
+                        return;
+                    }
+                }
+                std::thread::sleep(delay);
+                let _ = conn.write_all(b"stream: OK\0");
+            });
+        }
+    });
+    port
+}
+
 #[test]
 fn killing_a_worker_under_load_loses_no_message() {
     let sink = SmtpSink::start(&[]).unwrap();
+    let clamd = slow_clamd(Duration::from_millis(300));
     let port = free_port();
     let mut gw = Gateway::new(&format!(
         "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nrate_per_source = 100000\nconnection_rate = 100000\nmax_per_source = 100\n\
          [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
          [smtp]\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
          [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
-         [filter]\nenabled = true\nworkers = 2\nport = {}\n",
+         [filter]\nenabled = true\nworkers = 2\nport = {}\n\
+         [clamav]\nenabled = true\naddress = \"127.0.0.1:{clamd}\"\n",
         free_port(),
         sink.port,
         free_port()
@@ -1162,7 +1200,7 @@ fn killing_a_worker_under_load_loses_no_message() {
     gw.start_filter(2).unwrap();
     gw.start_smtpd().unwrap();
     const CLIENTS: usize = 4;
-    const EACH: usize = 40;
+    const EACH: usize = 12;
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -1200,6 +1238,14 @@ fn killing_a_worker_under_load_loses_no_message() {
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
+    // Scans take 300 ms and four run at once: some were on worker 1 when it died, and
+    // mb-smtpd asked worker 2 again.
+    assert!(
+        gw.smtpd_log()
+            .contains("mb-filter worker failed; trying the next"),
+        "{}",
+        gw.smtpd_log()
+    );
     let refused: Vec<&(String, String)> = replies
         .iter()
         .filter(|(_, r)| !r.starts_with("250"))
