@@ -297,6 +297,16 @@ fn spf_and_dmarc_are_checked_against_a_real_dns_server() {
     assert!(!lenient.contains("(9.0)"), "{lenient}");
 }
 
+/// One daemon's entry in `mb-status --json` (Null when it is not listed).
+fn daemon_status(gw: &Gateway, name: &str) -> serde_json::Value {
+    let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    st["daemons"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
 fn json(out: &std::process::Output) -> serde_json::Value {
     let (code, stdout, err) = text(out);
     assert_eq!(code, 0, "{stdout}{err}");
@@ -1084,6 +1094,32 @@ fn postfix_content_filter_mode_scans_and_reinjects_and_a_down_filter_defers() {
         "Postfix's queue id: {log:#}"
     );
 
+    // Spoken to in LMTP, the filter answers once per recipient after the next hop took
+    // the message.
+    let mut lmtp = Raw::connect(cf_port);
+    lmtp.reply();
+    lmtp.cmd("LHLO postfix.test");
+    lmtp.cmd("MAIL FROM:<alice@sender.test>");
+    assert!(lmtp.cmd("RCPT TO:<bob@served.test>").starts_with("250"));
+    assert!(lmtp.cmd("RCPT TO:<carol@served.test>").starts_with("250"));
+    lmtp.cmd("DATA");
+    let first = lmtp.cmd(
+        "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: cf-lmtp\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+         Message-ID: <cf-lmtp@sender.test>\r\n\r\nlmtp body\r\n.",
+    );
+    let second = lmtp.reply();
+    assert!(
+        first.starts_with("250") && second.starts_with("250"),
+        "{first} / {second}"
+    );
+    lmtp.cmd("QUIT");
+    wait_until(
+        "the LMTP message at the sink",
+        Duration::from_secs(30),
+        || sink.messages().iter().any(|m| m.contains("\nlmtp body")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+
     // A virus: the filter refuses it, Postfix returns it to the sender (the bounce goes
     // to the sink, which is the relay host for everything).
     let r = send_raw(&with_attachment("cf-virus", "eicar.txt", EICAR.as_bytes()));
@@ -1128,15 +1164,7 @@ fn postfix_content_filter_mode_scans_and_reinjects_and_a_down_filter_defers() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
-    let (code, out, _) = text(&gw.tool("mb-status", &["--json"]));
-    assert!(code == 0 || code == 1, "{out}");
-    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let worker = st["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "mb-filter@1")
-        .unwrap();
+    let worker = daemon_status(&gw, "mb-filter@1");
     assert_eq!(
         worker["counters"]["content_filter_messages"], 1,
         "the restarted worker: {worker:#}"
@@ -1374,18 +1402,10 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
     );
     assert!(r.starts_with("451 4.7.1"), "{r}");
     // mb-status shows the milter's counters.
-    let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
-    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let milter = st["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "mb-milter")
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(milter["counters"]["messages"], 3, "{st:#}");
-    assert_eq!(milter["counters"]["rejected"], 2, "{st:#}");
-    assert_eq!(milter["counters"]["tempfailed"], 1, "{st:#}");
+    let milter = daemon_status(&gw, "mb-milter");
+    assert_eq!(milter["counters"]["messages"], 3, "{milter:#}");
+    assert_eq!(milter["counters"]["rejected"], 2, "{milter:#}");
+    assert_eq!(milter["counters"]["tempfailed"], 1, "{milter:#}");
 }
 
 #[test]
@@ -1485,15 +1505,7 @@ fn miltertest_scripts_drive_the_milter_and_malformed_frames_close_only_their_con
         .output()
         .unwrap();
     assert_eq!(text(&out).0, 0, "still serving: {}", text(&out).1);
-    let (_, out, _) = text(&gw.tool("mb-status", &["--json"]));
-    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let milter = st["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "mb-milter")
-        .cloned()
-        .unwrap_or_default();
+    let milter = daemon_status(&gw, "mb-milter");
     assert_eq!(milter["counters"]["malformed"], 3, "{milter:#}");
     assert_eq!(milter["counters"]["messages"], 4, "{milter:#}");
 }

@@ -231,32 +231,51 @@ impl Policy {
         }
     }
 
-    /// Why this policy matches the message, or `None`.
-    pub fn matches(&self, s: &Subject<'_>) -> Option<String> {
+    /// What matched, without allocating (the filter asks this for every policy of
+    /// every message).
+    fn hit<'s>(&self, s: &Subject<'s>) -> Option<Hit<'s>> {
         match self.object {
-            Object::Default => return Some("the default policy matches every message".into()),
+            Object::Default => return Some(Hit::Default),
             Object::Network => {
                 let ip = s.client_ip?;
                 let hit = match self.pattern.parse::<IpNet>() {
                     Ok(net) => net.contains(&ip),
                     Err(_) => self.pattern.parse::<IpAddr>().is_ok_and(|a| a == ip),
                 };
-                return hit.then(|| format!("client {ip} is in {}", self.pattern));
+                return hit.then_some(Hit::Client(ip));
             }
             _ => {}
         }
         if matches!(self.direction, Direction::From | Direction::FromOrTo)
             && self.matches_address(s.sender)
         {
-            return Some(format!("sender {} matches {}", s.sender, self.pattern));
+            return Some(Hit::Sender(s.sender));
         }
         if matches!(self.direction, Direction::To | Direction::FromOrTo)
             && let Some(r) = s.recipients.iter().find(|r| self.matches_address(r))
         {
-            return Some(format!("recipient {r} matches {}", self.pattern));
+            return Some(Hit::Recipient(r));
         }
         None
     }
+
+    /// Why this policy matches the message, or `None`.
+    pub fn matches(&self, s: &Subject<'_>) -> Option<String> {
+        Some(match self.hit(s)? {
+            Hit::Default => "the default policy matches every message".into(),
+            Hit::Client(ip) => format!("client {ip} is in {}", self.pattern),
+            Hit::Sender(a) => format!("sender {a} matches {}", self.pattern),
+            Hit::Recipient(a) => format!("recipient {a} matches {}", self.pattern),
+        })
+    }
+}
+
+/// What a policy matched on.
+enum Hit<'s> {
+    Default,
+    Client(IpAddr),
+    Sender(&'s str),
+    Recipient(&'s str),
 }
 
 fn rank(p: &Policy) -> (i32, std::cmp::Reverse<u8>, i64) {
@@ -267,7 +286,7 @@ fn rank(p: &Policy) -> (i32, std::cmp::Reverse<u8>, i64) {
 pub fn best<'a>(policies: &'a [Policy], s: &Subject<'_>) -> Option<&'a Policy> {
     policies
         .iter()
-        .filter(|p| p.matches(s).is_some())
+        .filter(|p| p.hit(s).is_some())
         .min_by_key(|p| rank(p))
 }
 
@@ -306,7 +325,7 @@ pub fn decide<'a>(policies: &'a [Policy], s: &Subject<'_>) -> (Option<&'a Policy
             b.name,
             if policies
                 .iter()
-                .filter(|p| p.id != b.id && p.priority == b.priority && p.matches(s).is_some())
+                .filter(|p| p.id != b.id && p.priority == b.priority && p.hit(s).is_some())
                 .count()
                 > 0
             {

@@ -70,11 +70,7 @@ pub async fn serve(
         tokio::spawn(async move {
             counters.active.fetch_add(1, Ordering::Relaxed);
             let cfg = svc.follower.current();
-            let allowed = peer.ip().is_loopback()
-                || cfg
-                    .nets("smtp.mynetworks")
-                    .iter()
-                    .any(|n| n.contains(&peer.ip()));
+            let allowed = trusted(peer.ip(), &cfg.nets("smtp.mynetworks"));
             let timeout = cfg.duration("network.smtp.timeout");
             let mut conn = Conn::new(Box::new(stream), timeout);
             if allowed {
@@ -89,6 +85,12 @@ pub async fn serve(
             counters.active.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Whether a client may use the content filter: its next hop trusts what comes from
+/// here, so only loopback and `smtp.mynetworks`.
+pub fn trusted(ip: IpAddr, mynetworks: &[ipnet::IpNet]) -> bool {
+    ip.is_loopback() || mynetworks.iter().any(|n| n.contains(&ip))
 }
 
 /// What XFORWARD told about the original client.
@@ -476,6 +478,21 @@ async fn read_data(conn: &mut Conn, limit: u64) -> Result<Option<Vec<u8>>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_and_mynetworks_are_trusted() {
+        let nets: Vec<ipnet::IpNet> = vec!["192.0.2.0/24".parse().unwrap()];
+        for (ip, ok) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("192.0.2.9", true),
+            ("198.51.100.1", false),
+            ("2001:db8::1", false),
+        ] {
+            assert_eq!(trusted(ip.parse().unwrap(), &nets), ok, "{ip}");
+        }
+        assert!(!trusted("192.0.2.9".parse().unwrap(), &[]));
+    }
 
     #[test]
     fn xforward_values_are_decoded() {

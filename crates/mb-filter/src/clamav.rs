@@ -17,21 +17,27 @@ const MAX_REPLY: usize = 4096;
 /// Bytes per INSTREAM chunk.
 const CHUNK: usize = 64 * 1024;
 
+/// A connection to clamd: `host:port`, or the path of its Unix socket.
+async fn connect(address: &str) -> Result<Box<dyn mb_smtpd::conn::Io>, String> {
+    let failed = |e: std::io::Error| format!("cannot connect to clamd at {address}: {e}");
+    Ok(if address.starts_with('/') {
+        Box::new(
+            tokio::net::UnixStream::connect(address)
+                .await
+                .map_err(failed)?,
+        )
+    } else {
+        Box::new(
+            tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(failed)?,
+        )
+    })
+}
+
 /// Scans `message` with the clamd at `address` (`host:port` or a Unix socket path).
 pub async fn scan(address: &str, message: &[u8], timeout: Duration) -> Result<Scan, String> {
-    let work = async {
-        if address.starts_with('/') {
-            let s = tokio::net::UnixStream::connect(address)
-                .await
-                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
-            instream(s, message).await
-        } else {
-            let s = tokio::net::TcpStream::connect(address)
-                .await
-                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
-            instream(s, message).await
-        }
-    };
+    let work = async { instream(connect(address).await?, message).await };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| format!("clamd at {address} did not answer within {timeout:?}"))?
@@ -39,7 +45,8 @@ pub async fn scan(address: &str, message: &[u8], timeout: Duration) -> Result<Sc
 
 /// `zPING` -> `PONG`: whether clamd answers, for mb-status.
 pub async fn ping(address: &str, timeout: Duration) -> Result<(), String> {
-    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> Result<(), String> {
+    let work = async {
+        let mut s = connect(address).await?;
         let io = |e: std::io::Error| format!("clamd: {e}");
         s.write_all(b"zPING\0").await.map_err(io)?;
         let mut buf = [0u8; 5];
@@ -51,19 +58,6 @@ pub async fn ping(address: &str, timeout: Duration) -> Result<(), String> {
                 "clamd answered {:?}",
                 String::from_utf8_lossy(&buf)
             ))
-        }
-    }
-    let work = async {
-        if address.starts_with('/') {
-            let s = tokio::net::UnixStream::connect(address)
-                .await
-                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
-            exchange(s).await
-        } else {
-            let s = tokio::net::TcpStream::connect(address)
-                .await
-                .map_err(|e| format!("cannot connect to clamd at {address}: {e}"))?;
-            exchange(s).await
         }
     };
     tokio::time::timeout(timeout, work)

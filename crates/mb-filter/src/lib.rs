@@ -240,7 +240,11 @@ impl FilterService {
             && envelope.direction == "outbound"
             && cfg.bool("dkim.sign")
         {
-            match self.signer.sign(cfg, &from_domain, message) {
+            // An RSA signature and a look at the key file: off the async workers (the
+            // daemon runs the multi-threaded runtime).
+            let signed =
+                tokio::task::block_in_place(|| self.signer.sign(cfg, &from_domain, message));
+            match signed {
                 Ok(Some(value)) => verdict.add_headers.insert(
                     0,
                     mb_proto::v1::ScanHeader {
@@ -433,9 +437,8 @@ impl DaemonHooks for Hooks {
     }
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {
-        let file =
-            mb_runtime::load_config(self.config.as_deref()).map_err(Status::failed_precondition)?;
-        self.follower.reload_file(file);
+        mb_runtime::reread(&self.follower, self.config.as_deref())
+            .map_err(Status::failed_precondition)?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -468,7 +471,7 @@ pub async fn main(opts: Options) -> i32 {
     let fail = |code: i32, msg: String| mb_runtime::fail(&name, code, &msg);
     let mb_runtime::Following {
         shutdown,
-        reload: mut reload_rx,
+        reload: reload_rx,
         follower,
     } = match mb_runtime::follow_checked(DAEMON, &name, file) {
         Ok(f) => f,
@@ -561,17 +564,8 @@ pub async fn main(opts: Options) -> i32 {
     let reloader = {
         let follower = follower.clone();
         let config = opts.config.clone();
-        tokio::spawn(async move {
-            while reload_rx.recv().await.is_some() {
-                lifecycle::notify_reloading();
-                match mb_runtime::load_config(config.as_deref()) {
-                    Ok(file) => follower.reload_file(file),
-                    Err(e) => {
-                        tracing::error!(cause = %e, "reload failed, keeping the running configuration")
-                    }
-                }
-                lifecycle::notify_reloaded();
-            }
+        mb_runtime::spawn_reloader(reload_rx, move || {
+            mb_runtime::reread(&follower, config.as_deref())
         })
     };
     tracing::info!(socket = %socket.display(), "{name} started");

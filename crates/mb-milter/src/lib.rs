@@ -90,9 +90,8 @@ impl DaemonHooks for Hooks {
     }
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {
-        let file =
-            mb_runtime::load_config(self.config.as_deref()).map_err(Status::failed_precondition)?;
-        self.shared.follower.reload_file(file);
+        mb_runtime::reread(&self.shared.follower, self.config.as_deref())
+            .map_err(Status::failed_precondition)?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -112,7 +111,7 @@ pub async fn main(opts: Options) -> i32 {
     let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
     let mb_runtime::Following {
         shutdown,
-        reload: mut reload_rx,
+        reload: reload_rx,
         follower,
     } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
         Ok(f) => f,
@@ -204,17 +203,8 @@ pub async fn main(opts: Options) -> i32 {
     let reloader = {
         let follower = follower.clone();
         let config = opts.config.clone();
-        tokio::spawn(async move {
-            while reload_rx.recv().await.is_some() {
-                lifecycle::notify_reloading();
-                match mb_runtime::load_config(config.as_deref()) {
-                    Ok(file) => follower.reload_file(file),
-                    Err(e) => {
-                        tracing::error!(cause = %e, "reload failed, keeping the running configuration")
-                    }
-                }
-                lifecycle::notify_reloaded();
-            }
+        mb_runtime::spawn_reloader(reload_rx, move || {
+            mb_runtime::reread(&follower, config.as_deref())
         })
     };
     tracing::info!(listen = %listen, socket = %socket.display(), "mb-milter started");

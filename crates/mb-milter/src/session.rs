@@ -28,6 +28,8 @@ struct State {
     headers: Vec<(String, String)>,
     message: Vec<u8>,
     too_large: bool,
+    /// `smtp.message_size_limit` as it was when the message began.
+    limit: usize,
 }
 
 impl State {
@@ -153,6 +155,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         proto::MAIL => {
             st.reset_message();
+            st.limit = usize::try_from(shared.follower.current().size("smtp.message_size_limit"))
+                .unwrap_or(usize::MAX);
             let sender = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
             let blocked = blocked_by(shared, &sender, &[], st.client_ip);
             st.sender = Some(sender);
@@ -175,7 +179,6 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             );
             append(
                 st,
-                shared,
                 format!(
                     "{name}: {}\r\n",
                     value.replace("\r\n", "\n").replace('\n', "\r\n")
@@ -190,7 +193,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::EOH => {
-            append(st, shared, b"\r\n");
+            append(st, b"\r\n");
             if reply_unless(proto::NR_EOH, st) {
                 proto::write(io, proto::CONTINUE, &[])
                     .await
@@ -198,7 +201,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::BODY => {
-            append(st, shared, data);
+            append(st, data);
             if reply_unless(proto::NR_BODY, st) {
                 proto::write(io, proto::CONTINUE, &[])
                     .await
@@ -206,7 +209,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::BODYEOB => {
-            append(st, shared, data);
+            append(st, data);
             end_of_message(io, shared, st).await?;
             st.reset_message();
         }
@@ -226,13 +229,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Adds to the message, up to the size limit.
-fn append(st: &mut State, shared: &Shared, bytes: &[u8]) {
+fn append(st: &mut State, bytes: &[u8]) {
     if st.too_large {
         return;
     }
-    let limit = usize::try_from(shared.follower.current().size("smtp.message_size_limit"))
-        .unwrap_or(usize::MAX);
-    if st.message.len() + bytes.len() > limit {
+    if st.message.len() + bytes.len() > st.limit {
         st.too_large = true;
         st.message = Vec::new();
         return;

@@ -188,6 +188,30 @@ pub fn follow_checked(daemon: &str, name: &str, file: Config) -> Result<Followin
     })
 }
 
+/// Re-reads the configuration file into `follower` (SIGHUP, `Control.Reload`); on
+/// error the running configuration is kept.
+pub fn reread(follower: &follow::Follower, config: Option<&Path>) -> Result<(), String> {
+    follower.reload_file(load_config(config)?);
+    Ok(())
+}
+
+/// Serves SIGHUP: runs `reload` for each request between sd_notify RELOADING and READY,
+/// logging a failure (the running configuration stays).
+pub fn spawn_reloader(
+    mut requests: tokio::sync::mpsc::Receiver<()>,
+    reload: impl Fn() -> Result<(), String> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while requests.recv().await.is_some() {
+            lifecycle::notify_reloading();
+            if let Err(e) = reload() {
+                tracing::error!(cause = %e, "reload failed, keeping the running configuration");
+            }
+            lifecycle::notify_reloaded();
+        }
+    })
+}
+
 /// The resolver settings `network.dns.*` describe: the servers (`None` for the system's
 /// /etc/resolv.conf) and the options (cache, TTL cap, timeouts). Every daemon that
 /// resolves (mb-smtpd's delivery, mb-filter's checks) builds its resolver from these.

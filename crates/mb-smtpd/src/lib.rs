@@ -166,7 +166,7 @@ pub async fn main(opts: Options) -> i32 {
     let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
     let mb_runtime::Following {
         shutdown,
-        reload: mut reload_rx,
+        reload: reload_rx,
         follower,
     } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
         Ok(f) => f,
@@ -288,15 +288,7 @@ pub async fn main(opts: Options) -> i32 {
     let reloader = {
         let server = server.clone();
         let config = opts.config.clone();
-        tokio::spawn(async move {
-            while reload_rx.recv().await.is_some() {
-                lifecycle::notify_reloading();
-                if let Err(e) = reload(&server, config.as_deref()) {
-                    tracing::error!(cause = %e, "reload failed, keeping the running configuration");
-                }
-                lifecycle::notify_reloaded();
-            }
-        })
+        mb_runtime::spawn_reloader(reload_rx, move || reload(&server, config.as_deref()))
     };
     let mut tasks = tokio::task::JoinSet::new();
     let access = tokio::spawn(server::sync_access(server.clone(), shutdown.clone()));
