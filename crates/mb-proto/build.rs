@@ -20,6 +20,7 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "filter.proto",
         "quarantine.proto",
         "policy.proto",
+        "cluster.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -344,6 +344,9 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
             continue;
         }
         let mut instances = vec![(daemon.to_string(), Vec::new())];
+        if *daemon == "mb-cluster" {
+            instances = vec![(daemon.to_string(), vec!["daemon".to_string()])];
+        }
         if *daemon == "mb-filter" {
             instances = vec![(
                 "mb-filter@1".into(),

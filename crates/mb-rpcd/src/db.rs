@@ -184,10 +184,21 @@ impl Db {
         Ok(u64::try_from(g).unwrap_or(0))
     }
 
+    /// A transaction that will write. SQLite starts it `IMMEDIATE`: a deferred transaction
+    /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (517, "database is
+    /// locked", which the busy timeout does not retry) when another connection committed
+    /// in between; taking the write lock up front makes it wait its turn instead.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            _ => self.pool.begin().await,
+        }
+    }
+
     /// Stores or removes an override and its audit entry in one transaction; returns the
     /// new configuration generation and whether an override was there before.
     pub async fn apply(&self, c: &Change<'_>) -> Result<(u64, bool), DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let existed = sqlx::query(self.sql("SELECT 1 FROM config_overrides WHERE cfg_key = ?"))
             .bind(c.key)
             .fetch_optional(&mut *tx)
@@ -255,7 +266,7 @@ impl Db {
 
     /// Stores events whose id is new; returns (stored, duplicates).
     pub async fn store_events(&self, events: &[MessageEvent]) -> Result<(u32, u32), DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let (mut stored, mut dupes) = (0, 0);
         for e in events {
             let seen = sqlx::query(self.sql("SELECT 1 FROM message_events WHERE event_id = ?"))
@@ -357,7 +368,7 @@ impl Db {
 impl Db {
     /// Adds a user; false when the name is taken.
     pub async fn add_user(&self, name: &str, hash: &str, at: i64) -> Result<bool, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let exists = sqlx::query(self.sql("SELECT 1 FROM users WHERE username = ?"))
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -409,6 +420,16 @@ impl Db {
         })
     }
 
+    /// Every account with its hash, by name (what a cluster snapshot carries).
+    pub async fn user_records(&self) -> Result<Vec<(String, String)>, DbError> {
+        let rows = sqlx::query("SELECT username, password_hash FROM users ORDER BY username")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     pub async fn list_users(&self) -> Result<Vec<mb_proto::v1::UserInfo>, DbError> {
         let rows =
             sqlx::query("SELECT username, created_at, updated_at FROM users ORDER BY username")
@@ -437,7 +458,7 @@ impl Db {
         added_by: &str,
         at: i64,
     ) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(self.sql("DELETE FROM access_list WHERE ip = ? AND kind = ?"))
             .bind(ip)
             .bind(kind)
@@ -813,6 +834,42 @@ mod tests {
         drop(db);
         let db = Db::open(&url, 1).await.expect("reopen");
         assert_eq!(db.generation().await.unwrap(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Writers that read first on several connections at once: with deferred transactions
+    /// SQLite failed some of them with "database is locked" (SQLITE_BUSY_SNAPSHOT).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_on_sqlite_all_succeed() {
+        let dir = std::env::temp_dir().join(format!("mb-db-conc-{}", std::process::id()));
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = std::sync::Arc::new(Db::open(&url, 8).await.expect("open"));
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let value = i.to_string();
+                    db.apply(&Change {
+                        key: if i % 2 == 0 {
+                            "smtp.max_recipients"
+                        } else {
+                            "smtp.hostname"
+                        },
+                        value: Some(&value),
+                        audit_old: None,
+                        audit_new: Some(&value),
+                        uid: Some(0),
+                        user: "root",
+                        at: i,
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().expect("every concurrent write succeeds");
+        }
+        assert_eq!(db.generation().await.unwrap(), 64);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -24,14 +24,14 @@ use crate::store::{Store, StoreError};
 const MAX_BATCH: usize = 10_000;
 
 /// The one place store errors become gRPC statuses.
-fn status(e: StoreError) -> Status {
+pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Key(k @ mb_core::KeyError::Unknown { .. }) => Status::not_found(k.to_string()),
         StoreError::Key(k @ mb_core::KeyError::FileOnly { .. }) => {
             Status::failed_precondition(k.to_string())
         }
         StoreError::Key(k) => Status::invalid_argument(k.to_string()),
-        StoreError::File(msg) => Status::failed_precondition(msg),
+        StoreError::File(msg) | StoreError::Child(msg) => Status::failed_precondition(msg),
         StoreError::Db(d) => {
             tracing::error!(cause = %d, "database operation failed");
             Status::unavailable(d.to_string())

@@ -7,6 +7,7 @@ pub mod db;
 pub mod grpc;
 pub mod policies;
 pub mod quarantine;
+pub mod replica;
 pub mod store;
 pub mod users;
 
@@ -20,6 +21,7 @@ use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
 use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
+use mb_proto::v1::replica_server::ReplicaServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::{ControlService, DaemonInfo};
 use mb_runtime::lifecycle::{self, Shutdown};
@@ -210,6 +212,12 @@ pub async fn run(
         ))
         .add_service(PoliciesServer::with_interceptor(
             policies::PoliciesService {
+                store: store.clone(),
+            },
+            peer.clone(),
+        ))
+        .add_service(ReplicaServer::with_interceptor(
+            replica::ReplicaService {
                 store: store.clone(),
             },
             peer,

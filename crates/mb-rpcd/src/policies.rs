@@ -29,6 +29,9 @@ fn db_status(e: crate::db::DbError) -> Status {
 impl Policies for PoliciesService {
     async fn add(&self, req: Request<Policy>) -> Result<Response<Policy>, Status> {
         let who = caller(&req).name.clone();
+        self.store
+            .refuse_on_child("policies are cluster-wide")
+            .map_err(crate::grpc::status)?;
         let mut p = req.into_inner();
         p.id = 0;
         p.created_at_unix = SystemTime::now()
@@ -67,6 +70,9 @@ impl Policies for PoliciesService {
         req: Request<PolicyRef>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
         let who = caller(&req).name.clone();
+        self.store
+            .refuse_on_child("policies are cluster-wide")
+            .map_err(crate::grpc::status)?;
         let r = req.into_inner();
         if !self
             .store

@@ -23,6 +23,9 @@ pub enum StoreError {
     Db(#[from] DbError),
     #[error("{0}")]
     File(String),
+    /// A cluster-wide setting edited on a child node.
+    #[error("{0}")]
+    Child(String),
 }
 
 /// The result of a set or unset.
@@ -136,13 +139,89 @@ impl Store {
 
     pub async fn set(&self, key: &str, text: &str, caller: &Caller) -> Result<Outcome, StoreError> {
         let (def, value) = config::parse_key_value(key, text)?;
+        if !def.node_local {
+            self.refuse_on_child(&format!("{key} is a cluster-wide setting"))?;
+        }
         let canonical = value.to_string();
         self.change(def, Some(canonical), caller).await
     }
 
     pub async fn unset(&self, key: &str, caller: &Caller) -> Result<Outcome, StoreError> {
         let def = config::lookup(key)?;
+        if !def.node_local {
+            self.refuse_on_child(&format!("{key} is a cluster-wide setting"))?;
+        }
         self.change(def, None, caller).await
+    }
+
+    /// The main's address when this node is a cluster child: its cluster-wide settings,
+    /// policies and accounts come from the main and are not edited here.
+    pub fn cluster_main(&self) -> Option<String> {
+        let cfg = self.effective.read().ok()?;
+        (cfg.bool("cluster.enabled") && cfg.text("cluster.role") == "child")
+            .then(|| cfg.text("cluster.main"))
+    }
+
+    /// Refuses a local edit of cluster-wide state on a child, naming the main.
+    pub fn refuse_on_child(&self, what: &str) -> Result<(), StoreError> {
+        match self.cluster_main() {
+            Some(main) => Err(StoreError::Child(format!(
+                "{what}, and this node is a cluster child: make the change on the main node ({main}); \
+                 it reaches every node within seconds. Node-local keys (listen addresses, ports, \
+                 cluster membership) can be set here."
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The database overrides of cluster-wide keys (what the main exports).
+    pub fn cluster_settings(&self) -> Vec<(String, String)> {
+        let Ok(o) = self.overrides.read() else {
+            return Vec::new();
+        };
+        o.iter()
+            .filter(|(k, _)| config::lookup(k).is_ok_and(|d| !d.node_local && !d.file_only))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Makes the overrides of cluster-wide keys equal to `settings` (a child importing a
+    /// snapshot): each difference goes through the normal change path, so the audit trail
+    /// and the change feed show it. Keys this version does not know are skipped with a
+    /// warning. Returns how many keys changed.
+    pub async fn import_settings(
+        &self,
+        settings: &[(String, String)],
+        caller: &Caller,
+    ) -> Result<u32, StoreError> {
+        let wanted: BTreeMap<&str, &str> = settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let current: BTreeMap<String, String> = self.cluster_settings().into_iter().collect();
+        let mut changed = 0;
+        for (key, value) in &wanted {
+            if current.get(*key).map(String::as_str) == Some(*value) {
+                continue;
+            }
+            let parsed = config::parse_key_value(key, value);
+            match parsed {
+                Ok((def, v)) if !def.node_local && !def.file_only => {
+                    self.change(def, Some(v.to_string()), caller).await?;
+                    changed += 1;
+                }
+                Ok(_) => tracing::warn!(key, "the main sent a node-local key; ignored"),
+                Err(e) => tracing::warn!(key, cause = %e, "cannot apply a setting from the main"),
+            }
+        }
+        for key in current.keys() {
+            if !wanted.contains_key(key.as_str()) {
+                let def = config::lookup(key)?;
+                self.change(def, None, caller).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     async fn change(

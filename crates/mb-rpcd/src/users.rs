@@ -93,6 +93,9 @@ static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 impl Users for UsersService {
     async fn add(&self, req: Request<AddUserRequest>) -> Result<Response<UserInfo>, Status> {
         let who = caller(&req).name;
+        self.store
+            .refuse_on_child("SMTP AUTH accounts are cluster-wide")
+            .map_err(crate::grpc::status)?;
         let r = req.into_inner();
         let h = checked_hash(&r.username, r.password).await?;
         let at = now();
@@ -121,6 +124,9 @@ impl Users for UsersService {
         req: Request<SetPasswordRequest>,
     ) -> Result<Response<UserInfo>, Status> {
         let who = caller(&req).name;
+        self.store
+            .refuse_on_child("SMTP AUTH accounts are cluster-wide")
+            .map_err(crate::grpc::status)?;
         let r = req.into_inner();
         let h = checked_hash(&r.username, r.password).await?;
         let at = now();
@@ -149,6 +155,9 @@ impl Users for UsersService {
         req: Request<RemoveUserRequest>,
     ) -> Result<Response<RemoveUserResponse>, Status> {
         let who = caller(&req).name;
+        self.store
+            .refuse_on_child("SMTP AUTH accounts are cluster-wide")
+            .map_err(crate::grpc::status)?;
         let name = req.into_inner().username;
         let removed = self.store.db.remove_user(&name).await.map_err(db_status)?;
         if !removed {

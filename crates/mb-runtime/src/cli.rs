@@ -119,6 +119,60 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
     Ok(((days_from_civil(y, m, d) * 86_400) + h * 3600 + min * 60 + sec) * 1000)
 }
 
+/// A duration in the short form status tables use: `42s`, `5m2s`, `3h10m`, `2d4h`.
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// The cluster's node table, one line per node, as `mb-cluster status` and `mb-status`
+/// print it (like Proxmox's `pmgcm status`).
+pub fn node_table(nodes: &[mb_proto::v1::NodeStatus], now_ms: i64) -> String {
+    let mut out = format!(
+        "{:<20} {:<6} {:<11} {:<22} {:>7} {:>8} {:>5} {:>6}  {}\n",
+        "NODE", "ROLE", "STATE", "ADDRESS", "VERSION", "UPTIME", "LOAD", "QUEUE", "LAST SEEN"
+    );
+    for n in nodes {
+        let seen = if n.last_seen_unix_ms == 0 {
+            "never".to_string()
+        } else {
+            let secs = u64::try_from((now_ms - n.last_seen_unix_ms).max(0) / 1000).unwrap_or(0);
+            format!("{} ago", age(secs))
+        };
+        out.push_str(&format!(
+            "{:<20} {:<6} {:<11} {:<22} {:>7} {:>8} {:>5.2} {:>6}  {}\n",
+            n.name,
+            n.role,
+            n.state,
+            if n.address.is_empty() {
+                "-"
+            } else {
+                &n.address
+            },
+            n.config_version,
+            age(n.uptime_secs),
+            n.load,
+            n.queue_depth,
+            seen
+        ));
+    }
+    out
+}
+
+/// A node as JSON, the same in `mb-cluster status --json` and `mb-status --json`.
+pub fn node_json(n: &mb_proto::v1::NodeStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": n.name, "address": n.address, "role": n.role, "state": n.state,
+        "config_version": n.config_version, "uptime_secs": n.uptime_secs, "load": n.load,
+        "queue_depth": n.queue_depth, "last_seen_unix_ms": n.last_seen_unix_ms,
+        "fingerprint": n.fingerprint, "software_version": n.software_version,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,21 @@ pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>,
     Ok(Some(user.to_string()))
 }
 
+/// When running as root, hands `path` (recursively) to `user`, so that a daemon running
+/// as that user can use what a tool run by root wrote there. Nothing happens otherwise,
+/// or when the user does not exist.
+pub fn hand_to(user: &str, path: &Path) -> Result<(), String> {
+    use nix::unistd::{Uid, User};
+    if user.is_empty() || !Uid::effective().is_root() {
+        return Ok(());
+    }
+    match User::from_name(user) {
+        Ok(Some(u)) => chown_tree(path, u.uid, u.gid)
+            .map_err(|e| format!("cannot hand {} to {user}: {e}", path.display())),
+        _ => Ok(()),
+    }
+}
+
 fn chown_tree(path: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(path)?;
     if meta.file_type().is_symlink() {

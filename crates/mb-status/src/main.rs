@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         }
     };
     let timeout = Duration::from_secs(args.timeout);
-    let (rows, components) = runtime.block_on(async {
+    let (rows, components, cluster) = runtime.block_on(async {
         let expected = mb_runtime::probe::expected_daemons(&cfg);
         let probes = mb_runtime::probe::probe_all(&cfg, timeout).await;
         let rows: Vec<Row> = expected
@@ -108,13 +108,17 @@ fn main() -> ExitCode {
                 },
             });
         }
-        (rows, components)
+        let cluster = cluster_status(&cfg, timeout).await;
+        (rows, components, cluster)
     });
 
     let healthy = rows.iter().all(|r| !r.enabled || serving(&r.probe))
         && components
             .iter()
-            .all(|c| c.state == "ok" || c.state == "disabled");
+            .all(|c| c.state == "ok" || c.state == "disabled")
+        && cluster
+            .as_ref()
+            .is_none_or(|c| c.nodes.iter().all(|n| n.state == "online"));
     if args.json {
         let daemons: Vec<Json> = rows.iter().map(row_json).collect();
         let comps: Vec<Json> = components
@@ -124,10 +128,23 @@ fn main() -> ExitCode {
                        "latency_ms": c.latency_micros as f64 / 1000.0})
             })
             .collect();
-        let out = json!({"healthy": healthy, "daemons": daemons, "components": comps});
+        let cluster = cluster.as_ref().map(|c| {
+            json!({"role": c.role, "name": c.name, "main": c.main, "state": c.state,
+                   "config_version": c.config_version,
+                   "nodes": c.nodes.iter().map(mb_runtime::cli::node_json).collect::<Vec<_>>()})
+        });
+        let out = json!({"healthy": healthy, "daemons": daemons, "components": comps, "cluster": cluster});
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         print_table(&rows, &components);
+        if let Some(c) = &cluster {
+            println!();
+            println!(
+                "cluster: {} {} (main {}), configuration version {}: {}",
+                c.role, c.name, c.main, c.config_version, c.state
+            );
+            print!("{}", mb_runtime::cli::node_table(&c.nodes, now_ms()));
+        }
     }
     if healthy {
         ExitCode::SUCCESS
@@ -189,7 +206,7 @@ fn print_table(rows: &[Row], components: &[ComponentStatus]) {
                     r.name,
                     state,
                     s.pid,
-                    uptime(s.uptime_seconds),
+                    mb_runtime::cli::age(s.uptime_seconds),
                     s.version,
                     s.listening.join(" "),
                     if counters.is_empty() {
@@ -226,11 +243,29 @@ fn print_table(rows: &[Row], components: &[ComponentStatus]) {
     }
 }
 
-fn uptime(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
-        s if s < 86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        s => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+/// The cluster as this node's mb-cluster sees it; `None` when mb-cluster does not run
+/// here or the node is in no cluster.
+async fn cluster_status(
+    cfg: &mb_core::Config,
+    timeout: Duration,
+) -> Option<mb_proto::v1::ClusterStatusResponse> {
+    let socket = cfg.socket("mb-cluster");
+    if !socket.exists() {
+        return None;
     }
+    let ask = async {
+        let ch = mb_runtime::uds::connect(&socket, "mb-cluster").await.ok()?;
+        mb_proto::v1::cluster_client::ClusterClient::new(ch)
+            .status(mb_proto::v1::ClusterStatusRequest {})
+            .await
+            .ok()
+    };
+    let r = tokio::time::timeout(timeout, ask).await.ok()??.into_inner();
+    (r.enabled && !r.role.is_empty()).then_some(r)
 }

@@ -46,12 +46,34 @@ pub fn source_root() -> PathBuf {
         .expect("source root")
 }
 
-/// A loopback TCP port nobody listens on right now.
+/// A loopback TCP port nobody listens on right now, and that nothing else in this
+/// process was handed. Ports come from below the kernel's ephemeral range (32768 and up
+/// on Linux), so an outgoing connection's source port cannot take a port between the
+/// moment a test picks it and the moment its daemon binds it; each test process starts
+/// at its own offset so that parallel test binaries rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind :0")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            (std::process::id() * 397) % SPAN,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        // TCP and UDP: the DNS server a test starts listens on both.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// Fails with an install hint when a peer program is missing.
@@ -128,6 +150,7 @@ pub struct Gateway {
     pub smtpd: Option<Proc>,
     pub filters: Vec<Proc>,
     pub milter: Option<Proc>,
+    pub cluster: Option<Proc>,
 }
 
 impl Gateway {
@@ -151,6 +174,7 @@ impl Gateway {
             smtpd: None,
             filters: Vec::new(),
             milter: None,
+            cluster: None,
         }
     }
 
@@ -199,6 +223,21 @@ impl Gateway {
     pub fn start_milter(&mut self) -> Result<()> {
         self.milter = Some(self.spawn_daemon("mb-milter", &self.path("milter.log"))?);
         Ok(())
+    }
+
+    /// Starts the mb-cluster daemon (logging to `cluster.log`) and waits for its socket.
+    pub fn start_cluster(&mut self) -> Result<()> {
+        self.cluster = Some(self.spawn_daemon_args(
+            "mb-cluster",
+            "mb-cluster",
+            &["daemon"],
+            &self.path("cluster.log"),
+        )?);
+        Ok(())
+    }
+
+    pub fn cluster_log(&self) -> String {
+        fs::read_to_string(self.path("cluster.log")).unwrap_or_default()
     }
 
     pub fn smtpd_log(&self) -> String {
@@ -1107,5 +1146,101 @@ impl Rspamd {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A TCP relay on a loopback port in front of another loopback address, that can cut the
+/// link the way a failed network does: while cut, nothing is forwarded in either
+/// direction and no packet says so (connections stay open, new ones are accepted and
+/// go nowhere). Connections from before a cut stay dead after `heal`, as TCP sessions
+/// across a real outage do; new ones work again.
+pub struct LinkProxy {
+    pub port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LinkProxy {
+    pub fn start(upstream: std::net::SocketAddr) -> Result<LinkProxy> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let generation = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (g, c) = (generation.clone(), cut.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let born = g.load(Ordering::SeqCst);
+                let server = if c.load(Ordering::SeqCst) {
+                    None
+                } else {
+                    std::net::TcpStream::connect(upstream).ok()
+                };
+                let alive = {
+                    let (g, c) = (g.clone(), c.clone());
+                    move || !c.load(Ordering::SeqCst) && g.load(Ordering::SeqCst) == born
+                };
+                match server {
+                    Some(server) => {
+                        for (mut from, mut to) in [
+                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                            (server, client),
+                        ] {
+                            let alive = alive.clone();
+                            std::thread::spawn(move || {
+                                use std::io::Write;
+                                let mut buf = [0u8; 16384];
+                                loop {
+                                    match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => {
+                                            if alive() {
+                                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                            }
+                                            return;
+                                        }
+                                        Ok(n) => {
+                                            if alive() && to.write_all(&buf[..n]).is_err() {
+                                                return;
+                                            }
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    None => {
+                        // Swallow what the client sends, answer nothing.
+                        std::thread::spawn(move || {
+                            let mut client = client;
+                            let mut buf = [0u8; 16384];
+                            while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        });
+                    }
+                }
+            }
+        });
+        Ok(LinkProxy {
+            port,
+            generation,
+            cut,
+        })
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts the link.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Restores the link for new connections.
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

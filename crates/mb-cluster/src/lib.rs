@@ -1,0 +1,371 @@
+//! mb-cluster: main and child nodes on `cluster.port` (10050) with mutual TLS 1.3.
+//!
+//! The main exports the cluster-wide configuration from its mb-rpcd (`Replica.Export`)
+//! every few seconds and numbers each distinct content as a new snapshot version.
+//! Children hold one `Sync` stream to the main: they report (heartbeat) every
+//! `cluster.heartbeat`, and the main answers each report with its version, the node table
+//! and, when the child runs an older version, the snapshot, which the child imports into
+//! its own mb-rpcd (`Replica.Import`). A child that cannot reach the main keeps running on
+//! what its database holds and catches up when the stream is back.
+
+pub mod admin;
+pub mod child;
+pub mod peer;
+pub mod pki;
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mb_core::Config;
+use mb_proto::v1::cluster_server::ClusterServer;
+use mb_proto::v1::control_server::ControlServer;
+use mb_proto::v1::{
+    NodeReport, NodeStatus, ReloadResponse, Snapshot, StatusRequest, StatusResponse,
+};
+use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle::{self, Shutdown};
+use mb_runtime::uds::Guard;
+use tokio::sync::{Notify, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::Status;
+
+use crate::state::{Dir, State};
+
+pub const DAEMON: &str = "mb-cluster";
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+/// What the main last heard from a node.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub report: NodeReport,
+    pub address: String,
+    pub last_seen: Option<Instant>,
+    pub last_seen_unix_ms: i64,
+    /// Open Sync streams from the node.
+    pub sessions: u32,
+}
+
+/// The node's shared runtime state.
+pub struct Node {
+    pub dir: Dir,
+    pub info: Arc<DaemonInfo>,
+    pub follower: Follower,
+    /// The persisted state; `None` when the node is not set up.
+    pub state: Mutex<Option<State>>,
+    /// Main: what each node last reported.
+    pub seen: Mutex<HashMap<String, Seen>>,
+    /// Main: the current snapshot (its version is in `version`).
+    pub snapshot: Mutex<Option<Arc<Snapshot>>>,
+    pub version: watch::Sender<u64>,
+    /// Child: the link to the main ("connected", "disconnected: why") and the node
+    /// table the main last sent.
+    pub link: Mutex<String>,
+    pub remote_nodes: Mutex<Vec<NodeStatus>>,
+    /// Asks the exporter (main) or the reporter (child) to run now.
+    pub sync_now: Notify,
+}
+
+impl Node {
+    pub fn cfg(&self) -> Arc<Config> {
+        self.follower.current()
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        self.cfg().duration("cluster.heartbeat")
+    }
+
+    pub fn state(&self) -> Option<State> {
+        self.state.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Changes the persisted state and writes it out.
+    pub fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, Status> {
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| Status::internal("state lock poisoned"))?;
+        let st = guard
+            .as_mut()
+            .ok_or_else(|| Status::failed_precondition("this node is not set up"))?;
+        let out = f(st);
+        self.dir.save(st).map_err(|e| {
+            tracing::error!(cause = %e, "cannot save the cluster state");
+            Status::internal(format!("cannot save the cluster state: {e}"))
+        })?;
+        Ok(out)
+    }
+
+    /// This node's own figures, as it reports them.
+    pub async fn own_report(&self) -> NodeReport {
+        let st = self.state().unwrap_or_default();
+        NodeReport {
+            name: st.name,
+            config_version: st.config_version,
+            uptime_secs: host_uptime(),
+            load: load_average(),
+            queue_depth: queue_depth(&self.cfg()).await,
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Seconds since the host booted.
+fn host_uptime() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The one-minute load average.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Messages in mb-smtpd's queue (0 when it does not answer).
+async fn queue_depth(cfg: &Config) -> u64 {
+    match mb_runtime::uds::connect(&cfg.socket("mb-smtpd"), "mb-smtpd").await {
+        Ok(ch) => {
+            let mut c = mb_proto::v1::control_client::ControlClient::new(ch);
+            match tokio::time::timeout(Duration::from_secs(1), c.status(StatusRequest::default()))
+                .await
+            {
+                Ok(Ok(r)) => ["queue_incoming", "queue_deferred", "queue_hold"]
+                    .iter()
+                    .filter_map(|k| r.get_ref().counters.get(*k))
+                    .sum(),
+                _ => 0,
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
+struct Hooks {
+    node: Arc<Node>,
+    config: Option<PathBuf>,
+}
+
+#[tonic::async_trait]
+impl DaemonHooks for Hooks {
+    async fn status(&self, _req: &StatusRequest, resp: &mut StatusResponse) {
+        let st = self.node.state();
+        let cfg = self.node.cfg();
+        resp.detail = match &st {
+            _ if !cfg.bool("cluster.enabled") => "cluster disabled".into(),
+            None => "not set up: run mb-cluster init (main) or mb-cluster join (child)".into(),
+            Some(s) if s.role == "main" => format!("main {} version {}", s.name, s.config_version),
+            Some(s) => format!(
+                "child {} of {} version {}: {}",
+                s.name,
+                s.main_name,
+                s.config_version,
+                self.node.link.lock().map(|l| l.clone()).unwrap_or_default()
+            ),
+        };
+        if let Some(s) = st {
+            resp.counters
+                .insert("config_version".into(), s.config_version);
+            resp.counters.insert(
+                "nodes".into(),
+                s.nodes.iter().filter(|n| !n.revoked).count() as u64,
+            );
+        }
+    }
+
+    async fn reload(&self) -> Result<ReloadResponse, Status> {
+        mb_runtime::reread(&self.node.follower, self.config.as_deref())
+            .map_err(Status::failed_precondition)?;
+        Ok(ReloadResponse {
+            reloaded: true,
+            ..Default::default()
+        })
+    }
+}
+
+/// The keys that decide what the node does; a change restarts the node's tasks.
+fn role_keys(cfg: &Config) -> Vec<String> {
+    [
+        "cluster.enabled",
+        "cluster.role",
+        "cluster.bind",
+        "cluster.port",
+        "cluster.main",
+        "cluster.node_name",
+    ]
+    .iter()
+    .map(|k| cfg.get(k).to_string())
+    .collect()
+}
+
+pub async fn main(opts: Options) -> i32 {
+    let file = match mb_runtime::start_daemon(
+        DAEMON,
+        opts.config.as_deref(),
+        opts.log_format.as_deref(),
+    ) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
+    let mb_runtime::Following {
+        shutdown,
+        reload: reload_rx,
+        follower,
+    } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
+    let cfg = follower.current();
+    let run_dir = cfg.path("paths.run_dir");
+    let dir = Dir::of(&cfg);
+    let _ = std::fs::create_dir_all(&run_dir);
+    let _ = std::fs::create_dir_all(&dir.0);
+    match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path(), &dir.0]) {
+        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
+        Ok(None) => {}
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+    }
+    let socket = cfg.socket(DAEMON);
+    let control = match mb_runtime::uds::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
+    };
+    let info = DaemonInfo::new(DAEMON);
+    info.add_listener(format!("unix:{}", socket.display()));
+    let node = Arc::new(Node {
+        dir,
+        info: info.clone(),
+        follower: follower.clone(),
+        state: Mutex::new(None),
+        seen: Mutex::new(HashMap::new()),
+        snapshot: Mutex::new(None),
+        version: watch::channel(0).0,
+        link: Mutex::new("not started".into()),
+        remote_nodes: Mutex::new(Vec::new()),
+        sync_now: Notify::new(),
+    });
+    let reloader = {
+        let follower = follower.clone();
+        let config = opts.config.clone();
+        mb_runtime::spawn_reloader(reload_rx, move || {
+            mb_runtime::reread(&follower, config.as_deref())
+        })
+    };
+    let hooks = Arc::new(Hooks {
+        node: node.clone(),
+        config: opts.config.clone(),
+    });
+    let guard = Guard::peer();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(ControlServer::with_interceptor(
+            ControlService::new(info, hooks),
+            guard.clone(),
+        ))
+        .add_service(ClusterServer::with_interceptor(
+            admin::Admin { node: node.clone() },
+            guard,
+        ))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(control), {
+            let s = shutdown.clone();
+            async move { s.requested().await }
+        });
+    let supervisor = tokio::spawn(supervise(node.clone(), shutdown.clone()));
+    lifecycle::notify_ready();
+    tracing::info!(socket = %socket.display(), "mb-cluster ready");
+    let result = grpc.await;
+    lifecycle::notify_stopping();
+    let _ = supervisor.await;
+    reloader.abort();
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(()) => 0,
+        Err(e) => fail(mb_runtime::EX_SOFTWARE, format!("control socket: {e}")),
+    }
+}
+
+/// Runs the node's role until shutdown, restarting it whenever a `cluster.*` key that
+/// decides the role changes (an `mb-cluster init` or `join` takes effect that way).
+async fn supervise(node: Arc<Node>, shutdown: Shutdown) {
+    let mut changes = node.follower.subscribe();
+    loop {
+        let cfg = node.cfg();
+        let keys = role_keys(&cfg);
+        let (trigger, stop) = lifecycle::shutdown_pair();
+        let task = if cfg.bool("cluster.enabled") {
+            match node.dir.load() {
+                Ok(st) => {
+                    let expected = cfg.text("cluster.role");
+                    if st.role != expected {
+                        tracing::error!(
+                            state = %st.role,
+                            config = %expected,
+                            "cluster.role does not match this node's cluster state; not starting (fix cluster.role, or `mb-cluster leave` and set the node up again)"
+                        );
+                        None
+                    } else {
+                        if let Ok(mut s) = node.state.lock() {
+                            *s = Some(st.clone());
+                        }
+                        let _ = node.version.send(st.config_version);
+                        Some(if st.role == "main" {
+                            tokio::spawn(peer::run_main(node.clone(), stop))
+                        } else {
+                            tokio::spawn(child::run(node.clone(), stop))
+                        })
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %format!("{e:#}"), "cluster.enabled is set but this node is not set up");
+                    None
+                }
+            }
+        } else {
+            if let Ok(mut s) = node.state.lock() {
+                *s = node.dir.load().ok();
+            }
+            None
+        };
+        // Wait for a change of the role keys, or the end.
+        loop {
+            tokio::select! {
+                () = shutdown.requested() => {
+                    trigger.trigger();
+                    if let Some(t) = task {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+                    }
+                    return;
+                }
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    if role_keys(&node.cfg()) != keys {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!("cluster settings changed: restarting the node's cluster role");
+        trigger.trigger();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        if let Ok(mut seen) = node.seen.lock() {
+            seen.clear();
+        }
+    }
+}

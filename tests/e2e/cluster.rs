@@ -1,0 +1,373 @@
+//! mb-cluster for real: three nodes on this machine, each with its own mb-rpcd, run dir
+//! and database. One child reaches the main through a link the test can cut.
+
+use std::time::Duration;
+
+use mb_testkit::{Gateway, LinkProxy, SmtpSink, free_port, text, wait_until};
+
+use crate::smtp::{Raw, mb_user};
+
+fn node(cluster_port: u16, extra: &str) -> Gateway {
+    Gateway::new(&format!(
+        "[cluster]\nbind = \"127.0.0.1\"\nport = {cluster_port}\nheartbeat = \"1s\"\n{extra}"
+    ))
+}
+
+fn ok(gw: &Gateway, tool: &str, args: &[&str]) -> String {
+    let (code, out, err) = text(&gw.tool(tool, args));
+    assert_eq!(code, 0, "{tool} {args:?}: {out}{err}");
+    out
+}
+
+fn status(gw: &Gateway) -> serde_json::Value {
+    serde_json::from_str(&ok(gw, "mb-cluster", &["status", "--json"])).unwrap()
+}
+
+/// The state the main reports for `name`.
+fn node_state(main: &Gateway, name: &str) -> String {
+    status(main)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+fn get(gw: &Gateway, key: &str) -> String {
+    ok(gw, "mb-config", &["get", key]).trim().to_string()
+}
+
+/// A message that scores 2.0 (no Date, no Message-ID, no Subject... see the engine's
+/// header checks), so the tag threshold in X-Spam-Status shows which configuration the
+/// child filtered it with.
+fn send(port: u16, n: u32) -> String {
+    let mut c = Raw::connect(port);
+    c.reply();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<alice@sender.test>");
+    c.cmd("RCPT TO:<bob@served.test>");
+    c.cmd("DATA");
+    let r = c.cmd(&format!(
+        "From: alice@sender.test\r\nTo: bob@served.test\r\n\r\nmessage {n}\r\n."
+    ));
+    c.cmd("QUIT");
+    r
+}
+
+#[test]
+fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering() {
+    let main_port = free_port();
+    let mut main = node(main_port, "");
+    main.start().unwrap();
+    let out = ok(&main, "mb-cluster", &["init", "--name", "main"]);
+    assert!(out.contains("main of a new cluster"), "{out}");
+    main.start_cluster().unwrap();
+    let main_addr: std::net::SocketAddr = format!("127.0.0.1:{main_port}").parse().unwrap();
+    wait_until("the cluster listener", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(main_addr).is_ok()
+    })
+    .unwrap();
+    let token = ok(&main, "mb-cluster", &["token", "--ttl", "10m"])
+        .trim()
+        .to_string();
+    assert!(token.starts_with("mbc1."), "{token}");
+
+    // child1 reaches the main through a link the test can cut; it also takes mail.
+    let link = LinkProxy::start(main_addr).unwrap();
+    let sink = SmtpSink::start(&[]).unwrap();
+    let smtp_port = free_port();
+    let mut child1 = node(
+        free_port(),
+        &format!(
+            "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {smtp_port}\n\
+             [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+             [smtp]\nhostname = \"child1.served.test\"\ndomains = \"served.test\"\n\
+             [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
+             [filter]\nenabled = true\nworkers = 1\n",
+            free_port(),
+            sink.port
+        ),
+    );
+    child1.start().unwrap();
+    child1.start_filter(1).unwrap();
+    child1.start_smtpd().unwrap();
+    let out = ok(
+        &child1,
+        "mb-cluster",
+        &[
+            "join",
+            &link.address(),
+            "--token",
+            &token,
+            "--name",
+            "child1",
+        ],
+    );
+    assert!(out.contains("joined the cluster of main"), "{out}");
+    child1.start_cluster().unwrap();
+
+    // A join token works once.
+    let mut child2 = node(free_port(), "");
+    child2.start().unwrap();
+    let (code, _, err) = text(&child2.tool(
+        "mb-cluster",
+        &[
+            "join",
+            &main_addr.to_string(),
+            "--token",
+            &token,
+            "--name",
+            "child2",
+        ],
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("used already"), "{err}");
+    assert!(
+        main.cluster_log().contains("cluster join refused"),
+        "{}",
+        main.cluster_log()
+    );
+    let token2 = ok(&main, "mb-cluster", &["token"]).trim().to_string();
+    ok(
+        &child2,
+        "mb-cluster",
+        &[
+            "join",
+            &main_addr.to_string(),
+            "--token",
+            &token2,
+            "--name",
+            "child2",
+        ],
+    );
+    child2.start_cluster().unwrap();
+
+    // A node whose certificate comes from another cluster's CA is refused, and a token
+    // naming another CA does not get a node to trust this main.
+    let mut stranger = node(free_port(), "");
+    stranger.start().unwrap();
+    ok(&stranger, "mb-cluster", &["init", "--name", "child3"]);
+    stranger.start_cluster().unwrap();
+    let foreign = mb_cluster::state::Dir(stranger.path("data/cluster"))
+        .identity()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = rt.block_on(async {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut c = match mb_cluster::peer::main_client(
+            &main_addr.to_string(),
+            "main",
+            &foreign,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let reports = tokio_stream::iter(vec![mb_proto::v1::NodeReport::default()]);
+        match c.sync(reports).await {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        }
+    });
+    assert_ne!(refused, "accepted");
+    wait_until(
+        "the main logs the refused handshake",
+        Duration::from_secs(10),
+        || main.cluster_log().contains("cluster TLS handshake refused"),
+    )
+    .unwrap();
+    let foreign_token = ok(&stranger, "mb-cluster", &["token"]).trim().to_string();
+    let mut child4 = node(free_port(), "");
+    child4.start().unwrap();
+    let (code, _, err) = text(&child4.tool(
+        "mb-cluster",
+        &[
+            "join",
+            &main_addr.to_string(),
+            "--token",
+            &foreign_token,
+            "--name",
+            "child4",
+        ],
+    ));
+    assert_eq!(code, 69, "{err}");
+    assert!(
+        err.contains("CA is not the one the join token names"),
+        "{err}"
+    );
+
+    // Every node is online on the main.
+    wait_until("three nodes online", Duration::from_secs(30), || {
+        ["main", "child1", "child2"]
+            .iter()
+            .all(|n| node_state(&main, n) == "online")
+    })
+    .unwrap();
+
+    // A change on the main reaches both children: settings, policies, accounts.
+    ok(&main, "mb-config", &["set", "spam.threshold.tag", "1.5"]);
+    ok(
+        &main,
+        "mb-policy",
+        &[
+            "add",
+            "partners",
+            "--action",
+            "allow",
+            "--from",
+            "*@partner.example",
+        ],
+    );
+    assert_eq!(
+        mb_user(
+            &main,
+            &["add", "carol@served.test"],
+            "correct horse battery\n"
+        )
+        .0,
+        0
+    );
+    for child in [&child1, &child2] {
+        wait_until(
+            "the main's change on a child",
+            Duration::from_secs(30),
+            || {
+                get(child, "spam.threshold.tag") == "1.5"
+                    && ok(child, "mb-policy", &["list"]).contains("partners")
+                    && ok(child, "mb-user", &["list"]).contains("carol@served.test")
+            },
+        )
+        .unwrap();
+    }
+    // Node-local keys stay local: child1 keeps its own SMTP port.
+    assert_eq!(get(&child1, "network.smtp.port"), smtp_port.to_string());
+
+    // A child refuses local edits of cluster-wide settings and names the main.
+    let (code, _, err) = text(&child1.tool("mb-config", &["set", "spam.threshold.tag", "9"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cluster child") && err.contains(&link.address()),
+        "{err}"
+    );
+    let (code, _, err) = text(&child2.tool(
+        "mb-policy",
+        &["add", "x", "--action", "block", "--from", "x.example"],
+    ));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("policies are cluster-wide"), "{err}");
+    // ...but node-local ones are its own.
+    ok(&child2, "mb-config", &["set", "network.smtp.port", "2626"]);
+
+    // child1 filters with the cluster's threshold.
+    assert!(send(smtp_port, 1).starts_with("250"));
+    wait_until("message 1 at the sink", Duration::from_secs(20), || {
+        sink.messages().iter().any(|m| m.contains("message 1"))
+    })
+    .unwrap();
+    let m1 = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("message 1"))
+        .unwrap();
+    assert!(m1.contains("required=1.5"), "{m1}");
+
+    // Cut child1 off. The main sees it go offline; the child keeps taking and filtering
+    // mail on the configuration it has, while the main moves on.
+    link.cut();
+    wait_until(
+        "child1 offline on the main",
+        Duration::from_secs(30),
+        || node_state(&main, "child1") == "offline",
+    )
+    .unwrap();
+    ok(&main, "mb-config", &["set", "spam.threshold.tag", "3"]);
+    wait_until("child2 follows", Duration::from_secs(30), || {
+        get(&child2, "spam.threshold.tag") == "3.0"
+    })
+    .unwrap();
+    assert!(send(smtp_port, 2).starts_with("250"));
+    wait_until("message 2 at the sink", Duration::from_secs(20), || {
+        sink.messages().iter().any(|m| m.contains("message 2"))
+    })
+    .unwrap();
+    let m2 = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("message 2"))
+        .unwrap();
+    assert!(
+        m2.contains("required=1.5"),
+        "the cut-off child keeps its configuration: {m2}"
+    );
+    let st = status(&child1);
+    assert!(
+        st["state"].as_str().unwrap().starts_with("disconnected"),
+        "{st:#}"
+    );
+
+    // Reconnected, it catches up.
+    link.heal();
+    wait_until("child1 catches up", Duration::from_secs(40), || {
+        get(&child1, "spam.threshold.tag") == "3.0" && node_state(&main, "child1") == "online"
+    })
+    .unwrap();
+    let main_version = status(&main)["config_version"].as_u64().unwrap();
+    wait_until(
+        "child1 reports the main's version",
+        Duration::from_secs(20),
+        || {
+            status(&main)["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "child1" && n["config_version"] == main_version)
+        },
+    )
+    .unwrap();
+    assert!(send(smtp_port, 3).starts_with("250"));
+    wait_until("message 3 at the sink", Duration::from_secs(20), || {
+        sink.messages().iter().any(|m| m.contains("message 3"))
+    })
+    .unwrap();
+    let m3 = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("message 3"))
+        .unwrap();
+    assert!(m3.contains("required=3.0"), "{m3}");
+
+    // One node down: mb-status on the main shows all three and the one that is down.
+    child2.cluster.take().unwrap().stop(Duration::from_secs(10));
+    wait_until("child2 offline", Duration::from_secs(30), || {
+        node_state(&main, "child2") == "offline"
+    })
+    .unwrap();
+    let (code, out, _) = text(&main.tool("mb-status", &["--json"]));
+    assert_eq!(code, 1, "a node down is a degraded cluster: {out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let nodes = st["cluster"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{st:#}");
+    let states: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["state"].as_str().unwrap()))
+        .collect();
+    assert!(states.contains(&("child2", "offline")), "{states:?}");
+    assert!(states.contains(&("child1", "online")), "{states:?}");
+    let (_, table, _) = text(&main.tool("mb-status", &[]));
+    assert!(
+        table.contains("child2") && table.contains("offline"),
+        "{table}"
+    );
+
+    // A removed node is refused from then on.
+    ok(&main, "mb-cluster", &["remove", "child1"]);
+    wait_until("child1 refused", Duration::from_secs(30), || {
+        status(&child1)["state"]
+            .as_str()
+            .is_some_and(|s| s.contains("removed"))
+    })
+    .unwrap();
+}
