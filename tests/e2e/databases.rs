@@ -35,7 +35,15 @@ fn exercise(url: &str, dialect: &str) {
         ("DBQ1", "a@served.test", 100),
         ("DBQ2", "b@served.test", 50),
     ] {
-        let at = 1_795_322_400_000;
+        // An hour old: well inside any retention the round trip above left set.
+        let at = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+            - 3_600_000;
         let entry = mb_proto::v1::QuarantineEntry {
             id: id.into(),
             at_unix_ms: at,

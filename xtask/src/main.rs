@@ -37,6 +37,12 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("fail2ban", "/usr/bin/fail2ban-regex"),
     ("systemd", "/usr/bin/systemd-analyze"),
     ("swaks", "/usr/bin/swaks"),
+    // swaks only recommends these, and speaks no TLS without them.
+    (
+        "libnet-ssleay-perl",
+        "/usr/lib/x86_64-linux-gnu/perl5/5.36/Net/SSLeay.pm",
+    ),
+    ("libio-socket-ssl-perl", "/usr/share/perl5/IO/Socket/SSL.pm"),
     // smtp-sink, smtp-source and the private Postfix instances of the delivery tests
     // and the benchmark.
     ("postfix", "/usr/sbin/smtp-sink"),
