@@ -76,16 +76,15 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
     // child1 reaches the main through a link the test can cut; it also takes mail.
     let link = LinkProxy::start(main_addr).unwrap();
     let sink = SmtpSink::start(&[]).unwrap();
-    let smtp_port = free_port();
+    let (smtp_port, reinject) = (free_port(), free_port());
     let mut child1 = node(
         free_port(),
         &format!(
             "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {smtp_port}\n\
-             [network.reinject]\nport = {}\n[network.protection]\nmode = \"public\"\n\
+             [network.reinject]\nport = {reinject}\n[network.protection]\nmode = \"public\"\n\
              [smtp]\nhostname = \"child1.served.test\"\ndomains = \"served.test\"\n\
              [relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
-             [filter]\nenabled = true\nworkers = 1\n",
-            free_port(),
+             [filter]\nenabled = true\nworkers = 1\nnext_hop = \"smtp:[127.0.0.1]:{reinject}\"\n",
             sink.port
         ),
     );
@@ -302,11 +301,13 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
         m2.contains("required=1.5"),
         "the cut-off child keeps its configuration: {m2}"
     );
-    let st = status(&child1);
-    assert!(
-        st["state"].as_str().unwrap().starts_with("disconnected"),
-        "{st:#}"
-    );
+    // The child notices the silent link by itself (HTTP/2 pings unanswered).
+    wait_until("child1 sees the link down", Duration::from_secs(30), || {
+        status(&child1)["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("disconnected"))
+    })
+    .unwrap();
 
     // Reconnected, it catches up.
     link.heal();
@@ -338,6 +339,92 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
         .find(|m| m.contains("message 3"))
         .unwrap();
     assert!(m3.contains("required=3.0"), "{m3}");
+
+    // The message log of the main holds child1's events, those from the cut included,
+    // each once.
+    let events = |gw: &Gateway, node: Option<&str>| -> Vec<String> {
+        let out = ok(
+            gw,
+            "mb-log",
+            &["--json", "--since", "1h", "--limit", "10000"],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut keys: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| node.is_none_or(|n| e["node"] == n))
+            .map(|e| {
+                format!(
+                    "{} {} {} {}",
+                    e["at_unix_ms"], e["daemon"], e["queue_id"], e["stage"]
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    };
+    wait_until(
+        "child1's events on the main",
+        Duration::from_secs(30),
+        || {
+            let own = events(&child1, None);
+            own.len() >= 6 && events(&main, Some("child1")) == own
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nchild1: {:#?}\nmain: {:#?}",
+            events(&child1, None),
+            events(&main, Some("child1"))
+        )
+    });
+
+    // A message quarantined on child1 is listed on the main and released from there.
+    ok(&main, "mb-config", &["set", "spam.threshold.tag", "1"]);
+    ok(
+        &main,
+        "mb-config",
+        &["set", "spam.threshold.quarantine", "1.9"],
+    );
+    wait_until("child1 quarantines at 1.9", Duration::from_secs(30), || {
+        get(&child1, "spam.threshold.quarantine") == "1.9"
+    })
+    .unwrap();
+    assert!(send(smtp_port, 4).starts_with("250"));
+    let listed = || -> serde_json::Value {
+        serde_json::from_str(&ok(&main, "mb-quarantine", &["list", "--json"])).unwrap()
+    };
+    wait_until(
+        "the quarantined message listed on the main",
+        Duration::from_secs(30),
+        || listed()["entries"].as_array().is_some_and(|e| e.len() == 1),
+    )
+    .unwrap();
+    let entry = listed()["entries"][0].clone();
+    assert_eq!(entry["node"], "child1", "{entry:#}");
+    assert!(
+        !sink.messages().iter().any(|m| m.contains("message 4")),
+        "quarantined, not delivered"
+    );
+    let id = entry["id"].as_str().unwrap().to_string();
+    let out = ok(&main, "mb-quarantine", &["release", &id]);
+    assert!(out.contains("bob@served.test"), "{out}");
+    wait_until(
+        "the released message at the sink",
+        Duration::from_secs(20),
+        || sink.messages().iter().any(|m| m.contains("message 4")),
+    )
+    .unwrap();
+    let (_, child_list, _) = text(&child1.tool("mb-quarantine", &["list", "--json"]));
+    assert!(
+        child_list.contains("\"entries\": []"),
+        "gone on child1 too: {child_list}"
+    );
+    wait_until("the main's index follows", Duration::from_secs(20), || {
+        listed()["entries"].as_array().is_some_and(Vec::is_empty)
+    })
+    .unwrap();
 
     // One node down: mb-status on the main shows all three and the one that is down.
     child2.cluster.take().unwrap().stop(Duration::from_secs(10));

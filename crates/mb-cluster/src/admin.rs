@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use mb_proto::v1::cluster_server::Cluster;
 use mb_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, CreateTokenRequest, CreateTokenResponse,
-    NodeStatus, RemoveNodeRequest, RemoveNodeResponse, SyncNowRequest, SyncNowResponse,
+    ClusterStatusRequest, ClusterStatusResponse, CommandResult, CreateTokenRequest,
+    CreateTokenResponse, NodeStatus, RemoveNodeRequest, RemoveNodeResponse, RunOnNodeRequest,
+    SyncNowRequest, SyncNowResponse,
 };
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
@@ -196,5 +197,19 @@ impl Cluster for Admin {
         Ok(Response::new(SyncNowResponse {
             config_version: st.config_version,
         }))
+    }
+
+    async fn run_on_node(
+        &self,
+        req: Request<RunOnNodeRequest>,
+    ) -> Result<Response<CommandResult>, Status> {
+        self.main()?;
+        let r = req.into_inner();
+        let command = r
+            .command
+            .ok_or_else(|| Status::invalid_argument("no command"))?;
+        Ok(Response::new(
+            peer::run_on_node(&self.node, &r.node, command).await?,
+        ))
     }
 }

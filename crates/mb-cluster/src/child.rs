@@ -6,11 +6,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mb_proto::v1::cluster_peer_client::ClusterPeerClient;
+use mb_proto::v1::quarantine_client::QuarantineClient;
 use mb_proto::v1::replica_client::ReplicaClient;
-use mb_proto::v1::{MainUpdate, Snapshot};
+use mb_proto::v1::{
+    AcknowledgeRequest, CommandResult, MainUpdate, NodeCommand, OutboxRequest, QuarantineId,
+    Snapshot, UploadBatch,
+};
 use mb_runtime::lifecycle::Shutdown;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 use crate::Node;
 use crate::peer;
@@ -76,11 +82,21 @@ async fn session(node: &Arc<Node>, stop: &Shutdown) -> String {
     };
     tracing::info!(main = %address, "connected to the cluster main");
     set_link(node, "connected".into());
+    let mut uploader = AbortOnDrop(tokio::spawn(upload_loop(node.clone(), client.clone())));
+    let (results_tx, mut results) = mpsc::channel::<CommandResult>(16);
     let mut tick = tokio::time::interval(node.heartbeat());
     tick.tick().await;
     loop {
         tokio::select! {
             () = stop.requested() => return "stopping".into(),
+            Some(result) = results.recv() => {
+                let mut report = node.own_report().await;
+                report.results.push(result);
+                if tx.send(report).await.is_err() {
+                    return "the stream closed".into();
+                }
+            }
+            _ = &mut uploader.0 => return "the upload task ended".into(),
             _ = tick.tick() => {
                 if tx.send(node.own_report().await).await.is_err() {
                     return "the stream closed".into();
@@ -92,7 +108,13 @@ async fn session(node: &Arc<Node>, stop: &Shutdown) -> String {
                 }
             }
             msg = updates.message() => match msg {
-                Ok(Some(update)) => {
+                Ok(Some(mut update)) => {
+                    for cmd in std::mem::take(&mut update.commands) {
+                        let (node, results_tx) = (node.clone(), results_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = results_tx.send(execute(&node, cmd).await).await;
+                        });
+                    }
                     if apply(node, update).await && tx.send(node.own_report().await).await.is_err() {
                         return "the stream closed".into();
                     }
@@ -141,4 +163,111 @@ async fn import(node: &Node, snap: Snapshot) -> Result<(), String> {
         .await
         .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?;
     Ok(())
+}
+
+/// Items per upload.
+const UPLOAD_BATCH: u32 = 500;
+
+/// A task that is aborted when this is dropped (the session ended).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the outbox to the main, oldest first, and forgets each batch only once the
+/// main has stored it: nothing is lost across a disconnect, and a batch sent again is
+/// stored once (events by id, quarantine entries by id).
+async fn upload_loop(node: Arc<Node>, mut main: ClusterPeerClient<Channel>) {
+    let mut warned = false;
+    loop {
+        let pause = match upload_once(&node, &mut main).await {
+            Ok(0) => Duration::from_secs(1),
+            Ok(_) => Duration::ZERO,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(cause = %e, "cannot upload events to the cluster main; they wait in the outbox");
+                    warned = true;
+                }
+                Duration::from_secs(2)
+            }
+        };
+        if pause > Duration::ZERO {
+            tokio::time::sleep(pause).await;
+        } else {
+            warned = false;
+        }
+    }
+}
+
+/// One batch; returns how many items went.
+async fn upload_once(node: &Node, main: &mut ClusterPeerClient<Channel>) -> Result<usize, String> {
+    let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut rpcd = ReplicaClient::new(ch);
+    let batch = rpcd
+        .outbox(OutboxRequest {
+            limit: UPLOAD_BATCH,
+        })
+        .await
+        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?
+        .into_inner();
+    node.outbox
+        .store(batch.pending, std::sync::atomic::Ordering::Relaxed);
+    if batch.items.is_empty() {
+        return Ok(0);
+    }
+    let seqs: Vec<u64> = batch.items.iter().map(|i| i.seq).collect();
+    main.upload(UploadBatch { items: batch.items })
+        .await
+        .map_err(|e| mb_runtime::uds::describe_status("the cluster main", &e))?;
+    rpcd.acknowledge(AcknowledgeRequest { seqs: seqs.clone() })
+        .await
+        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?;
+    node.outbox.store(
+        batch.pending.saturating_sub(seqs.len() as u64),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(seqs.len())
+}
+
+/// Carries out a command from the main against the local mb-rpcd.
+async fn execute(node: &Node, cmd: NodeCommand) -> CommandResult {
+    let mut result = CommandResult {
+        id: cmd.id,
+        ..Default::default()
+    };
+    let fail = |mut r: CommandResult, status: &tonic::Status| {
+        r.code = status.code() as i32;
+        r.error = status.message().to_string();
+        r
+    };
+    let ch = match mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd").await {
+        Ok(ch) => ch,
+        Err(e) => return fail(result, &tonic::Status::unavailable(e.to_string())),
+    };
+    let mut q = QuarantineClient::new(ch);
+    let id = QuarantineId {
+        id: cmd.quarantine_id.clone(),
+        raw: false,
+    };
+    let outcome = match cmd.action.as_str() {
+        "quarantine.release" => q.release(id).await.map(|r| {
+            let r = r.into_inner();
+            result.reply = r.reply;
+            result.recipients = r.recipients;
+        }),
+        "quarantine.delete" => q.delete(id).await.map(|_| ()),
+        other => Err(tonic::Status::unimplemented(format!(
+            "this node does not know the command {other:?} (is it older than the main?)"
+        ))),
+    };
+    tracing::info!(action = %cmd.action, id = %cmd.quarantine_id, ok = outcome.is_ok(), "ran a command from the cluster main");
+    match outcome {
+        Ok(()) => result,
+        Err(e) => fail(result, &e),
+    }
 }

@@ -16,6 +16,7 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,8 @@ use mb_core::Config;
 use mb_proto::v1::cluster_server::ClusterServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::{
-    NodeReport, NodeStatus, ReloadResponse, Snapshot, StatusRequest, StatusResponse,
+    CommandResult, NodeCommand, NodeReport, NodeStatus, ReloadResponse, Snapshot, StatusRequest,
+    StatusResponse,
 };
 use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
 use mb_runtime::follow::Follower;
@@ -52,6 +54,8 @@ pub struct Seen {
     pub last_seen_unix_ms: i64,
     /// Open Sync streams from the node.
     pub sessions: u32,
+    /// Where commands for the node go (its newest stream).
+    pub commands: Option<tokio::sync::mpsc::Sender<NodeCommand>>,
 }
 
 /// The node's shared runtime state.
@@ -72,6 +76,11 @@ pub struct Node {
     pub remote_nodes: Mutex<Vec<NodeStatus>>,
     /// Asks the exporter (main) or the reporter (child) to run now.
     pub sync_now: Notify,
+    /// Main: commands sent to children, waiting for their answers.
+    pub pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<CommandResult>>>,
+    pub next_command: AtomicU64,
+    /// Child: outbox items not uploaded yet, as last counted.
+    pub outbox: AtomicU64,
 }
 
 impl Node {
@@ -114,6 +123,8 @@ impl Node {
             load: load_average(),
             queue_depth: queue_depth(&self.cfg()).await,
             software_version: env!("CARGO_PKG_VERSION").into(),
+            results: Vec::new(),
+            outbox: self.outbox.load(Ordering::Relaxed),
         }
     }
 }
@@ -257,6 +268,9 @@ pub async fn main(opts: Options) -> i32 {
         link: Mutex::new("not started".into()),
         remote_nodes: Mutex::new(Vec::new()),
         sync_now: Notify::new(),
+        pending: Mutex::new(HashMap::new()),
+        next_command: AtomicU64::new(1),
+        outbox: AtomicU64::new(0),
     });
     let reloader = {
         let follower = follower.clone();

@@ -11,7 +11,8 @@ use mb_proto::v1::cluster_peer_client::ClusterPeerClient;
 use mb_proto::v1::cluster_peer_server::{ClusterPeer, ClusterPeerServer};
 use mb_proto::v1::replica_client::ReplicaClient;
 use mb_proto::v1::{
-    ExportRequest, JoinRequest, JoinResponse, MainUpdate, NodeReport, NodeStatus, Snapshot,
+    CommandResult, ExportRequest, IngestRequest, JoinRequest, JoinResponse, MainUpdate,
+    NodeCommand, NodeReport, NodeStatus, Snapshot, UploadAck, UploadBatch,
 };
 use mb_runtime::lifecycle::Shutdown;
 use prost::Message;
@@ -30,6 +31,8 @@ use crate::{Node, Seen};
 const EXPORT_EVERY: Duration = Duration::from_secs(2);
 /// Longest a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Longest the main waits for a child to carry out a command (a release reinjects).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Opens a gRPC channel to another node at `address` (host:port): TLS 1.3 with `tls`,
 /// the peer's certificate naming `server_name`. `patience` bounds the connection and
@@ -333,6 +336,7 @@ impl PeerService {
             config_version: version,
             snapshot,
             nodes: Self::nodes(&self.node),
+            commands: Vec::new(),
         }
     }
 }
@@ -415,6 +419,20 @@ impl ClusterPeer for PeerService {
         }))
     }
 
+    async fn upload(&self, req: Request<UploadBatch>) -> Result<Response<UploadAck>, Status> {
+        let name = self.caller(&req)?;
+        let items = req.into_inner().items;
+        let cfg = self.node.cfg();
+        let ch = mb_runtime::uds::connect(&cfg.socket("mb-rpcd"), "mb-rpcd")
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let ack = ReplicaClient::new(ch)
+            .ingest(IngestRequest { node: name, items })
+            .await?
+            .into_inner();
+        Ok(Response::new(ack))
+    }
+
     type SyncStream = ReceiverStream<Result<MainUpdate, Status>>;
 
     async fn sync(
@@ -436,12 +454,25 @@ impl ClusterPeer for PeerService {
                     f(seen.entry(name.clone()).or_default());
                 }
             };
+            let (command_tx, mut commands) = mpsc::channel::<NodeCommand>(16);
             touch(&mut |s| {
                 s.sessions += 1;
                 s.address = address.clone();
+                s.commands = Some(command_tx.clone());
             });
             loop {
                 tokio::select! {
+                    Some(cmd) = commands.recv() => {
+                        let update = MainUpdate {
+                            config_version: *node.version.borrow(),
+                            snapshot: None,
+                            nodes: PeerService::nodes(&node),
+                            commands: vec![cmd],
+                        };
+                        if tx.send(Ok(update)).await.is_err() {
+                            break;
+                        }
+                    }
                     msg = reports.message() => match msg {
                         Ok(Some(report)) => {
                             // A node removed while connected is cut off at its next report.
@@ -453,6 +484,13 @@ impl ClusterPeer for PeerService {
                                 break;
                             }
                             reported = Some(report.config_version);
+                            if let Ok(mut pending) = node.pending.lock() {
+                                for r in &report.results {
+                                    if let Some(waiter) = pending.remove(&r.id) {
+                                        let _ = waiter.send(r.clone());
+                                    }
+                                }
+                            }
                             touch(&mut |s| {
                                 s.report = report.clone();
                                 s.last_seen = Some(Instant::now());
@@ -481,10 +519,64 @@ impl ClusterPeer for PeerService {
                     }
                 }
             }
-            touch(&mut |s| s.sessions = s.sessions.saturating_sub(1));
+            touch(&mut |s| {
+                s.sessions = s.sessions.saturating_sub(1);
+                if s.commands
+                    .as_ref()
+                    .is_some_and(|c| c.same_channel(&command_tx))
+                {
+                    s.commands = None;
+                }
+            });
             tracing::info!(node = %name, "child disconnected");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Sends `command` to child `name` through its Sync stream and waits for the answer.
+pub async fn run_on_node(
+    node: &Node,
+    name: &str,
+    mut command: NodeCommand,
+) -> Result<CommandResult, Status> {
+    let sender = node
+        .seen
+        .lock()
+        .ok()
+        .and_then(|s| s.get(name).and_then(|s| s.commands.clone()))
+        .ok_or_else(|| {
+            Status::unavailable(format!(
+                "node {name} is not connected to this main now; try again when `mb-cluster status` shows it online"
+            ))
+        })?;
+    command.id = node
+        .next_command
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = command.id;
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if let Ok(mut p) = node.pending.lock() {
+        p.insert(id, done);
+    }
+    let forget = || {
+        if let Ok(mut p) = node.pending.lock() {
+            p.remove(&id);
+        }
+    };
+    if sender.send(command).await.is_err() {
+        forget();
+        return Err(Status::unavailable(format!("node {name} disconnected")));
+    }
+    match tokio::time::timeout(COMMAND_DEADLINE, answer).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(_)) => Err(Status::unavailable(format!("node {name} disconnected"))),
+        Err(_) => {
+            forget();
+            Err(Status::deadline_exceeded(format!(
+                "node {name} did not answer within {}s",
+                COMMAND_DEADLINE.as_secs()
+            )))
+        }
     }
 }
 

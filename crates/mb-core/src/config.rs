@@ -496,6 +496,27 @@ impl Config {
         }
     }
 
+    /// This node's name in the quarantine index and the cluster: `cluster.node_name`,
+    /// else `smtp.hostname`, else the system's host name.
+    pub fn node_name(&self) -> String {
+        for key in ["cluster.node_name", "smtp.hostname"] {
+            let name = self.text(key);
+            if !name.is_empty() {
+                return name;
+            }
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
+
+    /// Whether this node is the main of a cluster (`cluster.enabled`, role main).
+    pub fn is_cluster_main(&self) -> bool {
+        self.bool("cluster.enabled") && self.text("cluster.role") == "main"
+    }
+
     /// The socket of a daemon (`mb-rpcd`, `mb-filter-2`) under `paths.run_dir`.
     pub fn socket(&self, daemon: &str) -> PathBuf {
         self.path("paths.run_dir").join(format!("{daemon}.sock"))

@@ -129,7 +129,7 @@ async fn quarantine(
     let stored = mb_core::message::with_headers(message, &add, &v.remove_headers);
     let entry = QuarantineEntry {
         id: id.clone(),
-        node: hostname(cfg),
+        node: cfg.node_name(),
         at_unix_ms: at,
         queue_id: env.queue_id.clone(),
         client_ip: env.client_ip.clone(),
@@ -285,7 +285,7 @@ impl FilterService {
         );
         if let Some(sink) = &self.events {
             sink.send(MessageEvent {
-                node: hostname(cfg),
+                node: cfg.node_name(),
                 daemon: DAEMON.into(),
                 queue_id: if verdict.quarantine_id.is_empty() {
                     envelope.queue_id.clone()

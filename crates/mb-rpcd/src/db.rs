@@ -264,8 +264,13 @@ impl Db {
         rows.iter().map(audit_entry).collect()
     }
 
-    /// Stores events whose id is new; returns (stored, duplicates).
-    pub async fn store_events(&self, events: &[MessageEvent]) -> Result<(u32, u32), DbError> {
+    /// Stores events whose id is new; returns (stored, duplicates). With `outbox` (a
+    /// cluster child) each new event is also queued for the main.
+    pub async fn store_events(
+        &self,
+        events: &[MessageEvent],
+        outbox: bool,
+    ) -> Result<(u32, u32), DbError> {
         let mut tx = self.write_tx().await?;
         let (mut stored, mut dupes) = (0, 0);
         for e in events {
@@ -302,6 +307,9 @@ impl Db {
             .bind(&e.subject)
             .execute(&mut *tx)
             .await?;
+            if outbox {
+                self.queue_outbox(&mut tx, "event", &e.event_id).await?;
+            }
             stored += 1;
         }
         tx.commit().await?;
@@ -553,11 +561,13 @@ impl Db {
         }
     }
 
-    /// Indexes a quarantined message; false when its id was already there.
-    pub async fn add_quarantine(&self, e: &QuarantineEntry) -> Result<bool, DbError> {
+    /// Indexes a quarantined message; false when its id was already there. With
+    /// `outbox` (a cluster child) the entry is also queued for the main.
+    pub async fn add_quarantine(&self, e: &QuarantineEntry, outbox: bool) -> Result<bool, DbError> {
+        let mut tx = self.write_tx().await?;
         let seen = sqlx::query(self.sql("SELECT 1 FROM quarantine WHERE id = ?"))
             .bind(&e.id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?
             .is_some();
         if seen {
@@ -580,8 +590,12 @@ impl Db {
         .bind(e.symbols.join("\n"))
         .bind(i64::try_from(e.size).unwrap_or(i64::MAX))
         .bind(&e.path)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if outbox {
+            self.queue_outbox(&mut tx, "quarantined", &e.id).await?;
+        }
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -630,12 +644,91 @@ impl Db {
         row.as_ref().map(quarantine_entry).transpose()
     }
 
-    pub async fn remove_quarantine(&self, id: &str) -> Result<bool, DbError> {
+    /// Drops an index entry; false when there was none. With `outbox` (a cluster child)
+    /// the removal is also queued for the main.
+    pub async fn remove_quarantine(&self, id: &str, outbox: bool) -> Result<bool, DbError> {
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(self.sql("DELETE FROM quarantine WHERE id = ?"))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        let removed = done.rows_affected() > 0;
+        if removed && outbox {
+            self.queue_outbox(&mut tx, "unquarantined", id).await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    async fn queue_outbox(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        kind: &str,
+        id: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(self.sql("INSERT INTO cluster_outbox (kind, ref_id) VALUES (?, ?)"))
+            .bind(kind)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The oldest `limit` outbox items with what they refer to, and how many wait in
+    /// all. An item whose event or entry is gone comes without content (it is
+    /// acknowledged like the others).
+    pub async fn outbox(
+        &self,
+        limit: u32,
+    ) -> Result<(Vec<mb_proto::v1::OutboxItem>, u64), DbError> {
+        let rows = sqlx::query(
+            self.sql("SELECT seq, kind, ref_id FROM cluster_outbox ORDER BY seq LIMIT ?"),
+        )
+        .bind(i64::from(limit.clamp(1, 10_000)))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let seq: i64 = r.try_get(0)?;
+            let kind: String = r.try_get(1)?;
+            let id: String = r.try_get(2)?;
+            let mut item = mb_proto::v1::OutboxItem {
+                seq: u64::try_from(seq).unwrap_or(0),
+                ..Default::default()
+            };
+            match kind.as_str() {
+                "event" => {
+                    let row = sqlx::query(self.sql(
+                        "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject FROM message_events WHERE event_id = ?",
+                    ))
+                    .bind(&id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    item.event = row.as_ref().map(message_event).transpose()?;
+                }
+                "quarantined" => item.quarantined = self.quarantine_entry(&id).await?,
+                _ => item.unquarantined = id,
+            }
+            items.push(item);
+        }
+        let pending: i64 = sqlx::query("SELECT COUNT(*) FROM cluster_outbox")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok((items, u64::try_from(pending).unwrap_or(0)))
+    }
+
+    /// Forgets outbox items the main has stored.
+    pub async fn acknowledge_outbox(&self, seqs: &[u64]) -> Result<(), DbError> {
+        let mut tx = self.write_tx().await?;
+        for seq in seqs {
+            sqlx::query(self.sql("DELETE FROM cluster_outbox WHERE seq = ?"))
+                .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// (messages, bytes) in the quarantine.

@@ -268,7 +268,12 @@ impl Events for Rpcd {
                         e.event_id
                     )))
                 } else {
-                    match this.store.db.store_events(&batch.events).await {
+                    match this
+                        .store
+                        .db
+                        .store_events(&batch.events, this.store.cluster_main().is_some())
+                        .await
+                    {
                         Ok((stored, duplicates)) => {
                             this.info.counters.add("events_stored", u64::from(stored));
                             this.info

@@ -71,8 +71,65 @@ async fn remove(store: &Store, root: &std::path::Path, e: &QuarantineEntry) -> R
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|err| io_status("cannot remove a quarantined message", &err))?;
-    store.db.remove_quarantine(&e.id).await.map_err(db_status)?;
+    store
+        .db
+        .remove_quarantine(&e.id, store.cluster_main().is_some())
+        .await
+        .map_err(db_status)?;
     Ok(())
+}
+
+/// On a cluster main, the node holding an entry when that is another node (its file is
+/// not here): release and delete are carried out there.
+fn remote_node(store: &Store, e: &QuarantineEntry) -> Option<String> {
+    let cfg = store.effective();
+    (cfg.is_cluster_main()
+        && e.node != cfg.node_name()
+        && !files::root(&cfg).join(&e.path).exists())
+    .then(|| e.node.clone())
+}
+
+/// Asks the main's mb-cluster to run `action` on the child holding `e`, and waits for
+/// the child's answer.
+async fn on_node(
+    store: &Store,
+    node: &str,
+    action: &str,
+    e: &QuarantineEntry,
+) -> Result<mb_proto::v1::CommandResult, Status> {
+    let cfg = store.effective();
+    let ch = mb_runtime::uds::connect(&cfg.socket("mb-cluster"), "mb-cluster")
+        .await
+        .map_err(|err| {
+            Status::unavailable(format!(
+                "message {} is quarantined on node {node}, and mb-cluster does not answer here: {err}",
+                e.id
+            ))
+        })?;
+    let r = mb_proto::v1::cluster_client::ClusterClient::new(ch)
+        .run_on_node(mb_proto::v1::RunOnNodeRequest {
+            node: node.to_string(),
+            command: Some(mb_proto::v1::NodeCommand {
+                id: 0,
+                action: action.into(),
+                quarantine_id: e.id.clone(),
+            }),
+        })
+        .await?
+        .into_inner();
+    if r.code != 0 {
+        return Err(Status::new(
+            tonic::Code::from_i32(r.code),
+            format!("on node {node}: {}", r.error),
+        ));
+    }
+    // The child also reports the removal; dropping the entry now keeps the list true.
+    store
+        .db
+        .remove_quarantine(&e.id, false)
+        .await
+        .map_err(db_status)?;
+    Ok(r)
 }
 
 /// Brings the index in line with the files (messages stored while mb-rpcd was away are
@@ -87,16 +144,24 @@ pub async fn retention(store: &Store, older_than_days: u32) -> Result<u64, Statu
             .await
             .map_err(|e| Status::internal(e.to_string()))?
     };
+    let child = store.cluster_main().is_some();
     for e in &on_disk {
-        if store.db.add_quarantine(e).await.map_err(db_status)? {
+        if store.db.add_quarantine(e, child).await.map_err(db_status)? {
             tracing::info!(id = %e.id, "indexed a quarantined message found on disk");
         }
     }
     let indexed = store.db.all_quarantine().await.map_err(db_status)?;
+    // On a cluster main, entries of other nodes have their files there: each node
+    // enforces its own limits and reports what it removed.
+    let (main, local) = (cfg.is_cluster_main(), cfg.node_name());
     for e in &indexed {
-        if !on_disk.iter().any(|d| d.id == e.id) {
+        if !on_disk.iter().any(|d| d.id == e.id) && (!main || e.node == local) {
             tracing::warn!(id = %e.id, path = %e.path, "quarantined message file is gone; dropping its index entry");
-            store.db.remove_quarantine(&e.id).await.map_err(db_status)?;
+            store
+                .db
+                .remove_quarantine(&e.id, child)
+                .await
+                .map_err(db_status)?;
         }
     }
     let entries: Vec<QuarantineEntry> = indexed
@@ -150,7 +215,12 @@ impl Quarantine for QuarantineService {
                 e.id, e.path
             )));
         }
-        let added = self.store.db.add_quarantine(&e).await.map_err(db_status)?;
+        let added = self
+            .store
+            .db
+            .add_quarantine(&e, self.store.cluster_main().is_some())
+            .await
+            .map_err(db_status)?;
         Ok(Response::new(AddQuarantineResponse { added }))
     }
 
@@ -178,6 +248,16 @@ impl Quarantine for QuarantineService {
     ) -> Result<Response<ShowQuarantineResponse>, Status> {
         let q = req.into_inner();
         let entry = self.entry(&q.id).await?;
+        if let Some(node) = remote_node(&self.store, &entry) {
+            return Ok(Response::new(ShowQuarantineResponse {
+                headers: format!(
+                    "(stored on node {node}: `mb-quarantine show {}` there shows the message)\r\n",
+                    entry.id
+                ),
+                message: Vec::new(),
+                entry: Some(entry),
+            }));
+        }
         let path = files::root(&self.store.effective()).join(&entry.path);
         let data = tokio::task::spawn_blocking(move || {
             use std::io::Read;
@@ -206,6 +286,14 @@ impl Quarantine for QuarantineService {
     ) -> Result<Response<ReleaseQuarantineResponse>, Status> {
         let who = caller(&req).name.clone();
         let entry = self.entry(&req.get_ref().id).await?;
+        if let Some(node) = remote_node(&self.store, &entry) {
+            let r = on_node(&self.store, &node, "quarantine.release", &entry).await?;
+            tracing::info!(id = %entry.id, node = %node, by = %who, to = %entry.recipients.join(","), reply = %r.reply, "quarantined message released on its node");
+            return Ok(Response::new(ReleaseQuarantineResponse {
+                reply: r.reply,
+                recipients: r.recipients,
+            }));
+        }
         let cfg = self.store.effective();
         let root = files::root(&cfg);
         let path = root.join(&entry.path);
@@ -260,6 +348,11 @@ impl Quarantine for QuarantineService {
     ) -> Result<Response<DeleteQuarantineResponse>, Status> {
         let who = caller(&req).name.clone();
         let entry = self.entry(&req.get_ref().id).await?;
+        if let Some(node) = remote_node(&self.store, &entry) {
+            on_node(&self.store, &node, "quarantine.delete", &entry).await?;
+            tracing::info!(id = %entry.id, node = %node, by = %who, "quarantined message deleted on its node");
+            return Ok(Response::new(DeleteQuarantineResponse {}));
+        }
         remove(&self.store, &files::root(&self.store.effective()), &entry).await?;
         tracing::info!(id = %entry.id, by = %who, "quarantined message deleted");
         Ok(Response::new(DeleteQuarantineResponse {}))

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mb_proto::v1::replica_server::Replica;
-use mb_proto::v1::{ExportRequest, ImportResponse, Policy, Setting, Snapshot, UserRecord};
+use mb_proto::v1::{
+    AcknowledgeRequest, AcknowledgeResponse, ExportRequest, ImportResponse, IngestRequest,
+    OutboxBatch, OutboxRequest, Policy, Setting, Snapshot, UploadAck, UserRecord,
+};
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
@@ -152,5 +155,82 @@ impl Replica for ReplicaService {
             policies_changed,
             users_changed,
         }))
+    }
+
+    async fn outbox(&self, req: Request<OutboxRequest>) -> Result<Response<OutboxBatch>, Status> {
+        let (items, pending) = self
+            .store
+            .db
+            .outbox(req.get_ref().limit)
+            .await
+            .map_err(db_status)?;
+        Ok(Response::new(OutboxBatch { items, pending }))
+    }
+
+    async fn acknowledge(
+        &self,
+        req: Request<AcknowledgeRequest>,
+    ) -> Result<Response<AcknowledgeResponse>, Status> {
+        self.store
+            .db
+            .acknowledge_outbox(&req.get_ref().seqs)
+            .await
+            .map_err(db_status)?;
+        Ok(Response::new(AcknowledgeResponse {}))
+    }
+
+    async fn ingest(&self, req: Request<IngestRequest>) -> Result<Response<UploadAck>, Status> {
+        if !self.store.effective().is_cluster_main() {
+            return Err(Status::failed_precondition(
+                "this node is not a cluster main: it takes no other node's events",
+            ));
+        }
+        let r = req.into_inner();
+        let db = &self.store.db;
+        let mut ack = UploadAck::default();
+        // In order: an entry added then removed on the child ends removed here too.
+        let mut events = Vec::new();
+        for item in r.items {
+            if let Some(mut e) = item.event {
+                e.node.clone_from(&r.node);
+                events.push(e);
+                continue;
+            }
+            if !events.is_empty() {
+                ack.events += u32::try_from(events.len()).unwrap_or(u32::MAX);
+                db.store_events(&std::mem::take(&mut events), false)
+                    .await
+                    .map_err(db_status)?;
+            }
+            if let Some(mut q) = item.quarantined {
+                if !mb_runtime::quarantine::valid_id(&q.id)
+                    || !mb_runtime::quarantine::valid_path(&q.path)
+                {
+                    tracing::warn!(node = %r.node, id = %q.id, "ignored a malformed quarantine entry from a child");
+                    continue;
+                }
+                q.node.clone_from(&r.node);
+                db.add_quarantine(&q, false).await.map_err(db_status)?;
+                ack.quarantine += 1;
+            } else if !item.unquarantined.is_empty() {
+                // Only that node's entry: a child cannot remove another node's.
+                if db
+                    .quarantine_entry(&item.unquarantined)
+                    .await
+                    .map_err(db_status)?
+                    .is_some_and(|q| q.node == r.node)
+                {
+                    db.remove_quarantine(&item.unquarantined, false)
+                        .await
+                        .map_err(db_status)?;
+                }
+                ack.quarantine += 1;
+            }
+        }
+        if !events.is_empty() {
+            ack.events += u32::try_from(events.len()).unwrap_or(u32::MAX);
+            db.store_events(&events, false).await.map_err(db_status)?;
+        }
+        Ok(Response::new(ack))
     }
 }
