@@ -458,3 +458,66 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
     })
     .unwrap();
 }
+
+/// A node that takes mail (no filter, no delivery) and guards it with autoban.
+fn mail_node(cluster_port: u16, smtp_port: u16, redis: &str) -> Gateway {
+    node(
+        cluster_port,
+        &format!(
+            "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {smtp_port}\nrate_per_source = 1000\nconnection_rate = 10000\n\
+             [network.reinject]\nport = {}\n[network.protection]\nmode = \"autoban\"\ntrusted_networks = \"192.0.2.0/24\"\n\
+             [smtp]\nhostname = \"mx.served.test\"\ndomains = \"served.test\"\n\
+             [filter]\nenabled = false\n[queue]\ndelivery_enabled = false\n[redis]\nurl = \"{redis}\"\n",
+            free_port()
+        ),
+    )
+}
+
+#[test]
+fn with_redis_a_flooder_banned_by_one_node_is_refused_by_the_other() {
+    let redis = mb_testkit::Redis::start().unwrap();
+    let (main_port, main_smtp, child_smtp) = (free_port(), free_port(), free_port());
+    let mut main = mail_node(main_port, main_smtp, &redis.url());
+    main.start().unwrap();
+    ok(&main, "mb-cluster", &["init", "--name", "mx1"]);
+    main.start_cluster().unwrap();
+    main.start_smtpd().unwrap();
+    let main_addr = format!("127.0.0.1:{main_port}");
+    wait_until("the cluster listener", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&main_addr).is_ok()
+    })
+    .unwrap();
+    let token = ok(&main, "mb-cluster", &["token"]).trim().to_string();
+    let mut child = mail_node(free_port(), child_smtp, &redis.url());
+    child.start().unwrap();
+    ok(
+        &child,
+        "mb-cluster",
+        &["join", &main_addr, "--token", &token, "--name", "mx2"],
+    );
+    child.start_cluster().unwrap();
+    child.start_smtpd().unwrap();
+
+    // The ban threshold is a cluster-wide setting, made on the main.
+    ok(
+        &main,
+        "mb-config",
+        &["set", "network.protection.autoban.rate", "3/minute"],
+    );
+    wait_until("the rate on the child", Duration::from_secs(30), || {
+        get(&child, "network.protection.autoban.rate") == "3/minute"
+    })
+    .unwrap();
+    let greeting = |port| Raw::connect(port).reply();
+    for _ in 0..3 {
+        assert!(greeting(main_smtp).starts_with("220"));
+    }
+    let r = greeting(main_smtp);
+    assert!(r.contains("127.0.0.1 is banned"), "{r}");
+    // The other node refuses the flooder at once, although it never saw it.
+    let r = greeting(child_smtp);
+    assert!(
+        r.contains("127.0.0.1 is banned"),
+        "mx2 did not see mx1's ban: {r}"
+    );
+}
