@@ -521,3 +521,108 @@ fn with_redis_a_flooder_banned_by_one_node_is_refused_by_the_other() {
         "mx2 did not see mx1's ban: {r}"
     );
 }
+
+/// Sets up a main and `children` children (no mail), all serving the cluster.
+fn cluster(children: &[&str]) -> (Gateway, u16, Vec<Gateway>) {
+    let main_port = free_port();
+    let mut main = node(main_port, "");
+    main.start().unwrap();
+    ok(&main, "mb-cluster", &["init", "--name", "main"]);
+    main.start_cluster().unwrap();
+    let main_addr = format!("127.0.0.1:{main_port}");
+    wait_until("the cluster listener", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&main_addr).is_ok()
+    })
+    .unwrap();
+    let nodes = children
+        .iter()
+        .map(|name| {
+            let token = ok(&main, "mb-cluster", &["token"]).trim().to_string();
+            let mut child = node(free_port(), "");
+            child.start().unwrap();
+            ok(
+                &child,
+                "mb-cluster",
+                &["join", &main_addr, "--token", &token, "--name", name],
+            );
+            child.start_cluster().unwrap();
+            child
+        })
+        .collect();
+    (main, main_port, nodes)
+}
+
+#[test]
+fn a_child_promoted_when_the_main_is_lost_leads_the_others() {
+    let (mut main, _, children) = cluster(&["child1", "child2"]);
+    let (child1, child2) = (&children[0], &children[1]);
+    ok(&main, "mb-config", &["set", "spam.threshold.tag", "3.5"]);
+    for c in [child1, child2] {
+        wait_until("the first snapshot", Duration::from_secs(30), || {
+            get(c, "spam.threshold.tag") == "3.5"
+        })
+        .unwrap();
+    }
+    // The main is lost; the administrator promotes child1.
+    main.cluster.take().unwrap().stop(Duration::from_secs(10));
+    main.stop();
+    let out = ok(child1, "mb-cluster", &["promote"]);
+    assert!(out.contains("now the cluster main"), "{out}");
+    let child1_port = {
+        let cfg = std::fs::read_to_string(&child1.config).unwrap();
+        let line = cfg
+            .lines()
+            .find(|l| l.starts_with("port = "))
+            .unwrap()
+            .to_string();
+        line.trim_start_matches("port = ").parse::<u16>().unwrap()
+    };
+    let new_main = format!("127.0.0.1:{child1_port}");
+    wait_until("the new main listens", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&new_main).is_ok()
+    })
+    .unwrap();
+    ok(
+        child2,
+        "mb-cluster",
+        &["follow", &new_main, "--main-name", "child1"],
+    );
+    // The new main edits the cluster's configuration; the other child follows it.
+    ok(child1, "mb-config", &["set", "spam.threshold.tag", "2.5"]);
+    wait_until(
+        "child2 follows the new main",
+        Duration::from_secs(30),
+        || get(child2, "spam.threshold.tag") == "2.5",
+    )
+    .unwrap();
+    let st = status(child1);
+    assert_eq!(st["role"], "main", "{st:#}");
+    let names: Vec<&str> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&"main"), "the lost main is out: {names:?}");
+
+    // child2 leaves: the main revokes it, and its settings are its own again.
+    let out = ok(child2, "mb-cluster", &["leave"]);
+    assert!(out.contains("left the cluster"), "{out}");
+    ok(child2, "mb-config", &["set", "spam.threshold.tag", "4.5"]);
+    wait_until(
+        "child2 gone from the table",
+        Duration::from_secs(20),
+        || {
+            !status(child1)["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "child2")
+        },
+    )
+    .unwrap();
+    // The main, alone now, may leave too.
+    ok(child1, "mb-cluster", &["leave"]);
+    let st = status(child1);
+    assert!(!st["enabled"].as_bool().unwrap(), "{st:#}");
+}

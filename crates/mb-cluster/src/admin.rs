@@ -7,14 +7,15 @@ use std::time::Duration;
 use mb_proto::v1::cluster_server::Cluster;
 use mb_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, CommandResult, CreateTokenRequest,
-    CreateTokenResponse, NodeStatus, RemoveNodeRequest, RemoveNodeResponse, RunOnNodeRequest,
+    CreateTokenResponse, FollowRequest, FollowResponse, LeaveRequest, LeaveResponse, NodeStatus,
+    PromoteRequest, PromoteResponse, RemoveNodeRequest, RemoveNodeResponse, RunOnNodeRequest,
     SyncNowRequest, SyncNowResponse,
 };
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
 use crate::peer::{self, PeerService};
-use crate::state::{self, Token, TokenText};
+use crate::state::{self, NodeRecord, Token, TokenText};
 use crate::{Node, pki};
 
 /// Longest a join token may live.
@@ -25,6 +26,15 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The node's state if it is a child.
+    fn child(&self) -> Result<state::State, Status> {
+        match self.node.state() {
+            Some(st) if st.role == "child" => Ok(st),
+            Some(_) => Err(Status::failed_precondition("this node is the main")),
+            None => Err(Status::failed_precondition("this node is not in a cluster")),
+        }
+    }
+
     /// The node's state if it is the running main.
     fn main(&self) -> Result<state::State, Status> {
         let cfg = self.node.cfg();
@@ -211,5 +221,159 @@ impl Cluster for Admin {
         Ok(Response::new(
             peer::run_on_node(&self.node, &r.node, command).await?,
         ))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<PromoteRequest>,
+    ) -> Result<Response<PromoteResponse>, Status> {
+        let who = caller(&req).name;
+        let st = self.child()?;
+        let dir = &self.node.dir;
+        let ca_key = dir.read(state::CA_KEY).map_err(|_| {
+            Status::failed_precondition(
+                "this node never received the cluster's CA key from the main, so it cannot sign for the cluster: set up a new cluster instead",
+            )
+        })?;
+        let ca_pem = dir
+            .read(state::CA_CERT)
+            .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        let ca_der = pki::cert_der(&ca_pem).map_err(|e| Status::internal(e.to_string()))?;
+        let ca_name = pki::common_name(&ca_der)
+            .ok_or_else(|| Status::internal("the CA certificate has no name"))?;
+        // The CA key must be the one the certificate was made with.
+        pki::sign_node(
+            &ca_name,
+            &ca_key,
+            &st.name,
+            &pki::node_key()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .1,
+        )
+        .map_err(|e| {
+            Status::failed_precondition(format!("the stored CA key does not work: {e}"))
+        })?;
+        let own_fp = dir
+            .read(state::NODE_CERT)
+            .ok()
+            .and_then(|p| pki::cert_der(&p).ok())
+            .map(|d| pki::fingerprint(&d))
+            .unwrap_or_default();
+        let known = self
+            .node
+            .remote_nodes
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
+        let now = state::now_unix();
+        let mut nodes: Vec<NodeRecord> = known
+            .iter()
+            .filter(|n| n.name != st.name)
+            .map(|n| NodeRecord {
+                name: n.name.clone(),
+                fingerprint: n.fingerprint.clone(),
+                role: "child".into(),
+                joined_unix: now,
+                // The lost main must not come back as a second main.
+                revoked: n.name == st.main_name,
+            })
+            .collect();
+        nodes.push(NodeRecord {
+            name: st.name.clone(),
+            fingerprint: own_fp,
+            role: "main".into(),
+            joined_unix: now,
+            revoked: false,
+        });
+        let old_main = st.main_name.clone();
+        let version = self.node.update(|s| {
+            s.role = "main".into();
+            s.ca_name = ca_name;
+            s.main_name = s.name.clone();
+            s.main_address = String::new();
+            // The next export numbers a new version, which every child then takes.
+            s.config_digest = String::new();
+            s.nodes = nodes;
+            s.tokens.clear();
+            s.config_version
+        })?;
+        tracing::warn!(node = %st.name, old_main = %old_main, by = %who, "promoted to cluster main; the old main's certificate is refused from now on");
+        Ok(Response::new(PromoteResponse {
+            config_version: version,
+            revoked_main: old_main,
+        }))
+    }
+
+    async fn follow(
+        &self,
+        req: Request<FollowRequest>,
+    ) -> Result<Response<FollowResponse>, Status> {
+        let who = caller(&req).name;
+        self.child()?;
+        let r = req.into_inner();
+        pki::check_node_name(&r.main_name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.node.update(|s| {
+            s.main_address.clone_from(&r.address);
+            s.main_name.clone_from(&r.main_name);
+        })?;
+        tracing::info!(main = %r.main_name, address = %r.address, by = %who, "following a new cluster main");
+        Ok(Response::new(FollowResponse {}))
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let who = caller(&req).name;
+        let force = req.get_ref().force;
+        let st = self
+            .node
+            .state()
+            .ok_or_else(|| Status::failed_precondition("this node is not in a cluster"))?;
+        if st.role == "main" {
+            let others: Vec<&str> = st
+                .nodes
+                .iter()
+                .filter(|n| !n.revoked && n.name != st.name)
+                .map(|n| n.name.as_str())
+                .collect();
+            if !others.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "{} still in the cluster: remove them first (mb-cluster remove NODE), or promote one of them",
+                    others.join(", ")
+                )));
+            }
+        } else {
+            let told = async {
+                let id = self.node.dir.identity().map_err(|e| format!("{e:#}"))?;
+                let mut main =
+                    peer::main_client(&st.main_address, &st.main_name, &id, Duration::from_secs(5))
+                        .await?;
+                main.leave(LeaveRequest { force: false })
+                    .await
+                    .map_err(|e| mb_runtime::uds::describe_status("the cluster main", &e))?;
+                Ok::<(), String>(())
+            }
+            .await;
+            match told {
+                Ok(()) => {}
+                Err(e) if force => {
+                    tracing::warn!(cause = %e, "leaving without telling the main (--force): remove this node there");
+                }
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "cannot tell the main ({}) that this node leaves: {e}; `mb-cluster leave --force` leaves anyway (then `mb-cluster remove {}` on the main)",
+                        st.main_address, st.name
+                    )));
+                }
+            }
+        }
+        // The files move aside rather than vanish: the old identity stays for the record.
+        let dir = &self.node.dir.0;
+        let aside = dir.with_file_name(format!("cluster.left-{}", state::now_unix()));
+        std::fs::rename(dir, &aside)
+            .map_err(|e| Status::internal(format!("cannot move {} aside: {e}", dir.display())))?;
+        if let Ok(mut s) = self.node.state.lock() {
+            *s = None;
+        }
+        tracing::warn!(node = %st.name, by = %who, kept = %aside.display(), "left the cluster");
+        Ok(Response::new(LeaveResponse {}))
     }
 }

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::Node;
-use crate::peer;
+use crate::{peer, state};
 
 fn set_link(node: &Node, text: String) {
     if let Ok(mut l) = node.link.lock() {
@@ -130,6 +130,15 @@ async fn session(node: &Arc<Node>, stop: &Shutdown) -> String {
 async fn apply(node: &Node, update: MainUpdate) -> bool {
     if let Ok(mut n) = node.remote_nodes.lock() {
         *n = update.nodes;
+    }
+    // Kept for `mb-cluster promote`.
+    if !update.ca_key_pem.is_empty()
+        && node.dir.read(state::CA_KEY).ok().as_deref() != Some(update.ca_key_pem.as_str())
+        && let Err(e) = node
+            .dir
+            .write(state::CA_KEY, update.ca_key_pem.as_bytes(), 0o600)
+    {
+        tracing::warn!(cause = %format!("{e:#}"), "cannot keep the cluster CA key");
     }
     let Some(snap) = update.snapshot else {
         return false;

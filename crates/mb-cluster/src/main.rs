@@ -11,8 +11,8 @@ use mb_cluster::{peer, pki};
 use mb_proto::v1::cluster_client::ClusterClient;
 use mb_proto::v1::config_client::ConfigClient;
 use mb_proto::v1::{
-    ClusterStatusRequest, CreateTokenRequest, JoinRequest, RemoveNodeRequest, SetRequest,
-    SyncNowRequest,
+    ClusterStatusRequest, CreateTokenRequest, FollowRequest, JoinRequest, LeaveRequest,
+    PromoteRequest, RemoveNodeRequest, SetRequest, SyncNowRequest,
 };
 use mb_runtime::cli::{self, Failure};
 use serde_json::json;
@@ -80,6 +80,23 @@ enum Command {
     Remove { node: String },
     /// Export the configuration now (main) or report to the main now (child)
     Sync,
+    /// Make this child the main when the main is lost (then `mb-cluster follow` on the
+    /// other children)
+    Promote,
+    /// Point this child at another main, after a promotion
+    Follow {
+        /// The new main's cluster address (host:port)
+        main: String,
+        /// The new main's node name
+        #[arg(long = "main-name")]
+        main_name: String,
+    },
+    /// Take this node out of the cluster (a main only when it is alone)
+    Leave {
+        /// Leave even when the main cannot be told (then remove the node on the main)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -338,6 +355,63 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc("mb-cluster"))?;
             if !args.json {
                 println!("{node} removed; its certificate is refused from now on");
+            }
+        }
+        Command::Promote => {
+            let r = local(&cfg)
+                .await?
+                .promote(PromoteRequest {})
+                .await
+                .map_err(grpc("mb-cluster"))?
+                .into_inner();
+            set_keys(
+                &cfg,
+                &[
+                    ("cluster.role", "main".into()),
+                    ("cluster.main", String::new()),
+                ],
+            )
+            .await?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"role": "main", "config_version": r.config_version, "revoked_main": r.revoked_main})
+                );
+            } else {
+                println!(
+                    "this node is now the cluster main (configuration version {}); {} is refused from now on.",
+                    r.config_version, r.revoked_main
+                );
+                println!(
+                    "On each other child: mb-cluster follow THIS-HOST:{} --main-name {}",
+                    cfg.text("cluster.port"),
+                    node_name(None, &cfg).unwrap_or_default()
+                );
+            }
+        }
+        Command::Follow { main, main_name } => {
+            local(&cfg)
+                .await?
+                .follow(FollowRequest {
+                    address: main.clone(),
+                    main_name: main_name.clone(),
+                })
+                .await
+                .map_err(grpc("mb-cluster"))?;
+            set_keys(&cfg, &[("cluster.main", main.clone())]).await?;
+            if !args.json {
+                println!("following {main_name} at {main}");
+            }
+        }
+        Command::Leave { force } => {
+            local(&cfg)
+                .await?
+                .leave(LeaveRequest { force })
+                .await
+                .map_err(grpc("mb-cluster"))?;
+            set_keys(&cfg, &[("cluster.enabled", "false".into())]).await?;
+            if !args.json {
+                println!("this node left the cluster; its configuration is its own again");
             }
         }
         Command::Sync => {

@@ -11,8 +11,9 @@ use mb_proto::v1::cluster_peer_client::ClusterPeerClient;
 use mb_proto::v1::cluster_peer_server::{ClusterPeer, ClusterPeerServer};
 use mb_proto::v1::replica_client::ReplicaClient;
 use mb_proto::v1::{
-    CommandResult, ExportRequest, IngestRequest, JoinRequest, JoinResponse, MainUpdate,
-    NodeCommand, NodeReport, NodeStatus, Snapshot, UploadAck, UploadBatch,
+    CommandResult, ExportRequest, IngestRequest, JoinRequest, JoinResponse, LeaveRequest,
+    LeaveResponse, MainUpdate, NodeCommand, NodeReport, NodeStatus, Snapshot, UploadAck,
+    UploadBatch,
 };
 use mb_runtime::lifecycle::Shutdown;
 use prost::Message;
@@ -332,11 +333,17 @@ impl PeerService {
                 .ok()
                 .and_then(|s| s.as_ref().map(|s| Snapshot::clone(s)))
         };
+        let ca_key_pem = if snapshot.is_some() {
+            self.node.dir.read(state::CA_KEY).unwrap_or_default()
+        } else {
+            String::new()
+        };
         MainUpdate {
             config_version: version,
             snapshot,
             nodes: Self::nodes(&self.node),
             commands: Vec::new(),
+            ca_key_pem,
         }
     }
 }
@@ -433,6 +440,21 @@ impl ClusterPeer for PeerService {
         Ok(Response::new(ack))
     }
 
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let name = self.caller(&req)?;
+        let from = client(&req);
+        self.node.update(|st| {
+            for n in st.nodes.iter_mut().filter(|n| n.name == name) {
+                n.revoked = true;
+            }
+        })?;
+        if let Ok(mut seen) = self.node.seen.lock() {
+            seen.remove(&name);
+        }
+        tracing::info!(node = %name, client = %from, "node left the cluster; its certificate is revoked");
+        Ok(Response::new(LeaveResponse {}))
+    }
+
     type SyncStream = ReceiverStream<Result<MainUpdate, Status>>;
 
     async fn sync(
@@ -468,6 +490,7 @@ impl ClusterPeer for PeerService {
                             snapshot: None,
                             nodes: PeerService::nodes(&node),
                             commands: vec![cmd],
+                            ca_key_pem: String::new(),
                         };
                         if tx.send(Ok(update)).await.is_err() {
                             break;
