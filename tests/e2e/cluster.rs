@@ -8,9 +8,18 @@ use mb_testkit::{Gateway, LinkProxy, SmtpSink, free_port, text, wait_until};
 use crate::smtp::{Raw, mb_user};
 
 fn node(cluster_port: u16, extra: &str) -> Gateway {
-    Gateway::new(&format!(
+    let gw = Gateway::new(&format!(
         "[cluster]\nbind = \"127.0.0.1\"\nport = {cluster_port}\nheartbeat = \"1s\"\n{extra}"
-    ))
+    ));
+    // Each node's DKIM key in its own directory (node-local in the file, as on real
+    // machines where the path is the same everywhere).
+    let mut cfg = std::fs::read_to_string(&gw.config).unwrap();
+    cfg.push_str(&format!(
+        "[dkim]\nkey = \"{}\"\n",
+        gw.path("dkim.key").display()
+    ));
+    std::fs::write(&gw.config, cfg).unwrap();
+    gw
 }
 
 fn ok(gw: &Gateway, tool: &str, args: &[&str]) -> String {
@@ -563,6 +572,18 @@ fn a_child_promoted_when_the_main_is_lost_leads_the_others() {
         })
         .unwrap();
     }
+    // The main's DKIM key signs for every node.
+    ok(&main, "mb-dkim", &["keygen", "--domain", "served.test"]);
+    ok(&main, "mb-config", &["set", "dkim.sign", "true"]);
+    let key = std::fs::read_to_string(main.path("dkim.key")).unwrap();
+    assert!(key.contains("PRIVATE KEY"), "{key}");
+    for c in [child1, child2] {
+        wait_until("the DKIM key on a child", Duration::from_secs(30), || {
+            std::fs::read_to_string(c.path("dkim.key")).ok().as_deref() == Some(key.as_str())
+        })
+        .unwrap();
+    }
+
     // The main is lost; the administrator promotes child1.
     main.cluster.take().unwrap().stop(Duration::from_secs(10));
     main.stop();

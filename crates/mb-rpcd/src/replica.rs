@@ -26,6 +26,39 @@ fn db_status(e: crate::db::DbError) -> Status {
     Status::unavailable(e.to_string())
 }
 
+/// The largest DKIM key file shared (a 4096-bit RSA key in PEM is about 3.3 KB).
+const MAX_KEY: usize = 64 << 10;
+
+/// Writes the DKIM key when it differs: a temporary file (0600), fsynced, renamed into
+/// place; the filter workers notice the new modification time.
+async fn write_key(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    if tokio::fs::read_to_string(path).await.ok().as_deref() == Some(pem) {
+        return Ok(());
+    }
+    let (path, pem) = (path.to_path_buf(), pem.to_string());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(".dkim-key.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        tracing::info!(path = %path.display(), "DKIM key taken from the cluster main");
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// A policy's content without its local id, for comparing nodes.
 fn content(p: &Policy) -> Policy {
     Policy { id: 0, ..p.clone() }
@@ -61,7 +94,25 @@ impl Replica for ReplicaService {
                 password_hash,
             })
             .collect();
+        let cfg = self.store.effective();
+        let dkim_key_pem = if cfg.bool("dkim.sign") {
+            let path = cfg.path("dkim.key");
+            match tokio::fs::read_to_string(&path).await {
+                Ok(pem) if pem.len() <= MAX_KEY => pem,
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "the DKIM key is too large to share with the cluster");
+                    String::new()
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), cause = %e, "cannot read the DKIM key to share with the cluster");
+                    String::new()
+                }
+            }
+        } else {
+            String::new()
+        };
         Ok(Response::new(Snapshot {
+            dkim_key_pem,
             version: 0,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -92,6 +143,15 @@ impl Replica for ReplicaService {
             .await
             .map_err(status)?;
         let db = &self.store.db;
+        if !snap.dkim_key_pem.is_empty() {
+            let path = self.store.effective().path("dkim.key");
+            write_key(&path, &snap.dkim_key_pem)
+                .await
+                .map_err(|e| {
+                    tracing::error!(path = %path.display(), cause = %e, "cannot write the cluster's DKIM key");
+                    Status::internal(format!("cannot write the DKIM key {}: {e}", path.display()))
+                })?;
+        }
 
         // Policies: equal content stays (local ids differ between nodes), the rest is
         // replaced.
