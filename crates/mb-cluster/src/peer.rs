@@ -462,7 +462,10 @@ impl ClusterPeer for PeerService {
         req: Request<Streaming<NodeReport>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let name = self.caller(&req)?;
-        let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let address = req
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
         let mut reports = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let node = self.node.clone();
