@@ -98,6 +98,18 @@ impl Node {
 
     /// Changes the persisted state and writes it out.
     pub fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, Status> {
+        match self.try_update(|st| Ok::<T, std::convert::Infallible>(f(st)))? {
+            Ok(out) => Ok(out),
+            Err(never) => match never {},
+        }
+    }
+
+    /// Changes the persisted state when `f` succeeds: written to disk first, then kept
+    /// in memory (a refused join costs no disk write, a failed write changes nothing).
+    pub fn try_update<T, E>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, E>,
+    ) -> Result<Result<T, E>, Status> {
         let mut guard = self
             .state
             .lock()
@@ -105,11 +117,15 @@ impl Node {
         let st = guard
             .as_mut()
             .ok_or_else(|| Status::failed_precondition("this node is not set up"))?;
-        let out = f(st);
-        self.dir.save(st).map_err(|e| {
-            tracing::error!(cause = %e, "cannot save the cluster state");
-            Status::internal(format!("cannot save the cluster state: {e}"))
-        })?;
+        let mut draft = st.clone();
+        let out = f(&mut draft);
+        if out.is_ok() {
+            self.dir.save(&draft).map_err(|e| {
+                tracing::error!(cause = %e, "cannot save the cluster state");
+                Status::internal(format!("cannot save the cluster state: {e}"))
+            })?;
+            *st = draft;
+        }
         Ok(out)
     }
 

@@ -384,7 +384,7 @@ impl ClusterPeer for PeerService {
         let secret_hash = pki::sha256_hex(secret.as_bytes());
         let now = state::now_unix();
         // Check and spend the token, and add the node, under one lock.
-        let outcome = self.node.update(|st| {
+        let outcome = self.node.try_update(|st| {
             let main = st.name.clone();
             let Some(t) = st.tokens.iter_mut().find(|t| t.id == id) else {
                 return Err("unknown token");
