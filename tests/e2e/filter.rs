@@ -1377,6 +1377,17 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
         r.starts_with("554 5.7.1") && r.contains("virus found"),
         "{r}"
     );
+    // A large message (spilled to a file by the milter) reaches the worker whole: the
+    // virus at its very end is found.
+    let filler = "All work and no play makes Jack a dull boy, all day long.\r\n".repeat(50_000);
+    let big = with_attachment("milter-big", "eicar.txt", EICAR.as_bytes())
+        .replace("see attached\r\n", &filler);
+    assert!(big.len() > 2 << 20);
+    let (_, r) = session("alice@sender.test", &big);
+    assert!(
+        r.starts_with("554 5.7.1") && r.contains("virus found"),
+        "{r}"
+    );
     // A blocked sender: refused at MAIL, before any data (once the milter has the policy).
     wait_until(
         "the milter loads the policy",
@@ -1403,8 +1414,8 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
     assert!(r.starts_with("451 4.7.1"), "{r}");
     // mb-status shows the milter's counters.
     let milter = daemon_status(&gw, "mb-milter");
-    assert_eq!(milter["counters"]["messages"], 3, "{milter:#}");
-    assert_eq!(milter["counters"]["rejected"], 2, "{milter:#}");
+    assert_eq!(milter["counters"]["messages"], 4, "{milter:#}");
+    assert_eq!(milter["counters"]["rejected"], 3, "{milter:#}");
     assert_eq!(milter["counters"]["tempfailed"], 1, "{milter:#}");
 }
 

@@ -316,6 +316,7 @@ impl<'a> Session<'a> {
             sender: self.sender.clone().unwrap_or_default(),
             recipients: self.rcpts.clone(),
             direction: if outbound { "outbound" } else { "inbound" }.into(),
+            size: 0,
             ..Default::default()
         };
         let Ok(_slot) = self.svc.slots.clone().acquire_owned().await else {

@@ -353,6 +353,13 @@ impl Filter for FilterService {
         }
         let envelope =
             envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
+        if envelope.size != 0 && envelope.size != message.len() as u64 {
+            return Err(Status::data_loss(format!(
+                "the message was announced as {} bytes and {} arrived",
+                envelope.size,
+                message.len()
+            )));
+        }
         Ok(Response::new(self.process(&cfg, &envelope, &message).await))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use mb_core::policy::{self, Action};
 use mb_proto::v1::{ScanEnvelope, ScanVerdict};
+use mb_smtpd::scan::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
@@ -26,7 +27,7 @@ struct State {
     rcpts: Vec<String>,
     /// The header fields as received, in order (for deletions by index).
     headers: Vec<(String, String)>,
-    message: Vec<u8>,
+    message: Buffer,
     too_large: bool,
     /// `smtp.message_size_limit` as it was when the message began.
     limit: usize,
@@ -37,7 +38,7 @@ impl State {
         self.sender = None;
         self.rcpts.clear();
         self.headers.clear();
-        self.message.clear();
+        self.message = Buffer::default();
         self.too_large = false;
     }
 
@@ -179,12 +180,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             );
             append(
                 st,
+                shared,
                 format!(
                     "{name}: {}\r\n",
                     value.replace("\r\n", "\n").replace('\n', "\r\n")
                 )
                 .as_bytes(),
-            );
+            )
+            .await;
             st.headers.push((name, value));
             if reply_unless(proto::NOHREPL, st) {
                 proto::write(io, proto::CONTINUE, &[])
@@ -193,7 +196,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::EOH => {
-            append(st, b"\r\n");
+            append(st, shared, b"\r\n").await;
             if reply_unless(proto::NR_EOH, st) {
                 proto::write(io, proto::CONTINUE, &[])
                     .await
@@ -201,7 +204,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::BODY => {
-            append(st, data);
+            append(st, shared, data).await;
             if reply_unless(proto::NR_BODY, st) {
                 proto::write(io, proto::CONTINUE, &[])
                     .await
@@ -209,7 +212,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         proto::BODYEOB => {
-            append(st, data);
+            append(st, shared, data).await;
             end_of_message(io, shared, st).await?;
             st.reset_message();
         }
@@ -228,17 +231,106 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(true)
 }
 
+/// Bytes of a message held in memory; beyond, it goes to a file.
+const SPILL: usize = 1 << 20;
+
+/// Where a message accumulates: in memory up to `SPILL` bytes, then in an anonymous
+/// temporary file under `paths.spool_dir/milter` (the kernel removes it when closed), so
+/// a connection holds at most `SPILL` bytes however large the message.
+#[derive(Default)]
+struct Buffer {
+    memory: Vec<u8>,
+    file: Option<tokio::fs::File>,
+    len: u64,
+    /// Why the message could not be kept (it is tempfailed at the end).
+    failed: Option<String>,
+}
+
+impl Buffer {
+    async fn append(&mut self, bytes: &[u8], spill_dir: impl FnOnce() -> std::path::PathBuf) {
+        use tokio::io::AsyncWriteExt;
+        if self.failed.is_some() {
+            return;
+        }
+        self.len += bytes.len() as u64;
+        if let Some(f) = &mut self.file {
+            if let Err(e) = f.write_all(bytes).await {
+                self.failed = Some(format!("cannot write the spilled message: {e}"));
+            }
+            return;
+        }
+        if self.memory.len() + bytes.len() <= SPILL {
+            self.memory.extend_from_slice(bytes);
+            return;
+        }
+        let dir = spill_dir();
+        let opened = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            tempfile::tempfile_in(&dir)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        let mut f = match opened {
+            Ok(f) => tokio::fs::File::from_std(f),
+            Err(e) => {
+                self.failed = Some(format!("cannot spill a large message to a file: {e}"));
+                return;
+            }
+        };
+        let memory = std::mem::take(&mut self.memory);
+        if let Err(e) = async {
+            f.write_all(&memory).await?;
+            f.write_all(bytes).await
+        }
+        .await
+        {
+            self.failed = Some(format!("cannot write the spilled message: {e}"));
+            return;
+        }
+        self.file = Some(f);
+    }
+
+    /// The message for the scan.
+    async fn take(&mut self) -> Result<Body, String> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        match self.file.take() {
+            Some(mut f) => {
+                f.flush()
+                    .await
+                    .map_err(|e| format!("cannot write the spilled message: {e}"))?;
+                Ok(Body::File {
+                    file: Arc::new(f.into_std().await),
+                    len: self.len,
+                })
+            }
+            None => Ok(Body::from(std::mem::take(&mut self.memory))),
+        }
+    }
+}
+
 /// Adds to the message, up to the size limit.
-fn append(st: &mut State, bytes: &[u8]) {
+async fn append(st: &mut State, shared: &Shared, bytes: &[u8]) {
     if st.too_large {
         return;
     }
-    if st.message.len() + bytes.len() > st.limit {
+    if st.message.len + bytes.len() as u64 > st.limit as u64 {
         st.too_large = true;
-        st.message = Vec::new();
+        st.message = Buffer::default();
         return;
     }
-    st.message.extend_from_slice(bytes);
+    st.message
+        .append(bytes, || {
+            shared
+                .follower
+                .current()
+                .path("paths.spool_dir")
+                .join("milter")
+        })
+        .await;
 }
 
 /// The blocking policy for a sender (or recipient), with its direction.
@@ -321,11 +413,22 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         auth_user,
         tls,
         direction: if outbound { "outbound" } else { "inbound" }.into(),
+        size: 0,
+    };
+    let message = match st.message.take().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(id = %queue_id, cause = %e, "tempfailing a message that could not be held");
+            shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
+            let line =
+                proto::reply_line(451, "4.3.0", "Cannot hold the message now, try again later");
+            return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
+                .await
+                .map_err(io_err);
+        }
     };
     let started = Instant::now();
-    let scan = shared
-        .scanner
-        .scan(envelope, std::mem::take(&mut st.message));
+    let scan = shared.scanner.scan(envelope, message);
     tokio::pin!(scan);
     let mut progress = tokio::time::interval_at(
         tokio::time::Instant::now() + shared.progress_every,
@@ -449,8 +552,9 @@ mod tests {
 
     #[tonic::async_trait]
     impl mb_smtpd::scan::Scanner for Slow {
-        async fn scan(&self, env: ScanEnvelope, message: Vec<u8>) -> Result<ScanVerdict, String> {
+        async fn scan(&self, env: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
             tokio::time::sleep(Duration::from_millis(250)).await;
+            let message = message.read_all().unwrap();
             assert!(String::from_utf8_lossy(&message).contains("X-Spam: Yes\r\n\r\nbody"));
             assert_eq!(
                 (env.sender.as_str(), env.queue_id.as_str()),
@@ -472,18 +576,25 @@ mod tests {
         proto::write(w, cmd, data).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn long_scans_send_progress_then_the_changes_and_continue() {
+    /// A milter session on an in-memory pipe, with `config` and `scanner`.
+    fn session(
+        config: &str,
+        scanner: Box<dyn mb_smtpd::scan::Scanner>,
+    ) -> (
+        Arc<Shared>,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-        let cfg = mb_core::Config::from_toml_str("", "test").unwrap();
+        let cfg = mb_core::Config::from_toml_str(config, "test").unwrap();
         let shared = Arc::new(Shared {
             follower: mb_runtime::follow::Follower::start("mb-milter-test", cfg, shutdown),
             policies: mb_runtime::policies::PolicySet::fixed(Vec::new()),
-            scanner: Box::new(Slow),
+            scanner,
             stats: crate::Stats::default(),
             progress_every: Duration::from_millis(60),
         });
-        let (mut mta, mut milter) = tokio::io::duplex(1 << 16);
+        let (mta, mut milter) = tokio::io::duplex(1 << 16);
         let server = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -501,6 +612,91 @@ mod tests {
                 }
             })
         };
+        (shared, mta, server)
+    }
+
+    /// What a scanner was given: (in a file, length, content) per message.
+    type Seen = Arc<std::sync::Mutex<Vec<(bool, u64, Vec<u8>)>>>;
+
+    struct Recorder(Seen);
+
+    #[tonic::async_trait]
+    impl mb_smtpd::scan::Scanner for Recorder {
+        async fn scan(&self, _env: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
+            let in_file = matches!(message, Body::File { .. });
+            let data = message.read_all().unwrap();
+            self.0.lock().unwrap().push((in_file, message.len(), data));
+            Ok(ScanVerdict {
+                action: "accept".into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_messages_spill_to_a_file_and_reach_the_scanner_whole() {
+        let spool = tempfile::tempdir().unwrap();
+        let seen = Seen::default();
+        let (shared, mut mta, server) = session(
+            &format!(
+                "[paths]\nspool_dir = \"{}\"\n[smtp]\nmessage_size_limit = \"10M\"\n",
+                spool.path().display()
+            ),
+            Box::new(Recorder(seen.clone())),
+        );
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x3fu32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
+        let mut expected = Vec::new();
+        for (size, label) in [(1000usize, "small"), (3 << 20, "large")] {
+            packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            packet(
+                &mut mta,
+                proto::HEADER,
+                format!("Subject\0{label}\0").as_bytes(),
+            )
+            .await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            packet(&mut mta, proto::EOH, b"").await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            let body: Vec<u8> = (0..size).map(|i| b"abcdefghij\r\n"[i % 12]).collect();
+            for piece in body.chunks(65_535) {
+                packet(&mut mta, proto::BODY, piece).await;
+                assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            }
+            packet(&mut mta, proto::BODYEOB, b"").await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+            let mut whole = format!("Subject: {label}\r\n\r\n").into_bytes();
+            whole.extend_from_slice(&body);
+            expected.push(whole);
+        }
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(!seen[0].0, "a small message stays in memory");
+        assert!(seen[1].0, "a large one goes to a file");
+        for (i, (_, len, data)) in seen.iter().enumerate() {
+            assert_eq!(*len as usize, expected[i].len());
+            assert!(*data == expected[i], "message {i} arrived whole");
+        }
+        // The file was anonymous: nothing is left behind.
+        let left: Vec<_> = std::fs::read_dir(spool.path().join("milter"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn long_scans_send_progress_then_the_changes_and_continue() {
+        let (shared, mut mta, server) = session("", Box::new(Slow));
         let mut opt = 6u32.to_be_bytes().to_vec();
         opt.extend_from_slice(&0x3fu32.to_be_bytes());
         opt.extend_from_slice(&0u32.to_be_bytes());

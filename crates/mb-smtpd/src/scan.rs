@@ -4,22 +4,124 @@
 //! that fails mid-call is skipped and the scan retried on the next one.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mb_proto::v1::filter_client::FilterClient;
 use mb_proto::v1::{ScanChunk, ScanEnvelope, ScanVerdict};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// Bytes per streamed chunk.
 const CHUNK: usize = 64 * 1024;
 
+/// A message to scan: in memory, or in a file (the milter spills large messages to an
+/// anonymous temporary file so that a connection holds a bounded amount of memory).
+/// Either can be streamed several times, once per worker asked.
+#[derive(Clone)]
+pub enum Body {
+    Memory(Arc<Vec<u8>>),
+    File { file: Arc<std::fs::File>, len: u64 },
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Memory(m) => m.len() as u64,
+            Body::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole message in memory (for tests and small callers).
+    pub fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Body::Memory(m) => Ok(m.to_vec()),
+            Body::File { file, len } => {
+                let mut buf = vec![0; usize::try_from(*len).unwrap_or(0)];
+                file.read_exact_at(&mut buf, 0)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// The scan request: the envelope (with the size) on the first chunk. A file is read
+    /// chunk by chunk as the worker takes them; should a read fail, the stream ends short
+    /// and the worker refuses it by the announced size.
+    fn stream(&self, mut envelope: ScanEnvelope) -> ReceiverStream<ScanChunk> {
+        envelope.size = self.len();
+        let (tx, rx) = mpsc::channel(4);
+        match self {
+            Body::Memory(m) => {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let mut envelope = Some(envelope);
+                    let mut pieces = m.chunks(CHUNK).peekable();
+                    if pieces.peek().is_none() {
+                        let _ = tx
+                            .send(ScanChunk {
+                                envelope,
+                                data: Vec::new(),
+                            })
+                            .await;
+                        return;
+                    }
+                    for piece in pieces {
+                        let chunk = ScanChunk {
+                            envelope: envelope.take(),
+                            data: piece.to_vec(),
+                        };
+                        if tx.send(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Body::File { file, len } => {
+                let (file, len) = (file.clone(), *len);
+                tokio::task::spawn_blocking(move || {
+                    let mut envelope = Some(envelope);
+                    let mut at = 0u64;
+                    loop {
+                        let want = usize::try_from((len - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+                        let mut data = vec![0; want];
+                        if let Err(e) = file.read_exact_at(&mut data, at) {
+                            tracing::error!(cause = %e, "cannot read a spilled message back");
+                            return;
+                        }
+                        at += want as u64;
+                        let chunk = ScanChunk {
+                            envelope: envelope.take(),
+                            data,
+                        };
+                        if tx.blocking_send(chunk).is_err() || at >= len {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        ReceiverStream::new(rx)
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Body {
+        Body::Memory(Arc::new(v))
+    }
+}
+
 #[tonic::async_trait]
 pub trait Scanner: Send + Sync {
     /// A verdict, or why no worker could give one.
-    async fn scan(&self, envelope: ScanEnvelope, message: Vec<u8>) -> Result<ScanVerdict, String>;
+    async fn scan(&self, envelope: ScanEnvelope, message: Body) -> Result<ScanVerdict, String>;
 }
 
 /// The mb-filter workers `mb-filter-1.sock` .. `mb-filter-N.sock`.
@@ -78,7 +180,7 @@ fn worker_failed(status: &tonic::Status) -> bool {
 
 #[tonic::async_trait]
 impl Scanner for Workers {
-    async fn scan(&self, envelope: ScanEnvelope, message: Vec<u8>) -> Result<ScanVerdict, String> {
+    async fn scan(&self, envelope: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
         let mut order: Vec<usize> = (0..self.in_flight.len()).collect();
         order.sort_by_key(|i| self.in_flight[*i].load(Ordering::Relaxed));
         let mut last = String::from("no mb-filter worker configured");
@@ -91,20 +193,9 @@ impl Scanner for Workers {
                     continue;
                 }
             };
-            let mut chunks: Vec<ScanChunk> = message
-                .chunks(CHUNK)
-                .map(|c| ScanChunk {
-                    envelope: None,
-                    data: c.to_vec(),
-                })
-                .collect();
-            if chunks.is_empty() {
-                chunks.push(ScanChunk::default());
-            }
-            chunks[0].envelope = Some(envelope.clone());
             self.in_flight[i].fetch_add(1, Ordering::Relaxed);
             let mut client = FilterClient::new(channel);
-            let call = client.scan(tokio_stream::iter(chunks));
+            let call = client.scan(message.stream(envelope.clone()));
             let result = tokio::time::timeout(self.timeout, call).await;
             self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
             match result {
@@ -136,4 +227,55 @@ pub fn status_of(code: u32, status: &str) -> &'static str {
         .find(|k| **k == status)
         .copied()
         .unwrap_or(if code >= 500 { "5.7.1" } else { "4.7.1" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    async fn collect(body: &Body) -> (Option<ScanEnvelope>, Vec<u8>, usize) {
+        let mut stream = body.stream(ScanEnvelope {
+            queue_id: "Q".into(),
+            ..Default::default()
+        });
+        let (mut env, mut data, mut n) = (None, Vec::new(), 0);
+        while let Some(chunk) = stream.next().await {
+            if n == 0 {
+                env = chunk.envelope;
+            } else {
+                assert!(chunk.envelope.is_none(), "the envelope comes once");
+            }
+            assert!(chunk.data.len() <= CHUNK);
+            data.extend_from_slice(&chunk.data);
+            n += 1;
+        }
+        (env, data, n)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bodies_stream_whole_from_memory_and_from_a_file_with_their_size() {
+        use std::io::Write;
+        let message: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&message).unwrap();
+        for body in [
+            Body::from(message.clone()),
+            Body::File {
+                file: Arc::new(f),
+                len: message.len() as u64,
+            },
+        ] {
+            let (env, data, n) = collect(&body).await;
+            let env = env.unwrap();
+            assert_eq!((env.queue_id.as_str(), env.size), ("Q", 200_000));
+            assert!(data == message);
+            assert_eq!(n, 200_000usize.div_ceil(CHUNK));
+            // And again, as for a second worker.
+            assert!(collect(&body).await.1 == message);
+        }
+        // An empty message is one chunk carrying the envelope.
+        let (env, data, n) = collect(&Body::from(Vec::new())).await;
+        assert_eq!((env.unwrap().size, data.len(), n), (0, 0, 1));
+    }
 }

@@ -1280,9 +1280,10 @@ impl<'a> Session<'a> {
             auth_user: self.auth_user.clone().unwrap_or_default(),
             tls: self.tls.clone().unwrap_or_default(),
             direction: if outbound { "outbound" } else { "inbound" }.into(),
+            size: 0,
         };
         let (sender, rcpts) = (envelope.sender.clone(), envelope.recipients.clone());
-        match scanner.scan(envelope, message).await {
+        match scanner.scan(envelope, message.into()).await {
             Ok(v) => match v.action.as_str() {
                 "reject" | "tempfail" => {
                     let fallback = if v.action == "reject" { 554 } else { 451 };

@@ -997,8 +997,9 @@ impl crate::scan::Scanner for Verdicts {
     async fn scan(
         &self,
         envelope: mb_proto::v1::ScanEnvelope,
-        message: Vec<u8>,
+        message: crate::scan::Body,
     ) -> Result<mb_proto::v1::ScanVerdict, String> {
+        let message = message.read_all().unwrap();
         let text = String::from_utf8_lossy(&message);
         assert!(
             text.starts_with("Received: "),
