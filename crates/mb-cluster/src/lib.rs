@@ -120,7 +120,9 @@ impl Node {
         let mut draft = st.clone();
         let out = f(&mut draft);
         if out.is_ok() {
-            self.dir.save(&draft).map_err(|e| {
+            // A small file, but fsynced: off the async workers (the daemon's runtime is
+            // multi-threaded).
+            tokio::task::block_in_place(|| self.dir.save(&draft)).map_err(|e| {
                 tracing::error!(cause = %e, "cannot save the cluster state");
                 Status::internal(format!("cannot save the cluster state: {e}"))
             })?;
