@@ -334,7 +334,8 @@ impl PeerService {
                 .and_then(|s| s.as_ref().map(|s| Snapshot::clone(s)))
         };
         let ca_key_pem = if snapshot.is_some() {
-            self.node.dir.read(state::CA_KEY).unwrap_or_default()
+            // Read when a snapshot goes out (rarely): off the async workers.
+            tokio::task::block_in_place(|| self.node.dir.read(state::CA_KEY)).unwrap_or_default()
         } else {
             String::new()
         };
