@@ -172,7 +172,7 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
         .await
         {
             Ok(c) => c,
-            Err(e) => return e,
+            Err(e) => return e.to_string(),
         };
         let reports = tokio_stream::iter(vec![mb_proto::v1::NodeReport::default()]);
         match c.sync(reports).await {

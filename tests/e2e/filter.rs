@@ -8,14 +8,14 @@ use mb_testkit::{Clamd, EICAR, Gateway, SmtpSink, free_port, text, wait_until};
 
 use crate::smtp::Raw;
 
-fn with_attachment(subject: &str, name: &str, content: &[u8]) -> String {
+pub(crate) fn with_attachment(subject: &str, name: &str, content: &[u8]) -> String {
     format!(
         "From: alice@sender.test\r\nTo: bob@served.test\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
          Message-ID: <{subject}@sender.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
          --b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n\
          --b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"{name}\"\r\n\
          Content-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
-        mb_smtpd::client::base64_encode(content)
+        mb_core::message::base64_encode(content)
     )
 }
 

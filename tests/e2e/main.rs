@@ -9,6 +9,7 @@ mod databases;
 mod delivery;
 mod filter;
 mod follow;
+mod modes;
 mod packaging;
 mod rpcd;
 mod smtp;

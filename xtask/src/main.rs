@@ -190,6 +190,8 @@ fn main() -> ExitCode {
 }
 
 mod bench;
+#[cfg(test)]
+mod tidy;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -14,7 +14,7 @@ use mb_proto::v1::{
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
-use crate::peer::{self, PeerService};
+use crate::peer::{self, PeerError, PeerService};
 use crate::state::{self, NodeRecord, Token, TokenText};
 use crate::{Node, pki};
 
@@ -200,7 +200,7 @@ impl Cluster for Admin {
             self.main()?;
             let v = peer::export(&self.node)
                 .await
-                .map_err(Status::unavailable)?;
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             return Ok(Response::new(SyncNowResponse { config_version: v }));
         }
         self.node.sync_now.notify_one();
@@ -342,14 +342,14 @@ impl Cluster for Admin {
             }
         } else {
             let told = async {
-                let id = self.node.dir.identity().map_err(|e| format!("{e:#}"))?;
+                let id = self.node.dir.identity().map_err(PeerError::Identity)?;
                 let mut main =
                     peer::main_client(&st.main_address, &st.main_name, &id, Duration::from_secs(5))
                         .await?;
                 main.leave(LeaveRequest { force: false })
                     .await
-                    .map_err(|e| mb_runtime::uds::describe_status("the cluster main", &e))?;
-                Ok::<(), String>(())
+                    .map_err(PeerError::rpc("the cluster main"))?;
+                Ok::<(), PeerError>(())
             }
             .await;
             match told {

@@ -21,6 +21,27 @@ use tonic::transport::Channel;
 use crate::Node;
 use crate::{peer, state};
 
+/// Why a snapshot could not be imported or an upload did not go through.
+#[derive(Debug, thiserror::Error)]
+enum ChildError {
+    #[error(transparent)]
+    Connect(#[from] mb_runtime::uds::ConnectError),
+    /// A daemon (`mb-rpcd`, `the cluster main`) answered a call with an error.
+    #[error("{}", mb_runtime::uds::describe_status(.daemon, .status))]
+    Rpc {
+        daemon: &'static str,
+        status: Box<tonic::Status>,
+    },
+}
+
+/// A gRPC error from `daemon`, worded as `describe_status` words it.
+fn rpc(daemon: &'static str) -> impl FnOnce(tonic::Status) -> ChildError {
+    move |status| ChildError::Rpc {
+        daemon,
+        status: Box::new(status),
+    }
+}
+
 fn set_link(node: &Node, text: String) {
     if let Ok(mut l) = node.link.lock() {
         *l = text;
@@ -70,7 +91,7 @@ async fn session(node: &Arc<Node>, stop: &Shutdown) -> String {
     let patience = (node.heartbeat() * 2).clamp(Duration::from_secs(2), Duration::from_secs(10));
     let mut client = match peer::main_client(&address, &st.main_name, &id, patience).await {
         Ok(c) => c,
-        Err(e) => return e,
+        Err(e) => return e.to_string(),
     };
     let (tx, rx) = mpsc::channel(4);
     if tx.send(node.own_report().await).await.is_err() {
@@ -163,14 +184,12 @@ async fn apply(node: &Node, update: MainUpdate) -> bool {
     }
 }
 
-async fn import(node: &Node, snap: Snapshot) -> Result<(), String> {
-    let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd")
-        .await
-        .map_err(|e| e.to_string())?;
+async fn import(node: &Node, snap: Snapshot) -> Result<(), ChildError> {
+    let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd").await?;
     ReplicaClient::new(ch)
         .import(snap)
         .await
-        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?;
+        .map_err(rpc("mb-rpcd"))?;
     Ok(())
 }
 
@@ -212,17 +231,18 @@ async fn upload_loop(node: Arc<Node>, mut main: ClusterPeerClient<Channel>) {
 }
 
 /// One batch; returns how many items went.
-async fn upload_once(node: &Node, main: &mut ClusterPeerClient<Channel>) -> Result<usize, String> {
-    let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd")
-        .await
-        .map_err(|e| e.to_string())?;
+async fn upload_once(
+    node: &Node,
+    main: &mut ClusterPeerClient<Channel>,
+) -> Result<usize, ChildError> {
+    let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd").await?;
     let mut rpcd = ReplicaClient::new(ch);
     let batch = rpcd
         .outbox(OutboxRequest {
             limit: UPLOAD_BATCH,
         })
         .await
-        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?
+        .map_err(rpc("mb-rpcd"))?
         .into_inner();
     node.outbox
         .store(batch.pending, std::sync::atomic::Ordering::Relaxed);
@@ -232,10 +252,10 @@ async fn upload_once(node: &Node, main: &mut ClusterPeerClient<Channel>) -> Resu
     let seqs: Vec<u64> = batch.items.iter().map(|i| i.seq).collect();
     main.upload(UploadBatch { items: batch.items })
         .await
-        .map_err(|e| mb_runtime::uds::describe_status("the cluster main", &e))?;
+        .map_err(rpc("the cluster main"))?;
     rpcd.acknowledge(AcknowledgeRequest { seqs: seqs.clone() })
         .await
-        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?;
+        .map_err(rpc("mb-rpcd"))?;
     node.outbox.store(
         batch.pending.saturating_sub(seqs.len() as u64),
         std::sync::atomic::Ordering::Relaxed,

@@ -216,7 +216,7 @@ impl DaemonHooks for Hooks {
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {
         mb_runtime::reread(&self.node.follower, self.config.as_deref())
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -266,7 +266,7 @@ pub async fn main(opts: Options) -> i32 {
     match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path(), &dir.0]) {
         Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
         Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
     }
     let socket = cfg.socket(DAEMON);
     let control = match mb_runtime::uds::bind(&socket) {

@@ -35,6 +35,58 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Longest the main waits for a child to carry out a command (a release reinjects).
 const COMMAND_DEADLINE: Duration = Duration::from_secs(90);
 
+/// Why a node could not reach another one, serve its listener or export a snapshot.
+/// The messages name the underlying error, so it is not repeated as a `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{name:?} is not a node name: {cause}")]
+    NodeName {
+        name: String,
+        cause: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("{address:?} is not host:port: {cause}")]
+    Address {
+        address: String,
+        cause: tonic::transport::Error,
+    },
+    /// The connection, the TLS handshake or the HTTP/2 transport failed (with its causes).
+    #[error("{}", describe(.0))]
+    Transport(tonic::transport::Error),
+    #[error("cannot load this node's certificate: {0:#}")]
+    Identity(anyhow::Error),
+    /// This node's certificate and key make no TLS settings.
+    #[error("TLS settings: {0}")]
+    Tls(anyhow::Error),
+    #[error("cannot listen on {addr} (cluster.bind/cluster.port): {cause}")]
+    Listen {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error(transparent)]
+    Connect(#[from] mb_runtime::uds::ConnectError),
+    /// A daemon (`mb-rpcd`, `the cluster main`) answered a call with an error.
+    #[error("{}", mb_runtime::uds::describe_status(.daemon, .status))]
+    Rpc {
+        daemon: &'static str,
+        status: Box<Status>,
+    },
+    /// The new version could not be recorded in the node's state.
+    #[error("{}", .0.message())]
+    Record(Box<Status>),
+    #[error("this node is not set up")]
+    NotSetUp,
+}
+
+impl PeerError {
+    /// A gRPC error from `daemon`, worded as `describe_status` words it.
+    pub fn rpc(daemon: &'static str) -> impl FnOnce(Status) -> PeerError {
+        move |status| PeerError::Rpc {
+            daemon,
+            status: Box::new(status),
+        }
+    }
+}
+
 /// Opens a gRPC channel to another node at `address` (host:port): TLS 1.3 with `tls`,
 /// the peer's certificate naming `server_name`. `patience` bounds the connection and
 /// handshake, and is how long a silent peer (a cut link) takes to be noticed: HTTP/2
@@ -44,13 +96,21 @@ pub async fn connect(
     server_name: &str,
     tls: rustls::ClientConfig,
     patience: Duration,
-) -> Result<Channel, String> {
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
-        .map_err(|e| format!("{server_name:?} is not a node name: {e}"))?;
+) -> Result<Channel, PeerError> {
+    let name =
+        rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|cause| {
+            PeerError::NodeName {
+                name: server_name.to_string(),
+                cause,
+            }
+        })?;
     let connector = TlsConnector::from(Arc::new(tls));
     let target = address.to_string();
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("{address:?} is not host:port: {e}"))?
+        .map_err(|cause| PeerError::Address {
+            address: address.to_string(),
+            cause,
+        })?
         .connect_timeout(patience)
         .http2_keep_alive_interval(patience)
         .keep_alive_timeout(patience)
@@ -68,7 +128,7 @@ pub async fn connect(
             }
         }))
         .await
-        .map_err(|e| describe(&e))
+        .map_err(PeerError::Transport)
 }
 
 /// A transport error with its causes, for logs and `mb-cluster status`.
@@ -98,17 +158,12 @@ pub async fn run_main(node: Arc<Node>, stop: Shutdown) {
     let _ = exporter.await;
 }
 
-async fn serve(node: Arc<Node>, addr: SocketAddr, stop: Shutdown) -> Result<(), String> {
-    let id = node
-        .dir
-        .identity()
-        .map_err(|e| format!("cannot load this node's certificate: {e:#}"))?;
-    let acceptor = TlsAcceptor::from(Arc::new(
-        pki::server_config(&id).map_err(|e| format!("TLS settings: {e}"))?,
-    ));
+async fn serve(node: Arc<Node>, addr: SocketAddr, stop: Shutdown) -> Result<(), PeerError> {
+    let id = node.dir.identity().map_err(PeerError::Identity)?;
+    let acceptor = TlsAcceptor::from(Arc::new(pki::server_config(&id).map_err(PeerError::Tls)?));
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr} (cluster.bind/cluster.port): {e}"))?;
+        .map_err(|cause| PeerError::Listen { addr, cause })?;
     tracing::info!(listen = %addr, "cluster listener ready (TLS 1.3, mutual certificates)");
     node.info.add_listener(format!("cluster tls:{addr}"));
     // Handshakes run on their own tasks so a slow or hostile client holds up nobody.
@@ -156,7 +211,7 @@ async fn serve(node: Arc<Node>, addr: SocketAddr, stop: Shutdown) -> Result<(), 
         })
         .await;
     accept.abort();
-    result.map_err(|e| describe(&e))
+    result.map_err(PeerError::Transport)
 }
 
 /// Exports the configuration every few seconds (or when asked) and publishes a new
@@ -182,15 +237,13 @@ async fn export_loop(node: Arc<Node>, stop: Shutdown) {
 
 /// One export: reads mb-rpcd, compares with the last snapshot's digest, numbers a new
 /// version when it differs.
-pub async fn export(node: &Node) -> Result<u64, String> {
+pub async fn export(node: &Node) -> Result<u64, PeerError> {
     let cfg = node.cfg();
-    let ch = mb_runtime::uds::connect(&cfg.socket("mb-rpcd"), "mb-rpcd")
-        .await
-        .map_err(|e| e.to_string())?;
+    let ch = mb_runtime::uds::connect(&cfg.socket("mb-rpcd"), "mb-rpcd").await?;
     let mut snap = ReplicaClient::new(ch)
         .export(ExportRequest {})
         .await
-        .map_err(|e| mb_runtime::uds::describe_status("mb-rpcd", &e))?
+        .map_err(PeerError::rpc("mb-rpcd"))?
         .into_inner();
     let digest = {
         let mut content = snap.clone();
@@ -208,10 +261,10 @@ pub async fn export(node: &Node) -> Result<u64, String> {
                         st.config_digest = digest.clone();
                         st.config_version
                     })
-                    .map_err(|e| e.message().to_string())?;
+                    .map_err(|e| PeerError::Record(Box::new(e)))?;
                 (v, true)
             }
-            None => return Err("this node is not set up".into()),
+            None => return Err(PeerError::NotSetUp),
         }
     };
     let have = node
@@ -613,8 +666,8 @@ pub async fn main_client(
     main_name: &str,
     id: &Identity,
     patience: Duration,
-) -> Result<ClusterPeerClient<Channel>, String> {
-    let tls = pki::client_config(id).map_err(|e| format!("TLS settings: {e}"))?;
+) -> Result<ClusterPeerClient<Channel>, PeerError> {
+    let tls = pki::client_config(id).map_err(PeerError::Tls)?;
     Ok(ClusterPeerClient::new(
         connect(address, main_name, tls, patience).await?,
     ))

@@ -91,10 +91,10 @@ pub fn parse_key_value(key: &str, text: &str) -> Result<(&'static KeyDef, Value)
         message: e.0,
     })?;
     if let Some(check) = def.validate {
-        check(&value).map_err(|message| KeyError::Invalid {
+        check(&value).map_err(|e| KeyError::Invalid {
             key: def.key.to_string(),
             kind: def.kind.name(),
-            message,
+            message: e.to_string(),
         })?;
     }
     Ok((def, value))
@@ -239,7 +239,10 @@ impl Config {
             let parsed = match value {
                 Flat::Value(v) => Value::from_toml(&def.kind, v)
                     .map_err(|e| e.0)
-                    .and_then(|v| def.validate.map_or(Ok(()), |f| f(&v)).map(|()| v)),
+                    .and_then(|v| match def.validate {
+                        Some(check) => check(&v).map(|()| v).map_err(|e| e.to_string()),
+                        None => Ok(v),
+                    }),
                 Flat::Unsupported(what) => Err(format!("expected a value, got {what}")),
             };
             match parsed {
@@ -387,7 +390,7 @@ impl Config {
                 self.text("relay.protocol") == "lmtp",
             )
         {
-            problems.push(e);
+            problems.push(e.to_string());
         }
         if self.duration("queue.retry_min") > self.duration("queue.retry_max") {
             problems.push("queue.retry_min must not exceed queue.retry_max".into());

@@ -11,6 +11,41 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// Why a policy (or one of its words) was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("object {0:?} is not one of address, network, domain, default")]
+    Object(String),
+    #[error("direction {0:?} is not one of from, to, from-or-to")]
+    Direction(String),
+    #[error("action {0:?} is not one of allow, block, score")]
+    Action(String),
+    /// Empty, or longer than 100 bytes.
+    #[error("a policy needs a name of at most 100 characters")]
+    Name { name: String },
+    /// Longer than 320 bytes, or with white space or control characters.
+    #[error("pattern {pattern:?} is too long or has spaces")]
+    Pattern { pattern: String },
+    #[error("address pattern {pattern:?} has no @ (for example *@example.org or ceo@example.org)")]
+    AddressPattern { pattern: String },
+    #[error(
+        "domain pattern {pattern:?} is not a domain (for example example.org or *.example.org)"
+    )]
+    DomainPattern { pattern: String },
+    #[error("network {pattern:?} is not an address or CIDR network (for example 192.0.2.0/24)")]
+    NetworkPattern { pattern: String },
+    /// A network policy whose direction is not `from`.
+    #[error("a network policy matches the client address: its direction is from")]
+    NetworkDirection { direction: Direction },
+    #[error("the default object takes no pattern")]
+    DefaultPattern { pattern: String },
+    #[error("{which} threshold {value} is out of range")]
+    Threshold { which: &'static str, value: f64 },
+    /// Thresholds on a policy whose action is not `score`.
+    #[error("thresholds belong to a policy whose action is score")]
+    ThresholdsWithoutScore { action: Action },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Object {
@@ -21,15 +56,13 @@ pub enum Object {
 }
 
 impl Object {
-    pub fn parse(s: &str) -> Result<Object, String> {
+    pub fn parse(s: &str) -> Result<Object, PolicyError> {
         match s {
             "address" => Ok(Object::Address),
             "network" => Ok(Object::Network),
             "domain" => Ok(Object::Domain),
             "default" => Ok(Object::Default),
-            _ => Err(format!(
-                "object {s:?} is not one of address, network, domain, default"
-            )),
+            _ => Err(PolicyError::Object(s.to_string())),
         }
     }
 
@@ -62,14 +95,12 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub fn parse(s: &str) -> Result<Direction, String> {
+    pub fn parse(s: &str) -> Result<Direction, PolicyError> {
         match s.to_ascii_lowercase().as_str() {
             "from" => Ok(Direction::From),
             "to" => Ok(Direction::To),
             "from-or-to" => Ok(Direction::FromOrTo),
-            _ => Err(format!(
-                "direction {s:?} is not one of from, to, from-or-to"
-            )),
+            _ => Err(PolicyError::Direction(s.to_string())),
         }
     }
 
@@ -94,12 +125,12 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn parse(s: &str) -> Result<Action, String> {
+    pub fn parse(s: &str) -> Result<Action, PolicyError> {
         match s {
             "allow" => Ok(Action::Allow),
             "block" => Ok(Action::Block),
             "score" => Ok(Action::Score),
-            _ => Err(format!("action {s:?} is not one of allow, block, score")),
+            _ => Err(PolicyError::Action(s.to_string())),
         }
     }
 
@@ -178,47 +209,54 @@ fn domain_matches(pattern: &str, domain: &str) -> bool {
 
 impl Policy {
     /// Refuses a pattern that cannot match what its object says.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         let p = &self.pattern;
+        let pattern = || p.clone();
         if self.name.is_empty() || self.name.len() > 100 {
-            return Err("a policy needs a name of at most 100 characters".into());
+            return Err(PolicyError::Name {
+                name: self.name.clone(),
+            });
         }
         if p.len() > 320 || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("pattern {p:?} is too long or has spaces"));
+            return Err(PolicyError::Pattern { pattern: pattern() });
         }
         match self.object {
-            Object::Address if !p.contains('@') => Err(format!(
-                "address pattern {p:?} has no @ (for example *@example.org or ceo@example.org)"
-            )),
-            Object::Domain if p.is_empty() || p.contains('@') || p.contains('/') => Err(format!(
-                "domain pattern {p:?} is not a domain (for example example.org or *.example.org)"
-            )),
+            Object::Address if !p.contains('@') => {
+                Err(PolicyError::AddressPattern { pattern: pattern() })
+            }
+            Object::Domain if p.is_empty() || p.contains('@') || p.contains('/') => {
+                Err(PolicyError::DomainPattern { pattern: pattern() })
+            }
             Object::Network if p.parse::<IpNet>().is_err() && p.parse::<IpAddr>().is_err() => {
-                Err(format!(
-                    "network {p:?} is not an address or CIDR network (for example 192.0.2.0/24)"
-                ))
+                Err(PolicyError::NetworkPattern { pattern: pattern() })
             }
             Object::Network if self.direction != Direction::From => {
-                Err("a network policy matches the client address: its direction is from".into())
+                Err(PolicyError::NetworkDirection {
+                    direction: self.direction,
+                })
             }
-            Object::Default if !p.is_empty() => Err("the default object takes no pattern".into()),
+            Object::Default if !p.is_empty() => {
+                Err(PolicyError::DefaultPattern { pattern: pattern() })
+            }
             _ => Ok(()),
         }?;
-        for (what, v) in [
+        for (which, v) in [
             ("tag", self.tag),
             ("quarantine", self.quarantine),
             ("reject", self.reject),
         ] {
-            if let Some(v) = v
-                && !(-1000.0..=1000.0).contains(&v)
+            if let Some(value) = v
+                && !(-1000.0..=1000.0).contains(&value)
             {
-                return Err(format!("{what} threshold {v} is out of range"));
+                return Err(PolicyError::Threshold { which, value });
             }
         }
         if self.action != Action::Score
             && (self.tag.is_some() || self.quarantine.is_some() || self.reject.is_some())
         {
-            return Err("thresholds belong to a policy whose action is score".into());
+            return Err(PolicyError::ThresholdsWithoutScore {
+                action: self.action,
+            });
         }
         Ok(())
     }
@@ -488,14 +526,29 @@ mod tests {
             Direction::From,
             Action::Allow,
         );
-        assert!(p.validate().unwrap_err().contains("no @"));
+        assert!(p.validate().unwrap_err().to_string().contains("no @"));
         p.object = Object::Network;
         p.pattern = "10.0.0.0/8".into();
         p.direction = Direction::To;
-        assert!(p.validate().is_err());
+        assert_eq!(
+            p.validate(),
+            Err(PolicyError::NetworkDirection {
+                direction: Direction::To
+            })
+        );
         p.direction = Direction::From;
         assert!(p.validate().is_ok());
         p.tag = Some(3.0);
-        assert!(p.validate().unwrap_err().contains("score"));
+        assert!(p.validate().unwrap_err().to_string().contains("score"));
+        p.action = Action::Score;
+        p.tag = Some(2000.0);
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "tag threshold 2000 is out of range"
+        );
+        assert_eq!(
+            Object::parse("person").unwrap_err().to_string(),
+            "object \"person\" is not one of address, network, domain, default"
+        );
     }
 }

@@ -18,7 +18,24 @@ pub enum Apply {
 }
 
 /// A check of a parsed value beyond its kind's syntax.
-pub type Validator = fn(&crate::Value) -> Result<(), String>;
+pub type Validator = fn(&crate::Value) -> Result<(), RegistryError>;
+
+/// Why a value passed its kind's syntax but not its key's own check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// A blocklist entry without `=`.
+    #[error("{entry:?} is not LIST=WEIGHT (for example zen.spamhaus.org=5.0)")]
+    NotWeighted { entry: String },
+    /// The part before `=` is not a DNS zone.
+    #[error("{zone:?} in {entry:?} is not a DNS zone")]
+    Zone { zone: String, entry: String },
+    /// The part after `=` is not a finite number within ±1000.
+    #[error("the weight in {entry:?} is not a number between -1000 and 1000")]
+    Weight { entry: String },
+    /// A `relay.transport` entry that does not parse.
+    #[error(transparent)]
+    Transport(#[from] crate::route::RouteError),
+}
 
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -102,13 +119,13 @@ impl KeyDef {
 }
 
 /// `LIST=WEIGHT` entries: a DNS zone and the score a listing adds.
-pub fn weighted_lists(items: &[String]) -> Result<Vec<(String, f64)>, String> {
+pub fn weighted_lists(items: &[String]) -> Result<Vec<(String, f64)>, RegistryError> {
     items
         .iter()
         .map(|e| {
-            let (zone, weight) = e.split_once('=').ok_or_else(|| {
-                format!("{e:?} is not LIST=WEIGHT (for example zen.spamhaus.org=5.0)")
-            })?;
+            let (zone, weight) = e
+                .split_once('=')
+                .ok_or_else(|| RegistryError::NotWeighted { entry: e.clone() })?;
             let zone = zone.trim().trim_end_matches('.').to_ascii_lowercase();
             let valid = !zone.is_empty()
                 && zone.split('.').all(|l| {
@@ -117,31 +134,35 @@ pub fn weighted_lists(items: &[String]) -> Result<Vec<(String, f64)>, String> {
                             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 });
             if !valid {
-                return Err(format!("{zone:?} in {e:?} is not a DNS zone"));
+                return Err(RegistryError::Zone {
+                    zone,
+                    entry: e.clone(),
+                });
             }
             let weight: f64 = weight
                 .trim()
                 .parse()
                 .ok()
                 .filter(|w: &f64| w.is_finite() && w.abs() <= 1000.0)
-                .ok_or_else(|| {
-                    format!("the weight in {e:?} is not a number between -1000 and 1000")
-                })?;
+                .ok_or_else(|| RegistryError::Weight { entry: e.clone() })?;
             Ok((zone, weight))
         })
         .collect()
 }
 
-fn valid_weighted_lists(v: &crate::Value) -> Result<(), String> {
+fn valid_weighted_lists(v: &crate::Value) -> Result<(), RegistryError> {
     match v {
         crate::Value::List(items) => weighted_lists(items).map(|_| ()),
         _ => Ok(()),
     }
 }
 
-fn valid_transport(v: &crate::Value) -> Result<(), String> {
+fn valid_transport(v: &crate::Value) -> Result<(), RegistryError> {
     match v {
-        crate::Value::List(items) => crate::route::parse_transport(items, 25).map(|_| ()),
+        crate::Value::List(items) => {
+            crate::route::parse_transport(items, 25)?;
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -391,6 +412,19 @@ mod tests {
                 "{bad} accepted"
             );
         }
+        assert_eq!(
+            weighted_lists(&["zen.example".into()])
+                .unwrap_err()
+                .to_string(),
+            "\"zen.example\" is not LIST=WEIGHT (for example zen.spamhaus.org=5.0)"
+        );
+        assert_eq!(
+            weighted_lists(&["a..b=1".into()]).unwrap_err(),
+            RegistryError::Zone {
+                zone: "a..b".into(),
+                entry: "a..b=1".into()
+            }
+        );
     }
 
     use super::*;
@@ -450,6 +484,22 @@ mod tests {
         ] {
             assert!(find(key).is_some(), "{key}");
         }
+    }
+
+    #[test]
+    fn validators_refuse_in_the_parsers_words() {
+        let e = crate::config::parse_key_value("relay.transport", "example.org").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid value for relay.transport (list): relay.transport entry \"example.org\" is not DOMAIN=NEXTHOP (for example example.org=smtp:[10.0.0.5]:25)"
+        );
+        let e = crate::config::parse_key_value("spam.rbl.ip", "zen.example=x").unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "the weight in \"zen.example=x\" is not a number between -1000 and 1000"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -43,6 +43,66 @@ impl std::fmt::Display for NextHop {
     }
 }
 
+/// Why a next hop, a `relay.transport` entry or the relay host was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// A next hop that is not in the transport syntax.
+    #[error(
+        "{text:?} is not a next hop ({fault}); write smtp:[host]:port, smtp:domain, lmtp:[host]:port or lmtp:unix:/path"
+    )]
+    NextHop { text: String, fault: HopFault },
+    /// A `relay.transport` entry without `=`.
+    #[error(
+        "relay.transport entry {entry:?} is not DOMAIN=NEXTHOP (for example example.org=smtp:[10.0.0.5]:25)"
+    )]
+    NotTransportEntry { entry: String },
+    /// A `relay.transport` entry whose domain is not one.
+    #[error("relay.transport entry {entry:?}: {domain:?} is not a domain")]
+    TransportDomain { entry: String, domain: String },
+    /// A `relay.transport` entry whose next hop does not parse.
+    #[error(
+        "relay.transport entry {entry:?}: {text:?} is not a next hop ({fault}); write smtp:[host]:port, smtp:domain, lmtp:[host]:port or lmtp:unix:/path"
+    )]
+    TransportNextHop {
+        entry: String,
+        text: String,
+        fault: HopFault,
+    },
+    /// `relay.host = "unix:..."` without LMTP or without an absolute path.
+    #[error(
+        "relay.host {host:?}: a Unix socket needs relay.protocol = \"lmtp\" and an absolute path"
+    )]
+    RelayUnix { host: String },
+    /// `relay.host` is neither a host name, an IP address nor `unix:/path`.
+    #[error("relay.host {host:?} is not a host name, IP address or unix:/path")]
+    RelayHost { host: String },
+}
+
+/// What is wrong with a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopFault {
+    NoProtocol,
+    UnknownProtocol,
+    /// `unix:` with smtp, or with a relative path.
+    UnixSocket,
+    UnclosedBracket,
+    BadPort,
+    BadHost,
+}
+
+impl std::fmt::Display for HopFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HopFault::NoProtocol => "no protocol",
+            HopFault::UnknownProtocol => "the protocol must be smtp or lmtp",
+            HopFault::UnixSocket => "a Unix socket needs lmtp and an absolute path",
+            HopFault::UnclosedBracket => "unclosed [",
+            HopFault::BadPort => "bad port",
+            HopFault::BadHost => "bad host name",
+        })
+    }
+}
+
 fn valid_host(h: &str) -> bool {
     if h.parse::<std::net::IpAddr>().is_ok() {
         return true;
@@ -58,21 +118,22 @@ fn valid_host(h: &str) -> bool {
 
 /// Parses `smtp:[host]:port`, `smtp:host`, `lmtp:unix:/path`, ... A missing port is
 /// `default_port` for SMTP and 24 for LMTP.
-pub fn parse_next_hop(text: &str, default_port: u16) -> Result<NextHop, String> {
-    let bad = |why: &str| {
-        format!(
-            "{text:?} is not a next hop ({why}); write smtp:[host]:port, smtp:domain, lmtp:[host]:port or lmtp:unix:/path"
-        )
+pub fn parse_next_hop(text: &str, default_port: u16) -> Result<NextHop, RouteError> {
+    let bad = |fault| RouteError::NextHop {
+        text: text.to_string(),
+        fault,
     };
-    let (proto, rest) = text.split_once(':').ok_or_else(|| bad("no protocol"))?;
+    let (proto, rest) = text
+        .split_once(':')
+        .ok_or_else(|| bad(HopFault::NoProtocol))?;
     let protocol = match proto {
         "smtp" => Protocol::Smtp,
         "lmtp" => Protocol::Lmtp,
-        _ => return Err(bad("the protocol must be smtp or lmtp")),
+        _ => return Err(bad(HopFault::UnknownProtocol)),
     };
     if let Some(path) = rest.strip_prefix("unix:") {
         if protocol != Protocol::Lmtp || !path.starts_with('/') {
-            return Err(bad("a Unix socket needs lmtp and an absolute path"));
+            return Err(bad(HopFault::UnixSocket));
         }
         return Ok(NextHop {
             protocol,
@@ -85,14 +146,16 @@ pub fn parse_next_hop(text: &str, default_port: u16) -> Result<NextHop, String> 
         default_port
     };
     let (host, bracketed, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (host, after) = inner.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+        let (host, after) = inner
+            .split_once(']')
+            .ok_or_else(|| bad(HopFault::UnclosedBracket))?;
         let port = match after {
             "" => default_port,
             p => p
                 .strip_prefix(':')
                 .and_then(|p| p.parse().ok())
                 .filter(|p| *p > 0)
-                .ok_or_else(|| bad("bad port"))?,
+                .ok_or_else(|| bad(HopFault::BadPort))?,
         };
         (host, true, port)
     } else {
@@ -103,13 +166,13 @@ pub fn parse_next_hop(text: &str, default_port: u16) -> Result<NextHop, String> 
                 p.parse()
                     .ok()
                     .filter(|p| *p > 0)
-                    .ok_or_else(|| bad("bad port"))?,
+                    .ok_or_else(|| bad(HopFault::BadPort))?,
             ),
             None => (rest, false, default_port),
         }
     };
     if !valid_host(host) {
-        return Err(bad("bad host name"));
+        return Err(bad(HopFault::BadHost));
     }
     let hop = if bracketed || protocol == Protocol::Lmtp || host.parse::<std::net::IpAddr>().is_ok()
     {
@@ -128,19 +191,31 @@ pub fn parse_next_hop(text: &str, default_port: u16) -> Result<NextHop, String> 
 
 /// Parses the `relay.transport` list: `DOMAIN=NEXTHOP` entries; `.example.org` matches
 /// the subdomains of example.org.
-pub fn parse_transport(entries: &[String], mx_port: u16) -> Result<Vec<(String, NextHop)>, String> {
+pub fn parse_transport(
+    entries: &[String],
+    mx_port: u16,
+) -> Result<Vec<(String, NextHop)>, RouteError> {
     entries
         .iter()
         .map(|e| {
-            let (domain, hop) = e.split_once('=').ok_or_else(|| {
-                format!("relay.transport entry {e:?} is not DOMAIN=NEXTHOP (for example example.org=smtp:[10.0.0.5]:25)")
-            })?;
+            let (domain, hop) = e
+                .split_once('=')
+                .ok_or_else(|| RouteError::NotTransportEntry { entry: e.clone() })?;
             let domain = domain.trim().to_ascii_lowercase();
             if !valid_host(domain.trim_start_matches('.')) {
-                return Err(format!("relay.transport entry {e:?}: {domain:?} is not a domain"));
+                return Err(RouteError::TransportDomain {
+                    entry: e.clone(),
+                    domain,
+                });
             }
-            let hop = parse_next_hop(hop.trim(), mx_port)
-                .map_err(|why| format!("relay.transport entry {e:?}: {why}"))?;
+            let hop = parse_next_hop(hop.trim(), mx_port).map_err(|why| match why {
+                RouteError::NextHop { text, fault } => RouteError::TransportNextHop {
+                    entry: e.clone(),
+                    text,
+                    fault,
+                },
+                other => other,
+            })?;
             Ok((domain, hop))
         })
         .collect()
@@ -149,13 +224,13 @@ pub fn parse_transport(entries: &[String], mx_port: u16) -> Result<Vec<(String, 
 /// The relay host as `relay.host`/`relay.port`/`relay.protocol` describe it: a name or
 /// IP (in brackets or not: the relay host is never looked up by MX), or `unix:/path`
 /// for LMTP.
-pub fn relay_next_hop(host: &str, port: u16, lmtp: bool) -> Result<NextHop, String> {
+pub fn relay_next_hop(host: &str, port: u16, lmtp: bool) -> Result<NextHop, RouteError> {
     let protocol = if lmtp { Protocol::Lmtp } else { Protocol::Smtp };
     if let Some(path) = host.strip_prefix("unix:") {
         if !lmtp || !path.starts_with('/') {
-            return Err(format!(
-                "relay.host {host:?}: a Unix socket needs relay.protocol = \"lmtp\" and an absolute path"
-            ));
+            return Err(RouteError::RelayUnix {
+                host: host.to_string(),
+            });
         }
         return Ok(NextHop {
             protocol,
@@ -164,9 +239,9 @@ pub fn relay_next_hop(host: &str, port: u16, lmtp: bool) -> Result<NextHop, Stri
     }
     let name = host.trim_start_matches('[').trim_end_matches(']');
     if !valid_host(name) {
-        return Err(format!(
-            "relay.host {host:?} is not a host name, IP address or unix:/path"
-        ));
+        return Err(RouteError::RelayHost {
+            host: host.to_string(),
+        });
     }
     Ok(NextHop {
         protocol,
@@ -237,9 +312,26 @@ mod tests {
         assert!(
             parse_transport(&["example.org".into()], 25)
                 .unwrap_err()
+                .to_string()
                 .contains("DOMAIN=NEXTHOP")
         );
-        assert!(relay_next_hop("unix:/x", 24, false).is_err());
+        assert_eq!(
+            parse_transport(&["example.org=smtp:h:0".into()], 25)
+                .unwrap_err()
+                .to_string(),
+            "relay.transport entry \"example.org=smtp:h:0\": \"smtp:h:0\" is not a next hop (bad port); write smtp:[host]:port, smtp:domain, lmtp:[host]:port or lmtp:unix:/path"
+        );
+        assert_eq!(
+            h("uucp:host").unwrap_err(),
+            RouteError::NextHop {
+                text: "uucp:host".into(),
+                fault: HopFault::UnknownProtocol
+            }
+        );
+        assert!(matches!(
+            relay_next_hop("unix:/x", 24, false),
+            Err(RouteError::RelayUnix { .. })
+        ));
         assert_eq!(
             relay_next_hop("[mail.internal]", 25, false)
                 .unwrap()

@@ -7,14 +7,14 @@ use std::net::IpAddr;
 
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::hickory_resolver::net::NetError;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, IprevResult,
     MessageAuthenticator, SpfResult,
 };
 use mb_core::Config;
-
-use crate::engine::Symbol;
+use mb_core::verdict::Symbol;
 
 /// What the checks found.
 pub struct Outcome {
@@ -25,22 +25,31 @@ pub struct Outcome {
     pub dmarc_reject: Option<String>,
 }
 
+/// Why the checks cannot start: the worker does not start either.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read /etc/resolv.conf: {0}")]
+    SystemConf(NetError),
+    #[error("cannot start the DNS resolver: {0}")]
+    Resolver(NetError),
+}
+
 pub struct Auth(MessageAuthenticator);
 
 impl Auth {
-    pub fn from_config(cfg: &Config) -> Result<Auth, String> {
+    pub fn from_config(cfg: &Config) -> Result<Auth, AuthError> {
         let (servers, opts) = mb_runtime::resolver_settings(cfg);
         let config = match servers {
             Some(c) => c,
             None => {
                 mail_auth::hickory_resolver::system_conf::read_system_conf()
-                    .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
+                    .map_err(AuthError::SystemConf)?
                     .0
             }
         };
         MessageAuthenticator::new(config, opts)
             .map(Auth)
-            .map_err(|e| format!("cannot start the DNS resolver: {e}"))
+            .map_err(AuthError::Resolver)
     }
 
     /// SPF, DKIM and DMARC for one message from `ip` that said `helo`.

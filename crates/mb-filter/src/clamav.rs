@@ -12,14 +12,38 @@ pub enum Scan {
     Infected(String),
 }
 
+/// Why clamd gave no answer about a message: every variant means the scanner is
+/// unavailable, and the message follows `clamav.unavailable_action`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClamError {
+    #[error("cannot connect to clamd at {address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("clamd at {address} did not answer within {timeout:?}")]
+    Timeout { address: String, timeout: Duration },
+    #[error("clamd: {0}")]
+    Io(#[from] std::io::Error),
+    /// A chunk longer than INSTREAM's 32-bit length (cannot happen with `CHUNK`).
+    #[error("chunk too large")]
+    ChunkTooLarge,
+    /// An answer that is neither OK nor FOUND (e.g. clamd's size limit).
+    #[error("clamd answered {0:?}")]
+    Reply(String),
+}
+
 /// Longest answer read from clamd.
 const MAX_REPLY: usize = 4096;
 /// Bytes per INSTREAM chunk.
 const CHUNK: usize = 64 * 1024;
 
 /// A connection to clamd: `host:port`, or the path of its Unix socket.
-async fn connect(address: &str) -> Result<Box<dyn mb_smtpd::conn::Io>, String> {
-    let failed = |e: std::io::Error| format!("cannot connect to clamd at {address}: {e}");
+async fn connect(address: &str) -> Result<Box<dyn mb_smtp::conn::Io>, ClamError> {
+    let failed = |source: std::io::Error| ClamError::Connect {
+        address: address.to_string(),
+        source,
+    };
     Ok(if address.starts_with('/') {
         Box::new(
             tokio::net::UnixStream::connect(address)
@@ -35,53 +59,60 @@ async fn connect(address: &str) -> Result<Box<dyn mb_smtpd::conn::Io>, String> {
     })
 }
 
-/// Scans `message` with the clamd at `address` (`host:port` or a Unix socket path).
-pub async fn scan(address: &str, message: &[u8], timeout: Duration) -> Result<Scan, String> {
-    let work = async { instream(connect(address).await?, message).await };
+/// `work` within `timeout`, or the error that says clamd did not answer in time.
+async fn within<T>(
+    address: &str,
+    timeout: Duration,
+    work: impl Future<Output = Result<T, ClamError>>,
+) -> Result<T, ClamError> {
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("clamd at {address} did not answer within {timeout:?}"))?
+        .map_err(|_| ClamError::Timeout {
+            address: address.to_string(),
+            timeout,
+        })?
+}
+
+/// Scans `message` with the clamd at `address` (`host:port` or a Unix socket path).
+pub async fn scan(address: &str, message: &[u8], timeout: Duration) -> Result<Scan, ClamError> {
+    within(address, timeout, async {
+        instream(connect(address).await?, message).await
+    })
+    .await
 }
 
 /// `zPING` -> `PONG`: whether clamd answers, for mb-status.
-pub async fn ping(address: &str, timeout: Duration) -> Result<(), String> {
-    let work = async {
+pub async fn ping(address: &str, timeout: Duration) -> Result<(), ClamError> {
+    within(address, timeout, async {
         let mut s = connect(address).await?;
-        let io = |e: std::io::Error| format!("clamd: {e}");
-        s.write_all(b"zPING\0").await.map_err(io)?;
+        s.write_all(b"zPING\0").await?;
         let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).await.map_err(io)?;
+        s.read_exact(&mut buf).await?;
         if &buf == b"PONG\0" {
             Ok(())
         } else {
-            Err(format!(
-                "clamd answered {:?}",
-                String::from_utf8_lossy(&buf)
-            ))
+            Err(ClamError::Reply(String::from_utf8_lossy(&buf).into_owned()))
         }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("clamd at {address} did not answer within {timeout:?}"))?
+    })
+    .await
 }
 
 async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     message: &[u8],
-) -> Result<Scan, String> {
-    let io = |e: std::io::Error| format!("clamd: {e}");
-    s.write_all(b"zINSTREAM\0").await.map_err(io)?;
+) -> Result<Scan, ClamError> {
+    s.write_all(b"zINSTREAM\0").await?;
     for chunk in message.chunks(CHUNK) {
-        let len = u32::try_from(chunk.len()).map_err(|_| "chunk too large".to_string())?;
-        s.write_all(&len.to_be_bytes()).await.map_err(io)?;
-        s.write_all(chunk).await.map_err(io)?;
+        let len = u32::try_from(chunk.len()).map_err(|_| ClamError::ChunkTooLarge)?;
+        s.write_all(&len.to_be_bytes()).await?;
+        s.write_all(chunk).await?;
     }
-    s.write_all(&0u32.to_be_bytes()).await.map_err(io)?;
-    s.flush().await.map_err(io)?;
+    s.write_all(&0u32.to_be_bytes()).await?;
+    s.flush().await?;
     let mut reply = Vec::new();
     let mut buf = [0u8; 512];
     loop {
-        let n = s.read(&mut buf).await.map_err(io)?;
+        let n = s.read(&mut buf).await?;
         if n == 0 {
             break;
         }
@@ -96,14 +127,14 @@ async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// `stream: OK`, `stream: Eicar-Signature FOUND`, `INSTREAM size limit exceeded. ERROR`.
-pub fn parse_reply(text: &str) -> Result<Scan, String> {
+pub fn parse_reply(text: &str) -> Result<Scan, ClamError> {
     let body = text.strip_prefix("stream:").map(str::trim).unwrap_or(text);
     if body == "OK" {
         Ok(Scan::Clean)
     } else if let Some(name) = body.strip_suffix(" FOUND") {
         Ok(Scan::Infected(name.trim().to_string()))
     } else {
-        Err(format!("clamd answered {text:?}"))
+        Err(ClamError::Reply(text.to_string()))
     }
 }
 
@@ -113,12 +144,17 @@ mod tests {
 
     #[test]
     fn replies() {
-        assert_eq!(parse_reply("stream: OK"), Ok(Scan::Clean));
+        assert_eq!(parse_reply("stream: OK").unwrap(), Scan::Clean);
         assert_eq!(
-            parse_reply("stream: Test.EICAR.UNOFFICIAL FOUND"),
-            Ok(Scan::Infected("Test.EICAR.UNOFFICIAL".into()))
+            parse_reply("stream: Test.EICAR.UNOFFICIAL FOUND").unwrap(),
+            Scan::Infected("Test.EICAR.UNOFFICIAL".into())
         );
-        assert!(parse_reply("INSTREAM size limit exceeded. ERROR").is_err());
+        let e = parse_reply("INSTREAM size limit exceeded. ERROR").unwrap_err();
+        assert!(matches!(e, ClamError::Reply(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "clamd answered \"INSTREAM size limit exceeded. ERROR\""
+        );
     }
 
     /// A scripted clamd: checks the framing and answers FOUND.

@@ -41,16 +41,48 @@ struct Loaded {
     signers: HashMap<(String, String), Ready>,
 }
 
+/// Why a message could not be signed (it leaves unsigned, with a symbol that says why).
+#[derive(Debug, thiserror::Error)]
+pub enum DkimError {
+    #[error("cannot read the DKIM key {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not an RSA private key in PEM ({source}); make one with mb-dkim keygen",
+        path.display()
+    )]
+    Pem {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error(
+        "{} is not an RSA private key in PEM ({source}); make one with mb-dkim keygen",
+        path.display()
+    )]
+    Key {
+        path: PathBuf,
+        source: mail_auth::Error,
+    },
+    #[error("DKIM signing failed: {0}")]
+    Sign(mail_auth::Error),
+}
+
 #[derive(Default)]
 pub struct Signer {
     cache: Mutex<Option<Loaded>>,
 }
 
 impl Signer {
-    fn signer(&self, path: PathBuf, domain: &str, selector: &str) -> Result<Ready, String> {
+    fn signer(&self, path: PathBuf, domain: &str, selector: &str) -> Result<Ready, DkimError> {
+        let unreadable = |source| DkimError::ReadKey {
+            path: path.clone(),
+            source,
+        };
         let modified = std::fs::metadata(&path)
             .and_then(|m| m.modified())
-            .map_err(|e| format!("cannot read the DKIM key {}: {e}", path.display()))?;
+            .map_err(unreadable)?;
         let id = (domain.to_string(), selector.to_string());
         if let Ok(guard) = self.cache.lock()
             && let Some(l) = guard.as_ref()
@@ -60,16 +92,16 @@ impl Signer {
         {
             return Ok(s.clone());
         }
-        let pem = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the DKIM key {}: {e}", path.display()))?;
-        let bad = |why: String| {
-            format!(
-                "{} is not an RSA private key in PEM ({why}); make one with mb-dkim keygen",
-                path.display()
-            )
-        };
-        let der = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let key = RsaKey::<Sha256>::from_key_der(der).map_err(|e| bad(e.to_string()))?;
+        let pem = std::fs::read_to_string(&path).map_err(unreadable)?;
+        let der =
+            PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| DkimError::Pem {
+                path: path.clone(),
+                source,
+            })?;
+        let key = RsaKey::<Sha256>::from_key_der(der).map_err(|source| DkimError::Key {
+            path: path.clone(),
+            source,
+        })?;
         let signer = Arc::new(
             DkimSigner::from_key(key)
                 .domain(domain)
@@ -101,7 +133,7 @@ impl Signer {
         cfg: &Config,
         from_domain: &str,
         message: &[u8],
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, DkimError> {
         let domain = from_domain.to_ascii_lowercase();
         if domain.is_empty()
             || !cfg
@@ -114,7 +146,7 @@ impl Signer {
         let signature = self
             .signer(cfg.path("dkim.key"), &domain, &cfg.text("dkim.selector"))?
             .sign(message)
-            .map_err(|e| format!("DKIM signing failed: {e}"))?;
+            .map_err(DkimError::Sign)?;
         let header = signature.to_header();
         let value = header
             .strip_prefix("DKIM-Signature:")

@@ -3,6 +3,8 @@
 //! over the live workers.
 
 pub mod auth;
+#[cfg(test)]
+mod cases;
 pub mod cfilter;
 pub mod clamav;
 pub mod dkim;
@@ -15,12 +17,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mb_core::EnhancedStatus;
+use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::filter_server::{Filter, FilterServer};
 use mb_proto::v1::quarantine_client::QuarantineClient;
 use mb_proto::v1::{
-    MessageEvent, QuarantineEntry, ReloadResponse, ScanChunk, ScanEnvelope, ScanVerdict,
-    StatusRequest, StatusResponse,
+    MessageEvent, QuarantineEntry, ReloadResponse, ScanChunk, ScanVerdict, StatusRequest,
+    StatusResponse,
 };
 use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
 use mb_runtime::events::EventSink;
@@ -109,34 +113,29 @@ fn new_id() -> String {
 /// If it cannot be stored the message is tempfailed: the sender keeps it.
 async fn quarantine(
     cfg: &mb_core::Config,
-    env: &ScanEnvelope,
+    req: &ScanRequest,
     message: &[u8],
     subject: &str,
-    mut v: ScanVerdict,
-) -> ScanVerdict {
+    mut v: Verdict,
+) -> Verdict {
     use mb_runtime::quarantine as files;
-    let id = if files::valid_id(&env.queue_id) {
-        env.queue_id.clone()
+    let id = if files::valid_id(&req.queue_id) {
+        req.queue_id.clone()
     } else {
         new_id()
     };
     let at = now_ms();
-    let add: Vec<(String, String)> = v
-        .add_headers
-        .iter()
-        .map(|h| (h.name.clone(), h.value.clone()))
-        .collect();
-    let stored = mb_core::message::with_headers(message, &add, &v.remove_headers);
+    let stored = mb_core::message::with_headers(message, &v.add_headers, &v.remove_headers);
     let entry = QuarantineEntry {
         id: id.clone(),
         node: cfg.node_name(),
         at_unix_ms: at,
-        queue_id: env.queue_id.clone(),
-        client_ip: env.client_ip.clone(),
-        sender: env.sender.clone(),
-        recipients: env.recipients.clone(),
+        queue_id: req.queue_id.clone(),
+        client_ip: client_ip(req),
+        sender: req.sender.clone(),
+        recipients: req.recipients.clone(),
         subject: subject.to_string(),
-        reason: v.smtp_text.clone(),
+        reason: v.refusal.text.clone(),
         score: v.score,
         symbols: v.symbols.iter().map(|s| s.name.clone()).collect(),
         size: stored.len() as u64,
@@ -149,23 +148,11 @@ async fn quarantine(
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
             tracing::error!(id = %id, cause = %err, "cannot store a message in the quarantine; tempfailing it");
-            return ScanVerdict {
-                action: "tempfail".into(),
-                smtp_code: 451,
-                smtp_status: "4.3.0".into(),
-                smtp_text: "Error: cannot store the message, try again later".into(),
-                ..Default::default()
-            };
+            return not_stored();
         }
         Err(err) => {
             tracing::error!(id = %id, cause = %err, "quarantine task failed; tempfailing the message");
-            return ScanVerdict {
-                action: "tempfail".into(),
-                smtp_code: 451,
-                smtp_status: "4.3.0".into(),
-                smtp_text: "Error: cannot store the message, try again later".into(),
-                ..Default::default()
-            };
+            return not_stored();
         }
     }
     tracing::info!(id = %id, path = %entry.path, reason = %entry.reason, "message quarantined");
@@ -193,6 +180,22 @@ async fn quarantine(
     v
 }
 
+/// The verdict when a quarantined message cannot be stored: the sender keeps it.
+fn not_stored() -> Verdict {
+    Verdict::refuse(
+        Action::Tempfail,
+        451,
+        EnhancedStatus::new(4, 3, 0),
+        "Error: cannot store the message, try again later",
+    )
+}
+
+/// The client address as the message log and the quarantine index write it (empty when
+/// unknown).
+fn client_ip(req: &ScanRequest) -> String {
+    req.client_ip.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
 /// Counts a scan in flight for as long as it lives.
 struct InFlight<'a>(&'a Stats);
 
@@ -209,15 +212,15 @@ impl FilterService {
     pub async fn process(
         &self,
         cfg: &mb_core::Config,
-        envelope: &ScanEnvelope,
+        request: &ScanRequest,
         message: &[u8],
-    ) -> ScanVerdict {
+    ) -> Verdict {
         let deadline = cfg.duration("filter.scan_timeout");
         let mut verdict = match tokio::time::timeout(
             deadline,
             engine::scan(
                 cfg,
-                envelope,
+                request,
                 message,
                 self.auth.as_ref(),
                 &self.policies.current(),
@@ -226,18 +229,17 @@ impl FilterService {
         .await
         {
             Ok(v) => v,
-            Err(_) => ScanVerdict {
-                action: "tempfail".into(),
-                smtp_code: 451,
-                smtp_status: "4.7.1".into(),
-                smtp_text: "Scan took too long, try again later".into(),
-                ..Default::default()
-            },
+            Err(_) => Verdict::refuse(
+                Action::Tempfail,
+                451,
+                EnhancedStatus::POLICY_TEMPFAIL,
+                "Scan took too long, try again later",
+            ),
         };
         let (subject, message_id, from_domain) = header_facts(message);
         // Outbound mail from our domains leaves signed (RFC 6376).
-        if matches!(verdict.action.as_str(), "accept" | "tag")
-            && envelope.direction == "outbound"
+        if verdict.action.delivers()
+            && request.direction == Direction::Outbound
             && cfg.bool("dkim.sign")
         {
             // An RSA signature and a look at the key file: off the async workers (the
@@ -245,39 +247,35 @@ impl FilterService {
             let signed =
                 tokio::task::block_in_place(|| self.signer.sign(cfg, &from_domain, message));
             match signed {
-                Ok(Some(value)) => verdict.add_headers.insert(
-                    0,
-                    mb_proto::v1::ScanHeader {
-                        name: "DKIM-Signature".into(),
-                        value,
-                    },
-                ),
+                Ok(Some(value)) => verdict
+                    .add_headers
+                    .insert(0, ("DKIM-Signature".into(), value)),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(id = %envelope.queue_id, cause = %e, "message sent unsigned");
-                    verdict.symbols.push(mb_proto::v1::ScanSymbol {
+                    tracing::error!(id = %request.queue_id, cause = %e, "message sent unsigned");
+                    verdict.symbols.push(mb_core::verdict::Symbol {
                         name: "DKIM_SIGN_FAILED".into(),
                         score: 0.0,
-                        detail: e,
+                        detail: e.to_string(),
                     });
                 }
             }
         }
-        if verdict.action == "quarantine" {
-            verdict = quarantine(cfg, envelope, message, &subject, verdict).await;
+        if verdict.action == Action::Quarantine {
+            verdict = quarantine(cfg, request, message, &subject, verdict).await;
         }
         self.stats.scanned.fetch_add(1, Ordering::Relaxed);
-        let counter = match verdict.action.as_str() {
-            "accept" => &self.stats.accepted,
-            "tag" => &self.stats.tagged,
-            "tempfail" => &self.stats.tempfailed,
-            "quarantine" => &self.stats.quarantined,
-            _ => &self.stats.rejected,
+        let counter = match verdict.action {
+            Action::Accept => &self.stats.accepted,
+            Action::Tag => &self.stats.tagged,
+            Action::Tempfail => &self.stats.tempfailed,
+            Action::Quarantine => &self.stats.quarantined,
+            Action::Reject | Action::Discard => &self.stats.rejected,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
-            id = %envelope.queue_id,
-            from = %envelope.sender,
+            id = %request.queue_id,
+            from = %request.sender,
             action = %verdict.action,
             score = verdict.score,
             symbols = %verdict.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(","),
@@ -288,26 +286,26 @@ impl FilterService {
                 node: cfg.node_name(),
                 daemon: DAEMON.into(),
                 queue_id: if verdict.quarantine_id.is_empty() {
-                    envelope.queue_id.clone()
+                    request.queue_id.clone()
                 } else {
                     verdict.quarantine_id.clone()
                 },
                 message_id,
-                client_ip: envelope.client_ip.clone(),
-                client_name: envelope.client_name.clone(),
-                helo: envelope.helo.clone(),
-                sender: envelope.sender.clone(),
-                recipients: envelope.recipients.clone(),
+                client_ip: client_ip(request),
+                client_name: request.client_name.clone(),
+                helo: request.helo.clone(),
+                sender: request.sender.clone(),
+                recipients: request.recipients.clone(),
                 size: message.len() as u64,
                 stage: "scanned".into(),
-                verdict: verdict.action.clone(),
+                verdict: verdict.action.as_str().into(),
                 score: verdict.score,
                 symbols: verdict
                     .symbols
                     .iter()
                     .map(|s| format!("{}({:.1})", s.name, s.score))
                     .collect(),
-                detail: verdict.smtp_text.clone(),
+                detail: verdict.refusal.text.clone(),
                 subject,
                 ..Default::default()
             });
@@ -360,7 +358,9 @@ impl Filter for FilterService {
                 message.len()
             )));
         }
-        Ok(Response::new(self.process(&cfg, &envelope, &message).await))
+        let request = mb_scan::wire::request_from_wire(&envelope);
+        let verdict = self.process(&cfg, &request, &message).await;
+        Ok(Response::new(mb_scan::wire::verdict_to_wire(&verdict)))
     }
 }
 
@@ -409,14 +409,21 @@ impl DaemonHooks for Hooks {
             let (state, detail) = if !enabled {
                 ("disabled", String::new())
             } else {
-                let answer = if name == "clamav" {
-                    clamav::ping(&address, timeout).await
+                // Why the scanner is down, in its own words; `None` when it answered.
+                let down = if name == "clamav" {
+                    clamav::ping(&address, timeout)
+                        .await
+                        .err()
+                        .map(|e| e.to_string())
                 } else {
-                    rspamd::ping(&address, timeout).await
+                    rspamd::ping(&address, timeout)
+                        .await
+                        .err()
+                        .map(|e| e.to_string())
                 };
-                match answer {
-                    Ok(()) => ("ok", String::new()),
-                    Err(e) => (
+                match down {
+                    None => ("ok", String::new()),
+                    Some(e) => (
                         "down",
                         format!(
                             "{e}; messages follow {name}.unavailable_action ({})",
@@ -445,7 +452,7 @@ impl DaemonHooks for Hooks {
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {
         mb_runtime::reread(&self.follower, self.config.as_deref())
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -495,11 +502,11 @@ pub async fn main(opts: Options) -> i32 {
     ) {
         Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
         Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
     }
     let auth = match auth::Auth::from_config(&cfg) {
         Ok(a) => a,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
     };
     let socket = cfg.socket(&format!("{DAEMON}-{}", opts.instance));
     let listener = match mb_runtime::uds::bind(&socket) {

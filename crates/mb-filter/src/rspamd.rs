@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mb_proto::v1::ScanEnvelope;
+use mb_core::verdict::ScanRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest answer read from Rspamd.
@@ -25,17 +25,63 @@ pub struct Check {
     pub symbols: Vec<RspamdSymbol>,
 }
 
+/// Why Rspamd gave no usable answer. `NotHttp` and `NoHost` are configuration
+/// mistakes; the others mean Rspamd is unavailable for this message. The engine treats
+/// them all alike, by `rspamd.unavailable_action`.
+#[derive(Debug, thiserror::Error)]
+pub enum RspamdError {
+    #[error("rspamd.url {url:?} must be http://host:port (Rspamd's normal worker)")]
+    NotHttp { url: String },
+    #[error("rspamd.url {url:?} has no host")]
+    NoHost { url: String },
+    #[error("cannot connect to Rspamd at {host}: {source}")]
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("Rspamd at {host}: {source}")]
+    Io {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("Rspamd at {url} did not answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("Rspamd at {host} answered more than {MAX_REPLY} bytes")]
+    TooLarge { host: String },
+    #[error("Rspamd's answer has no header end")]
+    NoHeaderEnd,
+    #[error("Rspamd's answer is not text")]
+    NotText,
+    #[error("Rspamd's answer has no status: {first_line:?}")]
+    NoStatus { first_line: Option<String> },
+    #[error("Rspamd answered chunked, which is not expected from /checkv2")]
+    Chunked,
+    #[error("Rspamd at {host} answered HTTP {status} to /ping")]
+    Ping { host: String, status: u16 },
+    /// A refusal, with the start of its body.
+    #[error("Rspamd at {host} answered HTTP {status}: {body}")]
+    Status {
+        host: String,
+        status: u16,
+        body: String,
+    },
+    #[error("Rspamd answered with bad JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("Rspamd's answer has no score")]
+    NoScore,
+}
+
 /// `http://host:port[/prefix]` as (host:port, path prefix).
-fn split_url(url: &str) -> Result<(String, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        format!("rspamd.url {url:?} must be http://host:port (Rspamd's normal worker)")
-    })?;
+fn split_url(url: &str) -> Result<(String, String), RspamdError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| RspamdError::NotHttp { url: url.into() })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
     };
     if authority.is_empty() {
-        return Err(format!("rspamd.url {url:?} has no host"));
+        return Err(RspamdError::NoHost { url: url.into() });
     }
     let authority = if authority
         .rsplit_once(':')
@@ -54,24 +100,26 @@ fn clean(v: &str) -> String {
 }
 
 /// The request: headers carrying the envelope, then the message.
-pub fn request(host: &str, path: &str, env: &ScanEnvelope, message: &[u8]) -> Vec<u8> {
+pub fn request(host: &str, path: &str, req: &ScanRequest, message: &[u8]) -> Vec<u8> {
     let mut head = format!("POST {path}/checkv2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     let mut add = |name: &str, value: &str| {
         if !value.is_empty() {
             head.push_str(&format!("{name}: {}\r\n", clean(value)));
         }
     };
-    add("IP", &env.client_ip);
-    add("Helo", &env.helo);
-    if env.client_name != "unknown" {
-        add("Hostname", &env.client_name);
+    if let Some(ip) = req.client_ip {
+        add("IP", &ip.to_string());
     }
-    add("From", &env.sender);
-    for r in &env.recipients {
+    add("Helo", &req.helo);
+    if req.client_name != "unknown" {
+        add("Hostname", &req.client_name);
+    }
+    add("From", &req.sender);
+    for r in &req.recipients {
         add("Rcpt", r);
     }
-    add("Queue-Id", &env.queue_id);
-    add("User", &env.auth_user);
+    add("Queue-Id", &req.queue_id);
+    add("User", &req.auth_user);
     head.push_str(&format!("Content-Length: {}\r\n\r\n", message.len()));
     let mut out = head.into_bytes();
     out.extend_from_slice(message);
@@ -79,13 +127,12 @@ pub fn request(host: &str, path: &str, env: &ScanEnvelope, message: &[u8]) -> Ve
 }
 
 /// The JSON body of a 200 answer.
-pub fn parse(body: &[u8]) -> Result<Check, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("Rspamd answered with bad JSON: {e}"))?;
+pub fn parse(body: &[u8]) -> Result<Check, RspamdError> {
+    let v: serde_json::Value = serde_json::from_slice(body)?;
     let score = v
         .get("score")
         .and_then(serde_json::Value::as_f64)
-        .ok_or("Rspamd's answer has no score")?;
+        .ok_or(RspamdError::NoScore)?;
     let mut symbols: Vec<RspamdSymbol> = v
         .get("symbols")
         .and_then(|s| s.as_object())
@@ -124,22 +171,24 @@ pub fn parse(body: &[u8]) -> Result<Check, String> {
 }
 
 /// Splits an HTTP/1.1 answer into status and body (Content-Length or to the end).
-fn response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
+fn response(raw: &[u8]) -> Result<(u16, &[u8]), RspamdError> {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or("Rspamd's answer has no header end")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "Rspamd's answer is not text")?;
+        .ok_or(RspamdError::NoHeaderEnd)?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| RspamdError::NotText)?;
     let status: u16 = head
         .split_ascii_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("Rspamd's answer has no status: {:?}", head.lines().next()))?;
+        .ok_or_else(|| RspamdError::NoStatus {
+            first_line: head.lines().next().map(str::to_string),
+        })?;
     if head
         .lines()
         .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"))
     {
-        return Err("Rspamd answered chunked, which is not expected from /checkv2".into());
+        return Err(RspamdError::Chunked);
     }
     let body = &raw[end + 4..];
     let len = head.lines().find_map(|l| {
@@ -150,14 +199,39 @@ fn response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
     Ok((status, len.map_or(body, |n| &body[..n.min(body.len())])))
 }
 
+/// `work` within `timeout`, or the error that says Rspamd did not answer in time.
+async fn within<T>(
+    url: &str,
+    timeout: Duration,
+    work: impl Future<Output = Result<T, RspamdError>>,
+) -> Result<T, RspamdError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| RspamdError::Timeout {
+            url: url.to_string(),
+            timeout,
+        })?
+}
+
+/// A connection to Rspamd at `host` (host:port).
+async fn connect(host: &str) -> Result<tokio::net::TcpStream, RspamdError> {
+    tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|source| RspamdError::Connect {
+            host: host.to_string(),
+            source,
+        })
+}
+
 /// `GET /ping` -> `pong`: whether Rspamd answers, for mb-status.
-pub async fn ping(url: &str, timeout: Duration) -> Result<(), String> {
+pub async fn ping(url: &str, timeout: Duration) -> Result<(), RspamdError> {
     let (host, path) = split_url(url)?;
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(&host)
-            .await
-            .map_err(|e| format!("cannot connect to Rspamd at {host}: {e}"))?;
-        let io = |e: std::io::Error| format!("Rspamd at {host}: {e}");
+    within(url, timeout, async {
+        let mut s = connect(&host).await?;
+        let io = |source| RspamdError::Io {
+            host: host.clone(),
+            source,
+        };
         s.write_all(
             format!("GET {path}/ping HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
@@ -174,28 +248,30 @@ pub async fn ping(url: &str, timeout: Duration) -> Result<(), String> {
         if status == 200 && body.starts_with(b"pong") {
             Ok(())
         } else {
-            Err(format!("Rspamd at {host} answered HTTP {status} to /ping"))
+            Err(RspamdError::Ping {
+                host: host.clone(),
+                status,
+            })
         }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("Rspamd at {url} did not answer within {timeout:?}"))?
+    })
+    .await
 }
 
 /// Asks the Rspamd at `url` about `message`.
 pub async fn check(
     url: &str,
-    env: &ScanEnvelope,
+    req: &ScanRequest,
     message: &[u8],
     timeout: Duration,
-) -> Result<Check, String> {
+) -> Result<Check, RspamdError> {
     let (host, path) = split_url(url)?;
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(&host)
-            .await
-            .map_err(|e| format!("cannot connect to Rspamd at {host}: {e}"))?;
-        let io = |e: std::io::Error| format!("Rspamd at {host}: {e}");
-        s.write_all(&request(&host, &path, env, message))
+    within(url, timeout, async {
+        let mut s = connect(&host).await?;
+        let io = |source| RspamdError::Io {
+            host: host.clone(),
+            source,
+        };
+        s.write_all(&request(&host, &path, req, message))
             .await
             .map_err(io)?;
         s.flush().await.map_err(io)?;
@@ -206,22 +282,19 @@ pub async fn check(
             .await
             .map_err(io)?;
         if raw.len() > MAX_REPLY {
-            return Err(format!(
-                "Rspamd at {host} answered more than {MAX_REPLY} bytes"
-            ));
+            return Err(RspamdError::TooLarge { host: host.clone() });
         }
         let (status, body) = response(&raw)?;
         if status != 200 {
-            return Err(format!(
-                "Rspamd at {host} answered HTTP {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ));
+            return Err(RspamdError::Status {
+                host: host.clone(),
+                status,
+                body: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            });
         }
         parse(body)
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("Rspamd at {url} did not answer within {timeout:?}"))?
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -238,9 +311,16 @@ mod tests {
             split_url("http://rspamd.local/api/").unwrap(),
             ("rspamd.local:80".into(), "/api".into())
         );
-        assert!(split_url("https://x:1").is_err());
-        let env = ScanEnvelope {
-            client_ip: "192.0.2.1".into(),
+        assert!(matches!(
+            split_url("https://x:1"),
+            Err(RspamdError::NotHttp { .. })
+        ));
+        assert!(matches!(
+            split_url("http:///api"),
+            Err(RspamdError::NoHost { .. })
+        ));
+        let env = ScanRequest {
+            client_ip: Some("192.0.2.1".parse().unwrap()),
             helo: "mx.example\r\nX-Evil: 1".into(),
             sender: "a@b.example".into(),
             recipients: vec!["c@d.example".into(), "e@f.example".into()],
@@ -271,6 +351,14 @@ mod tests {
         assert_eq!((c.score, c.action.as_str()), (3.4, "no action"));
         assert_eq!(c.symbols[0].name, "MISSING_MID");
         assert_eq!(c.symbols[0].description, "no id");
-        assert!(parse(b"{}").is_err());
+        assert!(matches!(parse(b"{}"), Err(RspamdError::NoScore)));
+        assert!(matches!(parse(b"{"), Err(RspamdError::Json(_))));
+        let e = response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err();
+        assert!(matches!(e, RspamdError::Chunked), "{e:?}");
+        let e = response(b"garbage\r\n\r\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Rspamd's answer has no status: Some(\"garbage\")"
+        );
     }
 }

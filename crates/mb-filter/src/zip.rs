@@ -55,11 +55,11 @@ pub fn list(data: &[u8]) -> Option<Listing> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// A stored (uncompressed) archive with the given entries, as `zip -0` writes it.
-    pub fn archive(entries: &[(&str, bool)]) -> Vec<u8> {
+    fn archive(entries: &[(&str, bool)]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut central = Vec::new();
         for (name, encrypted) in entries {

@@ -20,7 +20,7 @@ use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle;
 use mb_runtime::policies::PolicySet;
 use mb_runtime::uds::Guard;
-use mb_smtpd::scan::{Scanner, Workers};
+use mb_scan::{Scanner, Workers};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 
@@ -91,7 +91,7 @@ impl DaemonHooks for Hooks {
 
     async fn reload(&self) -> Result<ReloadResponse, Status> {
         mb_runtime::reread(&self.shared.follower, self.config.as_deref())
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -133,7 +133,7 @@ pub async fn main(opts: Options) -> i32 {
     match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path()]) {
         Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
         Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
     }
     let socket = cfg.socket(DAEMON);
     let control = match mb_runtime::uds::bind(&socket) {

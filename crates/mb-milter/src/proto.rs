@@ -120,16 +120,6 @@ pub fn address(arg: &str) -> String {
     a.split('>').next().unwrap_or_default().trim().to_string()
 }
 
-/// The SMTP reply a REPLYCODE packet carries: "550 5.7.1 text", one line, no `%`
-/// surprises (libmilter treats the text as a format string).
-pub fn reply_line(code: u32, status: &str, text: &str) -> String {
-    let text: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    format!("{code} {status} {}", text.replace('%', "%%"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,10 +149,6 @@ mod tests {
         ));
         assert_eq!(address(" <a@b.example> SIZE=10"), "a@b.example");
         assert_eq!(address("<>"), "");
-        assert_eq!(
-            reply_line(550, "5.7.1", "100% bad\r\nX"),
-            "550 5.7.1 100%% bad  X"
-        );
         assert_eq!(strings(b"a\0b\0"), vec!["a", "b"]);
     }
 }

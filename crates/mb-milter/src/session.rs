@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use mb_core::EnhancedStatus;
 use mb_core::policy::{self, Action};
-use mb_proto::v1::{ScanEnvelope, ScanVerdict};
-use mb_smtpd::scan::Body;
+use mb_core::verdict::{Direction, ScanRequest, Verdict};
+use mb_scan::Body;
+use mb_scan::reply::Disposition;
+use mb_smtp::Reply;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
@@ -79,6 +82,21 @@ pub async fn run(io: &mut tokio::net::TcpStream, shared: Arc<Shared>, peer: IpAd
     }
 }
 
+/// Why a milter connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The MTA broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// A failure to hold a message, with what was being done.
+fn hold_error(doing: &str, e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{doing}: {e}"))
+}
+
 /// Handles one packet; `Ok(false)` ends the connection.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
@@ -86,19 +104,21 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     st: &mut State,
     cmd: u8,
     data: &[u8],
-) -> Result<bool, String> {
-    let io_err = |e: std::io::Error| e.to_string();
+) -> Result<bool, SessionError> {
+    let io_err = SessionError::Io;
     let reply_unless = |flag: u32, st: &State| st.protocol & flag == 0;
     match cmd {
         proto::OPTNEG => {
             if data.len() < 12 {
-                return Err("short option negotiation".into());
+                return Err(SessionError::Protocol("short option negotiation".into()));
             }
             let word =
                 |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
             let (version, actions, offered) = (word(0), word(4), word(8));
             if version < 2 {
-                return Err(format!("milter protocol version {version} is too old"));
+                return Err(SessionError::Protocol(format!(
+                    "milter protocol version {version} is too old"
+                )));
             }
             let want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
             // Steps we do not need are declined, and replies we would only "continue" are
@@ -225,7 +245,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .map_err(io_err)?;
         }
         other => {
-            return Err(format!("unknown milter command {:?}", char::from(other)));
+            return Err(SessionError::Protocol(format!(
+                "unknown milter command {:?}",
+                char::from(other)
+            )));
         }
     }
     Ok(true)
@@ -243,7 +266,7 @@ struct Buffer {
     file: Option<tokio::fs::File>,
     len: u64,
     /// Why the message could not be kept (it is tempfailed at the end).
-    failed: Option<String>,
+    failed: Option<std::io::Error>,
 }
 
 impl Buffer {
@@ -255,7 +278,7 @@ impl Buffer {
         self.len += bytes.len() as u64;
         if let Some(f) = &mut self.file {
             if let Err(e) = f.write_all(bytes).await {
-                self.failed = Some(format!("cannot write the spilled message: {e}"));
+                self.failed = Some(hold_error("cannot write the spilled message", &e));
             }
             return;
         }
@@ -274,7 +297,7 @@ impl Buffer {
         let mut f = match opened {
             Ok(f) => tokio::fs::File::from_std(f),
             Err(e) => {
-                self.failed = Some(format!("cannot spill a large message to a file: {e}"));
+                self.failed = Some(hold_error("cannot spill a large message to a file", &e));
                 return;
             }
         };
@@ -285,14 +308,14 @@ impl Buffer {
         }
         .await
         {
-            self.failed = Some(format!("cannot write the spilled message: {e}"));
+            self.failed = Some(hold_error("cannot write the spilled message", &e));
             return;
         }
         self.file = Some(f);
     }
 
     /// The message for the scan.
-    async fn take(&mut self) -> Result<Body, String> {
+    async fn take(&mut self) -> Result<Body, std::io::Error> {
         use tokio::io::AsyncWriteExt;
         if let Some(e) = self.failed.take() {
             return Err(e);
@@ -301,7 +324,7 @@ impl Buffer {
             Some(mut f) => {
                 f.flush()
                     .await
-                    .map_err(|e| format!("cannot write the spilled message: {e}"))?;
+                    .map_err(|e| hold_error("cannot write the spilled message", &e))?;
                 Ok(Body::File {
                     file: Arc::new(f.into_std().await),
                     len: self.len,
@@ -356,12 +379,16 @@ async fn respond_policy<S: AsyncWrite + Unpin>(
     io: &mut S,
     shared: &Shared,
     blocked: Option<(String, &'static str)>,
-) -> Result<(), String> {
-    let io_err = |e: std::io::Error| e.to_string();
+) -> Result<(), SessionError> {
+    let io_err = SessionError::Io;
     match blocked {
         Some((name, _)) => {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let line = proto::reply_line(550, "5.7.1", &format!("Refused by policy {name}"));
+            let line = milter_line(
+                550,
+                EnhancedStatus::new(5, 7, 1),
+                &format!("Refused by policy {name}"),
+            );
             proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
                 .await
                 .map_err(io_err)
@@ -374,12 +401,12 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
     io: &mut S,
     shared: &Shared,
     st: &mut State,
-) -> Result<(), String> {
-    let io_err = |e: std::io::Error| e.to_string();
+) -> Result<(), SessionError> {
+    let io_err = SessionError::Io;
     let cfg = shared.follower.current();
     shared.stats.messages.fetch_add(1, Ordering::Relaxed);
     if st.too_large {
-        let line = proto::reply_line(552, "5.3.4", "Message too big");
+        let line = milter_line(552, EnhancedStatus::new(5, 3, 4), "Message too big");
         shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
         return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
             .await
@@ -393,17 +420,20 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         .macro_value("auth_authen")
         .unwrap_or_default()
         .to_string();
-    let outbound = !auth_user.is_empty()
-        || client_ip.is_some_and(|ip| cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip)));
+    let direction = Direction::of(
+        !auth_user.is_empty(),
+        client_ip,
+        &cfg.nets("smtp.mynetworks"),
+    );
     let tls = match (st.macro_value("tls_version"), st.macro_value("cipher")) {
         (Some(v), Some(c)) => format!("{v} {c}"),
         (Some(v), None) => v.to_string(),
         _ => String::new(),
     };
     let queue_id = st.macro_value("i").unwrap_or_default().to_string();
-    let envelope = ScanEnvelope {
+    let request = ScanRequest {
         queue_id: queue_id.clone(),
-        client_ip: client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        client_ip,
         client_name: st
             .macro_value("client_name")
             .map_or_else(|| st.client_name.clone(), str::to_string),
@@ -412,23 +442,25 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         recipients: st.rcpts.clone(),
         auth_user,
         tls,
-        direction: if outbound { "outbound" } else { "inbound" }.into(),
-        size: 0,
+        direction,
     };
     let message = match st.message.take().await {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(id = %queue_id, cause = %e, "tempfailing a message that could not be held");
             shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
-            let line =
-                proto::reply_line(451, "4.3.0", "Cannot hold the message now, try again later");
+            let line = milter_line(
+                451,
+                EnhancedStatus::new(4, 3, 0),
+                "Cannot hold the message now, try again later",
+            );
             return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
                 .await
                 .map_err(io_err);
         }
     };
     let started = Instant::now();
-    let scan = shared.scanner.scan(envelope, message);
+    let scan = shared.scanner.scan(&request, message);
     tokio::pin!(scan);
     let mut progress = tokio::time::interval_at(
         tokio::time::Instant::now() + shared.progress_every,
@@ -456,8 +488,7 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         Err(e) => {
             tracing::warn!(id = %queue_id, cause = %e, "no mb-filter worker answered; tempfailing");
             shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
-            let line =
-                proto::reply_line(451, "4.7.1", "Content scanner unavailable, try again later");
+            let line = mb_scan::reply::unavailable().to_milter();
             return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
                 .await
                 .map_err(io_err);
@@ -466,77 +497,71 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
     apply(io, shared, st, &v).await.map_err(io_err)
 }
 
+/// One reply line as REPLYCODE carries it.
+fn milter_line(code: u16, status: EnhancedStatus, text: &str) -> String {
+    Reply::new(code, status, text).to_milter()
+}
+
 /// Turns a verdict into milter modifications and the final reply.
 async fn apply<S: AsyncWrite + Unpin>(
     io: &mut S,
     shared: &Shared,
     st: &State,
-    v: &ScanVerdict,
+    v: &Verdict,
 ) -> std::io::Result<()> {
-    let code = |fallback: u32| {
-        Some(v.smtp_code)
-            .filter(|c| (400..600).contains(c))
-            .unwrap_or(fallback)
-    };
-    match v.action.as_str() {
-        "reject" => {
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let c = code(550);
-            let line = proto::reply_line(
-                c,
-                mb_smtpd::scan::status_of(c, &v.smtp_status),
-                &v.smtp_text,
-            );
-            proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line])).await
-        }
-        "tempfail" => {
-            shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
-            let c = code(451);
-            let line = proto::reply_line(
-                c,
-                mb_smtpd::scan::status_of(c, &v.smtp_status),
-                &v.smtp_text,
-            );
-            proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line])).await
-        }
-        "discard" => {
-            shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
-            proto::write(io, proto::DISCARD, &[]).await
-        }
-        action => {
-            // Remove the fields the verdict replaces (each occurrence, by its index among
-            // fields of that name), then add ours at the top, in order.
-            for name in &v.remove_headers {
-                let count = st
-                    .headers
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .count();
-                for index in (1..=count).rev() {
-                    let mut data = u32::try_from(index).unwrap_or(1).to_be_bytes().to_vec();
-                    data.extend_from_slice(&proto::cstrings(&[name, ""]));
-                    proto::write(io, proto::CHGHEADER, &data).await?;
-                }
-            }
-            for h in v.add_headers.iter().rev() {
-                let mut data = 0u32.to_be_bytes().to_vec();
-                let value = h.value.replace("\r\n", "\n");
-                data.extend_from_slice(&proto::cstrings(&[&h.name, &value]));
-                proto::write(io, proto::INSHEADER, &data).await?;
-            }
-            if action == "quarantine" {
-                shared.stats.quarantined.fetch_add(1, Ordering::Relaxed);
-                let reason = format!(
-                    "mailborder: {} (quarantine id {})",
-                    v.smtp_text, v.quarantine_id
-                );
-                proto::write(io, proto::QUARANTINE, &proto::cstrings(&[&reason])).await?;
+    let (add_headers, remove_headers) = match mb_scan::reply::disposition(v) {
+        Disposition::Refuse(reply) => {
+            if reply.code >= 500 {
+                shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             } else {
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
             }
-            proto::write(io, proto::CONTINUE, &[]).await
+            let line = reply.to_milter();
+            return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line])).await;
+        }
+        Disposition::Discard => {
+            shared.stats.discarded.fetch_add(1, Ordering::Relaxed);
+            return proto::write(io, proto::DISCARD, &[]).await;
+        }
+        // A quarantined message still gets its headers (so a release carries them) and
+        // is then held in Postfix's hold queue.
+        Disposition::Quarantined(_) => (v.add_headers.as_slice(), v.remove_headers.as_slice()),
+        Disposition::Deliver {
+            add_headers,
+            remove_headers,
+        } => (add_headers, remove_headers),
+    };
+    // Remove the fields the verdict replaces (each occurrence, by its index among
+    // fields of that name), then add ours at the top, in order.
+    for name in remove_headers {
+        let count = st
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count();
+        for index in (1..=count).rev() {
+            let mut data = u32::try_from(index).unwrap_or(1).to_be_bytes().to_vec();
+            data.extend_from_slice(&proto::cstrings(&[name, ""]));
+            proto::write(io, proto::CHGHEADER, &data).await?;
         }
     }
+    for (name, value) in add_headers.iter().rev() {
+        let mut data = 0u32.to_be_bytes().to_vec();
+        let value = value.replace("\r\n", "\n");
+        data.extend_from_slice(&proto::cstrings(&[name, &value]));
+        proto::write(io, proto::INSHEADER, &data).await?;
+    }
+    if v.action == mb_core::Action::Quarantine {
+        shared.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        let reason = format!(
+            "mailborder: {} (quarantine id {})",
+            v.refusal.text, v.quarantine_id
+        );
+        proto::write(io, proto::QUARANTINE, &proto::cstrings(&[&reason])).await?;
+    } else {
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    proto::write(io, proto::CONTINUE, &[]).await
 }
 
 #[cfg(test)]
@@ -544,15 +569,15 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    use mb_proto::v1::ScanHeader;
+    use mb_scan::ScanError;
     use tokio::io::AsyncWriteExt;
 
     /// A scanner that takes its time and tags everything.
     struct Slow;
 
     #[tonic::async_trait]
-    impl mb_smtpd::scan::Scanner for Slow {
-        async fn scan(&self, env: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
+    impl mb_scan::Scanner for Slow {
+        async fn scan(&self, env: &ScanRequest, message: Body) -> Result<Verdict, ScanError> {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let message = message.read_all().unwrap();
             assert!(String::from_utf8_lossy(&message).contains("X-Spam: Yes\r\n\r\nbody"));
@@ -560,14 +585,11 @@ mod tests {
                 (env.sender.as_str(), env.queue_id.as_str()),
                 ("a@b.example", "Q1")
             );
-            Ok(ScanVerdict {
-                action: "tag".into(),
-                add_headers: vec![ScanHeader {
-                    name: "X-Spam-Status".into(),
-                    value: "Yes".into(),
-                }],
+            Ok(Verdict {
+                action: mb_core::Action::Tag,
+                add_headers: vec![("X-Spam-Status".into(), "Yes".into())],
                 remove_headers: vec!["X-Spam".into()],
-                ..Default::default()
+                ..Verdict::default()
             })
         }
     }
@@ -579,7 +601,7 @@ mod tests {
     /// A milter session on an in-memory pipe, with `config` and `scanner`.
     fn session(
         config: &str,
-        scanner: Box<dyn mb_smtpd::scan::Scanner>,
+        scanner: Box<dyn mb_scan::Scanner>,
     ) -> (
         Arc<Shared>,
         tokio::io::DuplexStream,
@@ -621,15 +643,12 @@ mod tests {
     struct Recorder(Seen);
 
     #[tonic::async_trait]
-    impl mb_smtpd::scan::Scanner for Recorder {
-        async fn scan(&self, _env: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
+    impl mb_scan::Scanner for Recorder {
+        async fn scan(&self, _env: &ScanRequest, message: Body) -> Result<Verdict, ScanError> {
             let in_file = matches!(message, Body::File { .. });
             let data = message.read_all().unwrap();
             self.0.lock().unwrap().push((in_file, message.len(), data));
-            Ok(ScanVerdict {
-                action: "accept".into(),
-                ..Default::default()
-            })
+            Ok(Verdict::accept())
         }
     }
 

@@ -125,7 +125,7 @@ pub async fn main(opts: Options) -> i32 {
     };
     let tls = match tcp_tls(&cfg) {
         Ok(t) => t,
-        Err(msg) => return fail(mb_runtime::EX_USAGE, msg),
+        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
     };
     let listeners = Listeners {
         unix,
@@ -141,7 +141,15 @@ pub async fn main(opts: Options) -> i32 {
     }
 }
 
-fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, String> {
+/// A TLS file of the TCP listener that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}: {cause}", path.display())]
+struct TlsFileError {
+    path: PathBuf,
+    cause: std::io::Error,
+}
+
+fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, TlsFileError> {
     let (cert, key) = (
         cfg.path("network.rpcd.tcp.tls.cert"),
         cfg.path("network.rpcd.tcp.tls.key"),
@@ -150,7 +158,10 @@ fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, String> {
         return Ok(None);
     }
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        std::fs::read(p).map_err(|cause| TlsFileError {
+            path: p.to_path_buf(),
+            cause,
+        })
     };
     let identity = Identity::from_pem(read(&cert)?, read(&key)?);
     Ok(Some(ServerTlsConfig::new().identity(identity)))

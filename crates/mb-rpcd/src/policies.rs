@@ -37,7 +37,7 @@ impl Policies for PoliciesService {
         p.created_at_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
-        from_wire(&p).map_err(Status::invalid_argument)?;
+        from_wire(&p).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !self.store.db.add_policy(&p).await.map_err(db_status)? {
             return Err(Status::already_exists(format!(
                 "a policy named {:?} exists (mb-policy del {0} first, or pick another name)",

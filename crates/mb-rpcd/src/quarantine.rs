@@ -305,7 +305,7 @@ impl Quarantine for QuarantineService {
             h if h.is_empty() => "localhost".to_string(),
             h => h,
         };
-        let outcomes = mb_smtpd::client::reinject(
+        let outcomes = mb_smtp::client::reinject(
             &hop,
             &helo,
             &entry.sender,

@@ -336,8 +336,8 @@ impl Store {
     /// Returns the keys whose value changed but only apply after a restart of `daemon`.
     pub async fn reload(&self, daemon: &str) -> Result<Vec<String>, StoreError> {
         let _guard = self.write.lock().await;
-        let file =
-            mb_runtime::load_config(self.config_path.as_deref()).map_err(StoreError::File)?;
+        let file = mb_runtime::load_config(self.config_path.as_deref())
+            .map_err(|e| StoreError::File(e.to_string()))?;
         let mut after = file.clone();
         if let Ok(o) = self.overrides.read() {
             after.apply_overrides(o.iter().map(|(k, v)| (k.as_str(), v.as_str())));

@@ -84,17 +84,22 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Why a `--since`/`--until` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    #[error("{text:?} is neither an age such as 2h or 7d nor a UTC time such as 2026-11-22 08:30")]
+    NotATime { text: String },
+}
+
 /// A `--since`/`--until` value as Unix milliseconds: an age (`30m`, `2h`, `7d`: that
 /// long before `now_ms`) or a UTC time `YYYY-MM-DD[ HH:MM[:SS]]` (also with a `T`).
-pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, TimeError> {
     let text = text.trim();
     if let Ok(age) = mb_core::value::parse_duration(text) {
         return Ok(now_ms - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2));
     }
-    let bad = || {
-        format!(
-            "{text:?} is neither an age such as 2h or 7d nor a UTC time such as 2026-11-22 08:30"
-        )
+    let bad = || TimeError::NotATime {
+        text: text.to_string(),
     };
     let (date, time) = match text.split_once([' ', 'T']) {
         Some((d, t)) => (d, t),
@@ -184,7 +189,10 @@ mod tests {
         assert_eq!(parse_time("2026-11-22 04:40", now), Ok(now));
         assert_eq!(parse_time("2026-11-22T04:40:00", now), Ok(now));
         assert_eq!(parse_time("1970-01-02", now), Ok(86_400_000));
-        assert!(parse_time("yesterday", now).is_err());
+        assert_eq!(
+            parse_time(" yesterday", now).unwrap_err().to_string(),
+            "\"yesterday\" is neither an age such as 2h or 7d nor a UTC time such as 2026-11-22 08:30"
+        );
         assert!(parse_time("2026-13-01", now).is_err());
     }
 }

@@ -20,6 +20,25 @@ const BUFFER: usize = 20_000;
 /// Events in one batch, at most.
 const BATCH: usize = 500;
 
+/// Why a batch of events did not reach mb-rpcd (it is sent again).
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error(transparent)]
+    Connect(#[from] crate::uds::ConnectError),
+    /// mb-rpcd refused the stream or failed while acknowledging.
+    #[error("{}", .0.message())]
+    Rpc(Box<tonic::Status>),
+    /// The acknowledgements ended before every batch was acknowledged.
+    #[error("mb-rpcd closed the event stream")]
+    Closed,
+}
+
+impl From<tonic::Status> for PublishError {
+    fn from(s: tonic::Status) -> Self {
+        PublishError::Rpc(Box::new(s))
+    }
+}
+
 /// A cloneable handle for recording events.
 #[derive(Clone)]
 pub struct EventSink {
@@ -130,10 +149,8 @@ async fn publish(
     socket: &std::path::Path,
     first_seq: u64,
     events: &[MessageEvent],
-) -> Result<(), String> {
-    let channel = crate::uds::connect(socket, "mb-rpcd")
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), PublishError> {
+    let channel = crate::uds::connect(socket, "mb-rpcd").await?;
     let batches: Vec<EventBatch> = events
         .chunks(BATCH)
         .enumerate()
@@ -145,14 +162,13 @@ async fn publish(
     let expected = batches.len();
     let mut acks = EventsClient::new(channel)
         .publish(tokio_stream::iter(batches))
-        .await
-        .map_err(|s| s.message().to_string())?
+        .await?
         .into_inner();
     for _ in 0..expected {
         match acks.message().await {
             Ok(Some(_)) => {}
-            Ok(None) => return Err("mb-rpcd closed the event stream".into()),
-            Err(s) => return Err(s.message().to_string()),
+            Ok(None) => return Err(PublishError::Closed),
+            Err(s) => return Err(s.into()),
         }
     }
     Ok(())

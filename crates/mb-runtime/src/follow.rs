@@ -17,6 +17,22 @@ use crate::lifecycle::Shutdown;
 /// Longest wait between attempts to reach mb-rpcd.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Why the configuration feed from mb-rpcd broke (the follower retries).
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error(transparent)]
+    Connect(#[from] crate::uds::ConnectError),
+    /// mb-rpcd answered a call (Watch, List) or the feed with an error.
+    #[error("{}", .0.message())]
+    Rpc(Box<tonic::Status>),
+}
+
+impl From<tonic::Status> for SyncError {
+    fn from(s: tonic::Status) -> Self {
+        SyncError::Rpc(Box::new(s))
+    }
+}
+
 /// The overrides as last received, with the generation they belong to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Overrides {
@@ -127,16 +143,10 @@ impl Follower {
 
     /// One connection: watch first (so nothing is missed), then list, then re-list on
     /// every change. Returns when the feed ends.
-    async fn sync(&self, socket: &Path, cache: &Path) -> Result<(), String> {
-        let channel = crate::uds::connect(socket, "mb-rpcd")
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn sync(&self, socket: &Path, cache: &Path) -> Result<(), SyncError> {
+        let channel = crate::uds::connect(socket, "mb-rpcd").await?;
         let mut client = ConfigClient::new(channel);
-        let mut feed = client
-            .watch(WatchRequest::default())
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
+        let mut feed = client.watch(WatchRequest::default()).await?.into_inner();
         self.refresh(&mut client, cache).await?;
         self.connected.send_replace(true);
         tracing::info!("following the configuration of mb-rpcd");
@@ -145,7 +155,7 @@ impl Follower {
                 Ok(Some(change)) if change.reloaded => {}
                 Ok(Some(_)) => self.refresh(&mut client, cache).await?,
                 Ok(None) => return Ok(()),
-                Err(s) => return Err(s.message().to_string()),
+                Err(s) => return Err(s.into()),
             }
         }
     }
@@ -154,12 +164,8 @@ impl Follower {
         &self,
         client: &mut ConfigClient<tonic::transport::Channel>,
         cache: &Path,
-    ) -> Result<(), String> {
-        let list = client
-            .list(ListRequest::default())
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
+    ) -> Result<(), SyncError> {
+        let list = client.list(ListRequest::default()).await?.into_inner();
         let overrides = Overrides {
             generation: list.generation,
             values: list

@@ -42,21 +42,54 @@ pub fn config_path(arg: Option<&Path>) -> (PathBuf, bool) {
     }
 }
 
+/// Why the configuration file could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, unreadable or has errors: every problem, in file order.
+    /// Shown one line per problem, each naming file and line.
+    #[error("{}", lines(.0))]
+    File(Vec<mb_core::FileError>),
+}
+
+fn lines(errors: &[mb_core::FileError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Loads the configuration file (defaults only when the default file is absent).
 /// The error is ready to print: one line per problem, each naming file and line.
-pub fn load_config(arg: Option<&Path>) -> Result<Config, String> {
+pub fn load_config(arg: Option<&Path>) -> Result<Config, ConfigError> {
     let (path, named) = config_path(arg);
     if !named && !path.exists() {
         return Ok(Config::default());
     }
-    let cfg = Config::load_file(&path).map_err(|errors| {
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n")
-    })?;
-    Ok(cfg)
+    Config::load_file(&path).map_err(ConfigError::File)
+}
+
+/// Why a daemon could not hand its files to its user or switch to it. The messages
+/// name the system's error, so it is not repeated as a `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("cannot look up user {user}: {cause}")]
+    LookUp { user: String, cause: nix::Error },
+    #[error("cannot hand {} to {user}: {cause}", .path.display())]
+    Hand {
+        path: PathBuf,
+        user: String,
+        cause: std::io::Error,
+    },
+    /// `setgroups`, `setgid` or `setuid` failed.
+    #[error("{call}: {cause}")]
+    Switch {
+        call: &'static str,
+        cause: nix::Error,
+    },
+    /// `setuid(0)` succeeded after the switch: the process is not really unprivileged.
+    #[error("could regain root after dropping privileges")]
+    RegainedRoot,
 }
 
 /// Files a daemon creates are for its user and group only (sockets get 0660 explicitly).
@@ -88,12 +121,15 @@ pub fn load_config_for_tool(tool: &str, arg: Option<&Path>) -> Config {
 /// how a daemon started by hand binds port 25 and still runs unprivileged. Under systemd
 /// the unit starts it as that user with `CAP_NET_BIND_SERVICE`, and nothing happens here.
 /// Returns the user switched to, if any.
-pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>, String> {
+pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>, PrivilegeError> {
     use nix::unistd::{Uid, User, setgid, setgroups, setuid};
     if user.is_empty() || !Uid::effective().is_root() {
         return Ok(None);
     }
-    let Some(u) = User::from_name(user).map_err(|e| format!("cannot look up user {user}: {e}"))?
+    let Some(u) = User::from_name(user).map_err(|cause| PrivilegeError::LookUp {
+        user: user.to_string(),
+        cause,
+    })?
     else {
         tracing::warn!(
             user,
@@ -102,14 +138,18 @@ pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>,
         return Ok(None);
     };
     for path in writable {
-        chown_tree(path, u.uid, u.gid)
-            .map_err(|e| format!("cannot hand {} to {user}: {e}", path.display()))?;
+        chown_tree(path, u.uid, u.gid).map_err(|cause| PrivilegeError::Hand {
+            path: path.to_path_buf(),
+            user: user.to_string(),
+            cause,
+        })?;
     }
-    setgroups(&[u.gid]).map_err(|e| format!("setgroups: {e}"))?;
-    setgid(u.gid).map_err(|e| format!("setgid: {e}"))?;
-    setuid(u.uid).map_err(|e| format!("setuid: {e}"))?;
+    let switch = |call| move |cause| PrivilegeError::Switch { call, cause };
+    setgroups(&[u.gid]).map_err(switch("setgroups"))?;
+    setgid(u.gid).map_err(switch("setgid"))?;
+    setuid(u.uid).map_err(switch("setuid"))?;
     if setuid(Uid::from_raw(0)).is_ok() {
-        return Err("could regain root after dropping privileges".into());
+        return Err(PrivilegeError::RegainedRoot);
     }
     Ok(Some(user.to_string()))
 }
@@ -117,14 +157,17 @@ pub fn drop_privileges(user: &str, writable: &[&Path]) -> Result<Option<String>,
 /// When running as root, hands `path` (recursively) to `user`, so that a daemon running
 /// as that user can use what a tool run by root wrote there. Nothing happens otherwise,
 /// or when the user does not exist.
-pub fn hand_to(user: &str, path: &Path) -> Result<(), String> {
+pub fn hand_to(user: &str, path: &Path) -> Result<(), PrivilegeError> {
     use nix::unistd::{Uid, User};
     if user.is_empty() || !Uid::effective().is_root() {
         return Ok(());
     }
     match User::from_name(user) {
-        Ok(Some(u)) => chown_tree(path, u.uid, u.gid)
-            .map_err(|e| format!("cannot hand {} to {user}: {e}", path.display())),
+        Ok(Some(u)) => chown_tree(path, u.uid, u.gid).map_err(|cause| PrivilegeError::Hand {
+            path: path.to_path_buf(),
+            user: user.to_string(),
+            cause,
+        }),
         _ => Ok(()),
     }
 }
@@ -151,8 +194,8 @@ pub fn start_daemon(
     log_format: Option<&str>,
 ) -> Result<Config, i32> {
     set_umask();
-    let cfg = load_config(config).map_err(|msg| {
-        for line in msg.lines() {
+    let cfg = load_config(config).map_err(|e| {
+        for line in e.to_string().lines() {
             eprintln!("{daemon}: {line}");
         }
         EX_USAGE
@@ -205,16 +248,16 @@ pub fn follow_checked(daemon: &str, name: &str, file: Config) -> Result<Followin
 
 /// Re-reads the configuration file into `follower` (SIGHUP, `Control.Reload`); on
 /// error the running configuration is kept.
-pub fn reread(follower: &follow::Follower, config: Option<&Path>) -> Result<(), String> {
+pub fn reread(follower: &follow::Follower, config: Option<&Path>) -> Result<(), ConfigError> {
     follower.reload_file(load_config(config)?);
     Ok(())
 }
 
 /// Serves SIGHUP: runs `reload` for each request between sd_notify RELOADING and READY,
 /// logging a failure (the running configuration stays).
-pub fn spawn_reloader(
+pub fn spawn_reloader<E: std::fmt::Display>(
     mut requests: tokio::sync::mpsc::Receiver<()>,
-    reload: impl Fn() -> Result<(), String> + Send + 'static,
+    reload: impl Fn() -> Result<(), E> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while requests.recv().await.is_some() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use mb_core::policy::{self, Action, Direction, Object};
+use mb_core::policy::{self, Action, Direction, Object, PolicyError};
 use mb_proto::v1::policies_client::PoliciesClient;
 use mb_proto::v1::{ListPoliciesRequest, Policy};
 
@@ -16,7 +16,7 @@ use crate::lifecycle::Shutdown;
 pub const REFRESH: Duration = Duration::from_secs(3);
 
 /// The wire form as the domain type, checked.
-pub fn from_wire(p: &Policy) -> Result<policy::Policy, String> {
+pub fn from_wire(p: &Policy) -> Result<policy::Policy, PolicyError> {
     let out = policy::Policy {
         id: p.id,
         name: p.name.clone(),
@@ -31,6 +31,22 @@ pub fn from_wire(p: &Policy) -> Result<policy::Policy, String> {
     };
     out.validate()?;
     Ok(out)
+}
+
+/// Why the policies could not be read from mb-rpcd (the last known set is kept).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(transparent)]
+    Connect(#[from] crate::uds::ConnectError),
+    /// mb-rpcd answered `Policies.List` with an error.
+    #[error("{}", .0.message())]
+    Rpc(Box<tonic::Status>),
+}
+
+impl From<tonic::Status> for FetchError {
+    fn from(s: tonic::Status) -> Self {
+        FetchError::Rpc(Box::new(s))
+    }
 }
 
 pub struct PolicySet {
@@ -108,14 +124,11 @@ impl PolicySet {
     }
 }
 
-async fn fetch(socket: &Path) -> Result<Vec<policy::Policy>, String> {
-    let channel = crate::uds::connect(socket, "mb-rpcd")
-        .await
-        .map_err(|e| e.to_string())?;
+async fn fetch(socket: &Path) -> Result<Vec<policy::Policy>, FetchError> {
+    let channel = crate::uds::connect(socket, "mb-rpcd").await?;
     let list = PoliciesClient::new(channel)
         .list(ListPoliciesRequest {})
-        .await
-        .map_err(|e| e.message().to_string())?
+        .await?
         .into_inner()
         .policies;
     Ok(list

@@ -145,7 +145,7 @@ pub async fn redis_ping(url: &str, timeout: Duration) -> ComponentStatus {
         }
         Ok(Err(e)) => {
             out.state = "down".into();
-            out.detail = e;
+            out.detail = e.to_string();
         }
         Err(_) => {
             out.state = "down".into();
@@ -155,14 +155,35 @@ pub async fn redis_ping(url: &str, timeout: Duration) -> ComponentStatus {
     out
 }
 
-async fn redis_ping_inner(url: &str) -> Result<(), String> {
-    let (scheme, rest) = url.split_once("://").ok_or("redis.url has no scheme")?;
+/// Why a Redis PING failed (the detail `redis_ping` reports).
+#[derive(Debug, thiserror::Error)]
+enum PingError {
+    #[error("redis.url has no scheme")]
+    NoScheme,
+    #[error("unsupported scheme {0:?} (use redis:// or unix://)")]
+    Scheme(String),
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// Writing the command or reading the answer failed.
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("connection closed")]
+    Closed,
+    /// Redis answered with an error line (`-NOAUTH ...`).
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected answer")]
+    Unexpected,
+}
+
+async fn redis_ping_inner(url: &str) -> Result<(), PingError> {
+    let (scheme, rest) = url.split_once("://").ok_or(PingError::NoScheme)?;
     let mut password = None;
     let mut stream: Box<dyn Io> = match scheme {
         "unix" | "redis+unix" => Box::new(
             tokio::net::UnixStream::connect(rest.split('?').next().unwrap_or(rest))
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(PingError::Connect)?,
         ),
         "redis" => {
             let (auth, host) = match rest.rsplit_once('@') {
@@ -185,35 +206,31 @@ async fn redis_ping_inner(url: &str) -> Result<(), String> {
             Box::new(
                 tokio::net::TcpStream::connect(addr)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(PingError::Connect)?,
             )
         }
-        other => {
-            return Err(format!(
-                "unsupported scheme {other:?} (use redis:// or unix://)"
-            ));
-        }
+        other => return Err(PingError::Scheme(other.to_string())),
     };
     let mut cmd = Vec::new();
     if let Some(p) = password.filter(|p| !p.is_empty()) {
         cmd.extend_from_slice(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{p}\r\n", p.len()).as_bytes());
     }
     cmd.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
-    stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+    stream.write_all(&cmd).await.map_err(PingError::Io)?;
     let mut buf = vec![0u8; 512];
     let mut got = Vec::new();
     while !got.ends_with(b"+PONG\r\n") {
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = stream.read(&mut buf).await.map_err(PingError::Io)?;
         if n == 0 {
-            return Err("connection closed".into());
+            return Err(PingError::Closed);
         }
         got.extend_from_slice(&buf[..n]);
         if got.starts_with(b"-") {
             let line = String::from_utf8_lossy(&got);
-            return Err(line.trim().to_string());
+            return Err(PingError::Refused(line.trim().to_string()));
         }
         if got.len() > 4096 {
-            return Err("unexpected answer".into());
+            return Err(PingError::Unexpected);
         }
     }
     Ok(())

@@ -28,9 +28,18 @@ pub enum Dns {
     },
 }
 
+/// Why no resolver could be made (a configuration error: exit 64).
+#[derive(Debug, thiserror::Error)]
+pub enum DnsSetupError {
+    #[error("cannot read /etc/resolv.conf: {0}")]
+    SystemConfig(String),
+    #[error("cannot start the DNS resolver: {0}")]
+    Start(String),
+}
+
 impl Dns {
     /// A resolver for the configured servers (`system` reads /etc/resolv.conf).
-    pub fn from_config(cfg: &Config) -> Result<Dns, String> {
+    pub fn from_config(cfg: &Config) -> Result<Dns, DnsSetupError> {
         let (servers, opts) = mb_runtime::resolver_settings(cfg);
         let builder = match servers {
             Some(config) => TokioResolver::builder_with_config(
@@ -38,12 +47,12 @@ impl Dns {
                 hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
             ),
             None => TokioResolver::builder_tokio()
-                .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?,
+                .map_err(|e| DnsSetupError::SystemConfig(e.to_string()))?,
         };
         let resolver = builder
             .with_options(opts)
             .build()
-            .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+            .map_err(|e| DnsSetupError::Start(e.to_string()))?;
         Ok(Dns::Real(Box::new(resolver)))
     }
 

@@ -3,16 +3,13 @@
 //! relaying, abuse and malformed input, and writes every accepted message durably to
 //! the spool before it answers 250.
 
-pub mod client;
-pub mod conn;
-pub mod data;
+#[cfg(test)]
+mod client_tests;
 pub mod dns;
 pub mod dsn;
 pub mod protect;
-pub mod proto;
 pub mod qmgr;
 pub mod queue;
-pub mod scan;
 pub mod server;
 pub mod session;
 pub mod shared;
@@ -133,7 +130,8 @@ impl DaemonHooks for Hooks {
     }
 
     async fn reload(&self) -> Result<ReloadResponse, tonic::Status> {
-        reload(&self.server, self.config.as_deref()).map_err(tonic::Status::failed_precondition)?;
+        reload(&self.server, self.config.as_deref())
+            .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
         Ok(ReloadResponse {
             reloaded: true,
             ..Default::default()
@@ -141,8 +139,17 @@ impl DaemonHooks for Hooks {
     }
 }
 
+/// Why a reload was refused (the running configuration and certificate are kept).
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] mb_runtime::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] server::TlsError),
+}
+
 /// Re-reads the file and the TLS certificate; on error the running ones are kept.
-fn reload(server: &Server, config: Option<&std::path::Path>) -> Result<(), String> {
+fn reload(server: &Server, config: Option<&std::path::Path>) -> Result<(), ReloadError> {
     let file = mb_runtime::load_config(config)?;
     let tls = server::tls_acceptor(&file)?;
     server.follower.reload_file(file);
@@ -175,7 +182,7 @@ pub async fn main(opts: Options) -> i32 {
     let cfg = follower.current();
     let tls = match server::tls_acceptor(&cfg) {
         Ok(t) => t,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
     };
     let spool_dir = cfg.path("paths.spool_dir");
     let spool = match Spool::open(&spool_dir) {
@@ -212,7 +219,7 @@ pub async fn main(opts: Options) -> i32 {
     match mb_runtime::drop_privileges(&cfg.text("process.user"), &writable) {
         Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
         Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e),
+        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
     }
     let socket = cfg.socket(DAEMON);
     let control = match mb_runtime::uds::bind(&socket) {
@@ -231,7 +238,7 @@ pub async fn main(opts: Options) -> i32 {
     let mut server = Server::new(follower, spool, tls, info.clone());
     server.events = Some(events);
     if cfg.bool("filter.enabled") {
-        server.scanner = Some(Arc::new(scan::Workers::new(
+        server.scanner = Some(Arc::new(mb_scan::Workers::new(
             run_dir.clone(),
             usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
             cfg.duration("filter.scan_timeout"),
@@ -253,7 +260,7 @@ pub async fn main(opts: Options) -> i32 {
     let server = Arc::new(server);
     let dns = match dns::Dns::from_config(&cfg) {
         Ok(d) => d,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e),
+        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
     };
     let mut manager = qmgr::Manager::new(
         server.spool.clone(),

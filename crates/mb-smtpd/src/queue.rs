@@ -1,18 +1,19 @@
 //! The `Queue` service on mb-smtpd.sock: list, show, hold, release, delete, flush and
-//! requeue messages.
+//! requeue messages. The spool's own types (`Queue`, `RecipientState`) become the
+//! service's strings here, at its edge, and nowhere else.
 
 use std::sync::Arc;
 
-use mb_proto::v1::queue_server::Queue;
+use mb_proto::v1 as proto;
 use mb_proto::v1::{
     DeleteQueueRequest, DeleteQueueResponse, FlushQueueRequest, FlushQueueResponse,
-    ListQueueRequest, ListQueueResponse, QueueEntry, QueueIdRequest, RecipientState,
-    ShowQueueRequest, ShowQueueResponse,
+    ListQueueRequest, ListQueueResponse, QueueEntry, QueueIdRequest, ShowQueueRequest,
+    ShowQueueResponse,
 };
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
-use crate::spool::{self, Envelope, QUEUES, Spool};
+use crate::spool::{self, Envelope, Queue, RecipientState, Spool};
 
 pub struct QueueService {
     pub spool: Arc<Spool>,
@@ -21,7 +22,7 @@ pub struct QueueService {
 
 /// A queued message as read off the disk: its queue, bytes, envelope and delivery state.
 struct Queued {
-    queue: &'static str,
+    queue: Queue,
     msg: Vec<u8>,
     env: Envelope,
     state: spool::DeliveryState,
@@ -32,16 +33,16 @@ fn entry(q: &Queued) -> QueueEntry {
     let size = q.msg.len() as u64;
     QueueEntry {
         id: env.id.clone(),
-        queue: queue.into(),
+        queue: queue.as_str().into(),
         size,
         arrival_unix: i64::try_from(env.received_at).unwrap_or(0),
         sender: env.sender.clone(),
         recipients: state
             .recipients
             .iter()
-            .map(|r| RecipientState {
+            .map(|r| proto::RecipientState {
                 address: r.address.clone(),
-                state: r.state.clone(),
+                state: r.state.as_str().into(),
                 last_error: r.last_error.clone(),
                 remote: r.remote.clone(),
             })
@@ -49,7 +50,7 @@ fn entry(q: &Queued) -> QueueEntry {
         client_ip: env.client_ip.clone(),
         protocol: env.protocol.clone(),
         attempts: state.attempts,
-        next_attempt_unix: if queue == "deferred" {
+        next_attempt_unix: if queue == Queue::Deferred {
             i64::try_from(state.next_attempt).unwrap_or(0)
         } else {
             0
@@ -101,32 +102,32 @@ impl QueueService {
         })
     }
 
-    async fn moved(
-        &self,
-        id: &str,
-        to: &'static str,
-        by: &str,
-    ) -> Result<Response<QueueEntry>, Status> {
+    async fn moved(&self, id: &str, to: Queue, by: &str) -> Result<Response<QueueEntry>, Status> {
         self.spool.move_to(id, to).map_err(|e| io_status(&e, id))?;
-        tracing::info!(id, queue = to, by, "message moved");
+        tracing::info!(id, queue = to.as_str(), by, "message moved");
         Ok(Response::new(entry(&self.read(id).await?)))
     }
 }
 
 #[tonic::async_trait]
-impl Queue for QueueService {
+impl proto::queue_server::Queue for QueueService {
     async fn list(
         &self,
         req: Request<ListQueueRequest>,
     ) -> Result<Response<ListQueueResponse>, Status> {
         let wanted = req.into_inner().queue;
-        if !wanted.is_empty() && !QUEUES.contains(&wanted.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "no queue {wanted:?}: use incoming, deferred or hold"
-            )));
-        }
+        let queues: Vec<Queue> = if wanted.is_empty() {
+            Queue::ALL.to_vec()
+        } else {
+            let q = Queue::from_name(&wanted).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "no queue {wanted:?}: use incoming, deferred or hold"
+                ))
+            })?;
+            vec![q]
+        };
         let mut entries = Vec::new();
-        for q in QUEUES.iter().filter(|q| wanted.is_empty() || **q == wanted) {
+        for q in queues {
             for id in self
                 .spool
                 .ids(q)
@@ -164,15 +165,15 @@ impl Queue for QueueService {
 
     async fn hold(&self, req: Request<QueueIdRequest>) -> Result<Response<QueueEntry>, Status> {
         let by = caller(&req).name;
-        self.moved(&req.into_inner().id, "hold", &by).await
+        self.moved(&req.into_inner().id, Queue::Hold, &by).await
     }
 
     async fn release(&self, req: Request<QueueIdRequest>) -> Result<Response<QueueEntry>, Status> {
         let by = caller(&req).name;
         let id = req.into_inner().id;
         match self.spool.locate(&id) {
-            Some(("hold", _)) => {
-                let r = self.moved(&id, "incoming", &by).await;
+            Some((Queue::Hold, _)) => {
+                let r = self.moved(&id, Queue::Incoming, &by).await;
                 self.poke();
                 r
             }
@@ -193,7 +194,7 @@ impl Queue for QueueService {
         let manager = self.manager()?;
         if !id.is_empty() {
             match self.spool.locate(&id) {
-                Some(("deferred", _)) => {}
+                Some((Queue::Deferred, _)) => {}
                 Some((q, _)) => {
                     return Err(Status::failed_precondition(format!(
                         "{id} is not deferred (it is in {q}); `mb-queue requeue {id}` starts it over"
@@ -220,9 +221,9 @@ impl Queue for QueueService {
         for r in state
             .recipients
             .iter_mut()
-            .filter(|r| r.state != "delivered")
+            .filter(|r| r.state != RecipientState::Delivered)
         {
-            r.state = "queued".into();
+            r.state = RecipientState::Queued;
             r.last_error.clear();
         }
         state.attempts = 0;
@@ -235,7 +236,7 @@ impl Queue for QueueService {
         self.spool
             .save_state(&id, &state)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let r = self.moved(&id, "incoming", &by).await;
+        let r = self.moved(&id, Queue::Incoming, &by).await;
         manager.poke();
         r
     }
@@ -249,13 +250,13 @@ impl Queue for QueueService {
         let ids: Vec<String> = if !r.id.is_empty() {
             vec![r.id]
         } else if r.queue == "all" {
-            QUEUES
-                .iter()
+            Queue::ALL
+                .into_iter()
                 .flat_map(|q| self.spool.ids(q).unwrap_or_default())
                 .collect()
-        } else if QUEUES.contains(&r.queue.as_str()) {
+        } else if let Some(q) = Queue::from_name(&r.queue) {
             self.spool
-                .ids(&r.queue)
+                .ids(q)
                 .map_err(|e| Status::internal(e.to_string()))?
         } else {
             return Err(Status::invalid_argument(
@@ -275,5 +276,52 @@ impl Queue for QueueService {
             }
         }
         Ok(Response::new(DeleteQueueResponse { deleted }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{DeliveryState, RecipientStatus};
+
+    #[test]
+    fn entries_carry_the_queue_and_states_as_the_service_names_them() {
+        let status = |address: &str, state| RecipientStatus {
+            address: address.into(),
+            state,
+            last_error: String::new(),
+            remote: String::new(),
+        };
+        let q = Queued {
+            queue: Queue::Deferred,
+            msg: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            env: Envelope {
+                id: "ABC".into(),
+                ..Default::default()
+            },
+            state: DeliveryState {
+                attempts: 3,
+                next_attempt: 1_700_000_000,
+                recipients: vec![
+                    status("a@x.example", RecipientState::Delivered),
+                    status("b@x.example", RecipientState::Deferred),
+                    status("c@x.example", RecipientState::Bounced),
+                    status("d@x.example", RecipientState::Queued),
+                ],
+                ..Default::default()
+            },
+        };
+        let e = entry(&q);
+        assert_eq!(e.queue, "deferred");
+        let states: Vec<&str> = e.recipients.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, ["delivered", "deferred", "bounced", "queued"]);
+        assert_eq!((e.attempts, e.next_attempt_unix), (3, 1_700_000_000));
+        // Only a deferred message has a next attempt to show.
+        let held = Queued {
+            queue: Queue::Hold,
+            ..q
+        };
+        let e = entry(&held);
+        assert_eq!((e.queue.as_str(), e.next_attempt_unix), ("hold", 0));
     }
 }

@@ -6,17 +6,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use mb_core::Config;
+use mb_core::{Config, EnhancedStatus};
 use mb_runtime::control::DaemonInfo;
 use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle::Shutdown;
+use mb_smtp::Reply;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::protect::{Mode, Policy, Refusal};
-use crate::session::{Client, Listener, Session, Settings, TlsMode};
+use crate::session::{AuthError, Client, Listener, Session, Settings, TlsMode};
 use crate::spool::Spool;
 
 /// Per-IP and global connection counts and per-second rates.
@@ -35,7 +36,7 @@ pub struct Server {
     pub shared: RwLock<Option<crate::shared::Shared>>,
     pub events: Option<mb_runtime::events::EventSink>,
     /// The mb-filter workers, when filtering is enabled.
-    pub scanner: Option<Arc<dyn crate::scan::Scanner>>,
+    pub scanner: Option<Arc<dyn mb_scan::Scanner>>,
     pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
     pub spool: Arc<Spool>,
@@ -94,9 +95,13 @@ impl Server {
     }
 
     /// Decides whether a new connection may start; `Err` is the 421 to send.
-    fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, String> {
+    fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, Reply> {
         if listener == Listener::Reinject && !ip.is_loopback() {
-            return Err("554 5.7.1 Reinjection is for local clients only".into());
+            return Err(Reply::new(
+                554,
+                EnhancedStatus::new(5, 7, 1),
+                "Reinjection is for local clients only",
+            ));
         }
         let exempt = listener == Listener::Reinject
             || cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip))
@@ -107,7 +112,7 @@ impl Server {
         let mut l = self
             .limits
             .lock()
-            .map_err(|_| "421 4.3.0 Internal error".to_string())?;
+            .map_err(|_| Reply::new(421, EnhancedStatus::new(4, 3, 0), "Internal error"))?;
         let now = self.started.elapsed().as_secs();
         if l.second != now {
             l.second = now;
@@ -117,23 +122,25 @@ impl Server {
         let max_total =
             usize::try_from(cfg.int("network.smtp.max_connections")).unwrap_or(usize::MAX);
         if self.active.load(Ordering::SeqCst) >= max_total {
-            return Err("421 4.7.0 Error: too many connections, try again later".into());
+            return Err(busy("Error: too many connections, try again later".into()));
         }
         l.global_rate += 1;
         if i64::from(l.global_rate) > cfg.int("network.smtp.connection_rate") {
-            return Err("421 4.7.0 Error: too many connections per second, try again later".into());
+            return Err(busy(
+                "Error: too many connections per second, try again later".into(),
+            ));
         }
         if !exempt {
             let per_ip = l.per_ip.get(&ip).copied().unwrap_or(0);
             if i64::try_from(per_ip).unwrap_or(i64::MAX) >= cfg.int("network.smtp.max_per_source") {
-                return Err(format!("421 4.7.0 Error: too many connections from {ip}"));
+                return Err(busy(format!("Error: too many connections from {ip}")));
             }
             let rate = l.ip_rate.entry(ip).or_default();
             *rate += 1;
             if i64::from(*rate) > cfg.int("network.smtp.rate_per_source") {
-                return Err(format!(
-                    "421 4.7.0 Error: too many connections per second from {ip}"
-                ));
+                return Err(busy(format!(
+                    "Error: too many connections per second from {ip}"
+                )));
             }
         }
         *l.per_ip.entry(ip).or_default() += 1;
@@ -225,7 +232,7 @@ impl Server {
                 tracing::info!(client = %ip, listener = kind.name(), "connection refused: {reply}");
                 let _ = tokio::time::timeout(
                     Duration::from_secs(5),
-                    stream.write_all(format!("{reply}\r\n").as_bytes()),
+                    stream.write_all(reply.to_wire().as_bytes()),
                 )
                 .await;
                 return;
@@ -294,7 +301,7 @@ impl Server {
             port: peer.port(),
         };
         tracing::debug!(client = %ip, listener = kind.name(), "connect");
-        let io: Box<dyn crate::conn::Io> = if kind == Listener::Smtps {
+        let io: Box<dyn mb_smtp::conn::Io> = if kind == Listener::Smtps {
             let Some(acceptor) = settings.tls.clone() else {
                 return;
             };
@@ -360,12 +367,12 @@ impl crate::session::Authenticator for RpcdAuth {
         user: &'a str,
         password: &'a str,
         client: IpAddr,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, AuthError>> + Send + 'a>>
     {
         Box::pin(async move {
             let channel = mb_runtime::uds::connect(&self.socket, "mb-rpcd")
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| AuthError::Unreachable(e.to_string()))?;
             let r = mb_proto::v1::users_client::UsersClient::new(channel)
                 .verify(mb_proto::v1::VerifyRequest {
                     username: user.to_string(),
@@ -373,7 +380,7 @@ impl crate::session::Authenticator for RpcdAuth {
                     client_ip: client.to_string(),
                 })
                 .await
-                .map_err(|s| s.message().to_string())?;
+                .map_err(|s| AuthError::Check(s.message().to_string()))?;
             let ok = r.into_inner().ok;
             if ok && let Ok(mut p) = self.protection.lock() {
                 p.authenticated(client);
@@ -471,10 +478,52 @@ pub fn hostname(cfg: &Config) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// Why the TLS settings cannot be used (a bad file at start is exit 64; on reload the
+/// running settings are kept).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "network.tls.ciphers {0:?} names no TLS 1.2 suite this server implements \
+         (ECDHE-ECDSA/RSA with AES128-GCM-SHA256, AES256-GCM-SHA384 or CHACHA20-POLY1305)"
+    )]
+    NoCipher(String),
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("cannot {doing} {}: {cause}", path.display())]
+    File {
+        doing: &'static str,
+        path: std::path::PathBuf,
+        cause: String,
+    },
+    #[error("no certificate in {}", .0.display())]
+    NoCertificate(std::path::PathBuf),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+impl TlsError {
+    fn file(
+        doing: &'static str,
+        path: &std::path::Path,
+        cause: impl std::fmt::Display,
+    ) -> TlsError {
+        TlsError::File {
+            doing,
+            path: path.to_path_buf(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+/// The 421 that refuses a connection over a limit.
+fn busy(text: String) -> Reply {
+    Reply::new(421, EnhancedStatus::new(4, 7, 0), text)
+}
+
 /// The TLS suites allowed by `network.tls.ciphers`, an OpenSSL-style list that restricts
 /// TLS 1.2 (TLS 1.3 suites are always offered, as with OpenSSL). Names the TLS stack does
 /// not implement (CBC, DHE) are skipped; a list that leaves no TLS 1.2 suite is an error.
-pub fn cipher_suites(list: &str) -> Result<Vec<rustls::SupportedCipherSuite>, String> {
+pub fn cipher_suites(list: &str) -> Result<Vec<rustls::SupportedCipherSuite>, TlsError> {
     use rustls::CipherSuite as C;
     let all = rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES;
     if list.trim().is_empty() {
@@ -495,10 +544,7 @@ pub fn cipher_suites(list: &str) -> Result<Vec<rustls::SupportedCipherSuite>, St
         })
         .collect();
     if wanted.is_empty() {
-        return Err(format!(
-            "network.tls.ciphers {list:?} names no TLS 1.2 suite this server implements \
-             (ECDHE-ECDSA/RSA with AES128-GCM-SHA256, AES256-GCM-SHA384 or CHACHA20-POLY1305)"
-        ));
+        return Err(TlsError::NoCipher(list.to_string()));
     }
     Ok(all
         .iter()
@@ -523,7 +569,7 @@ pub fn tls_versions(cfg: &Config) -> Vec<&'static rustls::SupportedProtocolVersi
 
 /// The TLS acceptor from `network.smtp.tls.{cert,key}`; when neither file exists, a
 /// self-signed certificate is generated under `paths.data_dir/tls/` (with a warning).
-pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
+pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, TlsError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     if cfg.text("network.smtp.tls.inbound") == "none" && !cfg.bool("network.smtps.enabled") {
@@ -539,13 +585,11 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
         if !c.exists() || !k.exists() {
             let name = hostname(cfg);
             let generated = rcgen::generate_simple_self_signed(vec![name.clone()])
-                .map_err(|e| format!("cannot generate a self-signed certificate: {e}"))?;
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            std::fs::write(&c, generated.cert.pem())
-                .map_err(|e| format!("cannot write {}: {e}", c.display()))?;
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| TlsError::file("create", &dir, e))?;
+            std::fs::write(&c, generated.cert.pem()).map_err(|e| TlsError::file("write", &c, e))?;
             std::fs::write(&k, generated.signing_key.serialize_pem())
-                .map_err(|e| format!("cannot write {}: {e}", k.display()))?;
+                .map_err(|e| TlsError::file("write", &k, e))?;
         }
         tracing::warn!(
             cert = %c.display(),
@@ -554,23 +598,23 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, String> {
         (cert, key) = (c, k);
     }
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
-        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
+        .map_err(|e| TlsError::file("read", &cert, e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
+        .map_err(|e| TlsError::file("parse the certificates in", &cert, e))?;
     if certs.is_empty() {
-        return Err(format!("no certificate in {}", cert.display()));
+        return Err(TlsError::NoCertificate(cert));
     }
-    let key = PrivateKeyDer::from_pem_file(&key)
-        .map_err(|e| format!("cannot read the key {}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&key).map_err(|e| TlsError::file("read the key", &key, e))?;
     let versions = tls_versions(cfg);
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = cipher_suites(&cfg.text("network.tls.ciphers"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("TLS configuration: {e}"))?
+        .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS configuration: {e}"))?;
+        .map_err(TlsError::Config)?;
     config.ignore_client_order = cfg.bool("network.tls.prefer_server_ciphers");
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }

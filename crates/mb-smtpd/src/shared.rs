@@ -22,6 +22,15 @@ end
 return 0
 ";
 
+/// Why Redis could not answer; mail keeps flowing, counted locally.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error("no answer within 3s")]
+    Timeout,
+}
+
 #[derive(Clone)]
 pub struct Shared {
     conn: ConnectionManager,
@@ -30,8 +39,8 @@ pub struct Shared {
 
 impl Shared {
     /// Connects (with short timeouts: a slow Redis must not hold up mail).
-    pub async fn connect(url: &str) -> Result<Shared, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    pub async fn connect(url: &str) -> Result<Shared, SharedError> {
+        let client = redis::Client::open(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_millis(500)))
@@ -41,8 +50,7 @@ impl Shared {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| "no answer within 3s".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| SharedError::Timeout)??;
         Ok(Shared {
             conn,
             script: redis::Script::new(ADMIT),
@@ -50,7 +58,7 @@ impl Shared {
     }
 
     /// Counts a connection from `ip` against the shared rate; `Err` when Redis failed.
-    pub async fn admit(&self, p: &Policy, ip: IpAddr) -> Result<Option<Refusal>, String> {
+    pub async fn admit(&self, p: &Policy, ip: IpAddr) -> Result<Option<Refusal>, SharedError> {
         let window = p.window.as_secs().max(1);
         let slot = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -65,8 +73,7 @@ impl Shared {
             .arg(p.ban_for.as_secs().max(1))
             .arg(format!("more than {} connections in {window}s", p.rate))
             .invoke_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(match r {
             1 => Some(Refusal::NewBan),
             2 => Some(Refusal::Banned),

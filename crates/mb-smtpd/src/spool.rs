@@ -7,115 +7,57 @@
 //! `corrupt/`, never delivered. A crash before the rename leaves only `tmp/`, which is
 //! emptied at start (the client never got a 250 for it).
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use mb_core::envelope::{Envelope, Recipient};
+
 /// The last bytes of every complete spool file.
 pub const MAGIC: &[u8; 8] = b"MBQ1END\n";
 
-/// What is kept with each message for delivery.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Envelope {
-    pub id: String,
-    pub received_at: u64,
-    pub client_ip: String,
-    pub client_name: String,
-    pub helo: String,
-    pub protocol: String,
-    pub tls: String,
-    pub auth_user: String,
-    /// Empty for the null sender.
-    pub sender: String,
-    pub recipients: Vec<Recipient>,
-    pub body: String,
-    pub smtputf8: bool,
-    pub ret: String,
-    pub envid: String,
-    /// The listener it came in on (`smtp`, `submission`, `smtps`, `reinject`).
-    pub listener: String,
-    /// Header fields the filter's verdict adds at delivery (name, value), and the names
-    /// of fields it removes; the message file itself is never rewritten.
-    pub add_headers: Vec<(String, String)>,
-    pub remove_headers: Vec<String>,
+/// The queues an administrator sees, one directory each under the spool root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    /// Committed, not yet tried (or requeued, or released from hold).
+    Incoming,
+    /// Tried, with recipients waiting for their next attempt.
+    Deferred,
+    /// Kept back by an administrator: never delivered until released.
+    Hold,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Recipient {
-    pub address: String,
-    pub notify: String,
-    pub orcpt: String,
-}
+impl Queue {
+    /// Every queue, in the order `Spool::counts` reports them.
+    pub const ALL: [Queue; 3] = [Queue::Incoming, Queue::Deferred, Queue::Hold];
 
-impl Envelope {
-    pub fn to_json(&self) -> String {
-        let rcpts: Vec<serde_json::Value> = self
-            .recipients
-            .iter()
-            .map(
-                |r| serde_json::json!({"address": r.address, "notify": r.notify, "orcpt": r.orcpt}),
-            )
-            .collect();
-        serde_json::json!({
-            "id": self.id, "received_at": self.received_at, "client_ip": self.client_ip,
-            "client_name": self.client_name, "helo": self.helo, "protocol": self.protocol,
-            "tls": self.tls, "auth_user": self.auth_user, "sender": self.sender,
-            "recipients": rcpts, "body": self.body, "smtputf8": self.smtputf8, "ret": self.ret,
-            "envid": self.envid, "listener": self.listener,
-            "add_headers": self.add_headers, "remove_headers": self.remove_headers,
-        })
-        .to_string()
+    /// The queue's name: its directory under the spool root, and its name in the
+    /// `Queue` service and `mb-queue`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Queue::Incoming => "incoming",
+            Queue::Deferred => "deferred",
+            Queue::Hold => "hold",
+        }
     }
 
-    pub fn from_json(text: &str) -> Option<Envelope> {
-        let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        Some(Envelope {
-            id: s("id"),
-            received_at: v["received_at"].as_u64().unwrap_or(0),
-            client_ip: s("client_ip"),
-            client_name: s("client_name"),
-            helo: s("helo"),
-            protocol: s("protocol"),
-            tls: s("tls"),
-            auth_user: s("auth_user"),
-            sender: s("sender"),
-            recipients: v["recipients"]
-                .as_array()?
-                .iter()
-                .map(|r| Recipient {
-                    address: r["address"].as_str().unwrap_or_default().into(),
-                    notify: r["notify"].as_str().unwrap_or_default().into(),
-                    orcpt: r["orcpt"].as_str().unwrap_or_default().into(),
-                })
-                .collect(),
-            body: s("body"),
-            smtputf8: v["smtputf8"].as_bool().unwrap_or(false),
-            ret: s("ret"),
-            envid: s("envid"),
-            listener: s("listener"),
-            add_headers: v["add_headers"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| {
-                            Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-            remove_headers: v["remove_headers"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|n| n.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+    /// The queue with this name, if there is one.
+    pub fn from_name(name: &str) -> Option<Queue> {
+        Queue::ALL.into_iter().find(|q| q.as_str() == name)
     }
 }
+
+impl fmt::Display for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Spool directories that are not queues: messages being received, torn files found at
+/// start, and delivery states.
+const WORK_DIRS: [&str; 3] = ["tmp", "corrupt", "state"];
 
 pub struct Spool {
     root: PathBuf,
@@ -183,7 +125,7 @@ impl Spool {
     /// Opens the spool under `root`, creating its directories, and recovers from a crash:
     /// unfinished files in `tmp/` are removed, torn files in `incoming/` are moved aside.
     pub fn open(root: &Path) -> io::Result<(Spool, Recovery)> {
-        for sub in ["tmp", "incoming", "deferred", "hold", "corrupt", "state"] {
+        for sub in Queue::ALL.map(Queue::as_str).into_iter().chain(WORK_DIRS) {
             std::fs::create_dir_all(root.join(sub))?;
         }
         let mut rec = Recovery::default();
@@ -191,7 +133,7 @@ impl Spool {
             std::fs::remove_file(entry?.path())?;
             rec.unfinished += 1;
         }
-        for entry in std::fs::read_dir(root.join("incoming"))? {
+        for entry in std::fs::read_dir(root.join(Queue::Incoming.as_str()))? {
             let path = entry?.path();
             if read_message(&path).is_ok() {
                 rec.complete += 1;
@@ -233,7 +175,11 @@ impl Spool {
     }
 
     pub fn incoming(&self) -> PathBuf {
-        self.root.join("incoming")
+        self.dir(Queue::Incoming)
+    }
+
+    fn dir(&self, queue: Queue) -> PathBuf {
+        self.root.join(queue.as_str())
     }
 
     /// Starts writing a message. Nothing touches the disk until the message outgrows
@@ -428,11 +374,56 @@ pub struct DeliveryState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecipientStatus {
     pub address: String,
-    /// queued, deferred, delivered or bounced.
-    pub state: String,
+    pub state: RecipientState,
     pub last_error: String,
     /// The host that answered last, as `name[ip]:port`.
     pub remote: String,
+}
+
+/// Where one recipient of a queued message stands. Stored as its lowercase name
+/// (`"state":"deferred"`), the format `state/ID` files have always had.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientState {
+    /// Tried; waiting for the next attempt.
+    Deferred,
+    /// Accepted by the next hop: final.
+    Delivered,
+    /// Failed permanently, and the sender told: final.
+    Bounced,
+    /// Not tried yet (new, or requeued).
+    #[default]
+    // A name this version does not know (a hand-edited file) reads as "not tried yet":
+    // the recipient is tried again, where refusing the whole file would start the
+    // message over and send its delivered recipients a second copy. (serde wants this
+    // fallback to be the last variant.)
+    #[serde(other)]
+    Queued,
+}
+
+impl RecipientState {
+    /// The lowercase name, as stored and as the `Queue` service and message log show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientState::Queued => "queued",
+            RecipientState::Deferred => "deferred",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Bounced => "bounced",
+        }
+    }
+
+    /// Delivered or bounced: nothing more will be done for the recipient.
+    pub fn is_final(self) -> bool {
+        matches!(self, RecipientState::Delivered | RecipientState::Bounced)
+    }
+}
+
+impl fmt::Display for RecipientState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Lines of delivery history kept per message.
@@ -446,7 +437,7 @@ impl DeliveryState {
                 .iter()
                 .map(|r| RecipientStatus {
                     address: r.address.clone(),
-                    state: "queued".into(),
+                    state: RecipientState::Queued,
                     ..Default::default()
                 })
                 .collect(),
@@ -455,9 +446,7 @@ impl DeliveryState {
     }
 
     pub fn settled(&self) -> bool {
-        self.recipients
-            .iter()
-            .all(|r| r.state == "delivered" || r.state == "bounced")
+        self.recipients.iter().all(|r| r.state.is_final())
     }
 
     pub fn note(&mut self, line: String) {
@@ -531,9 +520,6 @@ impl Spool {
     }
 }
 
-/// The queues an administrator sees.
-pub const QUEUES: [&str; 3] = ["incoming", "deferred", "hold"];
-
 /// A queue id as `new_id` makes them: hex digits only, so it is safe as a file name.
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
@@ -541,8 +527,8 @@ pub fn valid_id(id: &str) -> bool {
 
 impl Spool {
     /// The ids in a queue, oldest first.
-    pub fn ids(&self, queue: &str) -> io::Result<Vec<String>> {
-        let mut ids: Vec<String> = std::fs::read_dir(self.root.join(queue))?
+    pub fn ids(&self, queue: Queue) -> io::Result<Vec<String>> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.dir(queue))?
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| valid_id(n))
@@ -552,28 +538,28 @@ impl Spool {
     }
 
     /// Which queue holds `id`, if any.
-    pub fn locate(&self, id: &str) -> Option<(&'static str, PathBuf)> {
+    pub fn locate(&self, id: &str) -> Option<(Queue, PathBuf)> {
         if !valid_id(id) {
             return None;
         }
-        QUEUES
-            .iter()
-            .map(|q| (*q, self.root.join(q).join(id)))
+        Queue::ALL
+            .into_iter()
+            .map(|q| (q, self.dir(q).join(id)))
             .find(|(_, p)| p.exists())
     }
 
     /// Moves a message between queues durably (rename, then both directories fsynced).
-    pub fn move_to(&self, id: &str, to: &str) -> io::Result<()> {
+    pub fn move_to(&self, id: &str, to: Queue) -> io::Result<()> {
         let (from, path) = self
             .locate(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
         if from == to {
             return Ok(());
         }
-        let target = self.root.join(to).join(id);
+        let target = self.dir(to).join(id);
         std::fs::rename(&path, &target)?;
-        std::fs::File::open(self.root.join(to))?.sync_all()?;
-        std::fs::File::open(self.root.join(from))?.sync_all()
+        std::fs::File::open(self.dir(to))?.sync_all()?;
+        std::fs::File::open(self.dir(from))?.sync_all()
     }
 
     /// Deletes a message; the directory is fsynced so it stays deleted.
@@ -583,14 +569,14 @@ impl Spool {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
         std::fs::remove_file(path)?;
         self.remove_state(id);
-        std::fs::File::open(self.root.join(queue))?.sync_all()
+        std::fs::File::open(self.dir(queue))?.sync_all()
     }
 
     /// Messages per queue and the age in seconds of the oldest one.
     pub fn counts(&self) -> ([usize; 3], u64) {
         let mut counts = [0; 3];
         let mut oldest: Option<String> = None;
-        for (i, q) in QUEUES.iter().enumerate() {
+        for (i, q) in Queue::ALL.into_iter().enumerate() {
             let ids = self.ids(q).unwrap_or_default();
             counts[i] = ids.len();
             if let Some(first) = ids.first()
@@ -634,7 +620,7 @@ pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
     }
     let env_start = len_at - env_len;
     let env = std::str::from_utf8(&data[env_start..len_at]).map_err(|_| torn())?;
-    let envelope = Envelope::from_json(env).ok_or_else(torn)?;
+    let envelope = Envelope::from_json(env).map_err(|_| torn())?;
     Ok((data[..env_start].to_vec(), envelope))
 }
 
@@ -691,6 +677,78 @@ mod tests {
         drop(st);
         // A directory that cannot be opened is an error for the caller, not a hang.
         assert!(g.sync(&dir.path().join("missing")).is_err());
+    }
+
+    /// A `state/ID` file exactly as earlier versions wrote it (serde_json, compact,
+    /// fields in declaration order, states as lowercase strings).
+    const STATE_FILE: &str = concat!(
+        r#"{"attempts":2,"next_attempt":1767225600,"delay_warned":true,"recipients":["#,
+        r#"{"address":"a@served.example","state":"delivered","last_error":"","remote":"mx.served.example[192.0.2.1]:25"},"#,
+        r#"{"address":"b@served.example","state":"bounced","last_error":"550 5.1.1 no such user","remote":"mx.served.example[192.0.2.1]:25"},"#,
+        r#"{"address":"c@served.example","state":"deferred","last_error":"451 4.2.0 try later","remote":"mx.served.example[192.0.2.1]:25"},"#,
+        r#"{"address":"d@served.example","state":"queued","last_error":"","remote":""}],"#,
+        r#""history":["2026-01-01 00:00:00 <a@served.example> delivered via mx.served.example[192.0.2.1]:25: 250 2.0.0 ok"]}"#
+    );
+
+    #[test]
+    fn state_files_in_the_existing_format_read_and_write_back_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let id = "18F0A1B2C3D4E5";
+        let env = Envelope {
+            id: id.into(),
+            recipients: ["a", "b", "c", "d"]
+                .map(|l| Recipient {
+                    address: format!("{l}@served.example"),
+                    ..Default::default()
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        std::fs::write(dir.path().join("state").join(id), STATE_FILE).unwrap();
+        let st = spool.load_state(&env);
+        let states: Vec<RecipientState> = st.recipients.iter().map(|r| r.state).collect();
+        assert_eq!(
+            states,
+            [
+                RecipientState::Delivered,
+                RecipientState::Bounced,
+                RecipientState::Deferred,
+                RecipientState::Queued
+            ]
+        );
+        assert_eq!(
+            (st.attempts, st.next_attempt, st.delay_warned),
+            (2, 1767225600, true)
+        );
+        assert_eq!(st.recipients[1].last_error, "550 5.1.1 no such user");
+        assert_eq!(st.history.len(), 1);
+        assert!(!st.settled());
+
+        spool.save_state(id, &st).unwrap();
+        let written = std::fs::read_to_string(dir.path().join("state").join(id)).unwrap();
+        assert_eq!(written, STATE_FILE);
+
+        // A state name this version does not know retries the recipient; the rest of
+        // the file (a delivered recipient) still counts.
+        let odd = STATE_FILE.replacen(r#""state":"deferred""#, r#""state":"parked""#, 1);
+        std::fs::write(dir.path().join("state").join(id), odd).unwrap();
+        let st = spool.load_state(&env);
+        assert_eq!(st.recipients[0].state, RecipientState::Delivered);
+        assert_eq!(st.recipients[2].state, RecipientState::Queued);
+    }
+
+    #[test]
+    fn queues_are_named_by_their_directories() {
+        let names: Vec<&str> = Queue::ALL.map(Queue::as_str).to_vec();
+        assert_eq!(names, ["incoming", "deferred", "hold"]);
+        for q in Queue::ALL {
+            assert_eq!(Queue::from_name(q.as_str()), Some(q));
+            assert_eq!(q.to_string(), q.as_str());
+        }
+        assert_eq!(Queue::from_name("corrupt"), None);
+        assert_eq!(Queue::from_name("Hold"), None);
+        assert_eq!(Queue::from_name("../hold"), None);
     }
 
     #[tokio::test]
@@ -754,11 +812,15 @@ mod tests {
         assert!(dir.join("corrupt/TORN").exists());
         // Queue operations: hold, release, delete; ids that could be paths are refused.
         let (spool, _) = Spool::open(&dir).unwrap();
-        assert_eq!(spool.locate(&id).unwrap().0, "incoming");
-        spool.move_to(&id, "hold").unwrap();
-        assert_eq!(spool.locate(&id).unwrap().0, "hold");
+        assert_eq!(spool.locate(&id).unwrap().0, Queue::Incoming);
+        spool.move_to(&id, Queue::Hold).unwrap();
+        assert_eq!(spool.locate(&id).unwrap().0, Queue::Hold);
+        assert!(
+            dir.join("hold").join(&id).exists(),
+            "the queue is its directory"
+        );
         assert_eq!(spool.counts().0, [0, 0, 1]);
-        spool.move_to(&id, "incoming").unwrap();
+        spool.move_to(&id, Queue::Incoming).unwrap();
         assert!(spool.locate("../incoming/x").is_none());
         assert!(spool.delete("../../etc/passwd").is_err());
         spool.delete(&id).unwrap();

@@ -8,6 +8,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
 
+use mb_core::EnhancedStatus;
+use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
+
 use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
 use crate::spool::{Spool, read_message};
 
@@ -44,11 +47,14 @@ impl crate::session::Authenticator for Table {
         user: &'a str,
         password: &'a str,
         _client: IpAddr,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<bool, crate::session::AuthError>> + Send + 'a>,
+    > {
         Box::pin(async move {
             if user == "down" {
-                return Err("mb-rpcd is not running".into());
+                return Err(crate::session::AuthError::Unreachable(
+                    "mb-rpcd is not running".into(),
+                ));
             }
             if user == "slow" {
                 std::future::pending::<()>().await;
@@ -850,7 +856,7 @@ fn cipher_lists_restrict_tls12_only() {
         "TLS 1.3 suites must stay"
     );
     let err = cipher_suites("DHE-RSA-AES128-GCM-SHA256").unwrap_err();
-    assert!(err.contains("names no TLS 1.2 suite"), "{err}");
+    assert!(err.to_string().contains("names no TLS 1.2 suite"), "{err}");
 }
 
 #[tokio::test]
@@ -993,48 +999,39 @@ async fn a_looping_message_is_refused_by_its_hop_count() {
 struct Verdicts;
 
 #[tonic::async_trait]
-impl crate::scan::Scanner for Verdicts {
+impl mb_scan::Scanner for Verdicts {
     async fn scan(
         &self,
-        envelope: mb_proto::v1::ScanEnvelope,
-        message: crate::scan::Body,
-    ) -> Result<mb_proto::v1::ScanVerdict, String> {
+        request: &ScanRequest,
+        message: mb_scan::Body,
+    ) -> Result<Verdict, mb_scan::ScanError> {
         let message = message.read_all().unwrap();
         let text = String::from_utf8_lossy(&message);
         assert!(
             text.starts_with("Received: "),
             "the scanner sees our Received first"
         );
-        assert_eq!(envelope.direction, "inbound");
-        let v = |action: &str, code, status: &str, t: &str| mb_proto::v1::ScanVerdict {
-            action: action.into(),
-            smtp_code: code,
-            smtp_status: status.into(),
-            smtp_text: t.into(),
-            ..Default::default()
-        };
+        assert_eq!(request.direction, Direction::Inbound);
         if text.contains("Subject: virus") {
-            Ok(v(
-                "reject",
+            Ok(Verdict::refuse(
+                Action::Reject,
                 554,
-                "5.7.1",
+                EnhancedStatus::new(5, 7, 1),
                 "Message refused: virus found (EICAR)",
             ))
         } else if text.contains("Subject: later") {
-            Ok(v(
-                "tempfail",
+            Ok(Verdict::refuse(
+                Action::Tempfail,
                 451,
-                "4.7.1",
+                EnhancedStatus::new(4, 7, 1),
                 "Virus scanner unavailable, try again later",
             ))
         } else if text.contains("Subject: gone") {
-            Err("no mb-filter worker answered".into())
+            Err(mb_scan::ScanError::NoWorkers)
         } else {
-            let mut ok = v("accept", 0, "", "");
-            ok.add_headers.push(mb_proto::v1::ScanHeader {
-                name: "X-Spam-Status".into(),
-                value: "No, score=0.0".into(),
-            });
+            let mut ok = Verdict::accept();
+            ok.add_headers
+                .push(("X-Spam-Status".into(), "No, score=0.0".into()));
             ok.remove_headers.push("X-Spam".into());
             Ok(ok)
         }

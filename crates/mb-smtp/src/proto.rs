@@ -6,54 +6,7 @@
 
 use std::fmt;
 
-/// A reply: code, enhanced status code, text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub status: &'static str,
-    pub text: String,
-}
-
-impl Reply {
-    pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            status,
-            text: text.into(),
-        }
-    }
-
-    /// The wire form, one or more lines each ending in CRLF.
-    pub fn to_wire(&self) -> String {
-        let lines: Vec<&str> = self.text.split('\n').collect();
-        let mut out = String::new();
-        for (i, line) in lines.iter().enumerate() {
-            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            if self.status.is_empty() {
-                out.push_str(&format!("{}{sep}{line}\r\n", self.code));
-            } else {
-                out.push_str(&format!("{}{sep}{} {line}\r\n", self.code, self.status));
-            }
-        }
-        out
-    }
-
-    pub fn is_error(&self) -> bool {
-        self.code >= 400
-    }
-}
-
-impl fmt::Display for Reply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {} {}",
-            self.code,
-            self.status,
-            self.text.replace('\n', " / ")
-        )
-    }
-}
+pub use crate::reply::{EnhancedStatus, Reply};
 
 /// A mailbox `local@domain`, checked. The domain is lowercase ASCII (or UTF-8 when the
 /// client used SMTPUTF8); the local part keeps its case.
@@ -95,6 +48,12 @@ pub struct Params {
 pub enum Command {
     Ehlo(String),
     Helo(String),
+    /// LMTP's greeting (RFC 2033); only the content filter's listener speaks LMTP.
+    Lhlo(String),
+    /// Postfix's XFORWARD: attribute names upper case, values xtext-decoded, and empty
+    /// where Postfix says `[UNAVAILABLE]` or `[TEMPUNAVAIL]`. Only trusted listeners
+    /// accept it.
+    Xforward(Vec<(String, String)>),
     /// `None` is the null reverse path `<>`.
     Mail(Option<Mailbox>, Params),
     Rcpt(Mailbox, Params),
@@ -117,7 +76,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError(pub Reply);
 
-fn syntax(status: &'static str, text: impl Into<String>) -> ParseError {
+fn syntax(status: EnhancedStatus, text: impl Into<String>) -> ParseError {
     ParseError(Reply::new(501, status, text))
 }
 
@@ -132,21 +91,21 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     if line.contains(&0) {
         return Err(ParseError(Reply::new(
             500,
-            "5.5.2",
+            EnhancedStatus::new(5, 5, 2),
             "Error: NUL byte in command",
         )));
     }
     let Ok(line) = std::str::from_utf8(line) else {
         return Err(ParseError(Reply::new(
             500,
-            "5.5.2",
+            EnhancedStatus::new(5, 5, 2),
             "Error: command is not valid UTF-8",
         )));
     };
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err(ParseError(Reply::new(
             500,
-            "5.5.2",
+            EnhancedStatus::new(5, 5, 2),
             "Error: control character in command",
         )));
     }
@@ -160,30 +119,37 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         if arg.is_empty() {
             Ok(c)
         } else {
-            Err(syntax("5.5.4", format!("Syntax: {verb} takes no argument")))
+            Err(syntax(
+                EnhancedStatus::new(5, 5, 4),
+                format!("Syntax: {verb} takes no argument"),
+            ))
         }
     };
     match verb.as_str() {
-        "EHLO" | "HELO" => {
+        "EHLO" | "HELO" | "LHLO" => {
             if arg.is_empty() {
-                return Err(syntax("5.5.4", format!("Syntax: {verb} hostname")));
+                return Err(syntax(
+                    EnhancedStatus::new(5, 5, 4),
+                    format!("Syntax: {verb} hostname"),
+                ));
             }
             let name = arg.split_whitespace().next().unwrap_or(arg);
             if !valid_helo(name) {
                 return Err(syntax(
-                    "5.5.2",
+                    EnhancedStatus::new(5, 5, 2),
                     format!("Syntax: {verb}: invalid hostname {name:?}"),
                 ));
             }
-            Ok(if verb == "EHLO" {
-                Command::Ehlo(name.into())
-            } else {
-                Command::Helo(name.into())
+            Ok(match verb.as_str() {
+                "EHLO" => Command::Ehlo(name.into()),
+                "LHLO" => Command::Lhlo(name.into()),
+                _ => Command::Helo(name.into()),
             })
         }
         "MAIL" => {
-            let rest = strip_keyword(rest, "FROM:")
-                .ok_or_else(|| syntax("5.5.4", "Syntax: MAIL FROM:<address>"))?;
+            let rest = strip_keyword(rest, "FROM:").ok_or_else(|| {
+                syntax(EnhancedStatus::new(5, 5, 4), "Syntax: MAIL FROM:<address>")
+            })?;
             let (path, params) = split_path(rest)?;
             let params = parse_params(params, true)?;
             if path == "<>" {
@@ -196,7 +162,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         }
         "RCPT" => {
             let rest = strip_keyword(rest, "TO:")
-                .ok_or_else(|| syntax("5.5.4", "Syntax: RCPT TO:<address>"))?;
+                .ok_or_else(|| syntax(EnhancedStatus::new(5, 5, 4), "Syntax: RCPT TO:<address>"))?;
             let (path, params) = split_path(rest)?;
             let params = parse_params(params, false)?;
             // Only here do we know nothing of SMTPUTF8; the session checks it against MAIL.
@@ -217,17 +183,26 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
                 .next()
                 .filter(|w| !w.is_empty() && w.len() <= 19 && w.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|w| w.parse::<u64>().ok())
-                .ok_or_else(|| syntax("5.5.4", "Syntax: BDAT size [LAST]"))?;
+                .ok_or_else(|| syntax(EnhancedStatus::new(5, 5, 4), "Syntax: BDAT size [LAST]"))?;
             let last = match words.next() {
                 None => false,
                 Some(w) if w.eq_ignore_ascii_case("LAST") => true,
-                Some(_) => return Err(syntax("5.5.4", "Syntax: BDAT size [LAST]")),
+                Some(_) => {
+                    return Err(syntax(
+                        EnhancedStatus::new(5, 5, 4),
+                        "Syntax: BDAT size [LAST]",
+                    ));
+                }
             };
             if words.next().is_some() {
-                return Err(syntax("5.5.4", "Syntax: BDAT size [LAST]"));
+                return Err(syntax(
+                    EnhancedStatus::new(5, 5, 4),
+                    "Syntax: BDAT size [LAST]",
+                ));
             }
             Ok(Command::Bdat { size, last })
         }
+        "XFORWARD" => parse_xforward(arg),
         "RSET" => no_arg(Command::Rset),
         // NOOP may carry an argument, which is ignored (RFC 5321 §4.1.1.9).
         "NOOP" => Ok(Command::Noop),
@@ -235,16 +210,75 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "HELP" => Ok(Command::Help),
         "VRFY" if !arg.is_empty() => Ok(Command::Vrfy(arg.into())),
         "EXPN" if !arg.is_empty() => Ok(Command::Expn(arg.into())),
-        "VRFY" | "EXPN" => Err(syntax("5.5.4", format!("Syntax: {verb} address"))),
+        "VRFY" | "EXPN" => Err(syntax(
+            EnhancedStatus::new(5, 5, 4),
+            format!("Syntax: {verb} address"),
+        )),
         "STARTTLS" => no_arg(Command::StartTls),
         "AUTH" if !arg.is_empty() => Ok(Command::Auth(arg.into())),
-        "AUTH" => Err(syntax("5.5.4", "Syntax: AUTH mechanism [initial-response]")),
+        "AUTH" => Err(syntax(
+            EnhancedStatus::new(5, 5, 4),
+            "Syntax: AUTH mechanism [initial-response]",
+        )),
         _ => Err(ParseError(Reply::new(
             502,
-            "5.5.2",
+            EnhancedStatus::new(5, 5, 2),
             "Error: command not recognized",
         ))),
     }
+}
+
+/// `XFORWARD NAME=value ADDR=value ...` (Postfix's XFORWARD_README).
+fn parse_xforward(arg: &str) -> Result<Command, ParseError> {
+    let mut attrs = Vec::new();
+    for attr in arg.split_ascii_whitespace() {
+        let (name, value) = attr
+            .split_once('=')
+            .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphabetic()))
+            .ok_or_else(|| {
+                syntax(
+                    EnhancedStatus::new(5, 5, 4),
+                    "Syntax: XFORWARD attribute=value ...",
+                )
+            })?;
+        let value = xtext_decode(value);
+        let value = if value == "[UNAVAILABLE]" || value == "[TEMPUNAVAIL]" {
+            String::new()
+        } else {
+            value
+        };
+        attrs.push((name.to_ascii_uppercase(), value));
+    }
+    if attrs.is_empty() {
+        return Err(syntax(
+            EnhancedStatus::new(5, 5, 4),
+            "Syntax: XFORWARD attribute=value ...",
+        ));
+    }
+    Ok(Command::Xforward(attrs))
+}
+
+/// Decodes xtext (RFC 3461 §4): `+XX` is the byte XX in hex; a `+` not followed by two
+/// hex digits stays as it is. Bytes that do not form UTF-8 become U+FFFD.
+pub fn xtext_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+'
+            && let Some(n) = v
+                .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(n);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn strip_keyword<'a>(rest: &'a str, kw: &str) -> Option<&'a str> {
@@ -258,7 +292,7 @@ fn strip_keyword<'a>(rest: &'a str, kw: &str) -> Option<&'a str> {
 fn split_path(rest: &str) -> Result<(&str, &str), ParseError> {
     if !rest.starts_with('<') {
         return Err(syntax(
-            "5.5.2",
+            EnhancedStatus::new(5, 5, 2),
             "Syntax: the address must be in angle brackets: <user@domain>",
         ));
     }
@@ -273,14 +307,17 @@ fn split_path(rest: &str) -> Result<(&str, &str), ParseError> {
             '>' if !quoted => {
                 let after = &rest[i + 1..];
                 if !after.is_empty() && !after.starts_with(' ') {
-                    return Err(syntax("5.5.2", "Syntax: garbage after the address"));
+                    return Err(syntax(
+                        EnhancedStatus::new(5, 5, 2),
+                        "Syntax: garbage after the address",
+                    ));
                 }
                 return Ok((&rest[..=i], after.trim()));
             }
             _ => {}
         }
     }
-    Err(syntax("5.5.2", "Syntax: missing '>'"))
+    Err(syntax(EnhancedStatus::new(5, 5, 2), "Syntax: missing '>'"))
 }
 
 /// Parses `<local@domain>` and refuses every routing trick.
@@ -288,26 +325,29 @@ pub fn parse_path(path: &str, utf8: bool) -> Result<Mailbox, ParseError> {
     let inner = path
         .strip_prefix('<')
         .and_then(|p| p.strip_suffix('>'))
-        .ok_or_else(|| syntax("5.1.3", "Bad address syntax"))?;
+        .ok_or_else(|| syntax(EnhancedStatus::new(5, 1, 3), "Bad address syntax"))?;
     if inner.is_empty() {
-        return Err(syntax("5.1.3", "Bad address syntax: empty address"));
+        return Err(syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: empty address",
+        ));
     }
     if inner.starts_with('@') {
         return Err(syntax(
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Bad address syntax: source routes are not accepted",
         ));
     }
     if inner.len() > 254 {
         return Err(syntax(
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Bad address syntax: address longer than 254 characters",
         ));
     }
     if !utf8 && !inner.is_ascii() {
         return Err(ParseError(Reply::new(
             553,
-            "5.6.7",
+            EnhancedStatus::new(5, 6, 7),
             "Non-ASCII address without SMTPUTF8",
         )));
     }
@@ -334,7 +374,7 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
                     let after = &addr[end..];
                     let domain = after.strip_prefix('@').ok_or_else(|| {
                         syntax(
-                            "5.1.3",
+                            EnhancedStatus::new(5, 1, 3),
                             "Bad address syntax: expected @ after the quoted local part",
                         )
                     })?;
@@ -343,14 +383,23 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
                 _ => {}
             }
         }
-        return Err(syntax("5.1.3", "Bad address syntax: unterminated quote"));
+        return Err(syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: unterminated quote",
+        ));
     }
-    let at = addr
-        .find('@')
-        .ok_or_else(|| syntax("5.1.3", "Bad address syntax: no domain (use user@domain)"))?;
+    let at = addr.find('@').ok_or_else(|| {
+        syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: no domain (use user@domain)",
+        )
+    })?;
     let (local, domain) = (&addr[..at], &addr[at + 1..]);
     if domain.contains('@') {
-        return Err(syntax("5.1.3", "Bad address syntax: more than one @"));
+        return Err(syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: more than one @",
+        ));
     }
     Ok((local, domain))
 }
@@ -358,7 +407,7 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
 fn validate_local(local: &str) -> Result<(), ParseError> {
     if local.is_empty() || local.len() > 64 {
         return Err(syntax(
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Bad address syntax: the local part must be 1 to 64 characters",
         ));
     }
@@ -367,25 +416,28 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
         if q.contains(['@', '%', '!']) {
             return Err(ParseError(Reply::new(
                 553,
-                "5.1.3",
+                EnhancedStatus::new(5, 1, 3),
                 "Quoted local part with routing characters refused",
             )));
         }
         if q.chars().any(|c| c.is_control()) {
-            return Err(syntax("5.1.3", "Bad address syntax: control character"));
+            return Err(syntax(
+                EnhancedStatus::new(5, 1, 3),
+                "Bad address syntax: control character",
+            ));
         }
         return Ok(());
     }
     if local.contains(['%', '!']) {
         return Err(ParseError(Reply::new(
             553,
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Routing characters (% !) in the address refused",
         )));
     }
     if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return Err(syntax(
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Bad address syntax: misplaced dot in the local part",
         ));
     }
@@ -396,7 +448,7 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
     });
     if !ok {
         return Err(syntax(
-            "5.1.3",
+            EnhancedStatus::new(5, 1, 3),
             "Bad address syntax: invalid character in the local part",
         ));
     }
@@ -406,12 +458,15 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
 /// A domain or address literal, lowercased. Trailing dots and empty labels are refused.
 fn parse_domain(d: &str) -> Result<String, ParseError> {
     if d.is_empty() {
-        return Err(syntax("5.1.3", "Bad address syntax: empty domain"));
+        return Err(syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: empty domain",
+        ));
     }
     if let Some(lit) = d.strip_prefix('[') {
         let lit = lit
             .strip_suffix(']')
-            .ok_or_else(|| syntax("5.1.3", "Bad address literal"))?;
+            .ok_or_else(|| syntax(EnhancedStatus::new(5, 1, 3), "Bad address literal"))?;
         let ok = match lit
             .strip_prefix("IPv6:")
             .or_else(|| lit.strip_prefix("ipv6:"))
@@ -420,7 +475,7 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
             None => lit.parse::<std::net::Ipv4Addr>().is_ok(),
         };
         if !ok {
-            return Err(syntax("5.1.3", "Bad address literal"));
+            return Err(syntax(EnhancedStatus::new(5, 1, 3), "Bad address literal"));
         }
         return Ok(format!(
             "[{}]",
@@ -428,7 +483,10 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
         ));
     }
     if d.len() > 253 {
-        return Err(syntax("5.1.3", "Bad address syntax: domain too long"));
+        return Err(syntax(
+            EnhancedStatus::new(5, 1, 3),
+            "Bad address syntax: domain too long",
+        ));
     }
     for label in d.split('.') {
         let ok = !label.is_empty()
@@ -440,7 +498,7 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
             });
         if !ok {
             return Err(syntax(
-                "5.1.3",
+                EnhancedStatus::new(5, 1, 3),
                 format!("Bad address syntax: invalid domain {d:?}"),
             ));
         }
@@ -466,7 +524,13 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
             Some((k, v)) => (k.to_ascii_uppercase(), Some(v)),
             None => (word.to_ascii_uppercase(), None),
         };
-        let bad = || ParseError(Reply::new(501, "5.5.4", format!("Bad parameter {word:?}")));
+        let bad = || {
+            ParseError(Reply::new(
+                501,
+                EnhancedStatus::new(5, 5, 4),
+                format!("Bad parameter {word:?}"),
+            ))
+        };
         match (mail, k.as_str(), v) {
             (true, "SIZE", Some(v)) => {
                 if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
@@ -479,7 +543,7 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
                 if v != "7BIT" && v != "8BITMIME" {
                     return Err(ParseError(Reply::new(
                         555,
-                        "5.5.4",
+                        EnhancedStatus::new(5, 5, 4),
                         format!("Unsupported BODY={v}"),
                     )));
                 }
@@ -511,7 +575,7 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
             _ => {
                 return Err(ParseError(Reply::new(
                     555,
-                    "5.5.4",
+                    EnhancedStatus::new(5, 5, 4),
                     format!("Unsupported parameter {word:?}"),
                 )));
             }
@@ -682,7 +746,41 @@ mod tests {
 
     #[test]
     fn replies_on_the_wire() {
-        assert_eq!(Reply::new(250, "2.1.0", "Ok").to_wire(), "250 2.1.0 Ok\r\n");
-        assert_eq!(Reply::new(250, "", "a\nb").to_wire(), "250-a\r\n250 b\r\n");
+        assert_eq!(
+            Reply::new(250, EnhancedStatus::new(2, 1, 0), "Ok").to_wire(),
+            "250 2.1.0 Ok\r\n"
+        );
+        assert_eq!(Reply::bare(250, "a\nb").to_wire(), "250-a\r\n250 b\r\n");
+    }
+
+    #[test]
+    fn lmtp_greeting_and_xforward() {
+        assert_eq!(ok("LHLO mx.example"), Command::Lhlo("mx.example".into()));
+        assert_eq!(
+            ok("XFORWARD NAME=mx.sender.example ADDR=IPV6:2001:db8::1 HELO=[UNAVAILABLE]"),
+            Command::Xforward(vec![
+                ("NAME".into(), "mx.sender.example".into()),
+                ("ADDR".into(), "IPV6:2001:db8::1".into()),
+                ("HELO".into(), String::new()),
+            ])
+        );
+        assert_eq!(
+            ok("xforward ident=AB+2BC+3d"),
+            Command::Xforward(vec![("IDENT".into(), "AB+C=".into())])
+        );
+        // A '+' without two hex digits stays; "++1" is not the byte 1.
+        assert_eq!(xtext_decode("a++1+zz+"), "a++1+zz+");
+        for bad in [
+            "XFORWARD",
+            "XFORWARD NAME",
+            "XFORWARD =x",
+            "XFORWARD N4ME=x",
+        ] {
+            assert_eq!(
+                err(bad, 501).status,
+                Some(EnhancedStatus::new(5, 5, 4)),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1,7 +1,15 @@
-//! Scanning at the end of DATA/BDAT: before it answers, mb-smtpd asks an mb-filter
-//! worker (`Filter.Scan`) for a verdict, so a reject is an SMTP reply in the session (no
-//! backscatter). Calls go to the live worker with the fewest scans outstanding; a worker
-//! that fails mid-call is skipped and the scan retried on the next one.
+//! The client side of `Filter.Scan` and the one place a verdict becomes a reply.
+//!
+//! mb-smtpd (at the end of DATA/BDAT) and mb-milter (at end of message) ask an mb-filter
+//! worker for a verdict through `Workers`: the message (`Body`, in memory or in a file)
+//! is streamed in 64 KiB chunks to the live worker with the fewest scans outstanding; a
+//! worker that is gone, dies mid-call or times out is skipped and the next one asked.
+//! `wire` converts between the gRPC messages and the domain types of `mb_core::verdict`
+//! (nothing else here sees a gRPC type), and `reply` turns a `Verdict` into what the
+//! client is told, the same in every mode: standalone, content filter and milter.
+
+pub mod reply;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -10,8 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mb_core::verdict::{ScanRequest, Verdict};
 use mb_proto::v1::filter_client::FilterClient;
-use mb_proto::v1::{ScanChunk, ScanEnvelope, ScanVerdict};
+use mb_proto::v1::{ScanChunk, ScanEnvelope};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -118,10 +127,29 @@ impl From<Vec<u8>> for Body {
     }
 }
 
+/// Why no verdict could be had. Every variant says nothing about the message itself:
+/// callers follow `filter.unavailable_action` / `milter.unavailable_action`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScanError {
+    #[error("no mb-filter worker configured")]
+    NoWorkers,
+    #[error("mb-filter@{worker}: {cause}")]
+    Unreachable { worker: usize, cause: String },
+    #[error("mb-filter@{worker}: {cause}")]
+    Failed { worker: usize, cause: String },
+    #[error("mb-filter@{worker} did not answer within {after:?}")]
+    Timeout { worker: usize, after: Duration },
+    #[error("mb-filter@{worker} answered with an unusable verdict: {cause}")]
+    BadVerdict {
+        worker: usize,
+        cause: wire::WireError,
+    },
+}
+
 #[tonic::async_trait]
 pub trait Scanner: Send + Sync {
     /// A verdict, or why no worker could give one.
-    async fn scan(&self, envelope: ScanEnvelope, message: Body) -> Result<ScanVerdict, String>;
+    async fn scan(&self, request: &ScanRequest, message: Body) -> Result<Verdict, ScanError>;
 }
 
 /// The mb-filter workers `mb-filter-1.sock` .. `mb-filter-N.sock`.
@@ -142,14 +170,17 @@ impl Workers {
         }
     }
 
-    async fn channel(&self, n: usize) -> Result<Channel, String> {
+    async fn channel(&self, n: usize) -> Result<Channel, ScanError> {
         if let Some(c) = self.channels.lock().ok().and_then(|m| m.get(&n).cloned()) {
             return Ok(c);
         }
         let socket = self.run_dir.join(format!("mb-filter-{n}.sock"));
         let c = mb_runtime::uds::connect(&socket, &format!("mb-filter@{n}"))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ScanError::Unreachable {
+                worker: n,
+                cause: e.to_string(),
+            })?;
         if let Ok(mut m) = self.channels.lock() {
             m.insert(n, c.clone());
         }
@@ -180,10 +211,11 @@ fn worker_failed(status: &tonic::Status) -> bool {
 
 #[tonic::async_trait]
 impl Scanner for Workers {
-    async fn scan(&self, envelope: ScanEnvelope, message: Body) -> Result<ScanVerdict, String> {
+    async fn scan(&self, request: &ScanRequest, message: Body) -> Result<Verdict, ScanError> {
+        let envelope = wire::request_to_wire(request);
         let mut order: Vec<usize> = (0..self.in_flight.len()).collect();
         order.sort_by_key(|i| self.in_flight[*i].load(Ordering::Relaxed));
-        let mut last = String::from("no mb-filter worker configured");
+        let mut last = ScanError::NoWorkers;
         for i in order {
             let n = i + 1;
             let channel = match self.channel(n).await {
@@ -199,34 +231,36 @@ impl Scanner for Workers {
             let result = tokio::time::timeout(self.timeout, call).await;
             self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
             match result {
-                Ok(Ok(v)) => return Ok(v.into_inner()),
+                Ok(Ok(v)) => {
+                    return wire::verdict_from_wire(v.into_inner())
+                        .map_err(|cause| ScanError::BadVerdict { worker: n, cause });
+                }
                 Ok(Err(status)) if worker_failed(&status) => {
                     tracing::warn!(worker = n, cause = %status.message(), "mb-filter worker failed; trying the next");
                     self.forget(n);
-                    last = format!("mb-filter@{n}: {}", status.message());
+                    last = ScanError::Failed {
+                        worker: n,
+                        cause: status.message().to_string(),
+                    };
                 }
-                Ok(Err(status)) => return Err(format!("mb-filter@{n}: {}", status.message())),
+                Ok(Err(status)) => {
+                    return Err(ScanError::Failed {
+                        worker: n,
+                        cause: status.message().to_string(),
+                    });
+                }
                 Err(_) => {
                     tracing::warn!(worker = n, "mb-filter worker timed out; trying the next");
                     self.forget(n);
-                    last = format!("mb-filter@{n} did not answer within {:?}", self.timeout);
+                    last = ScanError::Timeout {
+                        worker: n,
+                        after: self.timeout,
+                    };
                 }
             }
         }
         Err(last)
     }
-}
-
-/// The enhanced status of a verdict as a static string (replies carry `&'static str`).
-pub fn status_of(code: u32, status: &str) -> &'static str {
-    const KNOWN: [&str; 8] = [
-        "5.7.1", "5.6.0", "5.3.4", "5.7.0", "4.7.1", "4.7.0", "4.3.0", "5.4.6",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == status)
-        .copied()
-        .unwrap_or(if code >= 500 { "5.7.1" } else { "4.7.1" })
 }
 
 #[cfg(test)]

@@ -5,32 +5,13 @@
 use std::time::Duration;
 
 use crate::conn::{Conn, Io, ReadError};
-
-/// A reply from the server: its code and text lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub code: u16,
-    pub lines: Vec<String>,
-}
-
-impl Response {
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    /// A 4xx: try again later.
-    pub fn is_transient(&self) -> bool {
-        (400..500).contains(&self.code)
-    }
-
-    /// The reply as one line, for logs and the queue's "last error".
-    pub fn text(&self) -> String {
-        format!("{} {}", self.code, self.lines.join(" / "))
-    }
-}
+pub use crate::reply::{Capabilities, Response};
+use crate::reply::{MAX_REPLY_LINE, ReplyParser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error("{0:?} is not host:port (for example 127.0.0.1:10025)")]
+    BadHop(String),
     #[error("connection failed: {0}")]
     Io(String),
     #[error("the server did not answer in time")]
@@ -49,19 +30,6 @@ impl ClientError {
     }
 }
 
-/// What the server offered after EHLO/LHLO.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Capabilities {
-    pub pipelining: bool,
-    pub starttls: bool,
-    pub size: Option<u64>,
-    pub eightbitmime: bool,
-    pub smtputf8: bool,
-    pub dsn: bool,
-    /// AUTH mechanisms offered, upper case.
-    pub auth: Vec<String>,
-}
-
 /// The final answer for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -74,11 +42,6 @@ pub struct Client {
     lmtp: bool,
     pub caps: Capabilities,
 }
-
-/// Longest reply line accepted from a server.
-const MAX_REPLY_LINE: usize = 4096;
-/// Most lines in one reply.
-const MAX_REPLY_LINES: usize = 100;
 
 impl Client {
     /// Reads the greeting; anything but 220 is a refusal.
@@ -104,7 +67,7 @@ impl Client {
         let verb = if self.lmtp { "LHLO" } else { "EHLO" };
         let r = self.command(&format!("{verb} {name}")).await?;
         if r.code == 250 {
-            self.caps = parse_caps(&r);
+            self.caps = Capabilities::from_ehlo(&r);
             return Ok(());
         }
         if self.lmtp || r.code < 500 {
@@ -175,12 +138,9 @@ impl Client {
         recipients: &[String],
         message: &[u8],
     ) -> Result<Vec<Outcome>, ClientError> {
-        let rcpts: Vec<crate::spool::Recipient> = recipients
+        let rcpts: Vec<mb_core::Recipient> = recipients
             .iter()
-            .map(|a| crate::spool::Recipient {
-                address: a.clone(),
-                ..Default::default()
-            })
+            .map(|a| mb_core::Recipient::plain(a))
             .collect();
         self.send_with_dsn(from, "", "", &rcpts, message).await
     }
@@ -193,7 +153,7 @@ impl Client {
         from: &str,
         ret: &str,
         envid: &str,
-        rcpts: &[crate::spool::Recipient],
+        rcpts: &[mb_core::Recipient],
         message: &[u8],
     ) -> Result<Vec<Outcome>, ClientError> {
         let recipients: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
@@ -327,8 +287,7 @@ impl Client {
 
     /// Reads one reply (flushing what is queued first).
     async fn response(&mut self) -> Result<Response, ClientError> {
-        let mut lines = Vec::new();
-        let mut code = None;
+        let mut parser = ReplyParser::default();
         loop {
             let line = self
                 .conn
@@ -343,26 +302,11 @@ impl Client {
                         ClientError::Protocol("reply line ended in a bare LF".into())
                     }
                 })?;
-            let text = String::from_utf8_lossy(&line).into_owned();
-            let this: u16 = text
-                .get(..3)
-                .and_then(|c| c.parse().ok())
-                .filter(|c| (200..600).contains(c))
-                .ok_or_else(|| ClientError::Protocol(format!("malformed reply {text:?}")))?;
-            if *code.get_or_insert(this) != this {
-                return Err(ClientError::Protocol(
-                    "reply codes differ within one reply".into(),
-                ));
-            }
-            let sep = text.as_bytes().get(3).copied();
-            lines.push(text.get(4..).unwrap_or("").to_string());
-            if lines.len() > MAX_REPLY_LINES {
-                return Err(ClientError::Protocol("reply has too many lines".into()));
-            }
-            match sep {
-                Some(b'-') => continue,
-                None | Some(b' ') => return Ok(Response { code: this, lines }),
-                Some(_) => return Err(ClientError::Protocol(format!("malformed reply {text:?}"))),
+            if let Some(r) = parser
+                .line(&line)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                return Ok(r);
             }
         }
     }
@@ -370,8 +314,8 @@ impl Client {
 
 /// The host and port of a reinjection hop: `host:port`, `[host]:port` or
 /// `smtp:[host]:port` (Postfix's syntax, as in `filter.next_hop`).
-pub fn reinjection_address(hop: &str) -> Result<(String, u16), String> {
-    let bad = || format!("{hop:?} is not host:port (for example 127.0.0.1:10025)");
+pub fn reinjection_address(hop: &str) -> Result<(String, u16), ClientError> {
+    let bad = || ClientError::BadHop(hop.to_string());
     let rest = hop.strip_prefix("smtp:").unwrap_or(hop);
     let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -392,7 +336,7 @@ pub async fn reinject(
     message: &[u8],
     timeout: Duration,
 ) -> Result<Vec<Outcome>, ClientError> {
-    let (host, port) = reinjection_address(hop).map_err(ClientError::Io)?;
+    let (host, port) = reinjection_address(hop)?;
     let stream = tokio::time::timeout(
         timeout,
         tokio::net::TcpStream::connect((host.as_str(), port)),
@@ -406,26 +350,6 @@ pub async fn reinject(
     let outcomes = client.send(from, recipients, message).await;
     client.quit().await;
     outcomes
-}
-
-fn parse_caps(r: &Response) -> Capabilities {
-    let mut caps = Capabilities::default();
-    for line in r.lines.iter().skip(1) {
-        let mut words = line.split_ascii_whitespace();
-        match words.next().map(str::to_ascii_uppercase).as_deref() {
-            Some("PIPELINING") => caps.pipelining = true,
-            Some("STARTTLS") => caps.starttls = true,
-            Some("8BITMIME") => caps.eightbitmime = true,
-            Some("SMTPUTF8") => caps.smtputf8 = true,
-            Some("DSN") => caps.dsn = true,
-            Some("AUTH") => caps.auth = words.map(str::to_ascii_uppercase).collect(),
-            Some("SIZE") => {
-                caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0))
-            }
-            _ => {}
-        }
-    }
-    caps
 }
 
 pub use mb_core::message::base64_encode;
@@ -445,238 +369,4 @@ pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::IpAddr;
-    use std::sync::Arc;
-
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-    use super::*;
-    use crate::session::{Client as Peer, Listener, Session, Settings, TlsMode};
-    use crate::spool::{Spool, read_message};
-
-    /// The session tests' settings, as a relay for served.example that takes 100 kB.
-    fn settings() -> Settings {
-        let mut s = crate::tests::settings();
-        s.max_size = 100_000;
-        s.max_recipients = 10;
-        s.mynetworks = vec![];
-        s.tls_mode = TlsMode::None;
-        s
-    }
-
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(dot_stuff(b".a\r\nb\r\n..c"), b"..a\r\nb\r\n...c\r\n");
-        assert_eq!(dot_stuff(b"x\r\n"), b"x\r\n");
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("\0u\0p", "AHUAcA=="),
-        ] {
-            assert_eq!(base64_encode(i.as_bytes()), o);
-            assert_eq!(crate::session::base64_decode(o).unwrap(), i.as_bytes());
-        }
-    }
-
-    /// The client against our own server session: both sides of the protocol are real.
-    #[tokio::test]
-    async fn delivers_to_an_smtp_server_with_per_recipient_results() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let spool = Arc::new(spool);
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let s = spool.clone();
-        let server = tokio::spawn(async move {
-            let settings = settings();
-            let (_t, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-            let ip: IpAddr = "192.0.2.9".parse().unwrap();
-            Session::new(
-                Box::new(b),
-                &settings,
-                &s,
-                Peer { ip, port: 25 },
-                Listener::Smtp,
-            )
-            .run(shutdown)
-            .await
-        });
-        let mut c = Client::connect(Box::new(a), Duration::from_secs(10), false)
-            .await
-            .unwrap();
-        c.hello("mx.sender.example").await.unwrap();
-        assert!(c.caps.pipelining && c.caps.eightbitmime && c.caps.size == Some(100_000));
-        let msg = b"Subject: relay\r\n\r\n.starts with a dot\r\n..two\r\nend";
-        let rcpts = vec![
-            "u@served.example".to_string(),
-            "x@elsewhere.example".to_string(),
-            "v@served.example".to_string(),
-        ];
-        let out = c.send("a@sender.example", &rcpts, msg).await.unwrap();
-        assert_eq!(
-            out.iter().map(|o| o.response.code).collect::<Vec<_>>(),
-            [250, 554, 250]
-        );
-        assert!(out[0].response.text().contains("queued as"), "{:?}", out[0]);
-        // A refused sender refuses the whole message.
-        let err = c.send("bad@@sender", &rcpts, msg).await.unwrap_err();
-        assert!(
-            matches!(err, ClientError::Refused(ref r) if r.code == 501),
-            "{err}"
-        );
-        assert!(!err.is_transient());
-        c.quit().await;
-        server.await.unwrap();
-        let file = std::fs::read_dir(spool.incoming())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let (got, env) = read_message(&file).unwrap();
-        assert!(
-            got.ends_with(b"Subject: relay\r\n\r\n.starts with a dot\r\n..two\r\nend\r\n"),
-            "{}",
-            String::from_utf8_lossy(&got)
-        );
-        assert_eq!(env.recipients.len(), 2);
-    }
-
-    /// A scripted LMTP server: one recipient's mailbox is full.
-    #[tokio::test]
-    async fn lmtp_gives_one_reply_per_recipient() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move {
-            let (r, mut w) = tokio::io::split(b);
-            let mut r = BufReader::new(r);
-            w.write_all(b"220 lmtp ready\r\n").await.unwrap();
-            let mut line = String::new();
-            let mut seen = Vec::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).await.unwrap() == 0 {
-                    break;
-                }
-                seen.push(line.trim_end().to_string());
-                let reply: &[u8] = match line.split_whitespace().next().unwrap_or("") {
-                    "LHLO" => b"250-lmtp\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n",
-                    "MAIL" | "RCPT" => b"250 2.1.0 ok\r\n",
-                    "DATA" => b"354 go\r\n",
-                    "." => b"250 2.0.0 <a@served.example> delivered\r\n452 4.2.2 <b@served.example> mailbox full\r\n",
-                    "QUIT" => {
-                        w.write_all(b"221 bye\r\n").await.unwrap();
-                        break;
-                    }
-                    _ => b"",
-                };
-                w.write_all(reply).await.unwrap();
-            }
-            seen
-        });
-        let mut c = Client::connect(Box::new(a), Duration::from_secs(10), true)
-            .await
-            .unwrap();
-        c.hello("gw.example").await.unwrap();
-        let rcpts = vec![
-            "a@served.example".to_string(),
-            "b@served.example".to_string(),
-        ];
-        let out = c
-            .send("s@sender.example", &rcpts, b"Subject: x\r\n\r\nhi\r\n")
-            .await
-            .unwrap();
-        assert_eq!(out[0].response.code, 250);
-        assert!(out[1].response.is_transient() && out[1].response.text().contains("mailbox full"));
-        c.quit().await;
-        let seen = server.await.unwrap();
-        assert_eq!(seen[0], "LHLO gw.example");
-        assert!(
-            seen.iter().any(|l| l == "MAIL FROM:<s@sender.example>"),
-            "{seen:?}"
-        );
-        assert!(
-            seen.iter().any(|l| l == "RCPT TO:<b@served.example>"),
-            "{seen:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn starttls_then_delivers() {
-        let (acceptor, connector) = crate::tests::tls_pair();
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let server = tokio::spawn(async move {
-            let mut settings = settings();
-            settings.tls_mode = TlsMode::Enabled;
-            settings.tls = Some(acceptor);
-            let (_t, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-            let ip: IpAddr = "192.0.2.9".parse().unwrap();
-            Session::new(
-                Box::new(b),
-                &settings,
-                &spool,
-                Peer { ip, port: 25 },
-                Listener::Smtp,
-            )
-            .run(shutdown)
-            .await
-        });
-        let mut c = Client::connect(Box::new(a), Duration::from_secs(10), false)
-            .await
-            .unwrap();
-        c.hello("mx.sender.example").await.unwrap();
-        assert!(c.caps.starttls);
-        let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
-        let tls = c
-            .starttls(&connector, name, "mx.sender.example")
-            .await
-            .unwrap();
-        assert!(tls.contains("TLSv1_3"), "{tls}");
-        assert!(!c.caps.starttls, "STARTTLS offered again after the upgrade");
-        let out = c
-            .send(
-                "a@sender.example",
-                &["u@served.example".to_string()],
-                b"Subject: t\r\n\r\nx\r\n",
-            )
-            .await
-            .unwrap();
-        assert_eq!(out[0].response.code, 250);
-        c.quit().await;
-        assert!(server.await.unwrap().tls);
-    }
-
-    #[tokio::test]
-    async fn refusals_and_bad_servers() {
-        // A refused greeting.
-        let (a, mut b) = tokio::io::duplex(1024);
-        b.write_all(b"554 5.7.1 go away\r\n").await.unwrap();
-        let err = Client::connect(Box::new(a), Duration::from_secs(5), false)
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, ClientError::Refused(ref r) if r.code == 554));
-        // Garbage instead of a reply.
-        let (a, mut b) = tokio::io::duplex(1024);
-        b.write_all(b"hello there\r\n").await.unwrap();
-        let err = Client::connect(Box::new(a), Duration::from_secs(5), false)
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, ClientError::Protocol(_)), "{err}");
-        assert!(err.is_transient());
-        // Silence.
-        let (a, _b) = tokio::io::duplex(1024);
-        let err = Client::connect(Box::new(a), Duration::from_millis(200), false)
-            .await
-            .err()
-            .unwrap();
-        assert!(matches!(err, ClientError::Timeout));
-    }
 }

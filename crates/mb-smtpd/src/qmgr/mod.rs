@@ -1,0 +1,929 @@
+//! The queue manager: takes committed messages from `incoming/`, routes every recipient
+//! (transport table, relay host, MX), delivers with connection reuse and concurrency
+//! limits, keeps each recipient's state durably in `state/ID`, retries temporary
+//! failures from `deferred/` with exponential backoff, and sends delay warnings and
+//! bounces as DSNs.
+//!
+//! Split by concern, as Postfix splits `qmgr_*.c`: this module schedules (the run loop,
+//! concurrency, the connection cache, retries) and settles one attempt of a message;
+//! `resolve.rs` routes a recipient, `deliver.rs` makes one attempt at one next hop,
+//! `trouble.rs` is the failure policy (what each failure makes of a recipient),
+//! `notify.rs` tells the sender and the message log, `tls.rs` holds the TLS client
+//! configurations.
+//!
+//! Crash safety: the message file is never changed. A recipient's success is written to
+//! the state file (fsynced) before anything else happens to the message, and the message
+//! is removed only when every recipient is delivered or bounced. A crash can therefore
+//! repeat a delivery whose 250 was not yet recorded (the window Postfix has too), never
+//! lose one.
+
+mod deliver;
+mod notify;
+mod resolve;
+mod tls;
+mod trouble;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mb_core::Config;
+use mb_core::route::{NextHop, Protocol};
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle::Shutdown;
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::dns::Dns;
+use crate::spool::{self, DeliveryState, Envelope, Queue, Recipient, RecipientState, Spool};
+use deliver::Session;
+use notify::Handoff;
+use trouble::{Attempted, DeliveryError};
+
+pub use resolve::route;
+pub use trouble::RouteError;
+
+/// Wall-clock time that follows tokio's clock, so tests can pause and advance it.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    base_sys: SystemTime,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            base_sys: SystemTime::now(),
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.base_sys + self.base.elapsed()
+    }
+
+    pub fn unix(&self) -> u64 {
+        self.now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+#[derive(Default)]
+pub struct DeliveryCounters {
+    pub delivered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub bounced: AtomicU64,
+    pub notices: AtomicU64,
+    pub connections: AtomicU64,
+    pub reused: AtomicU64,
+}
+
+pub struct Manager {
+    spool: Arc<Spool>,
+    follower: Follower,
+    dns: Dns,
+    pub clock: Clock,
+    active: Mutex<HashSet<String>>,
+    /// Deferred messages by id: the unix second of their next attempt.
+    schedule: Mutex<BTreeMap<String, u64>>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    wake: Notify,
+    global: Arc<Semaphore>,
+    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Idle sessions by `session_key`.
+    pool: Mutex<HashMap<String, Vec<Session>>>,
+    tls: tls::Connectors,
+    pub events: Option<mb_runtime::events::EventSink>,
+    pub counters: DeliveryCounters,
+}
+
+/// How long an idle outbound connection is kept for reuse.
+const IDLE_REUSE: Duration = Duration::from_secs(5);
+
+/// Removes a message from the active set when its delivery task ends, even by panic.
+struct Active<'a>(&'a Manager, String);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.0.active.lock() {
+            a.remove(&self.1);
+        }
+    }
+}
+
+/// One attempt of one message: what each step of it reads.
+struct Delivery<'a> {
+    cfg: &'a Config,
+    env: &'a Envelope,
+    /// The message as delivered (the verdict's header changes applied).
+    message: &'a [u8],
+    /// Unix seconds at the start of the attempt.
+    now: u64,
+    /// Seconds since the message was received.
+    age: u64,
+    /// `queue.lifetime` in seconds.
+    lifetime: u64,
+}
+
+impl<'a> Delivery<'a> {
+    fn new(cfg: &'a Config, env: &'a Envelope, message: &'a [u8], now: u64) -> Delivery<'a> {
+        Delivery {
+            cfg,
+            env,
+            message,
+            now,
+            age: now.saturating_sub(env.received_at),
+            lifetime: cfg.duration("queue.lifetime").as_secs(),
+        }
+    }
+
+    /// Unix seconds when the message expires: its last attempt.
+    fn expiry(&self) -> u64 {
+        self.env.received_at + self.lifetime
+    }
+}
+
+/// A next hop and the recipients (indexes into the envelope) that go there.
+struct Group {
+    hop: NextHop,
+    relay: bool,
+    rcpts: Vec<usize>,
+}
+
+impl Manager {
+    pub fn new(spool: Arc<Spool>, follower: Follower, dns: Dns, clock: Clock) -> Arc<Manager> {
+        let cfg = follower.current();
+        let (tx, rx) = mpsc::unbounded_channel();
+        spool.on_commit(tx);
+        let permits = usize::try_from(cfg.int("queue.concurrency")).unwrap_or(100);
+        Arc::new(Manager {
+            spool,
+            follower,
+            dns,
+            clock,
+            active: Mutex::default(),
+            schedule: Mutex::default(),
+            rx: Mutex::new(Some(rx)),
+            wake: Notify::new(),
+            global: Arc::new(Semaphore::new(permits)),
+            destinations: Mutex::default(),
+            pool: Mutex::default(),
+            tls: tls::Connectors::default(),
+            events: None,
+            counters: DeliveryCounters::default(),
+        })
+    }
+
+    /// Runs until shutdown: picks up new messages at once, deferred ones when due.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let Some(mut rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        self.recover_schedule();
+        self.scan_incoming();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        let mut enabled = true;
+        loop {
+            tokio::select! {
+                id = rx.recv() => match id {
+                    Some(id) => self.dispatch(id),
+                    None => break,
+                },
+                () = self.wake.notified() => {
+                    self.scan_incoming();
+                    self.dispatch_due();
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    enabled = self.on_tick(ticks, enabled);
+                }
+                () = shutdown.requested() => break,
+            }
+        }
+    }
+
+    /// At start: drops states of messages that are gone and schedules `deferred/`.
+    fn recover_schedule(&self) {
+        let pruned = self.spool.prune_states();
+        if pruned > 0 {
+            tracing::info!(pruned, "removed delivery states of messages that are gone");
+        }
+        for id in self.spool.ids(Queue::Deferred).unwrap_or_default() {
+            let next = self
+                .spool
+                .locate(&id)
+                .and_then(|(_, p)| spool::read_message(&p).ok())
+                .map_or(0, |(_, env)| self.spool.load_state(&env).next_attempt);
+            self.lock_schedule().insert(id, next);
+        }
+    }
+
+    /// Once a second: due retries, stale idle sessions, and `incoming/` again when
+    /// delivery was just enabled (and every 30 s). Returns whether delivery is enabled.
+    fn on_tick(self: &Arc<Self>, ticks: u64, was_enabled: bool) -> bool {
+        let enabled = self.follower.current().bool("queue.delivery_enabled");
+        if enabled && !was_enabled {
+            tracing::info!("delivery enabled again");
+            self.scan_incoming();
+        }
+        self.dispatch_due();
+        self.sweep_pool();
+        // A safety net: anything in incoming/ that was not announced.
+        if ticks.is_multiple_of(30) {
+            self.scan_incoming();
+        }
+        enabled
+    }
+
+    fn lock_schedule(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+        self.schedule.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `mb-queue flush [ID]`: deferred messages (or one) are tried at once.
+    pub fn flush(&self, id: Option<&str>) -> usize {
+        let mut s = self.lock_schedule();
+        let n = match id {
+            Some(id) => s.get_mut(id).map_or(0, |t| {
+                *t = 0;
+                1
+            }),
+            None => {
+                s.values_mut().for_each(|t| *t = 0);
+                s.len()
+            }
+        };
+        drop(s);
+        self.wake.notify_one();
+        n
+    }
+
+    /// Tells the manager to look at `incoming/` again (after release or requeue).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    fn scan_incoming(self: &Arc<Self>) {
+        for id in self.spool.ids(Queue::Incoming).unwrap_or_default() {
+            self.dispatch(id);
+        }
+    }
+
+    fn dispatch_due(self: &Arc<Self>) {
+        let now = self.clock.unix();
+        let active = self.active.lock().map(|a| a.clone()).unwrap_or_default();
+        let due: Vec<String> = {
+            let mut s = self.lock_schedule();
+            // A message still being delivered keeps its entry: its attempt reschedules it.
+            let due: Vec<String> = s
+                .iter()
+                .filter(|(id, t)| **t <= now && !active.contains(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &due {
+                s.remove(id);
+            }
+            due
+        };
+        for id in due {
+            self.dispatch(id);
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, id: String) {
+        if !self.follower.current().bool("queue.delivery_enabled") {
+            // Stays where it is; the tick re-scans when delivery is enabled again.
+            if self
+                .spool
+                .locate(&id)
+                .is_some_and(|(q, _)| q == Queue::Deferred)
+            {
+                self.lock_schedule().insert(id, self.clock.unix() + 1);
+            }
+            return;
+        }
+        if !self
+            .active
+            .lock()
+            .map(|mut a| a.insert(id.clone()))
+            .unwrap_or(false)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _active = Active(&me, id.clone());
+            let Ok(_permit) = me.global.clone().acquire_owned().await else {
+                return;
+            };
+            me.deliver(&id).await;
+        });
+    }
+
+    /// One delivery attempt for every recipient of a message that is still pending.
+    async fn deliver(self: &Arc<Self>, id: &str) {
+        let Some((message, env, mut state)) = self.load(id).await else {
+            return;
+        };
+        let message =
+            mb_core::message::with_headers(&message, &env.add_headers, &env.remove_headers);
+        let cfg = self.follower.current();
+        let d = Delivery::new(&cfg, &env, &message, self.clock.unix());
+        let started = tokio::time::Instant::now();
+        let before: Vec<RecipientState> = state.recipients.iter().map(|r| r.state).collect();
+
+        let handoffs = self.try_recipients(id, &d, &mut state).await;
+        state.attempts += 1;
+        if d.age >= d.lifetime {
+            expire(&mut state, d.age);
+        }
+        self.count(&before, &state);
+        self.notify(&d, &mut state, &before, &handoffs).await;
+        self.event(&env, &state, message.len() as u64);
+
+        if state.settled() {
+            // The usual case: everything went on the first attempt, no state to write.
+            let (spool, idc) = (self.spool.clone(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || spool.remove_delivered(&idc)).await;
+            tracing::debug!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "message done");
+            return;
+        }
+        self.reschedule(id, &d, state).await;
+    }
+
+    /// Reads a queued message and its delivery state, unless it is on hold or gone.
+    async fn load(&self, id: &str) -> Option<(Vec<u8>, Envelope, DeliveryState)> {
+        // File system work goes to the blocking pool: a metadata operation can wait for a
+        // journal commit, and the runtime's threads serve every SMTP session meanwhile.
+        let (spool, idc) = (self.spool.clone(), id.to_string());
+        let read = tokio::task::spawn_blocking(move || {
+            let (queue, path) = spool.locate(&idc)?;
+            if queue == Queue::Hold {
+                return None;
+            }
+            Some(spool::read_message(&path).map(|(m, env)| {
+                let state = spool.load_state(&env);
+                (m, env, state)
+            }))
+        })
+        .await;
+        match read {
+            Ok(Some(Ok(m))) => Some(m),
+            Ok(Some(Err(e))) => {
+                tracing::error!(id = %id, cause = %e, "cannot read a queued message");
+                None
+            }
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Routes the pending recipients and tries each next hop, at most
+    /// `queue.recipient_limit` recipients per transaction, recording every outcome.
+    async fn try_recipients(
+        &self,
+        id: &str,
+        d: &Delivery<'_>,
+        state: &mut DeliveryState,
+    ) -> Vec<Handoff> {
+        let (groups, unroutable) = plan(d.cfg, state);
+        let limit = usize::try_from(d.cfg.int("queue.recipient_limit")).unwrap_or(50);
+        let mut handoffs = vec![Handoff::default(); d.env.recipients.len()];
+        for group in &groups {
+            for chunk in group.rcpts.chunks(limit.max(1)) {
+                let rcpts: Vec<Recipient> =
+                    chunk.iter().map(|i| d.env.recipients[*i].clone()).collect();
+                let results = self.attempt(d, &group.hop, group.relay, &rcpts).await;
+                for (i, res) in chunk.iter().zip(results) {
+                    handoffs[*i] = Handoff {
+                        dsn_passed: res.dsn_passed(),
+                        lmtp: group.hop.protocol == Protocol::Lmtp,
+                    };
+                    self.record(id, d, &group.hop, state, *i, &res);
+                }
+            }
+        }
+        for (i, why) in unroutable {
+            let r = &mut state.recipients[i];
+            let error = DeliveryError::from(why);
+            r.state = error.state();
+            r.last_error = error.to_string();
+            tracing::warn!(id = %id, to = %r.address, reply = %r.last_error, "{}", r.state);
+        }
+        handoffs
+    }
+
+    /// Records one recipient's outcome: its state, the log line and the history.
+    fn record(
+        &self,
+        id: &str,
+        d: &Delivery<'_>,
+        hop: &NextHop,
+        state: &mut DeliveryState,
+        i: usize,
+        res: &Attempted,
+    ) {
+        let r = &mut state.recipients[i];
+        r.state = res.state();
+        r.last_error = res.last_error();
+        r.remote.clone_from(&res.remote);
+        let relay = if res.remote.is_empty() {
+            hop.to_string()
+        } else {
+            res.remote.clone()
+        };
+        let text = res.text();
+        tracing::info!(
+            id = %id,
+            to = %r.address,
+            relay = %relay,
+            delay = d.age,
+            reply = %text,
+            "{}",
+            r.state
+        );
+        let line = format!(
+            "{} <{}> {} via {relay}: {text}",
+            mb_runtime::logging::timestamp(self.clock.now()),
+            r.address,
+            r.state,
+        );
+        state.note(line);
+    }
+
+    /// Counts the recipients this attempt moved.
+    fn count(&self, before: &[RecipientState], state: &DeliveryState) {
+        for (was, r) in before.iter().zip(&state.recipients) {
+            if *was == r.state {
+                continue;
+            }
+            let counter = match r.state {
+                RecipientState::Bounced => &self.counters.bounced,
+                RecipientState::Delivered => &self.counters.delivered,
+                RecipientState::Deferred | RecipientState::Queued => &self.counters.deferred,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Schedules the next attempt (backoff, never past expiry), writes the state and
+    /// moves a new message to `deferred/`.
+    async fn reschedule(&self, id: &str, d: &Delivery<'_>, mut state: DeliveryState) {
+        let backoff = backoff(
+            state.attempts,
+            d.cfg.duration("queue.retry_min"),
+            d.cfg.duration("queue.retry_max"),
+        );
+        // Never retry after the lifetime without bouncing: the last try is at expiry.
+        state.next_attempt = (d.now + backoff.as_secs()).min(d.expiry()).max(d.now + 1);
+        let next = state.next_attempt;
+        // Scheduled before the move, so a flush that sees it in deferred/ finds it.
+        self.lock_schedule().insert(id.to_string(), next);
+        let (spool, idc) = (self.spool.clone(), id.to_string());
+        let schedule = tokio::task::spawn_blocking(move || {
+            if let Err(e) = spool.save_state(&idc, &state) {
+                tracing::error!(id = %idc, cause = %e, "cannot write the delivery state; will retry");
+            }
+            match spool.locate(&idc) {
+                Some((Queue::Incoming, _)) => {
+                    if let Err(e) = spool.move_to(&idc, Queue::Deferred) {
+                        tracing::error!(id = %idc, cause = %e, "cannot move to deferred/");
+                    }
+                    true
+                }
+                Some((Queue::Hold, _)) | None => false,
+                Some((Queue::Deferred, _)) => true,
+            }
+        })
+        .await
+        .unwrap_or(true);
+        if !schedule {
+            self.lock_schedule().remove(id);
+        }
+    }
+
+    fn destination(&self, key: &str, limit: usize) -> Arc<Semaphore> {
+        let mut d = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        d.entry(key.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit.max(1))))
+            .clone()
+    }
+
+    /// An idle session for `key` that still answers RSET; stale ones are closed.
+    async fn cached(&self, key: &str) -> Option<Session> {
+        loop {
+            let mut s = self
+                .pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.get_mut(key).and_then(Vec::pop))?;
+            if s.idle_since.elapsed() < IDLE_REUSE && s.client.reset().await {
+                self.counters.reused.fetch_add(1, Ordering::Relaxed);
+                return Some(s);
+            }
+            tokio::spawn(async move { s.client.quit().await });
+        }
+    }
+
+    fn keep(&self, key: &str, mut s: Session) {
+        s.idle_since = tokio::time::Instant::now();
+        if let Ok(mut p) = self.pool.lock() {
+            p.entry(key.to_string()).or_default().push(s);
+        }
+    }
+
+    fn sweep_pool(&self) {
+        let mut stale = Vec::new();
+        if let Ok(mut pool) = self.pool.lock() {
+            for list in pool.values_mut() {
+                let (keep, old): (Vec<Session>, Vec<Session>) = list
+                    .drain(..)
+                    .partition(|s| s.idle_since.elapsed() < IDLE_REUSE);
+                *list = keep;
+                stale.extend(old);
+            }
+            pool.retain(|_, l| !l.is_empty());
+        }
+        for mut s in stale {
+            tokio::spawn(async move { s.client.quit().await });
+        }
+    }
+}
+
+/// The delay before attempt `attempts + 1`: retry_min doubled per attempt, at most
+/// retry_max.
+pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1).min(20))
+        .unwrap_or(u32::MAX);
+    min.saturating_mul(factor).min(max)
+}
+
+/// The connection cache's key: cached sessions are reused only under the settings they
+/// were opened with.
+fn session_key(cfg: &Config, hop: &NextHop, relay: bool) -> String {
+    if relay {
+        format!(
+            "{hop} relay tls={} verify={} ca={} auth={}",
+            cfg.text("relay.tls"),
+            cfg.bool("relay.tls.verify"),
+            cfg.text("relay.tls.ca_file"),
+            cfg.text("relay.auth.username")
+        )
+    } else {
+        format!("{hop} tls={}", cfg.text("network.smtp.tls.outbound"))
+    }
+}
+
+/// The pending recipients grouped by next hop, and those without a route.
+fn plan(cfg: &Config, state: &DeliveryState) -> (Vec<Group>, Vec<(usize, RouteError)>) {
+    let transport =
+        mb_core::route::parse_transport(&cfg.list("relay.transport"), cfg.port("queue.mx_port"))
+            .unwrap_or_default();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut unroutable = Vec::new();
+    for (i, r) in state.recipients.iter().enumerate() {
+        if r.state.is_final() {
+            continue;
+        }
+        match route(cfg, &transport, &r.address) {
+            Ok((hop, relay)) => {
+                match groups.iter_mut().find(|g| g.hop == hop && g.relay == relay) {
+                    Some(g) => g.rcpts.push(i),
+                    None => groups.push(Group {
+                        hop,
+                        relay,
+                        rcpts: vec![i],
+                    }),
+                }
+            }
+            Err(why) => unroutable.push((i, why)),
+        }
+    }
+    (groups, unroutable)
+}
+
+/// The queue lifetime is over: what is still deferred bounces, with its last error.
+fn expire(state: &mut DeliveryState, age: u64) {
+    for r in state
+        .recipients
+        .iter_mut()
+        .filter(|r| r.state == RecipientState::Deferred)
+    {
+        let error = DeliveryError::Expired {
+            after: Duration::from_secs(age),
+            last_error: std::mem::take(&mut r.last_error),
+        };
+        r.state = error.state();
+        r.last_error = error.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    pub(super) type Got = Arc<Mutex<Vec<(String, Vec<String>, Vec<u8>)>>>;
+
+    /// A scripted SMTP server: RCPT to bad* is refused (550), to tmp* deferred (451)
+    /// unless `tmp_ok`; everything else accepted. Records each transaction.
+    pub(super) async fn sink(tmp_ok: Arc<AtomicBool>) -> (SocketAddr, Got) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let got: Got = Arc::default();
+        let g = got.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let g = g.clone();
+                let tmp_ok = tmp_ok.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let _ = w.write_all(b"220 sink.test ESMTP\r\n").await;
+                    let (mut from, mut rcpts) = (String::new(), Vec::new());
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let up = line.to_ascii_uppercase();
+                        let reply: String = if up.starts_with("EHLO") {
+                            "250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n".into()
+                        } else if up.starts_with("MAIL FROM:") {
+                            from = line[10..].trim().trim_matches(['<', '>']).to_string();
+                            rcpts.clear();
+                            "250 2.1.0 ok\r\n".into()
+                        } else if up.starts_with("RCPT TO:") {
+                            let a = line[8..].trim().trim_matches(['<', '>']).to_string();
+                            if a.starts_with("bad") {
+                                "550 5.1.1 no such user\r\n".into()
+                            } else if a.starts_with("tmp") && !tmp_ok.load(Ordering::SeqCst) {
+                                "451 4.2.0 try later\r\n".into()
+                            } else {
+                                rcpts.push(a);
+                                "250 2.1.5 ok\r\n".into()
+                            }
+                        } else if up.starts_with("DATA") {
+                            let _ = w.write_all(b"354 go\r\n").await;
+                            let mut data = Vec::new();
+                            loop {
+                                let mut l = String::new();
+                                if r.read_line(&mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == ".\r\n" {
+                                    break;
+                                }
+                                data.extend_from_slice(
+                                    l.strip_prefix('.').unwrap_or(&l).as_bytes(),
+                                );
+                            }
+                            g.lock().unwrap().push((from.clone(), rcpts.clone(), data));
+                            "250 2.0.0 queued\r\n".into()
+                        } else if up.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else {
+                            "250 ok\r\n".into()
+                        };
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, got)
+    }
+
+    pub(super) fn config(dir: &std::path::Path, extra: &str) -> Config {
+        let text = format!(
+            "[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\n\
+             [smtp]\nhostname = \"gw.test\"\ndomains = \"served.example\"\n{extra}",
+            d = dir.display()
+        );
+        Config::from_toml_str(&text, "test").unwrap()
+    }
+
+    pub(super) async fn queue_message(spool: &Spool, received_at: u64, rcpts: &[&str]) -> String {
+        let id = spool.new_id();
+        let env = Envelope {
+            id: id.clone(),
+            received_at,
+            sender: "alice@sender.example".into(),
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient {
+                    address: a.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n")
+            .await
+            .unwrap();
+        w.commit(&env).await.unwrap();
+        id
+    }
+
+    /// The notices (null-sender messages) in the spool, as text.
+    fn notices(spool: &Spool) -> Vec<String> {
+        let mut out = Vec::new();
+        for q in [Queue::Incoming, Queue::Deferred] {
+            for id in spool.ids(q).unwrap() {
+                if let Some((_, p)) = spool.locate(&id)
+                    && let Ok((msg, env)) = spool::read_message(&p)
+                    && env.sender.is_empty()
+                {
+                    out.push(String::from_utf8_lossy(&msg).into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    fn fixed_dns() -> Dns {
+        Dns::Fixed {
+            mx: HashMap::from([(
+                "nowhere.example".into(),
+                vec![(10, "mx.nowhere.example".into())],
+            )]),
+            hosts: HashMap::new(),
+        }
+    }
+
+    pub(super) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn relays_settles_each_recipient_and_bounces_to_the_sender() {
+        let tmp_ok = Arc::new(AtomicBool::new(false));
+        let (addr, got) = sink(tmp_ok.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+                addr.port()
+            ),
+        );
+        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Arc::new(spool);
+        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        let id = queue_message(
+            &spool,
+            m.clock.unix(),
+            &[
+                "ok1@served.example",
+                "bad@served.example",
+                "tmp@served.example",
+                "ok2@Served.Example",
+            ],
+        )
+        .await;
+        wait_for("the deferral", || {
+            spool.locate(&id).is_some_and(|(q, _)| q == Queue::Deferred)
+        })
+        .await;
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1, "one transaction for the relay host");
+            assert_eq!(got[0].0, "alice@sender.example");
+            assert_eq!(got[0].1, ["ok1@served.example", "ok2@Served.Example"]);
+            assert_eq!(got[0].2, b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n");
+        }
+        let (_, env) = spool::read_message(&spool.locate(&id).unwrap().1).unwrap();
+        let st = spool.load_state(&env);
+        let states: Vec<RecipientState> = st.recipients.iter().map(|r| r.state).collect();
+        assert_eq!(
+            states,
+            [
+                RecipientState::Delivered,
+                RecipientState::Bounced,
+                RecipientState::Deferred,
+                RecipientState::Delivered
+            ]
+        );
+        assert!(
+            st.recipients[1].last_error.starts_with("550 5.1.1"),
+            "{:?}",
+            st.recipients[1]
+        );
+        assert!(st.recipients[2].last_error.starts_with("451 4.2.0"));
+        assert_eq!(st.attempts, 1);
+        assert!(
+            st.next_attempt >= m.clock.unix() + 299,
+            "retry_min is 5m by default"
+        );
+        // The bounce went to the sender, about the refused recipient only.
+        let n = notices(&spool);
+        assert_eq!(n.len(), 1, "one notice");
+        assert!(n[0].contains("Final-Recipient: rfc822; bad@served.example"));
+        assert!(n[0].contains("Status: 5.1.1") && !n[0].contains("tmp@served.example>"));
+
+        // A flush retries at once; delivered recipients are not sent again.
+        tmp_ok.store(true, Ordering::SeqCst);
+        assert_eq!(m.flush(Some(&id)), 1);
+        wait_for("the retry", || {
+            spool.locate(&id).is_none() && !spool.has_state(&id)
+        })
+        .await;
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].1, ["tmp@served.example"]);
+        assert!(!spool.has_state(&id));
+        assert!(
+            m.counters.reused.load(Ordering::Relaxed)
+                + m.counters.connections.load(Ordering::Relaxed)
+                >= 2
+        );
+        trigger.trigger();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_then_warn_then_bounce() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            "[queue]\nretry_min = \"5m\"\nretry_max = \"30m\"\ndelay_warning = \"1h\"\nlifetime = \"3h\"\n",
+        );
+        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Arc::new(spool);
+        let clock = Clock::new();
+        let m = Manager::new(spool.clone(), follower, fixed_dns(), clock);
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        let t0 = clock.unix();
+        let id = queue_message(&spool, t0, &["user@nowhere.example"]).await;
+        let attempts = |spool: &Spool| {
+            spool.locate(&id).map(|(_, p)| {
+                let (_, env) = spool::read_message(&p).unwrap();
+                spool.load_state(&env).attempts
+            })
+        };
+        let until = |mins: u64| async move {
+            while clock.unix() < t0 + mins * 60 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        };
+        // Attempts at 0, 5m, 15m, 35m, 65m, 95m, ... (doubling from 5m, at most 30m).
+        for (at, want) in [(4, 1), (6, 2), (14, 2), (16, 3), (36, 4), (64, 4)] {
+            until(at).await;
+            assert_eq!(attempts(&spool), Some(want), "at {at}m");
+        }
+        assert!(notices(&spool).is_empty(), "no delay warning before 1h");
+        until(66).await;
+        assert_eq!(attempts(&spool), Some(5));
+        let n = notices(&spool);
+        assert_eq!(n.len(), 1, "one delay warning");
+        assert!(n[0].contains("Action: delayed") && n[0].contains("Will-Retry-Until:"));
+        until(179).await;
+        assert!(
+            attempts(&spool).is_some(),
+            "still retried before the lifetime"
+        );
+        until(181).await;
+        assert_eq!(attempts(&spool), None, "bounced and removed at 3h");
+        let n = notices(&spool);
+        assert_eq!(n.len(), 2, "the warning and the bounce");
+        let bounce = n
+            .iter()
+            .find(|t| t.contains("Action: failed"))
+            .expect("a bounce");
+        assert!(bounce.contains("Status: 5.4.7") && bounce.contains("expired"));
+        assert!(bounce.contains("Final-Recipient: rfc822; user@nowhere.example"));
+        trigger.trigger();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let (min, max) = (Duration::from_secs(300), Duration::from_secs(3600));
+        let got: Vec<u64> = (1..=6).map(|a| backoff(a, min, max).as_secs()).collect();
+        assert_eq!(got, [300, 600, 1200, 2400, 3600, 3600]);
+        assert_eq!(backoff(500, min, max), max);
+    }
+}

@@ -1,0 +1,68 @@
+//! MAIL FROM (RFC 5321 §4.1.1.2) with its parameters (SIZE, BODY, SMTPUTF8, RET, ENVID).
+
+use super::*;
+
+impl Session<'_> {
+    pub(super) fn mail(&mut self, sender: Option<Mailbox>, params: Params) -> Reply {
+        if self.helo.is_none() && self.settings.helo_required {
+            return Reply::new(
+                503,
+                EnhancedStatus::new(5, 5, 1),
+                "Error: send HELO/EHLO first",
+            );
+        }
+        if self.tx.is_some() {
+            return Reply::new(
+                503,
+                EnhancedStatus::new(5, 5, 1),
+                "Error: nested MAIL command",
+            );
+        }
+        if !self.esmtp && (params != Params::default()) {
+            return Reply::new(
+                555,
+                EnhancedStatus::new(5, 5, 4),
+                "Error: MAIL parameters need EHLO",
+            );
+        }
+        if self.settings.require_tls && self.tls.is_none() {
+            return Reply::new(
+                530,
+                EnhancedStatus::new(5, 7, 0),
+                "Must issue a STARTTLS command first",
+            );
+        }
+        if self.settings.require_auth && self.auth_user.is_none() {
+            return Reply::new(530, EnhancedStatus::new(5, 7, 0), "Authentication required");
+        }
+        if params.size.is_some_and(|s| s > self.settings.max_size) {
+            return Reply::new(
+                552,
+                EnhancedStatus::new(5, 3, 4),
+                "Message size exceeds fixed limit",
+            );
+        }
+        let from = sender.as_ref().map(ToString::to_string).unwrap_or_default();
+        self.tx = Some(Transaction {
+            sender,
+            params,
+            rcpts: Vec::new(),
+            bdat: None,
+            bdat_failed: None,
+            bdat_lines: mb_smtp::data::LineChecker::default(),
+        });
+        tracing::debug!(client = %self.client.ip, from = %from, "mail");
+        Reply::new(250, EnhancedStatus::new(2, 1, 0), "Ok")
+    }
+
+    /// Whether this client may send to any domain.
+    pub(super) fn may_relay(&self) -> bool {
+        self.auth_user.is_some()
+            || self.listener == Listener::Reinject
+            || self
+                .settings
+                .mynetworks
+                .iter()
+                .any(|n| n.contains(&self.client.ip))
+    }
+}

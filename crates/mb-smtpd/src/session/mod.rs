@@ -1,0 +1,669 @@
+//! One SMTP session: the RFC 5321 state machine with its extensions, relay control and
+//! limits, writing accepted messages to the spool. This module holds the state and the
+//! dispatcher (`command`, which only routes); each verb has its own file.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use tokio_rustls::TlsAcceptor;
+
+use mb_core::EnhancedStatus;
+use mb_core::verdict::{Direction, ScanRequest};
+use mb_scan::reply::Disposition;
+use mb_smtp::conn::{Conn, Io, ReadError};
+use mb_smtp::data::{DataDecoder, DataError};
+use mb_smtp::proto::{self, Command, Mailbox, Params, Reply};
+
+use crate::spool::{Envelope, Recipient, Spool, SpoolWriter};
+
+mod auth;
+mod data;
+mod ehlo;
+mod mail;
+mod rcpt;
+mod scan;
+mod tls;
+
+pub use auth::base64_decode;
+pub use data::{received_header, rfc5322_date};
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Port 25: mail from the internet.
+    Smtp,
+    /// Port 587: authenticated submission.
+    Submission,
+    /// Port 465: submission over implicit TLS.
+    Smtps,
+    /// 127.0.0.1:10025: reinjection from a local content filter; trusted, unfiltered.
+    Reinject,
+}
+
+impl Listener {
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::Smtp => "smtp",
+            Listener::Submission => "submission",
+            Listener::Smtps => "smtps",
+            Listener::Reinject => "reinject",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    None,
+    Enabled,
+    Mandatory,
+}
+
+/// Checks a user name and password for AUTH (mb-rpcd in the daemon, a table in tests).
+/// `Err` means the check could not be made (answered with a temporary failure).
+pub trait Authenticator: Send + Sync {
+    fn verify<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a str,
+        client: IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, AuthError>> + Send + 'a>>;
+}
+
+/// Why a password could not be checked (never why it was wrong: that is `Ok(false)`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("mb-rpcd is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the password check failed: {0}")]
+    Check(String),
+    #[error("no answer from the password check in time")]
+    Timeout,
+}
+
+/// NOOP, HELP, RSET and VRFY commands allowed in one session.
+const MAX_JUNK_COMMANDS: u32 = 100;
+
+/// Failed AUTH attempts allowed in one session before it is closed.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+/// What a session is doing, for the "connections by state" of `Control.Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Command = 0,
+    Data = 1,
+    TlsHandshake = 2,
+    Auth = 3,
+}
+
+impl Phase {
+    pub const ALL: [(Phase, &'static str); 4] = [
+        (Phase::Command, "sessions_command"),
+        (Phase::Data, "sessions_data"),
+        (Phase::TlsHandshake, "sessions_tls_handshake"),
+        (Phase::Auth, "sessions_auth"),
+    ];
+}
+
+/// Sessions in each phase, shared by all sessions of a process.
+#[derive(Default)]
+pub struct Phases([std::sync::atomic::AtomicI64; 4]);
+
+impl Phases {
+    pub fn get(&self, p: Phase) -> i64 {
+        self.0[p as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, p: Phase, n: i64) {
+        self.0[p as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The phase a session is in; moving it updates the shared gauges, dropping it leaves.
+struct PhaseGuard {
+    phases: Option<std::sync::Arc<Phases>>,
+    current: Phase,
+}
+
+impl PhaseGuard {
+    fn new(phases: Option<std::sync::Arc<Phases>>) -> PhaseGuard {
+        if let Some(p) = &phases {
+            p.add(Phase::Command, 1);
+        }
+        PhaseGuard {
+            phases,
+            current: Phase::Command,
+        }
+    }
+
+    fn set(&mut self, next: Phase) {
+        if let Some(p) = &self.phases {
+            p.add(self.current, -1);
+            p.add(next, 1);
+        }
+        self.current = next;
+    }
+}
+
+impl Drop for PhaseGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.phases {
+            p.add(self.current, -1);
+        }
+    }
+}
+
+/// The settings a session runs with (a snapshot of the configuration at connect time).
+#[derive(Clone)]
+pub struct Settings {
+    pub hostname: String,
+    pub domains: Vec<String>,
+    pub mynetworks: Vec<IpNet>,
+    pub max_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    pub timeout: Duration,
+    /// Longest time for one message's content, against clients that trickle it.
+    pub data_deadline: Duration,
+    pub tls_mode: TlsMode,
+    pub tls: Option<TlsAcceptor>,
+    pub require_auth: bool,
+    pub require_tls: bool,
+    pub helo_required: bool,
+    pub vrfy: bool,
+    /// AUTH is offered (submission and SMTPS listeners), once TLS is active.
+    pub auth: Option<std::sync::Arc<dyn Authenticator>>,
+    /// Where message events go (mb-rpcd's message log).
+    pub events: Option<mb_runtime::events::EventSink>,
+    /// Where the session reports its phase.
+    pub phases: Option<std::sync::Arc<Phases>>,
+    /// The mb-filter workers asked at the end of each message (none: not scanned).
+    pub scanner: Option<std::sync::Arc<dyn mb_scan::Scanner>>,
+    /// `filter.unavailable_action = "accept"`: take mail unscanned when no worker answers.
+    pub accept_unscanned: bool,
+}
+
+/// The client as seen at accept time.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// What happened in a session, for the summary log line and counters.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub ehlo: u32,
+    pub helo: u32,
+    pub mail: u32,
+    pub rcpt: u32,
+    pub data: u32,
+    pub bdat: u32,
+    pub rset: u32,
+    pub noop: u32,
+    pub quit: u32,
+    pub starttls: u32,
+    pub unknown: u32,
+    pub errors: u32,
+    pub accepted: Vec<String>,
+    pub bytes: u64,
+    pub relay_denied: u32,
+    pub auth: u32,
+    pub auth_failed: u32,
+    pub tls: bool,
+    pub end: &'static str,
+}
+
+impl Summary {
+    /// Postfix style: `ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`.
+    pub fn counts(&self) -> String {
+        let parts = [
+            ("ehlo", self.ehlo),
+            ("helo", self.helo),
+            ("starttls", self.starttls),
+            ("auth", self.auth),
+            ("mail", self.mail),
+            ("rcpt", self.rcpt),
+            ("data", self.data),
+            ("bdat", self.bdat),
+            ("rset", self.rset),
+            ("noop", self.noop),
+            ("quit", self.quit),
+            ("unknown", self.unknown),
+        ];
+        let total: u32 = parts.iter().map(|(_, n)| n).sum();
+        let mut s: Vec<String> = parts
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        s.push(format!("commands={total}"));
+        s.join(" ")
+    }
+}
+
+struct Transaction {
+    sender: Option<Mailbox>,
+    params: Params,
+    rcpts: Vec<(Mailbox, Params)>,
+    /// BDAT chunks received so far.
+    bdat: Option<(SpoolWriter, u64)>,
+    bdat_failed: Option<Reply>,
+    bdat_lines: mb_smtp::data::LineChecker,
+}
+
+pub struct Session<'a> {
+    conn: Conn,
+    settings: &'a Settings,
+    spool: &'a Spool,
+    client: Client,
+    listener: Listener,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<String>,
+    auth_user: Option<String>,
+    tx: Option<Transaction>,
+    /// Errors since the last accepted message, against `max_errors` (like Postfix's
+    /// hard error limit, a client that delivers mail starts afresh).
+    error_count: u32,
+    /// NOOP, HELP, RSET and VRFY so far (Postfix's junk command limit).
+    junk: u32,
+    phase: PhaseGuard,
+    pub summary: Summary,
+}
+
+const HELP: &str = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS";
+impl<'a> Session<'a> {
+    pub fn new(
+        io: Box<dyn Io>,
+        settings: &'a Settings,
+        spool: &'a Spool,
+        client: Client,
+        listener: Listener,
+    ) -> Self {
+        Session {
+            conn: Conn::new(io, settings.timeout),
+            settings,
+            spool,
+            client,
+            listener,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            auth_user: None,
+            tx: None,
+            error_count: 0,
+            junk: 0,
+            phase: PhaseGuard::new(settings.phases.clone()),
+            summary: Summary::default(),
+        }
+    }
+
+    /// Marks the session as already under TLS (SMTPS).
+    pub fn with_tls(mut self, description: String) -> Self {
+        self.tls = Some(description);
+        self.summary.tls = true;
+        self
+    }
+
+    /// Runs the session to its end and returns its summary.
+    pub async fn run(mut self, shutdown: mb_runtime::lifecycle::Shutdown) -> Summary {
+        if self.conn.input_pending().await {
+            self.close(
+                Reply::new(
+                    554,
+                    EnhancedStatus::new(5, 5, 1),
+                    "Error: talking before the greeting",
+                ),
+                "early talker",
+            )
+            .await;
+            self.conn.shutdown().await;
+            return self.summary;
+        }
+        let greeting = format!("220 {} ESMTP Mailborder\r\n", self.settings.hostname);
+        if self.conn.send(&greeting).await.is_err() {
+            self.summary.end = "lost";
+            return self.summary;
+        }
+        loop {
+            let line = tokio::select! {
+                l = self.conn.read_line(proto::MAX_COMMAND_LINE) => l,
+                () = shutdown.requested() => {
+                    let r = self.fatal(421, EnhancedStatus::new(4, 3, 2), "Service shutting down");
+                    self.close(r, "shutdown").await;
+                    break;
+                }
+            };
+            let line = match line {
+                Ok(l) => l,
+                Err(ReadError::TooLong) => {
+                    if self
+                        .error(Reply::new(
+                            500,
+                            EnhancedStatus::new(5, 5, 2),
+                            "Error: command line too long",
+                        ))
+                        .await
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                Err(ReadError::BareLf) => {
+                    self.close(
+                        self.fatal(
+                            521,
+                            EnhancedStatus::new(5, 5, 2),
+                            "Error: bare <LF> received",
+                        ),
+                        "bare LF",
+                    )
+                    .await;
+                    break;
+                }
+                Err(ReadError::Timeout) => {
+                    self.close(
+                        self.fatal(421, EnhancedStatus::new(4, 4, 2), "Error: timeout exceeded"),
+                        "timeout",
+                    )
+                    .await;
+                    break;
+                }
+                Err(ReadError::Eof) => {
+                    self.summary.end = "lost";
+                    break;
+                }
+                Err(ReadError::Io(_)) => {
+                    self.summary.end = "lost";
+                    break;
+                }
+            };
+            match proto::parse_command(&line) {
+                Ok(cmd) => {
+                    if self.command(cmd).await {
+                        break;
+                    }
+                }
+                Err(proto::ParseError(reply)) => {
+                    if reply.code == 502 {
+                        self.summary.unknown += 1;
+                    }
+                    // A BDAT line we cannot read leaves its chunk unread: the stream can
+                    // no longer be trusted to be commands.
+                    if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"BDAT") {
+                        let _ = self.conn.send(&reply.to_wire()).await;
+                        self.summary.end = "bad BDAT";
+                        break;
+                    }
+                    if self.error(reply).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.conn.shutdown().await;
+        self.summary
+    }
+
+    /// A reply that ends the session, naming this server (as Postfix's 421s do).
+    fn fatal(&self, code: u16, status: EnhancedStatus, text: &str) -> Reply {
+        Reply::new(code, status, format!("{} {text}", self.settings.hostname))
+    }
+
+    /// Sends a last reply and records why the session ends.
+    async fn close(&mut self, reply: Reply, end: &'static str) {
+        let _ = self.conn.send(&reply.to_wire()).await;
+        self.summary.end = end;
+    }
+
+    /// Sends an error reply; returns true when the session must end (too many errors).
+    async fn error(&mut self, reply: Reply) -> bool {
+        self.summary.errors += 1;
+        self.error_count += 1;
+        if self.error_count >= self.settings.max_errors {
+            self.conn.queue(
+                &self
+                    .fatal(421, EnhancedStatus::new(4, 7, 0), "Error: too many errors")
+                    .to_wire(),
+            );
+            let _ = self.conn.flush().await;
+            self.summary.end = "too many errors";
+            return true;
+        }
+        self.conn.queue(&reply.to_wire());
+        false
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.conn.queue(&reply.to_wire());
+    }
+
+    /// Handles one command; returns true when the session ends.
+    async fn command(&mut self, cmd: Command) -> bool {
+        // Without PIPELINING, a client may not send a command before its reply came.
+        let pipelined = !self.conn.buffered().is_empty();
+        if pipelined && !self.esmtp {
+            self.close(
+                Reply::new(
+                    554,
+                    EnhancedStatus::new(5, 5, 0),
+                    "Error: improper command pipelining",
+                ),
+                "improper pipelining",
+            )
+            .await;
+            return true;
+        }
+        if matches!(
+            cmd,
+            Command::Noop | Command::Help | Command::Rset | Command::Vrfy(_)
+        ) {
+            self.junk += 1;
+            if self.junk > MAX_JUNK_COMMANDS {
+                self.close(
+                    self.fatal(
+                        421,
+                        EnhancedStatus::new(4, 7, 0),
+                        "Error: too many commands without mail",
+                    ),
+                    "too many junk commands",
+                )
+                .await;
+                return true;
+            }
+        }
+        if self.settings.tls_mode == TlsMode::Mandatory
+            && self.tls.is_none()
+            && let Command::Bdat { size, .. } = cmd
+        {
+            // The chunk follows the command whatever the answer: read it first.
+            if !self.skip(size).await {
+                return true;
+            }
+            return self
+                .error(Reply::new(
+                    530,
+                    EnhancedStatus::new(5, 7, 0),
+                    "Must issue a STARTTLS command first",
+                ))
+                .await;
+        }
+        if self.settings.tls_mode == TlsMode::Mandatory
+            && self.tls.is_none()
+            && !matches!(
+                cmd,
+                Command::Ehlo(_)
+                    | Command::Helo(_)
+                    | Command::StartTls
+                    | Command::Noop
+                    | Command::Quit
+                    | Command::Rset
+            )
+        {
+            return self
+                .error(Reply::new(
+                    530,
+                    EnhancedStatus::new(5, 7, 0),
+                    "Must issue a STARTTLS command first",
+                ))
+                .await;
+        }
+        match cmd {
+            Command::Ehlo(name) => self.ehlo(name),
+            Command::Helo(name) => self.helo(name),
+            Command::StartTls => {
+                self.phase.set(Phase::TlsHandshake);
+                let end = self.starttls().await;
+                self.phase.set(Phase::Command);
+                return end;
+            }
+            Command::Mail(sender, params) => {
+                self.summary.mail += 1;
+                let r = self.mail(sender, params);
+                if r.is_error() {
+                    return self.error(r).await;
+                }
+                self.reply(r);
+            }
+            Command::Rcpt(rcpt, params) => {
+                self.summary.rcpt += 1;
+                let r = self.rcpt(rcpt, params);
+                if r.is_error() {
+                    return self.error(r).await;
+                }
+                self.reply(r);
+            }
+            Command::Data => {
+                self.summary.data += 1;
+                self.phase.set(Phase::Data);
+                let end = self.data().await;
+                self.phase.set(Phase::Command);
+                return end;
+            }
+            Command::Bdat { size, last } => {
+                self.summary.bdat += 1;
+                self.phase.set(Phase::Data);
+                let end = self.bdat(size, last).await;
+                self.phase.set(Phase::Command);
+                return end;
+            }
+            Command::Rset => {
+                self.summary.rset += 1;
+                self.tx = None;
+                self.reply(Reply::new(250, EnhancedStatus::new(2, 0, 0), "Ok"));
+            }
+            Command::Noop => {
+                self.summary.noop += 1;
+                self.reply(Reply::new(250, EnhancedStatus::new(2, 0, 0), "Ok"));
+            }
+            Command::Quit => {
+                self.summary.quit += 1;
+                let _ = self
+                    .conn
+                    .send(&Reply::new(221, EnhancedStatus::new(2, 0, 0), "Bye").to_wire())
+                    .await;
+                self.summary.end = "quit";
+                return true;
+            }
+            Command::Help => self.reply(Reply::new(214, EnhancedStatus::new(2, 0, 0), HELP)),
+            Command::Vrfy(_) => self.reply(Reply::new(
+                252,
+                EnhancedStatus::new(2, 0, 0),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn(_) => {
+                return self
+                    .error(Reply::new(
+                        502,
+                        EnhancedStatus::new(5, 5, 1),
+                        "Error: EXPN is not supported",
+                    ))
+                    .await;
+            }
+            // LMTP and XFORWARD belong to the content filter's listener, not here.
+            Command::Lhlo(_) | Command::Xforward(_) => {
+                return self
+                    .error(Reply::new(
+                        502,
+                        EnhancedStatus::new(5, 5, 2),
+                        "Error: command not recognized",
+                    ))
+                    .await;
+            }
+            Command::Auth(arg) => {
+                self.summary.auth += 1;
+                self.phase.set(Phase::Auth);
+                let end = self.auth(&arg).await;
+                self.phase.set(Phase::Command);
+                return end;
+            }
+        }
+        false
+    }
+
+    /// Reads and throws away `size` bytes (a BDAT chunk we refuse); false if the client left.
+    async fn skip(&mut self, size: u64) -> bool {
+        let mut remaining = size;
+        while remaining > 0 {
+            if self.conn.buffered().is_empty() && self.conn.fill().await.is_err() {
+                self.summary.end = "lost in BDAT";
+                return false;
+            }
+            let n = usize::try_from(remaining)
+                .unwrap_or(usize::MAX)
+                .min(self.conn.buffered().len());
+            self.conn.consume(n);
+            remaining -= n as u64;
+        }
+        true
+    }
+
+    /// Records a message event for the message log.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        stage: &str,
+        verdict: &str,
+        sender: &str,
+        recipients: Vec<String>,
+        size: u64,
+        queue_id: String,
+        detail: &str,
+    ) {
+        if let Some(sink) = &self.settings.events {
+            sink.send(mb_proto::v1::MessageEvent {
+                daemon: "mb-smtpd".into(),
+                node: self.settings.hostname.clone(),
+                queue_id,
+                client_ip: self.client.ip.to_string(),
+                helo: self.helo.clone().unwrap_or_default(),
+                sender: sender.to_string(),
+                recipients,
+                size,
+                stage: stage.into(),
+                verdict: verdict.into(),
+                detail: detail.into(),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Input already waiting behind a command that must end a pipelined group (STARTTLS,
+    /// DATA) is refused with 554 and the session closed; true when that happened.
+    async fn refuse_pipelined_input(&mut self, verb: &str) -> bool {
+        if self.conn.buffered().is_empty() {
+            return false;
+        }
+        self.close(
+            Reply::new(
+                554,
+                EnhancedStatus::new(5, 5, 0),
+                format!("Error: improper pipelining after {verb}"),
+            ),
+            "improper pipelining",
+        )
+        .await;
+        true
+    }
+}

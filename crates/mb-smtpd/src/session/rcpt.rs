@@ -1,0 +1,107 @@
+//! RCPT TO (RFC 5321 §4.1.1.3): relay control, recipient limits, DSN parameters.
+
+use super::*;
+
+impl Session<'_> {
+    pub(super) fn rcpt(&mut self, rcpt: Mailbox, params: Params) -> Reply {
+        let may_relay = self.may_relay();
+        // <postmaster> without a domain is always accepted (RFC 5321 §4.5.1).
+        let (rcpt, served) = if rcpt.domain.is_empty() {
+            let domain = self
+                .settings
+                .domains
+                .first()
+                .cloned()
+                .unwrap_or_else(|| self.settings.hostname.clone());
+            (
+                Mailbox {
+                    local: "postmaster".into(),
+                    domain,
+                },
+                true,
+            )
+        } else {
+            let served = self.serves(&rcpt);
+            (rcpt, served)
+        };
+        let esmtp = self.esmtp;
+        let max = self.settings.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(
+                503,
+                EnhancedStatus::new(5, 5, 1),
+                "Error: need MAIL command",
+            );
+        };
+        if !esmtp && params != Params::default() {
+            return Reply::new(
+                555,
+                EnhancedStatus::new(5, 5, 4),
+                "Error: RCPT parameters need EHLO",
+            );
+        }
+        let ascii = rcpt.local.is_ascii() && rcpt.domain.is_ascii();
+        if !tx.params.smtputf8 && !ascii {
+            return Reply::new(
+                553,
+                EnhancedStatus::new(5, 6, 7),
+                "Non-ASCII address without SMTPUTF8",
+            );
+        }
+        if !served && !may_relay {
+            self.summary.relay_denied += 1;
+            tracing::info!(client = %self.client.ip, to = %rcpt, "relay access denied");
+            let sender = tx
+                .sender
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            self.event(
+                "rejected",
+                "reject",
+                &sender,
+                vec![rcpt.to_string()],
+                0,
+                String::new(),
+                "relay access denied",
+            );
+            return Reply::new(
+                554,
+                EnhancedStatus::new(5, 7, 1),
+                format!("<{rcpt}>: Relay access denied"),
+            );
+        }
+        if tx.rcpts.len() >= max {
+            return Reply::new(
+                452,
+                EnhancedStatus::new(4, 5, 3),
+                "Error: too many recipients",
+            );
+        }
+        if tx.rcpts.iter().any(|(r, _)| *r == rcpt) {
+            return Reply::new(
+                250,
+                EnhancedStatus::new(2, 1, 5),
+                "Ok (duplicate recipient)",
+            );
+        }
+        tx.rcpts.push((rcpt, params));
+        Reply::new(250, EnhancedStatus::new(2, 1, 5), "Ok")
+    }
+
+    pub(super) fn serves(&self, m: &Mailbox) -> bool {
+        !m.is_literal() && self.serves_domain(&m.domain)
+    }
+
+    pub(super) fn serves_domain(&self, domain: &str) -> bool {
+        let domain = domain.to_lowercase();
+        self.settings.domains.iter().any(|d| {
+            let d = d.to_lowercase();
+            match d.strip_prefix('.') {
+                // ".example.com" serves every subdomain of example.com.
+                Some(parent) => domain.ends_with(&format!(".{parent}")),
+                None => d == domain,
+            }
+        })
+    }
+}

@@ -1,0 +1,93 @@
+//! The filter's verdict before the 250: the scan request, and the verdict turned
+//! into the reply through `mb_scan::reply` (the same in every mode).
+
+use super::*;
+
+impl Session<'_> {
+    /// Asks the filter for a verdict before the message is committed. `Ok` carries the
+    /// header changes to keep with the envelope; `Err` is the reply that ends the
+    /// transaction instead (reject, tempfail, discard, or no scanner and tempfail).
+    pub(super) async fn scan(
+        &mut self,
+        scanner: &dyn mb_scan::Scanner,
+        writer: &SpoolWriter,
+        id: &str,
+    ) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, Reply> {
+        let Some(tx) = self.tx.as_ref() else {
+            return Ok(None);
+        };
+        let message = writer.contents().await.map_err(|_| {
+            Reply::new(
+                451,
+                EnhancedStatus::new(4, 3, 0),
+                "Error: queue file read error",
+            )
+        })?;
+        let request = ScanRequest {
+            queue_id: id.into(),
+            client_ip: Some(self.client.ip),
+            client_name: "unknown".into(),
+            helo: self.helo.clone().unwrap_or_default(),
+            sender: tx
+                .sender
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            recipients: tx.rcpts.iter().map(|(r, _)| r.to_string()).collect(),
+            auth_user: self.auth_user.clone().unwrap_or_default(),
+            tls: self.tls.clone().unwrap_or_default(),
+            direction: Direction::of(
+                self.auth_user.is_some(),
+                Some(self.client.ip),
+                &self.settings.mynetworks,
+            ),
+        };
+        let v = match scanner.scan(&request, message.into()).await {
+            Ok(v) => v,
+            Err(e) if self.settings.accept_unscanned => {
+                tracing::warn!(id, cause = %e, "no mb-filter worker answered; accepting unscanned (filter.unavailable_action = accept)");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(id, cause = %e, "no mb-filter worker answered; message tempfailed");
+                return Err(mb_scan::reply::unavailable());
+            }
+        };
+        match mb_scan::reply::disposition(&v) {
+            Disposition::Refuse(reply) => {
+                tracing::info!(
+                    client = %self.client.ip,
+                    id,
+                    action = %v.action,
+                    score = v.score,
+                    "message refused by the filter: {}",
+                    v.refusal.text
+                );
+                Err(reply)
+            }
+            // The filter logs the verdict in the message log; the sender is not told
+            // (a quarantined message is safe on disk before this 250).
+            Disposition::Discard => {
+                tracing::info!(client = %self.client.ip, id, "message discarded by the filter");
+                Err(Reply::new(
+                    250,
+                    EnhancedStatus::OK,
+                    format!("Ok: queued as {id}"),
+                ))
+            }
+            Disposition::Quarantined(qid) => {
+                tracing::info!(client = %self.client.ip, id, quarantine_id = %qid, from = %request.sender, nrcpt = request.recipients.len(), "message quarantined by the filter");
+                self.summary.accepted.push(id.to_string());
+                Err(Reply::new(
+                    250,
+                    EnhancedStatus::OK,
+                    format!("Ok: queued as {id}"),
+                ))
+            }
+            Disposition::Deliver {
+                add_headers,
+                remove_headers,
+            } => Ok(Some((add_headers.to_vec(), remove_headers.to_vec()))),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! A private Rspamd, the spam-scoring peer.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::ports::free_port;
+use crate::procs::{Proc, require, wait_until};
+
+/// A private Rspamd (normal worker only) on a loopback port, with its own run, log and
+/// database dirs and DNS pointed at a closed local port (offline: lookups fail fast).
+/// Rspamd takes 20-30 s to load its rules: `start` returns at once and `wait_ready`
+/// waits for `/ping`, so a test can set up the rest meanwhile.
+pub struct Rspamd {
+    // Stopped before its directory goes.
+    pub server: Proc,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Rspamd {
+    pub fn start() -> Result<Rspamd> {
+        let program = require("rspamd", "rspamd");
+        let dir = tempfile::Builder::new().prefix("mb-rspamd-").tempdir()?;
+        let d = dir.path().to_path_buf();
+        for sub in ["db", "local"] {
+            fs::create_dir_all(d.join(sub))?;
+        }
+        let port = free_port();
+        fs::write(
+            d.join("rspamd.conf"),
+            format!(
+                ".include \"$CONFDIR/common.conf\"\n\
+                 options {{\n  pidfile = \"{d}/rspamd.pid\";\n  .include \"$CONFDIR/options.inc\"\n\
+                 dns {{\n    nameserver = [\"127.0.0.1:9\"];\n    timeout = 0.3s;\n    retransmits = 1;\n  }}\n}}\n\
+                 logging {{\n  type = \"file\";\n  filename = \"{d}/rspamd.log\";\n  level = \"info\";\n}}\n\
+                 worker \"normal\" {{\n  bind_socket = \"127.0.0.1:{port}\";\n  .include \"$CONFDIR/worker-normal.inc\"\n  count = 1;\n}}\n",
+                d = d.display()
+            ),
+        )?;
+        // Rspamd drops to its own user, which must reach these dirs.
+        let _ = Command::new("chown")
+            .args(["-R", "_rspamd:_rspamd"])
+            .arg(&d)
+            .status();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
+        let var = |k: &str, v: &Path| format!("--var={k}={}", v.display());
+        let child = Command::new(program)
+            .args(["-f", "-u", "_rspamd", "-g", "_rspamd", "-c"])
+            .arg(d.join("rspamd.conf"))
+            .arg(var("DBDIR", &d.join("db")))
+            .arg(var("RUNDIR", &d))
+            .arg(var("LOGDIR", &d))
+            .arg(var("LOCAL_CONFDIR", &d.join("local")))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(d.join("stderr.log"))?)
+            .spawn()?;
+        Ok(Rspamd {
+            port,
+            dir,
+            server: Proc {
+                child,
+                name: "rspamd".into(),
+            },
+        })
+    }
+
+    /// Waits (up to 90 s) until the normal worker answers `/ping`.
+    pub fn wait_ready(&self) -> Result<()> {
+        let port = self.port;
+        wait_until("rspamd to answer /ping", Duration::from_secs(90), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+                use std::io::Write;
+                let mut buf = Vec::new();
+                s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").is_ok()
+                    && s.read_to_end(&mut buf).is_ok()
+                    && String::from_utf8_lossy(&buf).contains("pong")
+            })
+        })
+        .with_context(|| {
+            format!(
+                "{}{}",
+                fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default(),
+                fs::read_to_string(self.dir.path().join("rspamd.log")).unwrap_or_default()
+            )
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
