@@ -44,7 +44,7 @@ fn exercise(url: &str, dialect: &str) {
         )
         .unwrap()
             - 3_600_000;
-        let entry = mb_proto::v1::QuarantineEntry {
+        let entry = mb_core::quarantine::Entry {
             id: id.into(),
             at_unix_ms: at,
             sender: "x@sender.test".into(),

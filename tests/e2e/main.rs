@@ -3,6 +3,7 @@
 //! smtp-sink, dnsmasq, Dovecot LMTP, clamd).
 
 mod access;
+mod cases;
 mod cluster;
 mod config_cli;
 mod databases;

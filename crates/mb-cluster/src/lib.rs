@@ -15,35 +15,36 @@ pub mod pki;
 pub mod state;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mb_core::Config;
 use mb_proto::v1::cluster_server::ClusterServer;
-use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::{
     CommandResult, NodeCommand, NodeReport, NodeStatus, ReloadResponse, Snapshot, StatusRequest,
     StatusResponse,
 };
-use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::control::{DaemonHooks, DaemonInfo};
+use mb_runtime::daemon::{Context, Daemon, Identity, Serving, StartError};
 use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle::{self, Shutdown};
 use mb_runtime::uds::Guard;
 use tokio::sync::{Notify, watch};
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 
 use crate::state::{Dir, State};
 
 pub const DAEMON: &str = "mb-cluster";
 
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub log_format: Option<String>,
-}
+/// How long the node's role may take to stop after SIGTERM: the supervisor gives it
+/// 10 s, and the control socket's calls are short.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The cluster daemon (`mb-cluster daemon`), as `mb_runtime::daemon` runs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cluster;
 
 /// What the main last heard from a node.
 #[derive(Debug, Clone, Default)]
@@ -182,7 +183,8 @@ async fn queue_depth(cfg: &Config) -> u64 {
     }
 }
 
-struct Hooks {
+/// `Control.Status` (role, version, nodes) and reload.
+pub struct Hooks {
     node: Arc<Node>,
     config: Option<PathBuf>,
 }
@@ -239,93 +241,71 @@ fn role_keys(cfg: &Config) -> Vec<String> {
     .collect()
 }
 
-pub async fn main(opts: Options) -> i32 {
-    let file = match mb_runtime::start_daemon(
-        DAEMON,
-        opts.config.as_deref(),
-        opts.log_format.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
-    let mb_runtime::Following {
-        shutdown,
-        reload: reload_rx,
-        follower,
-    } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
-        Ok(f) => f,
-        Err(code) => return code,
-    };
-    let cfg = follower.current();
-    let run_dir = cfg.path("paths.run_dir");
-    let dir = Dir::of(&cfg);
-    let _ = std::fs::create_dir_all(&run_dir);
-    let _ = std::fs::create_dir_all(&dir.0);
-    match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path(), &dir.0]) {
-        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
-        Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
+impl Daemon for Cluster {
+    type Source = Follower;
+    /// Nothing: the cluster port is bound by the node's role (`peer::run_main`), which
+    /// restarts whenever the settings that decide it change.
+    type Listeners = ();
+    type Hooks = Hooks;
+
+    const DRAIN_DEADLINE: Duration = DRAIN_DEADLINE;
+    const CUT_SHORT: Option<&'static str> =
+        Some("the cluster role was still stopping at the drain deadline");
+
+    fn identity(&self) -> Identity {
+        Identity::single(DAEMON)
     }
-    let socket = cfg.socket(DAEMON);
-    let control = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
-    let info = DaemonInfo::new(DAEMON);
-    info.add_listener(format!("unix:{}", socket.display()));
-    let node = Arc::new(Node {
-        dir,
-        info: info.clone(),
-        follower: follower.clone(),
-        state: Mutex::new(None),
-        seen: Mutex::new(HashMap::new()),
-        snapshot: Mutex::new(None),
-        version: watch::channel(0).0,
-        link: Mutex::new("not started".into()),
-        remote_nodes: Mutex::new(Vec::new()),
-        sync_now: Notify::new(),
-        pending: Mutex::new(HashMap::new()),
-        next_command: AtomicU64::new(1),
-        outbox: AtomicU64::new(0),
-    });
-    let reloader = {
-        let follower = follower.clone();
-        let config = opts.config.clone();
-        mb_runtime::spawn_reloader(reload_rx, move || {
-            mb_runtime::reread(&follower, config.as_deref())
-        })
-    };
-    let hooks = Arc::new(Hooks {
-        node: node.clone(),
-        config: opts.config.clone(),
-    });
-    let guard = Guard::peer();
-    let grpc = tonic::transport::Server::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(info, hooks),
-            guard.clone(),
-        ))
-        .add_service(ClusterServer::with_interceptor(
-            admin::Admin { node: node.clone() },
-            guard,
-        ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(control), {
-            let s = shutdown.clone();
-            async move { s.requested().await }
+
+    fn init(&self) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+
+    async fn configure(
+        &self,
+        file: Config,
+        _config: Option<&Path>,
+        shutdown: &Shutdown,
+    ) -> Result<Follower, StartError> {
+        Ok(Follower::start(DAEMON, file, shutdown.clone()))
+    }
+
+    async fn bind(&self, _cfg: &Config) -> Result<(), StartError> {
+        Ok(())
+    }
+
+    fn writable(&self, cfg: &Config) -> Option<Vec<PathBuf>> {
+        Some(vec![Dir::of(cfg).0])
+    }
+
+    async fn start(self, (): (), ctx: &Context<Follower>) -> Result<Serving<Hooks>, StartError> {
+        let node = Arc::new(Node {
+            dir: Dir::of(&ctx.cfg),
+            info: ctx.info.clone(),
+            follower: ctx.source.clone(),
+            state: Mutex::new(None),
+            seen: Mutex::new(HashMap::new()),
+            snapshot: Mutex::new(None),
+            version: watch::channel(0).0,
+            link: Mutex::new("not started".into()),
+            remote_nodes: Mutex::new(Vec::new()),
+            sync_now: Notify::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_command: AtomicU64::new(1),
+            outbox: AtomicU64::new(0),
         });
-    let supervisor = tokio::spawn(supervise(node.clone(), shutdown.clone()));
-    lifecycle::notify_ready();
-    tracing::info!(socket = %socket.display(), "mb-cluster ready");
-    let result = grpc.await;
-    lifecycle::notify_stopping();
-    let _ = supervisor.await;
-    reloader.abort();
-    let _ = std::fs::remove_file(&socket);
-    match result {
-        Ok(()) => 0,
-        Err(e) => fail(mb_runtime::EX_SOFTWARE, format!("control socket: {e}")),
+        let hooks = Arc::new(Hooks {
+            node: node.clone(),
+            config: ctx.config.clone(),
+        });
+        let admin =
+            ClusterServer::with_interceptor(admin::Admin { node: node.clone() }, Guard::peer());
+        let supervisor = tokio::spawn(supervise(node, ctx.shutdown.clone()));
+        tracing::info!(socket = %ctx.socket.display(), "mb-cluster ready");
+        let work = async move {
+            let _ = supervisor.await;
+            Ok(())
+        };
+        Ok(Serving::new(hooks, work).with_services(tonic::service::Routes::new(admin)))
     }
 }
 

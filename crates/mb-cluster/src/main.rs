@@ -101,19 +101,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Command::Daemon { log_format } = &args.command {
-        let runtime = match tokio::runtime::Runtime::new() {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("mb-cluster: cannot start the async runtime: {e}");
-                return ExitCode::from(70);
-            }
+    if let Command::Daemon { log_format } = args.command {
+        let flags = mb_runtime::daemon::Flags {
+            config: args.config,
+            log_format,
         };
-        let code = runtime.block_on(mb_cluster::main(mb_cluster::Options {
-            config: args.config.clone(),
-            log_format: log_format.clone(),
-        }));
-        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        return mb_runtime::daemon::main(mb_cluster::Cluster, flags);
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     cli::run("mb-cluster", run(args))

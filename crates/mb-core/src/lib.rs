@@ -5,6 +5,7 @@ pub mod config;
 pub mod envelope;
 pub mod message;
 pub mod policy;
+pub mod quarantine;
 pub mod registry;
 pub mod route;
 pub mod value;

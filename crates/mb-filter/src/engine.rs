@@ -1,7 +1,9 @@
-//! The decision for one message: MIME and attachment rules, ClamAV, header sanity, and
-//! the score thresholds, turned into a `Verdict`.
+//! The decision for one message, as a pipeline of steps (policy, parse, attachments,
+//! antivirus, sender authentication, content scoring, thresholds, headers) that ends in a
+//! `Verdict`.
 
 use std::fmt::Write as _;
+use std::ops::ControlFlow;
 
 use mail_parser::{HeaderName, Message, MessageParser, MimeHeaders};
 use mb_core::policy::{self, Policy};
@@ -163,6 +165,9 @@ pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
 
 /// Scans one message under `cfg`. `auth` checks SPF/DKIM/DMARC for inbound mail;
 /// `policies` may block the message, skip its spam scoring (allow) or set its thresholds.
+///
+/// The steps run in this order; each one ends the scan with a verdict or adds to the
+/// context the later ones read.
 pub async fn scan(
     cfg: &Config,
     req: &ScanRequest,
@@ -170,7 +175,61 @@ pub async fn scan(
     auth: Option<&crate::auth::Auth>,
     policies: &[Policy],
 ) -> Verdict {
-    let mut symbols: Vec<Symbol> = Vec::new();
+    let steps = async {
+        let policy = match_policy(req, policies)?;
+        let message = parse(raw)?;
+        let mut ctx = Context {
+            cfg,
+            req,
+            raw,
+            policy,
+            symbols: Vec::new(),
+            auth_header: None,
+        };
+        attachments(&mut ctx, &message)?;
+        antivirus(&mut ctx).await?;
+        sender_authentication(&mut ctx, auth).await?;
+        content_scoring(&mut ctx, &message).await?;
+        let thresholds = Thresholds::new(cfg, policy);
+        let mut verdict = thresholds.judge(ctx.symbols);
+        verdict_headers(&mut verdict, ctx.auth_header, thresholds.tag);
+        Step::<Verdict>::Continue(verdict)
+    };
+    match steps.await {
+        ControlFlow::Break(verdict) | ControlFlow::Continue(verdict) => verdict,
+    }
+}
+
+/// What a step decided: `Break` ends the scan with that verdict, `Continue` hands the
+/// message to the next step.
+type Step<T = ()> = ControlFlow<Verdict, T>;
+
+/// One message on its way through the steps: what they read, and what the steps so far
+/// added for the thresholds and the headers.
+struct Context<'a> {
+    cfg: &'a Config,
+    req: &'a ScanRequest,
+    raw: &'a [u8],
+    /// The policy that matched the envelope, if any (never a blocking one: that ended
+    /// the scan).
+    policy: Option<&'a Policy>,
+    /// Every rule that fired, in the order the steps ran; the score is their sum.
+    symbols: Vec<Symbol>,
+    /// Our Authentication-Results, when sender authentication ran.
+    auth_header: Option<String>,
+}
+
+impl<'a> Context<'a> {
+    /// The allow-listing policy that matched: no spam scoring, though viruses and
+    /// attachment rules still apply.
+    fn allowed(&self) -> Option<&'a Policy> {
+        self.policy.filter(|p| p.action == policy::Action::Allow)
+    }
+}
+
+/// Policy: a blocking policy refuses the message; any other that matched goes on, to
+/// allow-list it or set its thresholds.
+fn match_policy<'p>(req: &ScanRequest, policies: &'p [Policy]) -> Step<Option<&'p Policy>> {
     let policy = policy::best(
         policies,
         &policy::Subject {
@@ -180,29 +239,35 @@ pub async fn scan(
         },
     );
     if let Some(p) = policy.filter(|p| p.action == policy::Action::Block) {
-        return refuse(
+        return ControlFlow::Break(refuse(
             Action::Reject,
             POLICY_REFUSED,
             format!("Message refused by policy {}", p.name),
             Some(symbol("POLICY_BLOCK", 0.0, p.name.clone())),
-        );
+        ));
     }
-    // Allow-listed: no spam scoring; viruses and attachment rules still apply.
-    let allow = policy.filter(|p| p.action == policy::Action::Allow);
-    let parsed = MessageParser::default().parse(raw);
-    let Some(message) = parsed else {
-        return refuse(
+    ControlFlow::Continue(policy)
+}
+
+/// Parse: what cannot be parsed as a mail message is refused.
+fn parse(raw: &[u8]) -> Step<Message<'_>> {
+    match MessageParser::default().parse(raw) {
+        Some(message) => ControlFlow::Continue(message),
+        None => ControlFlow::Break(refuse(
             Action::Reject,
             UNPARSABLE,
             "Message refused: it cannot be parsed as a mail message".into(),
             None,
-        );
-    };
+        )),
+    }
+}
 
-    // Attachment rules: a blocked type is refused whatever the score.
-    let findings = check_attachments(&message, &AttachmentRules::from_config(cfg));
+/// Attachments: a blocked name, type or size (or a blocked name inside a ZIP archive) is
+/// refused whatever the score; an encrypted archive only scores.
+fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
+    let findings = check_attachments(message, &AttachmentRules::from_config(ctx.cfg));
     if let Some(first) = findings.blocked.first() {
-        return refuse(
+        return ControlFlow::Break(refuse(
             Action::Reject,
             CONTENT_REFUSED,
             format!("Message refused: {first}"),
@@ -211,140 +276,231 @@ pub async fn scan(
                 0.0,
                 findings.blocked.join("; "),
             )),
-        );
+        ));
     }
     if findings.encrypted_archive {
-        symbols.push(symbol(
+        ctx.symbols.push(symbol(
             "ENCRYPTED_ARCHIVE",
             2.0,
             "a ZIP archive with encrypted entries",
         ));
     }
+    ControlFlow::Continue(())
+}
 
-    // Viruses.
-    if cfg.bool("clamav.enabled") {
-        match clamav::scan(
-            &cfg.text("clamav.address"),
-            raw,
-            cfg.duration("clamav.timeout"),
-        )
-        .await
-        {
-            Ok(clamav::Scan::Clean) => {}
-            Ok(clamav::Scan::Infected(name)) => {
-                let found = symbol("VIRUS", 0.0, name.clone());
-                if cfg.text("clamav.virus_action") == "quarantine" {
-                    let mut v = decide(Action::Quarantine, format!("virus found ({name})"));
-                    v.symbols.push(found);
-                    return v;
-                }
-                return refuse(
-                    Action::Reject,
-                    CONTENT_REFUSED,
-                    format!("Message refused: virus found ({name})"),
-                    Some(found),
-                );
+/// Antivirus (when `clamav.enabled`): a virus is rejected or quarantined
+/// (`clamav.virus_action`); clamd down tempfails the message, or under
+/// `clamav.unavailable_action = "skip"` lets it on with a symbol.
+async fn antivirus(ctx: &mut Context<'_>) -> Step {
+    let cfg = ctx.cfg;
+    if !cfg.bool("clamav.enabled") {
+        return ControlFlow::Continue(());
+    }
+    let address = cfg.text("clamav.address");
+    match clamav::scan(&address, ctx.raw, cfg.duration("clamav.timeout")).await {
+        Ok(clamav::Scan::Clean) => ControlFlow::Continue(()),
+        Ok(clamav::Scan::Infected(name)) => {
+            let found = symbol("VIRUS", 0.0, name.clone());
+            if cfg.text("clamav.virus_action") == "quarantine" {
+                let mut v = decide(Action::Quarantine, format!("virus found ({name})"));
+                v.symbols.push(found);
+                return ControlFlow::Break(v);
             }
-            Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
-                tracing::warn!(cause = %e, id = %req.queue_id, "ClamAV unavailable; message not scanned for viruses");
-                symbols.push(symbol("CLAMAV_UNAVAILABLE", 0.0, e.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!(cause = %e, id = %req.queue_id, "ClamAV unavailable; message tempfailed");
-                return refuse(
-                    Action::Tempfail,
-                    SCANNER_DOWN,
-                    "Virus scanner unavailable, try again later".into(),
-                    None,
-                );
-            }
+            ControlFlow::Break(refuse(
+                Action::Reject,
+                CONTENT_REFUSED,
+                format!("Message refused: virus found ({name})"),
+                Some(found),
+            ))
+        }
+        Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
+            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message not scanned for viruses");
+            ctx.symbols
+                .push(symbol("CLAMAV_UNAVAILABLE", 0.0, e.to_string()));
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message tempfailed");
+            ControlFlow::Break(refuse(
+                Action::Tempfail,
+                SCANNER_DOWN,
+                "Virus scanner unavailable, try again later".into(),
+                None,
+            ))
+        }
+    }
+}
+
+/// Sender authentication (inbound mail from a known address, when `auth` is given):
+/// SPF/DKIM/DMARC/ARC and blocklist symbols, and our Authentication-Results. A DMARC
+/// reject policy refuses the message; an allow-listed one neither scores nor is refused.
+async fn sender_authentication(ctx: &mut Context<'_>, auth: Option<&crate::auth::Auth>) -> Step {
+    let req = ctx.req;
+    let (Some(auth), Direction::Inbound, Some(ip)) = (auth, req.direction, req.client_ip) else {
+        return ControlFlow::Continue(());
+    };
+    let hostname = crate::hostname(ctx.cfg);
+    let out = auth
+        .check(ctx.cfg, &hostname, ip, &req.helo, &req.sender, ctx.raw)
+        .await;
+    let allowed = ctx.allowed().is_some();
+    if !allowed && let Some(reason) = out.dmarc_reject {
+        return ControlFlow::Break(refuse(
+            Action::Reject,
+            POLICY_REFUSED,
+            reason,
+            Some(symbol("DMARC_REJECT", 0.0, out.header)),
+        ));
+    }
+    if !allowed {
+        ctx.symbols.extend(out.symbols);
+    }
+    ctx.auth_header = Some(out.header);
+    ControlFlow::Continue(())
+}
+
+/// Content scoring: an allow-listed message scores nothing (`POLICY_ALLOW`); any other
+/// is scored by Rspamd (when `rspamd.enabled`), or by our header sanity when Rspamd is
+/// off or did not answer.
+async fn content_scoring(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
+    if let Some(p) = ctx.allowed() {
+        ctx.symbols
+            .push(symbol("POLICY_ALLOW", 0.0, p.name.clone()));
+        return ControlFlow::Continue(());
+    }
+    // Rspamd's content rules include header sanity, so with Rspamd answering ours would
+    // count the same faults twice.
+    let answered = ctx.cfg.bool("rspamd.enabled") && rspamd_scoring(ctx).await?;
+    if !answered {
+        ctx.symbols.extend(header_symbols(message));
+    }
+    ControlFlow::Continue(())
+}
+
+/// Rspamd: its scoring symbols and a summary; whether it answered. Down, it tempfails the
+/// message under `rspamd.unavailable_action = "tempfail"`, else adds a symbol.
+async fn rspamd_scoring(ctx: &mut Context<'_>) -> Step<bool> {
+    let cfg = ctx.cfg;
+    let url = cfg.text("rspamd.url");
+    match rspamd::check(&url, ctx.req, ctx.raw, cfg.duration("rspamd.timeout")).await {
+        Ok(c) => {
+            ctx.symbols.extend(
+                c.symbols
+                    .into_iter()
+                    .filter(|s| s.score != 0.0)
+                    .map(|s| symbol(&s.name, s.score, s.description)),
+            );
+            ctx.symbols.push(symbol(
+                "RSPAMD",
+                0.0,
+                format!("score {:.2}, action {}", c.score, c.action),
+            ));
+            ControlFlow::Continue(true)
+        }
+        Err(e) if cfg.text("rspamd.unavailable_action") == "tempfail" => {
+            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "Rspamd unavailable; message tempfailed");
+            ControlFlow::Break(refuse(
+                Action::Tempfail,
+                SCANNER_DOWN,
+                "Spam scanner unavailable, try again later".into(),
+                None,
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "Rspamd unavailable; scored without it");
+            ctx.symbols
+                .push(symbol("RSPAMD_UNAVAILABLE", 0.0, e.to_string()));
+            ControlFlow::Continue(false)
+        }
+    }
+}
+
+/// The spam score thresholds: a matching score policy's own, else `spam.threshold.*`.
+struct Thresholds {
+    tag: f64,
+    quarantine: f64,
+    reject: f64,
+}
+
+impl Thresholds {
+    fn new(cfg: &Config, policy: Option<&Policy>) -> Thresholds {
+        let own = policy.filter(|p| p.action == policy::Action::Score);
+        Thresholds {
+            tag: own
+                .and_then(|p| p.tag)
+                .unwrap_or_else(|| cfg.float("spam.threshold.tag")),
+            quarantine: own
+                .and_then(|p| p.quarantine)
+                .unwrap_or_else(|| cfg.float("spam.threshold.quarantine")),
+            reject: own
+                .and_then(|p| p.reject)
+                .unwrap_or_else(|| cfg.float("spam.threshold.reject")),
         }
     }
 
-    // Sender authentication, for mail from outside.
-    let mut auth_header = None;
-    if let (Some(auth), Direction::Inbound, Some(ip)) = (auth, req.direction, req.client_ip) {
-        let hostname = crate::hostname(cfg);
-        let out = auth
-            .check(cfg, &hostname, ip, &req.helo, &req.sender, raw)
-            .await;
-        if allow.is_none()
-            && let Some(reason) = out.dmarc_reject
-        {
-            return refuse(
+    /// Thresholds: the sum of the symbols' scores decides reject, quarantine, tag or
+    /// accept.
+    fn judge(&self, symbols: Vec<Symbol>) -> Verdict {
+        let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
+        let mut v = if score >= self.reject {
+            refuse(
                 Action::Reject,
                 POLICY_REFUSED,
-                reason,
-                Some(symbol("DMARC_REJECT", 0.0, out.header)),
-            );
-        }
-        if allow.is_none() {
-            symbols.extend(out.symbols);
-        }
-        auth_header = Some(out.header);
+                format!("Message refused as spam (score {score:.1})"),
+                None,
+            )
+        } else if score >= self.quarantine {
+            decide(Action::Quarantine, format!("spam score {score:.1}"))
+        } else if score >= self.tag {
+            decide(Action::Tag, String::new())
+        } else {
+            decide(Action::Accept, String::new())
+        };
+        v.score = score;
+        v.symbols = symbols;
+        v
     }
+}
 
-    match allow {
-        Some(p) => symbols.push(symbol("POLICY_ALLOW", 0.0, p.name.clone())),
-        None => {
-            // Rspamd's content rules include header sanity, so with Rspamd answering
-            // ours would count the same faults twice.
-            let mut checked_headers = false;
-            if cfg.bool("rspamd.enabled") {
-                match rspamd::check(
-                    &cfg.text("rspamd.url"),
-                    req,
-                    raw,
-                    cfg.duration("rspamd.timeout"),
-                )
-                .await
-                {
-                    Ok(c) => {
-                        checked_headers = true;
-                        symbols.extend(
-                            c.symbols
-                                .into_iter()
-                                .filter(|s| s.score != 0.0)
-                                .map(|s| symbol(&s.name, s.score, s.description)),
-                        );
-                        symbols.push(symbol(
-                            "RSPAMD",
-                            0.0,
-                            format!("score {:.2}, action {}", c.score, c.action),
-                        ));
-                    }
-                    Err(e) if cfg.text("rspamd.unavailable_action") == "tempfail" => {
-                        tracing::warn!(cause = %e, id = %req.queue_id, "Rspamd unavailable; message tempfailed");
-                        return refuse(
-                            Action::Tempfail,
-                            SCANNER_DOWN,
-                            "Spam scanner unavailable, try again later".into(),
-                            None,
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(cause = %e, id = %req.queue_id, "Rspamd unavailable; scored without it");
-                        symbols.push(symbol("RSPAMD_UNAVAILABLE", 0.0, e.to_string()));
-                    }
-                }
-            }
-            if !checked_headers {
-                symbols.extend(header_symbols(&message));
-            }
-        }
+/// Headers (for a message that is delivered or quarantined, not rejected): our X-Spam
+/// fields and Authentication-Results are added, and the copies the message arrived with
+/// removed.
+fn verdict_headers(v: &mut Verdict, auth_header: Option<String>, tag: f64) {
+    if v.action == Action::Reject {
+        return;
     }
-    let score = symbols.iter().fold(0.0_f64, |acc, s| acc + s.score);
-    let own = policy.filter(|p| p.action == policy::Action::Score);
-    let (tag, quarantine, reject) = (
-        own.and_then(|p| p.tag)
-            .unwrap_or_else(|| cfg.float("spam.threshold.tag")),
-        own.and_then(|p| p.quarantine)
-            .unwrap_or_else(|| cfg.float("spam.threshold.quarantine")),
-        own.and_then(|p| p.reject)
-            .unwrap_or_else(|| cfg.float("spam.threshold.reject")),
-    );
+    let spam = v.action != Action::Accept;
+    let score = v.score;
+    // Our own verdict headers replace any the message arrived with (forgeries).
+    v.remove_headers = vec![
+        "X-Spam".into(),
+        "X-Spam-Score".into(),
+        "X-Spam-Status".into(),
+    ];
+    if let Some(h) = auth_header {
+        // Results claimed by anyone before the border are not ours to trust.
+        v.remove_headers.push("Authentication-Results".into());
+        v.add_headers.push(("Authentication-Results".into(), h));
+    }
+    if spam {
+        v.add_headers.push(("X-Spam".into(), "Yes".into()));
+    }
+    v.add_headers
+        .push(("X-Spam-Score".into(), format!("{score:.1}")));
+    let listed = tests_listed(&v.symbols);
+    v.add_headers.push((
+        "X-Spam-Status".into(),
+        format!(
+            "{}, score={score:.1} required={tag:.1} tests=[{listed}]",
+            if spam { "Yes" } else { "No" }
+        ),
+    ));
+}
+
+/// The `tests=` list of X-Spam-Status: the rules that scored, and the policy that
+/// decided (an allow-listing scores nothing).
+fn tests_listed(symbols: &[Symbol]) -> String {
     let mut listed = String::new();
-    // Rules that scored, and the policy that decided (an allow-listing scores nothing).
     for s in symbols
         .iter()
         .filter(|s| s.score != 0.0 || s.name.starts_with("POLICY_"))
@@ -354,49 +510,7 @@ pub async fn scan(
         }
         let _ = write!(listed, "{}({:.1})", s.name, s.score);
     }
-    let mut v = if score >= reject {
-        refuse(
-            Action::Reject,
-            POLICY_REFUSED,
-            format!("Message refused as spam (score {score:.1})"),
-            None,
-        )
-    } else if score >= quarantine {
-        decide(Action::Quarantine, format!("spam score {score:.1}"))
-    } else if score >= tag {
-        decide(Action::Tag, String::new())
-    } else {
-        decide(Action::Accept, String::new())
-    };
-    v.score = score;
-    v.symbols = symbols;
-    if v.action != Action::Reject {
-        let spam = v.action != Action::Accept;
-        // Our own verdict headers replace any the message arrived with (forgeries).
-        v.remove_headers = vec![
-            "X-Spam".into(),
-            "X-Spam-Score".into(),
-            "X-Spam-Status".into(),
-        ];
-        if let Some(h) = auth_header {
-            // Results claimed by anyone before the border are not ours to trust.
-            v.remove_headers.push("Authentication-Results".into());
-            v.add_headers.push(("Authentication-Results".into(), h));
-        }
-        if spam {
-            v.add_headers.push(("X-Spam".into(), "Yes".into()));
-        }
-        v.add_headers
-            .push(("X-Spam-Score".into(), format!("{score:.1}")));
-        v.add_headers.push((
-            "X-Spam-Status".into(),
-            format!(
-                "{}, score={score:.1} required={tag:.1} tests=[{listed}]",
-                if spam { "Yes" } else { "No" }
-            ),
-        ));
-    }
-    v
+    listed
 }
 
 #[cfg(test)]

@@ -12,38 +12,46 @@ pub mod engine;
 pub mod rspamd;
 pub mod zip;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mb_core::EnhancedStatus;
 use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
-use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::filter_server::{Filter, FilterServer};
 use mb_proto::v1::quarantine_client::QuarantineClient;
 use mb_proto::v1::{
-    MessageEvent, QuarantineEntry, ReloadResponse, ScanChunk, ScanVerdict, StatusRequest,
-    StatusResponse,
+    MessageEvent, ReloadResponse, ScanChunk, ScanVerdict, StatusRequest, StatusResponse,
 };
-use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::control::DaemonHooks;
+use mb_runtime::daemon::{Context, Daemon, Identity, Serving, StartError};
 use mb_runtime::events::EventSink;
 use mb_runtime::follow::Follower;
-use mb_runtime::lifecycle;
+use mb_runtime::lifecycle::Shutdown;
 use mb_runtime::uds::Guard;
 use tokio::sync::Semaphore;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 pub const DAEMON: &str = "mb-filter";
 
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub log_format: Option<String>,
+/// How long scans in flight may finish after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One scanning worker, as `mb_runtime::daemon` runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Worker {
+    /// Its number: it serves `mb-filter-N.sock` (systemd `mb-filter@N`).
     pub instance: u32,
+}
+
+/// What a worker opens before it drops privileges.
+pub struct Listeners {
+    auth: auth::Auth,
+    /// The content filter port (`filter.listen:filter.port`), shared by every worker.
+    content_filter: tokio::net::TcpListener,
 }
 
 #[derive(Default)]
@@ -126,7 +134,7 @@ async fn quarantine(
     };
     let at = now_ms();
     let stored = mb_core::message::with_headers(message, &v.add_headers, &v.remove_headers);
-    let entry = QuarantineEntry {
+    let entry = mb_core::quarantine::Entry {
         id: id.clone(),
         node: cfg.node_name(),
         at_unix_ms: at,
@@ -165,7 +173,7 @@ async fn quarantine(
                 .await
                 .map_err(|e| e.to_string())?;
             QuarantineClient::new(channel)
-                .add(entry)
+                .add(files::wire::to_wire(entry))
                 .await
                 .map_err(|e| e.message().to_string())
         };
@@ -364,7 +372,8 @@ impl Filter for FilterService {
     }
 }
 
-struct Hooks {
+/// `Control.Status` (scans, verdicts, the scanners it reaches) and reload.
+pub struct Hooks {
     stats: Arc<Stats>,
     content_filter: Arc<cfilter::Counters>,
     follower: Follower,
@@ -472,133 +481,112 @@ pub fn hostname(cfg: &mb_core::Config) -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-pub async fn main(opts: Options) -> i32 {
-    let file = match mb_runtime::start_daemon(
-        DAEMON,
-        opts.config.as_deref(),
-        opts.log_format.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let name = format!("{DAEMON}@{}", opts.instance);
-    let fail = |code: i32, msg: String| mb_runtime::fail(&name, code, &msg);
-    let mb_runtime::Following {
-        shutdown,
-        reload: reload_rx,
-        follower,
-    } = match mb_runtime::follow_checked(DAEMON, &name, file) {
-        Ok(f) => f,
-        Err(code) => return code,
-    };
-    let cfg = follower.current();
-    let run_dir = cfg.path("paths.run_dir");
-    let _ = std::fs::create_dir_all(&run_dir);
-    let quarantine_dir = mb_runtime::quarantine::root(&cfg);
-    let _ = std::fs::create_dir_all(&quarantine_dir);
-    match mb_runtime::drop_privileges(
-        &cfg.text("process.user"),
-        &[run_dir.as_path(), quarantine_dir.as_path()],
-    ) {
-        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
-        Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
-    }
-    let auth = match auth::Auth::from_config(&cfg) {
-        Ok(a) => a,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
-    };
-    let socket = cfg.socket(&format!("{DAEMON}-{}", opts.instance));
-    let listener = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
-    let info = DaemonInfo::new(name.clone());
-    info.add_listener(format!("unix:{}", socket.display()));
-    let stats = Arc::new(Stats::default());
-    let permits = usize::try_from(cfg.int("filter.max_concurrent")).unwrap_or(32);
-    let policies = mb_runtime::policies::PolicySet::load(
-        cfg.path("paths.data_dir")
-            .join("cache")
-            .join(format!("policies-{}.json", opts.instance)),
-    );
-    policies.spawn_refresh(cfg.socket("mb-rpcd"), shutdown.clone());
-    let listen = std::net::SocketAddr::new(cfg.ip("filter.listen"), cfg.port("filter.port"));
-    let content_listener = match cfilter::bind(listen) {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_CANTCREAT,
-                format!(
-                    "cannot listen on {listen} (the content filter, filter.listen/filter.port): {e}"
-                ),
-            );
+impl Daemon for Worker {
+    type Source = Follower;
+    type Listeners = Listeners;
+    type Hooks = Hooks;
+
+    const DRAIN_DEADLINE: Duration = DRAIN_DEADLINE;
+    const CUT_SHORT: Option<&'static str> = Some("scans were still running at the drain deadline");
+
+    fn identity(&self) -> Identity {
+        Identity {
+            program: DAEMON,
+            name: format!("{DAEMON}@{}", self.instance),
+            socket: format!("{DAEMON}-{}", self.instance),
         }
-    };
-    info.add_listener(format!("content filter smtp:{listen}"));
-    let content_counters = Arc::new(cfilter::Counters::default());
-    let hooks = Arc::new(Hooks {
-        stats: stats.clone(),
-        content_filter: content_counters.clone(),
-        follower: follower.clone(),
-        config: opts.config.clone(),
-    });
-    let service = Arc::new(FilterService {
-        auth: Some(auth),
-        follower: follower.clone(),
-        slots: Arc::new(Semaphore::new(permits)),
-        stats,
-        policies,
-        signer: dkim::Signer::default(),
-        events: Some(EventSink::start(
-            &name,
-            cfg.socket("mb-rpcd"),
-            shutdown.clone(),
-        )),
-    });
-    let content_filter = tokio::spawn(cfilter::serve(
-        content_listener,
-        service.clone(),
-        content_counters.clone(),
-        shutdown.clone(),
-    ));
-    let grpc = tonic::transport::Server::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(info.clone(), hooks),
-            Guard::peer(),
-        ))
-        .add_service(InterceptedService::new(
-            FilterServer::from_arc(service.clone()),
-            Guard::peer(),
-        ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), {
-            let s = shutdown.clone();
-            async move { s.requested().await }
-        });
-    let reloader = {
-        let follower = follower.clone();
-        let config = opts.config.clone();
-        mb_runtime::spawn_reloader(reload_rx, move || {
-            mb_runtime::reread(&follower, config.as_deref())
+    }
+
+    async fn configure(
+        &self,
+        file: mb_core::Config,
+        _config: Option<&Path>,
+        shutdown: &Shutdown,
+    ) -> Result<Follower, StartError> {
+        Ok(Follower::start(DAEMON, file, shutdown.clone()))
+    }
+
+    async fn bind(&self, cfg: &mb_core::Config) -> Result<Listeners, StartError> {
+        let auth = auth::Auth::from_config(cfg).map_err(StartError::config)?;
+        let addr = content_filter_addr(cfg);
+        let content_filter = cfilter::bind(addr).map_err(|cause| StartError::Listen {
+            addr,
+            what: Some("the content filter, filter.listen/filter.port"),
+            cause,
+        })?;
+        Ok(Listeners {
+            auth,
+            content_filter,
         })
-    };
-    tracing::info!(socket = %socket.display(), "{name} started");
-    lifecycle::notify_ready();
-    // In-flight scans finish (the server stops accepting, then drains) before exit.
-    let drained = lifecycle::drain(&shutdown, Duration::from_secs(30), async move {
-        let _ = grpc.await;
-        let _ = content_filter.await;
-        // Content-filter sessions in progress finish their message (or time out).
-        while content_counters.active.load(Ordering::Relaxed) > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    reloader.abort();
-    let _ = std::fs::remove_file(&socket);
-    if drained.is_none() {
-        tracing::warn!("scans were still running at the drain deadline");
     }
-    tracing::info!("{name} stopped");
-    0
+
+    fn writable(&self, cfg: &mb_core::Config) -> Option<Vec<PathBuf>> {
+        Some(vec![mb_runtime::quarantine::root(cfg)])
+    }
+
+    async fn start(
+        self,
+        listeners: Listeners,
+        ctx: &Context<Follower>,
+    ) -> Result<Serving<Hooks>, StartError> {
+        let name = &ctx.identity.name;
+        let cfg = &ctx.cfg;
+        let shutdown = &ctx.shutdown;
+        let stats = Arc::new(Stats::default());
+        let permits = usize::try_from(cfg.int("filter.max_concurrent")).unwrap_or(32);
+        let policies = mb_runtime::policies::PolicySet::load(
+            cfg.path("paths.data_dir")
+                .join("cache")
+                .join(format!("policies-{}.json", self.instance)),
+        );
+        policies.spawn_refresh(cfg.socket("mb-rpcd"), shutdown.clone());
+        ctx.info
+            .add_listener(format!("content filter smtp:{}", content_filter_addr(cfg)));
+        let content_counters = Arc::new(cfilter::Counters::default());
+        let hooks = Arc::new(Hooks {
+            stats: stats.clone(),
+            content_filter: content_counters.clone(),
+            follower: ctx.source.clone(),
+            config: ctx.config.clone(),
+        });
+        let service = Arc::new(FilterService {
+            auth: Some(listeners.auth),
+            follower: ctx.source.clone(),
+            slots: Arc::new(Semaphore::new(permits)),
+            stats,
+            policies,
+            signer: dkim::Signer::default(),
+            events: Some(EventSink::start(
+                name,
+                cfg.socket("mb-rpcd"),
+                shutdown.clone(),
+            )),
+        });
+        let content_filter = tokio::spawn(cfilter::serve(
+            listeners.content_filter,
+            service.clone(),
+            content_counters.clone(),
+            shutdown.clone(),
+        ));
+        let services = tonic::service::Routes::new(InterceptedService::new(
+            FilterServer::from_arc(service),
+            Guard::peer(),
+        ));
+        tracing::info!(socket = %ctx.socket.display(), "{name} started");
+        // In-flight scans finish (the servers stop accepting, then drain) before exit.
+        let work = async move {
+            let _ = content_filter.await;
+            // Content-filter sessions in progress finish their message (or time out).
+            while content_counters.active.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        };
+        Ok(Serving::new(hooks, work).with_services(services))
+    }
+}
+
+/// Where the content filter listens: `filter.listen:filter.port`.
+fn content_filter_addr(cfg: &mb_core::Config) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(cfg.ip("filter.listen"), cfg.port("filter.port"))
 }

@@ -8,29 +8,30 @@
 pub mod proto;
 pub mod session;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mb_proto::v1::control_server::ControlServer;
+use mb_core::Config;
 use mb_proto::v1::{ReloadResponse, StatusRequest, StatusResponse};
-use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
+use mb_runtime::control::DaemonHooks;
+use mb_runtime::daemon::{Context, Daemon, Identity, Serving, StartError};
 use mb_runtime::follow::Follower;
-use mb_runtime::lifecycle;
+use mb_runtime::lifecycle::Shutdown;
 use mb_runtime::policies::PolicySet;
-use mb_runtime::uds::Guard;
 use mb_scan::{Scanner, Workers};
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::net::TcpListener;
 use tonic::Status;
 
 pub const DAEMON: &str = "mb-milter";
 
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub log_format: Option<String>,
-}
+/// How long milter sessions may finish their message after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The milter server, as `mb_runtime::daemon` runs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Milter;
 
 #[derive(Default)]
 pub struct Stats {
@@ -59,7 +60,8 @@ pub struct Shared {
     pub progress_every: Duration,
 }
 
-struct Hooks {
+/// `Control.Status` (sessions, verdicts, scan latency) and reload.
+pub struct Hooks {
     shared: Arc<Shared>,
     config: Option<PathBuf>,
 }
@@ -99,129 +101,108 @@ impl DaemonHooks for Hooks {
     }
 }
 
-pub async fn main(opts: Options) -> i32 {
-    let file = match mb_runtime::start_daemon(
-        DAEMON,
-        opts.config.as_deref(),
-        opts.log_format.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
-    let mb_runtime::Following {
-        shutdown,
-        reload: reload_rx,
-        follower,
-    } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
-        Ok(f) => f,
-        Err(code) => return code,
-    };
-    let cfg = follower.current();
-    let run_dir = cfg.path("paths.run_dir");
-    let _ = std::fs::create_dir_all(&run_dir);
-    let listen = std::net::SocketAddr::new(cfg.ip("milter.listen"), cfg.port("milter.port"));
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_CANTCREAT,
-                format!("cannot listen on {listen} (milter.listen/milter.port): {e}"),
-            );
-        }
-    };
-    match mb_runtime::drop_privileges(&cfg.text("process.user"), &[run_dir.as_path()]) {
-        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
-        Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
+impl Daemon for Milter {
+    type Source = Follower;
+    /// The milter port (`milter.listen:milter.port`).
+    type Listeners = TcpListener;
+    type Hooks = Hooks;
+
+    const DRAIN_DEADLINE: Duration = DRAIN_DEADLINE;
+    const CUT_SHORT: Option<&'static str> =
+        Some("milter sessions were still open at the drain deadline");
+
+    fn identity(&self) -> Identity {
+        Identity::single(DAEMON)
     }
-    let socket = cfg.socket(DAEMON);
-    let control = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
-    let policies = PolicySet::load(
-        cfg.path("paths.data_dir")
-            .join("cache/policies-milter.json"),
-    );
-    policies.spawn_refresh(cfg.socket("mb-rpcd"), shutdown.clone());
-    let workers = usize::try_from(cfg.int("filter.workers")).unwrap_or(1);
-    let shared = Arc::new(Shared {
-        follower: follower.clone(),
-        policies,
-        scanner: Box::new(Workers::new(
-            run_dir.clone(),
-            workers,
-            cfg.duration("filter.scan_timeout"),
-        )),
-        stats: Stats::default(),
-        progress_every: Duration::from_secs(30),
-    });
-    let info = DaemonInfo::new(DAEMON);
-    info.add_listener(format!("milter inet:{listen}"));
-    info.add_listener(format!("unix:{}", socket.display()));
-    let hooks = Arc::new(Hooks {
-        shared: shared.clone(),
-        config: opts.config.clone(),
-    });
-    let grpc = tonic::transport::Server::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(info, hooks),
-            Guard::peer(),
-        ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(control), {
-            let s = shutdown.clone();
-            async move { s.requested().await }
+
+    async fn configure(
+        &self,
+        file: Config,
+        _config: Option<&Path>,
+        shutdown: &Shutdown,
+    ) -> Result<Follower, StartError> {
+        Ok(Follower::start(DAEMON, file, shutdown.clone()))
+    }
+
+    async fn bind(&self, cfg: &Config) -> Result<TcpListener, StartError> {
+        let addr = std::net::SocketAddr::new(cfg.ip("milter.listen"), cfg.port("milter.port"));
+        TcpListener::bind(addr)
+            .await
+            .map_err(|cause| StartError::Listen {
+                addr,
+                what: Some("milter.listen/milter.port"),
+                cause,
+            })
+    }
+
+    fn writable(&self, _cfg: &Config) -> Option<Vec<PathBuf>> {
+        Some(Vec::new())
+    }
+
+    async fn start(
+        self,
+        listener: TcpListener,
+        ctx: &Context<Follower>,
+    ) -> Result<Serving<Hooks>, StartError> {
+        let cfg = &ctx.cfg;
+        let listen = std::net::SocketAddr::new(cfg.ip("milter.listen"), cfg.port("milter.port"));
+        let policies = PolicySet::load(
+            cfg.path("paths.data_dir")
+                .join("cache/policies-milter.json"),
+        );
+        policies.spawn_refresh(cfg.socket("mb-rpcd"), ctx.shutdown.clone());
+        let workers = usize::try_from(cfg.int("filter.workers")).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            follower: ctx.source.clone(),
+            policies,
+            scanner: Box::new(Workers::new(
+                cfg.path("paths.run_dir"),
+                workers,
+                cfg.duration("filter.scan_timeout"),
+            )),
+            stats: Stats::default(),
+            progress_every: Duration::from_secs(30),
         });
-    let accept = {
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, peer) = tokio::select! {
-                    () = shutdown.requested() => break,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(cause = %e, "milter accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-                    shared.stats.active.fetch_add(1, Ordering::Relaxed);
-                    session::run(&mut stream, shared.clone(), peer.ip()).await;
-                    shared.stats.active.fetch_sub(1, Ordering::Relaxed);
-                });
+        ctx.info.add_listener(format!("milter inet:{listen}"));
+        let hooks = Arc::new(Hooks {
+            shared: shared.clone(),
+            config: ctx.config.clone(),
+        });
+        let acceptor = tokio::spawn(accept(listener, shared.clone(), ctx.shutdown.clone()));
+        let work = async move {
+            let _ = acceptor.await;
+            // Sessions in progress finish their message (or time out).
+            while shared.stats.active.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        })
-    };
-    let reloader = {
-        let follower = follower.clone();
-        let config = opts.config.clone();
-        mb_runtime::spawn_reloader(reload_rx, move || {
-            mb_runtime::reread(&follower, config.as_deref())
-        })
-    };
-    tracing::info!(listen = %listen, socket = %socket.display(), "mb-milter started");
-    lifecycle::notify_ready();
-    let drained = lifecycle::drain(&shutdown, Duration::from_secs(30), async move {
-        let _ = grpc.await;
-        let _ = accept.await;
-        while shared.stats.active.load(Ordering::Relaxed) > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    reloader.abort();
-    let _ = std::fs::remove_file(&socket);
-    if drained.is_none() {
-        tracing::warn!("milter sessions were still open at the drain deadline");
+            Ok(())
+        };
+        tracing::info!(listen = %listen, socket = %ctx.socket.display(), "mb-milter started");
+        Ok(Serving::new(hooks, work))
     }
-    tracing::info!("mb-milter stopped");
-    0
+}
+
+/// Accepts milter connections until shutdown; each session runs on its own task.
+async fn accept(listener: TcpListener, shared: Arc<Shared>, shutdown: Shutdown) {
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            () = shutdown.requested() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "milter accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+            shared.stats.active.fetch_add(1, Ordering::Relaxed);
+            session::run(&mut stream, shared.clone(), peer.ip()).await;
+            shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
 }

@@ -11,6 +11,7 @@ use mb_proto::v1::{
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
+use crate::db::AccessRecord;
 use crate::store::Store;
 
 /// The longest ban or trust: a year.
@@ -54,12 +55,16 @@ impl Access for AccessService {
     ) -> Result<Response<ListAccessResponse>, Status> {
         let k = req.into_inner().kind;
         let k = if k.is_empty() { None } else { Some(kind(&k)?) };
+        let now = now();
         let entries = self
             .store
             .db
-            .list_access(k, now())
+            .list_access(k, now)
             .await
-            .map_err(db_status)?;
+            .map_err(db_status)?
+            .into_iter()
+            .map(|r| to_wire(r, now))
+            .collect();
         Ok(Response::new(ListAccessResponse { entries }))
     }
 
@@ -107,5 +112,17 @@ impl Access for AccessService {
             tracing::info!(ip = %addr, kind = k, by = %who, "access entry removed");
         }
         Ok(Response::new(RemoveAccessResponse { removed }))
+    }
+}
+
+/// A stored entry as `List` answers it: with the seconds left at `now`.
+fn to_wire(r: AccessRecord, now: i64) -> AccessEntry {
+    AccessEntry {
+        seconds: u64::try_from(r.until - now).unwrap_or(0),
+        ip: r.ip,
+        kind: r.kind,
+        reason: r.reason,
+        added_by: r.added_by,
+        created_at_unix: r.created_at,
     }
 }

@@ -2,12 +2,15 @@
 //!
 //! Queries go through sqlx's `Any` driver with the SQL kept portable; the few
 //! differences between dialects (placeholders, migrations) are handled here.
+//!
+//! `Db` takes and returns domain types (`mb_core::quarantine::Entry` and the records
+//! below), never gRPC messages: each service converts at its edge.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mb_core::config::redact_url;
-use mb_proto::v1::{AuditEntry, EventQuery, ListQuarantineRequest, MessageEvent, QuarantineEntry};
+use mb_core::quarantine::Entry;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Connection, Row};
 
@@ -54,6 +57,134 @@ pub struct Change<'a> {
     pub uid: Option<u32>,
     pub user: &'a str,
     pub at: i64,
+}
+
+/// One entry of the configuration audit trail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub key: String,
+    /// `set` or `unset`.
+    pub action: String,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+    /// `None` for a caller without a uid (over TCP).
+    pub uid: Option<u32>,
+    pub user: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// One event of the message log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventRecord {
+    /// Unique: an event stored twice is stored once.
+    pub event_id: String,
+    pub node: String,
+    pub daemon: String,
+    pub at_unix_ms: i64,
+    pub queue_id: String,
+    pub message_id: String,
+    pub client_ip: String,
+    pub client_name: String,
+    pub helo: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub stage: String,
+    pub verdict: String,
+    pub score: f64,
+    pub symbols: Vec<String>,
+    pub detail: String,
+    pub subject: String,
+}
+
+/// Which events `query_events` returns; `None` does not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    pub since_ms: i64,
+    pub until_ms: Option<i64>,
+    pub queue_id: Option<String>,
+    pub sender: Option<String>,
+    /// Matches one of the recipients, whole.
+    pub recipient: Option<String>,
+    pub verdict: Option<String>,
+    pub stage: Option<String>,
+    pub newest_first: bool,
+    /// At most 100 000; `None` for 1000.
+    pub limit: Option<u32>,
+}
+
+/// Which quarantine entries `list_quarantine` returns; `None` does not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuarantineFilter {
+    pub since_ms: i64,
+    pub sender: Option<String>,
+    /// Matches one of the recipients, whole.
+    pub recipient: Option<String>,
+    /// At most 100 000; `None` for 1000.
+    pub limit: Option<u32>,
+}
+
+/// An SMTP AUTH account, without its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A banned or trusted client address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    pub ip: String,
+    /// `ban` or `trust`.
+    pub kind: String,
+    /// Unix seconds after which the entry no longer applies.
+    pub until: i64,
+    pub reason: String,
+    pub added_by: String,
+    pub created_at: i64,
+}
+
+/// A policy as stored. Its words are kept as written, not parsed into
+/// `mb_core::policy::Policy`: a stored row is listed even when it no longer parses (the
+/// filter workers skip it), and the row carries a comment and a creation time the domain
+/// type does not need.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyRecord {
+    /// 0 until stored; local to this node's database.
+    pub id: i64,
+    pub name: String,
+    pub priority: i32,
+    pub object: String,
+    pub pattern: String,
+    pub direction: String,
+    pub action: String,
+    pub tag: Option<f64>,
+    pub quarantine: Option<f64>,
+    pub reject: Option<f64>,
+    pub comment: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A change a cluster child owes the main, in the order it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub change: OutboxChange,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutboxChange {
+    Event(EventRecord),
+    Quarantined(Entry),
+    /// The id of a message that left the quarantine.
+    Unquarantined(String),
+    /// The event or entry it referred to is gone; it is acknowledged like the others.
+    Gone,
 }
 
 static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -243,7 +374,7 @@ impl Db {
         Ok((u64::try_from(g).unwrap_or(0), existed))
     }
 
-    pub async fn history(&self, key: &str, limit: u32) -> Result<Vec<AuditEntry>, DbError> {
+    pub async fn history(&self, key: &str, limit: u32) -> Result<Vec<AuditRecord>, DbError> {
         let limit = i64::from(limit.clamp(1, 10_000));
         let base =
             "SELECT id, cfg_key, action, old_value, new_value, uid, username, at FROM config_audit";
@@ -261,14 +392,14 @@ impl Db {
             .fetch_all(&self.pool)
             .await?
         };
-        rows.iter().map(audit_entry).collect()
+        rows.iter().map(audit_record).collect()
     }
 
     /// Stores events whose id is new; returns (stored, duplicates). With `outbox` (a
     /// cluster child) each new event is also queued for the main.
     pub async fn store_events(
         &self,
-        events: &[MessageEvent],
+        events: &[EventRecord],
         outbox: bool,
     ) -> Result<(u32, u32), DbError> {
         let mut tx = self.write_tx().await?;
@@ -316,26 +447,24 @@ impl Db {
         Ok((stored, dupes))
     }
 
-    pub async fn query_events(&self, q: &EventQuery) -> Result<Vec<MessageEvent>, DbError> {
-        let mut sql = String::from(
-            "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject FROM message_events WHERE at_ms >= ?",
-        );
-        if !q.queue_id.is_empty() {
+    pub async fn query_events(&self, q: &EventFilter) -> Result<Vec<EventRecord>, DbError> {
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM message_events WHERE at_ms >= ?");
+        if q.queue_id.is_some() {
             sql.push_str(" AND queue_id = ?");
         }
-        if !q.sender.is_empty() {
+        if q.sender.is_some() {
             sql.push_str(" AND sender = ?");
         }
-        if !q.verdict.is_empty() {
+        if q.verdict.is_some() {
             sql.push_str(" AND verdict = ?");
         }
-        if !q.stage.is_empty() {
+        if q.stage.is_some() {
             sql.push_str(" AND stage = ?");
         }
-        if q.until_unix_ms > 0 {
+        if q.until_ms.is_some() {
             sql.push_str(" AND at_ms < ?");
         }
-        if !q.recipient.is_empty() {
+        if q.recipient.is_some() {
             // Recipients are stored one per line; match a whole line.
             sql.push_str(self.recipient_match());
         }
@@ -344,32 +473,30 @@ impl Db {
         } else {
             " ORDER BY at_ms, id LIMIT ?"
         });
-        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_unix_ms);
-        if !q.queue_id.is_empty() {
-            query = query.bind(&q.queue_id);
+        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_ms);
+        if let Some(queue_id) = &q.queue_id {
+            query = query.bind(queue_id);
         }
-        if !q.sender.is_empty() {
-            query = query.bind(&q.sender);
+        if let Some(sender) = &q.sender {
+            query = query.bind(sender);
         }
-        if !q.verdict.is_empty() {
-            query = query.bind(&q.verdict);
+        if let Some(verdict) = &q.verdict {
+            query = query.bind(verdict);
         }
-        if !q.stage.is_empty() {
-            query = query.bind(&q.stage);
+        if let Some(stage) = &q.stage {
+            query = query.bind(stage);
         }
-        if q.until_unix_ms > 0 {
-            query = query.bind(q.until_unix_ms);
+        if let Some(until) = q.until_ms {
+            query = query.bind(until);
         }
-        if !q.recipient.is_empty() {
-            query = query.bind(recipient_pattern(&q.recipient));
+        if let Some(recipient) = &q.recipient {
+            query = query.bind(recipient_pattern(recipient));
         }
-        let limit = if q.limit == 0 {
-            1000
-        } else {
-            q.limit.min(100_000)
-        };
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(message_event).collect()
+        let rows = query
+            .bind(i64::from(row_limit(q.limit)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_record).collect()
     }
 }
 
@@ -438,17 +565,17 @@ impl Db {
             .collect()
     }
 
-    pub async fn list_users(&self) -> Result<Vec<mb_proto::v1::UserInfo>, DbError> {
+    pub async fn list_users(&self) -> Result<Vec<Account>, DbError> {
         let rows =
             sqlx::query("SELECT username, created_at, updated_at FROM users ORDER BY username")
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
             .map(|r| {
-                Ok(mb_proto::v1::UserInfo {
-                    username: r.try_get(0)?,
-                    created_at_unix: r.try_get(1)?,
-                    updated_at_unix: r.try_get(2)?,
+                Ok(Account {
+                    name: r.try_get(0)?,
+                    created_at: r.try_get(1)?,
+                    updated_at: r.try_get(2)?,
                 })
             })
             .collect()
@@ -501,7 +628,7 @@ impl Db {
         &self,
         kind: Option<&str>,
         now: i64,
-    ) -> Result<Vec<mb_proto::v1::AccessEntry>, DbError> {
+    ) -> Result<Vec<AccessRecord>, DbError> {
         sqlx::query(self.sql("DELETE FROM access_list WHERE until_at <= ?"))
             .bind(now)
             .execute(&self.pool)
@@ -522,31 +649,31 @@ impl Db {
         };
         rows.iter()
             .map(|r| {
-                let until: i64 = r.try_get(2)?;
-                Ok(mb_proto::v1::AccessEntry {
+                Ok(AccessRecord {
                     ip: r.try_get(0)?,
                     kind: r.try_get(1)?,
-                    seconds: u64::try_from(until - now).unwrap_or(0),
+                    until: r.try_get(2)?,
                     reason: r.try_get(3)?,
                     added_by: r.try_get(4)?,
-                    created_at_unix: r.try_get(5)?,
+                    created_at: r.try_get(5)?,
                 })
             })
             .collect()
     }
 }
 
-fn audit_entry(r: &AnyRow) -> Result<AuditEntry, DbError> {
+fn audit_record(r: &AnyRow) -> Result<AuditRecord, DbError> {
+    // A caller without a uid is stored as -1 (see `apply`).
     let uid: i64 = r.try_get(5)?;
-    Ok(AuditEntry {
+    Ok(AuditRecord {
         id: r.try_get(0)?,
         key: r.try_get(1)?,
         action: r.try_get(2)?,
-        old_value: r.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
-        new_value: r.try_get::<Option<String>, _>(4)?.unwrap_or_default(),
-        uid: u32::try_from(uid).unwrap_or(u32::MAX),
+        old_value: r.try_get(3)?,
+        new_value: r.try_get(4)?,
+        uid: u32::try_from(uid).ok(),
         user: r.try_get(6)?,
-        at_unix: r.try_get(7)?,
+        at: r.try_get(7)?,
     })
 }
 
@@ -563,7 +690,7 @@ impl Db {
 
     /// Indexes a quarantined message; false when its id was already there. With
     /// `outbox` (a cluster child) the entry is also queued for the main.
-    pub async fn add_quarantine(&self, e: &QuarantineEntry, outbox: bool) -> Result<bool, DbError> {
+    pub async fn add_quarantine(&self, e: &Entry, outbox: bool) -> Result<bool, DbError> {
         let mut tx = self.write_tx().await?;
         let seen = sqlx::query(self.sql("SELECT 1 FROM quarantine WHERE id = ?"))
             .bind(&e.id)
@@ -600,42 +727,37 @@ impl Db {
     }
 
     /// Entries newest first.
-    pub async fn list_quarantine(
-        &self,
-        q: &ListQuarantineRequest,
-    ) -> Result<Vec<QuarantineEntry>, DbError> {
+    pub async fn list_quarantine(&self, q: &QuarantineFilter) -> Result<Vec<Entry>, DbError> {
         let mut sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE at_ms >= ?");
-        if !q.sender.is_empty() {
+        if q.sender.is_some() {
             sql.push_str(" AND sender = ?");
         }
-        if !q.recipient.is_empty() {
+        if q.recipient.is_some() {
             sql.push_str(self.recipient_match());
         }
         sql.push_str(" ORDER BY at_ms DESC, id LIMIT ?");
-        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_unix_ms);
-        if !q.sender.is_empty() {
-            query = query.bind(&q.sender);
+        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_ms);
+        if let Some(sender) = &q.sender {
+            query = query.bind(sender);
         }
-        if !q.recipient.is_empty() {
-            query = query.bind(recipient_pattern(&q.recipient));
+        if let Some(recipient) = &q.recipient {
+            query = query.bind(recipient_pattern(recipient));
         }
-        let limit = if q.limit == 0 {
-            1000
-        } else {
-            q.limit.min(100_000)
-        };
-        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let rows = query
+            .bind(i64::from(row_limit(q.limit)))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(quarantine_entry).collect()
     }
 
     /// Every entry, oldest first (for the retention pass).
-    pub async fn all_quarantine(&self) -> Result<Vec<QuarantineEntry>, DbError> {
+    pub async fn all_quarantine(&self) -> Result<Vec<Entry>, DbError> {
         let sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine ORDER BY at_ms, id");
         let rows = sqlx::query(self.sql(&sql)).fetch_all(&self.pool).await?;
         rows.iter().map(quarantine_entry).collect()
     }
 
-    pub async fn quarantine_entry(&self, id: &str) -> Result<Option<QuarantineEntry>, DbError> {
+    pub async fn quarantine_entry(&self, id: &str) -> Result<Option<Entry>, DbError> {
         let sql = format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id = ?");
         let row = sqlx::query(self.sql(&sql))
             .bind(id)
@@ -677,10 +799,7 @@ impl Db {
     /// The oldest `limit` outbox items with what they refer to, and how many wait in
     /// all. An item whose event or entry is gone comes without content (it is
     /// acknowledged like the others).
-    pub async fn outbox(
-        &self,
-        limit: u32,
-    ) -> Result<(Vec<mb_proto::v1::OutboxItem>, u64), DbError> {
+    pub async fn outbox(&self, limit: u32) -> Result<(Vec<OutboxItem>, u64), DbError> {
         let rows = sqlx::query(
             self.sql("SELECT seq, kind, ref_id FROM cluster_outbox ORDER BY seq LIMIT ?"),
         )
@@ -692,24 +811,29 @@ impl Db {
             let seq: i64 = r.try_get(0)?;
             let kind: String = r.try_get(1)?;
             let id: String = r.try_get(2)?;
-            let mut item = mb_proto::v1::OutboxItem {
-                seq: u64::try_from(seq).unwrap_or(0),
-                ..Default::default()
-            };
-            match kind.as_str() {
+            let change = match kind.as_str() {
                 "event" => {
-                    let row = sqlx::query(self.sql(
-                        "SELECT event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject FROM message_events WHERE event_id = ?",
-                    ))
-                    .bind(&id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-                    item.event = row.as_ref().map(message_event).transpose()?;
+                    let sql =
+                        format!("SELECT {EVENT_COLUMNS} FROM message_events WHERE event_id = ?");
+                    let row = sqlx::query(self.sql(&sql))
+                        .bind(&id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    match row.as_ref().map(event_record).transpose()? {
+                        Some(e) => OutboxChange::Event(e),
+                        None => OutboxChange::Gone,
+                    }
                 }
-                "quarantined" => item.quarantined = self.quarantine_entry(&id).await?,
-                _ => item.unquarantined = id,
-            }
-            items.push(item);
+                "quarantined" => match self.quarantine_entry(&id).await? {
+                    Some(e) => OutboxChange::Quarantined(e),
+                    None => OutboxChange::Gone,
+                },
+                _ => OutboxChange::Unquarantined(id),
+            };
+            items.push(OutboxItem {
+                seq: u64::try_from(seq).unwrap_or(0),
+                change,
+            });
         }
         let pending: i64 = sqlx::query("SELECT COUNT(*) FROM cluster_outbox")
             .fetch_one(&self.pool)
@@ -751,7 +875,7 @@ impl Db {
 
 impl Db {
     /// Stores a new policy; false when its name is taken.
-    pub async fn add_policy(&self, p: &mb_proto::v1::Policy) -> Result<bool, DbError> {
+    pub async fn add_policy(&self, p: &PolicyRecord) -> Result<bool, DbError> {
         let taken = sqlx::query(self.sql("SELECT 1 FROM policies WHERE name = ?"))
             .bind(&p.name)
             .fetch_optional(&self.pool)
@@ -774,14 +898,14 @@ impl Db {
         .bind(p.quarantine)
         .bind(p.reject)
         .bind(&p.comment)
-        .bind(p.created_at_unix)
+        .bind(p.created_at)
         .execute(&self.pool)
         .await?;
         Ok(true)
     }
 
     /// Every policy, by priority then id.
-    pub async fn list_policies(&self) -> Result<Vec<mb_proto::v1::Policy>, DbError> {
+    pub async fn list_policies(&self) -> Result<Vec<PolicyRecord>, DbError> {
         let rows = sqlx::query(
             "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at \
              FROM policies ORDER BY priority, id",
@@ -790,7 +914,7 @@ impl Db {
         .await?;
         rows.iter()
             .map(|r| {
-                Ok(mb_proto::v1::Policy {
+                Ok(PolicyRecord {
                     id: r.try_get(0)?,
                     name: r.try_get(1)?,
                     priority: i32::try_from(r.try_get::<i64, _>(2)?).unwrap_or(i32::MAX),
@@ -802,7 +926,7 @@ impl Db {
                     quarantine: r.try_get(8)?,
                     reject: r.try_get(9)?,
                     comment: r.try_get(10)?,
-                    created_at_unix: r.try_get(11)?,
+                    created_at: r.try_get(11)?,
                 })
             })
             .collect()
@@ -826,6 +950,12 @@ impl Db {
 }
 
 const QUARANTINE_COLUMNS: &str = "id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path";
+const EVENT_COLUMNS: &str = "event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject";
+
+/// The rows a listing returns: 1000 unless asked, never more than 100 000.
+fn row_limit(limit: Option<u32>) -> u32 {
+    limit.map_or(1000, |n| n.min(100_000))
+}
 
 /// The LIKE pattern for one whole recipient line (wildcards in the address dropped).
 fn recipient_pattern(recipient: &str) -> String {
@@ -839,8 +969,8 @@ fn lines(s: String) -> Vec<String> {
         .collect()
 }
 
-fn quarantine_entry(r: &AnyRow) -> Result<QuarantineEntry, DbError> {
-    Ok(QuarantineEntry {
+fn quarantine_entry(r: &AnyRow) -> Result<Entry, DbError> {
+    Ok(Entry {
         id: r.try_get(0)?,
         node: r.try_get(1)?,
         at_unix_ms: r.try_get(2)?,
@@ -857,8 +987,8 @@ fn quarantine_entry(r: &AnyRow) -> Result<QuarantineEntry, DbError> {
     })
 }
 
-fn message_event(r: &AnyRow) -> Result<MessageEvent, DbError> {
-    Ok(MessageEvent {
+fn event_record(r: &AnyRow) -> Result<EventRecord, DbError> {
+    Ok(EventRecord {
         event_id: r.try_get(0)?,
         node: r.try_get(1)?,
         daemon: r.try_get(2)?,
@@ -920,9 +1050,10 @@ mod tests {
         let h = db.history("smtp.max_recipients", 10).await.unwrap();
         assert_eq!(h.len(), 3);
         assert_eq!(
-            (h[0].action.as_str(), h[2].new_value.as_str()),
-            ("unset", "50")
+            (h[0].action.as_str(), h[2].new_value.as_deref()),
+            ("unset", Some("50"))
         );
+        assert_eq!((h[0].new_value.as_deref(), h[0].uid), (None, Some(0)));
         // Reopening applies no migration twice.
         drop(db);
         let db = Db::open(&url, 1).await.expect("reopen");
@@ -963,6 +1094,216 @@ mod tests {
             t.await.unwrap().expect("every concurrent write succeeds");
         }
         assert_eq!(db.generation().await.unwrap(), 64);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Every record goes in and comes back out unchanged, and the filters select what
+    /// they say.
+    #[tokio::test]
+    async fn records_round_trip_and_filters_select() {
+        let dir = std::env::temp_dir().join(format!("mb-db-records-{}", std::process::id()));
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = Db::open(&url, 2).await.expect("open");
+
+        let event = |id: &str, at: i64, verdict: &str| EventRecord {
+            event_id: id.into(),
+            node: "mx1".into(),
+            daemon: "mb-filter".into(),
+            at_unix_ms: at,
+            queue_id: format!("Q{id}"),
+            message_id: format!("<{id}@sender.test>"),
+            client_ip: "192.0.2.7".into(),
+            client_name: "mail.sender.test".into(),
+            helo: "mail.sender.test".into(),
+            sender: "x@sender.test".into(),
+            recipients: vec!["a@served.test".into(), "b@served.test".into()],
+            size: 10,
+            stage: "scanned".into(),
+            verdict: verdict.into(),
+            score: 1.5,
+            symbols: vec!["S1".into(), "S2".into()],
+            detail: "d".into(),
+            subject: "hi".into(),
+        };
+        let events = [
+            event("e1", 100, "accept"),
+            event("e2", 200, "reject"),
+            event("e3", 300, "accept"),
+        ];
+        assert_eq!(db.store_events(&events, true).await.unwrap(), (3, 0));
+        assert_eq!(db.store_events(&events[..1], true).await.unwrap(), (0, 1));
+        assert_eq!(
+            db.query_events(&EventFilter::default()).await.unwrap(),
+            events.to_vec()
+        );
+        let some = |s: &str| Some(s.to_string());
+        for (filter, expected) in [
+            (
+                EventFilter {
+                    verdict: some("accept"),
+                    newest_first: true,
+                    ..EventFilter::default()
+                },
+                &["e3", "e1"][..],
+            ),
+            (
+                EventFilter {
+                    since_ms: 150,
+                    until_ms: Some(300),
+                    ..EventFilter::default()
+                },
+                &["e2"],
+            ),
+            (
+                EventFilter {
+                    queue_id: some("Qe3"),
+                    recipient: some("b@served.test"),
+                    ..EventFilter::default()
+                },
+                &["e3"],
+            ),
+            (
+                EventFilter {
+                    recipient: some("served.test"),
+                    ..EventFilter::default()
+                },
+                &[],
+            ),
+            (
+                EventFilter {
+                    limit: Some(1),
+                    ..EventFilter::default()
+                },
+                &["e1"],
+            ),
+        ] {
+            let found: Vec<String> = db
+                .query_events(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect();
+            assert_eq!(found, expected, "{filter:?}");
+        }
+
+        let entry = |id: &str, at: i64, rcpt: &str| Entry {
+            id: id.into(),
+            node: "mx1".into(),
+            at_unix_ms: at,
+            queue_id: id.into(),
+            client_ip: "192.0.2.7".into(),
+            sender: "x@sender.test".into(),
+            recipients: vec![rcpt.into()],
+            subject: "s".into(),
+            reason: "r".into(),
+            score: 9.5,
+            symbols: vec!["S".into()],
+            size: 100,
+            path: format!("1970/01/01/{id}.eml"),
+        };
+        let (q1, q2) = (
+            entry("Q1", 10, "a@served.test"),
+            entry("Q2", 20, "b@served.test"),
+        );
+        assert!(db.add_quarantine(&q1, true).await.unwrap());
+        assert!(db.add_quarantine(&q2, true).await.unwrap());
+        assert!(!db.add_quarantine(&q2, true).await.unwrap());
+        assert_eq!(
+            db.all_quarantine().await.unwrap(),
+            vec![q1.clone(), q2.clone()]
+        );
+        let listed = db
+            .list_quarantine(&QuarantineFilter {
+                recipient: some("b@served.test"),
+                ..QuarantineFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed, vec![q2.clone()]);
+        assert_eq!(db.quarantine_totals().await.unwrap(), (2, 200));
+        assert!(db.remove_quarantine("Q1", true).await.unwrap());
+        assert_eq!(db.quarantine_entry("Q1").await.unwrap(), None);
+
+        // What a cluster child owes, in order; the removed entry's item has no content.
+        let (items, pending) = db.outbox(100).await.unwrap();
+        let changes: Vec<OutboxChange> = items.iter().map(|i| i.change.clone()).collect();
+        assert_eq!(
+            changes,
+            vec![
+                OutboxChange::Event(events[0].clone()),
+                OutboxChange::Event(events[1].clone()),
+                OutboxChange::Event(events[2].clone()),
+                OutboxChange::Gone,
+                OutboxChange::Quarantined(q2),
+                OutboxChange::Unquarantined("Q1".into()),
+            ]
+        );
+        assert_eq!(pending, 6);
+        let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
+        db.acknowledge_outbox(&seqs).await.unwrap();
+        assert_eq!(db.outbox(100).await.unwrap(), (Vec::new(), 0));
+
+        db.put_access("192.0.2.1", "ban", 1_100, "spam", "root", 1_000)
+            .await
+            .unwrap();
+        db.put_access("192.0.2.2", "trust", 1_010, "", "root", 1_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            db.list_access(Some("ban"), 1_050).await.unwrap(),
+            vec![AccessRecord {
+                ip: "192.0.2.1".into(),
+                kind: "ban".into(),
+                until: 1_100,
+                reason: "spam".into(),
+                added_by: "root".into(),
+                created_at: 1_000,
+            }]
+        );
+        assert_eq!(
+            db.list_access(None, 1_050).await.unwrap().len(),
+            1,
+            "the expired trust is gone"
+        );
+
+        assert!(db.add_user("alice", "hash", 5).await.unwrap());
+        assert!(db.set_user_hash("alice", "hash2", 6).await.unwrap());
+        assert_eq!(
+            db.list_users().await.unwrap(),
+            vec![Account {
+                name: "alice".into(),
+                created_at: 5,
+                updated_at: 6,
+            }]
+        );
+
+        let policy = PolicyRecord {
+            id: 0,
+            name: "strict".into(),
+            priority: 10,
+            object: "address".into(),
+            pattern: "ceo@served.test".into(),
+            direction: "to".into(),
+            action: "score".into(),
+            tag: Some(2.5),
+            quarantine: None,
+            reject: Some(9.0),
+            comment: "c".into(),
+            created_at: 7,
+        };
+        assert!(db.add_policy(&policy).await.unwrap());
+        assert!(!db.add_policy(&policy).await.unwrap());
+        let stored = db.list_policies().await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(stored[0].id > 0);
+        assert_eq!(
+            PolicyRecord {
+                id: 0,
+                ..stored[0].clone()
+            },
+            policy
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,4 +1,6 @@
-//! The gRPC services of mb-rpcd: Config, Events, and its Control hooks.
+//! The gRPC services of mb-rpcd: Config, Events, and its Control hooks. The message
+//! log's and the audit trail's conversions between gRPC messages and `db` records live
+//! here, once (the `Replica` service uses them too).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,10 +8,11 @@ use std::time::Duration;
 use mb_proto::v1::config_server::Config as ConfigApi;
 use mb_proto::v1::events_server::Events;
 use mb_proto::v1::{
-    ComponentStatus, ConfigChange, EventBatch, EventQuery, EventQueryResponse, GetRequest,
-    GetResponse, HistoryRequest, HistoryResponse, ListRequest, ListResponse, PublishAck,
-    ReloadResponse, SetRequest, SetResponse, StatusRequest, StatusResponse, UnsetRequest,
-    UnsetResponse, ValidateRequest, ValidateResponse, ValidationError, WatchRequest,
+    AuditEntry, ComponentStatus, ConfigChange, EventBatch, EventQuery, EventQueryResponse,
+    GetRequest, GetResponse, HistoryRequest, HistoryResponse, ListRequest, ListResponse,
+    MessageEvent, PublishAck, ReloadResponse, SetRequest, SetResponse, StatusRequest,
+    StatusResponse, UnsetRequest, UnsetResponse, ValidateRequest, ValidateResponse,
+    ValidationError, WatchRequest,
 };
 use mb_runtime::control::{DaemonHooks, DaemonInfo};
 use mb_runtime::lifecycle::Shutdown;
@@ -18,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::db::{AuditRecord, EventFilter, EventRecord};
 use crate::store::{Store, StoreError};
 
 /// Largest event batch accepted in one message.
@@ -224,7 +228,10 @@ impl ConfigApi for Rpcd {
             .db
             .history(&r.key, limit)
             .await
-            .map_err(|e| status(e.into()))?;
+            .map_err(|e| status(e.into()))?
+            .into_iter()
+            .map(AuditEntry::from)
+            .collect();
         Ok(Response::new(HistoryResponse { entries }))
     }
 }
@@ -268,10 +275,12 @@ impl Events for Rpcd {
                         e.event_id
                     )))
                 } else {
+                    let events: Vec<EventRecord> =
+                        batch.events.into_iter().map(EventRecord::from).collect();
                     match this
                         .store
                         .db
-                        .store_events(&batch.events, this.store.cluster_main().is_some())
+                        .store_events(&events, this.store.cluster_main().is_some())
                         .await
                     {
                         Ok((stored, duplicates)) => {
@@ -304,10 +313,97 @@ impl Events for Rpcd {
         let events = self
             .store
             .db
-            .query_events(req.get_ref())
+            .query_events(&EventFilter::from(req.into_inner()))
             .await
-            .map_err(|e| status(e.into()))?;
+            .map_err(|e| status(e.into()))?
+            .into_iter()
+            .map(MessageEvent::from)
+            .collect();
         Ok(Response::new(EventQueryResponse { events }))
+    }
+}
+
+impl From<AuditRecord> for AuditEntry {
+    fn from(r: AuditRecord) -> Self {
+        AuditEntry {
+            id: r.id,
+            key: r.key,
+            action: r.action,
+            old_value: r.old_value.unwrap_or_default(),
+            new_value: r.new_value.unwrap_or_default(),
+            // The wire has no "none": a caller without a uid shows as u32::MAX.
+            uid: r.uid.unwrap_or(u32::MAX),
+            user: r.user,
+            at_unix: r.at,
+        }
+    }
+}
+
+impl From<MessageEvent> for EventRecord {
+    fn from(e: MessageEvent) -> Self {
+        EventRecord {
+            event_id: e.event_id,
+            node: e.node,
+            daemon: e.daemon,
+            at_unix_ms: e.at_unix_ms,
+            queue_id: e.queue_id,
+            message_id: e.message_id,
+            client_ip: e.client_ip,
+            client_name: e.client_name,
+            helo: e.helo,
+            sender: e.sender,
+            recipients: e.recipients,
+            size: e.size,
+            stage: e.stage,
+            verdict: e.verdict,
+            score: e.score,
+            symbols: e.symbols,
+            detail: e.detail,
+            subject: e.subject,
+        }
+    }
+}
+
+impl From<EventRecord> for MessageEvent {
+    fn from(e: EventRecord) -> Self {
+        MessageEvent {
+            event_id: e.event_id,
+            node: e.node,
+            daemon: e.daemon,
+            at_unix_ms: e.at_unix_ms,
+            queue_id: e.queue_id,
+            message_id: e.message_id,
+            client_ip: e.client_ip,
+            client_name: e.client_name,
+            helo: e.helo,
+            sender: e.sender,
+            recipients: e.recipients,
+            size: e.size,
+            stage: e.stage,
+            verdict: e.verdict,
+            score: e.score,
+            symbols: e.symbols,
+            detail: e.detail,
+            subject: e.subject,
+        }
+    }
+}
+
+/// The wire's "unset" is an empty string, a zero time or a zero limit.
+impl From<EventQuery> for EventFilter {
+    fn from(q: EventQuery) -> Self {
+        let set = |s: String| (!s.is_empty()).then_some(s);
+        EventFilter {
+            since_ms: q.since_unix_ms,
+            until_ms: (q.until_unix_ms > 0).then_some(q.until_unix_ms),
+            queue_id: set(q.queue_id),
+            sender: set(q.sender),
+            recipient: set(q.recipient),
+            verdict: set(q.verdict),
+            stage: set(q.stage),
+            newest_first: q.newest_first,
+            limit: (q.limit > 0).then_some(q.limit),
+        }
     }
 }
 

@@ -11,10 +11,11 @@ pub mod replica;
 pub mod store;
 pub mod users;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mb_core::Config;
 use mb_proto::v1::access_server::AccessServer;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
@@ -23,12 +24,14 @@ use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
 use mb_proto::v1::replica_server::ReplicaServer;
 use mb_proto::v1::users_server::UsersServer;
-use mb_runtime::control::{ControlService, DaemonInfo};
-use mb_runtime::lifecycle::{self, Shutdown};
+use mb_runtime::control::ControlService;
+use mb_runtime::daemon::{Context, Daemon, Identity, Serving, Source, StartError};
+use mb_runtime::lifecycle::Shutdown;
 use mb_runtime::uds::Guard;
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::access::AccessService;
 use crate::db::Db;
@@ -41,103 +44,206 @@ pub const DAEMON: &str = "mb-rpcd";
 /// How long in-flight requests may run after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Command-line options of the daemon.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub log_format: Option<String>,
-    /// Check the configuration and the database, then exit.
+/// The control daemon, as `mb_runtime::daemon` runs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hub {
+    /// Check the configuration and the database, then exit (`--check`).
     pub check: bool,
 }
 
-/// Runs the daemon to completion and returns the process exit status.
-pub async fn main(opts: Options) -> i32 {
-    let file_cfg = match mb_runtime::start_daemon(
-        DAEMON,
-        opts.config.as_deref(),
-        opts.log_format.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
+/// What mb-rpcd opens before it serves: the optional TCP listener and its TLS files.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub tls: Option<ServerTlsConfig>,
+}
 
-    let url = file_cfg.database_url();
-    let max = u32::try_from(file_cfg.int("database.max_connections")).unwrap_or(10);
-    let db = match Db::open(&url, max).await {
-        Ok(db) => db,
-        Err(e) => return fail(mb_runtime::EX_UNAVAILABLE, e.to_string()),
-    };
-    let (config_path, _) = mb_runtime::config_path(opts.config.as_deref());
-    let config_path = config_path.exists().then_some(config_path);
-    let store = match Store::open(db, file_cfg, config_path).await {
-        Ok(s) => Arc::new(s),
-        Err(e) => return fail(mb_runtime::EX_UNAVAILABLE, e.to_string()),
-    };
-    let cfg = store.effective();
-    let problems = cfg.check();
-    if !problems.is_empty() {
-        for p in &problems {
-            fail(mb_runtime::EX_USAGE, format!("configuration: {p}"));
-        }
-        return mb_runtime::EX_USAGE;
+/// mb-rpcd's configuration is the one in its database: it follows nobody.
+impl Source for Store {
+    fn current(&self) -> Arc<Config> {
+        Arc::new(self.effective())
     }
-    if opts.check {
-        println!(
-            "{DAEMON}: configuration and database {} are fine",
-            store.db.url
-        );
-        return 0;
+}
+
+impl Daemon for Hub {
+    type Source = Arc<Store>;
+    type Listeners = Listeners;
+    type Hooks = Rpcd;
+
+    const DRAIN_DEADLINE: Duration = DRAIN_DEADLINE;
+
+    fn identity(&self) -> Identity {
+        Identity::single(DAEMON)
     }
 
-    let (shutdown, reload_rx) = match lifecycle::install_signal_handlers() {
-        Ok(s) => s,
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_SOFTWARE,
-                format!("cannot install signal handlers: {e}"),
+    fn init(&self) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+
+    /// Opens and migrates the database, which holds the overrides of the file.
+    async fn configure(
+        &self,
+        file: Config,
+        config: Option<&Path>,
+        _shutdown: &Shutdown,
+    ) -> Result<Arc<Store>, StartError> {
+        let url = file.database_url();
+        let max = u32::try_from(file.int("database.max_connections")).unwrap_or(10);
+        let db = Db::open(&url, max).await.map_err(StartError::unavailable)?;
+        let (config_path, _) = mb_runtime::config_path(config);
+        let config_path = config_path.exists().then_some(config_path);
+        let store = Store::open(db, file, config_path)
+            .await
+            .map_err(StartError::unavailable)?;
+        Ok(Arc::new(store))
+    }
+
+    fn checked(&self, store: &Arc<Store>) -> Option<String> {
+        self.check.then(|| {
+            format!(
+                "{DAEMON}: configuration and database {} are fine",
+                store.db.url
+            )
+        })
+    }
+
+    async fn bind(&self, cfg: &Config) -> Result<Listeners, StartError> {
+        let tcp = if cfg.bool("network.rpcd.tcp.enabled") {
+            let addr = std::net::SocketAddr::new(
+                cfg.ip("network.rpcd.tcp.bind"),
+                cfg.port("network.rpcd.tcp.port"),
             );
-        }
-    };
-    let tcp = if cfg.bool("network.rpcd.tcp.enabled") {
-        let addr = std::net::SocketAddr::new(
-            cfg.ip("network.rpcd.tcp.bind"),
-            cfg.port("network.rpcd.tcp.port"),
-        );
-        match TcpListener::bind(addr).await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                return fail(
-                    mb_runtime::EX_CANTCREAT,
-                    format!("cannot listen on {addr}: {e}"),
-                );
-            }
-        }
-    } else {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|cause| StartError::Listen {
+                    addr,
+                    what: None,
+                    cause,
+                })?;
+            Some(listener)
+        } else {
+            None
+        };
+        let tls = tcp_tls(cfg).map_err(StartError::config)?;
+        Ok(Listeners { tcp, tls })
+    }
+
+    /// mb-rpcd runs as it was started: as `process.user` under systemd.
+    fn writable(&self, _cfg: &Config) -> Option<Vec<PathBuf>> {
         None
-    };
-    // The Unix socket last: once it exists, every listener is ready.
-    let socket = cfg.socket(DAEMON);
-    let unix = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
-    let tls = match tcp_tls(&cfg) {
-        Ok(t) => t,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
-    };
-    let listeners = Listeners {
-        unix,
-        socket: socket.clone(),
-        tcp,
-        tls,
-    };
-    let result = run(store, listeners, shutdown, reload_rx).await;
-    let _ = std::fs::remove_file(&socket);
-    match result {
-        Ok(()) => 0,
-        Err(e) => fail(mb_runtime::EX_SOFTWARE, format!("{e:#}")),
+    }
+
+    /// Serves the configuration store, the message log, accounts, access lists,
+    /// quarantine index, policies and replication on the socket, and `Config`, `Events`
+    /// and `Control` on the TCP listener when there is one; SIGHUP re-reads the file.
+    async fn start(
+        self,
+        listeners: Listeners,
+        ctx: &Context<Arc<Store>>,
+    ) -> Result<Serving<Rpcd>, StartError> {
+        let store = ctx.source.clone();
+        let info = ctx.info.clone();
+        let shutdown = ctx.shutdown.clone();
+        let cfg = &ctx.cfg;
+        let rpcd = Rpcd {
+            store: store.clone(),
+            info: info.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let hooks = Arc::new(rpcd.clone());
+
+        let peer = Guard::peer();
+        let services = Routes::new(ConfigServer::with_interceptor(rpcd.clone(), peer.clone()))
+            .add_service(EventsServer::with_interceptor(rpcd.clone(), peer.clone()))
+            // Accounts are managed and checked on the local socket only.
+            .add_service(UsersServer::with_interceptor(
+                UsersService {
+                    store: store.clone(),
+                    info: info.clone(),
+                },
+                peer.clone(),
+            ))
+            .add_service(AccessServer::with_interceptor(
+                AccessService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
+            .add_service(QuarantineServer::with_interceptor(
+                quarantine::QuarantineService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
+            .add_service(PoliciesServer::with_interceptor(
+                policies::PoliciesService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
+            .add_service(ReplicaServer::with_interceptor(
+                replica::ReplicaService {
+                    store: store.clone(),
+                },
+                peer,
+            ));
+
+        let software = |e: tonic::transport::Error| {
+            StartError::software(format!("{:#}", anyhow::Error::from(e)))
+        };
+        let tcp = match listeners.tcp {
+            Some(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| StartError::software(e.to_string()))?;
+                let key = cfg.text("network.rpcd.tcp.api_key");
+                let need_key =
+                    cfg.bool("network.rpcd.tcp.require_auth") || !addr.ip().is_loopback();
+                let guard = Guard::ApiKey {
+                    key: need_key.then(|| Arc::from(key.as_str())),
+                    daemon: DAEMON,
+                };
+                let scheme = if listeners.tls.is_some() {
+                    "tls"
+                } else {
+                    "tcp"
+                };
+                info.add_listener(format!("{scheme}:{addr}"));
+                let mut builder = Server::builder();
+                if let Some(tls) = listeners.tls {
+                    builder = builder.tls_config(tls).map_err(software)?;
+                }
+                let s = shutdown.clone();
+                Some(
+                    builder
+                        .add_service(ControlServer::with_interceptor(
+                            ControlService::new(info.clone(), hooks.clone()),
+                            guard.clone(),
+                        ))
+                        .add_service(ConfigServer::with_interceptor(rpcd.clone(), guard.clone()))
+                        .add_service(EventsServer::with_interceptor(rpcd, guard))
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            async move { s.requested().await },
+                        ),
+                )
+            }
+            None => None,
+        };
+
+        quarantine::spawn_retention(store.clone(), shutdown);
+        tracing::info!(
+            socket = %ctx.socket.display(),
+            database = %store.db.url,
+            generation = store.generation(),
+            "mb-rpcd started"
+        );
+        let work = async move {
+            if let Some(tcp) = tcp {
+                tcp.await?;
+            }
+            Ok(())
+        };
+        Ok(Serving::new(hooks, work).with_services(services))
     }
 }
 
@@ -149,7 +255,7 @@ struct TlsFileError {
     cause: std::io::Error,
 }
 
-fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, TlsFileError> {
+fn tcp_tls(cfg: &Config) -> Result<Option<ServerTlsConfig>, TlsFileError> {
     let (cert, key) = (
         cfg.path("network.rpcd.tcp.tls.cert"),
         cfg.path("network.rpcd.tcp.tls.key"),
@@ -157,164 +263,12 @@ fn tcp_tls(cfg: &mb_core::Config) -> Result<Option<ServerTlsConfig>, TlsFileErro
     if !cfg.bool("network.rpcd.tcp.enabled") || cert.as_os_str().is_empty() {
         return Ok(None);
     }
-    let read = |p: &std::path::Path| {
+    let read = |p: &Path| {
         std::fs::read(p).map_err(|cause| TlsFileError {
             path: p.to_path_buf(),
             cause,
         })
     };
-    let identity = Identity::from_pem(read(&cert)?, read(&key)?);
+    let identity = tonic::transport::Identity::from_pem(read(&cert)?, read(&key)?);
     Ok(Some(ServerTlsConfig::new().identity(identity)))
-}
-
-/// What the daemon serves on.
-pub struct Listeners {
-    pub unix: UnixListener,
-    pub socket: PathBuf,
-    pub tcp: Option<TcpListener>,
-    pub tls: Option<ServerTlsConfig>,
-}
-
-/// Serves until `shutdown`, then drains with a deadline. SIGHUP (on `reload`) re-reads
-/// the configuration file.
-pub async fn run(
-    store: Arc<Store>,
-    listeners: Listeners,
-    shutdown: Shutdown,
-    mut reload: tokio::sync::mpsc::Receiver<()>,
-) -> anyhow::Result<()> {
-    let info = DaemonInfo::new(DAEMON);
-    let cfg = store.effective();
-    let rpcd = Rpcd {
-        store: store.clone(),
-        info: info.clone(),
-        shutdown: shutdown.clone(),
-    };
-    let hooks = Arc::new(rpcd.clone());
-    info.add_listener(format!("unix:{}", listeners.socket.display()));
-
-    let peer = Guard::peer();
-    let unix = Server::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(info.clone(), hooks.clone()),
-            peer.clone(),
-        ))
-        .add_service(ConfigServer::with_interceptor(rpcd.clone(), peer.clone()))
-        .add_service(EventsServer::with_interceptor(rpcd.clone(), peer.clone()))
-        // Accounts are managed and checked on the local socket only.
-        .add_service(UsersServer::with_interceptor(
-            UsersService {
-                store: store.clone(),
-                info: info.clone(),
-            },
-            peer.clone(),
-        ))
-        .add_service(AccessServer::with_interceptor(
-            AccessService {
-                store: store.clone(),
-            },
-            peer.clone(),
-        ))
-        .add_service(QuarantineServer::with_interceptor(
-            quarantine::QuarantineService {
-                store: store.clone(),
-            },
-            peer.clone(),
-        ))
-        .add_service(PoliciesServer::with_interceptor(
-            policies::PoliciesService {
-                store: store.clone(),
-            },
-            peer.clone(),
-        ))
-        .add_service(ReplicaServer::with_interceptor(
-            replica::ReplicaService {
-                store: store.clone(),
-            },
-            peer,
-        ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), {
-            let s = shutdown.clone();
-            async move { s.requested().await }
-        });
-
-    let tcp = match listeners.tcp {
-        Some(listener) => {
-            let addr = listener.local_addr()?;
-            let key = cfg.text("network.rpcd.tcp.api_key");
-            let need_key = cfg.bool("network.rpcd.tcp.require_auth") || !addr.ip().is_loopback();
-            let guard = Guard::ApiKey {
-                key: need_key.then(|| Arc::from(key.as_str())),
-                daemon: DAEMON,
-            };
-            let scheme = if listeners.tls.is_some() {
-                "tls"
-            } else {
-                "tcp"
-            };
-            info.add_listener(format!("{scheme}:{addr}"));
-            let mut builder = Server::builder();
-            if let Some(tls) = listeners.tls {
-                builder = builder.tls_config(tls)?;
-            }
-            let s = shutdown.clone();
-            Some(
-                builder
-                    .add_service(ControlServer::with_interceptor(
-                        ControlService::new(info.clone(), hooks.clone()),
-                        guard.clone(),
-                    ))
-                    .add_service(ConfigServer::with_interceptor(rpcd.clone(), guard.clone()))
-                    .add_service(EventsServer::with_interceptor(rpcd.clone(), guard))
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                        s.requested().await
-                    }),
-            )
-        }
-        None => None,
-    };
-
-    let reloader = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            while reload.recv().await.is_some() {
-                lifecycle::notify_reloading();
-                match store.reload(DAEMON).await {
-                    Ok(restart) if !restart.is_empty() => {
-                        tracing::warn!(keys = %restart.join(","), "restart mb-rpcd to apply these keys");
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(cause = %e, "reload failed, keeping the running configuration")
-                    }
-                }
-                lifecycle::notify_reloaded();
-            }
-        })
-    };
-
-    quarantine::spawn_retention(store.clone(), shutdown.clone());
-    tracing::info!(
-        socket = %listeners.socket.display(),
-        database = %store.db.url,
-        generation = store.generation(),
-        "mb-rpcd started"
-    );
-    lifecycle::notify_ready();
-    let served = lifecycle::drain(&shutdown, DRAIN_DEADLINE, async move {
-        match tcp {
-            Some(tcp) => {
-                let (a, b) = tokio::join!(unix, tcp);
-                a.and(b)
-            }
-            None => unix.await,
-        }
-    })
-    .await;
-    reloader.abort();
-    if let Some(r) = served {
-        r?;
-    }
-    tracing::info!("mb-rpcd stopped");
-    Ok(())
 }

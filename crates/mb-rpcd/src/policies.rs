@@ -1,5 +1,6 @@
 //! The `Policies` service: policies kept in the database, read by the filter workers,
-//! managed and explained with `mb-policy`.
+//! managed and explained with `mb-policy`. The one conversion between the gRPC `Policy`
+//! and the stored `db::PolicyRecord` lives here (the `Replica` service uses it too).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,6 +15,7 @@ use mb_runtime::policies::from_wire;
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
+use crate::db::PolicyRecord;
 use crate::store::Store;
 
 pub struct PoliciesService {
@@ -38,7 +40,13 @@ impl Policies for PoliciesService {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
         from_wire(&p).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !self.store.db.add_policy(&p).await.map_err(db_status)? {
+        if !self
+            .store
+            .db
+            .add_policy(&PolicyRecord::from(p.clone()))
+            .await
+            .map_err(db_status)?
+        {
             return Err(Status::already_exists(format!(
                 "a policy named {:?} exists (mb-policy del {0} first, or pick another name)",
                 p.name
@@ -52,6 +60,7 @@ impl Policies for PoliciesService {
             .map_err(db_status)?
             .into_iter()
             .find(|x| x.name == p.name)
+            .map(Policy::from)
             .ok_or_else(|| Status::internal("the new policy vanished"))?;
         tracing::info!(name = %stored.name, id = stored.id, action = %stored.action, object = %stored.object, pattern = %stored.pattern, by = %who, "policy added");
         Ok(Response::new(stored))
@@ -61,7 +70,15 @@ impl Policies for PoliciesService {
         &self,
         _req: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let policies = self.store.db.list_policies().await.map_err(db_status)?;
+        let policies = self
+            .store
+            .db
+            .list_policies()
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(Policy::from)
+            .collect();
         Ok(Response::new(ListPoliciesResponse { policies }))
     }
 
@@ -106,7 +123,15 @@ impl Policies for PoliciesService {
                 Status::invalid_argument(format!("{:?} is not an IP address", t.client_ip))
             })?)
         };
-        let stored = self.store.db.list_policies().await.map_err(db_status)?;
+        let stored: Vec<Policy> = self
+            .store
+            .db
+            .list_policies()
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(Policy::from)
+            .collect();
         let core: Vec<policy::Policy> = stored.iter().filter_map(|p| from_wire(p).ok()).collect();
         let (best, explanation) = policy::decide(
             &core,
@@ -122,5 +147,43 @@ impl Policies for PoliciesService {
             policy,
             explanation,
         }))
+    }
+}
+
+impl From<Policy> for PolicyRecord {
+    fn from(p: Policy) -> Self {
+        PolicyRecord {
+            id: p.id,
+            name: p.name,
+            priority: p.priority,
+            object: p.object,
+            pattern: p.pattern,
+            direction: p.direction,
+            action: p.action,
+            tag: p.tag,
+            quarantine: p.quarantine,
+            reject: p.reject,
+            comment: p.comment,
+            created_at: p.created_at_unix,
+        }
+    }
+}
+
+impl From<PolicyRecord> for Policy {
+    fn from(p: PolicyRecord) -> Self {
+        Policy {
+            id: p.id,
+            name: p.name,
+            priority: p.priority,
+            object: p.object,
+            pattern: p.pattern,
+            direction: p.direction,
+            action: p.action,
+            tag: p.tag,
+            quarantine: p.quarantine,
+            reject: p.reject,
+            comment: p.comment,
+            created_at_unix: p.created_at,
+        }
     }
 }

@@ -2,10 +2,14 @@
 //! the filter workers, see `mb_runtime::quarantine`), release by reinjection through
 //! `filter.next_hop`, deletion, and the retention pass (`quarantine.retention_days`,
 //! `max_size_mb`, `max_messages`) that runs every few minutes and on `Purge`.
+//!
+//! Entries are `mb_core::quarantine::Entry` throughout; `QuarantineEntry` exists only in
+//! the handlers' requests and answers (`mb_runtime::quarantine::wire` converts).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use mb_core::quarantine::Entry;
 use mb_proto::v1::quarantine_server::Quarantine;
 use mb_proto::v1::{
     AddQuarantineResponse, DeleteQuarantineResponse, ListQuarantineRequest, ListQuarantineResponse,
@@ -13,10 +17,11 @@ use mb_proto::v1::{
     ReleaseQuarantineResponse, ShowQuarantineResponse,
 };
 use mb_runtime::lifecycle::Shutdown;
-use mb_runtime::quarantine as files;
+use mb_runtime::quarantine::{self as files, wire};
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
+use crate::db::QuarantineFilter;
 use crate::store::Store;
 
 /// How often the retention pass runs.
@@ -45,7 +50,7 @@ fn io_status(what: &str, e: &std::io::Error) -> Status {
 }
 
 impl QuarantineService {
-    async fn entry(&self, id: &str) -> Result<QuarantineEntry, Status> {
+    async fn entry(&self, id: &str) -> Result<Entry, Status> {
         if !files::valid_id(id) {
             return Err(Status::invalid_argument(format!(
                 "{id:?} is not a quarantine id"
@@ -65,7 +70,7 @@ impl QuarantineService {
 }
 
 /// Removes an entry's files, then its index row.
-async fn remove(store: &Store, root: &std::path::Path, e: &QuarantineEntry) -> Result<(), Status> {
+async fn remove(store: &Store, root: &std::path::Path, e: &Entry) -> Result<(), Status> {
     let (root, entry) = (root.to_path_buf(), e.clone());
     tokio::task::spawn_blocking(move || files::remove(&root, &entry))
         .await
@@ -81,7 +86,7 @@ async fn remove(store: &Store, root: &std::path::Path, e: &QuarantineEntry) -> R
 
 /// On a cluster main, the node holding an entry when that is another node (its file is
 /// not here): release and delete are carried out there.
-fn remote_node(store: &Store, e: &QuarantineEntry) -> Option<String> {
+fn remote_node(store: &Store, e: &Entry) -> Option<String> {
     let cfg = store.effective();
     (cfg.is_cluster_main()
         && e.node != cfg.node_name()
@@ -95,7 +100,7 @@ async fn on_node(
     store: &Store,
     node: &str,
     action: &str,
-    e: &QuarantineEntry,
+    e: &Entry,
 ) -> Result<mb_proto::v1::CommandResult, Status> {
     let cfg = store.effective();
     let ch = mb_runtime::uds::connect(&cfg.socket("mb-cluster"), "mb-cluster")
@@ -164,7 +169,7 @@ pub async fn retention(store: &Store, older_than_days: u32) -> Result<u64, Statu
                 .map_err(db_status)?;
         }
     }
-    let entries: Vec<QuarantineEntry> = indexed
+    let entries: Vec<Entry> = indexed
         .into_iter()
         .filter(|e| on_disk.iter().any(|d| d.id == e.id))
         .collect();
@@ -208,13 +213,8 @@ impl Quarantine for QuarantineService {
         &self,
         req: Request<QuarantineEntry>,
     ) -> Result<Response<AddQuarantineResponse>, Status> {
-        let e = req.into_inner();
-        if !files::valid_id(&e.id) || !files::valid_path(&e.path) {
-            return Err(Status::invalid_argument(format!(
-                "bad quarantine entry {:?} at {:?}",
-                e.id, e.path
-            )));
-        }
+        let e = wire::from_wire(req.into_inner())
+            .map_err(|bad| Status::invalid_argument(bad.to_string()))?;
         let added = self
             .store
             .db
@@ -231,9 +231,12 @@ impl Quarantine for QuarantineService {
         let entries = self
             .store
             .db
-            .list_quarantine(req.get_ref())
+            .list_quarantine(&QuarantineFilter::from(req.into_inner()))
             .await
-            .map_err(db_status)?;
+            .map_err(db_status)?
+            .into_iter()
+            .map(wire::to_wire)
+            .collect();
         let (total, total_bytes) = self.store.db.quarantine_totals().await.map_err(db_status)?;
         Ok(Response::new(ListQuarantineResponse {
             entries,
@@ -255,7 +258,7 @@ impl Quarantine for QuarantineService {
                     entry.id
                 ),
                 message: Vec::new(),
-                entry: Some(entry),
+                entry: Some(wire::to_wire(entry)),
             }));
         }
         let path = files::root(&self.store.effective()).join(&entry.path);
@@ -276,7 +279,7 @@ impl Quarantine for QuarantineService {
         Ok(Response::new(ShowQuarantineResponse {
             headers: String::from_utf8_lossy(&data[..end]).into_owned(),
             message: if q.raw { data } else { Vec::new() },
-            entry: Some(entry),
+            entry: Some(wire::to_wire(entry)),
         }))
     }
 
@@ -370,5 +373,18 @@ impl Quarantine for QuarantineService {
             remaining,
             remaining_bytes,
         }))
+    }
+}
+
+/// The wire's "unset" is an empty string or a zero limit.
+impl From<ListQuarantineRequest> for QuarantineFilter {
+    fn from(q: ListQuarantineRequest) -> Self {
+        let set = |s: String| (!s.is_empty()).then_some(s);
+        QuarantineFilter {
+            since_ms: q.since_unix_ms,
+            sender: set(q.sender),
+            recipient: set(q.recipient),
+            limit: (q.limit > 0).then_some(q.limit),
+        }
     }
 }

@@ -9,11 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mb_proto::v1::replica_server::Replica;
 use mb_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, ExportRequest, ImportResponse, IngestRequest,
-    OutboxBatch, OutboxRequest, Policy, Setting, Snapshot, UploadAck, UserRecord,
+    MessageEvent, OutboxBatch, OutboxItem, OutboxRequest, Policy, Setting, Snapshot, UploadAck,
+    UserRecord,
 };
+use mb_runtime::quarantine::wire;
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
+use crate::db::{EventRecord, OutboxChange, PolicyRecord};
 use crate::grpc::status;
 use crate::store::Store;
 
@@ -79,8 +82,8 @@ impl Replica for ReplicaService {
             .list_policies()
             .await
             .map_err(db_status)?
-            .iter()
-            .map(content)
+            .into_iter()
+            .map(|p| content(&Policy::from(p)))
             .collect();
         let users = self
             .store
@@ -159,8 +162,9 @@ impl Replica for ReplicaService {
         let mut policies_changed = 0;
         let mut kept = Vec::new();
         for p in db.list_policies().await.map_err(db_status)? {
-            if wanted.contains(&content(&p)) {
-                kept.push(content(&p));
+            let same = content(&Policy::from(p.clone()));
+            if wanted.contains(&same) {
+                kept.push(same);
             } else {
                 db.remove_policy(p.id, "").await.map_err(db_status)?;
                 policies_changed += 1;
@@ -171,7 +175,9 @@ impl Replica for ReplicaService {
                 tracing::warn!(policy = %p.name, cause = %e, "cannot apply a policy from the main");
                 continue;
             }
-            db.add_policy(p).await.map_err(db_status)?;
+            db.add_policy(&PolicyRecord::from(p.clone()))
+                .await
+                .map_err(db_status)?;
             policies_changed += 1;
         }
 
@@ -224,6 +230,7 @@ impl Replica for ReplicaService {
             .outbox(req.get_ref().limit)
             .await
             .map_err(db_status)?;
+        let items = items.into_iter().map(OutboxItem::from).collect();
         Ok(Response::new(OutboxBatch { items, pending }))
     }
 
@@ -251,7 +258,8 @@ impl Replica for ReplicaService {
         // In order: an entry added then removed on the child ends removed here too.
         let mut events = Vec::new();
         for item in r.items {
-            if let Some(mut e) = item.event {
+            if let Some(e) = item.event {
+                let mut e = EventRecord::from(e);
                 e.node.clone_from(&r.node);
                 events.push(e);
                 continue;
@@ -262,13 +270,14 @@ impl Replica for ReplicaService {
                     .await
                     .map_err(db_status)?;
             }
-            if let Some(mut q) = item.quarantined {
-                if !mb_runtime::quarantine::valid_id(&q.id)
-                    || !mb_runtime::quarantine::valid_path(&q.path)
-                {
-                    tracing::warn!(node = %r.node, id = %q.id, "ignored a malformed quarantine entry from a child");
-                    continue;
-                }
+            if let Some(q) = item.quarantined {
+                let mut q = match wire::from_wire(q) {
+                    Ok(q) => q,
+                    Err(bad) => {
+                        tracing::warn!(node = %r.node, id = %bad.id, "ignored a malformed quarantine entry from a child");
+                        continue;
+                    }
+                };
                 q.node.clone_from(&r.node);
                 db.add_quarantine(&q, false).await.map_err(db_status)?;
                 ack.quarantine += 1;
@@ -292,5 +301,21 @@ impl Replica for ReplicaService {
             db.store_events(&events, false).await.map_err(db_status)?;
         }
         Ok(Response::new(ack))
+    }
+}
+
+impl From<crate::db::OutboxItem> for OutboxItem {
+    fn from(item: crate::db::OutboxItem) -> Self {
+        let mut out = OutboxItem {
+            seq: item.seq,
+            ..OutboxItem::default()
+        };
+        match item.change {
+            OutboxChange::Event(e) => out.event = Some(MessageEvent::from(e)),
+            OutboxChange::Quarantined(e) => out.quarantined = Some(wire::to_wire(e)),
+            OutboxChange::Unquarantined(id) => out.unquarantined = id,
+            OutboxChange::Gone => {}
+        }
+        out
     }
 }

@@ -16,6 +16,7 @@ use mb_runtime::control::DaemonInfo;
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
+use crate::db::Account;
 use crate::store::Store;
 
 /// Shortest password accepted.
@@ -171,7 +172,15 @@ impl Users for UsersService {
         &self,
         _req: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
-        let users = self.store.db.list_users().await.map_err(db_status)?;
+        let users = self
+            .store
+            .db
+            .list_users()
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(UserInfo::from)
+            .collect();
         Ok(Response::new(ListUsersResponse { users }))
     }
 
@@ -215,5 +224,15 @@ impl Users for UsersService {
             .counters
             .add(if ok { "auth_ok" } else { "auth_failed" }, 1);
         Ok(Response::new(VerifyResponse { ok }))
+    }
+}
+
+impl From<Account> for UserInfo {
+    fn from(a: Account) -> Self {
+        UserInfo {
+            username: a.name,
+            created_at_unix: a.created_at,
+            updated_at_unix: a.updated_at,
+        }
     }
 }

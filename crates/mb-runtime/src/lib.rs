@@ -1,8 +1,10 @@
-//! What every daemon and tool shares: log lines, configuration loading, signals and
-//! drain, sd_notify, and gRPC over Unix sockets with peer-credential checks.
+//! What every daemon and tool shares: the daemons' start-up skeleton (`daemon`), log
+//! lines, configuration loading, signals and drain, sd_notify, and gRPC over Unix
+//! sockets with peer-credential checks.
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod events;
 pub mod follow;
 pub mod lifecycle;
@@ -212,62 +214,11 @@ pub fn fail(daemon: &str, code: i32, msg: &str) -> i32 {
     code
 }
 
-/// What a daemon that follows the configuration feed starts with.
-pub struct Following {
-    pub shutdown: lifecycle::Shutdown,
-    /// SIGHUP requests.
-    pub reload: tokio::sync::mpsc::Receiver<()>,
-    pub follower: follow::Follower,
-}
-
-/// Installs the signal handlers, starts following mb-rpcd's configuration for `daemon`
-/// and checks the cross-key rules: a problem is logged under `name` and is exit 64,
-/// before anything is bound.
-pub fn follow_checked(daemon: &str, name: &str, file: Config) -> Result<Following, i32> {
-    let (shutdown, reload) = lifecycle::install_signal_handlers().map_err(|e| {
-        fail(
-            name,
-            EX_SOFTWARE,
-            &format!("cannot install signal handlers: {e}"),
-        )
-    })?;
-    let follower = follow::Follower::start(daemon, file, shutdown.clone());
-    let problems = follower.current().check();
-    if !problems.is_empty() {
-        for p in problems {
-            fail(name, EX_USAGE, &format!("configuration: {p}"));
-        }
-        return Err(EX_USAGE);
-    }
-    Ok(Following {
-        shutdown,
-        reload,
-        follower,
-    })
-}
-
 /// Re-reads the configuration file into `follower` (SIGHUP, `Control.Reload`); on
 /// error the running configuration is kept.
 pub fn reread(follower: &follow::Follower, config: Option<&Path>) -> Result<(), ConfigError> {
     follower.reload_file(load_config(config)?);
     Ok(())
-}
-
-/// Serves SIGHUP: runs `reload` for each request between sd_notify RELOADING and READY,
-/// logging a failure (the running configuration stays).
-pub fn spawn_reloader<E: std::fmt::Display>(
-    mut requests: tokio::sync::mpsc::Receiver<()>,
-    reload: impl Fn() -> Result<(), E> + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while requests.recv().await.is_some() {
-            lifecycle::notify_reloading();
-            if let Err(e) = reload() {
-                tracing::error!(cause = %e, "reload failed, keeping the running configuration");
-            }
-            lifecycle::notify_reloaded();
-        }
-    })
 }
 
 /// The resolver settings `network.dns.*` describe: the servers (`None` for the system's

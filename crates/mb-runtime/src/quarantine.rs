@@ -1,13 +1,17 @@
 //! The quarantine on disk, shared by the filter workers (which store) and mb-rpcd (which
 //! indexes, releases and purges): `paths.spool_dir/quarantine/YYYY/MM/DD/ID.eml`, the
 //! message as it would have been delivered, and `ID.json` beside it, the index entry
-//! (envelope, reason, score). The files are the truth; the database index is rebuilt
-//! from the `.json` files when they disagree.
+//! (`mb_core::quarantine::Entry`: envelope, reason, score). The files are the truth; the
+//! database index is rebuilt from the `.json` files when they disagree.
+//!
+//! The files hold the domain type, never a gRPC message: `wire` converts at the edge.
+
+pub mod wire;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use mb_proto::v1::QuarantineEntry;
+use mb_core::quarantine::Entry;
 
 /// `paths.spool_dir/quarantine`.
 pub fn root(cfg: &mb_core::Config) -> PathBuf {
@@ -41,55 +45,10 @@ pub fn valid_path(path: &str) -> bool {
         && parts[3].strip_suffix(".eml").is_some_and(valid_id)
 }
 
-pub fn to_json(e: &QuarantineEntry) -> String {
-    serde_json::json!({
-        "id": e.id, "node": e.node, "at_ms": e.at_unix_ms, "queue_id": e.queue_id,
-        "client_ip": e.client_ip, "sender": e.sender, "recipients": e.recipients,
-        "subject": e.subject, "reason": e.reason, "score": e.score, "symbols": e.symbols,
-        "size": e.size, "path": e.path,
-    })
-    .to_string()
-}
-
-pub fn from_json(text: &str) -> Option<QuarantineEntry> {
-    let v: serde_json::Value = serde_json::from_str(text).ok()?;
-    let s = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let list = |k: &str| -> Vec<String> {
-        v.get(k)
-            .and_then(|x| x.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let e = QuarantineEntry {
-        id: s("id"),
-        node: s("node"),
-        at_unix_ms: v.get("at_ms")?.as_i64()?,
-        queue_id: s("queue_id"),
-        client_ip: s("client_ip"),
-        sender: s("sender"),
-        recipients: list("recipients"),
-        subject: s("subject"),
-        reason: s("reason"),
-        score: v
-            .get("score")
-            .and_then(serde_json::Value::as_f64)
-            .unwrap_or(0.0),
-        symbols: list("symbols"),
-        size: v
-            .get("size")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0),
-        path: s("path"),
-    };
+/// An entry from its `.json` text; `None` when the text is not an entry or its id or path
+/// could point outside the quarantine.
+pub fn from_json(text: &str) -> Option<Entry> {
+    let e: Entry = serde_json::from_str(text).ok()?;
     (valid_id(&e.id) && valid_path(&e.path)).then_some(e)
 }
 
@@ -112,13 +71,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Stores a message and its entry durably (blocking: call it on the blocking pool).
 /// The `.eml` is written first and the `.json` last, so a crash leaves at worst an
 /// unindexed message file, never an entry without its message.
-pub fn store(root: &Path, entry: &QuarantineEntry, message: &[u8]) -> io::Result<()> {
+pub fn store(root: &Path, entry: &Entry, message: &[u8]) -> io::Result<()> {
     if !valid_path(&entry.path) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("bad quarantine path {:?}", entry.path),
         ));
     }
+    let json = serde_json::to_vec(entry).map_err(io::Error::other)?;
     let eml = root.join(&entry.path);
     let dir = eml.parent().unwrap_or(root).to_path_buf();
     if !dir.exists() {
@@ -134,12 +94,12 @@ pub fn store(root: &Path, entry: &QuarantineEntry, message: &[u8]) -> io::Result
         }
     }
     write_synced(&eml, message)?;
-    write_synced(&eml.with_extension("json"), to_json(entry).as_bytes())?;
+    write_synced(&eml.with_extension("json"), &json)?;
     sync_dir(&dir)
 }
 
 /// Removes a message's files (a missing file is not an error).
-pub fn remove(root: &Path, entry: &QuarantineEntry) -> io::Result<()> {
+pub fn remove(root: &Path, entry: &Entry) -> io::Result<()> {
     if !valid_path(&entry.path) {
         return Ok(());
     }
@@ -163,7 +123,7 @@ pub fn remove(root: &Path, entry: &QuarantineEntry) -> io::Result<()> {
 }
 
 /// Every entry found on disk (the `.json` files), for rebuilding the index.
-pub fn scan(root: &Path) -> Vec<QuarantineEntry> {
+pub fn scan(root: &Path) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -190,7 +150,7 @@ pub fn scan(root: &Path) -> Vec<QuarantineEntry> {
 /// `max_age_ms`, then the oldest until at most `max_messages` (0: no limit) and
 /// `max_bytes` remain.
 pub fn expired(
-    entries: &[QuarantineEntry],
+    entries: &[Entry],
     now_ms: i64,
     max_age_ms: i64,
     max_messages: u64,
@@ -216,8 +176,8 @@ pub fn expired(
 mod tests {
     use super::*;
 
-    fn entry(id: &str, at: i64, size: u64) -> QuarantineEntry {
-        QuarantineEntry {
+    fn entry(id: &str, at: i64, size: u64) -> Entry {
+        Entry {
             id: id.into(),
             at_unix_ms: at,
             size,
@@ -250,7 +210,6 @@ mod tests {
     fn entries_round_trip_and_survive_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let e = entry("Q1", 1_795_322_400_000, 5);
-        assert_eq!(from_json(&to_json(&e)), Some(e.clone()));
         store(dir.path(), &e, b"hello").unwrap();
         assert_eq!(std::fs::read(dir.path().join(&e.path)).unwrap(), b"hello");
         assert_eq!(scan(dir.path()), vec![e.clone()]);
@@ -260,6 +219,60 @@ mod tests {
             !dir.path().join("2026").exists(),
             "empty day directories are removed"
         );
+    }
+
+    /// An `ID.json` exactly as the writer before `mb_core::quarantine::Entry` made it
+    /// (`serde_json::json!`: compact, keys in alphabetical order).
+    const EARLIER_FORMAT: &str = r#"{"at_ms":1795322400000,"client_ip":"192.0.2.7","id":"4XyZ-1.a","node":"mx1","path":"2026/11/22/4XyZ-1.a.eml","queue_id":"4XyZ","reason":"Spam detected (score 12.5)","recipients":["a@served.test","b@served.test"],"score":12.5,"sender":"x@sender.test","size":5,"subject":"Win \"big\" été","symbols":["BAYES_SPAM","R_DKIM_REJECT"]}"#;
+
+    #[test]
+    fn files_written_before_the_domain_type_are_read_and_written_alike() {
+        let expected = Entry {
+            id: "4XyZ-1.a".into(),
+            node: "mx1".into(),
+            at_unix_ms: 1_795_322_400_000,
+            queue_id: "4XyZ".into(),
+            client_ip: "192.0.2.7".into(),
+            sender: "x@sender.test".into(),
+            recipients: vec!["a@served.test".into(), "b@served.test".into()],
+            subject: "Win \"big\" été".into(),
+            reason: "Spam detected (score 12.5)".into(),
+            score: 12.5,
+            symbols: vec!["BAYES_SPAM".into(), "R_DKIM_REJECT".into()],
+            size: 5,
+            path: "2026/11/22/4XyZ-1.a.eml".into(),
+        };
+        assert_eq!(from_json(EARLIER_FORMAT), Some(expected.clone()));
+
+        // Found on disk by the scan that rebuilds the index.
+        let old = tempfile::tempdir().unwrap();
+        let eml = old.path().join(&expected.path);
+        std::fs::create_dir_all(eml.parent().unwrap()).unwrap();
+        std::fs::write(&eml, b"hello").unwrap();
+        std::fs::write(eml.with_extension("json"), EARLIER_FORMAT).unwrap();
+        assert_eq!(scan(old.path()), vec![expected.clone()]);
+
+        // What is written now has the same keys and values, so an earlier version reads
+        // it too.
+        let new = tempfile::tempdir().unwrap();
+        store(new.path(), &expected, b"hello").unwrap();
+        let written =
+            std::fs::read(new.path().join(&expected.path).with_extension("json")).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&written).unwrap(),
+            serde_json::from_str::<serde_json::Value>(EARLIER_FORMAT).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_score_that_is_not_a_number_reads_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = entry("NAN", 1_795_322_400_000, 5);
+        e.score = f64::NAN;
+        store(dir.path(), &e, b"hello").unwrap();
+        let found = scan(dir.path());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].score.to_bits(), 0.0_f64.to_bits());
     }
 
     #[test]

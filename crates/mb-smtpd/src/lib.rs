@@ -18,19 +18,22 @@ pub mod spool;
 mod tests;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mb_proto::v1::control_server::ControlServer;
+use mb_core::Config;
 use mb_proto::v1::queue_server::QueueServer;
 use mb_proto::v1::{ReloadResponse, StatusRequest, StatusResponse};
-use mb_runtime::control::{ControlService, DaemonHooks, DaemonInfo};
-use mb_runtime::lifecycle;
+use mb_runtime::control::DaemonHooks;
+use mb_runtime::daemon::{Context, Daemon, Identity, Serving, StartError};
+use mb_runtime::follow::Follower;
+use mb_runtime::lifecycle::Shutdown;
 use mb_runtime::uds::Guard;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::Server as GrpcServer;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tonic::service::Routes;
 
 use crate::server::Server;
 use crate::session::Listener;
@@ -41,10 +44,17 @@ pub const DAEMON: &str = "mb-smtpd";
 /// How long sessions may finish their transaction after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub log_format: Option<String>,
+/// The SMTP server, as `mb_runtime::daemon` runs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smtpd;
+
+/// What mb-smtpd opens before it drops privileges: the certificate, the spool, the
+/// resolver and every SMTP port.
+pub struct Listeners {
+    tls: Option<TlsAcceptor>,
+    spool: Arc<Spool>,
+    dns: dns::Dns,
+    tcp: Vec<(TcpListener, Listener)>,
 }
 
 /// The addresses to listen on, from the configuration.
@@ -82,7 +92,8 @@ pub fn listen_addrs(cfg: &mb_core::Config) -> Vec<(SocketAddr, Listener)> {
     out
 }
 
-struct Hooks {
+/// `Control.Status` (sessions, queue, delivery counters) and reload (file and certificate).
+pub struct Hooks {
     server: Arc<Server>,
     manager: Arc<qmgr::Manager>,
     config: Option<PathBuf>,
@@ -160,163 +171,150 @@ fn reload(server: &Server, config: Option<&std::path::Path>) -> Result<(), Reloa
     Ok(())
 }
 
-pub async fn main(opts: Options) -> i32 {
-    let file = match mb_runtime::start_daemon(
-        DAEMON,
-        opts.config.as_deref(),
-        opts.log_format.as_deref(),
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let fail = |code: i32, msg: String| mb_runtime::fail(DAEMON, code, &msg);
-    let mb_runtime::Following {
-        shutdown,
-        reload: reload_rx,
-        follower,
-    } = match mb_runtime::follow_checked(DAEMON, DAEMON, file) {
-        Ok(f) => f,
-        Err(code) => return code,
-    };
-    let cfg = follower.current();
-    let tls = match server::tls_acceptor(&cfg) {
-        Ok(t) => t,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
-    };
-    let spool_dir = cfg.path("paths.spool_dir");
-    let spool = match Spool::open(&spool_dir) {
-        Ok((s, rec)) => {
-            tracing::info!(complete = rec.complete, torn = rec.torn, unfinished = rec.unfinished, spool = %spool_dir.display(), "spool opened");
-            Arc::new(s)
-        }
-        Err(e) => {
-            return fail(
-                mb_runtime::EX_CANTCREAT,
-                format!("cannot open the spool {}: {e}", spool_dir.display()),
-            );
-        }
-    };
-    let mut listeners = Vec::new();
-    for (addr, kind) in listen_addrs(&cfg) {
-        match TcpListener::bind(addr).await {
-            Ok(l) => listeners.push((l, kind)),
+impl Daemon for Smtpd {
+    type Source = Follower;
+    type Listeners = Listeners;
+    type Hooks = Hooks;
+
+    const DRAIN_DEADLINE: Duration = DRAIN_DEADLINE;
+    const CUT_SHORT: Option<&'static str> = Some("sessions were still open at the drain deadline");
+
+    fn identity(&self) -> Identity {
+        Identity::single(DAEMON)
+    }
+
+    fn init(&self) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+
+    async fn configure(
+        &self,
+        file: Config,
+        _config: Option<&Path>,
+        shutdown: &Shutdown,
+    ) -> Result<Follower, StartError> {
+        Ok(Follower::start(DAEMON, file, shutdown.clone()))
+    }
+
+    async fn bind(&self, cfg: &Config) -> Result<Listeners, StartError> {
+        let tls = server::tls_acceptor(cfg).map_err(StartError::config)?;
+        let spool_dir = cfg.path("paths.spool_dir");
+        let spool = match Spool::open(&spool_dir) {
+            Ok((s, rec)) => {
+                tracing::info!(complete = rec.complete, torn = rec.torn, unfinished = rec.unfinished, spool = %spool_dir.display(), "spool opened");
+                Arc::new(s)
+            }
             Err(e) => {
-                return fail(
-                    mb_runtime::EX_CANTCREAT,
-                    format!("cannot listen on {addr} ({}): {e}", kind.name()),
-                );
+                return Err(StartError::cant_create(format!(
+                    "cannot open the spool {}: {e}",
+                    spool_dir.display()
+                )));
+            }
+        };
+        let mut tcp = Vec::new();
+        for (addr, kind) in listen_addrs(cfg) {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|cause| StartError::Listen {
+                    addr,
+                    what: Some(kind.name()),
+                    cause,
+                })?;
+            tcp.push((listener, kind));
+        }
+        let dns = dns::Dns::from_config(cfg).map_err(StartError::config)?;
+        Ok(Listeners {
+            tls,
+            spool,
+            dns,
+            tcp,
+        })
+    }
+
+    fn writable(&self, cfg: &Config) -> Option<Vec<PathBuf>> {
+        Some(vec![
+            cfg.path("paths.spool_dir"),
+            cfg.path("paths.data_dir"),
+        ])
+    }
+
+    async fn start(
+        self,
+        listeners: Listeners,
+        ctx: &Context<Follower>,
+    ) -> Result<Serving<Hooks>, StartError> {
+        let cfg = &ctx.cfg;
+        let shutdown = &ctx.shutdown;
+        for (l, kind) in &listeners.tcp {
+            if let Ok(a) = l.local_addr() {
+                ctx.info.add_listener(format!("{}:{a}", kind.name()));
             }
         }
-    }
-    // Everything privileged is bound: switch to the unprivileged user when started as root.
-    let data_dir = cfg.path("paths.data_dir");
-    let run_dir = cfg.path("paths.run_dir");
-    // The control socket is bound after the switch, in a run directory the user owns.
-    let _ = std::fs::create_dir_all(&run_dir);
-    let writable: Vec<&std::path::Path> =
-        vec![spool_dir.as_path(), data_dir.as_path(), run_dir.as_path()];
-    match mb_runtime::drop_privileges(&cfg.text("process.user"), &writable) {
-        Ok(Some(user)) => tracing::info!(user = %user, "switched to an unprivileged user"),
-        Ok(None) => {}
-        Err(e) => return fail(mb_runtime::EX_SOFTWARE, e.to_string()),
-    }
-    let socket = cfg.socket(DAEMON);
-    let control = match mb_runtime::uds::bind(&socket) {
-        Ok(l) => l,
-        Err(e) => return fail(mb_runtime::EX_CANTCREAT, e.to_string()),
-    };
-    let info = DaemonInfo::new(DAEMON);
-    info.add_listener(format!("unix:{}", socket.display()));
-    for (l, kind) in &listeners {
-        if let Ok(a) = l.local_addr() {
-            info.add_listener(format!("{}:{a}", kind.name()));
+        let events =
+            mb_runtime::events::EventSink::start(DAEMON, cfg.socket("mb-rpcd"), shutdown.clone());
+        let mut server = Server::new(
+            ctx.source.clone(),
+            listeners.spool,
+            listeners.tls,
+            ctx.info.clone(),
+        );
+        server.events = Some(events);
+        if cfg.bool("filter.enabled") {
+            server.scanner = Some(Arc::new(mb_scan::Workers::new(
+                cfg.path("paths.run_dir"),
+                usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
+                cfg.duration("filter.scan_timeout"),
+            )));
         }
-    }
-    let events =
-        mb_runtime::events::EventSink::start(DAEMON, cfg.socket("mb-rpcd"), shutdown.clone());
-    let mut server = Server::new(follower, spool, tls, info.clone());
-    server.events = Some(events);
-    if cfg.bool("filter.enabled") {
-        server.scanner = Some(Arc::new(mb_scan::Workers::new(
-            run_dir.clone(),
-            usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
-            cfg.duration("filter.scan_timeout"),
-        )));
-    }
-    let redis_url = cfg.text("redis.url");
-    if !redis_url.is_empty() {
-        match shared::Shared::connect(&redis_url).await {
-            Ok(r) => {
-                tracing::info!(redis = %mb_core::config::redact_url(&redis_url), "sharing rate counters and bans through Redis");
-                server.shared = std::sync::RwLock::new(Some(r));
-            }
-            // Mail flows without Redis: each process then counts on its own.
-            Err(e) => {
-                tracing::warn!(redis = %mb_core::config::redact_url(&redis_url), cause = %e, "Redis unreachable; counting locally")
+        let redis_url = cfg.text("redis.url");
+        if !redis_url.is_empty() {
+            match shared::Shared::connect(&redis_url).await {
+                Ok(r) => {
+                    tracing::info!(redis = %mb_core::config::redact_url(&redis_url), "sharing rate counters and bans through Redis");
+                    server.shared = std::sync::RwLock::new(Some(r));
+                }
+                // Mail flows without Redis: each process then counts on its own.
+                Err(e) => {
+                    tracing::warn!(redis = %mb_core::config::redact_url(&redis_url), cause = %e, "Redis unreachable; counting locally")
+                }
             }
         }
-    }
-    let server = Arc::new(server);
-    let dns = match dns::Dns::from_config(&cfg) {
-        Ok(d) => d,
-        Err(e) => return fail(mb_runtime::EX_USAGE, e.to_string()),
-    };
-    let mut manager = qmgr::Manager::new(
-        server.spool.clone(),
-        server.follower.clone(),
-        dns,
-        qmgr::Clock::new(),
-    );
-    if let Some(m) = Arc::get_mut(&mut manager) {
-        m.events = server.events.clone();
-    }
-    let hooks = Arc::new(Hooks {
-        manager: manager.clone(),
-        server: server.clone(),
-        config: opts.config.clone(),
-    });
-    let grpc = GrpcServer::builder()
-        .add_service(ControlServer::with_interceptor(
-            ControlService::new(info.clone(), hooks),
-            Guard::peer(),
-        ))
-        .add_service(QueueServer::with_interceptor(
+        let server = Arc::new(server);
+        let mut manager = qmgr::Manager::new(
+            server.spool.clone(),
+            server.follower.clone(),
+            listeners.dns,
+            qmgr::Clock::new(),
+        );
+        if let Some(m) = Arc::get_mut(&mut manager) {
+            m.events = server.events.clone();
+        }
+        let hooks = Arc::new(Hooks {
+            manager: manager.clone(),
+            server: server.clone(),
+            config: ctx.config.clone(),
+        });
+        let queue = QueueServer::with_interceptor(
             queue::QueueService {
                 spool: server.spool.clone(),
                 manager: Some(manager.clone()),
             },
             Guard::peer(),
-        ))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(control), {
-            let s = shutdown.clone();
-            async move { s.requested().await }
-        });
-    let reloader = {
-        let server = server.clone();
-        let config = opts.config.clone();
-        mb_runtime::spawn_reloader(reload_rx, move || reload(&server, config.as_deref()))
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-    let access = tokio::spawn(server::sync_access(server.clone(), shutdown.clone()));
-    let delivery = tokio::spawn(manager.clone().run(shutdown.clone()));
-    for (l, kind) in listeners {
-        tasks.spawn(server.clone().serve(l, kind, shutdown.clone()));
+        );
+        let mut background = JoinSet::new();
+        background.spawn(server::sync_access(server.clone(), shutdown.clone()));
+        background.spawn(manager.run(shutdown.clone()));
+        let mut sessions = JoinSet::new();
+        for (l, kind) in listeners.tcp {
+            sessions.spawn(server.clone().serve(l, kind, shutdown.clone()));
+        }
+        tracing::info!(listening = %ctx.info.base_status().listening.join(" "), "mb-smtpd started");
+        let work = async move {
+            while sessions.join_next().await.is_some() {}
+            Ok(())
+        };
+        Ok(Serving::new(hooks, work)
+            .with_services(Routes::new(queue))
+            .with_background(background))
     }
-    tracing::info!(listening = %info.base_status().listening.join(" "), "mb-smtpd started");
-    lifecycle::notify_ready();
-    let drained = lifecycle::drain(&shutdown, DRAIN_DEADLINE, async move {
-        let _ = grpc.await;
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    reloader.abort();
-    access.abort();
-    delivery.abort();
-    let _ = std::fs::remove_file(&socket);
-    if drained.is_none() {
-        tracing::warn!("sessions were still open at the drain deadline");
-    }
-    tracing::info!("mb-smtpd stopped");
-    0
 }

@@ -3,9 +3,12 @@
 //! which Debian package to install, never a skip.
 //!
 //! One module per peer or concern; everything is re-exported here, so callers name
-//! `mb_testkit::Gateway`, `mb_testkit::free_port`, ... and never a module.
+//! `mb_testkit::Gateway`, `mb_testkit::free_port`, ... and never a module, except
+//! `mb_testkit::cases`, the filter case files, whose names (`Case`, `parse`, `DIR`) read
+//! well only with the module's.
 
 mod account;
+pub mod cases;
 mod clamd;
 mod dnsmasq;
 mod dovecot;
