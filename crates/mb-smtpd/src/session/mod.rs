@@ -273,6 +273,14 @@ pub struct Session<'a> {
 }
 
 const HELP: &str = "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS";
+/// The steps that run in a phase of their own.
+enum Step<'a> {
+    StartTls,
+    Data,
+    Bdat(u64, bool),
+    Auth(&'a str),
+}
+
 impl<'a> Session<'a> {
     pub fn new(
         io: Box<dyn Io>,
@@ -441,19 +449,89 @@ impl<'a> Session<'a> {
 
     /// Handles one command; returns true when the session ends.
     async fn command(&mut self, cmd: Command) -> bool {
+        if let Some(end) = self.gate(&cmd).await {
+            return end;
+        }
+        match cmd {
+            Command::Ehlo(name) => {
+                self.ehlo(name);
+                false
+            }
+            Command::Helo(name) => {
+                self.helo(name);
+                false
+            }
+            Command::StartTls => self.in_phase(Phase::TlsHandshake, Step::StartTls).await,
+            Command::Mail(sender, params) => {
+                self.summary.mail += 1;
+                let r = self.mail(sender, params);
+                self.answer(r).await
+            }
+            Command::Rcpt(rcpt, params) => {
+                self.summary.rcpt += 1;
+                let r = self.rcpt(rcpt, params);
+                self.answer(r).await
+            }
+            Command::Data => {
+                self.summary.data += 1;
+                self.in_phase(Phase::Data, Step::Data).await
+            }
+            Command::Bdat { size, last } => {
+                self.summary.bdat += 1;
+                self.in_phase(Phase::Data, Step::Bdat(size, last)).await
+            }
+            Command::Rset => {
+                self.summary.rset += 1;
+                self.tx = None;
+                self.answer(Reply::new(250, EnhancedStatus::OK, "Ok")).await
+            }
+            Command::Noop => {
+                self.summary.noop += 1;
+                self.answer(Reply::new(250, EnhancedStatus::OK, "Ok")).await
+            }
+            Command::Quit => {
+                self.summary.quit += 1;
+                let bye = Reply::new(221, EnhancedStatus::OK, "Bye").to_wire();
+                let _ = self.conn.send(&bye).await;
+                self.summary.end = "quit";
+                true
+            }
+            Command::Help => self.answer(Reply::new(214, EnhancedStatus::OK, HELP)).await,
+            Command::Vrfy(_) => {
+                let text = "Cannot VRFY user, but will accept message and attempt delivery";
+                self.answer(Reply::new(252, EnhancedStatus::OK, text)).await
+            }
+            Command::Expn(_) => {
+                let text = "Error: EXPN is not supported";
+                self.answer(Reply::new(502, EnhancedStatus::new(5, 5, 1), text))
+                    .await
+            }
+            // LMTP and XFORWARD belong to the content filter's listener, not here.
+            Command::Lhlo(_) | Command::Xforward(_) => {
+                let text = "Error: command not recognized";
+                self.answer(Reply::new(502, EnhancedStatus::new(5, 5, 2), text))
+                    .await
+            }
+            Command::Auth(arg) => {
+                self.summary.auth += 1;
+                self.in_phase(Phase::Auth, Step::Auth(&arg)).await
+            }
+        }
+    }
+
+    /// What every command passes before its verb runs: pipelining without PIPELINING,
+    /// too many commands without mail, and mandatory TLS. `Some(end)` when the command
+    /// was answered here.
+    async fn gate(&mut self, cmd: &Command) -> Option<bool> {
         // Without PIPELINING, a client may not send a command before its reply came.
-        let pipelined = !self.conn.buffered().is_empty();
-        if pipelined && !self.esmtp {
-            self.close(
-                Reply::new(
-                    554,
-                    EnhancedStatus::new(5, 5, 0),
-                    "Error: improper command pipelining",
-                ),
-                "improper pipelining",
-            )
-            .await;
-            return true;
+        if !self.conn.buffered().is_empty() && !self.esmtp {
+            let reply = Reply::new(
+                554,
+                EnhancedStatus::new(5, 5, 0),
+                "Error: improper command pipelining",
+            );
+            self.close(reply, "improper pipelining").await;
+            return Some(true);
         }
         if matches!(
             cmd,
@@ -461,145 +539,61 @@ impl<'a> Session<'a> {
         ) {
             self.junk += 1;
             if self.junk > MAX_JUNK_COMMANDS {
-                self.close(
-                    self.fatal(
-                        421,
-                        EnhancedStatus::new(4, 7, 0),
-                        "Error: too many commands without mail",
-                    ),
-                    "too many junk commands",
-                )
-                .await;
-                return true;
+                let reply = self.fatal(
+                    421,
+                    EnhancedStatus::new(4, 7, 0),
+                    "Error: too many commands without mail",
+                );
+                self.close(reply, "too many junk commands").await;
+                return Some(true);
             }
         }
-        if self.settings.tls_mode == TlsMode::Mandatory
-            && self.tls.is_none()
-            && let Command::Bdat { size, .. } = cmd
-        {
-            // The chunk follows the command whatever the answer: read it first.
-            if !self.skip(size).await {
-                return true;
-            }
-            return self
-                .error(Reply::new(
-                    530,
-                    EnhancedStatus::new(5, 7, 0),
-                    "Must issue a STARTTLS command first",
-                ))
-                .await;
+        if self.settings.tls_mode != TlsMode::Mandatory || self.tls.is_some() {
+            return None;
         }
-        if self.settings.tls_mode == TlsMode::Mandatory
-            && self.tls.is_none()
-            && !matches!(
-                cmd,
-                Command::Ehlo(_)
-                    | Command::Helo(_)
-                    | Command::StartTls
-                    | Command::Noop
-                    | Command::Quit
-                    | Command::Rset
-            )
-        {
-            return self
-                .error(Reply::new(
-                    530,
-                    EnhancedStatus::new(5, 7, 0),
-                    "Must issue a STARTTLS command first",
-                ))
-                .await;
-        }
+        let first = Reply::new(
+            530,
+            EnhancedStatus::new(5, 7, 0),
+            "Must issue a STARTTLS command first",
+        );
         match cmd {
-            Command::Ehlo(name) => self.ehlo(name),
-            Command::Helo(name) => self.helo(name),
-            Command::StartTls => {
-                self.phase.set(Phase::TlsHandshake);
-                let end = self.starttls().await;
-                self.phase.set(Phase::Command);
-                return end;
-            }
-            Command::Mail(sender, params) => {
-                self.summary.mail += 1;
-                let r = self.mail(sender, params);
-                if r.is_error() {
-                    return self.error(r).await;
+            // The chunk follows the command whatever the answer: read it first.
+            Command::Bdat { size, .. } => {
+                if !self.skip(*size).await {
+                    return Some(true);
                 }
-                self.reply(r);
+                Some(self.error(first).await)
             }
-            Command::Rcpt(rcpt, params) => {
-                self.summary.rcpt += 1;
-                let r = self.rcpt(rcpt, params);
-                if r.is_error() {
-                    return self.error(r).await;
-                }
-                self.reply(r);
-            }
-            Command::Data => {
-                self.summary.data += 1;
-                self.phase.set(Phase::Data);
-                let end = self.data().await;
-                self.phase.set(Phase::Command);
-                return end;
-            }
-            Command::Bdat { size, last } => {
-                self.summary.bdat += 1;
-                self.phase.set(Phase::Data);
-                let end = self.bdat(size, last).await;
-                self.phase.set(Phase::Command);
-                return end;
-            }
-            Command::Rset => {
-                self.summary.rset += 1;
-                self.tx = None;
-                self.reply(Reply::new(250, EnhancedStatus::new(2, 0, 0), "Ok"));
-            }
-            Command::Noop => {
-                self.summary.noop += 1;
-                self.reply(Reply::new(250, EnhancedStatus::new(2, 0, 0), "Ok"));
-            }
-            Command::Quit => {
-                self.summary.quit += 1;
-                let _ = self
-                    .conn
-                    .send(&Reply::new(221, EnhancedStatus::new(2, 0, 0), "Bye").to_wire())
-                    .await;
-                self.summary.end = "quit";
-                return true;
-            }
-            Command::Help => self.reply(Reply::new(214, EnhancedStatus::new(2, 0, 0), HELP)),
-            Command::Vrfy(_) => self.reply(Reply::new(
-                252,
-                EnhancedStatus::new(2, 0, 0),
-                "Cannot VRFY user, but will accept message and attempt delivery",
-            )),
-            Command::Expn(_) => {
-                return self
-                    .error(Reply::new(
-                        502,
-                        EnhancedStatus::new(5, 5, 1),
-                        "Error: EXPN is not supported",
-                    ))
-                    .await;
-            }
-            // LMTP and XFORWARD belong to the content filter's listener, not here.
-            Command::Lhlo(_) | Command::Xforward(_) => {
-                return self
-                    .error(Reply::new(
-                        502,
-                        EnhancedStatus::new(5, 5, 2),
-                        "Error: command not recognized",
-                    ))
-                    .await;
-            }
-            Command::Auth(arg) => {
-                self.summary.auth += 1;
-                self.phase.set(Phase::Auth);
-                let end = self.auth(&arg).await;
-                self.phase.set(Phase::Command);
-                return end;
-            }
+            Command::Ehlo(_)
+            | Command::Helo(_)
+            | Command::StartTls
+            | Command::Noop
+            | Command::Quit
+            | Command::Rset => None,
+            _ => Some(self.error(first).await),
         }
+    }
+
+    /// Sends a reply: an error counts against the client (and may end the session).
+    async fn answer(&mut self, reply: Reply) -> bool {
+        if reply.is_error() {
+            return self.error(reply).await;
+        }
+        self.reply(reply);
         false
+    }
+
+    /// Runs a step that has a phase of its own (shown by `mb-status`).
+    async fn in_phase(&mut self, phase: Phase, step: Step<'_>) -> bool {
+        self.phase.set(phase);
+        let end = match step {
+            Step::StartTls => self.starttls().await,
+            Step::Data => self.data().await,
+            Step::Bdat(size, last) => self.bdat(size, last).await,
+            Step::Auth(arg) => self.auth(arg).await,
+        };
+        self.phase.set(Phase::Command);
+        end
     }
 
     /// Reads and throws away `size` bytes (a BDAT chunk we refuse); false if the client left.
