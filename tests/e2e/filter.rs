@@ -20,7 +20,7 @@ pub(crate) fn with_attachment(subject: &str, name: &str, content: &[u8]) -> Stri
 }
 
 /// Sends a message; returns the final reply.
-fn send(port: u16, message: &str) -> String {
+pub(crate) fn send(port: u16, message: &str) -> String {
     let mut c = Raw::connect(port);
     c.reply();
     c.cmd("EHLO client.test");

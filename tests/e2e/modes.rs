@@ -9,20 +9,11 @@ use std::time::Duration;
 
 use mb_testkit::{Clamd, EICAR, Gateway, SmtpSink, free_port, text, wait_until};
 
-use crate::filter::with_attachment;
-use crate::smtp::Raw;
+use crate::filter::{send, with_attachment};
 
 /// The final reply to one SMTP transaction, without its CRLF.
 fn smtp(port: u16, message: &str) -> String {
-    let mut c = Raw::connect(port);
-    c.reply();
-    c.cmd("EHLO client.test");
-    c.cmd("MAIL FROM:<alice@sender.test>");
-    c.cmd("RCPT TO:<bob@served.test>");
-    c.cmd("DATA");
-    let r = c.cmd(&format!("{}.", message.replace("\r\n.", "\r\n..")));
-    c.cmd("QUIT");
-    r.trim_end().to_string()
+    send(port, message).trim_end().to_string()
 }
 
 fn packet(s: &mut TcpStream, cmd: u8, data: &[u8]) {

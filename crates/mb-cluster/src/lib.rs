@@ -256,10 +256,6 @@ impl Daemon for Cluster {
         Identity::single(DAEMON)
     }
 
-    fn init(&self) {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-
     async fn configure(
         &self,
         file: Config,

@@ -246,6 +246,29 @@ pub struct ScanRequest {
     pub direction: Direction,
 }
 
+impl ScanRequest {
+    /// What the filter is told about a message mb-smtpd is about to spool: its envelope
+    /// (the same `Envelope` the spool keeps), the client as an address, and the
+    /// direction.
+    pub fn from_envelope(
+        env: &crate::Envelope,
+        client_ip: Option<IpAddr>,
+        direction: Direction,
+    ) -> ScanRequest {
+        ScanRequest {
+            queue_id: env.id.clone(),
+            client_ip,
+            client_name: env.client_name.clone(),
+            helo: env.helo.clone(),
+            sender: env.sender.clone(),
+            recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            auth_user: env.auth_user.clone(),
+            tls: env.tls.clone(),
+            direction,
+        }
+    }
+}
+
 /// Whether a message leaves the organisation or comes into it. Written once, used by
 /// every mode (mb-smtpd, the content filter, the milter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -345,5 +368,34 @@ mod tests {
         );
         assert_eq!(Direction::of(false, None, &nets), Direction::Inbound);
         assert_eq!(Direction::of(true, None, &[]), Direction::Outbound);
+    }
+
+    #[test]
+    fn a_scan_request_carries_the_spooled_envelope() {
+        let env = crate::Envelope {
+            id: "0001".into(),
+            helo: "mx.sender.example".into(),
+            sender: "a@sender.example".into(),
+            recipients: vec![
+                crate::Recipient::plain("b@served.example"),
+                crate::Recipient {
+                    address: "c@served.example".into(),
+                    notify: "NEVER".into(),
+                    orcpt: String::new(),
+                },
+            ],
+            auth_user: "a".into(),
+            tls: "TLSv1.3".into(),
+            ..crate::Envelope::default()
+        };
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let r = ScanRequest::from_envelope(&env, Some(ip), Direction::Outbound);
+        assert_eq!(r.queue_id, "0001");
+        assert_eq!(r.recipients, ["b@served.example", "c@served.example"]);
+        assert_eq!((r.client_ip, r.direction), (Some(ip), Direction::Outbound));
+        assert_eq!(
+            (r.helo.as_str(), r.auth_user.as_str()),
+            ("mx.sender.example", "a")
+        );
     }
 }

@@ -75,10 +75,6 @@ impl Daemon for Hub {
         Identity::single(DAEMON)
     }
 
-    fn init(&self) {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-
     /// Opens and migrates the database, which holds the overrides of the file.
     async fn configure(
         &self,

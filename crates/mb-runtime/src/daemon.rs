@@ -231,8 +231,11 @@ pub trait Daemon: Sized {
 
     fn identity(&self) -> Identity;
 
-    /// Runs once logging is up, before anything else (e.g. choosing rustls' provider).
-    fn init(&self) {}
+    /// Runs once logging is up, before anything else. By default it chooses rustls'
+    /// provider (aws-lc-rs), which every daemon's TLS and gRPC use.
+    fn init(&self) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
 
     /// The daemon's configuration source, from the file: usually
     /// `Follower::start(program, file, shutdown)`. `config` is `--config`.

@@ -373,18 +373,10 @@ impl Session<'_> {
                 "Error: too many hops (a mail loop?)",
             );
         }
-        let mut verdict_headers = (Vec::new(), Vec::new());
-        if let Some(scanner) = self.settings.scanner.clone() {
-            match self.scan(scanner.as_ref(), &writer, &id).await {
-                Ok(Some((add, remove))) => verdict_headers = (add, remove),
-                Ok(None) => {}
-                Err(reply) => return reply,
-            }
-        }
         let Some(tx) = self.tx.as_ref() else {
             return Reply::new(451, EnhancedStatus::new(4, 3, 0), "Error: no transaction");
         };
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             id: id.clone(),
             received_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -419,9 +411,21 @@ impl Session<'_> {
             ret: tx.params.ret.clone().unwrap_or_default(),
             envid: tx.params.envid.clone().unwrap_or_default(),
             listener: self.listener.name().into(),
-            add_headers: verdict_headers.0,
-            remove_headers: verdict_headers.1,
+            add_headers: Vec::new(),
+            remove_headers: Vec::new(),
         };
+        // The filter sees the envelope the spool will keep, and its header changes are
+        // kept with it.
+        if let Some(scanner) = self.settings.scanner.clone() {
+            match self.scan(scanner.as_ref(), &writer, &envelope).await {
+                Ok(Some((add, remove))) => {
+                    envelope.add_headers = add;
+                    envelope.remove_headers = remove;
+                }
+                Ok(None) => {}
+                Err(reply) => return reply,
+            }
+        }
         match writer.commit(&envelope).await {
             Ok(()) => {
                 tracing::info!(

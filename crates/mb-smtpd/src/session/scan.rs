@@ -11,11 +11,9 @@ impl Session<'_> {
         &mut self,
         scanner: &dyn mb_scan::Scanner,
         writer: &SpoolWriter,
-        id: &str,
+        envelope: &Envelope,
     ) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, Reply> {
-        let Some(tx) = self.tx.as_ref() else {
-            return Ok(None);
-        };
+        let id = envelope.id.as_str();
         let message = writer.contents().await.map_err(|_| {
             Reply::new(
                 451,
@@ -23,25 +21,12 @@ impl Session<'_> {
                 "Error: queue file read error",
             )
         })?;
-        let request = ScanRequest {
-            queue_id: id.into(),
-            client_ip: Some(self.client.ip),
-            client_name: "unknown".into(),
-            helo: self.helo.clone().unwrap_or_default(),
-            sender: tx
-                .sender
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            recipients: tx.rcpts.iter().map(|(r, _)| r.to_string()).collect(),
-            auth_user: self.auth_user.clone().unwrap_or_default(),
-            tls: self.tls.clone().unwrap_or_default(),
-            direction: Direction::of(
-                self.auth_user.is_some(),
-                Some(self.client.ip),
-                &self.settings.mynetworks,
-            ),
-        };
+        let direction = Direction::of(
+            self.auth_user.is_some(),
+            Some(self.client.ip),
+            &self.settings.mynetworks,
+        );
+        let request = ScanRequest::from_envelope(envelope, Some(self.client.ip), direction);
         let v = match scanner.scan(&request, message.into()).await {
             Ok(v) => v,
             Err(e) if self.settings.accept_unscanned => {
