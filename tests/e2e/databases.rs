@@ -33,7 +33,7 @@ fn exercise(url: &str, dialect: &str) {
     let root = gw.path("spool/quarantine");
     for (id, rcpt, size) in [
         ("DBQ1", "a@served.test", 100),
-        ("DBQ2", "b@served.test", 50),
+        ("DBQ2", "first_last@served.test", 50),
     ] {
         // An hour old: well inside any retention the round trip above left set.
         let at = i64::try_from(
@@ -60,7 +60,7 @@ fn exercise(url: &str, dialect: &str) {
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, err) = text(&gw.tool(
         "mb-quarantine",
-        &["list", "--json", "--to", "b@served.test"],
+        &["list", "--json", "--to", "first_last@served.test"],
     ));
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -71,6 +71,17 @@ fn exercise(url: &str, dialect: &str) {
         (Some(2), Some(150)),
         "{v:#}"
     );
+    // `_` and `%` are the address's own characters on every dialect, not wildcards.
+    for search in ["first%@served.test", "firstXlast@served.test"] {
+        let (code, out, err) = text(&gw.tool("mb-quarantine", &["list", "--json", "--to", search]));
+        assert_eq!(code, 0, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["entries"].as_array().map(Vec::len),
+            Some(0),
+            "{search}: {v:#}"
+        );
+    }
     let (code, out, err) = text(&gw.tool(
         "mb-log",
         &[

@@ -682,9 +682,9 @@ impl Db {
     /// `recipient_pattern`).
     fn recipient_match(&self) -> &'static str {
         if self.dialect == Dialect::MySql {
-            " AND CONCAT('\n', recipients, '\n') LIKE ?"
+            " AND CONCAT('\n', recipients, '\n') LIKE ? ESCAPE '!'"
         } else {
-            " AND ('\n' || recipients || '\n') LIKE ?"
+            " AND ('\n' || recipients || '\n') LIKE ? ESCAPE '!'"
         }
     }
 
@@ -957,9 +957,19 @@ fn row_limit(limit: Option<u32>) -> u32 {
     limit.map_or(1000, |n| n.min(100_000))
 }
 
-/// The LIKE pattern for one whole recipient line (wildcards in the address dropped).
+/// The LIKE pattern for one whole recipient line. `%` and `_` are ordinary characters of
+/// an address (`first_last@x`): they are escaped with `!`, an escape character that needs
+/// no quoting in any dialect (a backslash would mean different things in MariaDB's and
+/// PostgreSQL's string literals).
 fn recipient_pattern(recipient: &str) -> String {
-    format!("%\n{}\n%", recipient.replace(['%', '_'], ""))
+    let mut escaped = String::with_capacity(recipient.len() + 4);
+    for c in recipient.chars() {
+        if matches!(c, '!' | '%' | '_') {
+            escaped.push('!');
+        }
+        escaped.push(c);
+    }
+    format!("%\n{escaped}\n%")
 }
 
 fn lines(s: String) -> Vec<String> {
@@ -1094,6 +1104,48 @@ mod tests {
             t.await.unwrap().expect("every concurrent write succeeds");
         }
         assert_eq!(db.generation().await.unwrap(), 64);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `_` and `%` in a searched address are the address's own characters, not
+    /// wildcards: `first_last@` is found, and neither `first%` nor `firstXlast` is.
+    #[tokio::test]
+    async fn recipient_search_takes_underscores_and_percents_literally() {
+        let dir = std::env::temp_dir().join(format!("mb-db-like-{}", std::process::id()));
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = Db::open(&url, 2).await.expect("open");
+        let event = |id: &str, rcpt: &str| EventRecord {
+            event_id: id.into(),
+            at_unix_ms: 100,
+            stage: "scanned".into(),
+            recipients: vec![rcpt.into()],
+            ..EventRecord::default()
+        };
+        let events = [
+            event("u", "first_last@served.test"),
+            event("x", "firstXlast@served.test"),
+            event("p", "100%!@served.test"),
+        ];
+        db.store_events(&events, false).await.unwrap();
+        for (search, want) in [
+            ("first_last@served.test", &["u"][..]),
+            ("first%@served.test", &[]),
+            ("first_last@served.tes_", &[]),
+            ("100%!@served.test", &["p"]),
+            ("100%@served.test", &[]),
+        ] {
+            let found: Vec<String> = db
+                .query_events(&EventFilter {
+                    recipient: Some(search.to_string()),
+                    ..EventFilter::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect();
+            assert_eq!(found, want, "{search}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
