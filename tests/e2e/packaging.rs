@@ -71,6 +71,12 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         let entry = entry.unwrap();
         let text = std::fs::read_to_string(entry.path()).unwrap();
         assert!(text.contains("Type=notify") || entry.file_name() == "mailborder.target");
+        // A daemon refusing its configuration (exit 64) is not restarted in a loop.
+        assert!(
+            !text.contains("Restart=on-failure") || text.contains("RestartPreventExitStatus=64"),
+            "{:?} restarts a daemon whose configuration is broken",
+            entry.file_name()
+        );
         let name = entry
             .file_name()
             .into_string()
