@@ -58,6 +58,45 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
             "{f} missing from the install tree"
         );
     }
+    // An upgrade keeps what the administrator edited under /etc and puts the new
+    // version beside it; files nobody edited are left alone.
+    let conf = dest.path().join("etc/mailborder/mailborder.toml");
+    let edited = format!(
+        "{}\n# edited by the admin\n",
+        std::fs::read_to_string(&conf).unwrap()
+    );
+    std::fs::write(&conf, &edited).unwrap();
+    let again = Command::new(bin("xtask"))
+        .args([
+            "install",
+            "--debug",
+            "--no-build",
+            "--prefix",
+            "/usr",
+            "--destdir",
+        ])
+        .arg(dest.path())
+        .output()
+        .unwrap();
+    let (code, stdout, err) = text(&again);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
+    assert!(
+        stdout.contains("mailborder.toml.new"),
+        "the upgrade says where the new version went: {stdout}"
+    );
+    assert!(
+        dest.path()
+            .join("etc/mailborder/mailborder.toml.new")
+            .exists()
+    );
+    assert!(
+        !dest
+            .path()
+            .join("etc/fail2ban/jail.d/mailborder.conf.new")
+            .exists(),
+        "an unedited file needs no .new"
+    );
     let mode = std::fs::metadata(dest.path().join("usr/sbin/mb-rpcd")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o755);

@@ -585,14 +585,33 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
             format!("{prefix}/share/doc/mailborder/ARCHITECTURE.md"),
         ),
     ];
+    let mut out = std::io::stdout().lock();
     for (from, to) in files {
+        let admin_file = to.starts_with("/etc/");
         let to = under(&to);
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent)?;
         }
-        fs::copy(src.join(from), &to).with_context(|| format!("cannot copy {from}"))?;
+        let new = fs::read(src.join(from)).with_context(|| format!("cannot read {from}"))?;
+        // A file under /etc belongs to the administrator once it exists: an upgrade never
+        // overwrites it (as dpkg treats conffiles); the new version goes beside it.
+        if admin_file && to.exists() {
+            if fs::read(&to).is_ok_and(|old| old == new) {
+                continue;
+            }
+            let mut beside = to.clone().into_os_string();
+            beside.push(".new");
+            fs::write(&beside, &new).with_context(|| format!("cannot write {}", to.display()))?;
+            writeln!(
+                out,
+                "kept {} as it is; the new version is {} (compare them with diff)",
+                to.display(),
+                PathBuf::from(&beside).display()
+            )?;
+            continue;
+        }
+        fs::write(&to, &new).with_context(|| format!("cannot copy {from}"))?;
     }
-    let mut out = std::io::stdout().lock();
     writeln!(out, "installed into {}", destdir.display())?;
     Ok(())
 }
