@@ -49,7 +49,8 @@ fn exercise(url: &str, dialect: &str) {
             at_unix_ms: at,
             sender: "x@sender.test".into(),
             recipients: vec![rcpt.into(), "c@served.test".into()],
-            subject: format!("subject {id}"),
+            // A subject with a terminal escape and a right-to-left override.
+            subject: format!("subject {id}\x1b[2J\u{202e}"),
             size,
             path: mb_runtime::quarantine::relative_path(at, id),
             ..Default::default()
@@ -65,7 +66,16 @@ fn exercise(url: &str, dialect: &str) {
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["entries"].as_array().map(Vec::len), Some(1), "{v:#}");
-    assert_eq!(v["entries"][0]["subject"], "subject DBQ2");
+    assert_eq!(v["entries"][0]["subject"], "subject DBQ2\x1b[2J\u{202e}");
+    // Printed for a person, message text cannot act on the terminal.
+    for args in [&["list"][..], &["show", "DBQ1"]] {
+        let (code, out, err) = text(&gw.tool("mb-quarantine", args));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("[2J") && !out.contains('\x1b') && !out.contains('\u{202e}'),
+            "{args:?}: {out:?}"
+        );
+    }
     assert_eq!(
         (v["total"].as_u64(), v["total_bytes"].as_u64()),
         (Some(2), Some(150)),

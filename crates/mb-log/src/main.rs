@@ -169,7 +169,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         if !e.detail.is_empty() {
             line.push_str(&format!(" ({})", e.detail));
         }
-        println!("{line}");
+        mb_runtime::say!("{line}");
     }
     if found.is_empty() && !args.json {
         eprintln!("mb-log: no events matched");

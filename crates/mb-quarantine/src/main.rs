@@ -145,7 +145,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 return Ok(());
             }
             for e in &r.entries {
-                println!(
+                mb_runtime::say!(
                     "{:<24} {} {:>6.1} {:>8}  {} -> {}",
                     e.id,
                     when(e.at_unix_ms),
@@ -154,9 +154,9 @@ async fn run(args: Args) -> Result<(), Failure> {
                     sender(&e.sender),
                     e.recipients.join(", ")
                 );
-                println!("    {:?}: {}", e.subject, e.reason);
+                mb_runtime::say!("    {:?}: {}", e.subject, e.reason);
             }
-            println!(
+            mb_runtime::say!(
                 "-- {} shown; {} messages, {} KiB in the quarantine",
                 r.entries.len(),
                 r.total,
@@ -180,19 +180,22 @@ async fn run(args: Args) -> Result<(), Failure> {
                 v["headers"] = Json::String(r.headers);
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                println!("id:         {}", e.id);
-                println!("time:       {}", when(e.at_unix_ms));
-                println!("node:       {}", e.node);
-                println!("queue id:   {}", e.queue_id);
-                println!("client:     {}", e.client_ip);
-                println!("sender:     {}", sender(&e.sender));
-                println!("recipients: {}", e.recipients.join(", "));
-                println!("subject:    {}", e.subject);
-                println!("reason:     {}", e.reason);
-                println!("score:      {:.1}  {}", e.score, e.symbols.join(" "));
-                println!("size:       {}", e.size);
+                mb_runtime::say!("id:         {}", e.id);
+                mb_runtime::say!("time:       {}", when(e.at_unix_ms));
+                mb_runtime::say!("node:       {}", e.node);
+                mb_runtime::say!("queue id:   {}", e.queue_id);
+                mb_runtime::say!("client:     {}", e.client_ip);
+                mb_runtime::say!("sender:     {}", sender(&e.sender));
+                mb_runtime::say!("recipients: {}", e.recipients.join(", "));
+                mb_runtime::say!("subject:    {}", e.subject);
+                mb_runtime::say!("reason:     {}", e.reason);
+                mb_runtime::say!("score:      {:.1}  {}", e.score, e.symbols.join(" "));
+                mb_runtime::say!("size:       {}", e.size);
                 println!();
-                print!("{}", r.headers.replace("\r\n", "\n"));
+                print!(
+                    "{}",
+                    mb_runtime::cli::printable(&r.headers.replace("\r\n", "\n"))
+                );
             }
         }
         Command::Release { ids } => {
@@ -213,7 +216,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     .map_err(grpc)?
                     .into_inner();
                 if !args.json {
-                    println!(
+                    mb_runtime::say!(
                         "{id}: released to {} ({})",
                         r.recipients.join(", "),
                         r.reply
@@ -240,7 +243,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?;
                 if !args.json {
-                    println!("{id}: deleted");
+                    mb_runtime::say!("{id}: deleted");
                 }
             }
         }
@@ -253,12 +256,12 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner();
             if args.json {
-                println!(
+                mb_runtime::say!(
                     "{}",
                     json!({"removed": r.removed, "remaining": r.remaining, "remaining_bytes": r.remaining_bytes})
                 );
             } else {
-                println!(
+                mb_runtime::say!(
                     "removed {}; {} messages, {} KiB remain",
                     r.removed,
                     r.remaining,

@@ -112,15 +112,18 @@ async fn run(args: Args) -> Result<(), Failure> {
                     serde_json::to_string_pretty(&items).unwrap_or_default()
                 );
             } else if entries.is_empty() {
-                println!("Mail queue is empty");
+                mb_runtime::say!("Mail queue is empty");
             } else {
-                println!(
+                mb_runtime::say!(
                     "{:<26} {:>9} {:>6} {:<9} SENDER / RECIPIENTS",
-                    "ID", "SIZE", "AGE", "QUEUE"
+                    "ID",
+                    "SIZE",
+                    "AGE",
+                    "QUEUE"
                 );
                 for e in &entries {
                     let sender = if e.sender.is_empty() { "<>" } else { &e.sender };
-                    println!(
+                    mb_runtime::say!(
                         "{:<26} {:>9} {:>6} {:<9} {sender}",
                         e.id,
                         e.size,
@@ -133,11 +136,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                         } else {
                             format!(": {}", r.last_error)
                         };
-                        println!("{:54}-> {} ({}{err})", "", r.address, r.state);
+                        mb_runtime::say!("{:54}-> {} ({}{err})", "", r.address, r.state);
                     }
                 }
                 let bytes: u64 = entries.iter().map(|e| e.size).sum();
-                println!(
+                mb_runtime::say!(
                     "-- {} KiB in {} message(s)",
                     bytes.div_ceil(1024),
                     entries.len()
@@ -160,39 +163,44 @@ async fn run(args: Args) -> Result<(), Failure> {
                 v["history"] = json!(r.history);
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                println!(
+                mb_runtime::say!(
                     "id: {}\nqueue: {}\nsize: {}\nage: {}",
                     e.id,
                     e.queue,
                     e.size,
                     age(e.arrival_unix)
                 );
-                println!(
+                mb_runtime::say!(
                     "client: {} helo={} protocol={}",
-                    e.client_ip, r.helo, e.protocol
+                    e.client_ip,
+                    r.helo,
+                    e.protocol
                 );
                 if !r.tls.is_empty() {
-                    println!("tls: {}", r.tls);
+                    mb_runtime::say!("tls: {}", r.tls);
                 }
                 if !r.auth_user.is_empty() {
-                    println!("auth: {}", r.auth_user);
+                    mb_runtime::say!("auth: {}", r.auth_user);
                 }
-                println!("sender: <{}>", e.sender);
+                mb_runtime::say!("sender: <{}>", e.sender);
                 for rc in &e.recipients {
                     let err = if rc.last_error.is_empty() {
                         String::new()
                     } else {
                         format!(": {}", rc.last_error)
                     };
-                    println!("recipient: <{}> {}{err}", rc.address, rc.state);
+                    mb_runtime::say!("recipient: <{}> {}{err}", rc.address, rc.state);
                 }
                 if e.attempts > 0 {
-                    println!("attempts: {}", e.attempts);
+                    mb_runtime::say!("attempts: {}", e.attempts);
                 }
                 for h in &r.history {
-                    println!("history: {h}");
+                    mb_runtime::say!("history: {h}");
                 }
-                print!("\n{}", r.headers.replace("\r\n", "\n"));
+                print!(
+                    "\n{}",
+                    mb_runtime::cli::printable(&r.headers.replace("\r\n", "\n"))
+                );
             }
         }
         Command::Hold { id } => {
@@ -201,7 +209,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            println!("{}: placed on hold", e.id);
+            mb_runtime::say!("{}: placed on hold", e.id);
         }
         Command::Release { id } => {
             let e = queue
@@ -209,7 +217,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            println!("{}: released from hold", e.id);
+            mb_runtime::say!("{}: released from hold", e.id);
         }
         Command::Flush { id } => {
             let n = queue
@@ -220,7 +228,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner()
                 .flushed;
-            println!("{n} deferred message(s) scheduled for delivery now");
+            mb_runtime::say!("{n} deferred message(s) scheduled for delivery now");
         }
         Command::Requeue { id } => {
             let e = queue
@@ -228,7 +236,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            println!("{}: requeued", e.id);
+            mb_runtime::say!("{}: requeued", e.id);
         }
         Command::Delete {
             id,
@@ -257,7 +265,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner()
                 .deleted;
-            println!("deleted {n} message(s)");
+            mb_runtime::say!("deleted {n} message(s)");
         }
     }
     Ok(())

@@ -124,6 +124,39 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, TimeError> {
     Ok(((days_from_civil(y, m, d) * 86_400) + h * 3600 + min * 60 + sec) * 1000)
 }
 
+/// Text from a message (a subject, a header, a reason) made safe for a terminal: control
+/// characters other than newline and tab, and the bidirectional overrides that can
+/// disguise a file name, are shown escaped (`\x1b`, `\u{202e}`) instead of acting on the
+/// administrator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if u32::from(c) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `println!` for a tool's output: the line passes through `printable`.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::cli::printable(&format!($($arg)*)))
+    };
+}
+
 /// A duration in the short form status tables use: `42s`, `5m2s`, `3h10m`, `2d4h`.
 pub fn age(secs: u64) -> String {
     match secs {
@@ -181,6 +214,21 @@ pub fn node_json(n: &mb_proto::v1::NodeStatus) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_text_cannot_drive_the_terminal() {
+        assert_eq!(
+            printable("plain subject\n\tindented"),
+            "plain subject\n\tindented"
+        );
+        assert_eq!(printable("a\x1b[2Jb\r"), "a\\x1b[2Jb\\x0d");
+        assert_eq!(
+            printable("invoice\u{202e}fdp.exe"),
+            "invoice\\u{202e}fdp.exe"
+        );
+        assert_eq!(printable("\u{9b}31m"), "\\u{9b}31m");
+        assert!(matches!(printable("ok"), std::borrow::Cow::Borrowed(_)));
+    }
 
     #[test]
     fn times_are_ages_or_utc_dates() {
