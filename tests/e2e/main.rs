@@ -4,6 +4,7 @@
 
 mod access;
 mod cases;
+mod clamav;
 mod cluster;
 mod config_cli;
 mod databases;

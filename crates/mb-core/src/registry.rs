@@ -301,6 +301,7 @@ pub static KEYS: &[KeyDef] = &[
     k("queue.connect_timeout", secs(1, 600), "30s", "Time allowed to connect to a next hop and read its greeting").by(S),
     k("queue.mx_port", PORT, "25", "Port used for MX delivery (as Postfix's smtp_tcp_port); change only for testing").by(S),
     // Spam.
+    k("spam.subject_tag", TEXT, "[SPAM]", "Prefix written before the Subject when Rspamd's action is rewrite subject and Rspamd proposes no Subject of its own").by(F),
     k("spam.threshold.tag", SCORE, "4.0", "Score at which X-Spam headers are added").by(F),
     k("spam.threshold.quarantine", SCORE, "6.0", "Score at which a message is quarantined").by(F),
     k("spam.threshold.reject", SCORE, "20.0", "Score at which a message is rejected").by(F),
@@ -328,6 +329,8 @@ pub static KEYS: &[KeyDef] = &[
     k("clamav.enabled", BOOL, "false", "Scan messages with ClamAV (clamd)").by(F),
     k("clamav.address", TEXT, "127.0.0.1:3310", "clamd address: host:port or the path of its Unix socket").by(F),
     k("clamav.timeout", secs(1, 3600), "30s", "Longest time a ClamAV scan may take").by(F),
+    k("clamav.max_size", Kind::Size { min: 1024, max: 1 << 32 }, "25M", "Most bytes of a message streamed to clamd; keep it at or below clamd's StreamMaxLength (25M by default)").by(F),
+    k("clamav.oversize_action", Kind::Enum(&["scan-head", "tempfail", "reject", "accept"]), "scan-head", "What to do with a message larger than clamav.max_size or clamd's limit: scan its first clamav.max_size bytes (symbol CLAMAV_PARTIAL), tempfail, reject (552 5.3.4), or pass it unscanned (symbol CLAMAV_UNSCANNED)").by(F),
     k("clamav.unavailable_action", SCANNER_DOWN, "tempfail", "What to do with a message when clamd cannot be reached").by(F),
     k("clamav.virus_action", Kind::Enum(&["reject", "quarantine"]), "reject", "What to do with an infected message: refuse it in the session, or accept and quarantine it").by(F),
     k("rspamd.enabled", BOOL, "false", "Ask Rspamd for a spam score").by(F),
@@ -338,6 +341,7 @@ pub static KEYS: &[KeyDef] = &[
     k("dkim.sign", BOOL, "false", "DKIM-sign outbound mail").by(F),
     k("dkim.selector", Kind::Text { max: 63 }, "mailborder", "DKIM selector (the DNS name is SELECTOR._domainkey.DOMAIN)").by(F),
     k("dkim.key", Kind::Path, "/etc/mailborder/dkim/private.key", "PEM private key used for DKIM signing").by(F),
+    k("dkim.verify_max_signatures", int(1, 50), "5", "Most DKIM signatures verified in one message (those aligned with From first); more adds DKIM_TOO_MANY").by(F),
     // Quarantine.
     k("quarantine.retention_days", int(1, 3650), "30", "Days a quarantined message is kept").by(&[FILTER, RPCD]),
     k("quarantine.max_size_mb", int(1, 10_000_000), "10240", "Largest total size of the quarantine in MiB").by(&[FILTER, RPCD]),

@@ -1,5 +1,6 @@
 //! clamd's INSTREAM command (clamd(8)): the message goes in length-prefixed chunks over
-//! TCP or a Unix socket; the answer is `stream: OK` or `stream: NAME FOUND`.
+//! TCP or a Unix socket; the answer is `stream: OK`, `stream: NAME FOUND`, or
+//! `INSTREAM size limit exceeded. ERROR` when the stream passed clamd's StreamMaxLength.
 
 use std::time::Duration;
 
@@ -10,6 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub enum Scan {
     Clean,
     Infected(String),
+    /// clamd refused the stream as longer than its own StreamMaxLength: the scanner is
+    /// up, the message is too large for it (`clamav.oversize_action` decides).
+    SizeLimitExceeded,
 }
 
 /// Why clamd gave no answer about a message: every variant means the scanner is
@@ -28,7 +32,7 @@ pub enum ClamError {
     /// A chunk longer than INSTREAM's 32-bit length (cannot happen with `CHUNK`).
     #[error("chunk too large")]
     ChunkTooLarge,
-    /// An answer that is neither OK nor FOUND (e.g. clamd's size limit).
+    /// An answer that is neither OK, FOUND nor the size limit.
     #[error("clamd answered {0:?}")]
     Reply(String),
 }
@@ -101,6 +105,19 @@ async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     message: &[u8],
 ) -> Result<Scan, ClamError> {
+    // clamd answers a stream over its StreamMaxLength at once and closes the
+    // connection, so the rest of the message fails to write (EPIPE, ECONNRESET) while
+    // the answer waits to be read: a failed write is only an error when no answer follows.
+    let sent = send_stream(&mut s, message).await;
+    match (sent, read_reply(&mut s).await) {
+        (_, Ok(text)) if !text.is_empty() => parse_reply(&text),
+        (Err(e), _) => Err(e),
+        (Ok(()), Ok(text)) => parse_reply(&text),
+        (Ok(()), Err(e)) => Err(e),
+    }
+}
+
+async fn send_stream<S: AsyncWrite + Unpin>(s: &mut S, message: &[u8]) -> Result<(), ClamError> {
     s.write_all(b"zINSTREAM\0").await?;
     for chunk in message.chunks(CHUNK) {
         let len = u32::try_from(chunk.len()).map_err(|_| ClamError::ChunkTooLarge)?;
@@ -109,6 +126,11 @@ async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
     }
     s.write_all(&0u32.to_be_bytes()).await?;
     s.flush().await?;
+    Ok(())
+}
+
+/// clamd's answer up to its NUL, without the NUL and surrounding space.
+async fn read_reply<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, ClamError> {
     let mut reply = Vec::new();
     let mut buf = [0u8; 512];
     loop {
@@ -122,8 +144,7 @@ async fn instream<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let text = String::from_utf8_lossy(&reply);
-    let text = text.trim_end_matches(['\0', '\n']).trim();
-    parse_reply(text)
+    Ok(text.trim_end_matches(['\0', '\n']).trim().to_string())
 }
 
 /// `stream: OK`, `stream: Eicar-Signature FOUND`, `INSTREAM size limit exceeded. ERROR`.
@@ -133,6 +154,8 @@ pub fn parse_reply(text: &str) -> Result<Scan, ClamError> {
         Ok(Scan::Clean)
     } else if let Some(name) = body.strip_suffix(" FOUND") {
         Ok(Scan::Infected(name.trim().to_string()))
+    } else if body.starts_with("INSTREAM size limit exceeded") {
+        Ok(Scan::SizeLimitExceeded)
     } else {
         Err(ClamError::Reply(text.to_string()))
     }
@@ -149,12 +172,13 @@ mod tests {
             parse_reply("stream: Test.EICAR.UNOFFICIAL FOUND").unwrap(),
             Scan::Infected("Test.EICAR.UNOFFICIAL".into())
         );
-        let e = parse_reply("INSTREAM size limit exceeded. ERROR").unwrap_err();
-        assert!(matches!(e, ClamError::Reply(_)), "{e:?}");
         assert_eq!(
-            e.to_string(),
-            "clamd answered \"INSTREAM size limit exceeded. ERROR\""
+            parse_reply("INSTREAM size limit exceeded. ERROR").unwrap(),
+            Scan::SizeLimitExceeded
         );
+        let e = parse_reply("UNKNOWN COMMAND").unwrap_err();
+        assert!(matches!(e, ClamError::Reply(_)), "{e:?}");
+        assert_eq!(e.to_string(), "clamd answered \"UNKNOWN COMMAND\"");
     }
 
     /// A scripted clamd: checks the framing and answers FOUND.
@@ -183,5 +207,30 @@ mod tests {
         let msg = vec![7u8; 150_000];
         assert_eq!(instream(a, &msg).await.unwrap(), Scan::Infected("X".into()));
         assert_eq!(server.await.unwrap(), msg);
+    }
+
+    /// clamd answers a stream past its StreamMaxLength at once and hangs up: the write
+    /// that fails after that is not "clamd unavailable", the answer waiting is read.
+    #[tokio::test]
+    async fn a_refusal_in_mid_stream_is_read_after_the_broken_write() {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut head = [0u8; 14];
+            b.read_exact(&mut head).await.unwrap();
+            b.write_all(b"INSTREAM size limit exceeded. ERROR\0")
+                .await
+                .unwrap();
+        });
+        let msg = vec![7u8; 5 << 20];
+        assert_eq!(instream(a, &msg).await.unwrap(), Scan::SizeLimitExceeded);
+        server.await.unwrap();
+        // A hang-up without an answer stays an I/O error.
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut head = [0u8; 14];
+            b.read_exact(&mut head).await.unwrap();
+        });
+        let e = instream(a, &msg).await.unwrap_err();
+        assert!(matches!(e, ClamError::Io(_)), "{e:?}");
     }
 }

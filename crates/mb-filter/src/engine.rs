@@ -185,14 +185,19 @@ pub async fn scan(
             policy,
             symbols: Vec::new(),
             auth_header: None,
+            rspamd: None,
+            dmarc_quarantine: None,
         };
         attachments(&mut ctx, &message)?;
         antivirus(&mut ctx).await?;
-        sender_authentication(&mut ctx, auth).await?;
+        sender_authentication(&mut ctx, &message, auth).await?;
         content_scoring(&mut ctx, &message).await?;
         let thresholds = Thresholds::new(cfg, policy);
         let mut verdict = thresholds.judge(ctx.symbols);
+        let subject = rspamd_action(&mut verdict, ctx.rspamd, cfg, &message);
+        dmarc_quarantine(&mut verdict, ctx.dmarc_quarantine);
         verdict_headers(&mut verdict, ctx.auth_header, thresholds.tag);
+        rewrite_subject(&mut verdict, subject);
         Step::<Verdict>::Continue(verdict)
     };
     match steps.await {
@@ -217,6 +222,10 @@ struct Context<'a> {
     symbols: Vec<Symbol>,
     /// Our Authentication-Results, when sender authentication ran.
     auth_header: Option<String>,
+    /// Rspamd's action and proposed Subject, when it answered.
+    rspamd: Option<(rspamd::RspamdAction, Option<String>)>,
+    /// Why the author domain's DMARC policy quarantines the message, when it does.
+    dmarc_quarantine: Option<String>,
 }
 
 impl<'a> Context<'a> {
@@ -290,60 +299,187 @@ fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
 
 /// Antivirus (when `clamav.enabled`): a virus is rejected or quarantined
 /// (`clamav.virus_action`); clamd down tempfails the message, or under
-/// `clamav.unavailable_action = "skip"` lets it on with a symbol.
+/// `clamav.unavailable_action = "skip"` lets it on with a symbol. A message larger than
+/// `clamav.max_size`, or than clamd's own StreamMaxLength, follows
+/// `clamav.oversize_action`; it never passes without a symbol saying so.
 async fn antivirus(ctx: &mut Context<'_>) -> Step {
     let cfg = ctx.cfg;
     if !cfg.bool("clamav.enabled") {
         return ControlFlow::Continue(());
     }
     let address = cfg.text("clamav.address");
-    match clamav::scan(&address, ctx.raw, cfg.duration("clamav.timeout")).await {
-        Ok(clamav::Scan::Clean) => ControlFlow::Continue(()),
-        Ok(clamav::Scan::Infected(name)) => {
-            let found = symbol("VIRUS", 0.0, name.clone());
-            if cfg.text("clamav.virus_action") == "quarantine" {
-                let mut v = decide(Action::Quarantine, format!("virus found ({name})"));
-                v.symbols.push(found);
-                return ControlFlow::Break(v);
+    let timeout = cfg.duration("clamav.timeout");
+    let max_size = usize::try_from(cfg.size("clamav.max_size")).unwrap_or(usize::MAX);
+    let oversize = Oversize::from_config(cfg);
+    let size = ctx.raw.len();
+    if size > max_size && oversize != Oversize::ScanHead {
+        tracing::warn!(id = %ctx.req.queue_id, size, max_size, action = ?oversize, "message larger than clamav.max_size; clamav.oversize_action decides");
+        return oversized(
+            ctx,
+            oversize,
+            format!(
+                "the message ({size} bytes) is larger than the virus scanner's limit ({max_size} bytes)"
+            ),
+        );
+    }
+    let mut head = size.min(max_size);
+    let mut halvings = 0;
+    loop {
+        match clamav::scan(&address, &ctx.raw[..head], timeout).await {
+            Ok(clamav::Scan::Clean) => {
+                if head < size {
+                    let limit = if halvings == 0 {
+                        "clamav.max_size"
+                    } else {
+                        "clamd's StreamMaxLength"
+                    };
+                    ctx.symbols.push(symbol(
+                        "CLAMAV_PARTIAL",
+                        0.1,
+                        format!("first {head} of {size} bytes scanned ({limit})"),
+                    ));
+                }
+                return ControlFlow::Continue(());
             }
-            ControlFlow::Break(refuse(
-                Action::Reject,
-                CONTENT_REFUSED,
-                format!("Message refused: virus found ({name})"),
-                Some(found),
-            ))
-        }
-        Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
-            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message not scanned for viruses");
-            ctx.symbols
-                .push(symbol("CLAMAV_UNAVAILABLE", 0.0, e.to_string()));
-            ControlFlow::Continue(())
-        }
-        Err(e) => {
-            tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message tempfailed");
-            ControlFlow::Break(refuse(
-                Action::Tempfail,
-                SCANNER_DOWN,
-                "Virus scanner unavailable, try again later".into(),
-                None,
-            ))
+            Ok(clamav::Scan::Infected(name)) => return infected(cfg, name),
+            Ok(clamav::Scan::SizeLimitExceeded) => {
+                tracing::warn!(id = %ctx.req.queue_id, sent = head, "clamd refused the stream as longer than its StreamMaxLength; set clamav.max_size to clamd's StreamMaxLength or less");
+                if oversize == Oversize::ScanHead && halvings < HEAD_HALVINGS && head > 1 {
+                    head /= 2;
+                    halvings += 1;
+                    continue;
+                }
+                return oversized(
+                    ctx,
+                    oversize,
+                    format!(
+                        "clamd refused {head} bytes of the message ({size} bytes) as larger than its limit"
+                    ),
+                );
+            }
+            Err(e) if cfg.text("clamav.unavailable_action") == "skip" => {
+                tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message not scanned for viruses");
+                ctx.symbols
+                    .push(symbol("CLAMAV_UNAVAILABLE", 0.0, e.to_string()));
+                return ControlFlow::Continue(());
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, id = %ctx.req.queue_id, "ClamAV unavailable; message tempfailed");
+                return ControlFlow::Break(refuse(
+                    Action::Tempfail,
+                    SCANNER_DOWN,
+                    "Virus scanner unavailable, try again later".into(),
+                    None,
+                ));
+            }
         }
     }
 }
 
-/// Sender authentication (inbound mail from a known address, when `auth` is given):
-/// SPF/DKIM/DMARC/ARC and blocklist symbols, and our Authentication-Results. A DMARC
-/// reject policy refuses the message; an allow-listed one neither scores nor is refused.
-async fn sender_authentication(ctx: &mut Context<'_>, auth: Option<&crate::auth::Auth>) -> Step {
+/// A message refused for its size under `clamav.oversize_action = "reject"`: RFC 3463
+/// 5.3.4 (message too big for system) rather than 554 5.7.1, because nothing was found
+/// wrong with the content and a sender told "too big" knows what to change.
+const TOO_BIG_TO_SCAN: (u16, EnhancedStatus) = (552, EnhancedStatus::new(5, 3, 4));
+
+/// How often a head clamd refused is halved and sent again under `scan-head`: down to
+/// an eighth, so a clamav.max_size above clamd's limit still scans the start of the
+/// message instead of leaving it unscanned.
+const HEAD_HALVINGS: u32 = 3;
+
+/// `clamav.oversize_action`: what happens to a message larger than the scanner takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Oversize {
+    /// Scan the first `clamav.max_size` bytes and add `CLAMAV_PARTIAL`.
+    ScanHead,
+    Tempfail,
+    Reject,
+    /// Pass it unscanned with `CLAMAV_UNSCANNED`.
+    Accept,
+}
+
+impl Oversize {
+    fn from_config(cfg: &Config) -> Oversize {
+        match cfg.text("clamav.oversize_action").as_str() {
+            "tempfail" => Oversize::Tempfail,
+            "reject" => Oversize::Reject,
+            "accept" => Oversize::Accept,
+            _ => Oversize::ScanHead,
+        }
+    }
+}
+
+/// A virus: rejected, or quarantined under `clamav.virus_action = "quarantine"`.
+fn infected(cfg: &Config, name: String) -> Step {
+    let found = symbol("VIRUS", 0.0, name.clone());
+    if cfg.text("clamav.virus_action") == "quarantine" {
+        let mut v = decide(Action::Quarantine, format!("virus found ({name})"));
+        v.symbols.push(found);
+        return ControlFlow::Break(v);
+    }
+    ControlFlow::Break(refuse(
+        Action::Reject,
+        CONTENT_REFUSED,
+        format!("Message refused: virus found ({name})"),
+        Some(found),
+    ))
+}
+
+/// A message the scanner cannot take whole, by `action`; `why` says which limit. A
+/// `scan-head` that clamd refused even at an eighth passes as unscanned: never silently,
+/// and never tempfailed by default.
+fn oversized(ctx: &mut Context<'_>, action: Oversize, why: String) -> Step {
+    match action {
+        Oversize::Tempfail => {
+            tracing::warn!(id = %ctx.req.queue_id, why, "message too large for ClamAV tempfailed (clamav.oversize_action = tempfail)");
+            ControlFlow::Break(refuse(
+                Action::Tempfail,
+                SCANNER_DOWN,
+                format!("Message not scanned for viruses: {why}, try again later"),
+                Some(symbol("CLAMAV_OVERSIZE", 0.0, why)),
+            ))
+        }
+        Oversize::Reject => ControlFlow::Break(refuse(
+            Action::Reject,
+            TOO_BIG_TO_SCAN,
+            format!("Message refused: {why}"),
+            Some(symbol("CLAMAV_OVERSIZE", 0.0, why)),
+        )),
+        Oversize::Accept | Oversize::ScanHead => {
+            tracing::warn!(id = %ctx.req.queue_id, why, "message too large for ClamAV passed unscanned");
+            ctx.symbols.push(symbol("CLAMAV_UNSCANNED", 1.0, why));
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Sender authentication (inbound mail): a message without an author (no From field, or
+/// no address with a domain in it) scores NO_FROM, as DMARC has nothing to check; from a
+/// known address, when `auth` is given, SPF/DKIM/DMARC/ARC and blocklist symbols, and our
+/// Authentication-Results. A DMARC reject policy refuses the message, a quarantine policy
+/// quarantines it whatever it scores (see `dmarc_quarantine`); an allow-listed one
+/// neither scores nor is refused.
+async fn sender_authentication(
+    ctx: &mut Context<'_>,
+    message: &Message<'_>,
+    auth: Option<&crate::auth::Auth>,
+) -> Step {
     let req = ctx.req;
-    let (Some(auth), Direction::Inbound, Some(ip)) = (auth, req.direction, req.client_ip) else {
+    if req.direction != Direction::Inbound {
+        return ControlFlow::Continue(());
+    }
+    let allowed = ctx.allowed().is_some();
+    // With Rspamd answering, our header sanity (MISSING_FROM) does not run: without this
+    // such mail could score nothing at all.
+    if !allowed && let Some(why) = no_author(message) {
+        ctx.symbols.push(symbol("NO_FROM", 3.0, why));
+    }
+    let (Some(auth), Some(ip)) = (auth, req.client_ip) else {
         return ControlFlow::Continue(());
     };
     let hostname = crate::hostname(ctx.cfg);
     let out = auth
         .check(ctx.cfg, &hostname, ip, &req.helo, &req.sender, ctx.raw)
         .await;
-    let allowed = ctx.allowed().is_some();
     if !allowed && let Some(reason) = out.dmarc_reject {
         return ControlFlow::Break(refuse(
             Action::Reject,
@@ -354,9 +490,41 @@ async fn sender_authentication(ctx: &mut Context<'_>, auth: Option<&crate::auth:
     }
     if !allowed {
         ctx.symbols.extend(out.symbols);
+        ctx.dmarc_quarantine = out.dmarc_quarantine;
     }
     ctx.auth_header = Some(out.header);
     ControlFlow::Continue(())
+}
+
+/// Why a message has no author DMARC could check, if it has none.
+fn no_author(message: &Message<'_>) -> Option<&'static str> {
+    if !message.headers().iter().any(|h| h.name == HeaderName::From) {
+        return Some("no From field");
+    }
+    let has_domain = message.from().is_some_and(|from| {
+        from.iter().any(|a| {
+            a.address()
+                .and_then(|a| a.rsplit_once('@'))
+                .is_some_and(|(_, d)| !d.trim_end_matches('.').is_empty())
+        })
+    });
+    (!has_domain).then_some("no address with a domain in From")
+}
+
+/// A failing DMARC quarantine policy (enforced): a message the score would deliver is
+/// quarantined instead, as the author domain asks; one the score already quarantines or
+/// refuses stays so.
+fn dmarc_quarantine(v: &mut Verdict, reason: Option<String>) {
+    if let Some(reason) = reason
+        && matches!(v.action, Action::Accept | Action::Tag)
+    {
+        v.action = Action::Quarantine;
+        v.refusal = Refusal {
+            code: None,
+            status: None,
+            text: reason,
+        };
+    }
 }
 
 /// Content scoring: an allow-listed message scores nothing (`POLICY_ALLOW`); any other
@@ -377,8 +545,9 @@ async fn content_scoring(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
     ControlFlow::Continue(())
 }
 
-/// Rspamd: its scoring symbols and a summary; whether it answered. Down, it tempfails the
-/// message under `rspamd.unavailable_action = "tempfail"`, else adds a symbol.
+/// Rspamd: its scoring symbols and a summary, and its action for `rspamd_action`;
+/// whether it answered. Down, it tempfails the message under
+/// `rspamd.unavailable_action = "tempfail"`, else adds a symbol.
 async fn rspamd_scoring(ctx: &mut Context<'_>) -> Step<bool> {
     let cfg = ctx.cfg;
     let url = cfg.text("rspamd.url");
@@ -395,6 +564,7 @@ async fn rspamd_scoring(ctx: &mut Context<'_>) -> Step<bool> {
                 0.0,
                 format!("score {:.2}, action {}", c.score, c.action),
             ));
+            ctx.rspamd = Some((c.action, c.subject));
             ControlFlow::Continue(true)
         }
         Err(e) if cfg.text("rspamd.unavailable_action") == "tempfail" => {
@@ -413,6 +583,129 @@ async fn rspamd_scoring(ctx: &mut Context<'_>) -> Step<bool> {
             ControlFlow::Continue(false)
         }
     }
+}
+
+/// The reply of Rspamd's greylist and soft reject actions.
+const RSPAMD_DEFERRED: (u16, EnhancedStatus) = (451, EnhancedStatus::POLICY_TEMPFAIL);
+
+/// Rspamd's action, applied to the verdict of our thresholds (whose score already
+/// includes Rspamd's): the stricter of the two wins, in the order accept < tag <
+/// quarantine < tempfail < reject. A deferral outranks a quarantine so that Rspamd's
+/// greylisting keeps working for high scores (the retry is then quarantined). Returns
+/// the Subject to write when Rspamd asked for its rewriting.
+fn rspamd_action(
+    v: &mut Verdict,
+    rspamd: Option<(rspamd::RspamdAction, Option<String>)>,
+    cfg: &Config,
+    message: &Message<'_>,
+) -> Option<String> {
+    use rspamd::RspamdAction as R;
+    let (action, proposed) = rspamd?;
+    let score = v.score;
+    let theirs = match &action {
+        R::NoAction | R::Other(_) => return None,
+        R::AddHeader | R::RewriteSubject => decide(Action::Tag, String::new()),
+        // Never dropped on a scanner's word: a discard is kept where it can be looked at.
+        R::Quarantine | R::Discard => decide(
+            Action::Quarantine,
+            format!("Rspamd's action {action} (score {score:.1})"),
+        ),
+        R::Greylist | R::SoftReject => refuse(
+            Action::Tempfail,
+            RSPAMD_DEFERRED,
+            format!("Message deferred by Rspamd ({action}), try again later"),
+            None,
+        ),
+        R::Reject => refuse(
+            Action::Reject,
+            POLICY_REFUSED,
+            format!("Message refused as spam by Rspamd (score {score:.1})"),
+            None,
+        ),
+    };
+    if severity(theirs.action) > severity(v.action) {
+        v.action = theirs.action;
+        v.refusal = theirs.refusal;
+    }
+    (action == R::RewriteSubject).then(|| match proposed {
+        Some(subject) => header_text(&subject),
+        None => tagged_subject(&cfg.text("spam.subject_tag"), message),
+    })
+}
+
+/// How strict an outcome is, for choosing between ours and Rspamd's.
+fn severity(action: Action) -> u8 {
+    match action {
+        Action::Accept => 0,
+        Action::Tag => 1,
+        Action::Quarantine | Action::Discard => 2,
+        Action::Tempfail => 3,
+        Action::Reject => 4,
+    }
+}
+
+/// The message's Subject as it was written (encoded words kept, folds undone) behind
+/// `tag`; just `tag` for a message without one.
+fn tagged_subject(tag: &str, message: &Message<'_>) -> String {
+    let original = message
+        .header_raw(HeaderName::Subject)
+        .map(|raw| raw.replace("\r\n", "").replace('\n', ""))
+        .unwrap_or_default();
+    let original = original.trim();
+    let tag = tag.trim();
+    match (tag.is_empty(), original.is_empty()) {
+        (_, true) => tag.to_string(),
+        (true, false) => original.to_string(),
+        (false, false) => format!("{tag} {original}"),
+    }
+}
+
+/// A header value from Rspamd's text: control characters dropped (it cannot start a
+/// field of its own), and RFC 2047 encoded (UTF-8, Q) when it is not ASCII. Rspamd 3.4
+/// sends encoded words already; the text may still be raw UTF-8 from other versions.
+fn header_text(text: &str) -> String {
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
+    let text = text.trim();
+    if text.is_ascii() {
+        return text.to_string();
+    }
+    // Encoded words of at most 75 characters (RFC 2047 2), split between characters.
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in text.chars() {
+        let mut buf = [0; 4];
+        let mut encoded = String::new();
+        for b in c.encode_utf8(&mut buf).bytes() {
+            match b {
+                b' ' => encoded.push('_'),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'!' | b'*' | b'+' | b'-' | b'/' => {
+                    encoded.push(char::from(b));
+                }
+                _ => {
+                    let _ = write!(encoded, "={b:02X}");
+                }
+            }
+        }
+        if "=?UTF-8?Q?".len() + word.len() + encoded.len() + "?=".len() > 75 {
+            words.push(format!("=?UTF-8?Q?{word}?="));
+            word.clear();
+        }
+        word.push_str(&encoded);
+    }
+    words.push(format!("=?UTF-8?Q?{word}?="));
+    words.join(" ")
+}
+
+/// Rspamd's rewrite subject, as a header change of the verdict (the Subject removed and
+/// the new one added), so that every mode applies it the way it applies our other
+/// headers. Not for a refused message.
+fn rewrite_subject(v: &mut Verdict, subject: Option<String>) {
+    let Some(subject) = subject else { return };
+    if matches!(v.action, Action::Reject | Action::Tempfail) {
+        return;
+    }
+    v.remove_headers.push("Subject".into());
+    v.add_headers.push(("Subject".into(), subject));
 }
 
 /// The spam score thresholds: a matching score policy's own, else `spam.threshold.*`.
@@ -466,7 +759,7 @@ impl Thresholds {
 /// fields and Authentication-Results are added, and the copies the message arrived with
 /// removed.
 fn verdict_headers(v: &mut Verdict, auth_header: Option<String>, tag: f64) {
-    if v.action == Action::Reject {
+    if matches!(v.action, Action::Reject | Action::Tempfail) {
         return;
     }
     let spam = v.action != Action::Accept;
@@ -518,6 +811,8 @@ mod tests {
     //! What a case file cannot express; the rules themselves are tested from the cases
     //! under tests/data/filter (see `crate::cases`).
 
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     const CLEAN: &[u8] = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <1@b.example>\r\n\r\nhello\r\n";
@@ -563,5 +858,403 @@ mod tests {
                 .starts_with(&format!("cannot connect to clamd at {closed}: ")),
             "{skipped:?}"
         );
+    }
+
+    /// A fake Rspamd on loopback answering every request with `body` (the real one takes
+    /// half a minute to start; tests/e2e/filter.rs drives it).
+    async fn fake_rspamd(body: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut chunk = [0; 4096];
+                // The whole request (headers and Content-Length bytes), then the answer.
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    request.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    let complete = text.split_once("\r\n\r\n").is_some_and(|(head, rest)| {
+                        head.lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .is_some_and(|n| rest.len() >= n)
+                    });
+                    if n == 0 || complete {
+                        break;
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    /// The verdict for `message` when Rspamd answers `action` (with `subject`, when
+    /// given) and symbols worth `score`, under `extra` configuration.
+    async fn with_rspamd(
+        action: &str,
+        subject: Option<&str>,
+        score: f64,
+        extra: &str,
+        message: &[u8],
+    ) -> Verdict {
+        let subject = subject.map_or(String::new(), |s| format!(r#""subject":"{s}","#));
+        let body = format!(
+            r#"{{"is_skipped":false,"score":{score},"required_score":15.0,"action":"{action}",{subject}"messages":{{"smtp_message":"forced"}},"symbols":{{"TEST_SCORE":{{"name":"TEST_SCORE","score":{score},"metric_score":{score}}}}},"message-id":"1@b.example"}}"#
+        );
+        let url = fake_rspamd(body).await;
+        let cfg = Config::from_toml_str(
+            &format!("[rspamd]\nenabled = true\nurl = \"{url}\"\ntimeout = \"5s\"\n{extra}"),
+            "test",
+        )
+        .unwrap();
+        scan(&cfg, &ScanRequest::default(), message, None, &[]).await
+    }
+
+    /// The Subject a verdict writes, if it rewrites it.
+    fn new_subject(v: &Verdict) -> Option<&str> {
+        let added = v.add_headers.iter().find(|(n, _)| n == "Subject");
+        assert_eq!(
+            added.is_some(),
+            v.remove_headers.iter().any(|n| n == "Subject"),
+            "a new Subject replaces the old: {v:?}"
+        );
+        added.map(|(_, s)| s.as_str())
+    }
+
+    #[tokio::test]
+    async fn rspamds_action_is_honoured() {
+        let refusal = |v: &Verdict| (v.action, v.refusal.code, v.refusal.status);
+        let v = with_rspamd("no action", None, 1.0, "", CLEAN).await;
+        assert_eq!((v.action, new_subject(&v)), (Action::Accept, None), "{v:?}");
+        for deferral in ["greylist", "soft reject"] {
+            let v = with_rspamd(deferral, None, 1.0, "", CLEAN).await;
+            assert_eq!(
+                refusal(&v),
+                (
+                    Action::Tempfail,
+                    Some(451),
+                    Some(EnhancedStatus::new(4, 7, 1))
+                ),
+                "{v:?}"
+            );
+            assert_eq!(
+                v.refusal.text,
+                format!("Message deferred by Rspamd ({deferral}), try again later")
+            );
+            assert!(v.add_headers.is_empty(), "{v:?}");
+        }
+        let v = with_rspamd("reject", None, 1.0, "", CLEAN).await;
+        assert_eq!(
+            refusal(&v),
+            (
+                Action::Reject,
+                Some(550),
+                Some(EnhancedStatus::new(5, 7, 1))
+            ),
+            "{v:?}"
+        );
+        assert_eq!(
+            v.refusal.text,
+            "Message refused as spam by Rspamd (score 1.0)"
+        );
+        let v = with_rspamd("add header", None, 1.0, "", CLEAN).await;
+        assert_eq!((v.action, new_subject(&v)), (Action::Tag, None), "{v:?}");
+        assert!(
+            v.add_headers.contains(&("X-Spam".into(), "Yes".into())),
+            "{v:?}"
+        );
+        // Rspamd's own Subject when it proposes one, else ours behind spam.subject_tag.
+        let v = with_rspamd("rewrite subject", Some("*** SPAM *** hi"), 1.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Tag, "{v:?}");
+        assert_eq!(new_subject(&v), Some("*** SPAM *** hi"));
+        let v = with_rspamd("rewrite subject", None, 1.0, "", CLEAN).await;
+        assert_eq!(new_subject(&v), Some("[SPAM] hi"));
+        let folded = b"From: a@b.example\r\nSubject: =?UTF-8?Q?gr=C3=BC=C3=9Fe?=\r\n and more\r\n\r\nhello\r\n";
+        let v = with_rspamd(
+            "rewrite subject",
+            None,
+            1.0,
+            "[spam]\nsubject_tag = \"{Spam?}\"\n",
+            folded,
+        )
+        .await;
+        assert_eq!(
+            new_subject(&v),
+            Some("{Spam?} =?UTF-8?Q?gr=C3=BC=C3=9Fe?= and more")
+        );
+        let v = with_rspamd("quarantine", None, 1.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Quarantine, "{v:?}");
+        let v = with_rspamd("discard", None, 1.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Quarantine, "never dropped: {v:?}");
+        let v = with_rspamd("some custom action", None, 1.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Accept, "{v:?}");
+    }
+
+    /// Rspamd's score joins ours and our thresholds still apply: the stricter outcome
+    /// wins.
+    #[tokio::test]
+    async fn the_stricter_of_rspamds_action_and_our_thresholds_wins() {
+        // Above our quarantine threshold (6.0): a mere tag from Rspamd is not enough.
+        let v = with_rspamd("add header", None, 7.0, "", CLEAN).await;
+        assert_eq!((v.action, v.score), (Action::Quarantine, 7.0), "{v:?}");
+        // A quarantined message keeps the rewritten Subject for its release.
+        let v = with_rspamd("rewrite subject", None, 7.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Quarantine, "{v:?}");
+        assert_eq!(new_subject(&v), Some("[SPAM] hi"));
+        // Above our reject threshold (20.0): a greylist does not let it through later.
+        let v = with_rspamd("greylist", None, 25.0, "", CLEAN).await;
+        assert_eq!(
+            (v.action, v.refusal.code),
+            (Action::Reject, Some(550)),
+            "{v:?}"
+        );
+        assert_eq!(v.refusal.text, "Message refused as spam (score 25.0)");
+        // A deferral outranks our quarantine, so greylisting still works for high scores.
+        let v = with_rspamd("soft reject", None, 7.0, "", CLEAN).await;
+        assert_eq!(
+            (v.action, v.refusal.code),
+            (Action::Tempfail, Some(451)),
+            "{v:?}"
+        );
+        // Rspamd's reject whatever we scored.
+        let v = with_rspamd("reject", None, -5.0, "", CLEAN).await;
+        assert_eq!(v.action, Action::Reject, "{v:?}");
+    }
+
+    #[test]
+    fn rspamds_subject_becomes_a_header_value() {
+        assert_eq!(
+            header_text(" ***SPAM*** hi\r\nBcc: x@y "),
+            "***SPAM*** hiBcc: x@y"
+        );
+        assert_eq!(header_text("Hello wörld"), "=?UTF-8?Q?Hello_w=C3=B6rld?=");
+        let long = header_text(&"é".repeat(40));
+        assert!(long.split(' ').count() > 1, "{long}");
+        assert!(
+            long.split(' ')
+                .all(|w| w.len() <= 75 && w.starts_with("=?UTF-8?Q?")),
+            "{long}"
+        );
+    }
+
+    /// A clamd stand-in on loopback that keeps clamd's rule for StreamMaxLength (a chunk
+    /// that would take the stream past `limit` is answered "size limit exceeded" at once
+    /// and the connection closed, the rest unread) and finds any stream holding "VIRUS".
+    /// Returns its address and, per stream, the bytes offered and whether it refused them.
+    async fn fake_clamd(limit: usize) -> (String, Arc<Mutex<Vec<(usize, bool)>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let seen = streams.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut command = [0u8; 10];
+                s.read_exact(&mut command).await.unwrap();
+                assert_eq!(&command, b"zINSTREAM\0");
+                let mut got = Vec::new();
+                let reply: &[u8] = loop {
+                    let mut len = [0u8; 4];
+                    s.read_exact(&mut len).await.unwrap();
+                    let n = u32::from_be_bytes(len) as usize;
+                    if n == 0 {
+                        seen.lock().unwrap().push((got.len(), false));
+                        break if got.windows(5).any(|w| w == b"VIRUS") {
+                            b"stream: Fake.Virus FOUND\0"
+                        } else {
+                            b"stream: OK\0"
+                        };
+                    }
+                    if got.len() + n > limit {
+                        seen.lock().unwrap().push((got.len() + n, true));
+                        break b"INSTREAM size limit exceeded. ERROR\0";
+                    }
+                    let mut chunk = vec![0u8; n];
+                    s.read_exact(&mut chunk).await.unwrap();
+                    got.extend(chunk);
+                };
+                let _ = s.write_all(reply).await;
+            }
+        });
+        (address, streams)
+    }
+
+    /// CLEAN with a body that makes the message `size` bytes long, "VIRUS" starting at
+    /// byte `virus_at` if given.
+    fn message_of(size: usize, virus_at: Option<usize>) -> Vec<u8> {
+        let mut m = CLEAN.to_vec();
+        m.resize(size, b'a');
+        if let Some(at) = virus_at {
+            m[at..at + 5].copy_from_slice(b"VIRUS");
+        }
+        m
+    }
+
+    /// Scans `message` with a fake clamd whose StreamMaxLength is `clamd_limit`, under
+    /// the `[clamav]` settings `extra`; returns the verdict and the streams clamd saw.
+    async fn check(
+        clamd_limit: usize,
+        extra: &str,
+        message: &[u8],
+    ) -> (Verdict, Vec<(usize, bool)>) {
+        let (address, streams) = fake_clamd(clamd_limit).await;
+        let cfg = Config::from_toml_str(
+            &format!(
+                "[clamav]\nenabled = true\naddress = \"{address}\"\ntimeout = \"5s\"\n{extra}"
+            ),
+            "test",
+        )
+        .unwrap();
+        let v = scan(&cfg, &ScanRequest::default(), message, None, &[]).await;
+        let seen = streams.lock().unwrap().clone();
+        (v, seen)
+    }
+
+    fn detail<'v>(v: &'v Verdict, name: &str) -> Option<&'v str> {
+        v.symbols
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.detail.as_str())
+    }
+
+    #[tokio::test]
+    async fn scan_head_streams_exactly_max_size_bytes() {
+        const MAX: &str = "max_size = \"4K\"\n";
+        // Larger than clamav.max_size: exactly 4096 bytes go to clamd, and a symbol says so.
+        let (v, seen) = check(usize::MAX, MAX, &message_of(10_000, None)).await;
+        assert_eq!(seen, [(4096, false)]);
+        assert_eq!(v.action, Action::Accept);
+        assert_eq!(
+            detail(&v, "CLAMAV_PARTIAL"),
+            Some("first 4096 of 10000 bytes scanned (clamav.max_size)")
+        );
+        assert!(
+            v.add_headers
+                .iter()
+                .any(|(n, h)| n == "X-Spam-Status" && h.contains("CLAMAV_PARTIAL(0.1)"))
+        );
+        // A virus in the head is found; one after the cut is not sent at all.
+        let (v, _) = check(usize::MAX, MAX, &message_of(10_000, Some(4091))).await;
+        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.refusal.code, Some(554));
+        let (v, seen) = check(usize::MAX, MAX, &message_of(10_000, Some(4092))).await;
+        assert_eq!(seen, [(4096, false)]);
+        assert_eq!(v.action, Action::Accept);
+        // At or under the limit the whole message goes, without a symbol.
+        let (v, seen) = check(usize::MAX, MAX, &message_of(4096, None)).await;
+        assert_eq!(seen, [(4096, false)]);
+        assert_eq!(detail(&v, "CLAMAV_PARTIAL"), None);
+        // More than one INSTREAM chunk (64 KiB) is cut at the exact byte too.
+        let (_, seen) = check(
+            usize::MAX,
+            "max_size = \"100001\"\n",
+            &message_of(300_000, None),
+        )
+        .await;
+        assert_eq!(seen, [(100_001, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_message_over_max_size_follows_oversize_action() {
+        let message = message_of(10_000, None);
+        let too_big =
+            "the message (10000 bytes) is larger than the virus scanner's limit (4096 bytes)";
+        let (v, seen) = check(
+            usize::MAX,
+            "max_size = \"4K\"\noversize_action = \"tempfail\"\n",
+            &message,
+        )
+        .await;
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(v.action, Action::Tempfail);
+        assert_eq!(
+            (v.refusal.code, v.refusal.status),
+            (Some(451), Some(EnhancedStatus::new(4, 7, 1)))
+        );
+        assert_eq!(
+            v.refusal.text,
+            format!("Message not scanned for viruses: {too_big}, try again later")
+        );
+        let (v, seen) = check(
+            usize::MAX,
+            "max_size = \"4K\"\noversize_action = \"reject\"\n",
+            &message,
+        )
+        .await;
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(
+            v,
+            Verdict {
+                symbols: vec![symbol("CLAMAV_OVERSIZE", 0.0, too_big)],
+                ..Verdict::refuse(
+                    Action::Reject,
+                    552,
+                    EnhancedStatus::new(5, 3, 4),
+                    &format!("Message refused: {too_big}")
+                )
+            }
+        );
+        let (v, seen) = check(
+            usize::MAX,
+            "max_size = \"4K\"\noversize_action = \"accept\"\n",
+            &message,
+        )
+        .await;
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(v.action, Action::Accept);
+        assert_eq!(detail(&v, "CLAMAV_UNSCANNED"), Some(too_big));
+    }
+
+    /// clamd's own limit below clamav.max_size: its refusal is the message's size, not
+    /// clamd being down.
+    #[tokio::test]
+    async fn clamds_size_limit_follows_oversize_action() {
+        let message = message_of(10_000, Some(100));
+        // scan-head halves the head until clamd takes it, and finds the virus.
+        let (v, seen) = check(3000, "", &message).await;
+        assert_eq!(seen, [(10_000, true), (5000, true), (2500, false)]);
+        assert_eq!(v.action, Action::Reject);
+        assert_eq!(v.refusal.code, Some(554));
+        let (v, _) = check(3000, "", &message_of(10_000, None)).await;
+        assert_eq!(
+            detail(&v, "CLAMAV_PARTIAL"),
+            Some("first 2500 of 10000 bytes scanned (clamd's StreamMaxLength)")
+        );
+        // Refused even at an eighth: passed on, never silently.
+        let (v, seen) = check(1000, "", &message).await;
+        assert_eq!(
+            seen,
+            [(10_000, true), (5000, true), (2500, true), (1250, true)]
+        );
+        assert_eq!(v.action, Action::Accept);
+        assert_eq!(
+            detail(&v, "CLAMAV_UNSCANNED"),
+            Some("clamd refused 1250 bytes of the message (10000 bytes) as larger than its limit")
+        );
+        let refused =
+            "clamd refused 10000 bytes of the message (10000 bytes) as larger than its limit";
+        for (action, code) in [
+            ("tempfail", Some(451)),
+            ("reject", Some(552)),
+            ("accept", None),
+        ] {
+            let (v, seen) =
+                check(3000, &format!("oversize_action = \"{action}\"\n"), &message).await;
+            assert_eq!(seen, [(10_000, true)], "{action}");
+            assert_eq!(v.refusal.code, code, "{action}");
+            let name = if code.is_some() {
+                "CLAMAV_OVERSIZE"
+            } else {
+                "CLAMAV_UNSCANNED"
+            };
+            assert_eq!(detail(&v, name), Some(refused), "{action}: {v:?}");
+        }
     }
 }

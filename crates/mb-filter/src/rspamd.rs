@@ -21,8 +21,69 @@ pub struct RspamdSymbol {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
     pub score: f64,
-    pub action: String,
+    pub action: RspamdAction,
+    /// The rewritten Subject Rspamd proposes with `rewrite subject` (its
+    /// `actions.subject` template applied), when it sends one.
+    pub subject: Option<String>,
     pub symbols: Vec<RspamdSymbol>,
+}
+
+/// The `action` of a `/checkv2` answer: what Rspamd would have its MTA do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RspamdAction {
+    NoAction,
+    /// Rspamd's greylist threshold: defer, the sender retries.
+    Greylist,
+    /// Defer for another reason (rate limits, a forced `soft reject`).
+    SoftReject,
+    /// Deliver, marked as spam, with its Subject rewritten.
+    RewriteSubject,
+    /// Deliver, marked as spam in the headers.
+    AddHeader,
+    Reject,
+    /// Rspamd 3's `quarantine` action.
+    Quarantine,
+    /// Rspamd 3's `discard` action (accept and drop).
+    Discard,
+    /// A custom action of the local Rspamd configuration; it has no meaning here.
+    Other(String),
+}
+
+impl RspamdAction {
+    /// Rspamd's own name of an action (missing means none).
+    pub fn parse(name: &str) -> RspamdAction {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "no action" => RspamdAction::NoAction,
+            "greylist" => RspamdAction::Greylist,
+            "soft reject" => RspamdAction::SoftReject,
+            "rewrite subject" => RspamdAction::RewriteSubject,
+            "add header" => RspamdAction::AddHeader,
+            "reject" => RspamdAction::Reject,
+            "quarantine" => RspamdAction::Quarantine,
+            "discard" => RspamdAction::Discard,
+            _ => RspamdAction::Other(name.to_string()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            RspamdAction::NoAction => "no action",
+            RspamdAction::Greylist => "greylist",
+            RspamdAction::SoftReject => "soft reject",
+            RspamdAction::RewriteSubject => "rewrite subject",
+            RspamdAction::AddHeader => "add header",
+            RspamdAction::Reject => "reject",
+            RspamdAction::Quarantine => "quarantine",
+            RspamdAction::Discard => "discard",
+            RspamdAction::Other(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for RspamdAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Why Rspamd gave no usable answer. `NotHttp` and `NoHost` are configuration
@@ -161,11 +222,12 @@ pub fn parse(body: &[u8]) -> Result<Check, RspamdError> {
     });
     Ok(Check {
         score,
-        action: v
-            .get("action")
-            .and_then(|a| a.as_str())
-            .unwrap_or_default()
-            .to_string(),
+        action: RspamdAction::parse(v.get("action").and_then(|a| a.as_str()).unwrap_or_default()),
+        subject: v
+            .get("subject")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string),
         symbols,
     })
 }
@@ -348,7 +410,7 @@ mod tests {
         let (status, body) = response(answer).unwrap();
         assert_eq!(status, 200);
         let c = parse(body).unwrap();
-        assert_eq!((c.score, c.action.as_str()), (3.4, "no action"));
+        assert_eq!((c.score, &c.action), (3.4, &RspamdAction::NoAction));
         assert_eq!(c.symbols[0].name, "MISSING_MID");
         assert_eq!(c.symbols[0].description, "no id");
         assert!(matches!(parse(b"{}"), Err(RspamdError::NoScore)));
@@ -360,5 +422,38 @@ mod tests {
             e.to_string(),
             "Rspamd's answer has no status: Some(\"garbage\")"
         );
+    }
+
+    /// Answers as Rspamd 3.4 sends them (a forced action, trimmed of urls and timing).
+    #[test]
+    fn every_action_is_parsed() {
+        let check = |action: &str, subject: Option<&str>, expected: RspamdAction| {
+            let field = subject.map_or(String::new(), |s| format!(r#""subject":"{s}","#));
+            let body = format!(
+                r#"{{"is_skipped":false,"score":7.5,"required_score":15.0,"action":"{action}",{field}"messages":{{"smtp_message":"forced"}},"symbols":{{"MISSING_MID":{{"name":"MISSING_MID","score":2.5,"metric_score":2.5,"description":"Message id is missing"}}}},"message-id":"undef","milter":{{"remove_headers":{{"X-Spam":0}}}}}}"#
+            );
+            let c = parse(body.as_bytes()).unwrap_or_else(|e| panic!("{action}: {e}"));
+            assert_eq!(c.action, expected, "{body}");
+            assert_eq!(c.action.to_string(), action, "the name round-trips");
+            assert_eq!(c.score, 7.5);
+            assert_eq!(c.subject.as_deref(), subject);
+        };
+        check("no action", None, RspamdAction::NoAction);
+        check("greylist", None, RspamdAction::Greylist);
+        check("soft reject", None, RspamdAction::SoftReject);
+        check(
+            "rewrite subject",
+            Some("=?UTF-8?Q?=2A=2A=2A_SPAM_=2A=2A=2A_Hello_w=C3=B6?= =?UTF-8?Q?rld?="),
+            RspamdAction::RewriteSubject,
+        );
+        check("rewrite subject", None, RspamdAction::RewriteSubject);
+        check("add header", None, RspamdAction::AddHeader);
+        check("reject", None, RspamdAction::Reject);
+        check("quarantine", None, RspamdAction::Quarantine);
+        check("discard", None, RspamdAction::Discard);
+        check("custom", None, RspamdAction::Other("custom".into()));
+        // No action at all is none; an empty proposed Subject is no proposal.
+        let c = parse(br#"{"score":1.0,"subject":" "}"#).unwrap();
+        assert_eq!((c.action, c.subject), (RspamdAction::NoAction, None));
     }
 }

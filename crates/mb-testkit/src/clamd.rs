@@ -25,6 +25,16 @@ pub struct Clamd {
 
 impl Clamd {
     pub fn start() -> Result<Clamd> {
+        Clamd::start_configured(None)
+    }
+
+    /// A clamd whose StreamMaxLength is `bytes` instead of its default 25 MiB: a longer
+    /// INSTREAM is answered "INSTREAM size limit exceeded. ERROR".
+    pub fn with_stream_max_length(bytes: u64) -> Result<Clamd> {
+        Clamd::start_configured(Some(bytes))
+    }
+
+    fn start_configured(stream_max_length: Option<u64>) -> Result<Clamd> {
         let program = require("clamd", "clamav-daemon");
         let dir = tempfile::Builder::new().prefix("mb-clamd-").tempdir()?;
         let d = dir.path();
@@ -55,15 +65,16 @@ impl Clamd {
         )?;
         let port = free_port();
         let conf = d.join("clamd.conf");
-        fs::write(
-            &conf,
-            format!(
-                "DatabaseDirectory {}\nLocalSocket {}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\nUser root\nLogFile {}\n",
-                db.display(),
-                d.join("clamd.sock").display(),
-                d.join("clamd.log").display()
-            ),
-        )?;
+        let mut settings = format!(
+            "DatabaseDirectory {}\nLocalSocket {}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nForeground yes\nUser root\nLogFile {}\n",
+            db.display(),
+            d.join("clamd.sock").display(),
+            d.join("clamd.log").display()
+        );
+        if let Some(n) = stream_max_length {
+            settings.push_str(&format!("StreamMaxLength {n}\n"));
+        }
+        fs::write(&conf, settings)?;
         let child = Command::new(program)
             .arg("-c")
             .arg(&conf)
@@ -94,5 +105,10 @@ impl Clamd {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("clamd.sock")
+    }
+
+    /// What clamd logged so far (its refusals of streams past StreamMaxLength among them).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("clamd.log")).unwrap_or_default()
     }
 }

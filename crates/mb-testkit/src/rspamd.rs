@@ -12,10 +12,30 @@ use anyhow::{Context, Result};
 use crate::ports::free_port;
 use crate::procs::{Proc, require, wait_until};
 
+/// Rspamd's local rules (`$LOCAL_CONFDIR/rspamd.local.lua`): the action a test asks for,
+/// as a pre-result (the way Rspamd's own greylist and ratelimit modules force theirs).
+const FORCED_ACTION: &str = r#"
+rspamd_config:register_symbol({
+  name = 'MB_TEST_FORCED_ACTION',
+  type = 'prefilter',
+  priority = 10,
+  callback = function(task)
+    local action = task:get_header('X-Test-Rspamd-Action')
+    if action then
+      task:set_pre_result(action, 'forced by the test', 'mb_test')
+    end
+  end,
+})
+"#;
+
 /// A private Rspamd (normal worker only) on a loopback port, with its own run, log and
 /// database dirs and DNS pointed at a closed local port (offline: lookups fail fast).
 /// Rspamd takes 20-30 s to load its rules: `start` returns at once and `wait_ready`
 /// waits for `/ping`, so a test can set up the rest meanwhile.
+///
+/// A local rule makes its action deterministic: a message with the field
+/// `X-Test-Rspamd-Action: ACTION` (`greylist`, `soft reject`, `rewrite subject`,
+/// `add header`, `reject`, `no action`) gets that action, whatever it scores.
 pub struct Rspamd {
     // Stopped before its directory goes.
     pub server: Proc,
@@ -32,6 +52,7 @@ impl Rspamd {
             fs::create_dir_all(d.join(sub))?;
         }
         let port = free_port();
+        fs::write(d.join("local").join("rspamd.local.lua"), FORCED_ACTION)?;
         fs::write(
             d.join("rspamd.conf"),
             format!(
