@@ -156,6 +156,23 @@ fn viruses_and_blocked_attachments_are_refused_in_the_session_and_workers_fail_o
         "{}",
         gw.smtpd_log()
     );
+    // Unscanned is not unfiltered: the sender's forged X-Spam field does not arrive.
+    wait_until(
+        "the unscanned message at the sink",
+        Duration::from_secs(30),
+        || {
+            sink.messages()
+                .iter()
+                .any(|m| m.contains("Subject: unscanned"))
+        },
+    )
+    .unwrap();
+    let got = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.contains("Subject: unscanned"))
+        .unwrap();
+    assert!(!got.contains("X-Spam: Yes"), "{got}");
 }
 
 fn send_from(port: u16, from: &str, message: &str) -> String {

@@ -5,11 +5,12 @@
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 
-use mail_parser::{HeaderName, Message, MessageParser, MimeHeaders};
+use mail_parser::{HeaderName, Message, MessageParser};
 use mb_core::policy::{self, Policy};
 use mb_core::verdict::{Action, Direction, Refusal, ScanRequest, Symbol, Verdict};
 use mb_core::{Config, EnhancedStatus};
 
+use crate::attachments::{AttachmentRules, check_attachments};
 use crate::{clamav, rspamd};
 
 /// The reply of a refusal for content: a virus or a blocked attachment.
@@ -51,94 +52,6 @@ fn symbol(name: &str, score: f64, detail: impl Into<String>) -> Symbol {
         name: name.into(),
         score,
         detail: detail.into(),
-    }
-}
-
-/// What attachments may not be.
-pub struct AttachmentRules {
-    pub extensions: Vec<String>,
-    pub types: Vec<String>,
-    /// Decoded bytes; 0 for no limit.
-    pub max_size: u64,
-}
-
-impl AttachmentRules {
-    pub fn from_config(cfg: &Config) -> AttachmentRules {
-        AttachmentRules {
-            extensions: cfg.list("attachments.blocked_extensions"),
-            types: cfg.list("attachments.blocked_types"),
-            max_size: cfg.size("attachments.max_size"),
-        }
-    }
-
-    /// Whether a file name's last extension is blocked (`invoice.pdf.exe` is an `exe`).
-    fn name_blocked(&self, name: &str) -> bool {
-        let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
-        lower
-            .rsplit_once('.')
-            .is_some_and(|(_, ext)| self.extensions.iter().any(|b| b.eq_ignore_ascii_case(ext)))
-    }
-}
-
-/// What the attachment rules found.
-#[derive(Debug, Default, PartialEq)]
-pub struct AttachmentFindings {
-    /// Why the message is refused: one line per offending attachment.
-    pub blocked: Vec<String>,
-    /// A ZIP archive with encrypted entries (its contents cannot be checked).
-    pub encrypted_archive: bool,
-}
-
-/// Checks every attachment: its name, declared type and size, the names inside ZIP
-/// archives, and attached messages (a few levels deep).
-pub fn check_attachments(message: &Message<'_>, rules: &AttachmentRules) -> AttachmentFindings {
-    let mut out = AttachmentFindings::default();
-    collect_blocked(message, rules, &mut out, 0);
-    out
-}
-
-fn collect_blocked(
-    message: &Message<'_>,
-    rules: &AttachmentRules,
-    out: &mut AttachmentFindings,
-    depth: u32,
-) {
-    for part in message.attachments() {
-        let name = part.attachment_name().unwrap_or("(unnamed)").to_string();
-        if rules.name_blocked(&name) {
-            out.blocked
-                .push(format!("attachment {name:?} is of a blocked type"));
-        }
-        if let Some(ct) = part.content_type() {
-            let mime =
-                format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or_default()).to_ascii_lowercase();
-            if rules.types.iter().any(|t| t.eq_ignore_ascii_case(&mime)) {
-                out.blocked
-                    .push(format!("attachment {name:?} has the blocked type {mime}"));
-            }
-        }
-        let data = part.contents();
-        if rules.max_size > 0 && data.len() as u64 > rules.max_size {
-            out.blocked.push(format!(
-                "attachment {name:?} is larger than {} bytes",
-                rules.max_size
-            ));
-        }
-        if crate::zip::is_zip(data)
-            && let Some(listing) = crate::zip::list(data)
-        {
-            out.encrypted_archive |= listing.encrypted;
-            for inner in listing.names.iter().filter(|n| rules.name_blocked(n)) {
-                out.blocked
-                    .push(format!("archive {name:?} holds {inner:?}, a blocked type"));
-            }
-        }
-        // An attached message is scanned too (a few levels deep, no further).
-        if depth < 4
-            && let Some(inner) = part.message()
-        {
-            collect_blocked(inner, rules, out, depth + 1);
-        }
     }
 }
 
@@ -200,9 +113,34 @@ pub async fn scan(
         rewrite_subject(&mut verdict, subject);
         Step::<Verdict>::Continue(verdict)
     };
-    match steps.await {
+    let mut verdict = match steps.await {
         ControlFlow::Break(verdict) | ControlFlow::Continue(verdict) => verdict,
+    };
+    // Here rather than in a step, so that no early end (a virus quarantined, or any
+    // step added later) can pass a message on with the sender's forgeries.
+    remove_forged(&mut verdict);
+    verdict
+}
+
+/// Puts the removal of every field in `mb_core::message::FORGEABLE` (the sender's
+/// Authentication-Results and X-Spam fields) first in the verdict's removals, for a
+/// message that is delivered or kept: a quarantined one is stored as the verdict edits
+/// it, so a release carries no forgery either. A refused message goes nowhere. Our own
+/// fields are added on top by `verdict_headers`, and with_headers and the milter remove
+/// only fields the message arrived with.
+fn remove_forged(v: &mut Verdict) {
+    use mb_core::message::FORGEABLE;
+    if !matches!(v.action, Action::Accept | Action::Tag | Action::Quarantine) {
+        return;
     }
+    let others = std::mem::take(&mut v.remove_headers)
+        .into_iter()
+        .filter(|r| !FORGEABLE.iter().any(|f| f.eq_ignore_ascii_case(r)));
+    v.remove_headers = FORGEABLE
+        .iter()
+        .map(|f| f.to_string())
+        .chain(others)
+        .collect();
 }
 
 /// What a step decided: `Break` ends the scan with that verdict, `Continue` hands the
@@ -271,12 +209,15 @@ fn parse(raw: &[u8]) -> Step<Message<'_>> {
     }
 }
 
-/// Attachments: a blocked name, type or size (or a blocked name inside a ZIP archive) is
-/// refused whatever the score; an encrypted archive only scores.
+/// Attachments: a blocked file name on any part, or a blocked type or size of an
+/// attachment (or a blocked name inside a ZIP archive) is refused whatever the score; an
+/// encrypted archive and disguised file names (bidi controls, invisible characters) only
+/// score, and a refusal lists them too.
 fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
     let findings = check_attachments(message, &AttachmentRules::from_config(ctx.cfg));
+    let scored = findings.symbols();
     if let Some(first) = findings.blocked.first() {
-        return ControlFlow::Break(refuse(
+        let mut v = refuse(
             Action::Reject,
             CONTENT_REFUSED,
             format!("Message refused: {first}"),
@@ -285,15 +226,12 @@ fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
                 0.0,
                 findings.blocked.join("; "),
             )),
-        ));
+        );
+        v.score = scored.iter().map(|s| s.score).sum();
+        v.symbols.extend(scored);
+        return ControlFlow::Break(v);
     }
-    if findings.encrypted_archive {
-        ctx.symbols.push(symbol(
-            "ENCRYPTED_ARCHIVE",
-            2.0,
-            "a ZIP archive with encrypted entries",
-        ));
-    }
+    ctx.symbols.extend(scored);
     ControlFlow::Continue(())
 }
 
@@ -756,23 +694,15 @@ impl Thresholds {
 }
 
 /// Headers (for a message that is delivered or quarantined, not rejected): our X-Spam
-/// fields and Authentication-Results are added, and the copies the message arrived with
-/// removed.
+/// fields and, when sender authentication ran, our Authentication-Results are added.
+/// The copies the message arrived with are removed by `remove_forged`, on every path.
 fn verdict_headers(v: &mut Verdict, auth_header: Option<String>, tag: f64) {
     if matches!(v.action, Action::Reject | Action::Tempfail) {
         return;
     }
     let spam = v.action != Action::Accept;
     let score = v.score;
-    // Our own verdict headers replace any the message arrived with (forgeries).
-    v.remove_headers = vec![
-        "X-Spam".into(),
-        "X-Spam-Score".into(),
-        "X-Spam-Status".into(),
-    ];
     if let Some(h) = auth_header {
-        // Results claimed by anyone before the border are not ours to trust.
-        v.remove_headers.push("Authentication-Results".into());
         v.add_headers.push(("Authentication-Results".into(), h));
     }
     if spam {
@@ -1256,5 +1186,33 @@ mod tests {
             };
             assert_eq!(detail(&v, name), Some(refused), "{action}: {v:?}");
         }
+    }
+
+    /// The sender's forgeries go on every path that keeps the message, the virus
+    /// quarantine (an early end of the scan) included, so a release does not bring them
+    /// back; a refused message is not edited.
+    #[tokio::test]
+    async fn forged_fields_are_removed_on_every_path_that_keeps_the_message() {
+        use mb_core::message::FORGEABLE;
+        let forged =
+            b"Authentication-Results : gw.served.test; dkim=pass; spf=pass; dmarc=pass\r\n\
+                       X-Spam-Flag: NO\r\nFrom: a@b.example\r\nSubject: hi\r\n\r\nVIRUS\r\n";
+        let (v, _) = check(usize::MAX, "virus_action = \"quarantine\"\n", forged).await;
+        assert_eq!(v.action, Action::Quarantine, "{v:?}");
+        assert_eq!(v.remove_headers, FORGEABLE);
+        let stored = mb_core::message::with_headers(forged, &v.add_headers, &v.remove_headers);
+        assert_eq!(
+            String::from_utf8_lossy(&stored),
+            "From: a@b.example\r\nSubject: hi\r\n\r\nVIRUS\r\n"
+        );
+        let (v, _) = check(usize::MAX, "", forged).await;
+        assert_eq!(v.action, Action::Reject, "{v:?}");
+        assert!(v.remove_headers.is_empty(), "{v:?}");
+        // Removals of the verdict's own (a rewritten Subject) come after, once each.
+        let mut v = decide(Action::Tag, String::new());
+        v.remove_headers = vec!["Subject".into(), "x-spam".into()];
+        remove_forged(&mut v);
+        assert_eq!(v.remove_headers[..FORGEABLE.len()], *FORGEABLE);
+        assert_eq!(v.remove_headers[FORGEABLE.len()..], ["Subject"]);
     }
 }

@@ -2,6 +2,7 @@
 //! serves `Filter.Scan` and `Control` on `mb-filter-N.sock`; mb-smtpd spreads its scans
 //! over the live workers.
 
+pub mod attachments;
 pub mod auth;
 #[cfg(test)]
 mod cases;

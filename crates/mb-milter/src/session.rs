@@ -483,6 +483,10 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         Err(e) if cfg.text("milter.unavailable_action") == "accept" => {
             tracing::warn!(id = %queue_id, cause = %e, "no mb-filter worker answered; accepting unscanned (milter.unavailable_action = accept)");
             shared.stats.unscanned.fetch_add(1, Ordering::Relaxed);
+            // Unscanned is not unfiltered: the sender's forged verdict fields go.
+            remove_fields(io, st, mb_core::message::FORGEABLE)
+                .await
+                .map_err(io_err)?;
             return proto::write(io, proto::CONTINUE, &[]).await.map_err(io_err);
         }
         Err(e) => {
@@ -495,6 +499,29 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
         }
     };
     apply(io, shared, st, &v).await.map_err(io_err)
+}
+
+/// Deletes every occurrence of each named field, by its index among the fields of that
+/// name as Postfix counts them (CHGHEADER with an empty value).
+async fn remove_fields<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    st: &State,
+    names: &[impl AsRef<str>],
+) -> std::io::Result<()> {
+    for name in names {
+        let name = name.as_ref();
+        let count = st
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count();
+        for index in (1..=count).rev() {
+            let mut data = u32::try_from(index).unwrap_or(1).to_be_bytes().to_vec();
+            data.extend_from_slice(&proto::cstrings(&[name, ""]));
+            proto::write(io, proto::CHGHEADER, &data).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One reply line as REPLYCODE carries it.
@@ -531,20 +558,7 @@ async fn apply<S: AsyncWrite + Unpin>(
             remove_headers,
         } => (add_headers, remove_headers),
     };
-    // Remove the fields the verdict replaces (each occurrence, by its index among
-    // fields of that name), then add ours at the top, in order.
-    for name in remove_headers {
-        let count = st
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .count();
-        for index in (1..=count).rev() {
-            let mut data = u32::try_from(index).unwrap_or(1).to_be_bytes().to_vec();
-            data.extend_from_slice(&proto::cstrings(&[name, ""]));
-            proto::write(io, proto::CHGHEADER, &data).await?;
-        }
-    }
+    remove_fields(io, st, remove_headers).await?;
     for (name, value) in add_headers.iter().rev() {
         let mut data = 0u32.to_be_bytes().to_vec();
         let value = value.replace("\r\n", "\n");
@@ -754,5 +768,151 @@ mod tests {
         mta.shutdown().await.unwrap();
         server.await.unwrap();
         assert_eq!(shared.stats.accepted.load(Ordering::Relaxed), 1);
+    }
+
+    /// Quarantines with the forgeable fields removed, as the filter's verdict does.
+    struct Quarantines;
+
+    #[tonic::async_trait]
+    impl mb_scan::Scanner for Quarantines {
+        async fn scan(&self, _env: &ScanRequest, _message: Body) -> Result<Verdict, ScanError> {
+            Ok(Verdict {
+                action: mb_core::Action::Quarantine,
+                remove_headers: mb_core::message::FORGEABLE
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect(),
+                ..Verdict::default()
+            })
+        }
+    }
+
+    /// Postfix hands over a field's label without the white space the obsolete syntax
+    /// allows before the colon, and finds the field to delete by that label, case
+    /// insensitively, with the index among fields of that label: the deletions count
+    /// the same fields, every spelling of the name included, before the message is held.
+    #[tokio::test]
+    async fn a_quarantined_message_loses_every_forged_field_by_its_index() {
+        let (shared, mut mta, server) = session("", Box::new(Quarantines));
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x3fu32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
+        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        for header in [
+            &b"Authentication-Results\0gw.served.test; dmarc=pass\0"[..],
+            b"X-Spam-Status\0No\0",
+            b"authentication-results\0gw.served.test; spf=pass\0",
+            b"Subject\0hi\0",
+        ] {
+            packet(&mut mta, proto::HEADER, header).await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        }
+        packet(&mut mta, proto::EOH, b"").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
+        let mut seen = Vec::new();
+        loop {
+            let (cmd, data) = proto::read(&mut mta).await.unwrap();
+            if cmd == proto::PROGRESS {
+                continue;
+            }
+            seen.push((cmd, data));
+            if cmd == proto::CONTINUE {
+                break;
+            }
+        }
+        let deleted: Vec<&[u8]> = seen
+            .iter()
+            .filter(|(c, _)| *c == proto::CHGHEADER)
+            .map(|(_, d)| d.as_slice())
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                &b"\0\0\0\x01X-Spam-Status\0\0"[..],
+                b"\0\0\0\x02Authentication-Results\0\0",
+                b"\0\0\0\x01Authentication-Results\0\0",
+            ]
+        );
+        let cmds: Vec<u8> = seen.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            cmds[3..],
+            [proto::QUARANTINE, proto::CONTINUE],
+            "deleted, then held"
+        );
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        assert_eq!(shared.stats.quarantined.load(Ordering::Relaxed), 1);
+    }
+
+    /// No worker answers.
+    struct Gone;
+
+    #[tonic::async_trait]
+    impl mb_scan::Scanner for Gone {
+        async fn scan(&self, _env: &ScanRequest, _message: Body) -> Result<Verdict, ScanError> {
+            Err(ScanError::NoWorkers)
+        }
+    }
+
+    /// With `milter.unavailable_action = accept` an unscanned message passes, but not
+    /// with the sender's forged verdict fields.
+    #[tokio::test]
+    async fn an_unscanned_message_still_loses_forged_fields() {
+        let (shared, mut mta, server) = session(
+            "[milter]\nunavailable_action = \"accept\"\n",
+            Box::new(Gone),
+        );
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x3fu32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
+        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        for header in [
+            &b"Authentication-Results\0gw.served.test; dmarc=pass\0"[..],
+            b"X-Spam\0No\0",
+        ] {
+            packet(&mut mta, proto::HEADER, header).await;
+            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        }
+        packet(&mut mta, proto::EOH, b"").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
+        let mut seen = Vec::new();
+        loop {
+            let (cmd, data) = proto::read(&mut mta).await.unwrap();
+            if cmd == proto::PROGRESS {
+                continue;
+            }
+            seen.push((cmd, data));
+            if cmd == proto::CONTINUE {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (proto::CHGHEADER, b"\0\0\0\x01X-Spam\0\0".to_vec()),
+                (
+                    proto::CHGHEADER,
+                    b"\0\0\0\x01Authentication-Results\0\0".to_vec()
+                ),
+                (proto::CONTINUE, Vec::new()),
+            ]
+        );
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        assert_eq!(shared.stats.unscanned.load(Ordering::Relaxed), 1);
     }
 }

@@ -31,7 +31,9 @@ impl Session<'_> {
             Ok(v) => v,
             Err(e) if self.settings.accept_unscanned => {
                 tracing::warn!(id, cause = %e, "no mb-filter worker answered; accepting unscanned (filter.unavailable_action = accept)");
-                return Ok(None);
+                // Unscanned is not unfiltered: the sender's forged verdict fields go.
+                let forged = mb_core::message::FORGEABLE.iter().map(|n| (*n).to_string());
+                return Ok(Some((Vec::new(), forged.collect())));
             }
             Err(e) => {
                 tracing::warn!(id, cause = %e, "no mb-filter worker answered; message tempfailed");
