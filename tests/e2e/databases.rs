@@ -139,6 +139,9 @@ fn exercise(url: &str, dialect: &str) {
         "{v:#}"
     );
     assert!(v[1]["tag"].is_null(), "{v:#}");
+    // Stored through migration 0008's column: a sender allow is authenticated-only
+    // unless added with --unauthenticated.
+    assert_eq!(v[1]["unauthenticated"], false, "{v:#}");
 
     // Overrides survive a restart (the listener keys are put back first so it can start).
     assert_eq!(

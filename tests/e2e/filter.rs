@@ -539,6 +539,15 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
         ][..],
         &[
             "add",
+            "legacy",
+            "--action",
+            "allow",
+            "--from",
+            "*@old-partner.test",
+            "--unauthenticated",
+        ],
+        &[
+            "add",
             "spammer",
             "--action",
             "block",
@@ -564,22 +573,33 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
         || {
             std::fs::read_to_string(gw.path("filter-1.log"))
                 .unwrap_or_default()
-                .contains("policies loaded count=3")
+                .contains("policies loaded count=4")
         },
     )
     .unwrap();
 
     // No From, Date, Message-ID or Subject: 4.0, tagged under the global thresholds.
     let spammy = |_from: &str, body: &str| format!("To: bob@served.test\r\n\r\n{body}\r\n");
+    // partners is an authenticated-only sender allow. The client here, 127.0.0.1, is in
+    // smtp.mynetworks: its mail is outbound, from our own network, and its sender counts
+    // as authenticated, so partners applies. (An inbound forged sender is scored: the
+    // cases policy-allow-forged-sender-scored and dns-policy-allow-* run through a real
+    // worker.) legacy applies to any sender, as allows did before.
     let r = send_from(
         port,
         "news@partner.test",
-        &spammy("news@partner.test", "allowed body"),
+        &spammy("news@partner.test", "own body"),
     );
     assert!(r.starts_with("250"), "{r}");
     let r = send_from(
         port,
-        "news@partner.test",
+        "news@old-partner.test",
+        &spammy("news@old-partner.test", "allowed body"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let r = send_from(
+        port,
+        "news@old-partner.test",
         &with_attachment("allowed but infected", "a.txt", EICAR.as_bytes()),
     );
     assert!(
@@ -601,10 +621,11 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
         &spammy("someone@other.test", "scored body"),
     );
     assert!(r.starts_with("250"), "{r}");
-    wait_until("two deliveries", Duration::from_secs(20), || {
+    wait_until("three deliveries", Duration::from_secs(20), || {
         let got = sink.messages();
         got.iter().any(|m| m.contains("\nallowed body"))
             && got.iter().any(|m| m.contains("\nscored body"))
+            && got.iter().any(|m| m.contains("\nown body"))
     })
     .unwrap();
     let got = sink.messages();
@@ -615,9 +636,14 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
     );
     let scored = got.iter().find(|m| m.contains("scored body")).unwrap();
     assert!(scored.contains("X-Spam: Yes"), "{scored}");
+    let own = got.iter().find(|m| m.contains("own body")).unwrap();
+    assert!(
+        own.contains("tests=[POLICY_ALLOW(0.0)]") && !own.contains("UNAUTHENTICATED"),
+        "mail from our own network is allowed by partners: {own}"
+    );
     assert_eq!(
         got.len(),
-        2,
+        3,
         "the blocked and the infected message were not delivered"
     );
 
@@ -634,6 +660,41 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
     assert_eq!(code, 0);
     assert!(out.contains("partners (priority 10, address allow): matches: sender x@partner.test matches *@partner.test"), "{out}");
     assert!(out.contains("=> partners wins"), "{out}");
+    assert!(
+        out.contains(
+            "partners is a sender allow: it applies only when the sender is authenticated"
+        ) && out.contains("the message is scored with the global thresholds instead"),
+        "{out}"
+    );
+    // Several recipients: the strictest outcome among them.
+    let (code, out, _) = policy(&[
+        "test",
+        "--from",
+        "x@old-partner.test",
+        "--to",
+        "bob@served.test",
+        "--to",
+        "carol@served.test",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("for carol@served.test: => legacy wins"),
+        "{out}"
+    );
+    assert!(
+        out.contains("strictest outcome among its recipients") && out.contains("allowed by legacy"),
+        "{out}"
+    );
+    let (code, out, _) = policy(&["list"]);
+    assert_eq!(code, 0);
+    let marked: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("[unauthenticated"))
+        .collect();
+    assert!(
+        marked.len() == 1 && marked[0].contains("legacy"),
+        "only legacy is marked: {out}"
+    );
     let (code, out, _) = policy(&[
         "--json",
         "test",
@@ -674,7 +735,18 @@ fn policies_allow_block_and_explain_and_allowed_senders_still_get_virus_checks()
     assert_eq!(code, 1, "{err}");
     let (_, out, _) = policy(&["--json", "list"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v:#}");
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v:#}");
+    let (code, _, err) = policy(&[
+        "add",
+        "n",
+        "--action",
+        "block",
+        "--from",
+        "a.test",
+        "--unauthenticated",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unauthenticated belongs to an allow"), "{err}");
 }
 
 #[test]

@@ -5,6 +5,13 @@
 //! either), a priority and an action. For a message, the matching policy with the lowest
 //! priority wins; on a tie the more specific object wins (address > network > domain >
 //! default), then the older policy.
+//!
+//! Two rules keep an allow from being abused. A sender-based allow (an address or domain
+//! matched as the sender) applies only when the sender is authenticated, since the
+//! envelope sender is whatever the client says, unless the policy is explicitly
+//! `unauthenticated`. And a message with several recipients gets the strictest of their
+//! policies' outcomes (block > score > allow; no policy scores with the global
+//! thresholds), so an allow for one recipient never exempts the others.
 
 use std::net::IpAddr;
 
@@ -44,6 +51,11 @@ pub enum PolicyError {
     /// Thresholds on a policy whose action is not `score`.
     #[error("thresholds belong to a policy whose action is score")]
     ThresholdsWithoutScore { action: Action },
+    /// `unauthenticated` on anything but an allow on the sender, where it means nothing.
+    #[error(
+        "unauthenticated belongs to an allow policy on a sender address or domain (--from or --from-or-to)"
+    )]
+    UnauthenticatedWithoutSenderAllow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +128,7 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
-    /// Skip spam scoring (viruses and attachment rules still apply).
+    /// Skip spam scoring (viruses, attachment rules and DMARC reject still apply).
     Allow,
     /// Refuse the message.
     Block,
@@ -156,6 +168,11 @@ pub struct Policy {
     pub tag: Option<f64>,
     pub quarantine: Option<f64>,
     pub reject: Option<f64>,
+    /// A sender-based allow applies even when the sender is not authenticated (the
+    /// behaviour before 0008; an explicit choice). Absent in a cache written before it:
+    /// false, authenticated-only.
+    #[serde(default)]
+    pub unauthenticated: bool,
 }
 
 /// What a message is matched on.
@@ -258,6 +275,13 @@ impl Policy {
                 action: self.action,
             });
         }
+        if self.unauthenticated
+            && !(self.action == Action::Allow
+                && matches!(self.object, Object::Address | Object::Domain)
+                && self.direction != Direction::To)
+        {
+            return Err(PolicyError::UnauthenticatedWithoutSenderAllow);
+        }
         Ok(())
     }
 
@@ -308,6 +332,19 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Whether this policy is an allow that matches `s` only through its sender (an
+    /// address anyone can write into MAIL FROM) and so applies only when the sender is
+    /// authenticated. A match on a recipient or the client network needs nothing more.
+    pub fn needs_authentication(&self, s: &Subject<'_>) -> bool {
+        self.action == Action::Allow
+            && !self.unauthenticated
+            && matches!(self.hit(s), Some(Hit::Sender(_)))
+            && !(self.direction == Direction::FromOrTo
+                && s.recipients.iter().any(|r| self.matches_address(r)))
+    }
+}
+
 /// What a policy matched on.
 enum Hit<'s> {
     Default,
@@ -320,7 +357,8 @@ fn rank(p: &Policy) -> (i32, std::cmp::Reverse<u8>, i64) {
     (p.priority, std::cmp::Reverse(p.object.specificity()), p.id)
 }
 
-/// The winning policy for a message (what the filter applies).
+/// The winning policy for the envelope taken as a whole, whatever the sender's
+/// authentication (the milter's early block check). The filter applies `outcome`.
 pub fn best<'a>(policies: &'a [Policy], s: &Subject<'_>) -> Option<&'a Policy> {
     policies
         .iter()
@@ -328,9 +366,121 @@ pub fn best<'a>(policies: &'a [Policy], s: &Subject<'_>) -> Option<&'a Policy> {
         .min_by_key(|p| rank(p))
 }
 
-/// The winning policy for a message and, line by line, how it was chosen.
+/// The policy one recipient gets (or the whole message, when it has no recipients).
+#[derive(Debug, Clone)]
+pub struct RecipientPolicy<'a> {
+    /// Empty for a message without recipients.
+    pub recipient: String,
+    /// `None`: no policy matched, the global thresholds apply.
+    pub policy: Option<&'a Policy>,
+    /// Sender-based allows that would have won but were ignored: the sender is not
+    /// authenticated.
+    pub ignored: Vec<&'a Policy>,
+}
+
+/// The policies of a message, recipient by recipient, and what they add up to.
+#[derive(Debug, Clone)]
+pub struct Outcome<'a> {
+    pub recipients: Vec<RecipientPolicy<'a>>,
+}
+
+impl<'a> Outcome<'a> {
+    /// The blocking policy, when any recipient's policy blocks (block beats everything).
+    pub fn blocked(&self) -> Option<&'a Policy> {
+        self.recipients
+            .iter()
+            .filter_map(|r| r.policy)
+            .find(|p| p.action == Action::Block)
+    }
+
+    /// The allow policy, only when every recipient's policy allows (and none blocks): an
+    /// allow for one recipient never exempts the others.
+    pub fn allowed(&self) -> Option<&'a Policy> {
+        let mut first = None;
+        for r in &self.recipients {
+            match r.policy {
+                Some(p) if p.action == Action::Allow => {
+                    first.get_or_insert(p);
+                }
+                _ => return None,
+            }
+        }
+        first
+    }
+
+    /// For a scored message, each scoring recipient's policy (`None` for the global
+    /// thresholds); the message is judged by the lowest of their thresholds.
+    pub fn scoring(&self) -> Vec<Option<&'a Policy>> {
+        self.recipients
+            .iter()
+            .map(|r| r.policy)
+            .filter(|p| p.is_none_or(|p| p.action == Action::Score))
+            .collect()
+    }
+
+    /// Every sender-based allow ignored for an unauthenticated sender, once each.
+    pub fn ignored(&self) -> Vec<&'a Policy> {
+        let mut out: Vec<&Policy> = Vec::new();
+        for p in self
+            .recipients
+            .iter()
+            .flat_map(|r| r.ignored.iter().copied())
+        {
+            if !out.iter().any(|o| o.id == p.id) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// The policy of each recipient of a message; `authenticated` says whether the sender
+/// is (SPF pass for its domain, or a DKIM pass aligned with it), and without it
+/// sender-based allows are passed over unless they are `unauthenticated`.
+pub fn outcome<'a>(policies: &'a [Policy], s: &Subject<'_>, authenticated: bool) -> Outcome<'a> {
+    let one = |recipients: &[String], recipient: String| {
+        let subject = Subject {
+            sender: s.sender,
+            recipients,
+            client_ip: s.client_ip,
+        };
+        let mut matching: Vec<&Policy> = policies
+            .iter()
+            .filter(|p| p.hit(&subject).is_some())
+            .collect();
+        matching.sort_by_key(|p| rank(p));
+        let mut ignored = Vec::new();
+        let mut policy = None;
+        for p in matching {
+            if !authenticated && p.needs_authentication(&subject) {
+                ignored.push(p);
+            } else {
+                policy = Some(p);
+                break;
+            }
+        }
+        RecipientPolicy {
+            recipient,
+            policy,
+            ignored,
+        }
+    };
+    let recipients = if s.recipients.is_empty() {
+        vec![one(&[], String::new())]
+    } else {
+        s.recipients
+            .iter()
+            .map(|r| one(std::slice::from_ref(r), r.clone()))
+            .collect()
+    };
+    Outcome { recipients }
+}
+
+/// The policy that decides a message whose sender is authenticated (the block, the
+/// allow every recipient shares, else the first scoring recipient's policy) and, line by
+/// line, how it was chosen: per recipient, what an unauthenticated sender gets instead,
+/// and the strictest outcome across the recipients.
 pub fn decide<'a>(policies: &'a [Policy], s: &Subject<'_>) -> (Option<&'a Policy>, Vec<String>) {
-    let best = best(policies, s);
     let mut why = Vec::new();
     for p in policies {
         match p.matches(s) {
@@ -357,23 +507,75 @@ pub fn decide<'a>(policies: &'a [Policy], s: &Subject<'_>) -> (Option<&'a Policy
             )),
         }
     }
-    match best {
-        Some(b) => why.push(format!(
-            "=> {} wins: lowest priority{}, action {}",
-            b.name,
-            if policies
-                .iter()
-                .filter(|p| p.id != b.id && p.priority == b.priority && p.hit(s).is_some())
-                .count()
-                > 0
-            {
-                " (tie broken by specificity: address > network > domain > default)"
+    let trusted = outcome(policies, s, true);
+    let untrusted = outcome(policies, s, false);
+    let several = trusted.recipients.len() > 1;
+    for (r, u) in trusted.recipients.iter().zip(&untrusted.recipients) {
+        let prefix = if several {
+            format!("for {}: ", r.recipient)
+        } else {
+            String::new()
+        };
+        let subject = Subject {
+            sender: s.sender,
+            recipients: if r.recipient.is_empty() {
+                &[]
             } else {
-                ""
+                std::slice::from_ref(&r.recipient)
             },
-            b.action.as_str()
-        )),
-        None => why.push("=> no policy matches: the global thresholds apply".into()),
+            client_ip: s.client_ip,
+        };
+        match r.policy {
+            Some(b) => why.push(format!(
+                "{prefix}=> {} wins: lowest priority{}, action {}",
+                b.name,
+                if policies
+                    .iter()
+                    .filter(|p| p.id != b.id
+                        && p.priority == b.priority
+                        && p.hit(&subject).is_some())
+                    .count()
+                    > 0
+                {
+                    " (tie broken by specificity: address > network > domain > default)"
+                } else {
+                    ""
+                },
+                b.action.as_str()
+            )),
+            None => why.push(format!(
+                "{prefix}=> no policy matches: the global thresholds apply"
+            )),
+        }
+        if !u.ignored.is_empty() {
+            let instead = match u.policy {
+                Some(p) => format!("{} (action {}) applies instead", p.name, p.action.as_str()),
+                None => "the message is scored with the global thresholds instead".into(),
+            };
+            for p in &u.ignored {
+                why.push(format!(
+                    "{prefix}   {} is a sender allow: it applies only when the sender is authenticated (SPF pass for {}, or a DKIM pass aligned with the From domain); otherwise it is ignored (POLICY_ALLOW_UNAUTHENTICATED) and {instead} (mb-policy add --unauthenticated keeps an allow for any sender)",
+                    p.name,
+                    domain_of(s.sender)
+                ));
+            }
+        }
+    }
+    let best = trusted
+        .blocked()
+        .or_else(|| trusted.allowed())
+        .or_else(|| trusted.scoring().into_iter().flatten().next());
+    if several {
+        why.push(format!(
+            "=> the message gets the strictest outcome among its recipients (block > score > allow): {}",
+            if let Some(b) = trusted.blocked() {
+                format!("blocked by {}", b.name)
+            } else if let Some(a) = trusted.allowed() {
+                format!("allowed by {} for every recipient", a.name)
+            } else {
+                "scored, with the lowest thresholds among the scoring recipients' policies".into()
+            }
+        ));
     }
     (best, why)
 }
@@ -401,6 +603,7 @@ mod tests {
             tag: None,
             quarantine: None,
             reject: None,
+            unauthenticated: false,
         }
     }
 
@@ -500,7 +703,15 @@ mod tests {
         let (best, why) = decide(&policies, &s);
         assert_eq!(best.map(|p| p.id), Some(3), "{why:#?}");
         assert!(
-            why.last().unwrap().contains("tie broken by specificity"),
+            why.iter()
+                .any(|l| l.starts_with("=> p3 wins") && l.contains("tie broken by specificity")),
+            "{why:#?}"
+        );
+        // The allow is the sender's word: unauthenticated, the block behind it applies.
+        assert!(
+            why.last()
+                .unwrap()
+                .contains("p2 (action block) applies instead"),
             "{why:#?}"
         );
         let (best, _) = decide(&policies[..2], &s);
@@ -514,6 +725,123 @@ mod tests {
         );
         assert!(best.is_none());
         assert!(why.last().unwrap().contains("no policy matches"));
+    }
+
+    #[test]
+    fn a_sender_allow_needs_an_authenticated_sender() {
+        let rcpts = vec!["bob@served.test".to_string()];
+        let s = Subject {
+            sender: "ceo@partner.test",
+            recipients: &rcpts,
+            client_ip: "192.0.2.7".parse().ok(),
+        };
+        let mut policies = vec![
+            policy(
+                1,
+                10,
+                Object::Domain,
+                "partner.test",
+                Direction::From,
+                Action::Allow,
+            ),
+            policy(
+                2,
+                20,
+                Object::Address,
+                "*@partner.test",
+                Direction::From,
+                Action::Score,
+            ),
+            policy(
+                3,
+                30,
+                Object::Network,
+                "192.0.2.0/24",
+                Direction::From,
+                Action::Allow,
+            ),
+            policy(
+                4,
+                40,
+                Object::Domain,
+                "served.test",
+                Direction::FromOrTo,
+                Action::Allow,
+            ),
+        ];
+        let trusted = outcome(&policies, &s, true);
+        assert_eq!(trusted.allowed().map(|p| p.id), Some(1));
+        assert!(trusted.ignored().is_empty());
+        let untrusted = outcome(&policies, &s, false);
+        assert_eq!(untrusted.allowed(), None);
+        assert_eq!(untrusted.scoring(), [Some(&policies[1])]);
+        assert_eq!(
+            untrusted.ignored().iter().map(|p| p.id).collect::<Vec<_>>(),
+            [1]
+        );
+        let (_, why) = decide(&policies, &s);
+        assert!(
+            why.iter().any(|l| l.contains("p1 is a sender allow")
+                && l.contains("SPF pass for partner.test")
+                && l.contains("p2 (action score) applies instead")),
+            "{why:#?}"
+        );
+        // A network allow, and a from-or-to allow matched by a recipient, are not the
+        // sender's word: they need nothing more.
+        assert!(!policies[2].needs_authentication(&s));
+        assert!(!policies[3].needs_authentication(&s));
+        // An explicitly unauthenticated allow keeps the old behaviour.
+        policies[0].unauthenticated = true;
+        assert_eq!(
+            outcome(&policies, &s, false).allowed().map(|p| p.id),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn the_strictest_recipient_decides() {
+        let rcpts = vec!["vip@served.test".to_string(), "bob@served.test".to_string()];
+        let s = Subject {
+            sender: "x@elsewhere.test",
+            recipients: &rcpts,
+            client_ip: None,
+        };
+        let mut policies = vec![
+            policy(
+                1,
+                10,
+                Object::Address,
+                "vip@served.test",
+                Direction::To,
+                Action::Allow,
+            ),
+            policy(
+                2,
+                10,
+                Object::Address,
+                "bob@served.test",
+                Direction::To,
+                Action::Block,
+            ),
+        ];
+        let o = outcome(&policies, &s, true);
+        assert_eq!(o.blocked().map(|p| p.id), Some(2));
+        assert_eq!(o.allowed(), None);
+        let (best, why) = decide(&policies, &s);
+        assert_eq!(best.map(|p| p.id), Some(2));
+        assert!(why.last().unwrap().contains("blocked by p2"), "{why:#?}");
+        // An allow for one and nothing for the other: scored, with the global thresholds.
+        policies[1].pattern = "nobody@served.test".into();
+        let o = outcome(&policies, &s, true);
+        assert_eq!(o.allowed(), None);
+        assert_eq!(o.scoring(), [None]);
+        // An allow for both: allowed.
+        policies[1].pattern = "bob@served.test".into();
+        policies[1].action = Action::Allow;
+        assert_eq!(
+            outcome(&policies, &s, true).allowed().map(|p| p.id),
+            Some(1)
+        );
     }
 
     #[test]

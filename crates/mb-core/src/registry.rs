@@ -188,6 +188,7 @@ const V4: Kind = Kind::IpList { v6: false };
 const V6: Kind = Kind::IpList { v6: true };
 const UNAVAILABLE: Kind = Kind::Enum(&["tempfail", "accept"]);
 const SCANNER_DOWN: Kind = Kind::Enum(&["tempfail", "skip"]);
+const ARCHIVE_ACTION: Kind = Kind::Enum(&["score", "quarantine", "reject"]);
 const S: &[&str] = &[SMTPD];
 const F: &[&str] = &[FILTER];
 const SF: &[&str] = &[SMTPD, FILTER];
@@ -311,6 +312,11 @@ pub static KEYS: &[KeyDef] = &[
     k("attachments.blocked_extensions", Kind::List, "exe,scr,com,pif,bat,cmd,vbs,vbe,js,jse,wsf,wsh,msi,msp,hta,cpl,jar,ps1,lnk,reg,iso,img", "File extensions refused in attachments (also inside archives and as double extensions)").by(F),
     k("attachments.blocked_types", Kind::List, "application/x-msdownload,application/x-msdos-program,application/x-ms-installer,application/x-ms-shortcut,application/hta,application/x-sh,application/x-bat", "MIME types refused in attachments (as declared by the sender)").by(F),
     k("attachments.max_size", Kind::Size { min: 0, max: 1 << 32 }, "0", "Largest single attachment (decoded); 0 for no limit beyond smtp.message_size_limit").by(F),
+    k("attachments.archive_depth", int(1, 16), "3", "Levels of archives opened (the attachment is level 1, an archive in it level 2); a deeper archive counts as unscannable (attachments.unscannable_action)").by(F),
+    k("attachments.archive_max_size", Kind::Size { min: 1024, max: 1 << 32 }, "100M", "Most bytes decompressed from the archives of one attachment, all levels together; past it the rest counts as unscannable").by(F),
+    k("attachments.archive_max_ratio", int(1, 100_000), "100", "Most bytes decompressed per byte of an attachment (any attachment may expand to 1 MiB); past it expansion stops and ARCHIVE_BOMB scores 10.0").by(F),
+    k("attachments.encrypted_action", ARCHIVE_ACTION, "score", "What to do with an archive holding encrypted members: score ENCRYPTED_ARCHIVE (2.0), quarantine, or reject (554 5.7.1)").by(F),
+    k("attachments.unscannable_action", ARCHIVE_ACTION, "score", "What to do with an archive that cannot be looked into (RAR, 7z, CAB, ISO, damaged, nested deeper than attachments.archive_depth, larger than attachments.archive_max_size): score ARCHIVE_UNSCANNABLE (2.0), quarantine, or reject (554 5.7.1)").by(F),
     // Filter workers and the content filter.
     k("filter.enabled", BOOL, "true", "Run mb-filter workers").by(F).restart(),
     k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),

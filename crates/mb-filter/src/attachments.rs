@@ -1,6 +1,6 @@
 //! The attachment rules: every MIME part's file names (whatever its type or disposition),
-//! the declared type and size of attachments, the names inside ZIP archives, and attached
-//! messages, judged against `attachments.*`.
+//! the declared type and size of attachments, the names inside archives (nested ones
+//! included, see `archive`), and attached messages, judged against `attachments.*`.
 
 use std::collections::HashSet;
 
@@ -8,12 +8,42 @@ use mail_parser::{Message, MessagePart, MimeHeaders};
 use mb_core::Config;
 use mb_core::verdict::Symbol;
 
+use crate::archive;
+
 /// What attachments may not be.
 pub struct AttachmentRules {
     pub extensions: Vec<String>,
     pub types: Vec<String>,
     /// Decoded bytes; 0 for no limit.
     pub max_size: u64,
+    /// How far archives are opened.
+    pub archives: archive::Limits,
+    /// What an archive with encrypted members leads to.
+    pub encrypted_action: ArchiveAction,
+    /// What an archive that cannot be looked into leads to.
+    pub unscannable_action: ArchiveAction,
+}
+
+/// `attachments.encrypted_action` and `attachments.unscannable_action`: what follows from
+/// an archive whose members cannot be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveAction {
+    /// A symbol with a score; the thresholds decide.
+    Score,
+    /// The message is quarantined (unless something refuses it).
+    Quarantine,
+    /// The message is refused.
+    Reject,
+}
+
+impl ArchiveAction {
+    fn from_config(cfg: &Config, key: &str) -> ArchiveAction {
+        match cfg.text(key).as_str() {
+            "quarantine" => ArchiveAction::Quarantine,
+            "reject" => ArchiveAction::Reject,
+            _ => ArchiveAction::Score,
+        }
+    }
 }
 
 impl AttachmentRules {
@@ -22,6 +52,13 @@ impl AttachmentRules {
             extensions: cfg.list("attachments.blocked_extensions"),
             types: cfg.list("attachments.blocked_types"),
             max_size: cfg.size("attachments.max_size"),
+            archives: archive::Limits {
+                depth: u32::try_from(cfg.int("attachments.archive_depth")).unwrap_or(1),
+                max_size: cfg.size("attachments.archive_max_size"),
+                max_ratio: u64::try_from(cfg.int("attachments.archive_max_ratio")).unwrap_or(1),
+            },
+            encrypted_action: ArchiveAction::from_config(cfg, "attachments.encrypted_action"),
+            unscannable_action: ArchiveAction::from_config(cfg, "attachments.unscannable_action"),
         }
     }
 
@@ -38,34 +75,113 @@ impl AttachmentRules {
 pub struct AttachmentFindings {
     /// Why the message is refused: one line per offending attachment.
     pub blocked: Vec<String>,
-    /// A ZIP archive with encrypted entries (its contents cannot be checked).
-    pub encrypted_archive: bool,
+    /// Archives with encrypted members (their contents cannot be checked), by path
+    /// (`"files.zip"`, `"files.zip/inner.zip"`).
+    pub encrypted: Vec<String>,
+    /// Archives or members that could not be looked into, one sentence each.
+    pub unscannable: Vec<String>,
+    /// Attachments that expand beyond `attachments.archive_max_ratio`, one sentence each.
+    pub bombs: Vec<String>,
     /// File names, as given, that hold bidi embedding, override or isolate controls.
     pub bidi_names: Vec<String>,
     /// File names, as given, that hold other invisible or control characters.
     pub hidden_char_names: Vec<String>,
 }
 
+/// What the findings lead to under the rules' actions.
+#[derive(Debug, Default, PartialEq)]
+pub struct Judgement {
+    /// The message is refused: the reply's text and the symbol that says why.
+    pub refusal: Option<(String, Symbol)>,
+    /// The message is quarantined unless something else refuses it, and why.
+    pub quarantine: Option<String>,
+    /// The scoring symbols (and, with a score of 0, those an action decided).
+    pub symbols: Vec<Symbol>,
+}
+
+/// What an encrypted archive or an unscannable one scores under `ArchiveAction::Score`:
+/// its contents are unknown, which is suspicious but common in honest mail.
+const UNKNOWN_CONTENT_SCORE: f64 = 2.0;
+/// A decompression bomb has no honest use: above the default quarantine threshold.
+const BOMB_SCORE: f64 = 10.0;
+
 impl AttachmentFindings {
-    /// The scoring symbols of what was found (a blocked attachment is not one of them:
-    /// it refuses the message instead).
-    pub fn symbols(&self) -> Vec<Symbol> {
-        let mut out = Vec::new();
-        if self.encrypted_archive {
-            out.push(symbol(
-                "ENCRYPTED_ARCHIVE",
-                2.0,
-                "a ZIP archive with encrypted entries".into(),
+    /// The refusal, quarantine and symbols these findings lead to under `rules`. A blocked
+    /// attachment refuses the message first; then an archive action of `reject`, then one
+    /// of `quarantine`. The symbol of an archive action that decided scores 0: the action,
+    /// not the score, is its outcome.
+    pub fn judge(&self, rules: &AttachmentRules) -> Judgement {
+        let mut out = Judgement::default();
+        if let Some(first) = self.blocked.first() {
+            out.refusal = Some((
+                format!("Message refused: {first}"),
+                symbol("BLOCKED_ATTACHMENT", 0.0, self.blocked.join("; ")),
             ));
+        }
+        for (found, action, name, what) in [
+            (
+                &self.encrypted,
+                rules.encrypted_action,
+                "ENCRYPTED_ARCHIVE",
+                "an archive with encrypted members",
+            ),
+            (
+                &self.unscannable,
+                rules.unscannable_action,
+                "ARCHIVE_UNSCANNABLE",
+                "an archive that cannot be looked into",
+            ),
+        ] {
+            let Some(first) = found.first() else {
+                continue;
+            };
+            // Encrypted archives are paths as given; unscannable ones are sentences whose
+            // names `archive` already escaped.
+            let (detail, reason) = if name == "ENCRYPTED_ARCHIVE" {
+                (
+                    listed(found),
+                    format!("archive {first:?} has encrypted members"),
+                )
+            } else {
+                (found.join("; "), first.clone())
+            };
+            match action {
+                ArchiveAction::Score => {
+                    out.symbols.push(symbol(
+                        name,
+                        UNKNOWN_CONTENT_SCORE,
+                        format!("{what}: {detail}"),
+                    ));
+                }
+                ArchiveAction::Quarantine => {
+                    out.quarantine.get_or_insert(reason);
+                    out.symbols.push(symbol(name, 0.0, detail));
+                }
+                ArchiveAction::Reject => {
+                    if out.refusal.is_none() {
+                        out.refusal = Some((
+                            format!("Message refused: {reason}"),
+                            symbol(name, 0.0, detail),
+                        ));
+                    } else {
+                        out.symbols.push(symbol(name, 0.0, detail));
+                    }
+                }
+            }
+        }
+        if !self.bombs.is_empty() {
+            out.symbols
+                .push(symbol("ARCHIVE_BOMB", BOMB_SCORE, self.bombs.join("; ")));
         }
         // A file name has no use for a right-to-left override or an isolate except to
         // show its extension somewhere else than where it is (`invoice<RLO>fdp.exe` reads
         // `invoiceexe.pdf`): it scores the default quarantine threshold on its own.
         if !self.bidi_names.is_empty() {
-            out.push(symbol("FILENAME_BIDI", 6.0, listed(&self.bidi_names)));
+            out.symbols
+                .push(symbol("FILENAME_BIDI", 6.0, listed(&self.bidi_names)));
         }
         if !self.hidden_char_names.is_empty() {
-            out.push(symbol(
+            out.symbols.push(symbol(
                 "FILENAME_HIDDEN_CHARS",
                 1.0,
                 listed(&self.hidden_char_names),
@@ -87,7 +203,7 @@ impl AttachmentFindings {
 
 /// Checks every part: its file names (Content-Disposition `filename` and Content-Type
 /// `name`, either of which may be blocked), and for attachments their declared type and
-/// size and the names inside ZIP archives; attached messages too (a few levels deep).
+/// size and what their archives hold; attached messages too (a few levels deep).
 pub fn check_attachments(message: &Message<'_>, rules: &AttachmentRules) -> AttachmentFindings {
     let mut out = AttachmentFindings::default();
     collect_blocked(message, rules, &mut out, 0);
@@ -128,7 +244,7 @@ fn collect_blocked(
     }
 }
 
-/// An attachment's declared type, size, and the names in it when it is a ZIP archive.
+/// An attachment's declared type, size, and what it holds when it is an archive.
 fn check_content(
     part: &MessagePart<'_>,
     name: &str,
@@ -150,19 +266,21 @@ fn check_content(
             rules.max_size
         ));
     }
-    if crate::zip::is_zip(data)
-        && let Some(listing) = crate::zip::list(data)
-    {
-        out.encrypted_archive |= listing.encrypted;
-        for inner in &listing.names {
-            let normal = FileName::new(inner);
-            out.note_disguise(inner, &normal);
-            if rules.name_blocked(&normal) {
-                out.blocked
-                    .push(format!("archive {name:?} holds {inner:?}, a blocked type"));
-            }
+    let contents = archive::inspect(name, data, &rules.archives);
+    for member in &contents.members {
+        let inner = &member.name;
+        let normal = FileName::new(inner);
+        out.note_disguise(inner, &normal);
+        if rules.name_blocked(&normal) {
+            out.blocked.push(format!(
+                "archive {:?} holds {inner:?}, a blocked type",
+                member.archive
+            ));
         }
     }
+    out.encrypted.extend(contents.encrypted);
+    out.unscannable.extend(contents.unscannable);
+    out.bombs.extend(contents.bomb);
 }
 
 /// A part's file names, as mail-parser decoded them (RFC 2047 encoded words, RFC 2231
@@ -399,6 +517,13 @@ mod tests {
             extensions: vec!["exe".into(), "js".into(), "SCR".into()],
             types: vec!["application/x-msdownload".into()],
             max_size: 0,
+            archives: archive::Limits {
+                depth: 3,
+                max_size: 100 << 20,
+                max_ratio: 100,
+            },
+            encrypted_action: ArchiveAction::Score,
+            unscannable_action: ArchiveAction::Score,
         }
     }
 
@@ -469,7 +594,8 @@ mod tests {
             vec![r#"attachment "x.e\u{200b}xe" is of a blocked type"#]
         );
         let symbols: Vec<(String, f64)> = found
-            .symbols()
+            .judge(&rules())
+            .symbols
             .into_iter()
             .map(|s| (s.name, s.score))
             .collect();
@@ -484,12 +610,89 @@ mod tests {
         );
         assert!(found.blocked.is_empty());
         let symbols: Vec<(String, f64)> = found
-            .symbols()
+            .judge(&rules())
+            .symbols
             .into_iter()
             .map(|s| (s.name, s.score))
             .collect();
         assert_eq!(symbols, vec![("FILENAME_BIDI".to_string(), 6.0)]);
         let plain = check("Content-Type: application/pdf; name=\"r\u{e9}sum\u{e9}.pdf\"");
         assert_eq!(plain, AttachmentFindings::default());
+    }
+
+    #[test]
+    fn archive_actions_decide_or_score() {
+        let found = AttachmentFindings {
+            encrypted: vec!["s.zip".into()],
+            unscannable: vec![r#"archive "x.rar" is a RAR, which cannot be looked into"#.into()],
+            ..AttachmentFindings::default()
+        };
+        let judged = |encrypted_action, unscannable_action| {
+            let j = found.judge(&AttachmentRules {
+                encrypted_action,
+                unscannable_action,
+                ..rules()
+            });
+            let symbols: Vec<(String, f64)> =
+                j.symbols.into_iter().map(|s| (s.name, s.score)).collect();
+            (
+                j.refusal.map(|(text, s)| (text, s.name)),
+                j.quarantine,
+                symbols,
+            )
+        };
+        use ArchiveAction::{Quarantine, Reject, Score};
+        assert_eq!(
+            judged(Score, Score),
+            (
+                None,
+                None,
+                vec![
+                    ("ENCRYPTED_ARCHIVE".into(), 2.0),
+                    ("ARCHIVE_UNSCANNABLE".into(), 2.0)
+                ]
+            )
+        );
+        assert_eq!(
+            judged(Quarantine, Score),
+            (
+                None,
+                Some(r#"archive "s.zip" has encrypted members"#.into()),
+                vec![
+                    ("ENCRYPTED_ARCHIVE".into(), 0.0),
+                    ("ARCHIVE_UNSCANNABLE".into(), 2.0)
+                ]
+            )
+        );
+        assert_eq!(
+            judged(Score, Reject),
+            (
+                Some((
+                    r#"Message refused: archive "x.rar" is a RAR, which cannot be looked into"#
+                        .into(),
+                    "ARCHIVE_UNSCANNABLE".into()
+                )),
+                None,
+                vec![("ENCRYPTED_ARCHIVE".into(), 2.0)]
+            )
+        );
+        // A blocked attachment refuses first; a rejecting archive action still shows.
+        let blocked = AttachmentFindings {
+            blocked: vec!["attachment \"x.exe\" is of a blocked type".into()],
+            ..found
+        };
+        let j = blocked.judge(&AttachmentRules {
+            encrypted_action: Reject,
+            ..rules()
+        });
+        assert_eq!(
+            j.refusal.map(|(_, s)| s.name),
+            Some("BLOCKED_ATTACHMENT".into())
+        );
+        assert!(
+            j.symbols
+                .iter()
+                .any(|s| s.name == "ENCRYPTED_ARCHIVE" && s.score == 0.0)
+        );
     }
 }

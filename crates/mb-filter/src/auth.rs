@@ -26,6 +26,33 @@ pub struct Outcome {
     /// Set when DMARC fails for a domain whose policy is quarantine (and it is
     /// enforced): the message is quarantined whatever else it scores.
     pub dmarc_quarantine: Option<String>,
+    /// The domains the message is authenticated for: the envelope sender's when SPF
+    /// passed for it, and a From domain with an aligned DKIM pass that DMARC did not
+    /// overrule.
+    pub authenticated: Vec<Authenticated>,
+}
+
+/// A domain the message is authenticated for, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authenticated {
+    /// Lowercase, without a trailing dot.
+    pub domain: String,
+    /// For example "SPF pass for partner.test".
+    pub how: String,
+}
+
+impl Outcome {
+    /// How the envelope `sender` is authenticated, if it is: SPF passed for its domain,
+    /// or DKIM passed aligned with a From domain that is (relaxed-)aligned with it. A
+    /// From domain unrelated to the envelope sender authenticates nothing about the
+    /// sender a policy matched.
+    pub fn sender_authenticated(&self, sender: &str) -> Option<&str> {
+        let domain = domain_of(sender)?;
+        self.authenticated
+            .iter()
+            .find(|a| aligned(&a.domain, &domain))
+            .map(|a| a.how.as_str())
+    }
 }
 
 /// Why the checks cannot start: the worker does not start either.
@@ -71,6 +98,7 @@ impl Auth {
                 symbols: Vec::new(),
                 dmarc_reject: None,
                 dmarc_quarantine: None,
+                authenticated: Vec::new(),
             };
         };
         let from_domains = author_domains(&message.from);
@@ -183,6 +211,26 @@ impl Auth {
                 _ => {}
             }
         }
+        let mut authenticated = Vec::new();
+        if matches!(spf.result(), SpfResult::Pass)
+            && let Some(d) = domain_of(sender)
+            && spf.domain().trim_end_matches('.').eq_ignore_ascii_case(&d)
+        {
+            authenticated.push(Authenticated {
+                how: format!("SPF pass for {d}"),
+                domain: d,
+            });
+        }
+        if let Some(d) = &aligned_pass
+            && !failed
+        {
+            for f in from_domains.iter().filter(|f| aligned(d, f)) {
+                authenticated.push(Authenticated {
+                    domain: f.clone(),
+                    how: format!("DKIM pass d={d} aligned with From {f}"),
+                });
+            }
+        }
         match (aligned_pass, other_pass) {
             // DMARC's own alignment (its record's adkim=, its organisational domain)
             // disagreed with ours: DMARC decides.
@@ -250,6 +298,7 @@ impl Auth {
             symbols,
             dmarc_reject,
             dmarc_quarantine,
+            authenticated,
         }
     }
 
@@ -463,6 +512,29 @@ mod tests {
         let mut message = AuthenticatedMessage::parse(raw.as_bytes()).expect("parses");
         assert_eq!(limit_signatures(&mut message, 50, &from), 32);
         assert_eq!(message.dkim_headers.len(), 32);
+    }
+
+    #[test]
+    fn the_envelope_sender_is_authenticated_only_by_its_own_domain() {
+        let out = Outcome {
+            header: String::new(),
+            symbols: Vec::new(),
+            dmarc_reject: None,
+            dmarc_quarantine: None,
+            authenticated: vec![Authenticated {
+                domain: "partner.test".into(),
+                how: "DKIM pass d=partner.test aligned with From partner.test".into(),
+            }],
+        };
+        for (sender, want) in [
+            ("news@partner.test", true),
+            ("news@Mail.Partner.test.", true),
+            ("ceo@attacker.test", false),
+            ("ceo@notpartner.test", false),
+            ("", false),
+        ] {
+            assert_eq!(out.sender_authenticated(sender).is_some(), want, "{sender}");
+        }
     }
 
     #[test]

@@ -89,26 +89,32 @@ pub async fn scan(
     policies: &[Policy],
 ) -> Verdict {
     let steps = async {
-        let policy = match_policy(req, policies)?;
+        match_policy(req, policies)?;
         let message = parse(raw)?;
         let mut ctx = Context {
             cfg,
             req,
             raw,
-            policy,
+            policies,
+            allowed: None,
+            sender_authenticated: None,
             symbols: Vec::new(),
+            auth_symbols: Vec::new(),
             auth_header: None,
             rspamd: None,
             dmarc_quarantine: None,
         };
-        attachments(&mut ctx, &message)?;
+        let archive_quarantine = attachments(&mut ctx, &message)?;
         antivirus(&mut ctx).await?;
         sender_authentication(&mut ctx, &message, auth).await?;
+        let thresholds = apply_policy(&mut ctx)?;
         content_scoring(&mut ctx, &message).await?;
-        let thresholds = Thresholds::new(cfg, policy);
         let mut verdict = thresholds.judge(ctx.symbols);
         let subject = rspamd_action(&mut verdict, ctx.rspamd, cfg, &message);
         dmarc_quarantine(&mut verdict, ctx.dmarc_quarantine);
+        // The same rule for an archive under attachments.*_action = "quarantine": what
+        // would be delivered is quarantined instead.
+        dmarc_quarantine(&mut verdict, archive_quarantine);
         verdict_headers(&mut verdict, ctx.auth_header, thresholds.tag);
         rewrite_subject(&mut verdict, subject);
         Step::<Verdict>::Continue(verdict)
@@ -153,11 +159,17 @@ struct Context<'a> {
     cfg: &'a Config,
     req: &'a ScanRequest,
     raw: &'a [u8],
-    /// The policy that matched the envelope, if any (never a blocking one: that ended
-    /// the scan).
-    policy: Option<&'a Policy>,
+    policies: &'a [Policy],
+    /// The allow policy every recipient shares, once `apply_policy` has decided it
+    /// applies: no spam scoring, though viruses, attachment rules and DMARC still apply.
+    allowed: Option<&'a Policy>,
+    /// How the envelope sender is authenticated, when it is (see `sender_authentication`).
+    sender_authenticated: Option<String>,
     /// Every rule that fired, in the order the steps ran; the score is their sum.
     symbols: Vec<Symbol>,
+    /// Sender authentication's scoring symbols, held until `apply_policy` knows whether
+    /// the message is allow-listed (an allow-listed one does not score them).
+    auth_symbols: Vec<Symbol>,
     /// Our Authentication-Results, when sender authentication ran.
     auth_header: Option<String>,
     /// Rspamd's action and proposed Subject, when it answered.
@@ -166,34 +178,68 @@ struct Context<'a> {
     dmarc_quarantine: Option<String>,
 }
 
-impl<'a> Context<'a> {
-    /// The allow-listing policy that matched: no spam scoring, though viruses and
-    /// attachment rules still apply.
-    fn allowed(&self) -> Option<&'a Policy> {
-        self.policy.filter(|p| p.action == policy::Action::Allow)
+fn policy_subject(req: &ScanRequest) -> policy::Subject<'_> {
+    policy::Subject {
+        sender: &req.sender,
+        recipients: &req.recipients,
+        client_ip: req.client_ip,
     }
 }
 
-/// Policy: a blocking policy refuses the message; any other that matched goes on, to
-/// allow-list it or set its thresholds.
-fn match_policy<'p>(req: &ScanRequest, policies: &'p [Policy]) -> Step<Option<&'p Policy>> {
-    let policy = policy::best(
-        policies,
-        &policy::Subject {
-            sender: &req.sender,
-            recipients: &req.recipients,
-            client_ip: req.client_ip,
-        },
+fn policy_block(p: &Policy) -> Verdict {
+    refuse(
+        Action::Reject,
+        POLICY_REFUSED,
+        format!("Message refused by policy {}", p.name),
+        Some(symbol("POLICY_BLOCK", 0.0, p.name.clone())),
+    )
+}
+
+/// Policy, before any content is read: a message for which any recipient's policy
+/// blocks is refused. Evaluated as if the sender were authenticated, a block found here
+/// stands whatever authentication finds (an unauthenticated sender only loses allows);
+/// a block hidden behind an allow that turns out not to apply is found by
+/// `apply_policy`.
+fn match_policy(req: &ScanRequest, policies: &[Policy]) -> Step {
+    match policy::outcome(policies, &policy_subject(req), true).blocked() {
+        Some(p) => ControlFlow::Break(policy_block(p)),
+        None => ControlFlow::Continue(()),
+    }
+}
+
+/// Policy, once the sender is known to be authenticated or not: the strictest outcome
+/// among the recipients' policies (block > score > allow). A sender-based allow for an
+/// unauthenticated sender is ignored with `POLICY_ALLOW_UNAUTHENTICATED`; an allow that
+/// applies to every recipient skips the scoring of sender authentication and content
+/// (which runs before this step only so that an allow can be checked against it: virus,
+/// attachment and DMARC verdicts have already been applied). The thresholds are the
+/// lowest among the scoring recipients' policies (the global ones for a recipient
+/// without a policy).
+fn apply_policy(ctx: &mut Context<'_>) -> Step<Thresholds> {
+    let req = ctx.req;
+    let outcome = policy::outcome(
+        ctx.policies,
+        &policy_subject(req),
+        ctx.sender_authenticated.is_some(),
     );
-    if let Some(p) = policy.filter(|p| p.action == policy::Action::Block) {
-        return ControlFlow::Break(refuse(
-            Action::Reject,
-            POLICY_REFUSED,
-            format!("Message refused by policy {}", p.name),
-            Some(symbol("POLICY_BLOCK", 0.0, p.name.clone())),
+    if let Some(p) = outcome.blocked() {
+        return ControlFlow::Break(policy_block(p));
+    }
+    for p in outcome.ignored() {
+        ctx.symbols.push(symbol(
+            "POLICY_ALLOW_UNAUTHENTICATED",
+            0.0,
+            format!(
+                "{}: sender {} is not authenticated (no SPF pass for its domain, no aligned DKIM pass)",
+                p.name, req.sender
+            ),
         ));
     }
-    ControlFlow::Continue(policy)
+    ctx.allowed = outcome.allowed();
+    if ctx.allowed.is_none() {
+        ctx.symbols.append(&mut ctx.auth_symbols);
+    }
+    ControlFlow::Continue(Thresholds::new(ctx.cfg, &outcome.scoring()))
 }
 
 /// Parse: what cannot be parsed as a mail message is refused.
@@ -210,29 +256,24 @@ fn parse(raw: &[u8]) -> Step<Message<'_>> {
 }
 
 /// Attachments: a blocked file name on any part, or a blocked type or size of an
-/// attachment (or a blocked name inside a ZIP archive) is refused whatever the score; an
-/// encrypted archive and disguised file names (bidi controls, invisible characters) only
-/// score, and a refusal lists them too.
-fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
-    let findings = check_attachments(message, &AttachmentRules::from_config(ctx.cfg));
-    let scored = findings.symbols();
-    if let Some(first) = findings.blocked.first() {
-        let mut v = refuse(
-            Action::Reject,
-            CONTENT_REFUSED,
-            format!("Message refused: {first}"),
-            Some(symbol(
-                "BLOCKED_ATTACHMENT",
-                0.0,
-                findings.blocked.join("; "),
-            )),
-        );
-        v.score = scored.iter().map(|s| s.score).sum();
-        v.symbols.extend(scored);
+/// attachment (or a blocked name inside an archive, nested ones included) is refused
+/// whatever the score; so is an archive that cannot be checked (encrypted members, a
+/// format that cannot be listed, past the limits) under `attachments.*_action = "reject"`.
+/// Under `"quarantine"` the step goes on and hands back why the message is quarantined
+/// in the end (antivirus still runs: a virus refuses it). Otherwise archives and disguised
+/// file names (bidi controls, invisible characters) only score, and a refusal lists them
+/// too.
+fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step<Option<String>> {
+    let rules = AttachmentRules::from_config(ctx.cfg);
+    let judged = check_attachments(message, &rules).judge(&rules);
+    if let Some((text, why)) = judged.refusal {
+        let mut v = refuse(Action::Reject, CONTENT_REFUSED, text, Some(why));
+        v.score = judged.symbols.iter().map(|s| s.score).sum();
+        v.symbols.extend(judged.symbols);
         return ControlFlow::Break(v);
     }
-    ctx.symbols.extend(scored);
-    ControlFlow::Continue(())
+    ctx.symbols.extend(judged.symbols);
+    ControlFlow::Continue(judged.quarantine)
 }
 
 /// Antivirus (when `clamav.enabled`): a virus is rejected or quarantined
@@ -394,8 +435,11 @@ fn oversized(ctx: &mut Context<'_>, action: Oversize, why: String) -> Step {
 /// no address with a domain in it) scores NO_FROM, as DMARC has nothing to check; from a
 /// known address, when `auth` is given, SPF/DKIM/DMARC/ARC and blocklist symbols, and our
 /// Authentication-Results. A DMARC reject policy refuses the message, a quarantine policy
-/// quarantines it whatever it scores (see `dmarc_quarantine`); an allow-listed one
-/// neither scores nor is refused.
+/// quarantines it whatever it scores (see `dmarc_quarantine`), allow policy or not; the
+/// scoring symbols wait for `apply_policy`, as does whether the envelope sender is
+/// authenticated (`Context::sender_authenticated`), which decides sender-based allows.
+/// Outbound mail comes from our own networks or users, so its sender counts as
+/// authenticated.
 async fn sender_authentication(
     ctx: &mut Context<'_>,
     message: &Message<'_>,
@@ -403,13 +447,13 @@ async fn sender_authentication(
 ) -> Step {
     let req = ctx.req;
     if req.direction != Direction::Inbound {
+        ctx.sender_authenticated = Some("outbound: our own network or user".into());
         return ControlFlow::Continue(());
     }
-    let allowed = ctx.allowed().is_some();
     // With Rspamd answering, our header sanity (MISSING_FROM) does not run: without this
     // such mail could score nothing at all.
-    if !allowed && let Some(why) = no_author(message) {
-        ctx.symbols.push(symbol("NO_FROM", 3.0, why));
+    if let Some(why) = no_author(message) {
+        ctx.auth_symbols.push(symbol("NO_FROM", 3.0, why));
     }
     let (Some(auth), Some(ip)) = (auth, req.client_ip) else {
         return ControlFlow::Continue(());
@@ -418,7 +462,9 @@ async fn sender_authentication(
     let out = auth
         .check(ctx.cfg, &hostname, ip, &req.helo, &req.sender, ctx.raw)
         .await;
-    if !allowed && let Some(reason) = out.dmarc_reject {
+    // An allow policy never lifts the author domain's reject: it matched the envelope,
+    // while DMARC says the From field is forged.
+    if let Some(reason) = out.dmarc_reject {
         return ControlFlow::Break(refuse(
             Action::Reject,
             POLICY_REFUSED,
@@ -426,10 +472,9 @@ async fn sender_authentication(
             Some(symbol("DMARC_REJECT", 0.0, out.header)),
         ));
     }
-    if !allowed {
-        ctx.symbols.extend(out.symbols);
-        ctx.dmarc_quarantine = out.dmarc_quarantine;
-    }
+    ctx.sender_authenticated = out.sender_authenticated(&req.sender).map(str::to_string);
+    ctx.auth_symbols.extend(out.symbols);
+    ctx.dmarc_quarantine = out.dmarc_quarantine;
     ctx.auth_header = Some(out.header);
     ControlFlow::Continue(())
 }
@@ -469,9 +514,14 @@ fn dmarc_quarantine(v: &mut Verdict, reason: Option<String>) {
 /// is scored by Rspamd (when `rspamd.enabled`), or by our header sanity when Rspamd is
 /// off or did not answer.
 async fn content_scoring(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
-    if let Some(p) = ctx.allowed() {
-        ctx.symbols
-            .push(symbol("POLICY_ALLOW", 0.0, p.name.clone()));
+    if let Some(p) = ctx.allowed {
+        let detail = match &ctx.sender_authenticated {
+            Some(how) if p.needs_authentication(&policy_subject(ctx.req)) => {
+                format!("{} ({how})", p.name)
+            }
+            _ => p.name.clone(),
+        };
+        ctx.symbols.push(symbol("POLICY_ALLOW", 0.0, detail));
         return ControlFlow::Continue(());
     }
     // Rspamd's content rules include header sanity, so with Rspamd answering ours would
@@ -646,7 +696,8 @@ fn rewrite_subject(v: &mut Verdict, subject: Option<String>) {
     v.add_headers.push(("Subject".into(), subject));
 }
 
-/// The spam score thresholds: a matching score policy's own, else `spam.threshold.*`.
+/// The spam score thresholds: a matching score policy's own, else `spam.threshold.*`;
+/// with several recipients, the lowest of each among their policies (the strictest).
 struct Thresholds {
     tag: f64,
     quarantine: f64,
@@ -654,18 +705,20 @@ struct Thresholds {
 }
 
 impl Thresholds {
-    fn new(cfg: &Config, policy: Option<&Policy>) -> Thresholds {
-        let own = policy.filter(|p| p.action == policy::Action::Score);
+    fn new(cfg: &Config, scoring: &[Option<&Policy>]) -> Thresholds {
+        let lowest = |own: fn(&Policy) -> Option<f64>, key: &str| {
+            let global = cfg.float(key);
+            let each = scoring.iter().map(|p| {
+                p.filter(|p| p.action == policy::Action::Score)
+                    .and_then(own)
+                    .unwrap_or(global)
+            });
+            each.reduce(f64::min).unwrap_or(global)
+        };
         Thresholds {
-            tag: own
-                .and_then(|p| p.tag)
-                .unwrap_or_else(|| cfg.float("spam.threshold.tag")),
-            quarantine: own
-                .and_then(|p| p.quarantine)
-                .unwrap_or_else(|| cfg.float("spam.threshold.quarantine")),
-            reject: own
-                .and_then(|p| p.reject)
-                .unwrap_or_else(|| cfg.float("spam.threshold.reject")),
+            tag: lowest(|p| p.tag, "spam.threshold.tag"),
+            quarantine: lowest(|p| p.quarantine, "spam.threshold.quarantine"),
+            reject: lowest(|p| p.reject, "spam.threshold.reject"),
         }
     }
 

@@ -2,6 +2,7 @@
 //! serves `Filter.Scan` and `Control` on `mb-filter-N.sock`; mb-smtpd spreads its scans
 //! over the live workers.
 
+pub mod archive;
 pub mod attachments;
 pub mod auth;
 #[cfg(test)]
@@ -11,7 +12,6 @@ pub mod clamav;
 pub mod dkim;
 pub mod engine;
 pub mod rspamd;
-pub mod zip;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mb_core::EnhancedStatus;
-use mb_core::policy::{self, Action};
+use mb_core::policy;
 use mb_core::verdict::{Direction, ScanRequest, Verdict};
 use mb_scan::Body;
 use mb_scan::reply::Disposition;
@@ -364,15 +364,20 @@ fn blocked_by(
     ip: Option<IpAddr>,
 ) -> Option<(String, &'static str)> {
     let set = shared.policies.current();
-    let p = policy::best(
+    // Each recipient's own policy (an allow for one never hides another's block). The
+    // sender is taken as authenticated here: whether it is, only the scan knows, and it
+    // refuses at the end of the message what an allow for a forged sender hid.
+    let outcome = policy::outcome(
         &set,
         &policy::Subject {
             sender,
             recipients: rcpts,
             client_ip: ip,
         },
-    )?;
-    (p.action == Action::Block).then(|| (p.name.clone(), p.direction.as_str()))
+        true,
+    );
+    let p = outcome.blocked()?;
+    Some((p.name.clone(), p.direction.as_str()))
 }
 
 async fn respond_policy<S: AsyncWrite + Unpin>(

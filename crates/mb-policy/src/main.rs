@@ -16,8 +16,14 @@ A policy matches an address (wildcards * and ?: *@example.org), a domain (exampl
 *.example.org for its subdomains), a client network (192.0.2.0/24) or every message
 (--default), as the sender (--from), a recipient (--to) or either (--from-or-to).
 The matching policy with the lowest priority wins; on a tie address > network > domain
-> default. Actions: allow (no spam scoring; viruses and attachment rules still apply),
-block (refused with 550), score (this policy's --tag/--quarantine/--reject thresholds).
+> default. Actions: allow (no spam scoring; viruses, attachment rules and DMARC reject
+still apply), block (refused with 550), score (this policy's --tag/--quarantine/--reject
+thresholds). Each recipient gets its own policy and the message the strictest of them
+(block > score > allow): an allow for one recipient never exempts the others.
+An allow on the sender (--from, or --from-or-to matched by the sender) applies only when
+the sender is authenticated (SPF pass for its domain, or a DKIM pass aligned with the
+From domain): anyone can write any envelope sender. --unauthenticated lifts that for one
+policy; `list` marks such policies [unauthenticated].
 Filter workers pick up changes within a few seconds.
 
 Examples:
@@ -88,6 +94,10 @@ enum Command {
         /// With --action score: the reject threshold
         #[arg(long)]
         reject: Option<f64>,
+        /// With --action allow on a sender: apply it even when the sender is not
+        /// authenticated (forgeable; the behaviour before authenticated allows)
+        #[arg(long)]
+        unauthenticated: bool,
         #[arg(long, default_value = "")]
         comment: String,
     },
@@ -116,6 +126,7 @@ fn policy_json(p: &Policy) -> Json {
         "id": p.id, "name": p.name, "priority": p.priority, "object": p.object,
         "pattern": p.pattern, "direction": p.direction, "action": p.action,
         "tag": p.tag, "quarantine": p.quarantine, "reject": p.reject, "comment": p.comment,
+        "unauthenticated": p.unauthenticated,
     })
 }
 
@@ -137,6 +148,9 @@ fn describe(p: &Policy) -> String {
         if let Some(v) = v {
             out.push_str(&format!(" {name}={v}"));
         }
+    }
+    if p.unauthenticated {
+        out.push_str(" [unauthenticated: applies to forgeable senders too]");
     }
     if !p.comment.is_empty() {
         out.push_str(&format!("  # {}", p.comment));
@@ -192,6 +206,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             tag,
             quarantine,
             reject,
+            unauthenticated,
             comment,
         } => {
             let (object, pattern, direction) = if let Some(p) = target.from {
@@ -217,6 +232,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     quarantine,
                     reject,
                     comment,
+                    unauthenticated,
                     ..Default::default()
                 })
                 .await

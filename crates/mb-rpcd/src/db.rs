@@ -168,6 +168,8 @@ pub struct PolicyRecord {
     pub comment: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// A sender allow that applies to unauthenticated senders too (migration 0008).
+    pub unauthenticated: bool,
 }
 
 /// A change a cluster child owes the main, in the order it was made.
@@ -266,6 +268,25 @@ impl Db {
             dialect,
             url: shown,
         })
+    }
+
+    /// The sender allow policies migration 0008 made authenticated-only, each returned
+    /// once: the rows the migration wrote are removed as they are read, so the upgrade
+    /// is reported at the first start after it and never again.
+    pub async fn take_policy_upgrades(&self) -> Result<Vec<String>, DbError> {
+        let rows = sqlx::query("SELECT name FROM policy_upgrades ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        let names = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !names.is_empty() {
+            sqlx::query("DELETE FROM policy_upgrades")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(names)
     }
 
     /// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL. Every statement is
@@ -885,8 +906,8 @@ impl Db {
             return Ok(false);
         }
         sqlx::query(self.sql(
-            "INSERT INTO policies (name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO policies (name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(&p.name)
         .bind(i64::from(p.priority))
@@ -899,6 +920,7 @@ impl Db {
         .bind(p.reject)
         .bind(&p.comment)
         .bind(p.created_at)
+        .bind(i64::from(p.unauthenticated))
         .execute(&self.pool)
         .await?;
         Ok(true)
@@ -907,7 +929,7 @@ impl Db {
     /// Every policy, by priority then id.
     pub async fn list_policies(&self) -> Result<Vec<PolicyRecord>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at \
+            "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated \
              FROM policies ORDER BY priority, id",
         )
         .fetch_all(&self.pool)
@@ -927,6 +949,7 @@ impl Db {
                     reject: r.try_get(9)?,
                     comment: r.try_get(10)?,
                     created_at: r.try_get(11)?,
+                    unauthenticated: r.try_get::<i64, _>(12)? != 0,
                 })
             })
             .collect()
@@ -1343,6 +1366,7 @@ mod tests {
             reject: Some(9.0),
             comment: "c".into(),
             created_at: 7,
+            unauthenticated: true,
         };
         assert!(db.add_policy(&policy).await.unwrap());
         assert!(!db.add_policy(&policy).await.unwrap());
@@ -1356,6 +1380,61 @@ mod tests {
             },
             policy
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A database from before migration 0008: its sender allows become authenticated-only
+    /// and are reported once; other policies are not reported.
+    #[tokio::test]
+    async fn the_authenticated_allow_upgrade_reports_each_sender_allow_once() {
+        let dir = std::env::temp_dir().join(format!("mb-db-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = Db::open(&url, 1).await.expect("open");
+        assert_eq!(
+            db.take_policy_upgrades().await.unwrap(),
+            Vec::<String>::new()
+        );
+        // Back to the schema before 0008, with the policies an old version stored.
+        for q in [
+            "DROP TABLE policy_upgrades",
+            "ALTER TABLE policies DROP COLUMN unauthenticated",
+            "DELETE FROM _sqlx_migrations WHERE version = 8",
+        ] {
+            sqlx::query(q).execute(&db.pool).await.unwrap();
+        }
+        for (name, object, pattern, direction, action) in [
+            ("partners", "address", "*@partner.test", "from", "allow"),
+            ("either", "domain", "friend.test", "from-or-to", "allow"),
+            ("vip", "address", "vip@served.test", "to", "allow"),
+            ("office", "network", "192.0.2.0/24", "from", "allow"),
+            ("spammer", "domain", "spammer.test", "from", "block"),
+        ] {
+            sqlx::query(
+                "INSERT INTO policies (name, priority, object, pattern, direction, action, comment, created_at) \
+                 VALUES (?, 10, ?, ?, ?, ?, '', 1)",
+            )
+            .bind(name)
+            .bind(object)
+            .bind(pattern)
+            .bind(direction)
+            .bind(action)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        db.pool.close().await;
+        let db = Db::open(&url, 1).await.expect("reopen migrates");
+        assert_eq!(
+            db.take_policy_upgrades().await.unwrap(),
+            ["either", "partners"]
+        );
+        assert_eq!(
+            db.take_policy_upgrades().await.unwrap(),
+            Vec::<String>::new()
+        );
+        let stored = db.list_policies().await.unwrap();
+        assert!(stored.iter().all(|p| !p.unauthenticated), "{stored:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

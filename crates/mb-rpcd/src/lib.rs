@@ -85,6 +85,15 @@ impl Daemon for Hub {
         let url = file.database_url();
         let max = u32::try_from(file.int("database.max_connections")).unwrap_or(10);
         let db = Db::open(&url, max).await.map_err(StartError::unavailable)?;
+        // Migration 0008 made sender allow policies authenticated-only; the administrator
+        // hears of each one once, at the first start after it.
+        for name in db
+            .take_policy_upgrades()
+            .await
+            .map_err(StartError::unavailable)?
+        {
+            tracing::warn!(policy = %name, "policy {name} now applies only to authenticated senders; add --unauthenticated to keep the old behaviour (mb-policy del {name}, then add it again with --unauthenticated)");
+        }
         let (config_path, _) = mb_runtime::config_path(config);
         let config_path = config_path.exists().then_some(config_path);
         let store = Store::open(db, file, config_path)

@@ -165,6 +165,7 @@ impl From<Policy> for PolicyRecord {
             reject: p.reject,
             comment: p.comment,
             created_at: p.created_at_unix,
+            unauthenticated: p.unauthenticated,
         }
     }
 }
@@ -184,6 +185,7 @@ impl From<PolicyRecord> for Policy {
             reject: p.reject,
             comment: p.comment,
             created_at_unix: p.created_at,
+            unauthenticated: p.unauthenticated,
         }
     }
 }

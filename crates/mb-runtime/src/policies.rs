@@ -28,6 +28,7 @@ pub fn from_wire(p: &Policy) -> Result<policy::Policy, PolicyError> {
         tag: p.tag,
         quarantine: p.quarantine,
         reject: p.reject,
+        unauthenticated: p.unauthenticated,
     };
     out.validate()?;
     Ok(out)

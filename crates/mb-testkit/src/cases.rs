@@ -170,6 +170,7 @@ pub fn parse(name: &str, text: &str) -> Result<Case, CaseError> {
             tag: p.tag,
             quarantine: p.quarantine,
             reject: p.reject,
+            unauthenticated: p.unauthenticated,
         };
         // A case holds only what mb-rpcd would accept.
         policy.validate().map_err(|source| CaseError::Policy {
@@ -274,6 +275,9 @@ struct CasePolicy {
     tag: Option<f64>,
     quarantine: Option<f64>,
     reject: Option<f64>,
+    /// A sender allow that applies to unauthenticated senders too.
+    #[serde(default)]
+    unauthenticated: bool,
 }
 
 fn default_priority() -> i32 {
