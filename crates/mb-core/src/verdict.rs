@@ -46,6 +46,24 @@ impl EnhancedStatus {
     pub const POLICY_REJECT: EnhancedStatus = EnhancedStatus::new(5, 7, 1);
     /// The same, for now: the default of a tempfail.
     pub const POLICY_TEMPFAIL: EnhancedStatus = EnhancedStatus::new(4, 7, 1);
+    /// Originator address valid (MAIL accepted).
+    pub const SENDER_OK: EnhancedStatus = EnhancedStatus::new(2, 1, 0);
+    /// Destination address valid (RCPT accepted).
+    pub const RECIPIENT_OK: EnhancedStatus = EnhancedStatus::new(2, 1, 5);
+    /// Bad destination or sender mailbox address syntax.
+    pub const BAD_ADDRESS: EnhancedStatus = EnhancedStatus::new(5, 1, 3);
+    /// Other or undefined mail system status, transient: our own trouble.
+    pub const SYSTEM_TEMPORARY: EnhancedStatus = EnhancedStatus::new(4, 3, 0);
+    /// Message length exceeds administrative limit.
+    pub const TOO_BIG: EnhancedStatus = EnhancedStatus::new(5, 3, 4);
+    /// Invalid command (out of sequence).
+    pub const BAD_SEQUENCE: EnhancedStatus = EnhancedStatus::new(5, 5, 1);
+    /// Syntax error.
+    pub const SYNTAX_ERROR: EnhancedStatus = EnhancedStatus::new(5, 5, 2);
+    /// Invalid command arguments.
+    pub const BAD_ARGUMENTS: EnhancedStatus = EnhancedStatus::new(5, 5, 4);
+    /// Media not supported (content that cannot be handled).
+    pub const BAD_CONTENT: EnhancedStatus = EnhancedStatus::new(5, 6, 0);
 
     /// The reply class: 2 (success), 4 (transient) or 5 (permanent).
     pub fn class(self) -> u8 {

@@ -83,7 +83,7 @@ pub async fn serve(
                 let _ = conn
                     .send(&line(
                         554,
-                        EnhancedStatus::new(5, 7, 1),
+                        EnhancedStatus::POLICY_REJECT,
                         "Not a trusted client of this content filter",
                     ))
                     .await;
@@ -124,8 +124,6 @@ fn line(code: u16, status: EnhancedStatus, text: &str) -> String {
     Reply::new(code, status, text).to_wire()
 }
 
-const OK: EnhancedStatus = EnhancedStatus::OK;
-const BAD_SEQUENCE: EnhancedStatus = EnhancedStatus::new(5, 5, 1);
 const NEXT_HOP_FAILED: EnhancedStatus = EnhancedStatus::new(4, 4, 0);
 
 impl<'a> Session<'a> {
@@ -162,7 +160,7 @@ impl<'a> Session<'a> {
                 Ok(l) => l,
                 Err(ReadError::TooLong) => {
                     let _ = conn
-                        .send(&line(500, EnhancedStatus::new(5, 5, 2), "Line too long"))
+                        .send(&line(500, EnhancedStatus::SYNTAX_ERROR, "Line too long"))
                         .await;
                     continue;
                 }
@@ -198,15 +196,17 @@ impl<'a> Session<'a> {
                             _ => {}
                         }
                     }
-                    line(250, OK, "Ok")
+                    line(250, EnhancedStatus::OK, "Ok")
                 }
                 Ok(Command::Quit) => {
-                    let _ = conn.send(&line(221, OK, "Bye")).await;
+                    let _ = conn.send(&line(221, EnhancedStatus::OK, "Bye")).await;
                     return;
                 }
-                Ok(Command::Data) if self.rcpts.is_empty() => {
-                    line(503, BAD_SEQUENCE, "Error: need RCPT command")
-                }
+                Ok(Command::Data) if self.rcpts.is_empty() => line(
+                    503,
+                    EnhancedStatus::BAD_SEQUENCE,
+                    "Error: need RCPT command",
+                ),
                 Ok(Command::Data) => {
                     if conn
                         .send(&Reply::bare(354, "End data with <CR><LF>.<CR><LF>").to_wire())
@@ -225,7 +225,7 @@ impl<'a> Session<'a> {
                         Ok(None) => {
                             let r = self.each(&line(
                                 552,
-                                EnhancedStatus::new(5, 3, 4),
+                                EnhancedStatus::TOO_BIG,
                                 "Error: message too large",
                             ));
                             self.reset();
@@ -245,16 +245,24 @@ impl<'a> Session<'a> {
                 }
                 Ok(Command::Mail(from, _)) => {
                     if self.sender.is_some() {
-                        line(503, BAD_SEQUENCE, "Error: nested MAIL command")
+                        line(
+                            503,
+                            EnhancedStatus::BAD_SEQUENCE,
+                            "Error: nested MAIL command",
+                        )
                     } else {
                         self.sender = Some(from.map(|m| m.to_string()).unwrap_or_default());
-                        line(250, EnhancedStatus::new(2, 1, 0), "Ok")
+                        line(250, EnhancedStatus::SENDER_OK, "Ok")
                     }
                 }
                 Ok(Command::Rcpt(to, _)) => {
                     let max = usize::try_from(cfg.int("smtp.max_recipients")).unwrap_or(100);
                     if self.sender.is_none() {
-                        line(503, BAD_SEQUENCE, "Error: need MAIL command")
+                        line(
+                            503,
+                            EnhancedStatus::BAD_SEQUENCE,
+                            "Error: need MAIL command",
+                        )
                     } else if self.rcpts.len() >= max {
                         line(
                             452,
@@ -263,15 +271,19 @@ impl<'a> Session<'a> {
                         )
                     } else {
                         self.rcpts.push(to.to_string());
-                        line(250, EnhancedStatus::new(2, 1, 5), "Ok")
+                        line(250, EnhancedStatus::RECIPIENT_OK, "Ok")
                     }
                 }
                 Ok(Command::Rset) => {
                     self.reset();
-                    line(250, OK, "Ok")
+                    line(250, EnhancedStatus::OK, "Ok")
                 }
-                Ok(Command::Noop) => line(250, OK, "Ok"),
-                Ok(_) => line(502, BAD_SEQUENCE, "Error: command not implemented"),
+                Ok(Command::Noop) => line(250, EnhancedStatus::OK, "Ok"),
+                Ok(_) => line(
+                    502,
+                    EnhancedStatus::BAD_SEQUENCE,
+                    "Error: command not implemented",
+                ),
                 Err(e) => e.0.to_wire(),
             };
             if conn.send(&reply).await.is_err() {
@@ -316,10 +328,12 @@ impl<'a> Session<'a> {
         self.svc.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         match mb_scan::reply::disposition(&v) {
             Disposition::Refuse(reply) => self.each(&reply.to_wire()),
-            Disposition::Discard => self.each(&line(250, OK, "Ok: discarded")),
-            Disposition::Quarantined(id) => {
-                self.each(&line(250, OK, &format!("Ok: quarantined as {id}")))
-            }
+            Disposition::Discard => self.each(&line(250, EnhancedStatus::OK, "Ok: discarded")),
+            Disposition::Quarantined(id) => self.each(&line(
+                250,
+                EnhancedStatus::OK,
+                &format!("Ok: quarantined as {id}"),
+            )),
             Disposition::Deliver {
                 add_headers,
                 remove_headers,
@@ -368,7 +382,7 @@ impl<'a> Session<'a> {
                 .rcpts
                 .iter()
                 .map(|r| match outcomes.iter().find(|o| &o.recipient == r) {
-                    Some(o) if o.response.is_positive() => line(250, OK, "Ok"),
+                    Some(o) if o.response.is_positive() => line(250, EnhancedStatus::OK, "Ok"),
                     // The next hop's own words (they start with its enhanced status).
                     Some(o) => Reply::bare(o.response.code, o.response.lines.join(" ")).to_wire(),
                     None => line(451, NEXT_HOP_FAILED, "Error: no answer from the next hop"),
@@ -382,7 +396,11 @@ impl<'a> Session<'a> {
             .map(|o| format!("{}: {}", o.recipient, o.response.text()))
             .collect();
         if failed.is_empty() {
-            line(250, OK, &format!("Ok: filtered and delivered to {hop}"))
+            line(
+                250,
+                EnhancedStatus::OK,
+                &format!("Ok: filtered and delivered to {hop}"),
+            )
         } else if outcomes.iter().any(|o| o.response.is_transient()) || accepted > 0 {
             // A single SMTP reply cannot be partial: try again (some recipients may get
             // the message twice; none lose it).
@@ -431,7 +449,7 @@ async fn read_data(conn: &mut Conn, limit: u64) -> Result<Option<Vec<u8>>, Optio
         let (used, done) = decoder.feed(conn.buffered(), out).map_err(|_| {
             Some(Reply::new(
                 521,
-                EnhancedStatus::new(5, 5, 2),
+                EnhancedStatus::SYNTAX_ERROR,
                 "Bare CR or LF in DATA, closing",
             ))
         })?;

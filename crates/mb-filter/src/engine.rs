@@ -20,7 +20,7 @@ const POLICY_REFUSED: (u16, EnhancedStatus) = (550, EnhancedStatus::POLICY_REJEC
 /// A scanner it depends on is down.
 const SCANNER_DOWN: (u16, EnhancedStatus) = (451, EnhancedStatus::POLICY_TEMPFAIL);
 /// Not a mail message at all (RFC 3463 5.6.0, other media error).
-const UNPARSABLE: (u16, EnhancedStatus) = (554, EnhancedStatus::new(5, 6, 0));
+const UNPARSABLE: (u16, EnhancedStatus) = (554, EnhancedStatus::BAD_CONTENT);
 
 /// A refusal with its own reply and one symbol that says why (or none).
 fn refuse(
@@ -265,7 +265,9 @@ fn parse(raw: &[u8]) -> Step<Message<'_>> {
 /// too.
 fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step<Option<String>> {
     let rules = AttachmentRules::from_config(ctx.cfg);
-    let judged = check_attachments(message, &rules).judge(&rules);
+    // Archives are expanded here (up to `attachments.archive_max_size`): CPU work that
+    // must not hold an async worker.
+    let judged = crate::cpu_bound(|| check_attachments(message, &rules).judge(&rules));
     if let Some((text, why)) = judged.refusal {
         let mut v = refuse(Action::Reject, CONTENT_REFUSED, text, Some(why));
         v.score = judged.symbols.iter().map(|s| s.score).sum();
@@ -358,7 +360,7 @@ async fn antivirus(ctx: &mut Context<'_>) -> Step {
 /// A message refused for its size under `clamav.oversize_action = "reject"`: RFC 3463
 /// 5.3.4 (message too big for system) rather than 554 5.7.1, because nothing was found
 /// wrong with the content and a sender told "too big" knows what to change.
-const TOO_BIG_TO_SCAN: (u16, EnhancedStatus) = (552, EnhancedStatus::new(5, 3, 4));
+const TOO_BIG_TO_SCAN: (u16, EnhancedStatus) = (552, EnhancedStatus::TOO_BIG);
 
 /// How often a head clamd refused is halved and sent again under `scan-head`: down to
 /// an eighth, so a clamav.max_size above clamd's limit still scans the start of the
@@ -817,7 +819,7 @@ mod tests {
             Verdict::refuse(
                 Action::Tempfail,
                 451,
-                EnhancedStatus::new(4, 7, 1),
+                EnhancedStatus::POLICY_TEMPFAIL,
                 "Virus scanner unavailable, try again later"
             )
         );
@@ -923,7 +925,7 @@ mod tests {
                 (
                     Action::Tempfail,
                     Some(451),
-                    Some(EnhancedStatus::new(4, 7, 1))
+                    Some(EnhancedStatus::POLICY_TEMPFAIL)
                 ),
                 "{v:?}"
             );
@@ -939,7 +941,7 @@ mod tests {
             (
                 Action::Reject,
                 Some(550),
-                Some(EnhancedStatus::new(5, 7, 1))
+                Some(EnhancedStatus::POLICY_REJECT)
             ),
             "{v:?}"
         );
@@ -1159,7 +1161,7 @@ mod tests {
         assert_eq!(v.action, Action::Tempfail);
         assert_eq!(
             (v.refusal.code, v.refusal.status),
-            (Some(451), Some(EnhancedStatus::new(4, 7, 1)))
+            (Some(451), Some(EnhancedStatus::POLICY_TEMPFAIL))
         );
         assert_eq!(
             v.refusal.text,
@@ -1179,7 +1181,7 @@ mod tests {
                 ..Verdict::refuse(
                     Action::Reject,
                     552,
-                    EnhancedStatus::new(5, 3, 4),
+                    EnhancedStatus::TOO_BIG,
                     &format!("Message refused: {too_big}")
                 )
             }

@@ -194,7 +194,7 @@ fn not_stored() -> Verdict {
     Verdict::refuse(
         Action::Tempfail,
         451,
-        EnhancedStatus::new(4, 3, 0),
+        EnhancedStatus::SYSTEM_TEMPORARY,
         "Error: cannot store the message, try again later",
     )
 }
@@ -251,10 +251,8 @@ impl FilterService {
             && request.direction == Direction::Outbound
             && cfg.bool("dkim.sign")
         {
-            // An RSA signature and a look at the key file: off the async workers (the
-            // daemon runs the multi-threaded runtime).
-            let signed =
-                tokio::task::block_in_place(|| self.signer.sign(cfg, &from_domain, message));
+            // An RSA signature and a look at the key file: off the async workers.
+            let signed = cpu_bound(|| self.signer.sign(cfg, &from_domain, message));
             match signed {
                 Ok(Some(value)) => verdict
                     .add_headers
@@ -467,6 +465,17 @@ impl DaemonHooks for Hooks {
             reloaded: true,
             ..Default::default()
         })
+    }
+}
+
+/// Runs CPU-heavy or blocking work (expanding archives, an RSA signature) so that it does
+/// not hold an async worker: under the daemon's multi-threaded runtime the worker hands
+/// its other tasks over first (`block_in_place`); on a current-thread runtime (unit
+/// tests) there is no other worker, and it runs in place.
+pub(crate) fn cpu_bound<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -391,7 +391,7 @@ async fn respond_policy<S: AsyncWrite + Unpin>(
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             let line = milter_line(
                 550,
-                EnhancedStatus::new(5, 7, 1),
+                EnhancedStatus::POLICY_REJECT,
                 &format!("Refused by policy {name}"),
             );
             proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
@@ -411,7 +411,7 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
     let cfg = shared.follower.current();
     shared.stats.messages.fetch_add(1, Ordering::Relaxed);
     if st.too_large {
-        let line = milter_line(552, EnhancedStatus::new(5, 3, 4), "Message too big");
+        let line = milter_line(552, EnhancedStatus::TOO_BIG, "Message too big");
         shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
         return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
             .await
@@ -456,7 +456,7 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
             shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
             let line = milter_line(
                 451,
-                EnhancedStatus::new(4, 3, 0),
+                EnhancedStatus::SYSTEM_TEMPORARY,
                 "Cannot hold the message now, try again later",
             );
             return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
@@ -617,6 +617,43 @@ mod tests {
         proto::write(w, cmd, data).await.unwrap();
     }
 
+    /// One message as Postfix hands it over (protocol 6, every step answered): option
+    /// negotiation, `macros` before MAIL, `headers`, a short body, end of message; every
+    /// packet the milter sent after end of message, the final CONTINUE included.
+    async fn one_message(
+        mta: &mut tokio::io::DuplexStream,
+        macros: &[u8],
+        headers: &[&[u8]],
+    ) -> Vec<(u8, Vec<u8>)> {
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x3fu32.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        packet(mta, proto::OPTNEG, &opt).await;
+        assert_eq!(proto::read(mta).await.unwrap().0, proto::OPTNEG);
+        if !macros.is_empty() {
+            packet(mta, proto::MACRO, macros).await;
+        }
+        packet(mta, proto::MAIL, b"<a@b.example>\0").await;
+        assert_eq!(proto::read(mta).await.unwrap().0, proto::CONTINUE);
+        packet(mta, proto::RCPT, b"<c@d.example>\0").await;
+        assert_eq!(proto::read(mta).await.unwrap().0, proto::CONTINUE);
+        for header in headers {
+            packet(mta, proto::HEADER, header).await;
+            assert_eq!(proto::read(mta).await.unwrap().0, proto::CONTINUE);
+        }
+        packet(mta, proto::EOH, b"").await;
+        assert_eq!(proto::read(mta).await.unwrap().0, proto::CONTINUE);
+        packet(mta, proto::BODYEOB, b"body\r\n").await;
+        let mut seen = Vec::new();
+        loop {
+            let (cmd, data) = proto::read(mta).await.unwrap();
+            seen.push((cmd, data));
+            if cmd == proto::CONTINUE {
+                return seen;
+            }
+        }
+    }
+
     /// A milter session on an in-memory pipe, with `config` and `scanner`.
     fn session(
         config: &str,
@@ -735,29 +772,7 @@ mod tests {
     #[tokio::test]
     async fn long_scans_send_progress_then_the_changes_and_continue() {
         let (shared, mut mta, server) = session("", Box::new(Slow));
-        let mut opt = 6u32.to_be_bytes().to_vec();
-        opt.extend_from_slice(&0x3fu32.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        packet(&mut mta, proto::OPTNEG, &opt).await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
-        packet(&mut mta, proto::MACRO, b"Mi\0Q1\0").await;
-        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::HEADER, b"X-Spam\0Yes\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::EOH, b"").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
-        let mut seen = Vec::new();
-        loop {
-            let (cmd, data) = proto::read(&mut mta).await.unwrap();
-            seen.push((cmd, data));
-            if cmd == proto::CONTINUE {
-                break;
-            }
-        }
+        let seen = one_message(&mut mta, b"Mi\0Q1\0", &[b"X-Spam\0Yes\0"]).await;
         let cmds: Vec<u8> = seen.iter().map(|(c, _)| *c).collect();
         assert!(
             cmds.starts_with(&[proto::PROGRESS, proto::PROGRESS]),
@@ -799,38 +814,17 @@ mod tests {
     #[tokio::test]
     async fn a_quarantined_message_loses_every_forged_field_by_its_index() {
         let (shared, mut mta, server) = session("", Box::new(Quarantines));
-        let mut opt = 6u32.to_be_bytes().to_vec();
-        opt.extend_from_slice(&0x3fu32.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        packet(&mut mta, proto::OPTNEG, &opt).await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
-        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        for header in [
-            &b"Authentication-Results\0gw.served.test; dmarc=pass\0"[..],
+        let headers: [&[u8]; 4] = [
+            b"Authentication-Results\0gw.served.test; dmarc=pass\0",
             b"X-Spam-Status\0No\0",
             b"authentication-results\0gw.served.test; spf=pass\0",
             b"Subject\0hi\0",
-        ] {
-            packet(&mut mta, proto::HEADER, header).await;
-            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        }
-        packet(&mut mta, proto::EOH, b"").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
-        let mut seen = Vec::new();
-        loop {
-            let (cmd, data) = proto::read(&mut mta).await.unwrap();
-            if cmd == proto::PROGRESS {
-                continue;
-            }
-            seen.push((cmd, data));
-            if cmd == proto::CONTINUE {
-                break;
-            }
-        }
+        ];
+        let seen: Vec<(u8, Vec<u8>)> = one_message(&mut mta, b"", &headers)
+            .await
+            .into_iter()
+            .filter(|(c, _)| *c != proto::PROGRESS)
+            .collect();
         let deleted: Vec<&[u8]> = seen
             .iter()
             .filter(|(c, _)| *c == proto::CHGHEADER)
@@ -874,36 +868,15 @@ mod tests {
             "[milter]\nunavailable_action = \"accept\"\n",
             Box::new(Gone),
         );
-        let mut opt = 6u32.to_be_bytes().to_vec();
-        opt.extend_from_slice(&0x3fu32.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        packet(&mut mta, proto::OPTNEG, &opt).await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::OPTNEG);
-        packet(&mut mta, proto::MAIL, b"<a@b.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::RCPT, b"<c@d.example>\0").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        for header in [
-            &b"Authentication-Results\0gw.served.test; dmarc=pass\0"[..],
+        let headers: [&[u8]; 2] = [
+            b"Authentication-Results\0gw.served.test; dmarc=pass\0",
             b"X-Spam\0No\0",
-        ] {
-            packet(&mut mta, proto::HEADER, header).await;
-            assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        }
-        packet(&mut mta, proto::EOH, b"").await;
-        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
-        packet(&mut mta, proto::BODYEOB, b"body\r\n").await;
-        let mut seen = Vec::new();
-        loop {
-            let (cmd, data) = proto::read(&mut mta).await.unwrap();
-            if cmd == proto::PROGRESS {
-                continue;
-            }
-            seen.push((cmd, data));
-            if cmd == proto::CONTINUE {
-                break;
-            }
-        }
+        ];
+        let seen: Vec<(u8, Vec<u8>)> = one_message(&mut mta, b"", &headers)
+            .await
+            .into_iter()
+            .filter(|(c, _)| *c != proto::PROGRESS)
+            .collect();
         assert_eq!(
             seen,
             [

@@ -115,7 +115,7 @@ mod tests {
         let mut v = Verdict::refuse(
             Action::Reject,
             554,
-            EnhancedStatus::new(5, 7, 1),
+            EnhancedStatus::POLICY_REJECT,
             "virus found",
         );
         v.add_headers.push(("X-Spam".into(), "yes".into()));

@@ -91,21 +91,21 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     if line.contains(&0) {
         return Err(ParseError(Reply::new(
             500,
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Error: NUL byte in command",
         )));
     }
     let Ok(line) = std::str::from_utf8(line) else {
         return Err(ParseError(Reply::new(
             500,
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Error: command is not valid UTF-8",
         )));
     };
     if line.chars().any(|c| c.is_control() && c != '\t') {
         return Err(ParseError(Reply::new(
             500,
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Error: control character in command",
         )));
     }
@@ -120,7 +120,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             Ok(c)
         } else {
             Err(syntax(
-                EnhancedStatus::new(5, 5, 4),
+                EnhancedStatus::BAD_ARGUMENTS,
                 format!("Syntax: {verb} takes no argument"),
             ))
         }
@@ -129,14 +129,14 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "EHLO" | "HELO" | "LHLO" => {
             if arg.is_empty() {
                 return Err(syntax(
-                    EnhancedStatus::new(5, 5, 4),
+                    EnhancedStatus::BAD_ARGUMENTS,
                     format!("Syntax: {verb} hostname"),
                 ));
             }
             let name = arg.split_whitespace().next().unwrap_or(arg);
             if !valid_helo(name) {
                 return Err(syntax(
-                    EnhancedStatus::new(5, 5, 2),
+                    EnhancedStatus::SYNTAX_ERROR,
                     format!("Syntax: {verb}: invalid hostname {name:?}"),
                 ));
             }
@@ -148,7 +148,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         }
         "MAIL" => {
             let rest = strip_keyword(rest, "FROM:").ok_or_else(|| {
-                syntax(EnhancedStatus::new(5, 5, 4), "Syntax: MAIL FROM:<address>")
+                syntax(EnhancedStatus::BAD_ARGUMENTS, "Syntax: MAIL FROM:<address>")
             })?;
             let (path, params) = split_path(rest)?;
             let params = parse_params(params, true)?;
@@ -161,8 +161,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             ))
         }
         "RCPT" => {
-            let rest = strip_keyword(rest, "TO:")
-                .ok_or_else(|| syntax(EnhancedStatus::new(5, 5, 4), "Syntax: RCPT TO:<address>"))?;
+            let rest = strip_keyword(rest, "TO:").ok_or_else(|| {
+                syntax(EnhancedStatus::BAD_ARGUMENTS, "Syntax: RCPT TO:<address>")
+            })?;
             let (path, params) = split_path(rest)?;
             let params = parse_params(params, false)?;
             // Only here do we know nothing of SMTPUTF8; the session checks it against MAIL.
@@ -183,20 +184,20 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
                 .next()
                 .filter(|w| !w.is_empty() && w.len() <= 19 && w.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|w| w.parse::<u64>().ok())
-                .ok_or_else(|| syntax(EnhancedStatus::new(5, 5, 4), "Syntax: BDAT size [LAST]"))?;
+                .ok_or_else(|| syntax(EnhancedStatus::BAD_ARGUMENTS, "Syntax: BDAT size [LAST]"))?;
             let last = match words.next() {
                 None => false,
                 Some(w) if w.eq_ignore_ascii_case("LAST") => true,
                 Some(_) => {
                     return Err(syntax(
-                        EnhancedStatus::new(5, 5, 4),
+                        EnhancedStatus::BAD_ARGUMENTS,
                         "Syntax: BDAT size [LAST]",
                     ));
                 }
             };
             if words.next().is_some() {
                 return Err(syntax(
-                    EnhancedStatus::new(5, 5, 4),
+                    EnhancedStatus::BAD_ARGUMENTS,
                     "Syntax: BDAT size [LAST]",
                 ));
             }
@@ -211,18 +212,18 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "VRFY" if !arg.is_empty() => Ok(Command::Vrfy(arg.into())),
         "EXPN" if !arg.is_empty() => Ok(Command::Expn(arg.into())),
         "VRFY" | "EXPN" => Err(syntax(
-            EnhancedStatus::new(5, 5, 4),
+            EnhancedStatus::BAD_ARGUMENTS,
             format!("Syntax: {verb} address"),
         )),
         "STARTTLS" => no_arg(Command::StartTls),
         "AUTH" if !arg.is_empty() => Ok(Command::Auth(arg.into())),
         "AUTH" => Err(syntax(
-            EnhancedStatus::new(5, 5, 4),
+            EnhancedStatus::BAD_ARGUMENTS,
             "Syntax: AUTH mechanism [initial-response]",
         )),
         _ => Err(ParseError(Reply::new(
             502,
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Error: command not recognized",
         ))),
     }
@@ -237,7 +238,7 @@ fn parse_xforward(arg: &str) -> Result<Command, ParseError> {
             .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphabetic()))
             .ok_or_else(|| {
                 syntax(
-                    EnhancedStatus::new(5, 5, 4),
+                    EnhancedStatus::BAD_ARGUMENTS,
                     "Syntax: XFORWARD attribute=value ...",
                 )
             })?;
@@ -251,7 +252,7 @@ fn parse_xforward(arg: &str) -> Result<Command, ParseError> {
     }
     if attrs.is_empty() {
         return Err(syntax(
-            EnhancedStatus::new(5, 5, 4),
+            EnhancedStatus::BAD_ARGUMENTS,
             "Syntax: XFORWARD attribute=value ...",
         ));
     }
@@ -292,7 +293,7 @@ fn strip_keyword<'a>(rest: &'a str, kw: &str) -> Option<&'a str> {
 fn split_path(rest: &str) -> Result<(&str, &str), ParseError> {
     if !rest.starts_with('<') {
         return Err(syntax(
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Syntax: the address must be in angle brackets: <user@domain>",
         ));
     }
@@ -308,7 +309,7 @@ fn split_path(rest: &str) -> Result<(&str, &str), ParseError> {
                 let after = &rest[i + 1..];
                 if !after.is_empty() && !after.starts_with(' ') {
                     return Err(syntax(
-                        EnhancedStatus::new(5, 5, 2),
+                        EnhancedStatus::SYNTAX_ERROR,
                         "Syntax: garbage after the address",
                     ));
                 }
@@ -317,7 +318,7 @@ fn split_path(rest: &str) -> Result<(&str, &str), ParseError> {
             _ => {}
         }
     }
-    Err(syntax(EnhancedStatus::new(5, 5, 2), "Syntax: missing '>'"))
+    Err(syntax(EnhancedStatus::SYNTAX_ERROR, "Syntax: missing '>'"))
 }
 
 /// Parses `<local@domain>` and refuses every routing trick.
@@ -325,22 +326,22 @@ pub fn parse_path(path: &str, utf8: bool) -> Result<Mailbox, ParseError> {
     let inner = path
         .strip_prefix('<')
         .and_then(|p| p.strip_suffix('>'))
-        .ok_or_else(|| syntax(EnhancedStatus::new(5, 1, 3), "Bad address syntax"))?;
+        .ok_or_else(|| syntax(EnhancedStatus::BAD_ADDRESS, "Bad address syntax"))?;
     if inner.is_empty() {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: empty address",
         ));
     }
     if inner.starts_with('@') {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: source routes are not accepted",
         ));
     }
     if inner.len() > 254 {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: address longer than 254 characters",
         ));
     }
@@ -374,7 +375,7 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
                     let after = &addr[end..];
                     let domain = after.strip_prefix('@').ok_or_else(|| {
                         syntax(
-                            EnhancedStatus::new(5, 1, 3),
+                            EnhancedStatus::BAD_ADDRESS,
                             "Bad address syntax: expected @ after the quoted local part",
                         )
                     })?;
@@ -384,20 +385,20 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
             }
         }
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: unterminated quote",
         ));
     }
     let at = addr.find('@').ok_or_else(|| {
         syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: no domain (use user@domain)",
         )
     })?;
     let (local, domain) = (&addr[..at], &addr[at + 1..]);
     if domain.contains('@') {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: more than one @",
         ));
     }
@@ -407,7 +408,7 @@ fn split_local(addr: &str) -> Result<(&str, &str), ParseError> {
 fn validate_local(local: &str) -> Result<(), ParseError> {
     if local.is_empty() || local.len() > 64 {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: the local part must be 1 to 64 characters",
         ));
     }
@@ -416,13 +417,13 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
         if q.contains(['@', '%', '!']) {
             return Err(ParseError(Reply::new(
                 553,
-                EnhancedStatus::new(5, 1, 3),
+                EnhancedStatus::BAD_ADDRESS,
                 "Quoted local part with routing characters refused",
             )));
         }
         if q.chars().any(|c| c.is_control()) {
             return Err(syntax(
-                EnhancedStatus::new(5, 1, 3),
+                EnhancedStatus::BAD_ADDRESS,
                 "Bad address syntax: control character",
             ));
         }
@@ -431,13 +432,13 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
     if local.contains(['%', '!']) {
         return Err(ParseError(Reply::new(
             553,
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Routing characters (% !) in the address refused",
         )));
     }
     if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: misplaced dot in the local part",
         ));
     }
@@ -448,7 +449,7 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
     });
     if !ok {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: invalid character in the local part",
         ));
     }
@@ -459,14 +460,14 @@ fn validate_local(local: &str) -> Result<(), ParseError> {
 fn parse_domain(d: &str) -> Result<String, ParseError> {
     if d.is_empty() {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: empty domain",
         ));
     }
     if let Some(lit) = d.strip_prefix('[') {
         let lit = lit
             .strip_suffix(']')
-            .ok_or_else(|| syntax(EnhancedStatus::new(5, 1, 3), "Bad address literal"))?;
+            .ok_or_else(|| syntax(EnhancedStatus::BAD_ADDRESS, "Bad address literal"))?;
         let ok = match lit
             .strip_prefix("IPv6:")
             .or_else(|| lit.strip_prefix("ipv6:"))
@@ -475,7 +476,7 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
             None => lit.parse::<std::net::Ipv4Addr>().is_ok(),
         };
         if !ok {
-            return Err(syntax(EnhancedStatus::new(5, 1, 3), "Bad address literal"));
+            return Err(syntax(EnhancedStatus::BAD_ADDRESS, "Bad address literal"));
         }
         return Ok(format!(
             "[{}]",
@@ -484,7 +485,7 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
     }
     if d.len() > 253 {
         return Err(syntax(
-            EnhancedStatus::new(5, 1, 3),
+            EnhancedStatus::BAD_ADDRESS,
             "Bad address syntax: domain too long",
         ));
     }
@@ -498,7 +499,7 @@ fn parse_domain(d: &str) -> Result<String, ParseError> {
             });
         if !ok {
             return Err(syntax(
-                EnhancedStatus::new(5, 1, 3),
+                EnhancedStatus::BAD_ADDRESS,
                 format!("Bad address syntax: invalid domain {d:?}"),
             ));
         }
@@ -527,7 +528,7 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
         let bad = || {
             ParseError(Reply::new(
                 501,
-                EnhancedStatus::new(5, 5, 4),
+                EnhancedStatus::BAD_ARGUMENTS,
                 format!("Bad parameter {word:?}"),
             ))
         };
@@ -543,7 +544,7 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
                 if v != "7BIT" && v != "8BITMIME" {
                     return Err(ParseError(Reply::new(
                         555,
-                        EnhancedStatus::new(5, 5, 4),
+                        EnhancedStatus::BAD_ARGUMENTS,
                         format!("Unsupported BODY={v}"),
                     )));
                 }
@@ -575,7 +576,7 @@ fn parse_params(s: &str, mail: bool) -> Result<Params, ParseError> {
             _ => {
                 return Err(ParseError(Reply::new(
                     555,
-                    EnhancedStatus::new(5, 5, 4),
+                    EnhancedStatus::BAD_ARGUMENTS,
                     format!("Unsupported parameter {word:?}"),
                 )));
             }
@@ -747,7 +748,7 @@ mod tests {
     #[test]
     fn replies_on_the_wire() {
         assert_eq!(
-            Reply::new(250, EnhancedStatus::new(2, 1, 0), "Ok").to_wire(),
+            Reply::new(250, EnhancedStatus::SENDER_OK, "Ok").to_wire(),
             "250 2.1.0 Ok\r\n"
         );
         assert_eq!(Reply::bare(250, "a\nb").to_wire(), "250-a\r\n250 b\r\n");
@@ -778,7 +779,7 @@ mod tests {
         ] {
             assert_eq!(
                 err(bad, 501).status,
-                Some(EnhancedStatus::new(5, 5, 4)),
+                Some(EnhancedStatus::BAD_ARGUMENTS),
                 "{bad}"
             );
         }

@@ -225,7 +225,7 @@ impl Capabilities {
 mod tests {
     use super::*;
 
-    const REJECT: EnhancedStatus = EnhancedStatus::new(5, 7, 1);
+    const REJECT: EnhancedStatus = EnhancedStatus::POLICY_REJECT;
 
     #[test]
     fn replies_encode_once_and_cannot_forge_lines() {
@@ -241,7 +241,7 @@ mod tests {
             "550 5.7.1 100%% spam  / and more"
         );
         assert_eq!(
-            Reply::new(451, EnhancedStatus::new(4, 7, 1), "later").to_string(),
+            Reply::new(451, EnhancedStatus::POLICY_TEMPFAIL, "later").to_string(),
             "451 4.7.1 later"
         );
     }

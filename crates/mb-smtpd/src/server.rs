@@ -99,7 +99,7 @@ impl Server {
         if listener == Listener::Reinject && !ip.is_loopback() {
             return Err(Reply::new(
                 554,
-                EnhancedStatus::new(5, 7, 1),
+                EnhancedStatus::POLICY_REJECT,
                 "Reinjection is for local clients only",
             ));
         }
@@ -112,7 +112,7 @@ impl Server {
         let mut l = self
             .limits
             .lock()
-            .map_err(|_| Reply::new(421, EnhancedStatus::new(4, 3, 0), "Internal error"))?;
+            .map_err(|_| Reply::new(421, EnhancedStatus::SYSTEM_TEMPORARY, "Internal error"))?;
         let now = self.started.elapsed().as_secs();
         if l.second != now {
             l.second = now;

@@ -1016,14 +1016,14 @@ impl mb_scan::Scanner for Verdicts {
             Ok(Verdict::refuse(
                 Action::Reject,
                 554,
-                EnhancedStatus::new(5, 7, 1),
+                EnhancedStatus::POLICY_REJECT,
                 "Message refused: virus found (EICAR)",
             ))
         } else if text.contains("Subject: later") {
             Ok(Verdict::refuse(
                 Action::Tempfail,
                 451,
-                EnhancedStatus::new(4, 7, 1),
+                EnhancedStatus::POLICY_TEMPFAIL,
                 "Virus scanner unavailable, try again later",
             ))
         } else if text.contains("Subject: gone") {

@@ -18,7 +18,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     503,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: authentication not enabled",
                 ))
                 .await;
@@ -27,7 +27,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     503,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: already authenticated",
                 ))
                 .await;
@@ -36,7 +36,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     503,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: MAIL transaction in progress",
                 ))
                 .await;
@@ -89,7 +89,7 @@ impl Session<'_> {
                 return self
                     .error(Reply::new(
                         504,
-                        EnhancedStatus::new(5, 5, 4),
+                        EnhancedStatus::BAD_ARGUMENTS,
                         "Unrecognized authentication type",
                     ))
                     .await;
@@ -184,7 +184,7 @@ fn decode_plain(b64: &str) -> Result<(String, String), Reply> {
     let bad = || {
         Reply::new(
             501,
-            EnhancedStatus::new(5, 5, 2),
+            EnhancedStatus::SYNTAX_ERROR,
             "Error: invalid AUTH PLAIN response",
         )
     };
@@ -210,7 +210,7 @@ fn decode_plain(b64: &str) -> Result<(String, String), Reply> {
 fn base64_text(b64: &str) -> Result<String, Reply> {
     base64_decode(b64)
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| Reply::new(501, EnhancedStatus::new(5, 5, 2), "Error: invalid base64"))
+        .ok_or_else(|| Reply::new(501, EnhancedStatus::SYNTAX_ERROR, "Error: invalid base64"))
 }
 
 /// Standard base64 with padding (RFC 4648 §4), strict.

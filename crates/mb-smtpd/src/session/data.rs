@@ -8,12 +8,12 @@ impl Session<'_> {
         match &self.tx {
             None => Some(Reply::new(
                 503,
-                EnhancedStatus::new(5, 5, 1),
+                EnhancedStatus::BAD_SEQUENCE,
                 "Error: need MAIL command",
             )),
             Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(
                 554,
-                EnhancedStatus::new(5, 5, 1),
+                EnhancedStatus::BAD_SEQUENCE,
                 "Error: no valid recipients",
             )),
             _ => None,
@@ -28,7 +28,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     503,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: DATA after BDAT",
                 ))
                 .await;
@@ -46,7 +46,7 @@ impl Session<'_> {
                 return self
                     .error(Reply::new(
                         451,
-                        EnhancedStatus::new(4, 3, 0),
+                        EnhancedStatus::SYSTEM_TEMPORARY,
                         "Error: queue file write error",
                     ))
                     .await;
@@ -58,7 +58,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     451,
-                    EnhancedStatus::new(4, 3, 0),
+                    EnhancedStatus::SYSTEM_TEMPORARY,
                     "Error: queue file write error",
                 ))
                 .await;
@@ -118,7 +118,7 @@ impl Session<'_> {
                     self.close(
                         self.fatal(
                             521,
-                            EnhancedStatus::new(5, 5, 2),
+                            EnhancedStatus::SYNTAX_ERROR,
                             &format!("Error: {what} received"),
                         ),
                         "smuggling attempt",
@@ -141,27 +141,23 @@ impl Session<'_> {
             }
         }
         let reply = if too_big {
-            Reply::new(
-                552,
-                EnhancedStatus::new(5, 3, 4),
-                "Error: message file too big",
-            )
+            Reply::new(552, EnhancedStatus::TOO_BIG, "Error: message file too big")
         } else if write_failed {
             Reply::new(
                 451,
-                EnhancedStatus::new(4, 3, 0),
+                EnhancedStatus::SYSTEM_TEMPORARY,
                 "Error: queue file write error",
             )
         } else if decoder.nul_seen {
             Reply::new(
                 554,
-                EnhancedStatus::new(5, 6, 0),
+                EnhancedStatus::BAD_CONTENT,
                 "Error: message contains a NUL byte",
             )
         } else if decoder.longest_line > proto::MAX_TEXT_LINE {
             Reply::new(
                 554,
-                EnhancedStatus::new(5, 6, 0),
+                EnhancedStatus::BAD_CONTENT,
                 "Error: message has a line longer than 998 characters",
             )
         } else {
@@ -229,7 +225,7 @@ impl Session<'_> {
                 .map_or(0, |(_, n)| *n);
             self.reply(Reply::new(
                 250,
-                EnhancedStatus::new(2, 0, 0),
+                EnhancedStatus::OK,
                 format!("{got} octets received"),
             ));
             return false;
@@ -246,17 +242,17 @@ impl Session<'_> {
         let failed = failed.or_else(|| match content {
             Some((true, _, _)) => Some(Reply::new(
                 554,
-                EnhancedStatus::new(5, 6, 0),
+                EnhancedStatus::BAD_CONTENT,
                 "Error: message contains a bare CR or LF",
             )),
             Some((_, true, _)) => Some(Reply::new(
                 554,
-                EnhancedStatus::new(5, 6, 0),
+                EnhancedStatus::BAD_CONTENT,
                 "Error: message contains a NUL byte",
             )),
             Some((_, _, n)) if n > proto::MAX_TEXT_LINE => Some(Reply::new(
                 554,
-                EnhancedStatus::new(5, 6, 0),
+                EnhancedStatus::BAD_CONTENT,
                 "Error: message has a line longer than 998 characters",
             )),
             _ => None,
@@ -266,7 +262,7 @@ impl Session<'_> {
             (None, Some((writer, total))) => self.commit(writer, total).await,
             (None, None) => Reply::new(
                 451,
-                EnhancedStatus::new(4, 3, 0),
+                EnhancedStatus::SYSTEM_TEMPORARY,
                 "Error: queue file write error",
             ),
         };
@@ -306,7 +302,7 @@ impl Session<'_> {
                     if w.write(received.as_bytes()).await.is_err() {
                         tx.bdat_failed = Some(Reply::new(
                             451,
-                            EnhancedStatus::new(4, 3, 0),
+                            EnhancedStatus::SYSTEM_TEMPORARY,
                             "Error: queue file write error",
                         ));
                         return;
@@ -316,7 +312,7 @@ impl Session<'_> {
                 Err(_) => {
                     tx.bdat_failed = Some(Reply::new(
                         451,
-                        EnhancedStatus::new(4, 3, 0),
+                        EnhancedStatus::SYSTEM_TEMPORARY,
                         "Error: queue file write error",
                     ));
                     return;
@@ -329,14 +325,14 @@ impl Session<'_> {
             if *total > max {
                 tx.bdat_failed = Some(Reply::new(
                     552,
-                    EnhancedStatus::new(5, 3, 4),
+                    EnhancedStatus::TOO_BIG,
                     "Error: message file too big",
                 ));
                 tx.bdat = None;
             } else if w.write(bytes).await.is_err() {
                 tx.bdat_failed = Some(Reply::new(
                     451,
-                    EnhancedStatus::new(4, 3, 0),
+                    EnhancedStatus::SYSTEM_TEMPORARY,
                     "Error: queue file write error",
                 ));
                 tx.bdat = None;
@@ -374,7 +370,11 @@ impl Session<'_> {
             );
         }
         let Some(tx) = self.tx.as_ref() else {
-            return Reply::new(451, EnhancedStatus::new(4, 3, 0), "Error: no transaction");
+            return Reply::new(
+                451,
+                EnhancedStatus::SYSTEM_TEMPORARY,
+                "Error: no transaction",
+            );
         };
         let mut envelope = Envelope {
             id: id.clone(),
@@ -457,17 +457,13 @@ impl Session<'_> {
                 );
                 self.error_count = 0;
                 self.summary.bytes += size;
-                Reply::new(
-                    250,
-                    EnhancedStatus::new(2, 0, 0),
-                    format!("Ok: queued as {id}"),
-                )
+                Reply::new(250, EnhancedStatus::OK, format!("Ok: queued as {id}"))
             }
             Err(e) => {
                 tracing::error!(cause = %e, "cannot commit a spool file");
                 Reply::new(
                     451,
-                    EnhancedStatus::new(4, 3, 0),
+                    EnhancedStatus::SYSTEM_TEMPORARY,
                     "Error: queue file write error",
                 )
             }

@@ -7,21 +7,21 @@ impl Session<'_> {
         if self.helo.is_none() && self.settings.helo_required {
             return Reply::new(
                 503,
-                EnhancedStatus::new(5, 5, 1),
+                EnhancedStatus::BAD_SEQUENCE,
                 "Error: send HELO/EHLO first",
             );
         }
         if self.tx.is_some() {
             return Reply::new(
                 503,
-                EnhancedStatus::new(5, 5, 1),
+                EnhancedStatus::BAD_SEQUENCE,
                 "Error: nested MAIL command",
             );
         }
         if !self.esmtp && (params != Params::default()) {
             return Reply::new(
                 555,
-                EnhancedStatus::new(5, 5, 4),
+                EnhancedStatus::BAD_ARGUMENTS,
                 "Error: MAIL parameters need EHLO",
             );
         }
@@ -38,7 +38,7 @@ impl Session<'_> {
         if params.size.is_some_and(|s| s > self.settings.max_size) {
             return Reply::new(
                 552,
-                EnhancedStatus::new(5, 3, 4),
+                EnhancedStatus::TOO_BIG,
                 "Message size exceeds fixed limit",
             );
         }
@@ -52,7 +52,7 @@ impl Session<'_> {
             bdat_lines: mb_smtp::data::LineChecker::default(),
         });
         tracing::debug!(client = %self.client.ip, from = %from, "mail");
-        Reply::new(250, EnhancedStatus::new(2, 1, 0), "Ok")
+        Reply::new(250, EnhancedStatus::SENDER_OK, "Ok")
     }
 
     /// Whether this client may send to any domain.

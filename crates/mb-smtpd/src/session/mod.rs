@@ -320,7 +320,7 @@ impl<'a> Session<'a> {
             self.close(
                 Reply::new(
                     554,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: talking before the greeting",
                 ),
                 "early talker",
@@ -349,7 +349,7 @@ impl<'a> Session<'a> {
                     if self
                         .error(Reply::new(
                             500,
-                            EnhancedStatus::new(5, 5, 2),
+                            EnhancedStatus::SYNTAX_ERROR,
                             "Error: command line too long",
                         ))
                         .await
@@ -362,7 +362,7 @@ impl<'a> Session<'a> {
                     self.close(
                         self.fatal(
                             521,
-                            EnhancedStatus::new(5, 5, 2),
+                            EnhancedStatus::SYNTAX_ERROR,
                             "Error: bare <LF> received",
                         ),
                         "bare LF",
@@ -503,13 +503,13 @@ impl<'a> Session<'a> {
             }
             Command::Expn(_) => {
                 let text = "Error: EXPN is not supported";
-                self.answer(Reply::new(502, EnhancedStatus::new(5, 5, 1), text))
+                self.answer(Reply::new(502, EnhancedStatus::BAD_SEQUENCE, text))
                     .await
             }
             // LMTP and XFORWARD belong to the content filter's listener, not here.
             Command::Lhlo(_) | Command::Xforward(_) => {
                 let text = "Error: command not recognized";
-                self.answer(Reply::new(502, EnhancedStatus::new(5, 5, 2), text))
+                self.answer(Reply::new(502, EnhancedStatus::SYNTAX_ERROR, text))
                     .await
             }
             Command::Auth(arg) => {

@@ -29,14 +29,14 @@ impl Session<'_> {
         let Some(tx) = self.tx.as_mut() else {
             return Reply::new(
                 503,
-                EnhancedStatus::new(5, 5, 1),
+                EnhancedStatus::BAD_SEQUENCE,
                 "Error: need MAIL command",
             );
         };
         if !esmtp && params != Params::default() {
             return Reply::new(
                 555,
-                EnhancedStatus::new(5, 5, 4),
+                EnhancedStatus::BAD_ARGUMENTS,
                 "Error: RCPT parameters need EHLO",
             );
         }
@@ -67,7 +67,7 @@ impl Session<'_> {
             );
             return Reply::new(
                 554,
-                EnhancedStatus::new(5, 7, 1),
+                EnhancedStatus::POLICY_REJECT,
                 format!("<{rcpt}>: Relay access denied"),
             );
         }
@@ -81,12 +81,12 @@ impl Session<'_> {
         if tx.rcpts.iter().any(|(r, _)| *r == rcpt) {
             return Reply::new(
                 250,
-                EnhancedStatus::new(2, 1, 5),
+                EnhancedStatus::RECIPIENT_OK,
                 "Ok (duplicate recipient)",
             );
         }
         tx.rcpts.push((rcpt, params));
-        Reply::new(250, EnhancedStatus::new(2, 1, 5), "Ok")
+        Reply::new(250, EnhancedStatus::RECIPIENT_OK, "Ok")
     }
 
     pub(super) fn serves(&self, m: &Mailbox) -> bool {

@@ -17,7 +17,7 @@ impl Session<'_> {
         let message = writer.contents().await.map_err(|_| {
             Reply::new(
                 451,
-                EnhancedStatus::new(4, 3, 0),
+                EnhancedStatus::SYSTEM_TEMPORARY,
                 "Error: queue file read error",
             )
         })?;

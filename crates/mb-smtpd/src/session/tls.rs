@@ -14,7 +14,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     502,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: STARTTLS is not offered",
                 ))
                 .await;
@@ -23,7 +23,7 @@ impl Session<'_> {
             return self
                 .error(Reply::new(
                     503,
-                    EnhancedStatus::new(5, 5, 1),
+                    EnhancedStatus::BAD_SEQUENCE,
                     "Error: TLS already active",
                 ))
                 .await;
@@ -34,7 +34,7 @@ impl Session<'_> {
         }
         if self
             .conn
-            .send(&Reply::new(220, EnhancedStatus::new(2, 0, 0), "Ready to start TLS").to_wire())
+            .send(&Reply::new(220, EnhancedStatus::OK, "Ready to start TLS").to_wire())
             .await
             .is_err()
         {
