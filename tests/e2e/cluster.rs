@@ -644,6 +644,12 @@ fn a_child_promoted_when_the_main_is_lost_leads_the_others() {
     .unwrap();
     // The main, alone now, may leave too.
     ok(child1, "mb-cluster", &["leave"]);
-    let st = status(child1);
-    assert!(!st["enabled"].as_bool().unwrap(), "{st:#}");
+    // `leave` stores cluster.enabled = false through mb-rpcd; the daemon
+    // learns it from the change feed, a moment later.
+    wait_until(
+        "the left main shows cluster disabled",
+        Duration::from_secs(20),
+        || status(child1)["enabled"].as_bool() == Some(false),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:#}", status(child1)));
 }
