@@ -204,6 +204,32 @@ fn xtask_up_runs_the_suite_and_down_stops_it() {
     );
     let config = dev.path().join("mailborder.toml");
     assert!(Path::new(&config).exists());
+    // Every command `up` suggests works as printed, from any directory: the status and
+    // config tools, a test message with swaks, and the queue that now holds it.
+    let suggested: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let cmd = l.find('/').filter(|_| !l.starts_with("configuration"))?;
+            let rest = &l[cmd..];
+            (rest.contains(" --config ")).then(|| rest.split("   (").next().unwrap_or(rest))
+        })
+        .chain(
+            out.lines()
+                .filter_map(|l| l.trim_start().strip_prefix("send mail")),
+        )
+        .map(str::trim)
+        .collect();
+    assert!(suggested.len() >= 4, "{out}");
+    for cmd in suggested {
+        let run = Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir("/")
+            .output()
+            .unwrap();
+        let (code, sout, serr) = text(&run);
+        assert_eq!(code, 0, "`{cmd}` as printed by up:\n{sout}{serr}");
+    }
     let status = Command::new(bin("mb-status"))
         .arg("--config")
         .arg(&config)

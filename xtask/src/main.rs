@@ -193,6 +193,34 @@ mod bench;
 #[cfg(test)]
 mod tidy;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_root_missing_peers_stop_the_run_with_the_install_command() {
+        let empty = tempfile::tempdir().unwrap();
+        let missing = missing_packages(empty.path());
+        assert_eq!(missing.len(), TEST_PACKAGES.len());
+        let err = refuse_unless_root(&missing, false).unwrap_err().to_string();
+        assert!(
+            err.contains("postfix") && err.contains("clamav-daemon"),
+            "{err}"
+        );
+        assert!(err.contains("sudo cargo xtask test"), "{err}");
+        assert!(refuse_unless_root(&missing, true).is_ok());
+        // This machine has them all (the suite would not run otherwise).
+        assert_eq!(missing_packages(Path::new("/")), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn peer_services_belong_to_packages_the_tests_install() {
+        for (pkg, _) in PEER_SERVICES {
+            assert!(TEST_PACKAGES.iter().any(|(p, _)| p == pkg), "{pkg}");
+        }
+    }
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -222,22 +250,41 @@ fn is_root() -> bool {
 
 /// Installs the Debian packages the tests need, when root and when missing.
 fn ensure_test_packages() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
-        .iter()
-        .filter(|(_, probe)| !Path::new(probe).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing = missing_packages(Path::new("/"));
     if missing.is_empty() {
         return Ok(());
     }
-    if !is_root() {
-        eprintln!(
-            "xtask: missing test peers: {}; install them with `sudo apt-get install -y {}` (tests that need them will fail)",
+    refuse_unless_root(&missing, is_root())?;
+    install_packages(&missing)
+}
+
+/// The test packages whose probe file is absent under `root`.
+fn missing_packages(root: &Path) -> Vec<&'static str> {
+    TEST_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !root.join(probe.trim_start_matches('/')).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect()
+}
+
+/// Without root nothing can be installed: say what is missing and how to get it, and stop
+/// before any test runs (a run without its peers only produces failures).
+fn refuse_unless_root(missing: &[&str], root: bool) -> Result<()> {
+    if !root {
+        bail!(
+            "missing test peers: {}\n\
+             run `sudo cargo xtask test` once (it installs them from Debian's packages and leaves \
+             their system services disabled), or install them yourself: \
+             `sudo apt-get install -y --no-install-recommends {}`",
             missing.join(", "),
             missing.join(" ")
         );
-        return Ok(());
     }
+    Ok(())
+}
+
+/// Installs the packages from Debian's archive without starting their services.
+fn install_packages(missing: &[&str]) -> Result<()> {
     eprintln!("xtask: installing test peers: {}", missing.join(" "));
     // Keep Debian from starting the system services: tests start private instances.
     let policy = Path::new("/usr/sbin/policy-rc.d");
@@ -266,13 +313,51 @@ fn ensure_test_packages() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        disable_services(missing)
     })();
     if ours {
         let _ = fs::remove_file(policy);
     }
     result
+}
+
+/// The system services Debian enables for the peer packages: the tests start private
+/// instances, so none of them may come up at the next boot (no Postfix on :25, no
+/// fail2ban jail, no database listening).
+const PEER_SERVICES: &[(&str, &[&str])] = &[
+    ("mariadb-server", &["mariadb"]),
+    ("postgresql", &["postgresql"]),
+    ("redis-server", &["redis-server"]),
+    ("fail2ban", &["fail2ban"]),
+    ("postfix", &["postfix"]),
+    ("dovecot-lmtpd", &["dovecot"]),
+    ("clamav-daemon", &["clamav-daemon", "clamav-freshclam"]),
+    ("rspamd", &["rspamd"]),
+];
+
+/// Disables the system services of the packages this run installed (and only those: a
+/// Postfix the administrator installed is theirs).
+fn disable_services(installed: &[&str]) -> Result<()> {
+    let units: Vec<&str> = PEER_SERVICES
+        .iter()
+        .filter(|(pkg, _)| installed.contains(pkg))
+        .flat_map(|(_, units)| units.iter().copied())
+        .filter(|unit| Path::new(&format!("/lib/systemd/system/{unit}.service")).exists())
+        .collect();
+    if units.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: disabling the system services of the peers (tests start their own): {}",
+        units.join(" ")
+    );
+    // `systemctl disable` edits the unit links (and the SysV links through
+    // systemd-sysv-install) without a running systemd.
+    run(Command::new("systemctl")
+        .args(["disable", "--no-reload", "--quiet"])
+        .args(&units))
 }
 
 fn test(extra: &[String]) -> Result<()> {
@@ -401,26 +486,28 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
         dir.display()
     );
     println!("  logs           {}/log", dir.display());
+    // Absolute paths, so every command works as printed from any directory.
     println!(
-        "  try            target/debug/mb-status --config {}",
+        "  try            {} --config {}",
+        bin.join("mb-status").display(),
         config.display()
     );
     println!(
-        "                 target/debug/mb-config --config {} show network.smtp",
+        "                 {} --config {} show network.smtp",
+        bin.join("mb-config").display(),
         config.display()
     );
-    if root().join("target/debug/mb-smtpd").exists() {
+    if names.contains(&"mb-smtpd") {
         println!(
             "  send mail      swaks --server 127.0.0.1:{} --to user@example.test",
             dev_port("SMTP", 2525)
         );
         println!(
-            "  spool          {}/spool/incoming (delivery onward arrives with the queue manager)",
-            dir.display()
-        );
-    } else {
-        println!(
-            "  SMTP           not built yet: mb-smtpd arrives with its own issue (it will listen on 127.0.0.1:2525)"
+            "  queue          {} --config {} list   (mail waits there until something listens on 127.0.0.1:{}, e.g. `smtp-sink 127.0.0.1:{} 100`; then `flush`)",
+            bin.join("mb-queue").display(),
+            config.display(),
+            dev_port("RELAY", 2526),
+            dev_port("RELAY", 2526),
         );
     }
     if detach {
