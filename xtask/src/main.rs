@@ -193,34 +193,6 @@ mod bench;
 #[cfg(test)]
 mod tidy;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_root_missing_peers_stop_the_run_with_the_install_command() {
-        let empty = tempfile::tempdir().unwrap();
-        let missing = missing_packages(empty.path());
-        assert_eq!(missing.len(), TEST_PACKAGES.len());
-        let err = refuse_unless_root(&missing, false).unwrap_err().to_string();
-        assert!(
-            err.contains("postfix") && err.contains("clamav-daemon"),
-            "{err}"
-        );
-        assert!(err.contains("sudo cargo xtask test"), "{err}");
-        assert!(refuse_unless_root(&missing, true).is_ok());
-        // This machine has them all (the suite would not run otherwise).
-        assert_eq!(missing_packages(Path::new("/")), Vec::<&str>::new());
-    }
-
-    #[test]
-    fn peer_services_belong_to_packages_the_tests_install() {
-        for (pkg, _) in PEER_SERVICES {
-            assert!(TEST_PACKAGES.iter().any(|(p, _)| p == pkg), "{pkg}");
-        }
-    }
-}
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -701,4 +673,32 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
     }
     writeln!(out, "installed into {}", destdir.display())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_root_missing_peers_stop_the_run_with_the_install_command() {
+        let empty = tempfile::tempdir().unwrap();
+        let missing = missing_packages(empty.path());
+        assert_eq!(missing.len(), TEST_PACKAGES.len());
+        let err = refuse_unless_root(&missing, false).unwrap_err().to_string();
+        assert!(
+            err.contains("postfix") && err.contains("clamav-daemon"),
+            "{err}"
+        );
+        assert!(err.contains("sudo cargo xtask test"), "{err}");
+        assert!(refuse_unless_root(&missing, true).is_ok());
+        // This machine has them all (the suite would not run otherwise).
+        assert_eq!(missing_packages(Path::new("/")), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn peer_services_belong_to_packages_the_tests_install() {
+        for (pkg, _) in PEER_SERVICES {
+            assert!(TEST_PACKAGES.iter().any(|(p, _)| p == pkg), "{pkg}");
+        }
+    }
 }
