@@ -254,7 +254,7 @@ fn known_difference(name: &str, ran: Ran) -> Vec<String> {
 /// The case's policies, added as an administrator would, then read back: what mb-rpcd
 /// holds must be what the case says (the tool tells an address from a domain by its
 /// `@`, and has defaults of its own).
-fn add_policies(gw: &Gateway, policies: &[Policy]) -> Result<()> {
+pub(crate) fn add_policies(gw: &Gateway, policies: &[Policy]) -> Result<()> {
     for p in policies {
         let args = policy_args(p)?;
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

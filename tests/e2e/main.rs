@@ -3,14 +3,21 @@
 //! smtp-sink, dnsmasq, Dovecot LMTP, clamd).
 
 mod access;
+mod admission;
+mod backscatter;
 mod cases;
 mod clamav;
 mod cluster;
 mod config_cli;
+mod corpus;
 mod databases;
+mod dead_keys;
 mod delivery;
+mod diskguard;
 mod filter;
+mod first_start;
 mod follow;
+mod live_config;
 mod modes;
 mod packaging;
 mod rpcd;

@@ -3,10 +3,10 @@
 //! on 10032) get the same reply code, enhanced status code and text, because all three
 //! turn a verdict into a reply through `mb_scan::reply`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use mb_testkit::mta::{self, Envelope};
 use mb_testkit::{Clamd, EICAR, Gateway, SmtpSink, free_port, text, wait_until};
 
 use crate::filter::{send, with_attachment};
@@ -16,82 +16,21 @@ fn smtp(port: u16, message: &str) -> String {
     send(port, message).trim_end().to_string()
 }
 
-fn packet(s: &mut TcpStream, cmd: u8, data: &[u8]) {
-    let len = u32::try_from(data.len() + 1).unwrap();
-    let mut p = len.to_be_bytes().to_vec();
-    p.push(cmd);
-    p.extend_from_slice(data);
-    s.write_all(&p).unwrap();
-}
-
-fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("a milter reply");
-    let mut data = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut data).unwrap();
-    (data[0], data[1..].to_vec())
-}
-
-/// The answer to a step that must be "continue".
-fn expect_continue(s: &mut TcpStream, step: &str) {
-    let (cmd, data) = read_packet(s);
-    assert_eq!(
-        char::from(cmd),
-        'c',
-        "{step}: {:?}",
-        String::from_utf8_lossy(&data)
-    );
-}
-
-/// One message through the milter as Postfix hands it over (protocol 6, every step
-/// answered); the final reply: `250` for continue/accept (with modifications), or the
-/// REPLYCODE text, or the one-letter command for anything else.
+/// One message through the milter as Postfix hands it over (`mb_testkit::mta::milter`);
+/// the final reply: `250` for continue/accept (with modifications), else the reply
+/// Postfix would give, as one line.
 fn milter(port: u16, message: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut opt = 6u32.to_be_bytes().to_vec();
-    opt.extend_from_slice(&0x1ffu32.to_be_bytes());
-    opt.extend_from_slice(&0u32.to_be_bytes());
-    packet(&mut s, b'O', &opt);
-    assert_eq!(read_packet(&mut s).0, b'O');
-    let mut connect = b"client.test\0".to_vec();
-    connect.push(b'4');
-    connect.extend_from_slice(&2525u16.to_be_bytes());
-    connect.extend_from_slice(b"127.0.0.1\0");
-    packet(&mut s, b'C', &connect);
-    expect_continue(&mut s, "connect");
-    packet(&mut s, b'H', b"client.test\0");
-    expect_continue(&mut s, "helo");
-    packet(&mut s, b'M', b"<alice@sender.test>\0");
-    expect_continue(&mut s, "mail");
-    packet(&mut s, b'R', b"<bob@served.test>\0");
-    expect_continue(&mut s, "rcpt");
-    let (head, body) = message.split_once("\r\n\r\n").unwrap();
-    for line in head.split("\r\n") {
-        let (name, value) = line.split_once(": ").unwrap();
-        packet(&mut s, b'L', format!("{name}\0{value}\0").as_bytes());
-        expect_continue(&mut s, name);
-    }
-    packet(&mut s, b'N', &[]);
-    expect_continue(&mut s, "end of headers");
-    for chunk in body.as_bytes().chunks(60_000) {
-        packet(&mut s, b'B', chunk);
-        expect_continue(&mut s, "body");
-    }
-    packet(&mut s, b'E', &[]);
-    loop {
-        let (cmd, data) = read_packet(&mut s);
-        match cmd {
-            // Progress and header modifications come before the final answer.
-            b'p' | b'h' | b'i' | b'm' | b'q' => continue,
-            b'c' | b'a' => return "250".into(),
-            b'y' => {
-                return String::from_utf8_lossy(&data)
-                    .trim_end_matches('\0')
-                    .replace("%%", "%");
-            }
-            other => return char::from(other).to_string(),
-        }
+    let env = Envelope {
+        queue_id: String::new(),
+        client_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        helo: "client.test".into(),
+        sender: "alice@sender.test".into(),
+        recipients: vec!["bob@served.test".into()],
+    };
+    let answer = mta::milter(port, &env, message.as_bytes()).expect("a milter answer");
+    match answer.reply.code {
+        250 => "250".into(),
+        _ => answer.reply.to_string(),
     }
 }
 

@@ -58,6 +58,67 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
             "{f} missing from the install tree"
         );
     }
+    // Every program has its manual page (daemons in section 8, tools in 1, one page per
+    // subcommand) that groff formats without a warning, and completions for three shells.
+    let share = dest.path().join("usr/share");
+    let pages = [
+        "man8/mb-rpcd.8",
+        "man8/mb-smtpd.8",
+        "man8/mb-filter.8",
+        "man8/mb-milter.8",
+        "man8/mb-cluster.8",
+        "man1/mb-config.1",
+        "man1/mb-config-set.1",
+        "man1/mb-status.1",
+        "man1/mb-queue-flush.1",
+        "man1/mb-policy.1",
+    ];
+    for page in pages {
+        let path = share.join("man").join(page);
+        assert!(path.exists(), "{page} missing");
+        let groff = Command::new(mb_testkit::require("groff", "groff-base"))
+            .args(["-man", "-ww", "-z", "-Tutf8"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let (code, _, warnings) = text(&groff);
+        assert!(code == 0 && warnings.is_empty(), "{page}: {warnings}");
+    }
+    let rendered = Command::new(mb_testkit::require("man", "man-db"))
+        .args(["-P", "cat", "-l"])
+        .arg(share.join("man/man1/mb-config.1"))
+        .env("MANWIDTH", "100")
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let (_, page, _) = text(&rendered);
+    assert!(
+        page.contains("EXIT STATUS") && page.contains("mb-config-set"),
+        "{page}"
+    );
+    for tool in ["mb-config", "mb-queue", "mb-smtpd"] {
+        for f in [
+            format!("bash-completion/completions/{tool}"),
+            format!("zsh/vendor-completions/_{tool}"),
+            format!("fish/vendor_completions.d/{tool}.fish"),
+        ] {
+            assert!(share.join(&f).exists(), "{f} missing");
+        }
+    }
+    // The bash completion completes subcommands.
+    let bash = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(mb-config s); COMP_CWORD=1; _mb__config mb-config s mb-config; echo \"${{COMPREPLY[@]}}\"",
+            share.join("bash-completion/completions/mb-config").display()
+        ))
+        .output()
+        .unwrap();
+    let (code, words, err) = text(&bash);
+    assert!(
+        code == 0 && words.contains("set") && words.contains("show"),
+        "{words}{err}"
+    );
     // An upgrade keeps what the administrator edited under /etc and puts the new
     // version beside it; files nobody edited are left alone.
     let conf = dest.path().join("etc/mailborder/mailborder.toml");

@@ -184,6 +184,124 @@ async fn events_are_stored_once_and_queried() {
     assert_eq!(status.counters.get("events_duplicate"), Some(&1));
 }
 
+/// mb-log's event ids, in the order it printed them (`--json`).
+fn logged(gw: &Gateway, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = text(&gw.tool("mb-log", &all));
+    assert_eq!(code, 0, "mb-log {args:?}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["queue_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn message_log_is_searched_by_subject_client_and_message_id_and_pruned() {
+    let mut gw = Gateway::new(&format!("{ONLY_RPCD}{KEEP_THE_LOG}"));
+    gw.start().unwrap();
+    search_and_prune(&mut gw).await;
+}
+
+/// The configuration file section `search_and_prune` needs: no retention at first, so
+/// the pass at start cannot race the events the test stores.
+pub(crate) const KEEP_THE_LOG: &str = "[log]\nretention_days = 0\n";
+
+/// Stores five events, finds them by subject, client and Message-ID with mb-log, and
+/// sees the one beyond the retention pruned at the next start (also run on MariaDB and
+/// PostgreSQL by the databases tests).
+pub(crate) async fn search_and_prune(gw: &mut Gateway) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let day = 86_400_000;
+    let at = |queue: &str, ago: i64, subject: &str, ip: &str, mid: &str| MessageEvent {
+        at_unix_ms: now - ago,
+        subject: subject.into(),
+        client_ip: ip.into(),
+        message_id: mid.into(),
+        ..event(&format!("ev-{queue}"), queue)
+    };
+    let batch = vec![
+        at(
+            "Q1",
+            60_000,
+            "Your Invoice 42",
+            "192.0.2.7",
+            "a1@mail.example",
+        ),
+        at(
+            "Q2",
+            120_000,
+            "INVOICE overdue",
+            "192.0.2.8",
+            "a2@mail.example",
+        ),
+        at("Q3", 180_000, "Lunch?", "192.0.2.7", "a3@mail.example"),
+        // LIKE's wildcards in a search are literal.
+        at(
+            "Q4",
+            240_000,
+            "100% off_now",
+            "2001:db8::7",
+            "a4@mail.example",
+        ),
+        at(
+            "Q5",
+            40 * day,
+            "old invoice",
+            "192.0.2.7",
+            "a5@mail.example",
+        ),
+    ];
+    let mut events = EventsClient::new(channel(gw).await);
+    let mut acks = events
+        .publish(tokio_stream::iter(vec![EventBatch {
+            sequence: 1,
+            events: batch,
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().stored, 5);
+
+    tokio::task::block_in_place(|| {
+        assert_eq!(logged(gw, &["--subject", "invoice"]), ["Q2", "Q1"]);
+        assert_eq!(
+            logged(gw, &["--subject", "invoice", "--since", "60d"]),
+            ["Q5", "Q2", "Q1"]
+        );
+        assert_eq!(logged(gw, &["--subject", "%"]), ["Q4"]);
+        assert_eq!(logged(gw, &["--subject", "off%now"]), Vec::<String>::new());
+        assert_eq!(logged(gw, &["--client", "192.0.2.7"]), ["Q3", "Q1"]);
+        assert_eq!(logged(gw, &["--client", "2001:db8:0::7"]), ["Q4"]);
+        assert_eq!(
+            logged(gw, &["--client", "192.0.2.7", "--subject", "lunch"]),
+            ["Q3"]
+        );
+        // A Message-ID is looked for over the whole log, with or without brackets.
+        assert_eq!(logged(gw, &["--message-id", "<a5@mail.example>"]), ["Q5"]);
+        assert_eq!(logged(gw, &["--message-id", "a2@mail.example"]), ["Q2"]);
+        let (code, _, err) = text(&gw.tool("mb-log", &["--client", "not-an-ip"]));
+        assert_eq!(code, 2, "{err}");
+
+        // Events beyond log.retention_days are pruned: at start, and every few
+        // minutes after.
+        let (code, _, err) = text(&gw.tool("mb-config", &["set", "log.retention_days", "30"]));
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(gw.stop(), Some(0));
+        gw.start().unwrap();
+        mb_testkit::wait_until("the pass at start", Duration::from_secs(20), || {
+            gw.log().contains("message log pruned events=1")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", gw.log()));
+        assert_eq!(logged(gw, &["--since", "60d"]), ["Q4", "Q3", "Q2", "Q1"]);
+    });
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_listener_requires_the_api_key_and_logs_failures_for_fail2ban() {
     let fail2ban = mb_testkit::require("fail2ban-regex", "fail2ban");

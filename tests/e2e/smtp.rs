@@ -1118,14 +1118,21 @@ fn mb_queue_lists_shows_holds_releases_and_deletes() {
     let (code, _, err) = q(&["release", &ids[0]]);
     assert_eq!(code, 1);
     assert!(err.contains("is not on hold"), "{err}");
-    assert_eq!(q(&["release", &ids[1]]).0, 0);
+    // Change commands print one JSON object with --json.
+    let (code, out, _) = q(&["--json", "release", &ids[1]]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"], ids[1].as_str(), "{v}");
     assert!(s.gw.path(&format!("spool/incoming/{}", ids[1])).exists());
 
     let (code, _, err) = q(&["show", "../../etc/passwd"]);
     assert_eq!(code, 1, "{err}");
     let (code, _, _) = q(&["show", "ABCDEF"]);
     assert_eq!(code, 1);
-    assert_eq!(q(&["delete", &ids[2]]).0, 0);
+    let (code, out, _) = q(&["--json", "delete", &ids[2]]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["deleted"], 1, "{v}");
     let (code, out, _) = q(&["delete", "--all"]);
     assert_eq!(code, 0);
     assert!(out.contains("deleted 2 message(s)"), "{out}");

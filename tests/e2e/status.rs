@@ -78,6 +78,26 @@ fn exit_codes_and_json_shape() {
         "{out}"
     );
 
+    // --verbose adds every counter, one per line and sorted by name (a set and an unset
+    // give mb-rpcd two).
+    for args in [
+        &["set", "spam.threshold.tag", "4.5"][..],
+        &["unset", "spam.threshold.tag"],
+    ] {
+        assert_eq!(text(&gw.tool("mb-config", args)).0, 0);
+    }
+    let (code, out, _) = text(&gw.tool("mb-status", &["--verbose"]));
+    assert_eq!(code, 0);
+    let counters: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("mb-rpcd (version"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert!(counters.len() >= 2, "{out}");
+    assert!(counters.is_sorted(), "{counters:?}");
+
     // Redis down: unhealthy, and said so.
     drop(redis);
     let (code, v, _) = status(&gw);

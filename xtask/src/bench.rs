@@ -346,8 +346,9 @@ impl BenchGateway {
                 fs::write(cache.join(name), bench_policies())?;
             }
         }
+        // No mb-rpcd in the bench: the daemons start on the file without waiting for it.
         let config_text = format!(
-            "process.user = \"\"\n\
+            "process.user = \"\"\nprocess.config_wait = \"0s\"\n\
              [paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\
              [log]\nlevel = \"warn\"\n\
              [network.smtp]\nlisten = \"127.0.0.1\"\nport = {port}\nmax_connections = 1000\nmax_per_source = 1000\n\

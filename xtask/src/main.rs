@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask up|down|test|install|gen-config`.
+//! Project automation: `cargo xtask up|down|test|install|gen-config|bench|fuzz`.
 
 use std::fs;
 use std::io::Write;
@@ -62,6 +62,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "python3-authres",
         "/usr/lib/python3/dist-packages/authres/__init__.py",
     ),
+    // The log search benchmark fills SQLite with its own client.
+    ("sqlite3", "/usr/bin/sqlite3"),
+    // man and groff check the manual pages `install` writes.
+    ("man-db", "/usr/bin/man"),
+    ("groff-base", "/usr/bin/groff"),
     // OpenDKIM's miltertest, an independent milter client for the mb-milter tests.
     ("miltertest", "/usr/bin/miltertest"),
 ];
@@ -105,6 +110,16 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Fuzz the parsers of untrusted input with libFuzzer (installs cargo-fuzz on first
+    /// use); new inputs are kept in fuzz/corpus/TARGET, crashes in fuzz/artifacts/TARGET
+    Fuzz {
+        /// One target (default: each in turn): smtp_command, smtp_data, smtp_reply,
+        /// milter_frame, mime_attachments, archive, config_value, config_file
+        target: Option<String>,
+        /// Seconds per target
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Regenerate etc/mailborder/mailborder.toml from the key registry
     GenConfig,
     /// Measure throughput, CPU and memory side by side: smtp-source into smtp-sink
@@ -128,6 +143,10 @@ enum Cmd {
         /// Also measure Postfix with mb-milter (two mb-filter workers) in its smtpd_milters
         #[arg(long)]
         milter: bool,
+        /// Instead of mail: time mb-log's searches over a million events on SQLite,
+        /// MariaDB and PostgreSQL
+        #[arg(long)]
+        log_search: bool,
     },
 }
 
@@ -144,6 +163,7 @@ fn main() -> ExitCode {
             no_build,
         } => install(&destdir, &prefix, debug, no_build),
         Cmd::GenConfig => gen_config(),
+        Cmd::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds, true),
         Cmd::Bench {
             messages,
             sessions,
@@ -151,8 +171,13 @@ fn main() -> ExitCode {
             debug,
             filter,
             milter,
+            log_search,
         } => (|| {
             ensure_test_packages()?;
+            if log_search {
+                run(cargo().args(["build", "--workspace", "--bins"]))?;
+                return logsearch::bench();
+            }
             let profile = if debug { "debug" } else { "release" };
             let mut build = cargo();
             build.args([
@@ -190,6 +215,8 @@ fn main() -> ExitCode {
 }
 
 mod bench;
+mod fuzz;
+mod logsearch;
 #[cfg(test)]
 mod tidy;
 
@@ -332,6 +359,9 @@ fn disable_services(installed: &[&str]) -> Result<()> {
         .args(&units))
 }
 
+/// Seconds per fuzz target at the end of `cargo xtask test`.
+const FUZZ_SMOKE_SECONDS: u64 = 20;
+
 fn test(extra: &[String]) -> Result<()> {
     ensure_test_packages()?;
     let started = Instant::now();
@@ -340,6 +370,9 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra))?;
+    // A short run of every fuzz target over its kept corpus: a parser change that
+    // panics on an input found before fails here.
+    fuzz::fuzz(None, FUZZ_SMOKE_SECONDS, false)?;
     eprintln!(
         "xtask: all tests passed in {:.0}s",
         started.elapsed().as_secs_f64()
@@ -566,6 +599,52 @@ fn stop_pids(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Manual pages (section 8 for the daemons, 1 for the tools) and bash, zsh and fish
+/// completions, each written by the program itself from its clap definition
+/// (`mb_runtime::docs`), laid out under `share` where Debian's man and shells look.
+fn write_docs(bin: &Path, share: &Path) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let programs = DAEMONS
+        .iter()
+        .map(|d| (d, "8"))
+        .chain(TOOLS.iter().map(|t| (t, "1")));
+    for (program, section) in programs {
+        let exe = bin.join(program);
+        if !exe.exists() {
+            continue;
+        }
+        run(Command::new(&exe)
+            .env("MB_WRITE_DOCS", tmp.path())
+            .env("MB_WRITE_DOCS_SECTION", section))?;
+    }
+    let places = [
+        ("man", "man"),
+        ("completions/bash", "bash-completion/completions"),
+        ("completions/zsh", "zsh/vendor-completions"),
+        ("completions/fish", "fish/vendor_completions.d"),
+    ];
+    for (from, to) in places {
+        copy_tree(&tmp.path().join(from), &share.join(to))?;
+    }
+    Ok(())
+}
+
+/// Copies the files of a directory tree, creating directories as needed.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)
+                .with_context(|| format!("cannot copy {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn gen_config() -> Result<()> {
     let path = root().join("etc/mailborder/mailborder.toml");
     fs::create_dir_all(path.parent().unwrap_or(&path))?;
@@ -608,6 +687,7 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
     for t in TOOLS {
         copy_exe(&bin.join(t), &bindir.join(t))?;
     }
+    write_docs(&bin, &under(&format!("{prefix}/share")))?;
     for entry in fs::read_dir(src.join("systemd"))? {
         let entry = entry?;
         let text =

@@ -15,6 +15,10 @@ mb-smtpd bans sources that connect faster than network.protection.autoban.rate, 
 protected mode trusts an address for a day after a successful AUTH. Changes made here
 reach mb-smtpd within a few seconds.
 
+An entry is an address (192.0.2.7) or a network (192.0.2.0/24, 2001:db8::/64; at most a
+/8 or a /16) that covers every address inside it. An IPv6 client is its whole network of
+network.smtp.ipv6_prefix bits (default /64): banning one IPv6 address bans that network.
+
 Exit status: 0 success, 1 refused (bad address or duration, no such entry), 2 usage
 error, 69 mb-rpcd could not be reached, 77 permission denied.";
 
@@ -36,8 +40,9 @@ struct Args {
 enum Command {
     /// Show banned and trusted addresses with the time left
     List,
-    /// Ban an address from every mail port
+    /// Ban an address or a network (192.0.2.0/24, 2001:db8::/64) from every mail port
     Add {
+        /// Address or network
         ip: String,
         /// How long, e.g. 1h, 2d
         #[arg(long = "for", default_value = "1h")]
@@ -45,9 +50,9 @@ enum Command {
         #[arg(long, default_value = "banned by an administrator")]
         reason: String,
     },
-    /// Lift a ban
+    /// Lift a ban (of an address or a network, as listed)
     Del { ip: String },
-    /// Trust an address (protected mode opens submission to it)
+    /// Trust an address or a network (protected mode opens submission to it)
     Trust {
         ip: String,
         #[arg(long = "for", default_value = "1d")]
@@ -68,7 +73,7 @@ fn seconds(text: &str) -> Result<u64, Failure> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-ban", run(args))
 }
 

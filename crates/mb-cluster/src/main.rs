@@ -100,7 +100,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     if let Command::Daemon { log_format } = args.command {
         let flags = mb_runtime::daemon::Flags {
             config: args.config,
@@ -346,9 +346,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .remove_node(RemoveNodeRequest { name: node.clone() })
                 .await
                 .map_err(grpc("mb-cluster"))?;
-            if !args.json {
-                println!("{node} removed; its certificate is refused from now on");
-            }
+            mb_runtime::cli::changed(
+                args.json,
+                &json!({ "removed": node }),
+                format_args!("{node} removed; its certificate is refused from now on"),
+            );
         }
         Command::Promote => {
             let r = local(&cfg)
@@ -392,9 +394,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc("mb-cluster"))?;
             set_keys(&cfg, &[("cluster.main", main.clone())]).await?;
-            if !args.json {
-                println!("following {main_name} at {main}");
-            }
+            mb_runtime::cli::changed(
+                args.json,
+                &json!({ "main": main, "main_name": main_name }),
+                format_args!("following {main_name} at {main}"),
+            );
         }
         Command::Leave { force } => {
             local(&cfg)
@@ -403,9 +407,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc("mb-cluster"))?;
             set_keys(&cfg, &[("cluster.enabled", "false".into())]).await?;
-            if !args.json {
-                println!("this node left the cluster; its configuration is its own again");
-            }
+            mb_runtime::cli::changed(
+                args.json,
+                &json!({ "left": true }),
+                format_args!("this node left the cluster; its configuration is its own again"),
+            );
         }
         Command::Sync => {
             let r = local(&cfg)

@@ -10,7 +10,8 @@ use mb_core::registry::KEYS;
 use mb_proto::v1::config_client::ConfigClient;
 use mb_proto::v1::control_client::ControlClient;
 use mb_proto::v1::{
-    self, GetRequest, HistoryRequest, ListRequest, ReloadRequest, SetRequest, UnsetRequest,
+    self, GetRequest, HistoryRequest, ListRequest, ReloadRequest, RunningConfigRequest, SetRequest,
+    UnsetRequest,
 };
 use mb_runtime::cli::{self, Failure};
 use serde_json::{Value as Json, json};
@@ -24,6 +25,7 @@ Examples:
   mb-config set network.submission.require_tls true
   mb-config get network.dns.cache.ttl
   mb-config show network.smtp
+  mb-config show --daemon mb-filter@1 network.dns
   mb-config list spam";
 
 /// Read and change the Mailborder configuration.
@@ -56,8 +58,13 @@ enum Command {
         /// Only keys under this section, e.g. network.smtp
         section: Option<String>,
         /// Print secret values instead of masking them
-        #[arg(long)]
+        #[arg(long, conflicts_with = "daemon")]
         show_secrets: bool,
+        /// What a running daemon uses instead (mb-smtpd, mb-filter@1, ...): its
+        /// configuration generation and the values of the keys it reads, restart-only
+        /// keys as it started with them (secrets always masked)
+        #[arg(long, value_name = "NAME")]
+        daemon: Option<String>,
     },
     /// Every key with type, default, range and description (works without mb-rpcd)
     List {
@@ -81,7 +88,7 @@ fn grpc(e: tonic::Status) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-config", run(args))
 }
 
@@ -93,6 +100,14 @@ async fn run(args: Args) -> Result<(), Failure> {
         _ => {}
     }
     let cfg = mb_runtime::load_config_for_tool("mb-config", args.config.as_deref());
+    if let Command::Show {
+        section,
+        daemon: Some(daemon),
+        ..
+    } = &args.command
+    {
+        return show_daemon(&cfg, daemon, section.as_deref().unwrap_or_default(), json).await;
+    }
     let socket = cfg.socket("mb-rpcd");
     let channel = mb_runtime::uds::connect(&socket, "mb-rpcd").await?;
     let mut client = ConfigClient::new(channel.clone());
@@ -170,6 +185,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Show {
             section,
             show_secrets,
+            ..
         } => {
             let prefix = section.unwrap_or_default();
             let r = client
@@ -343,6 +359,69 @@ fn list(section: Option<&str>, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `show --daemon`: asks the daemon itself (it answers while mb-rpcd is down, and
+/// says so).
+async fn show_daemon(
+    cfg: &mb_core::Config,
+    daemon: &str,
+    prefix: &str,
+    json: bool,
+) -> Result<(), Failure> {
+    let socket = cfg.socket(&daemon.replace('@', "-"));
+    let channel = mb_runtime::uds::connect(&socket, daemon).await?;
+    let r = ControlClient::new(channel)
+        .running_config(RunningConfigRequest {
+            prefix: prefix.to_string(),
+        })
+        .await
+        .map_err(|s| cli::grpc(daemon, &s))?
+        .into_inner();
+    if json {
+        let values: Vec<Json> = r
+            .values
+            .iter()
+            .map(|v| {
+                json!({
+                    "key": v.key, "value": v.value, "source": v.source, "restart": v.restart,
+                    "pending": v.pending, "secret": v.secret,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "daemon": r.daemon, "generation": r.generation, "confirmed": r.confirmed,
+            "values": values,
+        }));
+        return Ok(());
+    }
+    println!(
+        "# {}: configuration generation {}, {}",
+        r.daemon,
+        r.generation,
+        if r.confirmed {
+            "confirmed by mb-rpcd"
+        } else {
+            "running on its cached overrides (mb-rpcd unreachable)"
+        }
+    );
+    let width = r.values.iter().map(|v| v.key.len()).max().unwrap_or(0);
+    for v in &r.values {
+        let value = if v.value.is_empty() {
+            "\"\"".to_string()
+        } else {
+            v.value.clone()
+        };
+        let mut note = v.source.clone();
+        if v.restart {
+            note.push_str(", restart");
+        }
+        if let Some(p) = &v.pending {
+            note.push_str(&format!("; a restart applies {p}"));
+        }
+        println!("{:width$} = {value}  # {note}", v.key);
+    }
+    Ok(())
+}
+
 fn validate(file: Option<PathBuf>, json: bool) -> Result<(), Failure> {
     let (path, named) = mb_runtime::config_path(file.as_deref());
     if !named && !path.exists() {
@@ -351,21 +430,29 @@ fn validate(file: Option<PathBuf>, json: bool) -> Result<(), Failure> {
             anyhow!("{} does not exist; name a file to check", path.display()),
         ));
     }
+    let mut warnings: Vec<String> = Vec::new();
     let problems: Vec<String> = match mb_core::Config::load_file(&path) {
-        Ok(cfg) => cfg
-            .check()
-            .into_iter()
-            .map(|p| format!("{}: {p}", path.display()))
-            .collect(),
+        Ok(cfg) => {
+            warnings = cfg.notices.iter().map(ToString::to_string).collect();
+            cfg.check()
+                .into_iter()
+                .map(|p| format!("{}: {p}", path.display()))
+                .collect()
+        }
         Err(errors) => errors.iter().map(ToString::to_string).collect(),
     };
     if json {
-        print_json(
-            &json!({"file": path.display().to_string(), "valid": problems.is_empty(), "errors": problems}),
-        );
-    } else if problems.is_empty() {
-        println!("{}: valid", path.display());
+        print_json(&json!({
+            "file": path.display().to_string(), "valid": problems.is_empty(),
+            "errors": problems, "warnings": warnings,
+        }));
     } else {
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        if problems.is_empty() {
+            println!("{}: valid", path.display());
+        }
         for p in &problems {
             eprintln!("{p}");
         }

@@ -114,6 +114,9 @@ pub struct Config {
     entries: BTreeMap<&'static str, Entry>,
     /// The file the configuration was read from, if any.
     pub file: Option<PathBuf>,
+    /// What the file sets that is ignored with a warning rather than refused: keys this
+    /// version dropped (`registry::REMOVED`).
+    pub notices: Vec<FileError>,
 }
 
 impl Default for Config {
@@ -138,6 +141,7 @@ impl Default for Config {
         Config {
             entries,
             file: None,
+            notices: Vec::new(),
         }
     }
 }
@@ -226,6 +230,10 @@ impl Config {
         let mut errors = Vec::new();
         for (key, value) in flat {
             let span = spans.get(&key).cloned().unwrap_or(0..0);
+            if let Some((_, why)) = registry::REMOVED.iter().find(|(k, _)| *k == key) {
+                cfg.notices.push(at(span, Some(key), (*why).to_string()));
+                continue;
+            }
             let Some(def) = registry::find(&key) else {
                 let message = match value {
                     Flat::Value(_) => format!("unknown key{}", hint(&registry::nearest(&key))),
@@ -851,5 +859,23 @@ mod tests {
             redact_url("sqlite:///var/lib/x.db"),
             "sqlite:///var/lib/x.db"
         );
+    }
+
+    #[test]
+    fn a_removed_key_in_a_file_is_a_notice_not_an_error() {
+        let cfg = Config::from_toml_str(
+            "[network.tls]\nmin_version = \"1.3\"\ndhparam = \"/etc/ssl/dh.pem\"\n",
+            "m.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.text("network.tls.min_version"), "1.3");
+        let notices: Vec<String> = cfg.notices.iter().map(ToString::to_string).collect();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].starts_with("m.toml:3:1: network.tls.dhparam: removed:"),
+            "{notices:?}"
+        );
+        // A key that never existed is still an error.
+        assert!(Config::from_toml_str("[network.tls]\ndhparams = \"x\"\n", "m.toml").is_err());
     }
 }

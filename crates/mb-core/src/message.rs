@@ -7,7 +7,9 @@
 /// gateway passes on or quarantines, whatever its direction, whether its sender was
 /// authenticated and whichever step decided; it is here so that a path that passes
 /// mail on unscanned can remove the same fields. Downstream filters and mail clients
-/// act on them (Sieve rules on X-Spam-Flag, clients showing Authentication-Results).
+/// act on them (Sieve rules on X-Spam-Flag or on X-Spam-Level's stars, which
+/// SpamAssassin writes and many sites still match, clients showing
+/// Authentication-Results).
 /// RFC 8601 5 asks a border MTA to remove results claiming its own authserv-id; results
 /// from before the border are not ours to trust either, so every Authentication-Results
 /// goes and ours alone is added. ARC-Authentication-Results stay: their sealer signed
@@ -17,6 +19,7 @@ pub const FORGEABLE: &[&str] = &[
     "X-Spam-Score",
     "X-Spam-Status",
     "X-Spam-Flag",
+    "X-Spam-Level",
     "Authentication-Results",
 ];
 

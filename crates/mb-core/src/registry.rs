@@ -203,12 +203,15 @@ pub static KEYS: &[KeyDef] = &[
     k("paths.run_dir", Kind::Path, "/var/run/mailborder", "Directory of the daemons' gRPC sockets").file_only(),
     k("paths.spool_dir", Kind::Path, "/var/spool/mailborder", "Mail spool: incoming, deferred, hold, quarantine").file_only(),
     k("paths.data_dir", Kind::Path, "/var/lib/mailborder", "State: the SQLite database, the cached configuration, keys").file_only(),
-    k("paths.log_dir", Kind::Path, "/var/log/mailborder", "Log files when not logging to the journal").file_only(),
+    k("paths.log_dir", Kind::Path, "/var/log/mailborder", "Directory of the daemons' log files (DAEMON.log) when log.files is true").file_only(),
     // Logging.
     k("log.level", Kind::Enum(&["error", "warn", "info", "debug", "trace"]), "info", "Least severe level written to the log"),
+    k("log.retention_days", int(0, 3650), "30", "Days the message log (mb-log) keeps events, those uploaded by cluster children included; 0 keeps them forever. Pruned at start and every 5 minutes").by(R),
     k("log.format", Kind::Enum(&["text", "json"]), "text", "Log line format: text for people and fail2ban, json for collectors"),
+    k("log.files", BOOL, "false", "Also append each daemon's log lines to paths.log_dir/DAEMON.log, reopened on SIGHUP for logrotate; stderr (the journal) gets them either way").file_only(),
     // Process identity.
     k("process.user", Kind::Text { max: 32 }, "mailborder", "User a daemon started as root switches to after binding its ports; empty to stay root").file_only(),
+    k("process.config_wait", secs(0, 300), "5s", "How long a daemon waits at start for mb-rpcd's current overrides before it binds anything; then it starts on its cached overrides (or the file) and warns which restart-only keys it could not confirm").by(&[SMTPD, FILTER, MILTER, CLUSTER]).file_only(),
     // Database and Redis.
     k("database.url", TEXT, "", "Database URL: empty for SQLite under paths.data_dir, or sqlite://, mysql:// (MariaDB), postgres://").by(R).secret().file_only(),
     k("database.max_connections", int(1, 1000), "10", "Connections in mb-rpcd's database pool").by(R).file_only(),
@@ -217,10 +220,13 @@ pub static KEYS: &[KeyDef] = &[
     k("network.smtp.listen", V4, "0.0.0.0", "IPv4 addresses mb-smtpd listens on for SMTP").by(S).local(),
     k("network.smtp.listen_ipv6", V6, "::", "IPv6 addresses mb-smtpd listens on when network.ipv6.enabled is true").by(S).local(),
     k("network.smtp.port", PORT, "25", "SMTP port for mail from the internet").by(S).local(),
-    k("network.smtp.max_connections", int(1, 100_000), "100", "Concurrent SMTP connections in total").by(S),
-    k("network.smtp.max_per_source", int(1, 100_000), "10", "Concurrent SMTP connections from one client IP").by(S),
-    k("network.smtp.connection_rate", int(1, 1_000_000), "20", "New SMTP connections accepted per second in total").by(S),
-    k("network.smtp.rate_per_source", int(1, 1_000_000), "2", "New SMTP connections accepted per second from one client IP").by(S),
+    k("network.smtp.max_connections", int(1, 100_000), "100", "Concurrent connections on the SMTP port (25); submission, SMTPS and reinjection have pools of their own").by(S),
+    k("network.smtp.max_per_source", int(1, 100_000), "10", "Concurrent connections from one client (an IPv4 address or an IPv6 network of network.smtp.ipv6_prefix bits)").by(S),
+    k("network.smtp.connection_rate", int(1, 1_000_000), "20", "New connections admitted per second on each of the SMTP, submission and SMTPS listeners (refused connections do not count; reinjection is not limited)").by(S),
+    k("network.smtp.rate_per_source", int(1, 1_000_000), "2", "New connections per second from one client (an IPv4 address or an IPv6 network of network.smtp.ipv6_prefix bits)").by(S),
+    k("network.smtp.ipv6_prefix", int(32, 128), "64", "Length of the IPv6 network counted as one client by the per-client limits, rates and bans").by(S),
+    k("network.smtp.tls_handshake_timeout", secs(1, 600), "10s", "Time allowed for a TLS handshake (SMTPS and STARTTLS)").by(S),
+    k("network.smtp.session_lifetime", secs(10, 7 * DAY), "1h", "Longest SMTP session: an older one gets 421 4.4.2 at its next command, or at once when idle").by(S),
     k("network.smtp.timeout", secs(1, 3600), "5m", "Idle time allowed between SMTP commands and while receiving DATA").by(S),
     k("network.smtp.tls.inbound", Kind::Enum(&["none", "enabled", "mandatory"]), "enabled", "STARTTLS for senders: not offered, offered, or required").by(S),
     k("network.smtp.tls.outbound", Kind::Enum(&["none", "opportunistic", "mandatory"]), "opportunistic", "TLS when delivering to other servers: never, when offered, or required").by(S),
@@ -230,22 +236,24 @@ pub static KEYS: &[KeyDef] = &[
     k("network.submission.port", PORT, "587", "Submission port").by(S).local(),
     k("network.submission.require_auth", BOOL, "true", "Refuse mail on the submission port without AUTH").by(S),
     k("network.submission.require_tls", BOOL, "true", "Refuse MAIL on the submission port before STARTTLS").by(S),
+    k("network.submission.max_connections", int(1, 100_000), "100", "Concurrent connections on the submission port").by(S),
     k("network.smtps.enabled", BOOL, "false", "Listen for SMTP over implicit TLS").by(S).local(),
     k("network.smtps.port", PORT, "465", "SMTPS (implicit TLS) port").by(S).local(),
+    k("network.smtps.max_connections", int(1, 100_000), "100", "Concurrent connections on the SMTPS port").by(S),
     k("network.reinject.listen", Kind::Ip, "127.0.0.1", "Address of the unfiltered reinjection listener (local clients only)").by(S).local(),
     k("network.reinject.port", PORT, "10025", "Port of the unfiltered reinjection listener").by(S).local(),
+    k("network.reinject.max_connections", int(1, 100_000), "100", "Concurrent connections on the reinjection listener (never limited by port 25's load)").by(S),
     // TLS in general.
     k("network.tls.min_version", Kind::Enum(&["1.2", "1.3"]), "1.2", "Oldest TLS version accepted"),
     k("network.tls.versions", Kind::EnumList(&["1.2", "1.3"]), "1.2,1.3", "TLS versions offered"),
     k("network.tls.ciphers", TEXT, "", "OpenSSL-style cipher list to restrict TLS 1.2 suites to; empty for the built-in strong set"),
     k("network.tls.prefer_server_ciphers", BOOL, "true", "Choose the cipher by the server's order of preference"),
-    k("network.tls.dhparam", Kind::Path, "", "Accepted for compatibility; the TLS stack uses ECDHE only, so DH parameters are not used"),
     k("network.ipv6.enabled", BOOL, "false", "Listen on IPv6 addresses too").local(),
     // DNS.
     k("network.dns.servers", Kind::DnsServers, "system", "Resolvers: system (from /etc/resolv.conf) or a list of IP, IP:port"),
     k("network.dns.cache.enabled", BOOL, "true", "Cache DNS answers in each daemon"),
     k("network.dns.cache.ttl", secs(1, DAY), "5m", "Longest time a cached DNS answer is kept"),
-    k("network.dns.dnssec", BOOL, "false", "Validate DNSSEC signatures"),
+    k("network.dns.dnssec", BOOL, "false", "Validate DNSSEC signatures up to the root trust anchor; an answer that fails validation counts as a DNS failure (SPF temperror, delivery deferred)"),
     // mb-rpcd's optional TCP listener.
     k("network.rpcd.tcp.enabled", BOOL, "false", "Serve the mb-rpcd API on TCP as well as on its Unix socket").by(R).local(),
     k("network.rpcd.tcp.bind", Kind::Ip, "127.0.0.1", "Address of the mb-rpcd TCP listener; beyond loopback TLS and an API key are required").by(R).local(),
@@ -300,6 +308,7 @@ pub static KEYS: &[KeyDef] = &[
     k("queue.destination_concurrency", int(1, 1000), "20", "Deliveries in progress at once to one destination (domain or relay host)").by(S),
     k("queue.recipient_limit", int(1, 1000), "50", "Recipients sent in one transaction").by(S),
     k("queue.connect_timeout", secs(1, 600), "30s", "Time allowed to connect to a next hop and read its greeting").by(S),
+    k("queue.min_free_space", Kind::Size { min: 0, max: 1 << 50 }, "1G", "Free space the spool's filesystem must keep: below it MAIL and RCPT get 452 4.3.1 and quarantine writes are refused (0 turns the check off)").by(SF),
     k("queue.mx_port", PORT, "25", "Port used for MX delivery (as Postfix's smtp_tcp_port); change only for testing").by(S),
     // Spam.
     k("spam.subject_tag", TEXT, "[SPAM]", "Prefix written before the Subject when Rspamd's action is rewrite subject and Rspamd proposes no Subject of its own").by(F),
@@ -361,6 +370,14 @@ pub static KEYS: &[KeyDef] = &[
     k("cluster.main", Kind::Text { max: 260 }, "", "The main node as host:port (children only)").by(C).local(),
     k("cluster.heartbeat", secs(1, 3600), "10s", "Interval between heartbeats").by(C),
 ];
+
+/// Keys that earlier versions accepted and this one dropped, with what to do instead: a
+/// file that still sets one starts with a warning ([`crate::Config::notices`]), not an
+/// error, so an upgrade does not stop a gateway over a setting that did nothing.
+pub static REMOVED: &[(&str, &str)] = &[(
+    "network.tls.dhparam",
+    "removed: the TLS stack (rustls) uses ECDHE key exchange only and has no use for DH parameters; delete the line",
+)];
 
 /// Looks up a key by its exact name.
 pub fn find(key: &str) -> Option<&'static KeyDef> {
@@ -483,7 +500,6 @@ mod tests {
             "network.submission.require_tls",
             "network.dns.cache.ttl",
             "network.rpcd.tcp.api_key",
-            "network.tls.dhparam",
             "network.https.rate_burst",
             "network.http.redirect_to_https",
             "network.protection.autoban.rate",
@@ -494,6 +510,11 @@ mod tests {
         ] {
             assert!(find(key).is_some(), "{key}");
         }
+        // Named in the documents, but meaningless to rustls: dropped, a file keeping it
+        // is warned.
+        assert!(find("network.tls.dhparam").is_none());
+        assert!(REMOVED.iter().any(|(k, _)| *k == "network.tls.dhparam"));
+        assert!(REMOVED.iter().all(|(k, _)| find(k).is_none()));
     }
 
     #[test]

@@ -72,7 +72,7 @@ enum Command {
 struct Failure(u8, String);
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {

@@ -175,8 +175,14 @@ impl AttachmentFindings {
         }
         // A file name has no use for a right-to-left override or an isolate except to
         // show its extension somewhere else than where it is (`invoice<RLO>fdp.exe` reads
-        // `invoiceexe.pdf`): it scores the default quarantine threshold on its own.
-        if !self.bidi_names.is_empty() {
+        // `invoiceexe.pdf`): it scores the default quarantine threshold on its own, and
+        // quarantines the message whatever else it scores, as the sender's own SPF and
+        // DKIM passes (worth -1.5, and free for any domain) would otherwise buy such a
+        // message down to a tag.
+        if let Some(first) = self.bidi_names.first() {
+            out.quarantine.get_or_insert(format!(
+                "attachment name {first:?} hides its extension with bidi control characters"
+            ));
             out.symbols
                 .push(symbol("FILENAME_BIDI", 6.0, listed(&self.bidi_names)));
         }
@@ -580,6 +586,32 @@ mod tests {
         assert_eq!(
             check_attachments(&m, &rules()).blocked,
             vec![r#"attachment "x.exe" is of a blocked type"#]
+        );
+    }
+
+    #[test]
+    fn a_bidi_control_in_a_name_quarantines_whatever_the_score() {
+        let found = check(
+            "Content-Type: text/plain\n\
+             Content-Disposition: attachment; filename*=UTF-8''report%E2%80%AEfdp.txt",
+        );
+        assert!(found.blocked.is_empty(), "{:?}", found.blocked);
+        let judged = found.judge(&rules());
+        assert!(
+            judged
+                .quarantine
+                .as_deref()
+                .is_some_and(|q| q.contains("bidi control characters")),
+            "{:?}",
+            judged.quarantine
+        );
+        assert_eq!(judged.symbols[0].name, "FILENAME_BIDI");
+        // A harmless name quarantines nothing.
+        assert!(
+            check("Content-Type: text/plain; name=\"report.txt\"")
+                .judge(&rules())
+                .quarantine
+                .is_none()
         );
     }
 

@@ -1,14 +1,13 @@
-//! Sender authentication with mail-auth: SPF (RFC 7208) for the MAIL FROM and HELO
-//! identities, DKIM (RFC 6376) signatures, DMARC (RFC 7489) alignment and policy, all
-//! through a hickory resolver on `network.dns.servers`; the results become one
-//! `Authentication-Results` field (RFC 8601) and scoring symbols.
+//! Sender authentication: SPF (RFC 7208) for the MAIL FROM identity (HELO for the null
+//! sender) by `crate::spf`, and with mail-auth DKIM (RFC 6376) signatures, DMARC (RFC
+//! 7489) alignment and policy, all through a hickory resolver on `network.dns.servers`;
+//! the results become one `Authentication-Results` field (RFC 8601) and scoring symbols.
 
 use std::net::IpAddr;
 
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::hickory_resolver::net::NetError;
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcOutput, DmarcResult, IprevResult,
     MessageAuthenticator, SpfResult,
@@ -106,10 +105,15 @@ impl Auth {
             .unwrap_or(1)
             .max(1);
         let signed = limit_signatures(&mut message, max, &from_domains);
-        let spf = self
-            .0
-            .verify_spf(SpfParameters::verify(ip, helo, hostname, sender))
-            .await;
+        // SPF by RFC 7208 (crate::spf), not mail-auth's lenient evaluator; its result
+        // is the SpfOutput DMARC and Authentication-Results below are given.
+        let request = crate::spf::Request {
+            ip,
+            helo,
+            sender,
+            receiver: hostname,
+        };
+        let spf = crate::spf::verify(self.0.resolver(), &request).await;
         let dkim = self.0.verify_dkim(&message).await;
         // ARC (RFC 8617): the chain of earlier authentication results, e.g. a mailing list
         // that broke the signature but sealed what it saw.

@@ -61,6 +61,13 @@ pub fn header_symbols(message: &Message<'_>) -> Vec<Symbol> {
     let mut out = Vec::new();
     match count(HeaderName::From) {
         0 => out.push(symbol("MISSING_FROM", 2.0, "no From field")),
+        // An empty From, or one without an address, names no author either: scored as
+        // a missing one, so `From:` alone cannot halve what an anonymous message scores.
+        1 if no_author(message).is_some() => out.push(symbol(
+            "MISSING_FROM",
+            2.0,
+            "no address with a domain in From",
+        )),
         1 => {}
         n => out.push(symbol("MULTIPLE_FROM", 3.0, format!("{n} From fields"))),
     }
@@ -242,8 +249,14 @@ fn apply_policy(ctx: &mut Context<'_>) -> Step<Thresholds> {
     ControlFlow::Continue(Thresholds::new(ctx.cfg, &outcome.scoring()))
 }
 
-/// Parse: what cannot be parsed as a mail message is refused.
+/// Parse: what cannot be parsed as a mail message is refused, and so is what mb-smtpd
+/// refuses while it reads DATA (`unsendable`), with its words: behind Postfix (content
+/// filter, milter) the same message would otherwise be delivered, and the three ways a
+/// site deploys the gateway would judge one message differently.
 fn parse(raw: &[u8]) -> Step<Message<'_>> {
+    if let Some(text) = unsendable(raw) {
+        return ControlFlow::Break(refuse(Action::Reject, UNPARSABLE, text.into(), None));
+    }
     match MessageParser::default().parse(raw) {
         Some(message) => ControlFlow::Continue(message),
         None => ControlFlow::Break(refuse(
@@ -253,6 +266,19 @@ fn parse(raw: &[u8]) -> Step<Message<'_>> {
             None,
         )),
     }
+}
+
+/// What RFC 5321 and 5322 forbid in a message and mb-smtpd's DATA phase refuses, in the
+/// order it checks: a NUL byte (no mail software handles one alike; it truncates strings
+/// in C programs, so checkers and clients would see different messages), then a line
+/// longer than 998 characters (1000 with its CRLF, `mb_smtp::proto::MAX_TEXT_LINE`).
+fn unsendable(raw: &[u8]) -> Option<&'static str> {
+    if raw.contains(&0) {
+        return Some("Error: message contains a NUL byte");
+    }
+    raw.split_inclusive(|b| *b == b'\n')
+        .any(|line| line.len() > mb_smtp::proto::MAX_TEXT_LINE)
+        .then_some("Error: message has a line longer than 998 characters")
 }
 
 /// Attachments: a blocked file name on any part, or a blocked type or size of an
@@ -800,6 +826,43 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn what_mb_smtpd_refuses_while_reading_data_is_refused_with_its_words() {
+        assert_eq!(
+            unsendable(b"Subject: x\r\n\r\na\0b\r\n"),
+            Some("Error: message contains a NUL byte")
+        );
+        // 998 characters and the CRLF are allowed; one more is not.
+        let at_limit = format!("Subject: {}\r\n\r\nx\r\n", "y".repeat(989));
+        assert_eq!(unsendable(at_limit.as_bytes()), None);
+        let over = format!("Subject: x\r\n\r\n{}\r\n", "y".repeat(999));
+        assert_eq!(
+            unsendable(over.as_bytes()),
+            Some("Error: message has a line longer than 998 characters")
+        );
+        let ControlFlow::Break(v) = parse(over.as_bytes()) else {
+            panic!("parsed a message with a line over 998 characters");
+        };
+        assert_eq!(
+            (v.action, v.refusal.code, v.refusal.status),
+            (Action::Reject, Some(554), Some(EnhancedStatus::BAD_CONTENT))
+        );
+    }
+
+    #[test]
+    fn a_from_field_without_an_address_is_a_missing_author() {
+        let names = |raw: &str| -> Vec<String> {
+            let m = MessageParser::default().parse(raw.as_bytes()).unwrap();
+            header_symbols(&m).into_iter().map(|s| s.name).collect()
+        };
+        let rest = "To: b@c.example\r\nSubject: s\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\n\
+                    Message-ID: <m@c.example>\r\n\r\nbody\r\n";
+        assert_eq!(names(&format!("From:\r\n{rest}")), ["MISSING_FROM"]);
+        assert_eq!(names(&format!("From: nobody\r\n{rest}")), ["MISSING_FROM"]);
+        assert_eq!(names(rest), ["MISSING_FROM"]);
+        assert!(names(&format!("From: a@c.example\r\n{rest}")).is_empty());
+    }
+
     const CLEAN: &[u8] = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: hi\r\nDate: Sun, 22 Nov 2026 01:00:00 +0000\r\nMessage-ID: <1@b.example>\r\n\r\nhello\r\n";
 
     /// The address of a port nobody listens on (bound, then closed) is only known at run
@@ -1075,7 +1138,14 @@ mod tests {
     /// byte `virus_at` if given.
     fn message_of(size: usize, virus_at: Option<usize>) -> Vec<u8> {
         let mut m = CLEAN.to_vec();
-        m.resize(size, b'a');
+        // Lines of 80 characters: one longer than 998 would be refused before any scan.
+        let fill =
+            b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        while m.len() < size {
+            let n = fill.len().min(size - m.len());
+            m.extend_from_slice(&fill[..n]);
+        }
+        m.truncate(size);
         if let Some(at) = virus_at {
             m[at..at + 5].copy_from_slice(b"VIRUS");
         }

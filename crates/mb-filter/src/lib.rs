@@ -10,8 +10,10 @@ mod cases;
 pub mod cfilter;
 pub mod clamav;
 pub mod dkim;
+pub mod dns;
 pub mod engine;
 pub mod rspamd;
+pub mod spf;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,7 +70,8 @@ pub struct Stats {
 
 pub struct FilterService {
     pub follower: Follower,
-    pub auth: Option<auth::Auth>,
+    /// Sender authentication, rebuilt when `network.dns.*` changes; `None` in unit tests.
+    pub auth: Option<Arc<dns::LiveAuth>>,
     pub slots: Arc<Semaphore>,
     pub stats: Arc<Stats>,
     /// The message log (mb-rpcd); `None` in unit tests.
@@ -151,6 +154,11 @@ async fn quarantine(
         path: files::relative_path(at, &id),
     };
     let root = files::root(cfg);
+    let min = cfg.size("queue.min_free_space");
+    if let Some(free) = disk_guard(cfg).low(min) {
+        tracing::error!(id = %id, free, min, "quarantine write refused: the spool's filesystem is below queue.min_free_space; tempfailing the message");
+        return not_stored();
+    }
     let e = entry.clone();
     let saved = tokio::task::spawn_blocking(move || files::store(&root, &e, &stored)).await;
     match saved {
@@ -190,6 +198,13 @@ async fn quarantine(
 }
 
 /// The verdict when a quarantined message cannot be stored: the sender keeps it.
+/// Free space of the spool's filesystem (which holds the quarantine), read at most once a
+/// second by all scans of this worker. `paths.spool_dir` is read at start only.
+fn disk_guard(cfg: &mb_core::Config) -> &'static mb_runtime::diskfree::DiskGuard {
+    static GUARD: std::sync::OnceLock<mb_runtime::diskfree::DiskGuard> = std::sync::OnceLock::new();
+    GUARD.get_or_init(|| mb_runtime::diskfree::DiskGuard::new(&cfg.path("paths.spool_dir")))
+}
+
 fn not_stored() -> Verdict {
     Verdict::refuse(
         Action::Tempfail,
@@ -225,13 +240,14 @@ impl FilterService {
         message: &[u8],
     ) -> Verdict {
         let deadline = cfg.duration("filter.scan_timeout");
+        let auth = self.auth.as_ref().map(|a| a.current());
         let mut verdict = match tokio::time::timeout(
             deadline,
             engine::scan(
                 cfg,
                 request,
                 message,
-                self.auth.as_ref(),
+                auth.as_deref(),
                 &self.policies.current(),
             ),
         )
@@ -559,8 +575,10 @@ impl Daemon for Worker {
             follower: ctx.source.clone(),
             config: ctx.config.clone(),
         });
+        let auth = Arc::new(dns::LiveAuth::new(cfg, listeners.auth));
+        auth.clone().follow(&ctx.source, shutdown.clone());
         let service = Arc::new(FilterService {
-            auth: Some(listeners.auth),
+            auth: Some(auth),
             follower: ctx.source.clone(),
             slots: Arc::new(Semaphore::new(permits)),
             stats,

@@ -14,7 +14,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     let worker = mb_filter::Worker {
         instance: args.instance,
     };

@@ -22,6 +22,9 @@ Examples:
   mb-log --verdict reject --since 1d    what the filter refused today
   mb-log --to alice@example.org         everything for one recipient
   mb-log --id 18B2C0FFEE01A             one message's history
+  mb-log --subject invoice --since 7d   subjects containing invoice, any case
+  mb-log --client 192.0.2.7             what one client sent
+  mb-log --message-id '<x@example.org>' one message by its Message-ID
 
 Exit status: 0 success (also when nothing matched), 2 usage error, 69 mb-rpcd could not
 be reached, 77 permission denied.";
@@ -57,6 +60,15 @@ struct Args {
     /// Only this queue id
     #[arg(long)]
     id: Option<String>,
+    /// Only messages whose subject contains this text (ignoring case)
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only messages from this client address
+    #[arg(long, value_name = "IP")]
+    client: Option<std::net::IpAddr>,
+    /// Only the message with this Message-ID (with or without its angle brackets)
+    #[arg(long, value_name = "ID")]
+    message_id: Option<String>,
     /// At most this many events (the newest when more match)
     #[arg(long, default_value_t = 1000)]
     limit: u32,
@@ -69,7 +81,7 @@ fn when(ms: i64) -> String {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-log", run(args))
 }
 
@@ -99,7 +111,9 @@ async fn run(args: Args) -> Result<(), Failure> {
             None => Ok(default),
         }
     };
-    let since = if args.id.is_some() && args.since.is_none() {
+    // A message named by its identity is searched for over the whole log.
+    let named = args.id.is_some() || args.message_id.is_some();
+    let since = if named && args.since.is_none() {
         0
     } else {
         time("since", &args.since, now - 86_400_000)?
@@ -118,6 +132,9 @@ async fn run(args: Args) -> Result<(), Failure> {
             stage: args.stage.unwrap_or_default(),
             limit: args.limit,
             newest_first: true,
+            subject: args.subject.unwrap_or_default(),
+            client_ip: args.client.map(|ip| ip.to_string()).unwrap_or_default(),
+            message_id: args.message_id.unwrap_or_default(),
         })
         .await
         .map_err(|e| cli::grpc("mb-rpcd", &e))?

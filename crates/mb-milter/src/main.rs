@@ -11,5 +11,5 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    mb_runtime::daemon::main(mb_milter::Milter, Args::parse().flags)
+    mb_runtime::daemon::main(mb_milter::Milter, mb_runtime::docs::parse::<Args>().flags)
 }

@@ -167,7 +167,7 @@ fn object_of(pattern: &str) -> &'static str {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-policy", run(args))
 }
 
@@ -256,9 +256,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 },
             };
             client.delete(r).await.map_err(grpc)?;
-            if !args.json {
-                println!("removed {policy}");
-            }
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({ "removed": policy }),
+                format_args!("removed {policy}"),
+            );
         }
         Command::Test { from, to, ip } => {
             if let Some(ip) = &ip

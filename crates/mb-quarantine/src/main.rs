@@ -104,7 +104,7 @@ fn sender(s: &str) -> &str {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-quarantine", run(args))
 }
 
@@ -235,6 +235,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     anyhow!("name the message(s) to delete (mb-quarantine list shows ids)"),
                 ));
             }
+            let mut deleted = Vec::new();
             for id in ids {
                 q.delete(QuarantineId {
                     id: id.clone(),
@@ -245,6 +246,10 @@ async fn run(args: Args) -> Result<(), Failure> {
                 if !args.json {
                     mb_runtime::say!("{id}: deleted");
                 }
+                deleted.push(id);
+            }
+            if args.json {
+                println!("{}", serde_json::json!({ "deleted": deleted }));
             }
         }
         Command::Purge { older_than } => {

@@ -66,7 +66,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-queue", run(args))
 }
 
@@ -209,7 +209,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            mb_runtime::say!("{}: placed on hold", e.id);
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"id": e.id, "queue": "hold"}),
+                format_args!("{}: placed on hold", e.id),
+            );
         }
         Command::Release { id } => {
             let e = queue
@@ -217,7 +221,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            mb_runtime::say!("{}: released from hold", e.id);
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"id": e.id, "released": true}),
+                format_args!("{}: released from hold", e.id),
+            );
         }
         Command::Flush { id } => {
             let n = queue
@@ -228,7 +236,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner()
                 .flushed;
-            mb_runtime::say!("{n} deferred message(s) scheduled for delivery now");
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"flushed": n}),
+                format_args!("{n} deferred message(s) scheduled for delivery now"),
+            );
         }
         Command::Requeue { id } => {
             let e = queue
@@ -236,7 +248,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            mb_runtime::say!("{}: requeued", e.id);
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"id": e.id, "requeued": true}),
+                format_args!("{}: requeued", e.id),
+            );
         }
         Command::Delete {
             id,
@@ -265,7 +281,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .map_err(grpc)?
                 .into_inner()
                 .deleted;
-            mb_runtime::say!("deleted {n} message(s)");
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"deleted": n}),
+                format_args!("deleted {n} message(s)"),
+            );
         }
     }
     Ok(())

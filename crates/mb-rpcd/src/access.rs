@@ -37,9 +37,31 @@ fn kind(k: &str) -> Result<&'static str, Status> {
     }
 }
 
-fn ip(s: &str) -> Result<IpAddr, Status> {
-    s.parse()
-        .map_err(|_| Status::invalid_argument(format!("{s:?} is not an IP address")))
+/// An address or a network (`192.0.2.0/24`, `2001:db8::/64`) in the form it is stored
+/// in: an address alone, a network by its first address (`192.0.2.9/24` is
+/// `192.0.2.0/24`), so that one entry has one spelling.
+fn ip(s: &str) -> Result<String, Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{s:?} is not an IP address or network (192.0.2.1, 192.0.2.0/24, 2001:db8::/64)"
+        ))
+    };
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Ok(addr.to_string());
+    }
+    let net: ipnet::IpNet = s.parse().map_err(|_| bad())?;
+    // Wider than a /8 or a /16 would shut out a good part of the internet at once.
+    let min = if net.addr().is_ipv4() { 8 } else { 16 };
+    if net.prefix_len() < min {
+        return Err(Status::invalid_argument(format!(
+            "{s}: a network must be /{min} or narrower"
+        )));
+    }
+    if net.prefix_len() == net.max_prefix_len() {
+        return Ok(net.addr().to_string());
+    }
+    Ok(net.trunc().to_string())
 }
 
 fn db_status(e: crate::db::DbError) -> Status {
@@ -78,7 +100,7 @@ impl Access for AccessService {
                 "the duration must be between 1 second and 365 days",
             ));
         }
-        e.ip = addr.to_string();
+        e.ip = addr;
         e.reason.truncate(255);
         if e.added_by.is_empty() {
             e.added_by = who;
@@ -101,7 +123,7 @@ impl Access for AccessService {
         let who = caller(&req).name;
         let r = req.into_inner();
         let k = kind(&r.kind)?;
-        let addr = ip(&r.ip)?.to_string();
+        let addr = ip(&r.ip)?;
         let removed = self
             .store
             .db
@@ -124,5 +146,28 @@ fn to_wire(r: AccessRecord, now: i64) -> AccessEntry {
         reason: r.reason,
         added_by: r.added_by,
         created_at_unix: r.created_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip;
+
+    #[test]
+    fn addresses_and_networks_have_one_spelling() {
+        for (input, stored) in [
+            ("192.0.2.7", Some("192.0.2.7")),
+            ("192.0.2.7/32", Some("192.0.2.7")),
+            ("192.0.2.7/24", Some("192.0.2.0/24")),
+            ("2001:DB8::1", Some("2001:db8::1")),
+            ("2001:db8:0:0:1::/64", Some("2001:db8::/64")),
+            ("2001:db8::/128", Some("2001:db8::")),
+            ("10.0.0.0/7", None),
+            ("2001::/15", None),
+            ("192.0.2.0/33", None),
+            ("example.com", None),
+        ] {
+            assert_eq!(ip(input).ok().as_deref(), stored, "{input}");
+        }
     }
 }

@@ -113,6 +113,12 @@ pub struct EventFilter {
     pub newest_first: bool,
     /// At most 100 000; `None` for 1000.
     pub limit: Option<u32>,
+    /// Contained in the subject, ignoring case.
+    pub subject: Option<String>,
+    /// The client address, whole.
+    pub client_ip: Option<String>,
+    /// The Message-ID without its angle brackets, whole.
+    pub message_id: Option<String>,
 }
 
 /// Which quarantine entries `list_quarantine` returns; `None` does not filter.
@@ -489,6 +495,15 @@ impl Db {
             // Recipients are stored one per line; match a whole line.
             sql.push_str(self.recipient_match());
         }
+        if q.client_ip.is_some() {
+            sql.push_str(" AND client_ip = ?");
+        }
+        if q.message_id.is_some() {
+            sql.push_str(" AND message_id = ?");
+        }
+        if q.subject.is_some() {
+            sql.push_str(self.subject_match());
+        }
         sql.push_str(if q.newest_first {
             " ORDER BY at_ms DESC, id DESC LIMIT ?"
         } else {
@@ -512,6 +527,15 @@ impl Db {
         }
         if let Some(recipient) = &q.recipient {
             query = query.bind(recipient_pattern(recipient));
+        }
+        if let Some(ip) = &q.client_ip {
+            query = query.bind(ip);
+        }
+        if let Some(id) = &q.message_id {
+            query = query.bind(id);
+        }
+        if let Some(subject) = &q.subject {
+            query = query.bind(format!("%{}%", like_escape(subject)));
         }
         let rows = query
             .bind(i64::from(row_limit(q.limit)))
@@ -701,6 +725,51 @@ fn audit_record(r: &AnyRow) -> Result<AuditRecord, DbError> {
 impl Db {
     /// Recipients are stored one per line; this matches a whole line (see
     /// `recipient_pattern`).
+    /// A case-insensitive substring match of the subject: LIKE ignores ASCII case in
+    /// SQLite and under MariaDB's `_ci` collation; PostgreSQL needs ILIKE (its trigram
+    /// index serves both).
+    fn subject_match(&self) -> &'static str {
+        if self.dialect == Dialect::Postgres {
+            " AND subject ILIKE ? ESCAPE '!'"
+        } else {
+            " AND subject LIKE ? ESCAPE '!'"
+        }
+    }
+
+    /// Deletes message log events older than `before_ms`, in batches so that writers
+    /// are never held up for long; returns how many went.
+    pub async fn prune_events(&self, before_ms: i64) -> Result<u64, DbError> {
+        const BATCH: i64 = 10_000;
+        let mut total = 0;
+        loop {
+            // MariaDB cannot use a LIMIT in an IN subquery of the same table; every
+            // engine takes a range of ids.
+            let max: Option<i64> = sqlx::query(self.sql(
+                "SELECT MAX(id) FROM (SELECT id FROM message_events WHERE at_ms < ? ORDER BY id LIMIT ?) AS old",
+            ))
+            .bind(before_ms)
+            .bind(BATCH)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+            let Some(max) = max else { break };
+            let mut tx = self.write_tx().await?;
+            let gone =
+                sqlx::query(self.sql("DELETE FROM message_events WHERE id <= ? AND at_ms < ?"))
+                    .bind(max)
+                    .bind(before_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            tx.commit().await?;
+            total += gone;
+            if gone < u64::try_from(BATCH).unwrap_or(u64::MAX) {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     fn recipient_match(&self) -> &'static str {
         if self.dialect == Dialect::MySql {
             " AND CONCAT('\n', recipients, '\n') LIKE ? ESCAPE '!'"
@@ -985,14 +1054,19 @@ fn row_limit(limit: Option<u32>) -> u32 {
 /// no quoting in any dialect (a backslash would mean different things in MariaDB's and
 /// PostgreSQL's string literals).
 fn recipient_pattern(recipient: &str) -> String {
-    let mut escaped = String::with_capacity(recipient.len() + 4);
-    for c in recipient.chars() {
+    format!("%\n{}\n%", like_escape(recipient))
+}
+
+/// Text taken literally inside a LIKE pattern with `ESCAPE '!'`.
+fn like_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
         if matches!(c, '!' | '%' | '_') {
             escaped.push('!');
         }
         escaped.push(c);
     }
-    format!("%\n{escaped}\n%")
+    escaped
 }
 
 fn lines(s: String) -> Vec<String> {

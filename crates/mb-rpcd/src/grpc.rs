@@ -403,6 +403,15 @@ impl From<EventQuery> for EventFilter {
             stage: set(q.stage),
             newest_first: q.newest_first,
             limit: (q.limit > 0).then_some(q.limit),
+            subject: set(q.subject),
+            client_ip: set(q.client_ip.trim().to_string()),
+            // Stored as the header gives it between its angle brackets.
+            message_id: set(q
+                .message_id
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_string()),
         }
     }
 }

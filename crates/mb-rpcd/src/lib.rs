@@ -5,6 +5,7 @@
 pub mod access;
 pub mod db;
 pub mod grpc;
+pub mod message_log;
 pub mod policies;
 pub mod quarantine;
 pub mod replica;
@@ -61,6 +62,10 @@ pub struct Listeners {
 impl Source for Store {
     fn current(&self) -> Arc<Config> {
         Arc::new(self.effective())
+    }
+
+    fn generation(&self) -> u64 {
+        Store::generation(self)
     }
 }
 
@@ -235,7 +240,8 @@ impl Daemon for Hub {
             None => None,
         };
 
-        quarantine::spawn_retention(store.clone(), shutdown);
+        quarantine::spawn_retention(store.clone(), shutdown.clone());
+        message_log::spawn_retention(store.clone(), shutdown);
         tracing::info!(
             socket = %ctx.socket.display(),
             database = %store.db.url,

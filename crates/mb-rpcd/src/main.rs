@@ -14,7 +14,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     let hub = mb_rpcd::Hub { check: args.check };
     mb_runtime::daemon::main(hub, args.flags)
 }

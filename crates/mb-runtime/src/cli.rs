@@ -149,6 +149,16 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// What a change command prints: with `--json`, one JSON object (for scripts); else the
+/// sentence, made printable.
+pub fn changed(json: bool, value: &serde_json::Value, text: std::fmt::Arguments<'_>) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", printable(&text.to_string()));
+    }
+}
+
 /// `println!` for a tool's output: the line passes through `printable`.
 #[macro_export]
 macro_rules! say {

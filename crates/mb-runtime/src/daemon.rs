@@ -4,7 +4,8 @@
 //! with its deadline, removing the socket and the exit status.
 //!
 //! A daemon says only what differs, as a [`Daemon`]: where its configuration comes from
-//! (`configure`), what it binds while it may still be root (`bind`), and what it serves
+//! (`configure`; the skeleton then waits up to `process.config_wait` for it to be
+//! confirmed, [`Source::confirm`]), what it binds while it may still be root (`bind`), and what it serves
 //! once it runs (`start`). The order is fixed here: listeners → privileges dropped →
 //! control socket, so that the socket appearing means the daemon is ready. As in
 //! mini-redis (`server::run(listener, shutdown)`), [`run`] takes what was bound and the
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 
-use crate::control::{ControlService, DaemonHooks, DaemonInfo};
+use crate::control::{ControlService, DaemonHooks, DaemonInfo, Running};
 use crate::follow::Follower;
 use crate::lifecycle::{self, Shutdown};
 use crate::uds::Guard;
@@ -139,17 +140,59 @@ impl StartError {
 pub trait Source: Send + Sync + 'static {
     /// The effective configuration now.
     fn current(&self) -> Arc<Config>;
+
+    /// Waits, at most `wait`, until the configuration is the one stored now rather than
+    /// a cached copy; the skeleton calls it before `bind`, so restart-only keys set while
+    /// the daemon was down are in force at this start. A source that reads the truth
+    /// directly (mb-rpcd's database) has nothing to wait for.
+    fn confirm(&self, _program: &str, _wait: Duration) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
+    /// The generation of the stored overrides in `current` (`Control.RunningConfig`).
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Whether `current` is the stored configuration, not a cached copy.
+    fn confirmed(&self) -> bool {
+        true
+    }
 }
 
 impl Source for Follower {
     fn current(&self) -> Arc<Config> {
         Follower::current(self)
     }
+
+    fn generation(&self) -> u64 {
+        Follower::generation(self)
+    }
+
+    fn confirmed(&self) -> bool {
+        *self.connected().borrow()
+    }
+
+    async fn confirm(&self, program: &str, wait: Duration) {
+        Follower::confirm(self, program, wait).await;
+    }
 }
 
 impl<T: Source> Source for Arc<T> {
     fn current(&self) -> Arc<Config> {
         T::current(self)
+    }
+
+    fn confirm(&self, program: &str, wait: Duration) -> impl Future<Output = ()> + Send {
+        T::confirm(self, program, wait)
+    }
+
+    fn generation(&self) -> u64 {
+        T::generation(self)
+    }
+
+    fn confirmed(&self) -> bool {
+        T::confirmed(self)
     }
 }
 
@@ -298,6 +341,9 @@ pub async fn serve<D: Daemon>(daemon: D, flags: Flags) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    for notice in &file.notices {
+        tracing::warn!("{notice}");
+    }
     daemon.init();
     let fail = |e: StartError| report(&identity.name, &e);
     let (shutdown, reloads) = match lifecycle::install_signal_handlers() {
@@ -310,6 +356,8 @@ pub async fn serve<D: Daemon>(daemon: D, flags: Flags) -> i32 {
             );
         }
     };
+    // File-only: it must be known before mb-rpcd can be asked.
+    let wait = file.duration("process.config_wait");
     let source = match daemon
         .configure(file, flags.config.as_deref(), &shutdown)
         .await
@@ -317,6 +365,13 @@ pub async fn serve<D: Daemon>(daemon: D, flags: Flags) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    tokio::select! {
+        () = source.confirm(identity.program, wait) => {}
+        () = shutdown.requested() => {
+            tracing::info!("{} stopped before it started", identity.name);
+            return 0;
+        }
+    }
     let cfg = source.current();
     let problems = cfg.check();
     if !problems.is_empty() {
@@ -335,6 +390,8 @@ pub async fn serve<D: Daemon>(daemon: D, flags: Flags) -> i32 {
     if let Some(extra) = daemon.writable(&cfg) {
         let writable: Vec<PathBuf> = std::iter::once(cfg.path("paths.run_dir"))
             .chain(extra)
+            // The log file is reopened on SIGHUP, after the switch.
+            .chain(cfg.bool("log.files").then(|| cfg.path("paths.log_dir")))
             .collect();
         for dir in &writable {
             let _ = std::fs::create_dir_all(dir);
@@ -385,10 +442,16 @@ pub async fn run<D: Daemon>(
     };
     let reloader = spawn_reloader(name.clone(), reloads, serving.hooks.clone());
     let shutdown = ctx.shutdown.clone();
+    let source = Arc::new(ctx.source);
+    let running = Running {
+        program: ctx.identity.program,
+        started: ctx.cfg.clone(),
+        now: Box::new(move || (source.current(), source.generation(), source.confirmed())),
+    };
     let control = tonic::transport::Server::builder()
         .add_routes(serving.services)
         .add_service(ControlServer::with_interceptor(
-            ControlService::new(ctx.info.clone(), serving.hooks),
+            ControlService::new(ctx.info.clone(), serving.hooks).with_running(running),
             Guard::peer(),
         ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(control), async move {
@@ -442,6 +505,13 @@ fn spawn_reloader<H: DaemonHooks>(
     tokio::spawn(async move {
         while requests.recv().await.is_some() {
             lifecycle::notify_reloading();
+            match crate::logging::reopen() {
+                Some(Ok(path)) => tracing::info!(file = %path.display(), "reopened the log file"),
+                Some(Err(e)) => {
+                    tracing::warn!(cause = %e, "cannot reopen the log file; logging to stderr only")
+                }
+                None => {}
+            }
             match hooks.reload().await {
                 Ok(r) if !r.restart_required.is_empty() => {
                     tracing::warn!(keys = %r.restart_required.join(","), "restart {name} to apply these keys");

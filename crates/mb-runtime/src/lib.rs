@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod diskfree;
+pub mod docs;
 pub mod events;
 pub mod follow;
 pub mod lifecycle;
@@ -203,7 +205,10 @@ pub fn start_daemon(
         EX_USAGE
     })?;
     let json = log_format.unwrap_or(&cfg.text("log.format")) == "json";
-    logging::init(daemon, &cfg.text("log.level"), json);
+    let file = cfg
+        .bool("log.files")
+        .then(|| cfg.path("paths.log_dir").join(format!("{daemon}.log")));
+    logging::init_with_file(daemon, &cfg.text("log.level"), json, file);
     Ok(cfg)
 }
 
@@ -245,6 +250,9 @@ pub fn resolver_settings(
     opts.negative_max_ttl = Some(ttl.min(std::time::Duration::from_secs(300)));
     opts.timeout = std::time::Duration::from_secs(5);
     opts.attempts = 2;
+    // Validation against the IANA root trust anchor hickory carries; a daemon whose
+    // servers strip signatures gets no answer it could trust (see network.dns.dnssec).
+    opts.validate = cfg.bool("network.dns.dnssec");
     let servers = match cfg.get("network.dns.servers") {
         Value::DnsServers(DnsServers::List(list)) => Some(ResolverConfig::from_name_servers(
             list.iter()

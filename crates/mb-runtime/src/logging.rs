@@ -1,9 +1,15 @@
 //! Log lines for people and fail2ban: `YYYY-MM-DD HH:MM:SS [LEVEL] daemon: message key=value`.
 //!
 //! Times are UTC so that lines from several nodes sort together. JSON lines are available
-//! for log collectors (`log.format = "json"` or `--log-format json`).
+//! for log collectors (`log.format = "json"` or `--log-format json`). With `log.files`,
+//! each line also goes to `paths.log_dir/DAEMON.log`, reopened on SIGHUP ([`reopen`]) so
+//! that logrotate can move the file away.
 
 use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{Event, Subscriber};
@@ -15,10 +21,90 @@ use tracing_subscriber::registry::LookupSpan;
 /// Installs the global subscriber writing to stderr (the journal under systemd).
 /// `RUST_LOG`, when set, overrides `level`. Calling it twice is harmless.
 pub fn init(daemon: &'static str, level: &str, json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    init_with_file(daemon, level, json, None);
+}
+
+/// The log file a daemon appends to besides stderr, when `log.files` asks for one.
+struct LogFile {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Reopens the log file (after logrotate moved it); `None` when there is none. On an
+/// error the lines go to stderr only until the next reopen.
+pub fn reopen() -> Option<io::Result<PathBuf>> {
+    let log = LOG_FILE.get()?;
+    let (file, result) = match open_append(&log.path) {
+        Ok(f) => (Some(f), Ok(log.path.clone())),
+        Err(e) => (None, Err(e)),
+    };
+    if let Ok(mut f) = log.file.lock() {
+        *f = file;
+    }
+    Some(result)
+}
+
+/// Where each formatted event goes: stderr, and the log file when there is one. The
+/// formatter hands over a whole line in one `write`, and the file is opened for
+/// appending, so lines from the workers of one program sharing a file do not interleave.
+struct Output;
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = io::stderr().write_all(buf);
+        if let Some(log) = LOG_FILE.get()
+            && let Ok(mut f) = log.file.lock()
+            && let Some(file) = f.as_mut()
+        {
+            let _ = file.write_all(buf);
+        }
+        written.map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+/// Like [`init`], also appending every line to `file` (created, with its directory,
+/// when missing). A file that cannot be opened is reported on stderr and left out.
+pub fn init_with_file(daemon: &'static str, level: &str, json: bool, file: Option<PathBuf>) {
+    if let Some(path) = file {
+        let opened = match open_append(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("{daemon}: cannot open the log file {}: {e}", path.display());
+                None
+            }
+        };
+        let _ = LOG_FILE.set(LogFile {
+            path,
+            file: Mutex::new(opened),
+        });
+    }
+    // hickory logs every failed DNSSEC proof and server hiccup at WARN and ERROR, once per
+    // query; the daemons report what a failed lookup means (an SPF temperror, a deferred
+    // delivery) themselves, so hickory's own lines are left to RUST_LOG.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{level},hickory_proto=off,hickory_net=off,hickory_resolver=off"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| Output)
         .with_ansi(false);
     let _ = if json {
         let inner = tracing_subscriber::fmt::format()

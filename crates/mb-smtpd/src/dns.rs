@@ -1,9 +1,11 @@
 //! DNS for delivery: MX hosts of a domain (RFC 5321 §5.1: by preference, the domain's
 //! own address when it has no MX, RFC 7505 null MX) and the addresses of a host, through
-//! hickory with the `network.dns.*` servers and cache.
+//! hickory with the `network.dns.*` servers and cache. Those keys are live: the resolver
+//! is rebuilt when one changes ([`Live::follow`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::net::NetError;
@@ -20,7 +22,7 @@ pub enum DnsFailure {
 }
 
 pub enum Dns {
-    Real(Box<TokioResolver>),
+    Real(Arc<Live>),
     /// Fixed answers, for tests: MX records by domain, addresses by host.
     Fixed {
         mx: HashMap<String, Vec<(u16, String)>>,
@@ -37,23 +39,101 @@ pub enum DnsSetupError {
     Start(String),
 }
 
+/// The resolver in use and the `network.dns.*` settings it was built from.
+pub struct Live {
+    built: RwLock<(String, Arc<TokioResolver>)>,
+}
+
+impl Live {
+    fn resolver(&self) -> Arc<TokioResolver> {
+        match self.built.read() {
+            Ok(b) => b.1.clone(),
+            Err(poisoned) => poisoned.into_inner().1.clone(),
+        }
+    }
+
+    /// Rebuilds the resolver when `cfg`'s DNS settings differ from the ones in use; a
+    /// setting that cannot be used keeps the running resolver. Returns whether it did.
+    pub fn update(&self, cfg: &Config) -> bool {
+        let wanted = settings(cfg);
+        if self.built.read().is_ok_and(|b| b.0 == wanted) {
+            return false;
+        }
+        match resolver(cfg) {
+            Ok(r) => {
+                if let Ok(mut b) = self.built.write() {
+                    *b = (wanted.clone(), Arc::new(r));
+                }
+                tracing::info!(dns = %wanted, "DNS settings changed: deliveries use a new resolver");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, dns = %wanted, "DNS settings changed but cannot be used; keeping the running resolver");
+                false
+            }
+        }
+    }
+
+    /// Rebuilds on every change of `network.dns.*` from `follower`, until `shutdown`.
+    pub fn follow(
+        self: Arc<Self>,
+        follower: &mb_runtime::follow::Follower,
+        shutdown: mb_runtime::lifecycle::Shutdown,
+    ) {
+        let mut changes = follower.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.requested() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                let cfg = changes.borrow_and_update().clone();
+                self.update(&cfg);
+            }
+        });
+    }
+}
+
+/// Every `network.dns.*` value, as one comparable line.
+fn settings(cfg: &Config) -> String {
+    mb_core::registry::KEYS
+        .iter()
+        .filter(|k| k.key.starts_with("network.dns."))
+        .map(|k| format!("{}={}", k.key, cfg.get(k.key)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn resolver(cfg: &Config) -> Result<TokioResolver, DnsSetupError> {
+    let (servers, opts) = mb_runtime::resolver_settings(cfg);
+    let builder = match servers {
+        Some(config) => TokioResolver::builder_with_config(
+            config,
+            hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+        ),
+        None => TokioResolver::builder_tokio()
+            .map_err(|e| DnsSetupError::SystemConfig(e.to_string()))?,
+    };
+    builder
+        .with_options(opts)
+        .build()
+        .map_err(|e| DnsSetupError::Start(e.to_string()))
+}
+
 impl Dns {
     /// A resolver for the configured servers (`system` reads /etc/resolv.conf).
     pub fn from_config(cfg: &Config) -> Result<Dns, DnsSetupError> {
-        let (servers, opts) = mb_runtime::resolver_settings(cfg);
-        let builder = match servers {
-            Some(config) => TokioResolver::builder_with_config(
-                config,
-                hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-            ),
-            None => TokioResolver::builder_tokio()
-                .map_err(|e| DnsSetupError::SystemConfig(e.to_string()))?,
-        };
-        let resolver = builder
-            .with_options(opts)
-            .build()
-            .map_err(|e| DnsSetupError::Start(e.to_string()))?;
-        Ok(Dns::Real(Box::new(resolver)))
+        Ok(Dns::Real(Arc::new(Live {
+            built: RwLock::new((settings(cfg), Arc::new(resolver(cfg)?))),
+        })))
+    }
+
+    /// The handle that keeps a real resolver current (`None` for fixed answers).
+    pub fn live(&self) -> Option<Arc<Live>> {
+        match self {
+            Dns::Real(l) => Some(l.clone()),
+            Dns::Fixed { .. } => None,
+        }
     }
 
     /// The mail exchangers of `domain`, best first, as host names. A domain without MX
@@ -64,7 +144,7 @@ impl Dns {
                 Some(list) => list.clone(),
                 None => Vec::new(),
             },
-            Dns::Real(r) => match r.mx_lookup(format!("{domain}.")).await {
+            Dns::Real(live) => match live.resolver().mx_lookup(format!("{domain}.")).await {
                 Ok(l) => l
                     .answers()
                     .iter()
@@ -117,7 +197,8 @@ impl Dns {
                 .get(host)
                 .cloned()
                 .ok_or_else(|| DnsFailure::Permanent(format!("550 5.1.2 host {host} not found"))),
-            Dns::Real(r) => {
+            Dns::Real(live) => {
+                let r = live.resolver();
                 let name = format!("{host}.");
                 let mut out = Vec::new();
                 let mut failure = None;

@@ -276,6 +276,9 @@ impl Daemon for Smtpd {
             }
         }
         let server = Arc::new(server);
+        if let Some(live) = listeners.dns.live() {
+            live.follow(&ctx.source, shutdown.clone());
+        }
         let mut manager = qmgr::Manager::new(
             server.spool.clone(),
             server.follower.clone(),

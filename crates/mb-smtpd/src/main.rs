@@ -11,5 +11,5 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    mb_runtime::daemon::main(mb_smtpd::Smtpd, Args::parse().flags)
+    mb_runtime::daemon::main(mb_smtpd::Smtpd, mb_runtime::docs::parse::<Args>().flags)
 }

@@ -10,6 +10,11 @@
 //! Port 25 stays open to everyone not banned: it is the MX. Bans and trusted addresses
 //! are kept in mb-rpcd's database (listed and changed with `mb-ban`) and re-read
 //! periodically, so they survive restarts and reach every process.
+//!
+//! A client is an IPv4 address or an IPv6 network of `network.smtp.ipv6_prefix` bits
+//! (one host usually holds a whole /64, so counting single IPv6 addresses would let it
+//! pose as unlimited clients). Bans may also name wider networks (`mb-ban add
+//! 192.0.2.0/24`), which refuse every address inside them.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -48,6 +53,28 @@ pub struct Policy {
     pub window: Duration,
     pub ban_for: Duration,
     pub trusted_networks: Vec<IpNet>,
+    /// `network.smtp.ipv6_prefix`: the IPv6 network counted as one client.
+    pub ipv6_prefix: u8,
+}
+
+/// The client `ip` counts as: the address itself for IPv4, its network of
+/// `ipv6_prefix` bits for IPv6.
+pub fn source(ip: IpAddr, ipv6_prefix: u8) -> IpNet {
+    let len = if ip.is_ipv4() {
+        32
+    } else {
+        ipv6_prefix.min(128)
+    };
+    IpNet::new(ip, len).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+}
+
+/// A network as stored in mb-rpcd: a single address without its `/32` or `/128`.
+pub fn net_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.trunc().to_string()
+    }
 }
 
 /// How long a successful AUTH keeps an address trusted in protected mode.
@@ -65,7 +92,7 @@ pub enum Refusal {
 /// A ban or trust decided here, to be stored in mb-rpcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub ip: IpAddr,
+    pub ip: IpNet,
     pub trust: bool,
     pub for_secs: u64,
     pub reason: String,
@@ -73,9 +100,12 @@ pub struct Decision {
 
 #[derive(Default)]
 pub struct Protection {
-    bans: HashMap<IpAddr, Instant>,
-    trusted: HashMap<IpAddr, Instant>,
-    recent: HashMap<IpAddr, VecDeque<Instant>>,
+    /// Bans and trusts by client (`source`), looked up in one step.
+    bans: HashMap<IpNet, Instant>,
+    trusted: HashMap<IpNet, Instant>,
+    /// Entries wider than one client (`mb-ban add 192.0.2.0/24`): (network, trust, until).
+    wide: Vec<(IpNet, bool, Instant)>,
+    recent: HashMap<IpNet, VecDeque<Instant>>,
     /// Decisions not yet stored in mb-rpcd.
     pub pending: Vec<Decision>,
 }
@@ -99,10 +129,11 @@ impl Protection {
         if in_networks {
             return Ok(());
         }
-        if self.bans.get(&ip).is_some_and(|until| *until > now) {
+        let key = source(ip, p.ipv6_prefix);
+        if self.listed(false, key, ip, now) {
             return Err(Refusal::Banned);
         }
-        let trusted = self.trusted.get(&ip).is_some_and(|until| *until > now);
+        let trusted = self.listed(true, key, ip, now);
         let submission = matches!(listener, Listener::Submission | Listener::Smtps);
         match p.mode {
             Mode::Private if submission => return Err(Refusal::Untrusted),
@@ -119,7 +150,7 @@ impl Protection {
                     .is_some_and(|last| now.duration_since(*last) < p.window)
             });
         }
-        let times = self.recent.entry(ip).or_default();
+        let times = self.recent.entry(key).or_default();
         while times
             .front()
             .is_some_and(|t| now.duration_since(*t) >= p.window)
@@ -128,10 +159,10 @@ impl Protection {
         }
         times.push_back(now);
         if times.len() > p.rate as usize {
-            self.recent.remove(&ip);
-            self.bans.insert(ip, now + p.ban_for);
+            self.recent.remove(&key);
+            self.bans.insert(key, now + p.ban_for);
             self.remember(Decision {
-                ip,
+                ip: key,
                 trust: false,
                 for_secs: p.ban_for.as_secs(),
                 reason: format!(
@@ -147,9 +178,10 @@ impl Protection {
 
     /// A ban decided elsewhere (Redis), kept here and stored in mb-rpcd like our own.
     pub fn banned_by_shared(&mut self, p: &Policy, ip: IpAddr) {
-        self.bans.insert(ip, Instant::now() + p.ban_for);
+        let key = source(ip, p.ipv6_prefix);
+        self.bans.insert(key, Instant::now() + p.ban_for);
         self.remember(Decision {
-            ip,
+            ip: key,
             trust: false,
             for_secs: p.ban_for.as_secs(),
             reason: format!(
@@ -165,50 +197,64 @@ impl Protection {
         listener == Listener::Reinject
             || p.mode == Mode::Public
             || p.trusted_networks.iter().any(|n| n.contains(&ip))
-            || self
-                .trusted
-                .get(&ip)
-                .is_some_and(|until| *until > Instant::now())
+            || self.listed(true, source(ip, p.ipv6_prefix), ip, Instant::now())
     }
 
-    /// A successful AUTH: the address is trusted for a day (protected mode opens
-    /// submission to it).
-    pub fn authenticated(&mut self, ip: IpAddr) {
-        self.trusted.insert(ip, Instant::now() + TRUST_AFTER_AUTH);
+    /// Whether `ip` (client `key`) is banned (`trust` false) or trusted at `now`.
+    fn listed(&self, trust: bool, key: IpNet, ip: IpAddr, now: Instant) -> bool {
+        let map = if trust { &self.trusted } else { &self.bans };
+        map.get(&key).is_some_and(|until| *until > now)
+            || self
+                .wide
+                .iter()
+                .any(|(net, t, until)| *t == trust && *until > now && net.contains(&ip))
+    }
+
+    /// A successful AUTH: the client (`source(ip, ipv6_prefix)`) is trusted for a day
+    /// (protected mode opens submission to it).
+    pub fn authenticated(&mut self, ip: IpAddr, ipv6_prefix: u8) {
+        let key = source(ip, ipv6_prefix);
+        self.trusted.insert(key, Instant::now() + TRUST_AFTER_AUTH);
         self.remember(Decision {
-            ip,
+            ip: key,
             trust: true,
             for_secs: TRUST_AFTER_AUTH.as_secs(),
             reason: "authenticated".into(),
         });
     }
 
-    /// Replaces the stored lists with what mb-rpcd holds: (ip, trust, seconds left).
-    /// Decisions still pending are kept, so nothing decided here is forgotten; connection
-    /// times older than `window` are dropped, so memory follows recent clients only.
-    pub fn load(&mut self, entries: &[(IpAddr, bool, u64)], window: Duration) {
+    /// Replaces the stored lists with what mb-rpcd holds: (network, trust, seconds left).
+    /// An entry as narrow as one client or narrower (an IPv6 address) applies to its whole
+    /// client network, as everything else here does. Decisions still pending are kept, so
+    /// nothing decided here is forgotten; connection times older than the window are
+    /// dropped, so memory follows recent clients only.
+    pub fn load(&mut self, entries: &[(IpNet, bool, u64)], p: &Policy) {
         let now = Instant::now();
         self.bans.clear();
         self.trusted.clear();
-        for (ip, trust, left) in entries {
+        self.wide.clear();
+        let pending: Vec<_> = self
+            .pending
+            .iter()
+            .map(|d| (d.ip, d.trust, d.for_secs))
+            .collect();
+        for (net, trust, left) in entries.iter().chain(&pending) {
             let until = now + Duration::from_secs(*left);
-            if *trust {
-                self.trusted.insert(*ip, until);
+            let client = source(net.addr(), p.ipv6_prefix);
+            if net.prefix_len() >= client.prefix_len() {
+                let map = if *trust {
+                    &mut self.trusted
+                } else {
+                    &mut self.bans
+                };
+                map.insert(client, until);
             } else {
-                self.bans.insert(*ip, until);
-            }
-        }
-        for d in &self.pending {
-            let until = now + Duration::from_secs(d.for_secs);
-            if d.trust {
-                self.trusted.insert(d.ip, until);
-            } else {
-                self.bans.insert(d.ip, until);
+                self.wide.push((net.trunc(), *trust, until));
             }
         }
         self.recent.retain(|_, t| {
             t.back()
-                .is_some_and(|last| now.duration_since(*last) < window)
+                .is_some_and(|last| now.duration_since(*last) < p.window)
         });
     }
 
@@ -225,6 +271,11 @@ impl Protection {
     pub fn banned(&self) -> usize {
         let now = Instant::now();
         self.bans.values().filter(|u| **u > now).count()
+            + self
+                .wide
+                .iter()
+                .filter(|(_, trust, u)| !*trust && *u > now)
+                .count()
     }
 }
 
@@ -239,6 +290,7 @@ mod tests {
             window: Duration::from_secs(60),
             ban_for: Duration::from_secs(3600),
             trusted_networks: vec!["192.0.2.0/24".parse().unwrap()],
+            ipv6_prefix: 64,
         }
     }
 
@@ -296,7 +348,7 @@ mod tests {
             Ok(()),
             "port 25 stays open"
         );
-        p.authenticated(ip);
+        p.authenticated(ip, 64);
         assert_eq!(p.admit(&pol, ip, Listener::Submission, true), Ok(()));
         tokio::time::advance(TRUST_AFTER_AUTH + Duration::from_secs(1)).await;
         assert_eq!(
@@ -318,7 +370,7 @@ mod tests {
     async fn private_and_public() {
         let mut p = Protection::default();
         let ip: IpAddr = BAD.parse().unwrap();
-        p.authenticated(ip);
+        p.authenticated(ip, 64);
         assert_eq!(
             p.admit(&policy(Mode::Private), ip, Listener::Submission, true),
             Err(Refusal::Untrusted)
@@ -351,7 +403,7 @@ mod tests {
         let mut p = Protection::default();
         let pol = policy(Mode::Autoban);
         let stored: IpAddr = "203.0.113.1".parse().unwrap();
-        p.load(&[(stored, false, 100)], pol.window);
+        p.load(&[(stored.into(), false, 100)], &pol);
         assert_eq!(
             p.admit(&pol, stored, Listener::Smtp, true),
             Err(Refusal::Banned)
@@ -361,7 +413,7 @@ mod tests {
             let _ = p.admit(&pol, ip, Listener::Smtp, true);
         }
         // The stored list does not know this ban yet: it stays while pending.
-        p.load(&[], pol.window);
+        p.load(&[], &pol);
         assert_eq!(
             p.admit(&pol, ip, Listener::Smtp, true),
             Err(Refusal::Banned)
@@ -371,5 +423,63 @@ mod tests {
             Ok(()),
             "an unban from mb-ban takes effect"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_clients_are_networks_and_bans_may_name_prefixes() {
+        let mut p = Protection::default();
+        let pol = policy(Mode::Autoban);
+        // Four addresses of one /64 are one client: the fourth connection bans the /64.
+        for i in 1..=3 {
+            let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
+            assert_eq!(p.admit(&pol, ip, Listener::Smtp, true), Ok(()));
+        }
+        let fourth: IpAddr = "2001:db8:1:1::4".parse().unwrap();
+        assert_eq!(
+            p.admit(&pol, fourth, Listener::Smtp, true),
+            Err(Refusal::NewBan)
+        );
+        let same_net: IpAddr = "2001:db8:1:1:ffff::9".parse().unwrap();
+        assert_eq!(
+            p.admit(&pol, same_net, Listener::Submission, true),
+            Err(Refusal::Banned)
+        );
+        assert_eq!(
+            p.pending[0].ip,
+            "2001:db8:1:1::/64".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(net_text(&p.pending[0].ip), "2001:db8:1:1::/64");
+        let next_net: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        assert_eq!(p.admit(&pol, next_net, Listener::Smtp, true), Ok(()));
+        // With /128, every address is a client of its own.
+        let mut q = Protection::default();
+        let narrow = Policy {
+            ipv6_prefix: 128,
+            ..pol.clone()
+        };
+        for i in 1..=10 {
+            let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
+            assert_eq!(q.admit(&narrow, ip, Listener::Smtp, true), Ok(()));
+        }
+        // Stored bans: an IPv4 /24, an IPv6 /48, and an IPv6 address (its whole /64).
+        let mut r = Protection::default();
+        let entries: Vec<(IpNet, bool, u64)> = vec![
+            ("198.51.100.0/24".parse().unwrap(), false, 600),
+            ("2001:db8:aaaa::/48".parse().unwrap(), false, 600),
+            ("2001:db8:bbbb:1::5/128".parse().unwrap(), false, 600),
+        ];
+        r.load(&entries, &pol);
+        for (ip, refused) in [
+            ("198.51.100.77", true),
+            ("198.51.101.1", false),
+            ("2001:db8:aaaa:ffff::1", true),
+            ("2001:db8:aaab::1", false),
+            ("2001:db8:bbbb:1::6", true),
+            ("2001:db8:bbbb:2::5", false),
+        ] {
+            let got = r.admit(&pol, ip.parse().unwrap(), Listener::Smtp, false);
+            assert_eq!(got.is_err(), refused, "{ip}: {got:?}");
+        }
+        assert_eq!(r.banned(), 3);
     }
 }

@@ -1,4 +1,12 @@
 //! Listeners: admission (connection limits and rates), TLS set-up, and one task per session.
+//!
+//! Admission runs cheapest-to-refuse first, so that no client can spend what others need:
+//! a banned or untrusted client (`protect`), then a client over its own limits
+//! (concurrency and rate, counted per client: an IPv4 address or an IPv6 network), is
+//! refused before it touches anything shared. Only then come the listener's own pool of
+//! slots and its rate, which therefore count admitted connections only. Each listener
+//! has its own pool, so a flood on port 25 cannot starve submission, SMTPS or
+//! reinjection, and reinjection from loopback is never refused for a global reason.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -6,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use mb_core::{Config, EnhancedStatus};
 use mb_runtime::control::DaemonInfo;
 use mb_runtime::follow::Follower;
@@ -20,13 +29,138 @@ use crate::protect::{Mode, Policy, Refusal};
 use crate::session::{AuthError, Client, Listener, Session, Settings, TlsMode};
 use crate::spool::Spool;
 
-/// Per-IP and global connection counts and per-second rates.
-#[derive(Default)]
-struct Limits {
-    per_ip: HashMap<IpAddr, usize>,
-    second: u64,
-    global_rate: u32,
-    ip_rate: HashMap<IpAddr, u32>,
+/// The limits one connection is admitted against (from the configuration at connect time).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Slots of the connection's listener.
+    pub pool: usize,
+    /// New connections admitted per second on the connection's listener.
+    pub rate: u32,
+    pub max_per_source: usize,
+    pub rate_per_source: u32,
+    pub ipv6_prefix: u8,
+    /// mynetworks, trusted networks and reinjection: no per-client limits.
+    pub exempt: bool,
+}
+
+impl Limits {
+    pub fn new(cfg: &Config, ip: IpAddr, listener: Listener) -> Limits {
+        let int = |key: &str| cfg.int(key);
+        let pool = match listener {
+            Listener::Smtp => "network.smtp.max_connections",
+            Listener::Submission => "network.submission.max_connections",
+            Listener::Smtps => "network.smtps.max_connections",
+            Listener::Reinject => "network.reinject.max_connections",
+        };
+        Limits {
+            pool: usize::try_from(int(pool)).unwrap_or(usize::MAX),
+            rate: u32::try_from(int("network.smtp.connection_rate")).unwrap_or(u32::MAX),
+            max_per_source: usize::try_from(int("network.smtp.max_per_source"))
+                .unwrap_or(usize::MAX),
+            rate_per_source: u32::try_from(int("network.smtp.rate_per_source")).unwrap_or(u32::MAX),
+            ipv6_prefix: ipv6_prefix(cfg),
+            exempt: listener == Listener::Reinject
+                || cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip))
+                || cfg
+                    .nets("network.protection.trusted_networks")
+                    .iter()
+                    .any(|n| n.contains(&ip)),
+        }
+    }
+}
+
+/// Connection counts and per-second rates, by client and by listener. A plain state
+/// machine with the time passed in, so its decisions are tested without sockets or sleeps.
+#[derive(Debug, Default)]
+pub struct Admission {
+    per_source: HashMap<IpNet, usize>,
+    /// Start of the current one-second rate window.
+    window: Option<Instant>,
+    source_rate: HashMap<IpNet, u32>,
+    /// Admitted connections in the current window, by listener.
+    rate: [u32; 4],
+    /// Connections in progress, by listener.
+    active: [usize; 4],
+}
+
+/// A listener's index in `Admission`'s per-listener arrays.
+fn slot_index(l: Listener) -> usize {
+    match l {
+        Listener::Smtp => 0,
+        Listener::Submission => 1,
+        Listener::Smtps => 2,
+        Listener::Reinject => 3,
+    }
+}
+
+impl Admission {
+    /// Decides whether a connection from `ip` on `listener` may start at `now`; `Ok` is
+    /// the client it was counted for (hand it back to `release`), `Err` the 421 to send.
+    pub fn admit(
+        &mut self,
+        l: &Limits,
+        ip: IpAddr,
+        listener: Listener,
+        now: Instant,
+    ) -> Result<IpNet, Reply> {
+        let key = crate::protect::source(ip, l.ipv6_prefix);
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.rate = [0; 4];
+            self.source_rate.clear();
+        }
+        // The client's own budget first: what it spends here is its own.
+        if !l.exempt {
+            let shown = crate::protect::net_text(&key);
+            if self.per_source.get(&key).copied().unwrap_or(0) >= l.max_per_source {
+                return Err(busy(format!("Error: too many connections from {shown}")));
+            }
+            let rate = self.source_rate.entry(key).or_default();
+            *rate = rate.saturating_add(1);
+            if *rate > l.rate_per_source {
+                return Err(busy(format!(
+                    "Error: too many connections per second from {shown}"
+                )));
+            }
+        }
+        let i = slot_index(listener);
+        if self.active[i] >= l.pool {
+            return Err(busy("Error: too many connections, try again later".into()));
+        }
+        // Reinjection carries mail the gateway already took responsibility for (quarantine
+        // releases, content-filter returns): only its own pool bounds it.
+        if listener != Listener::Reinject {
+            if self.rate[i] >= l.rate {
+                return Err(busy(
+                    "Error: too many connections per second, try again later".into(),
+                ));
+            }
+            self.rate[i] += 1;
+        }
+        self.active[i] += 1;
+        *self.per_source.entry(key).or_default() += 1;
+        Ok(key)
+    }
+
+    /// A connection admitted for `key` on `listener` has ended.
+    pub fn release(&mut self, key: IpNet, listener: Listener) {
+        let i = slot_index(listener);
+        self.active[i] = self.active[i].saturating_sub(1);
+        if let Some(n) = self.per_source.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_source.remove(&key);
+            }
+        }
+    }
+
+    /// Connections in progress on `listener`.
+    pub fn active(&self, listener: Listener) -> usize {
+        self.active[slot_index(listener)]
+    }
 }
 
 pub struct Server {
@@ -42,27 +176,24 @@ pub struct Server {
     pub spool: Arc<Spool>,
     pub tls: RwLock<Option<TlsAcceptor>>,
     pub info: Arc<DaemonInfo>,
-    limits: Mutex<Limits>,
+    admission: Mutex<Admission>,
     active: AtomicUsize,
-    started: Instant,
+    /// Free space of the spool's filesystem, for `queue.min_free_space`.
+    disk: Arc<mb_runtime::diskfree::DiskGuard>,
 }
 
 /// Releases a connection's slot when the session ends.
 struct Slot<'a> {
     server: &'a Server,
-    ip: IpAddr,
+    key: IpNet,
+    listener: Listener,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.server.active.fetch_sub(1, Ordering::SeqCst);
-        if let Ok(mut l) = self.server.limits.lock()
-            && let Some(n) = l.per_ip.get_mut(&self.ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                l.per_ip.remove(&self.ip);
-            }
+        if let Ok(mut a) = self.server.admission.lock() {
+            a.release(self.key, self.listener);
         }
     }
 }
@@ -74,6 +205,7 @@ impl Server {
         tls: Option<TlsAcceptor>,
         info: Arc<DaemonInfo>,
     ) -> Server {
+        let disk = Arc::new(mb_runtime::diskfree::DiskGuard::new(&spool.incoming()));
         Server {
             phases: Arc::default(),
             shared: RwLock::new(None),
@@ -84,9 +216,9 @@ impl Server {
             spool,
             tls: RwLock::new(tls),
             info,
-            limits: Mutex::new(Limits::default()),
+            admission: Mutex::new(Admission::default()),
             active: AtomicUsize::new(0),
-            started: Instant::now(),
+            disk,
         }
     }
 
@@ -94,58 +226,21 @@ impl Server {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Decides whether a new connection may start; `Err` is the 421 to send.
+    /// Counts a connection against its client's limits, then its listener's pool and
+    /// rate; `Err` is the 421 to send. Runs after the ban and trust checks.
     fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, Reply> {
-        if listener == Listener::Reinject && !ip.is_loopback() {
-            return Err(Reply::new(
-                554,
-                EnhancedStatus::POLICY_REJECT,
-                "Reinjection is for local clients only",
-            ));
-        }
-        let exempt = listener == Listener::Reinject
-            || cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip))
-            || cfg
-                .nets("network.protection.trusted_networks")
-                .iter()
-                .any(|n| n.contains(&ip));
-        let mut l = self
-            .limits
+        let limits = Limits::new(cfg, ip, listener);
+        let key = self
+            .admission
             .lock()
-            .map_err(|_| Reply::new(421, EnhancedStatus::SYSTEM_TEMPORARY, "Internal error"))?;
-        let now = self.started.elapsed().as_secs();
-        if l.second != now {
-            l.second = now;
-            l.global_rate = 0;
-            l.ip_rate.clear();
-        }
-        let max_total =
-            usize::try_from(cfg.int("network.smtp.max_connections")).unwrap_or(usize::MAX);
-        if self.active.load(Ordering::SeqCst) >= max_total {
-            return Err(busy("Error: too many connections, try again later".into()));
-        }
-        l.global_rate += 1;
-        if i64::from(l.global_rate) > cfg.int("network.smtp.connection_rate") {
-            return Err(busy(
-                "Error: too many connections per second, try again later".into(),
-            ));
-        }
-        if !exempt {
-            let per_ip = l.per_ip.get(&ip).copied().unwrap_or(0);
-            if i64::try_from(per_ip).unwrap_or(i64::MAX) >= cfg.int("network.smtp.max_per_source") {
-                return Err(busy(format!("Error: too many connections from {ip}")));
-            }
-            let rate = l.ip_rate.entry(ip).or_default();
-            *rate += 1;
-            if i64::from(*rate) > cfg.int("network.smtp.rate_per_source") {
-                return Err(busy(format!(
-                    "Error: too many connections per second from {ip}"
-                )));
-            }
-        }
-        *l.per_ip.entry(ip).or_default() += 1;
+            .map_err(|_| Reply::new(421, EnhancedStatus::SYSTEM_TEMPORARY, "Internal error"))?
+            .admit(&limits, ip, listener, Instant::now())?;
         self.active.fetch_add(1, Ordering::SeqCst);
-        Ok(Slot { server: self, ip })
+        Ok(Slot {
+            server: self,
+            key,
+            listener,
+        })
     }
 
     fn settings(&self, cfg: &Config, listener: Listener) -> Settings {
@@ -163,6 +258,9 @@ impl Server {
             max_recipients: usize::try_from(cfg.int("smtp.max_recipients")).unwrap_or(100),
             max_errors: u32::try_from(cfg.int("smtp.max_errors")).unwrap_or(10),
             timeout: cfg.duration("network.smtp.timeout"),
+            tls_handshake_timeout: cfg.duration("network.smtp.tls_handshake_timeout"),
+            disk: Some((self.disk.clone(), cfg.size("queue.min_free_space"))),
+            session_lifetime: cfg.duration("network.smtp.session_lifetime"),
             data_deadline: cfg.duration("smtp.data_deadline"),
             tls_mode,
             tls: self.tls.read().ok().and_then(|t| t.clone()),
@@ -184,6 +282,7 @@ impl Server {
                 Arc::new(RpcdAuth {
                     socket: cfg.socket("mb-rpcd"),
                     protection: self.protection.clone(),
+                    ipv6_prefix: ipv6_prefix(cfg),
                 }) as Arc<dyn crate::session::Authenticator>
             }),
         }
@@ -225,20 +324,17 @@ impl Server {
         let ip = normalize(peer.ip());
         let cfg = self.follower.current();
         self.info.counters.add("connections", 1);
-        let slot = match self.admit(&cfg, ip, kind) {
-            Ok(slot) => slot,
-            Err(reply) => {
-                self.info.counters.add("connections_refused", 1);
-                tracing::info!(client = %ip, listener = kind.name(), "connection refused: {reply}");
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    stream.write_all(reply.to_wire().as_bytes()),
-                )
-                .await;
-                return;
-            }
-        };
+        if kind == Listener::Reinject && !ip.is_loopback() {
+            let reply = Reply::new(
+                554,
+                EnhancedStatus::POLICY_REJECT,
+                "Reinjection is for local clients only",
+            );
+            self.refuse(&mut stream, ip, kind, &reply.to_wire()).await;
+            return;
+        }
         let policy = policy(&cfg);
+        let group = crate::protect::source(ip, policy.ipv6_prefix).addr();
         let shared = self.shared.read().ok().and_then(|s| s.clone());
         let (mut verdict, exempt) = match self.protection.lock() {
             Ok(mut p) => (
@@ -249,7 +345,7 @@ impl Server {
         };
         // With Redis, the rate is counted there, together with every other process.
         if let (Ok(()), Some(shared), false) = (&verdict, shared, exempt) {
-            match shared.admit(&policy, ip).await {
+            match shared.admit(&policy, group).await {
                 Ok(None) => {}
                 Ok(Some(refusal)) => {
                     if let Ok(mut p) = self.protection.lock() {
@@ -267,9 +363,8 @@ impl Server {
             }
         }
         if let Err(refusal) = verdict {
-            drop(slot);
-            self.info.counters.add("connections_refused", 1);
             let name = hostname(&cfg);
+            let shown = crate::protect::net_text(&crate::protect::source(ip, policy.ipv6_prefix));
             let reply = match refusal {
                 Refusal::Untrusted => format!(
                     "554 5.7.1 {name} {} is only open to trusted networks",
@@ -281,20 +376,23 @@ impl Server {
                         cfg.duration("network.protection.autoban.period"),
                     );
                     tracing::warn!(client = %ip, "banned for {period}: too many connections");
-                    format!("421 4.7.0 {name} Error: {ip} is banned, try again later")
+                    format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
                 }
                 Refusal::Banned => {
-                    format!("421 4.7.0 {name} Error: {ip} is banned, try again later")
+                    format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
                 }
             };
-            tracing::info!(client = %ip, listener = kind.name(), "connection refused: {reply}");
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                stream.write_all(format!("{reply}\r\n").as_bytes()),
-            )
-            .await;
+            self.refuse(&mut stream, ip, kind, &format!("{reply}\r\n"))
+                .await;
             return;
         }
+        let slot = match self.admit(&cfg, ip, kind) {
+            Ok(slot) => slot,
+            Err(reply) => {
+                self.refuse(&mut stream, ip, kind, &reply.to_wire()).await;
+                return;
+            }
+        };
         let settings = self.settings(&cfg, kind);
         let client = Client {
             ip,
@@ -305,7 +403,9 @@ impl Server {
             let Some(acceptor) = settings.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(settings.timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(stream))
+                .await
+            {
                 Ok(Ok(tls)) => Box::new(tls),
                 _ => {
                     tracing::info!(client = %ip, "TLS handshake failed on the SMTPS port");
@@ -355,10 +455,21 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Answers a refused connection with `wire` (one reply line) and counts it.
+    async fn refuse(&self, stream: &mut TcpStream, ip: IpAddr, kind: Listener, wire: &str) {
+        self.info.counters.add("connections_refused", 1);
+        tracing::info!(client = %ip, listener = kind.name(), "connection refused: {}", wire.trim_end());
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), stream.write_all(wire.as_bytes())).await;
+    }
+}
+
 /// Passwords are checked by mb-rpcd (`Users.Verify`), which holds the hashes.
 struct RpcdAuth {
     socket: std::path::PathBuf,
     protection: Arc<Mutex<crate::protect::Protection>>,
+    ipv6_prefix: u8,
 }
 
 impl crate::session::Authenticator for RpcdAuth {
@@ -383,7 +494,7 @@ impl crate::session::Authenticator for RpcdAuth {
                 .map_err(|s| AuthError::Check(s.message().to_string()))?;
             let ok = r.into_inner().ok;
             if ok && let Ok(mut p) = self.protection.lock() {
-                p.authenticated(client);
+                p.authenticated(client, self.ipv6_prefix);
             }
             Ok(ok)
         })
@@ -399,7 +510,13 @@ fn policy(cfg: &Config) -> Policy {
         window: rate.map_or(Duration::from_secs(60), |r| r.per),
         ban_for: cfg.duration("network.protection.autoban.period"),
         trusted_networks: cfg.nets("network.protection.trusted_networks"),
+        ipv6_prefix: ipv6_prefix(cfg),
     }
+}
+
+/// `network.smtp.ipv6_prefix`: the IPv6 network counted as one client.
+fn ipv6_prefix(cfg: &Config) -> u8 {
+    u8::try_from(cfg.int("network.smtp.ipv6_prefix").clamp(32, 128)).unwrap_or(64)
 }
 
 /// Every few seconds: stores this process's bans and trusts in mb-rpcd, and re-reads the
@@ -419,7 +536,7 @@ pub async fn sync_access(server: Arc<Server>, shutdown: Shutdown) {
             let mut stored = 0;
             for d in &pending {
                 let entry = AccessEntry {
-                    ip: d.ip.to_string(),
+                    ip: crate::protect::net_text(&d.ip),
                     kind: if d.trust { "trust" } else { "ban" }.into(),
                     seconds: d.for_secs,
                     reason: d.reason.clone(),
@@ -436,15 +553,21 @@ pub async fn sync_access(server: Arc<Server>, shutdown: Shutdown) {
                 p.pending.drain(..n);
             }
             if let Ok(list) = client.list(ListAccessRequest::default()).await {
-                let entries: Vec<(IpAddr, bool, u64)> = list
+                let entries: Vec<(IpNet, bool, u64)> = list
                     .into_inner()
                     .entries
                     .iter()
-                    .filter_map(|e| Some((e.ip.parse().ok()?, e.kind == "trust", e.seconds)))
+                    .filter_map(|e| {
+                        let net =
+                            e.ip.parse::<IpNet>()
+                                .or_else(|_| e.ip.parse::<IpAddr>().map(IpNet::from))
+                                .ok()?;
+                        Some((net, e.kind == "trust", e.seconds))
+                    })
                     .collect();
-                let window = policy(&server.follower.current()).window;
+                let policy = policy(&server.follower.current());
                 if let Ok(mut p) = server.protection.lock() {
-                    p.load(&entries, window);
+                    p.load(&entries, &policy);
                 }
             }
         }
@@ -617,4 +740,294 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, TlsError> {
         .map_err(TlsError::Config)?;
     config.ignore_client_order = cfg.bool("network.tls.prefer_server_ciphers");
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(pool: usize) -> Limits {
+        Limits {
+            pool,
+            rate: 20,
+            max_per_source: 3,
+            rate_per_source: 5,
+            ipv6_prefix: 64,
+            exempt: false,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_clients_are_grouped_by_prefix() {
+        let mut a = Admission::default();
+        let now = Instant::now();
+        let l = limits(100);
+        // Three addresses of one /64 fill its three concurrent slots: the fourth address
+        // of that /64 is refused; another /64 of the same /48 is another client.
+        for i in 1..=3 {
+            let key = a
+                .admit(&l, ip(&format!("2001:db8:0:1::{i}")), Listener::Smtp, now)
+                .unwrap();
+            assert_eq!(key, "2001:db8:0:1::/64".parse::<IpNet>().unwrap());
+        }
+        let r = a
+            .admit(&l, ip("2001:db8:0:1:abcd::9"), Listener::Smtp, now)
+            .unwrap_err();
+        assert!(
+            r.to_string()
+                .contains("too many connections from 2001:db8:0:1::/64"),
+            "{r}"
+        );
+        assert!(
+            a.admit(&l, ip("2001:db8:0:2::1"), Listener::Smtp, now)
+                .is_ok()
+        );
+        // A wider prefix makes the neighbouring /64 the same client.
+        let wide = Limits {
+            ipv6_prefix: 48,
+            ..limits(100)
+        };
+        let mut b = Admission::default();
+        for i in 1..=3 {
+            b.admit(
+                &wide,
+                ip(&format!("2001:db8:0:{i}::1")),
+                Listener::Smtp,
+                now,
+            )
+            .unwrap();
+        }
+        assert!(
+            b.admit(&wide, ip("2001:db8:0:ffff::1"), Listener::Smtp, now)
+                .is_err()
+        );
+        // /128 counts each address alone.
+        let narrow = Limits {
+            ipv6_prefix: 128,
+            ..limits(100)
+        };
+        let mut c = Admission::default();
+        for i in 1..=10 {
+            c.admit(&narrow, ip(&format!("2001:db8::{i}")), Listener::Smtp, now)
+                .unwrap();
+        }
+        // The per-second rate groups the same way: six new connections from one /64
+        // within a second, each closed at once, meet rate_per_source = 5.
+        let mut d = Admission::default();
+        for i in 1..=5 {
+            let key = d
+                .admit(&l, ip(&format!("2001:db8:9:9::{i}")), Listener::Smtp, now)
+                .unwrap();
+            d.release(key, Listener::Smtp);
+        }
+        let r = d
+            .admit(&l, ip("2001:db8:9:9::6"), Listener::Smtp, now)
+            .unwrap_err();
+        assert!(
+            r.to_string().contains("per second from 2001:db8:9:9::/64"),
+            "{r}"
+        );
+        // A second later the window is new.
+        assert!(
+            d.admit(
+                &l,
+                ip("2001:db8:9:9::6"),
+                Listener::Smtp,
+                now + Duration::from_secs(1)
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn refused_clients_do_not_spend_the_listener_rate() {
+        let mut a = Admission::default();
+        let now = Instant::now();
+        let l = limits(100);
+        let flooder = ip("198.51.100.2");
+        let mut refused = 0;
+        for _ in 0..1000 {
+            match a.admit(&l, flooder, Listener::Smtp, now) {
+                Ok(key) => a.release(key, Listener::Smtp),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(refused, 995, "rate_per_source is 5");
+        // 20 admitted per second on the listener: the flooder used 5 of them, so 15
+        // other clients still get in within the same second.
+        for i in 1..=15 {
+            assert!(
+                a.admit(&l, ip(&format!("203.0.113.{i}")), Listener::Smtp, now)
+                    .is_ok(),
+                "client {i} refused"
+            );
+        }
+        let r = a
+            .admit(&l, ip("203.0.113.200"), Listener::Smtp, now)
+            .unwrap_err();
+        assert!(
+            r.to_string().contains("too many connections per second,"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn each_listener_has_its_own_pool_and_reinjection_no_rate() {
+        let mut a = Admission::default();
+        let now = Instant::now();
+        let l = Limits {
+            max_per_source: 1000,
+            rate_per_source: 1000,
+            ..limits(2)
+        };
+        for i in 1..=2 {
+            a.admit(&l, ip(&format!("203.0.113.{i}")), Listener::Smtp, now)
+                .unwrap();
+        }
+        let r = a
+            .admit(&l, ip("203.0.113.3"), Listener::Smtp, now)
+            .unwrap_err();
+        assert!(
+            r.to_string().contains("too many connections, try again"),
+            "{r}"
+        );
+        assert_eq!(a.active(Listener::Smtp), 2);
+        for kind in [Listener::Submission, Listener::Smtps] {
+            assert!(
+                a.admit(&l, ip("203.0.113.3"), kind, now).is_ok(),
+                "{kind:?}"
+            );
+        }
+        // The port-25 rate is spent too: reinjection does not care.
+        let busy_rate = Limits {
+            rate: 1,
+            exempt: true,
+            ..limits(50)
+        };
+        let mut b = Admission::default();
+        b.admit(&busy_rate, ip("203.0.113.1"), Listener::Smtp, now)
+            .unwrap();
+        assert!(
+            b.admit(&busy_rate, ip("203.0.113.2"), Listener::Smtp, now)
+                .is_err()
+        );
+        for _ in 0..50 {
+            b.admit(&busy_rate, ip("127.0.0.1"), Listener::Reinject, now)
+                .unwrap();
+        }
+        // Only its own pool bounds it.
+        assert!(
+            b.admit(&busy_rate, ip("127.0.0.1"), Listener::Reinject, now)
+                .is_err()
+        );
+        assert_eq!(b.active(Listener::Reinject), 50);
+    }
+
+    /// Runs a session on a pipe with `lifetime` and a 50 s idle timeout; returns the
+    /// client's end and the session task.
+    fn lifetime_session(
+        lifetime: Duration,
+    ) -> (
+        tokio::io::BufReader<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<crate::session::Summary>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let mut settings = crate::tests::settings();
+        settings.session_lifetime = lifetime;
+        settings.timeout = Duration::from_secs(50);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+            let client = Client {
+                ip: ip("198.51.100.7"),
+                port: 1234,
+            };
+            Session::new(Box::new(server), &settings, &spool, client, Listener::Smtp)
+                .run(shutdown)
+                .await
+        });
+        (tokio::io::BufReader::new(client), task, dir)
+    }
+
+    /// Reads one reply, all its lines.
+    async fn line(r: &mut tokio::io::BufReader<tokio::io::DuplexStream>) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut all = String::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).await.unwrap() == 0 {
+                return all;
+            }
+            all.push_str(&l);
+            if l.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ends_at_its_lifetime_busy_or_idle() {
+        use tokio::io::AsyncWriteExt;
+        // Busy: a NOOP every 40 s never meets the 50 s idle timeout, but the session is
+        // closed when it reaches 100 s.
+        let (mut c, task, _dir) = lifetime_session(Duration::from_secs(100));
+        assert!(line(&mut c).await.starts_with("220"));
+        let start = tokio::time::Instant::now();
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            c.get_mut().write_all(b"NOOP\r\n").await.unwrap();
+            assert!(line(&mut c).await.starts_with("250"));
+        }
+        let r = line(&mut c).await;
+        assert!(
+            r.starts_with("421 4.4.2") && r.contains("session lifetime"),
+            "{r}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(100));
+        assert_eq!(task.await.unwrap().end, "session lifetime");
+        // A message that is still arriving when the lifetime passes is taken; the next
+        // command gets the 421.
+        let (mut c, task, _dir) = lifetime_session(Duration::from_secs(30));
+        assert!(line(&mut c).await.starts_with("220"));
+        for (cmd, code) in [
+            ("EHLO client.example", "250"),
+            ("MAIL FROM:<a@sender.example>", "250"),
+            ("RCPT TO:<b@served.example>", "250"),
+            ("DATA", "354"),
+        ] {
+            c.get_mut()
+                .write_all(format!("{cmd}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let r = line(&mut c).await;
+            assert!(r.starts_with(code), "{cmd}: {r}");
+        }
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            c.get_mut().write_all(b"Subject: slow\r\n").await.unwrap();
+        }
+        c.get_mut().write_all(b"\r\nbody\r\n.\r\n").await.unwrap();
+        let r = line(&mut c).await;
+        assert!(r.starts_with("250"), "{r}");
+        // The session may have closed before this command arrives: either way the
+        // client's next read is the 421.
+        let _ = c.get_mut().write_all(b"NOOP\r\n").await;
+        let r = line(&mut c).await;
+        assert!(r.starts_with("421 4.4.2"), "{r}");
+        assert_eq!(task.await.unwrap().end, "session lifetime");
+        // Idle: closed at the lifetime (30 s), before the 50 s idle timeout.
+        let (mut c, task, _dir) = lifetime_session(Duration::from_secs(30));
+        assert!(line(&mut c).await.starts_with("220"));
+        let start = tokio::time::Instant::now();
+        let r = line(&mut c).await;
+        assert!(r.starts_with("421 4.4.2"), "{r}");
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(task.await.unwrap().end, "session lifetime");
+    }
 }

@@ -24,6 +24,9 @@ struct Args {
     /// Print the status as JSON
     #[arg(long)]
     json: bool,
+    /// Also print every counter of every daemon, sorted by name
+    #[arg(short, long)]
+    verbose: bool,
     /// Seconds to wait for each daemon
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     timeout: u64,
@@ -37,7 +40,7 @@ struct Row {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     let cfg = mb_runtime::load_config_for_tool("mb-status", args.config.as_deref());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -136,7 +139,7 @@ fn main() -> ExitCode {
         let out = json!({"healthy": healthy, "daemons": daemons, "components": comps, "cluster": cluster});
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        print_table(&rows, &components);
+        print_table(&rows, &components, args.verbose);
         if let Some(c) = &cluster {
             println!();
             println!(
@@ -190,36 +193,50 @@ fn row_json(r: &Row) -> Json {
     })
 }
 
-fn print_table(rows: &[Row], components: &[ComponentStatus]) {
+fn print_table(rows: &[Row], components: &[ComponentStatus], verbose: bool) {
     println!(
-        "{:<14} {:<11} {:>7} {:>9} {:<8} LISTENING / DETAIL",
-        "DAEMON", "STATE", "PID", "UPTIME", "VERSION"
+        "{:<14} {:<11} {:>7} {:>9} {:<26} FIGURES",
+        "DAEMON", "STATE", "PID", "UPTIME", "LISTENING"
     );
     for r in rows {
         let state = state_word(r);
         match &r.probe.status {
-            Some(s) => {
-                let counters: Vec<String> =
-                    s.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "{:<14} {:<11} {:>7} {:>9} {:<8} {}{}",
-                    r.name,
-                    state,
-                    s.pid,
-                    mb_runtime::cli::age(s.uptime_seconds),
-                    s.version,
-                    s.listening.join(" "),
-                    if counters.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  {}", counters.join(" "))
-                    }
-                );
-            }
-            None => println!(
-                "{:<14} {:<11} {:>7} {:>9} {:<8} {}",
-                r.name, state, "-", "-", "-", r.probe.error
+            Some(s) => println!(
+                "{:<14} {:<11} {:>7} {:>9} {:<26} {}",
+                r.name,
+                state,
+                s.pid,
+                mb_runtime::cli::age(s.uptime_seconds),
+                if s.listening.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.listening.join(" ")
+                },
+                figures(&r.name, s)
             ),
+            None => println!(
+                "{:<14} {:<11} {:>7} {:>9} {:<26} {}",
+                r.name,
+                state,
+                "-",
+                "-",
+                "-",
+                mb_runtime::cli::printable(&r.probe.error)
+            ),
+        }
+    }
+    if verbose {
+        for r in rows {
+            let Some(s) = &r.probe.status else { continue };
+            println!();
+            println!(
+                "{} (version {}, pid {}): {}",
+                r.name, s.version, s.pid, s.detail
+            );
+            let sorted: std::collections::BTreeMap<_, _> = s.counters.iter().collect();
+            for (k, v) in sorted {
+                println!("  {k:<32} {v}");
+            }
         }
     }
     println!();
@@ -240,6 +257,59 @@ fn print_table(rows: &[Row], components: &[ComponentStatus]) {
             format!(" {}", c.address)
         };
         println!("{:<14} {}{address}{latency}{detail}", c.name, c.state);
+    }
+}
+
+/// The two or three figures that matter for a daemon, in words; the rest is behind
+/// `--verbose`.
+fn figures(name: &str, s: &StatusResponse) -> String {
+    let n = |key: &str| s.counters.get(key).copied().unwrap_or(0);
+    let per_minute = |key: &str| {
+        let minutes = (s.uptime_seconds.max(1) as f64) / 60.0;
+        n(key) as f64 / minutes
+    };
+    let program = name.split('@').next().unwrap_or(name);
+    match program {
+        "mb-smtpd" => {
+            let queued = n("queue_incoming") + n("queue_deferred");
+            let oldest = if queued > 0 {
+                format!(
+                    " (oldest {})",
+                    mb_runtime::cli::age(n("queue_oldest_age_seconds"))
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "sessions {}, queue {queued}{oldest}, held {}, delivered {}, bounced {}",
+                n("connections_active"),
+                n("queue_hold"),
+                n("delivered"),
+                n("bounced")
+            )
+        }
+        "mb-filter" => format!(
+            "scans {:.1}/min, in flight {}, rejected {}, quarantined {}, tempfailed {}",
+            per_minute("scanned"),
+            n("in_flight"),
+            n("rejected"),
+            n("quarantined"),
+            n("tempfailed")
+        ),
+        "mb-milter" => format!(
+            "sessions {}, messages {:.1}/min, rejected {}, tempfailed {}, unscanned {}",
+            n("active"),
+            per_minute("messages"),
+            n("rejected"),
+            n("tempfailed"),
+            n("unscanned")
+        ),
+        "mb-cluster" if s.counters.contains_key("nodes") => format!(
+            "nodes {}, configuration version {}",
+            n("nodes"),
+            n("config_version")
+        ),
+        _ => mb_runtime::cli::printable(&s.detail).into_owned(),
     }
 }
 
@@ -268,4 +338,46 @@ async fn cluster_status(
     };
     let r = tokio::time::timeout(timeout, ask).await.ok()??.into_inner();
     (r.enabled && !r.role.is_empty()).then_some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(uptime: u64, counters: &[(&str, u64)]) -> StatusResponse {
+        StatusResponse {
+            uptime_seconds: uptime,
+            counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            detail: "hub \u{1b}[31m".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_daemon_shows_the_figures_that_matter() {
+        let smtpd = status(
+            600,
+            &[
+                ("connections_active", 3),
+                ("queue_incoming", 1),
+                ("queue_deferred", 4),
+                ("queue_oldest_age_seconds", 125),
+                ("queue_hold", 2),
+                ("delivered", 90),
+                ("bounced", 1),
+                ("mail", 7),
+            ],
+        );
+        assert_eq!(
+            figures("mb-smtpd", &smtpd),
+            "sessions 3, queue 5 (oldest 2m5s), held 2, delivered 90, bounced 1"
+        );
+        let filter = status(120, &[("scanned", 30), ("in_flight", 2), ("rejected", 4)]);
+        assert_eq!(
+            figures("mb-filter@2", &filter),
+            "scans 15.0/min, in flight 2, rejected 4, quarantined 0, tempfailed 0"
+        );
+        // A daemon without figures of its own shows its detail, made printable.
+        assert_eq!(figures("mb-rpcd", &status(5, &[])), "hub \\x1b[31m");
+    }
 }

@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 /// Where the cases live.
 pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/filter");
+/// Where the adversarial corpus lives (tests/data/corpus/README.md): `NAME.case` holds
+/// the header alone and `NAME.eml` the message, byte for byte as it is sent.
+pub const CORPUS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/corpus");
 /// The line between the TOML header and the message.
 pub const SEPARATOR: &str = "--- message ---";
 /// A message line `%repeat COUNT TEXT` stands for COUNT lines `TEXT`, so a large part
@@ -65,6 +68,10 @@ pub enum CaseError {
     Repeat(usize),
     #[error("config and the runner's settings do not make one TOML document: {0}")]
     Merge(String),
+    #[error(
+        "the message has a line feed without a carriage return at byte {0}: an .eml of the corpus is sent as it is, with CRLF line endings"
+    )]
+    BareLineFeed(usize),
 }
 
 /// What the verdict must be.
@@ -146,6 +153,33 @@ pub fn parse(name: &str, text: &str) -> Result<Case, CaseError> {
         .trim()
         .to_string();
     let (head, body) = split(text).ok_or(CaseError::NoSeparator)?;
+    from_header(name, about, head, message(body)?)
+}
+
+/// Reads one corpus case: `header` is the `NAME.case` text (no separator, no message)
+/// and `message` the bytes of `NAME.eml`, kept as they are.
+pub fn parse_corpus(name: &str, header: &str, message: Vec<u8>) -> Result<Case, CaseError> {
+    if let Some(i) = header.split('\n').position(|l| l.contains('\r')) {
+        return Err(CaseError::CarriageReturn(i + 1));
+    }
+    let about = header
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# "))
+        .ok_or(CaseError::NoComment)?
+        .trim()
+        .to_string();
+    if let Some(at) = message
+        .iter()
+        .enumerate()
+        .position(|(i, b)| *b == b'\n' && (i == 0 || message[i - 1] != b'\r'))
+    {
+        return Err(CaseError::BareLineFeed(at));
+    }
+    from_header(name, about, header, message)
+}
+
+fn from_header(name: &str, about: String, head: &str, message: Vec<u8>) -> Result<Case, CaseError> {
     let header: Header = toml::from_str(head)?;
     let config =
         Config::from_toml_str(&header.config, &format!("{name} config")).map_err(|errors| {
@@ -198,7 +232,7 @@ pub fn parse(name: &str, text: &str) -> Result<Case, CaseError> {
         },
         policies,
         expect: header.expect,
-        message: message(body)?,
+        message,
     })
 }
 
@@ -226,6 +260,37 @@ pub fn load_all(dir: &Path) -> Vec<(String, Result<Case, CaseError>)> {
                     source,
                 })
                 .and_then(|text| parse(&name, &text));
+            (name, case)
+        })
+        .collect()
+}
+
+/// Every corpus case under `dir` (`NAME.case` with its `NAME.eml`), by name, read or
+/// not; an `.eml` without its `.case` is a case that cannot be read, so no message of
+/// the corpus goes unjudged.
+pub fn load_corpus(dir: &Path) -> Vec<(String, Result<Case, CaseError>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "case" || x == "eml"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let read = |ext: &str| {
+                let path = dir.join(format!("{name}.{ext}"));
+                std::fs::read(&path).map_err(|source| CaseError::Read { path, source })
+            };
+            let case = read("case").and_then(|header| {
+                let message = read("eml")?;
+                parse_corpus(&name, &String::from_utf8_lossy(&header), message)
+            });
             (name, case)
         })
         .collect()
@@ -373,6 +438,28 @@ mod tests {
             bad(&SMALL.replace("[expect]", policy)),
             CaseError::Policy { .. }
         ));
+    }
+
+    #[test]
+    fn corpus_cases_keep_their_message_bytes_and_refuse_bare_line_feeds() {
+        let header = SMALL.split(SEPARATOR).next().unwrap();
+        let c = parse_corpus("eml", header, b"Subject: x\r\n\r\na\0b\r\n".to_vec()).unwrap();
+        assert_eq!(c.message, b"Subject: x\r\n\r\na\0b\r\n");
+        assert_eq!(c.request.queue_id, "eml");
+        assert!(matches!(
+            parse_corpus("eml", header, b"Subject: x\r\n\nbody".to_vec()),
+            Err(CaseError::BareLineFeed(12))
+        ));
+        assert!(matches!(
+            parse_corpus("eml", &header.replace("# A sample.\n", ""), Vec::new()),
+            Err(CaseError::NoComment)
+        ));
+        // The checked-in corpus reads, every case of it.
+        let all = load_corpus(Path::new(CORPUS_DIR));
+        assert!(all.len() >= 60, "{} corpus cases", all.len());
+        for (name, case) in &all {
+            assert!(case.is_ok(), "{name}: {:?}", case.as_ref().err());
+        }
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! One module per peer or concern; everything is re-exported here, so callers name
 //! `mb_testkit::Gateway`, `mb_testkit::free_port`, ... and never a module, except
 //! `mb_testkit::cases`, the filter case files, whose names (`Case`, `parse`, `DIR`) read
-//! well only with the module's.
+//! well only with the module's, and `mb_testkit::mta` (`mta::smtp`, `mta::milter`: one
+//! message the way an MTA in front of the gateway sends it).
 
 mod account;
+mod authdns;
 pub mod cases;
 mod clamd;
 mod dnsmasq;
@@ -15,6 +17,7 @@ mod dovecot;
 mod gateway;
 mod link_proxy;
 mod mariadb;
+pub mod mta;
 mod ports;
 mod postfix;
 mod postgres;
@@ -24,6 +27,7 @@ mod rspamd;
 mod tls;
 
 pub use account::ensure_mailborder_account;
+pub use authdns::{AuthDns, Rr, Zone};
 pub use clamd::{Clamd, EICAR};
 pub use dnsmasq::Dnsmasq;
 pub use dovecot::Dovecot;

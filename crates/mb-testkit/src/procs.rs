@@ -14,12 +14,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("MB_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // Test binaries live in target/debug/deps.
+    // Test binaries live in target/debug/deps; xtask (the benchmarks) in target/debug.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("the executable's directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of a built binary; fails with the command that builds it.

@@ -45,7 +45,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = mb_runtime::docs::parse::<Args>();
     cli::run("mb-user", run(args))
 }
 
@@ -113,7 +113,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(grpc)?;
-            println!("added {name}");
+            cli::changed(
+                args.json,
+                &serde_json::json!({"name": name, "added": true}),
+                format_args!("added {name}"),
+            );
         }
         Command::Passwd { name } => {
             let password = read_password(&name)?;
@@ -124,7 +128,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(grpc)?;
-            println!("password of {name} changed");
+            cli::changed(
+                args.json,
+                &serde_json::json!({"name": name, "password_changed": true}),
+                format_args!("password of {name} changed"),
+            );
         }
         Command::Del { name } => {
             users
@@ -133,7 +141,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 })
                 .await
                 .map_err(grpc)?;
-            println!("removed {name}");
+            cli::changed(
+                args.json,
+                &serde_json::json!({"name": name, "removed": true}),
+                format_args!("removed {name}"),
+            );
         }
         Command::List => {
             let list = users

@@ -144,10 +144,16 @@ impl Manager {
         d: &Delivery<'_>,
         hop: &NextHop,
         relay: bool,
+        guarded: bool,
         rcpts: &[Recipient],
     ) -> Vec<Attempted> {
         let cfg = d.cfg;
-        let key = super::session_key(cfg, hop, relay);
+        let mut key = super::session_key(cfg, hop, relay);
+        if guarded {
+            // A session opened for a configured route may reach an address a guarded
+            // one must not: they are never shared.
+            key.push_str(" guarded");
+        }
         let limit = usize::try_from(cfg.int("queue.destination_concurrency")).unwrap_or(20);
         let sem = self.destination(&hop.to_string(), limit);
         let Ok(_permit) = sem.acquire_owned().await else {
@@ -155,7 +161,7 @@ impl Manager {
         };
         let session = match self.cached(&key).await {
             Some(s) => s,
-            None => match self.open(cfg, hop, relay).await {
+            None => match self.open(cfg, hop, relay, guarded).await {
                 Ok(s) => s,
                 Err(f) => return all_failed(rcpts, &f.remote, &f.error),
             },
@@ -176,9 +182,25 @@ impl Manager {
         let env = d.env;
         let body = with_return_path(hop, env, d.message);
         let dsn_passed = s.client.caps.dsn;
+        // The next hop must not send success or delay notices to a forged sender either.
+        let internet = super::notify::from_internet(d.cfg, env);
+        let rcpts: Cow<'_, [Recipient]> = if internet {
+            Cow::Owned(
+                rcpts
+                    .iter()
+                    .map(|r| Recipient {
+                        notify: super::notify::effective_notify(true, &r.notify),
+                        ..r.clone()
+                    })
+                    .collect(),
+            )
+        } else {
+            Cow::Borrowed(rcpts)
+        };
+        let ret = if internet { "HDRS" } else { env.ret.as_str() };
         let result = s
             .client
-            .send_with_dsn(&env.sender, &env.ret, &env.envid, rcpts, &body)
+            .send_with_dsn(&env.sender, ret, &env.envid, &rcpts, &body)
             .await;
         let tls_note = if s.tls.is_empty() {
             String::new()
@@ -200,18 +222,27 @@ impl Manager {
                 if matches!(e, ClientError::Refused(_)) {
                     self.keep(key, s);
                 }
-                all_failed(rcpts, &remote, &DeliveryError::transaction(e, &remote))
+                all_failed(&rcpts, &remote, &DeliveryError::transaction(e, &remote))
             }
         }
     }
 
     /// Opens a session with the next hop: resolves it, connects to its addresses in
     /// order until one greets, says EHLO, applies the TLS policy and relay AUTH.
-    async fn open(&self, cfg: &Config, hop: &NextHop, relay: bool) -> Result<Session, Failed> {
-        let targets = self.targets(cfg, hop).await.map_err(|error| Failed {
-            remote: String::new(),
-            error,
-        })?;
+    async fn open(
+        &self,
+        cfg: &Config,
+        hop: &NextHop,
+        relay: bool,
+        guarded: bool,
+    ) -> Result<Session, Failed> {
+        let targets = self
+            .targets(cfg, hop, guarded)
+            .await
+            .map_err(|error| Failed {
+                remote: String::new(),
+                error,
+            })?;
         let dial = Dial::new(cfg, hop, relay);
         let mut last = Failed {
             remote: String::new(),
@@ -252,11 +283,15 @@ impl Manager {
         Err(last)
     }
 
-    /// The addresses of a next hop, in the order to try them.
+    /// The addresses of a next hop, in the order to try them. For a `guarded` MX hop, as
+    /// Postfix does, the MX list ends at the first host that is this gateway (the hosts
+    /// after it are less preferred than we are); when that is the first host, the mail
+    /// loops back to us and bounces.
     async fn targets(
         &self,
         cfg: &Config,
         hop: &NextHop,
+        guarded: bool,
     ) -> Result<Vec<(String, Target)>, DeliveryError> {
         let v6 = cfg.bool("network.ipv6.enabled");
         let addresses = |failure| DeliveryError::Dns {
@@ -280,8 +315,25 @@ impl Manager {
                     })?;
                 let mut targets = Vec::new();
                 let mut last = None;
+                let own = if guarded {
+                    super::resolve::own_addresses(cfg)
+                } else {
+                    Vec::new()
+                };
                 for h in hosts {
                     match self.dns.addresses(&h, v6).await {
+                        Ok(ips)
+                            if guarded
+                                && ips.iter().any(|ip| super::resolve::is_self(*ip, &own)) =>
+                        {
+                            tracing::info!(next_hop = %hop, mx = %h, "MX host is this gateway: {ips:?}");
+                            if targets.is_empty() {
+                                return Err(DeliveryError::LoopsBack {
+                                    domain: domain.clone(),
+                                });
+                            }
+                            break;
+                        }
                         Ok(ips) => targets.extend(tcp_targets(&h, ips, *port)),
                         Err(failure) => last = Some(failure),
                     }
@@ -531,10 +583,13 @@ mod tests {
     async fn mandatory_tls_never_falls_back_to_plaintext() {
         let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
         let dir = tempfile::tempdir().unwrap();
+        // The sink listens on loopback, which the domain's own MX may not point at: the
+        // transport entry makes it a configured next hop (looked up by MX all the same).
         let cfg = config(
             dir.path(),
             &format!(
-                "[queue]\nmx_port = {}\n[network.smtp.tls]\noutbound = \"mandatory\"\n",
+                "[relay]\ntransport = \"plain.example=smtp:plain.example:{}\"\n\
+                 [network.smtp.tls]\noutbound = \"mandatory\"\n",
                 addr.port()
             ),
         );

@@ -154,6 +154,9 @@ impl<'a> Delivery<'a> {
 struct Group {
     hop: NextHop,
     relay: bool,
+    /// The hop is the recipient domain's own MX (no transport entry, not the relay
+    /// host): addresses of this gateway among its hosts mean a loop (`LoopsBack`).
+    guarded: bool,
     rcpts: Vec<usize>,
 }
 
@@ -400,7 +403,9 @@ impl Manager {
             for chunk in group.rcpts.chunks(limit.max(1)) {
                 let rcpts: Vec<Recipient> =
                     chunk.iter().map(|i| d.env.recipients[*i].clone()).collect();
-                let results = self.attempt(d, &group.hop, group.relay, &rcpts).await;
+                let results = self
+                    .attempt(d, &group.hop, group.relay, group.guarded, &rcpts)
+                    .await;
                 for (i, res) in chunk.iter().zip(results) {
                     handoffs[*i] = Handoff {
                         dsn_passed: res.dsn_passed(),
@@ -595,11 +600,16 @@ fn plan(cfg: &Config, state: &DeliveryState) -> (Vec<Group>, Vec<(usize, RouteEr
         }
         match route(cfg, &transport, &r.address) {
             Ok((hop, relay)) => {
-                match groups.iter_mut().find(|g| g.hop == hop && g.relay == relay) {
+                let guarded = !relay && !resolve::in_transport(&transport, &r.address);
+                match groups
+                    .iter_mut()
+                    .find(|g| g.hop == hop && g.relay == relay && g.guarded == guarded)
+                {
                     Some(g) => g.rcpts.push(i),
                     None => groups.push(Group {
                         hop,
                         relay,
+                        guarded,
                         rcpts: vec![i],
                     }),
                 }
@@ -925,5 +935,160 @@ mod tests {
         let got: Vec<u64> = (1..=6).map(|a| backoff(a, min, max).as_secs()).collect();
         assert_eq!(got, [300, 600, 1200, 2400, 3600, 3600]);
         assert_eq!(backoff(500, min, max), max);
+    }
+
+    /// Mail from the internet whose domains' MX hosts are this gateway: those recipients
+    /// bounce with 5.4.6 and nothing connects to them, while the same loopback sink is
+    /// reached through transport entries (configured next hops). The bounce carries the
+    /// headers only, and NOTIFY=SUCCESS brings no success notice.
+    #[tokio::test]
+    async fn an_mx_that_is_this_gateway_loops_back_and_internet_mail_bounces_headers_only() {
+        let (addr, got) = sink(Arc::new(AtomicBool::new(false))).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "[queue]\nmx_port = {p}\n[network.smtp]\nlisten = \"192.0.2.55\"\n\
+                 [relay]\ntransport = \"conf.example=smtp:conf.example:{p},ok.example=smtp:[127.0.0.1]:{p}\"\n",
+                p = addr.port()
+            ),
+        );
+        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Arc::new(spool);
+        let mx = |d: &str| (d.to_string(), vec![(10, format!("mx.{d}"))]);
+        let dns = Dns::Fixed {
+            mx: HashMap::from([
+                mx("loop.example"),
+                mx("zero.example"),
+                mx("own.example"),
+                mx("mapped.example"),
+                mx("conf.example"),
+            ]),
+            hosts: HashMap::from([
+                ("mx.loop.example".into(), vec![addr.ip()]),
+                ("mx.zero.example".into(), vec!["0.0.0.0".parse().unwrap()]),
+                ("mx.own.example".into(), vec!["192.0.2.55".parse().unwrap()]),
+                (
+                    "mx.mapped.example".into(),
+                    vec!["::ffff:127.0.0.2".parse().unwrap()],
+                ),
+                ("mx.conf.example".into(), vec![addr.ip()]),
+            ]),
+        };
+        let m = Manager::new(spool.clone(), follower, dns, Clock::new());
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        let rcpts = [
+            "a@loop.example",
+            "b@zero.example",
+            "c@own.example",
+            "d@mapped.example",
+            "e@conf.example",
+            "tmp@ok.example",
+        ];
+        let id = spool.new_id();
+        let env = Envelope {
+            id: id.clone(),
+            received_at: m.clock.unix(),
+            client_ip: "198.51.100.7".into(),
+            listener: "smtp".into(),
+            sender: "forged@sender.example".into(),
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient {
+                    address: a.to_string(),
+                    notify: "SUCCESS,FAILURE".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(b"Subject: secret plans\r\n\r\nthe body must never go back\r\n")
+            .await
+            .unwrap();
+        w.commit(&env).await.unwrap();
+        wait_for("the deferral", || {
+            spool.locate(&id).is_some_and(|(q, _)| q == Queue::Deferred)
+        })
+        .await;
+        let (_, env) = spool::read_message(&spool.locate(&id).unwrap().1).unwrap();
+        let st = spool.load_state(&env);
+        let states: Vec<(&str, RecipientState, &str)> = st
+            .recipients
+            .iter()
+            .map(|r| (r.address.as_str(), r.state, r.last_error.as_str()))
+            .collect();
+        assert_eq!(
+            &states[..4],
+            [
+                (
+                    "a@loop.example",
+                    RecipientState::Bounced,
+                    "554 5.4.6 mail for loop.example loops back to myself"
+                ),
+                (
+                    "b@zero.example",
+                    RecipientState::Bounced,
+                    "554 5.4.6 mail for zero.example loops back to myself"
+                ),
+                (
+                    "c@own.example",
+                    RecipientState::Bounced,
+                    "554 5.4.6 mail for own.example loops back to myself"
+                ),
+                (
+                    "d@mapped.example",
+                    RecipientState::Bounced,
+                    "554 5.4.6 mail for mapped.example loops back to myself"
+                ),
+            ]
+        );
+        assert_eq!(states[4].1, RecipientState::Delivered, "{states:?}");
+        assert_eq!(states[5].1, RecipientState::Deferred, "{states:?}");
+        // Only the configured route reached the sink.
+        {
+            let got = got.lock().unwrap();
+            let reached: Vec<&String> = got.iter().flat_map(|t| &t.1).collect();
+            assert_eq!(reached, ["e@conf.example"], "{reached:?}");
+        }
+        // One bounce for the four, headers only; no success notice for e@conf.example.
+        let n = notices(&spool);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(n[0].contains("Status: 5.4.6"), "{}", n[0]);
+        assert!(n[0].contains("text/rfc822-headers"), "{}", n[0]);
+        assert!(n[0].contains("Subject: secret plans"), "{}", n[0]);
+        assert!(!n[0].contains("the body must never go back"), "{}", n[0]);
+        assert!(!n[0].contains("message/rfc822"), "{}", n[0]);
+        trigger.trigger();
+    }
+
+    #[test]
+    fn notify_of_internet_mail_keeps_failure_only() {
+        use notify::effective_notify as e;
+        assert_eq!(e(false, "SUCCESS,DELAY"), "SUCCESS,DELAY");
+        assert_eq!(e(true, ""), "");
+        assert_eq!(e(true, "SUCCESS"), "NEVER");
+        assert_eq!(e(true, "SUCCESS,FAILURE,DELAY"), "FAILURE");
+        assert_eq!(e(true, "NEVER"), "NEVER");
+        let own = ["192.0.2.55".parse().unwrap()];
+        for (ip, looped) in [
+            ("127.0.0.1", true),
+            ("127.8.9.10", true),
+            ("0.0.0.0", true),
+            ("::", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("192.0.2.55", true),
+            ("::ffff:192.0.2.55", true),
+            ("192.0.2.56", false),
+            ("2001:db8::1", false),
+        ] {
+            assert_eq!(resolve::is_self(ip.parse().unwrap(), &own), looped, "{ip}");
+        }
+        // The host's own interface addresses count too (loopback at least).
+        let cfg = Config::default();
+        assert!(resolve::own_addresses(&cfg).contains(&"127.0.0.1".parse().unwrap()));
     }
 }

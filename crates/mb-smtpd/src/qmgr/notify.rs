@@ -1,6 +1,11 @@
 //! What an attempt tells others. The sender: bounces, delay warnings and success notices,
 //! built by `dsn.rs` and written into the spool as new null-sender messages. The message
 //! log: one event per recipient state to mb-rpcd.
+//!
+//! The sender of mail from the internet (neither authenticated nor from mynetworks) is
+//! usually forged: a notice to it is backscatter, which gets gateways blocklisted. Such
+//! mail gets bounces only, with the headers of the message and never its body, and its
+//! NOTIFY=SUCCESS and DELAY are ignored (here and when passed to the next hop).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -65,6 +70,22 @@ impl Manager {
         if reports.is_empty() || env.sender.is_empty() {
             return;
         }
+        let internet = from_internet(cfg, env);
+        if internet && reports.iter().any(|r| r.action != Action::Failed) {
+            tracing::info!(id = %env.id, to = %env.sender, action = ?reports[0].action,
+                "no notice to the sender of mail from the internet (only failures are reported)");
+            return;
+        }
+        let headers_only;
+        let env = if internet {
+            headers_only = Envelope {
+                ret: "HDRS".into(),
+                ..env.clone()
+            };
+            &headers_only
+        } else {
+            env
+        };
         let hostname = crate::server::hostname(cfg);
         let body = dsn::build(&hostname, env, message, reports, self.clock.now(), until);
         let id = self.spool.new_id();
@@ -127,6 +148,38 @@ impl Manager {
                 ..Default::default()
             });
         }
+    }
+}
+
+/// Whether `env` came from the internet: neither authenticated nor from `smtp.mynetworks`
+/// (an unreadable client address counts as the internet; no client address at all is
+/// mail made here).
+pub(super) fn from_internet(cfg: &Config, env: &Envelope) -> bool {
+    if !env.auth_user.is_empty() || env.client_ip.is_empty() {
+        return false;
+    }
+    let Ok(ip) = env.client_ip.parse::<std::net::IpAddr>() else {
+        return true;
+    };
+    !cfg.nets("smtp.mynetworks").iter().any(|n| n.contains(&ip))
+}
+
+/// NOTIFY as passed on to the next hop: for mail from the internet, without SUCCESS
+/// and DELAY. What the sender asked for stays otherwise: `SUCCESS` alone (no failure
+/// notices) becomes `NEVER`, not the default.
+pub(super) fn effective_notify(internet: bool, notify: &str) -> String {
+    if !internet || notify.is_empty() {
+        return notify.to_string();
+    }
+    let kept: Vec<&str> = notify
+        .split(',')
+        .map(str::trim)
+        .filter(|w| w.eq_ignore_ascii_case("FAILURE") || w.eq_ignore_ascii_case("NEVER"))
+        .collect();
+    if kept.is_empty() {
+        "NEVER".into()
+    } else {
+        kept.join(",")
     }
 }
 

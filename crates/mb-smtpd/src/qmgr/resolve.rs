@@ -1,6 +1,8 @@
 //! Where each recipient goes (Postfix's `trivial-rewrite` resolve step): the transport
 //! table, then the relay host for the gateway's own domains, then the domain's MX.
 
+use std::net::IpAddr;
+
 use mb_core::Config;
 use mb_core::route::{Hop, NextHop, Protocol};
 
@@ -35,6 +37,41 @@ pub fn route(
         },
         false,
     ))
+}
+
+/// Whether a transport entry routes `address` (an administrator chose its next hop).
+pub fn in_transport(transport: &[(String, NextHop)], address: &str) -> bool {
+    transport_entry(transport, &domain_of(address)).is_some()
+}
+
+/// Whether delivering to `ip` would deliver to this gateway itself: loopback, an
+/// unspecified address (which connects to the local host), or one of `own` (the
+/// listen addresses and the addresses of the host's interfaces).
+pub fn is_self(ip: IpAddr, own: &[IpAddr]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || ip.is_unspecified() || own.contains(&ip)
+}
+
+/// This gateway's own addresses: its configured listen addresses and the addresses of
+/// the host's interfaces (read each time: interfaces come and go).
+pub fn own_addresses(cfg: &Config) -> Vec<IpAddr> {
+    let mut own = cfg.ips("network.smtp.listen");
+    own.extend(cfg.ips("network.smtp.listen_ipv6"));
+    own.push(cfg.ip("network.reinject.listen"));
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            if let Some(v4) = sa.as_sockaddr_in() {
+                own.push(IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                own.push(IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    own
 }
 
 /// The domain of an address, lowercase, without the brackets of an address literal.

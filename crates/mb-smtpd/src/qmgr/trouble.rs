@@ -82,6 +82,10 @@ pub enum DeliveryError {
     /// The session broke during the transaction (I/O error, timeout, protocol error).
     #[error("451 4.4.2 {remote} lost the session: {cause}")]
     SessionLost { remote: String, cause: String },
+    /// The domain's MX (the route nobody configured) points at this gateway: loopback,
+    /// an unspecified address, or one of its own addresses. Postfix's wording.
+    #[error("554 5.4.6 mail for {domain} loops back to myself")]
+    LoopsBack { domain: String },
     /// Still not delivered when `queue.lifetime` ran out.
     #[error(
         "550 5.4.7 message expired after {} in the queue; last error: {last_error}",
@@ -151,7 +155,7 @@ impl DeliveryError {
                 *lookup == Lookup::Mx && matches!(failure, DnsFailure::Permanent(_))
             }
             DeliveryError::Refused { code, .. } => !(400..500).contains(code),
-            DeliveryError::Expired { .. } => true,
+            DeliveryError::Expired { .. } | DeliveryError::LoopsBack { .. } => true,
             DeliveryError::Route(_)
             | DeliveryError::NoAddress
             | DeliveryError::Connect { .. }
@@ -182,7 +186,8 @@ impl DeliveryError {
         match self {
             DeliveryError::TlsConfig(_)
             | DeliveryError::AuthWithoutTls
-            | DeliveryError::AuthRefused { .. } => NextStep::GiveUp,
+            | DeliveryError::AuthRefused { .. }
+            | DeliveryError::LoopsBack { .. } => NextStep::GiveUp,
             DeliveryError::StartTls {
                 opportunistic: true,
                 ..

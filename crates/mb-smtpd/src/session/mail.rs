@@ -42,6 +42,9 @@ impl Session<'_> {
                 "Message size exceeds fixed limit",
             );
         }
+        if let Some(reply) = self.insufficient_storage() {
+            return reply;
+        }
         let from = sender.as_ref().map(ToString::to_string).unwrap_or_default();
         self.tx = Some(Transaction {
             sender,

@@ -165,6 +165,13 @@ pub struct Settings {
     pub timeout: Duration,
     /// Longest time for one message's content, against clients that trickle it.
     pub data_deadline: Duration,
+    /// Longest TLS handshake (SMTPS and STARTTLS), against clients that stall in it.
+    pub tls_handshake_timeout: Duration,
+    /// Longest session: an older one is told 421 at its next command, or at once if idle.
+    pub session_lifetime: Duration,
+    /// The spool's free space and `queue.min_free_space`: below it, MAIL and RCPT get
+    /// 452 4.3.1 (none: not checked).
+    pub disk: Option<(std::sync::Arc<mb_runtime::diskfree::DiskGuard>, u64)>,
     pub tls_mode: TlsMode,
     pub tls: Option<TlsAcceptor>,
     pub require_auth: bool,
@@ -334,6 +341,10 @@ impl<'a> Session<'a> {
             self.summary.end = "lost";
             return self.summary;
         }
+        // Against sessions kept open forever by a client that sends a command just before
+        // each timeout: a session ends at the first command after its lifetime, or at
+        // once when idle.
+        let end_of_life = tokio::time::Instant::now() + self.settings.session_lifetime;
         loop {
             let line = tokio::select! {
                 l = self.conn.read_line(proto::MAX_COMMAND_LINE) => l,
@@ -342,7 +353,21 @@ impl<'a> Session<'a> {
                     self.close(r, "shutdown").await;
                     break;
                 }
+                () = tokio::time::sleep_until(end_of_life) => {
+                    let r = self.fatal(421, EnhancedStatus::new(4, 4, 2), "Error: session lifetime exceeded");
+                    self.close(r, "session lifetime").await;
+                    break;
+                }
             };
+            if tokio::time::Instant::now() >= end_of_life {
+                let r = self.fatal(
+                    421,
+                    EnhancedStatus::new(4, 4, 2),
+                    "Error: session lifetime exceeded",
+                );
+                self.close(r, "session lifetime").await;
+                break;
+            }
             let line = match line {
                 Ok(l) => l,
                 Err(ReadError::TooLong) => {
@@ -417,6 +442,18 @@ impl<'a> Session<'a> {
     /// A reply that ends the session, naming this server (as Postfix's 421s do).
     fn fatal(&self, code: u16, status: EnhancedStatus, text: &str) -> Reply {
         Reply::new(code, status, format!("{} {text}", self.settings.hostname))
+    }
+
+    /// The 452 for MAIL and RCPT while the spool's filesystem is short of space.
+    fn insufficient_storage(&self) -> Option<Reply> {
+        let (guard, min) = self.settings.disk.as_ref()?;
+        let free = guard.low(*min)?;
+        tracing::warn!(client = %self.client.ip, free, min, "refusing mail: the spool's filesystem is below queue.min_free_space");
+        Some(Reply::new(
+            452,
+            EnhancedStatus::new(4, 3, 1),
+            "Insufficient system storage",
+        ))
     }
 
     /// Sends a last reply and records why the session ends.

@@ -71,6 +71,16 @@ impl Session<'_> {
                 format!("<{rcpt}>: Relay access denied"),
             );
         }
+        if let Some(reply) = self.insufficient_storage() {
+            return reply;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(
+                503,
+                EnhancedStatus::BAD_SEQUENCE,
+                "Error: need MAIL command",
+            );
+        };
         if tx.rcpts.len() >= max {
             return Reply::new(
                 452,

@@ -41,7 +41,7 @@ impl Session<'_> {
             return true;
         }
         let io = self.conn.take_io();
-        match tokio::time::timeout(self.settings.timeout, acceptor.accept(io)).await {
+        match tokio::time::timeout(self.settings.tls_handshake_timeout, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
                 let (_, state) = tls.get_ref();
                 self.tls = Some(describe_tls(state));
