@@ -222,6 +222,19 @@ fn banned_sources_never_spend_the_connection_rate() {
         let (code, out, err) = mb_ban(&gw, &["add", target, "--for", "10m"]);
         assert_eq!(code, 0, "mb-ban add {target}: {out}{err}");
     }
+    // Change commands answer in JSON when asked.
+    let (code, out, err) = mb_ban(&gw, &["--json", "add", "2001:db8:6::/64", "--for", "1m"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(
+        (v["ip"].as_str(), v["kind"].as_str()),
+        (Some("2001:db8:6::/64"), Some("ban")),
+        "{v}"
+    );
+    let (code, out, err) = mb_ban(&gw, &["--json", "del", "2001:db8:6::/64"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(v["removed"], true, "{v}");
     let (code, out, err) = mb_ban(&gw, &["add", "10.0.0.0/4"]);
     assert_ne!(code, 0, "a /4 was accepted: {out}");
     assert!(err.contains("/8 or narrower"), "{err}");

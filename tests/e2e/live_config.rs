@@ -270,3 +270,76 @@ fn changing_network_dns_servers_gives_a_running_smtpd_a_new_resolver_for_deliver
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", subjects(), gw.smtpd_log()));
 }
+
+/// From the registry: every live key, set to a new value with `mb-config set`, is what
+/// each daemon that reads it runs with (as `Control.RunningConfig` reports) within
+/// seconds, without a restart.
+#[test]
+fn every_live_key_reaches_every_daemon_that_reads_it() {
+    use mb_core::registry::{Apply, KEYS};
+    let mut gw = Gateway::new(&format!(
+        "[network.smtp]\nlisten = \"127.0.0.1\"\nport = {}\n[network.reinject]\nport = {}\n\
+         [filter]\nlisten = \"127.0.0.1\"\nport = {}\n\
+         [milter]\nlisten = \"127.0.0.1\"\nport = {}\n\
+         [cluster]\nbind = \"127.0.0.1\"\nport = {}\n",
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_smtpd().unwrap();
+    gw.start_milter().unwrap();
+    gw.start_cluster().unwrap();
+    let live: Vec<_> = KEYS
+        .iter()
+        .filter(|d| d.apply == Apply::Live && !d.file_only)
+        .collect();
+    assert!(live.len() > 50, "{} live keys", live.len());
+    let mut expected = Vec::new();
+    for def in &live {
+        let (input, canonical) = crate::sample(def);
+        let (code, out, err) = text(&gw.tool("mb-config", &["set", def.key, &input]));
+        assert_eq!(code, 0, "set {} {input:?}: {out}{err}", def.key);
+        let shown = if def.secret {
+            mb_core::config::REDACTED.to_string()
+        } else {
+            canonical
+        };
+        expected.push((def.key, def.daemons, shown));
+    }
+    for daemon in [
+        "mb-rpcd",
+        "mb-smtpd",
+        "mb-filter@1",
+        "mb-milter",
+        "mb-cluster",
+    ] {
+        let program = daemon.split('@').next().unwrap();
+        let mut wrong = Vec::new();
+        let done = wait_until(daemon, Duration::from_secs(20), || {
+            let (code, out, err) =
+                text(&gw.tool("mb-config", &["--json", "show", "--daemon", daemon]));
+            assert_eq!(code, 0, "{daemon}: {out}{err}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let values = v["values"].as_array().unwrap();
+            wrong = expected
+                .iter()
+                .filter(|(_, daemons, _)| daemons.contains(&program))
+                .filter_map(|(key, _, want)| {
+                    let got = values.iter().find(|x| x["key"] == *key);
+                    let got = got.and_then(|x| x["value"].as_str()).unwrap_or("<missing>");
+                    (got != want).then(|| format!("{key}: runs {got}, stored {want}"))
+                })
+                .collect();
+            wrong.is_empty()
+        });
+        assert!(
+            done.is_ok(),
+            "{daemon} does not run these live values:\n{}",
+            wrong.join("\n")
+        );
+    }
+}

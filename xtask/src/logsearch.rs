@@ -32,7 +32,7 @@ const SEARCHES: &[(&str, &[&str])] = &[
 
 /// The INSERT ... SELECT body shared by the engines: `{n}` is the row number, `{cat}`
 /// the engine's string concatenation of its arguments.
-fn columns(n: &str, cat: fn(&[&str]) -> String, now_ms: u64) -> String {
+fn columns(n: &str, cat: fn(&[&str]) -> String, div: &str, now_ms: u64) -> String {
     let text = |s: &str| format!("'{s}'");
     let step = 30 * 86_400_000 / EVENTS;
     [
@@ -44,15 +44,15 @@ fn columns(n: &str, cat: fn(&[&str]) -> String, now_ms: u64) -> String {
         cat(&[n, &text("@bench.example")]),
         cat(&[
             &text("10."),
-            &format!("{n} % 250"),
+            &format!("({n} % 250)"),
             &text("."),
-            &format!("({n} / 250) % 250"),
+            &format!("(({n} {div} 250) % 250)"),
             &text(".1"),
         ]),
         text("mx.sender.example"),
         text("mx.sender.example"),
-        cat(&[&text("s"), &format!("{n} % 5000"), &text("@example.org")]),
-        cat(&[&text("r"), &format!("{n} % 3000"), &text("@served.test")]),
+        cat(&[&text("s"), &format!("({n} % 5000)"), &text("@example.org")]),
+        cat(&[&text("r"), &format!("({n} % 3000)"), &text("@served.test")]),
         "4096".into(),
         text("scanned"),
         text("accept"),
@@ -103,7 +103,7 @@ pub fn bench() -> Result<()> {
             (Some(m), _) => {
                 let sql = format!(
                     "{INSERT} SELECT {} FROM seq_1_to_{EVENTS}; ANALYZE TABLE message_events;",
-                    columns("seq", mysql_cat, now_ms)
+                    columns("seq", mysql_cat, "DIV", now_ms)
                 );
                 let url = m.url();
                 let port = url.rsplit(':').next().unwrap_or("").trim_end_matches("/mb");
@@ -123,7 +123,7 @@ pub fn bench() -> Result<()> {
             (_, Some(p)) => {
                 let sql = format!(
                     "{INSERT} SELECT {} FROM generate_series(1::bigint, {EVENTS}) AS i; ANALYZE message_events;",
-                    columns("i", sql_cat, now_ms)
+                    columns("i", sql_cat, "/", now_ms)
                 );
                 sql_client(Command::new(require("psql", "postgresql-client")).args([
                     &p.url(),
@@ -138,7 +138,7 @@ pub fn bench() -> Result<()> {
                 let sql = format!(
                     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {EVENTS}) \
                      {INSERT} SELECT {} FROM n; ANALYZE;",
-                    columns("i", sql_cat, now_ms)
+                    columns("i", sql_cat, "/", now_ms)
                 );
                 let db = gw.path("data/mailborder.db");
                 sql_client(

@@ -138,7 +138,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            println!("banned {} for {duration}", e.ip);
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"ip": e.ip, "kind": "ban", "seconds": e.seconds, "reason": e.reason}),
+                format_args!("banned {} for {duration}", e.ip),
+            );
         }
         Command::Trust { ip, duration } => {
             let e = access
@@ -151,10 +155,14 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await
                 .map_err(grpc)?
                 .into_inner();
-            println!("trusted {} for {duration}", e.ip);
+            mb_runtime::cli::changed(
+                args.json,
+                &serde_json::json!({"ip": e.ip, "kind": "trust", "seconds": e.seconds}),
+                format_args!("trusted {} for {duration}", e.ip),
+            );
         }
-        Command::Del { ip } => remove(&mut access, ip, "ban").await?,
-        Command::Untrust { ip } => remove(&mut access, ip, "trust").await?,
+        Command::Del { ip } => remove(&mut access, ip, "ban", args.json).await?,
+        Command::Untrust { ip } => remove(&mut access, ip, "trust", args.json).await?,
     }
     Ok(())
 }
@@ -163,6 +171,7 @@ async fn remove(
     access: &mut AccessClient<tonic::transport::Channel>,
     ip: String,
     kind: &str,
+    json: bool,
 ) -> Result<(), Failure> {
     let removed = access
         .remove(RemoveAccessRequest {
@@ -179,6 +188,10 @@ async fn remove(
             anyhow!("{ip} is not in the {kind} list; see `mb-ban list`"),
         ));
     }
-    println!("removed {ip} from the {kind} list");
+    mb_runtime::cli::changed(
+        json,
+        &serde_json::json!({"ip": ip, "kind": kind, "removed": true}),
+        format_args!("removed {ip} from the {kind} list"),
+    );
     Ok(())
 }

@@ -269,11 +269,34 @@ impl Db {
             url: shown.clone(),
             cause: e.to_string(),
         })?;
-        Ok(Db {
+        let db = Db {
             pool,
             dialect,
             url: shown,
-        })
+        };
+        if dialect == Dialect::Postgres {
+            db.index_subjects().await;
+        }
+        Ok(db)
+    }
+
+    /// On PostgreSQL, a trigram index lets `mb-log --subject` find a substring without
+    /// reading every event. It needs the pg_trgm extension (shipped with the server,
+    /// trusted since PostgreSQL 13, so the database's owner may create it); without it
+    /// the search still works, by scanning, and the log says how to speed it up.
+    async fn index_subjects(&self) {
+        for statement in [
+            "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+            "CREATE INDEX IF NOT EXISTS message_events_subject_trgm ON message_events USING gin (subject gin_trgm_ops)",
+        ] {
+            if let Err(e) = sqlx::query(statement).execute(&self.pool).await {
+                tracing::warn!(
+                    cause = %e,
+                    "subject searches of the message log will scan it: the pg_trgm extension is not available (CREATE EXTENSION pg_trgm as a superuser once)"
+                );
+                return;
+            }
+        }
     }
 
     /// The sender allow policies migration 0008 made authenticated-only, each returned
@@ -501,7 +524,14 @@ impl Db {
         if q.message_id.is_some() {
             sql.push_str(" AND message_id = ?");
         }
-        if q.subject.is_some() {
+        let subject_index = q
+            .subject
+            .as_deref()
+            .is_some_and(|t| self.dialect == Dialect::Sqlite && t.chars().count() >= 3);
+        if subject_index {
+            // The trigram index matches a quoted phrase as a substring, ignoring case.
+            sql.push_str(" AND id IN (SELECT rowid FROM message_events_subject WHERE message_events_subject MATCH ?)");
+        } else if q.subject.is_some() {
             sql.push_str(self.subject_match());
         }
         sql.push_str(if q.newest_first {
@@ -535,7 +565,11 @@ impl Db {
             query = query.bind(id);
         }
         if let Some(subject) = &q.subject {
-            query = query.bind(format!("%{}%", like_escape(subject)));
+            query = query.bind(if subject_index {
+                format!("\"{}\"", subject.replace('"', "\"\""))
+            } else {
+                format!("%{}%", like_escape(subject))
+            });
         }
         let rows = query
             .bind(i64::from(row_limit(q.limit)))
@@ -726,8 +760,8 @@ impl Db {
     /// Recipients are stored one per line; this matches a whole line (see
     /// `recipient_pattern`).
     /// A case-insensitive substring match of the subject: LIKE ignores ASCII case in
-    /// SQLite and under MariaDB's `_ci` collation; PostgreSQL needs ILIKE (its trigram
-    /// index serves both).
+    /// SQLite (used for searches shorter than a trigram) and under MariaDB's `_ci`
+    /// collation; PostgreSQL needs ILIKE (its trigram index serves it).
     fn subject_match(&self) -> &'static str {
         if self.dialect == Dialect::Postgres {
             " AND subject ILIKE ? ESCAPE '!'"
