@@ -1,9 +1,10 @@
 //! `cargo xtask fuzz`: libFuzzer campaigns over the parsers that read untrusted input
 //! (targets in `fuzz/fuzz_targets`), and the short smoke run `cargo xtask test` ends with.
 //!
-//! cargo-fuzz is installed on first use. Targets build without a sanitizer
+//! cargo-fuzz is installed on first use. Targets build optimised without
+//! `debug_assert!` (`--release`, as the daemons run in production) and without a sanitizer
 //! (`--sanitizer none`), which works on the stable toolchain; Rust's own bounds checks
-//! and overflow checks (debug assertions are on in cargo-fuzz builds) still turn memory
+//! and overflow checks (on in `fuzz/Cargo.toml`'s release profile) still turn memory
 //! and arithmetic errors into crashes. A campaign grows `fuzz/corpus/TARGET`; the smoke
 //! run reads that corpus and writes what it finds to a temporary directory, so a test run
 //! leaves the tree as it was. Crashes land in `fuzz/artifacts/TARGET`.
@@ -52,9 +53,9 @@ pub fn fuzz(only: Option<&str>, seconds: u64, keep: bool) -> Result<()> {
     run(cargo().current_dir(&fuzz_dir).args([
         "fuzz",
         "build",
+        "--release",
         "--sanitizer",
         "none",
-        "--debug-assertions",
     ]))?;
     let mut report = Vec::new();
     for target in targets {
@@ -69,14 +70,7 @@ pub fn fuzz(only: Option<&str>, seconds: u64, keep: bool) -> Result<()> {
         let started = Instant::now();
         let mut cmd = cargo();
         cmd.current_dir(&fuzz_dir)
-            .args([
-                "fuzz",
-                "run",
-                "--sanitizer",
-                "none",
-                "--debug-assertions",
-                target,
-            ])
+            .args(["fuzz", "run", "--release", "--sanitizer", "none", target])
             .arg(&write_to);
         if let Some(dir) = &read_too {
             cmd.arg(dir);

@@ -325,7 +325,7 @@ pub static KEYS: &[KeyDef] = &[
     k("attachments.archive_max_size", Kind::Size { min: 1024, max: 1 << 32 }, "100M", "Most bytes decompressed from the archives of one attachment, all levels together; past it the rest counts as unscannable").by(F),
     k("attachments.archive_max_ratio", int(1, 100_000), "100", "Most bytes decompressed per byte of an attachment (any attachment may expand to 1 MiB); past it expansion stops and ARCHIVE_BOMB scores 10.0").by(F),
     k("attachments.encrypted_action", ARCHIVE_ACTION, "score", "What to do with an archive holding encrypted members: score ENCRYPTED_ARCHIVE (2.0), quarantine, or reject (554 5.7.1)").by(F),
-    k("attachments.unscannable_action", ARCHIVE_ACTION, "score", "What to do with an archive that cannot be looked into (RAR, 7z, CAB, ISO, damaged, nested deeper than attachments.archive_depth, larger than attachments.archive_max_size): score ARCHIVE_UNSCANNABLE (2.0), quarantine, or reject (554 5.7.1)").by(F),
+    k("attachments.unscannable_action", ARCHIVE_ACTION, "score", "What to do with an archive that cannot be looked into (RAR, 7z with encrypted names, CAB, ISO, damaged, nested deeper than attachments.archive_depth, larger than attachments.archive_max_size): score ARCHIVE_UNSCANNABLE (2.0), quarantine, or reject (554 5.7.1)").by(F),
     // Filter workers and the content filter.
     k("filter.enabled", BOOL, "true", "Run mb-filter workers").by(F).restart(),
     k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),
