@@ -575,8 +575,8 @@ impl Daemon for Worker {
             follower: ctx.source.clone(),
             config: ctx.config.clone(),
         });
-        let auth = Arc::new(dns::LiveAuth::new(cfg, listeners.auth));
-        auth.clone().follow(&ctx.source, shutdown.clone());
+        let auth = Arc::new(dns::live(cfg, listeners.auth));
+        dns::follow(auth.clone(), &ctx.source, shutdown.clone());
         let service = Arc::new(FilterService {
             auth: Some(auth),
             follower: ctx.source.clone(),

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod policies;
 pub mod probe;
 pub mod quarantine;
+pub mod rebuild;
 pub mod uds;
 
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::net::NetError;
@@ -40,68 +40,16 @@ pub enum DnsSetupError {
 }
 
 /// The resolver in use and the `network.dns.*` settings it was built from.
-pub struct Live {
-    built: RwLock<(String, Arc<TokioResolver>)>,
-}
+pub type Live = mb_runtime::rebuild::Rebuilt<TokioResolver>;
 
-impl Live {
-    fn resolver(&self) -> Arc<TokioResolver> {
-        match self.built.read() {
-            Ok(b) => b.1.clone(),
-            Err(poisoned) => poisoned.into_inner().1.clone(),
-        }
-    }
-
-    /// Rebuilds the resolver when `cfg`'s DNS settings differ from the ones in use; a
-    /// setting that cannot be used keeps the running resolver. Returns whether it did.
-    pub fn update(&self, cfg: &Config) -> bool {
-        let wanted = settings(cfg);
-        if self.built.read().is_ok_and(|b| b.0 == wanted) {
-            return false;
-        }
-        match resolver(cfg) {
-            Ok(r) => {
-                if let Ok(mut b) = self.built.write() {
-                    *b = (wanted.clone(), Arc::new(r));
-                }
-                tracing::info!(dns = %wanted, "DNS settings changed: deliveries use a new resolver");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(cause = %e, dns = %wanted, "DNS settings changed but cannot be used; keeping the running resolver");
-                false
-            }
-        }
-    }
-
-    /// Rebuilds on every change of `network.dns.*` from `follower`, until `shutdown`.
-    pub fn follow(
-        self: Arc<Self>,
-        follower: &mb_runtime::follow::Follower,
-        shutdown: mb_runtime::lifecycle::Shutdown,
-    ) {
-        let mut changes = follower.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = shutdown.requested() => return,
-                    r = changes.changed() => if r.is_err() { return },
-                }
-                let cfg = changes.borrow_and_update().clone();
-                self.update(&cfg);
-            }
-        });
-    }
-}
-
-/// Every `network.dns.*` value, as one comparable line.
-fn settings(cfg: &Config) -> String {
-    mb_core::registry::KEYS
-        .iter()
-        .filter(|k| k.key.starts_with("network.dns."))
-        .map(|k| format!("{}={}", k.key, cfg.get(k.key)))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Rebuilds the delivery resolver on every change of `network.dns.*` from `follower`,
+/// until `shutdown`.
+pub fn follow(
+    live: Arc<Live>,
+    follower: &mb_runtime::follow::Follower,
+    shutdown: mb_runtime::lifecycle::Shutdown,
+) {
+    live.follow(follower, shutdown, resolver);
 }
 
 fn resolver(cfg: &Config) -> Result<TokioResolver, DnsSetupError> {
@@ -123,9 +71,13 @@ fn resolver(cfg: &Config) -> Result<TokioResolver, DnsSetupError> {
 impl Dns {
     /// A resolver for the configured servers (`system` reads /etc/resolv.conf).
     pub fn from_config(cfg: &Config) -> Result<Dns, DnsSetupError> {
-        Ok(Dns::Real(Arc::new(Live {
-            built: RwLock::new((settings(cfg), Arc::new(resolver(cfg)?))),
-        })))
+        let names = mb_runtime::rebuild::Names {
+            section: "network.dns.",
+            settings: "DNS settings",
+            user: "deliveries",
+            value: "resolver",
+        };
+        Ok(Dns::Real(Arc::new(Live::new(names, cfg, resolver(cfg)?))))
     }
 
     /// The handle that keeps a real resolver current (`None` for fixed answers).
@@ -144,7 +96,7 @@ impl Dns {
                 Some(list) => list.clone(),
                 None => Vec::new(),
             },
-            Dns::Real(live) => match live.resolver().mx_lookup(format!("{domain}.")).await {
+            Dns::Real(live) => match live.current().mx_lookup(format!("{domain}.")).await {
                 Ok(l) => l
                     .answers()
                     .iter()
@@ -198,7 +150,7 @@ impl Dns {
                 .cloned()
                 .ok_or_else(|| DnsFailure::Permanent(format!("550 5.1.2 host {host} not found"))),
             Dns::Real(live) => {
-                let r = live.resolver();
+                let r = live.current();
                 let name = format!("{host}.");
                 let mut out = Vec::new();
                 let mut failure = None;

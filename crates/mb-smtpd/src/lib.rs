@@ -277,7 +277,7 @@ impl Daemon for Smtpd {
         }
         let server = Arc::new(server);
         if let Some(live) = listeners.dns.live() {
-            live.follow(&ctx.source, shutdown.clone());
+            dns::follow(live, &ctx.source, shutdown.clone());
         }
         let mut manager = qmgr::Manager::new(
             server.spool.clone(),
