@@ -93,10 +93,13 @@ fn changing_network_dns_servers_gives_a_running_filter_a_new_resolver() {
     .unwrap_or_else(|e| panic!("{e}:\n{}", filter_log()));
     let r = send(port);
     assert!(r.starts_with("250"), "{r}\n{}", filter_log());
+    // A delivery is complete once its Authentication-Results is there: the sink may
+    // show a message while it is still being written.
     wait_until("two deliveries", Duration::from_secs(20), || {
-        sink.messages().len() == 2
+        let m = sink.messages();
+        m.len() == 2 && m.iter().all(|m| m.contains("spf="))
     })
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {:?}", sink.messages()));
     let spf: Vec<String> = sink
         .messages()
         .iter()
