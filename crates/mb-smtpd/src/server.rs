@@ -285,6 +285,9 @@ impl Server {
                     ipv6_prefix: ipv6_prefix(cfg),
                 }) as Arc<dyn crate::session::Authenticator>
             }),
+            // Recipient verification (session/verify.rs): fields below this line.
+            // Sender binding and per-account limits (session/limits.rs): fields below this line.
+            // Greylisting (session/greylist.rs): fields below this line.
         }
     }
 

@@ -38,6 +38,9 @@ pub(crate) fn settings() -> Settings {
         phases: None,
         scanner: None,
         accept_unscanned: false,
+        // Recipient verification (session/verify.rs): fields below this line.
+        // Sender binding and per-account limits (session/limits.rs): fields below this line.
+        // Greylisting (session/greylist.rs): fields below this line.
     }
 }
 

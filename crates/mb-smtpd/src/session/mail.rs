@@ -3,7 +3,7 @@
 use super::*;
 
 impl Session<'_> {
-    pub(super) fn mail(&mut self, sender: Option<Mailbox>, params: Params) -> Reply {
+    pub(super) async fn mail(&mut self, sender: Option<Mailbox>, params: Params) -> Reply {
         if self.helo.is_none() && self.settings.helo_required {
             return Reply::new(
                 503,
@@ -43,6 +43,10 @@ impl Session<'_> {
             );
         }
         if let Some(reply) = self.insufficient_storage() {
+            return reply;
+        }
+        // Sender binding and the per-account message limit (limits.rs).
+        if let Some(reply) = self.check_sender(sender.as_ref()).await {
             return reply;
         }
         let from = sender.as_ref().map(ToString::to_string).unwrap_or_default();

@@ -20,10 +20,13 @@ use crate::spool::{Envelope, Recipient, Spool, SpoolWriter};
 mod auth;
 mod data;
 mod ehlo;
+mod greylist;
+mod limits;
 mod mail;
 mod rcpt;
 mod scan;
 mod tls;
+mod verify;
 
 pub use auth::base64_decode;
 pub use data::{received_header, rfc5322_date};
@@ -188,6 +191,9 @@ pub struct Settings {
     pub scanner: Option<std::sync::Arc<dyn mb_scan::Scanner>>,
     /// `filter.unavailable_action = "accept"`: take mail unscanned when no worker answers.
     pub accept_unscanned: bool,
+    // Recipient verification (session/verify.rs): fields below this line.
+    // Sender binding and per-account limits (session/limits.rs): fields below this line.
+    // Greylisting (session/greylist.rs): fields below this line.
 }
 
 /// The client as seen at accept time.
@@ -501,12 +507,12 @@ impl<'a> Session<'a> {
             Command::StartTls => self.in_phase(Phase::TlsHandshake, Step::StartTls).await,
             Command::Mail(sender, params) => {
                 self.summary.mail += 1;
-                let r = self.mail(sender, params);
+                let r = self.mail(sender, params).await;
                 self.answer(r).await
             }
             Command::Rcpt(rcpt, params) => {
                 self.summary.rcpt += 1;
-                let r = self.rcpt(rcpt, params);
+                let r = self.rcpt(rcpt, params).await;
                 self.answer(r).await
             }
             Command::Data => {

@@ -3,7 +3,7 @@
 use super::*;
 
 impl Session<'_> {
-    pub(super) fn rcpt(&mut self, rcpt: Mailbox, params: Params) -> Reply {
+    pub(super) async fn rcpt(&mut self, rcpt: Mailbox, params: Params) -> Reply {
         let may_relay = self.may_relay();
         // <postmaster> without a domain is always accepted (RFC 5321 §4.5.1).
         let (rcpt, served) = if rcpt.domain.is_empty() {
@@ -95,6 +95,25 @@ impl Session<'_> {
                 "Ok (duplicate recipient)",
             );
         }
+        // Checks that may wait on mb-rpcd, Redis, LDAP or a next hop, cheapest refusal
+        // first: an unknown user is refused before it costs the account's budget or a
+        // greylist entry.
+        if let Some(reply) = self.verify_recipient(&rcpt, served).await {
+            return reply;
+        }
+        if let Some(reply) = self.check_recipient_budget(&rcpt).await {
+            return reply;
+        }
+        if let Some(reply) = self.greylist(&rcpt).await {
+            return reply;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(
+                503,
+                EnhancedStatus::BAD_SEQUENCE,
+                "Error: need MAIL command",
+            );
+        };
         tx.rcpts.push((rcpt, params));
         Reply::new(250, EnhancedStatus::RECIPIENT_OK, "Ok")
     }
