@@ -21,6 +21,8 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "quarantine.proto",
         "policy.proto",
         "cluster.proto",
+        "greylist.proto",
+        "recipients.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -238,6 +238,28 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
         .0,
         0
     );
+    // So do the valid recipients of recipient verification's list mode.
+    ok(
+        &main,
+        "mb-recipient",
+        &[
+            "add",
+            "alice@served.test",
+            "*@catch.test",
+            "--comment",
+            "lab",
+        ],
+    );
+    // Sender aliases travel with the accounts (sender binding holds on every node).
+    assert_eq!(
+        mb_user(
+            &main,
+            &["alias", "add", "carol@served.test", "sales@served.test"],
+            ""
+        )
+        .0,
+        0
+    );
     for child in [&child1, &child2] {
         wait_until(
             "the main's change on a child",
@@ -246,12 +268,39 @@ fn three_nodes_share_the_main_configuration_and_a_cut_off_child_keeps_filtering(
                 get(child, "spam.threshold.tag") == "1.5"
                     && ok(child, "mb-policy", &["list"]).contains("partners")
                     && ok(child, "mb-user", &["list"]).contains("carol@served.test")
+                    && ok(child, "mb-user", &["alias", "list"])
+                        .contains("carol@served.test sales@served.test")
+                    && ok(child, "mb-recipient", &["list"])
+                        == "*@catch.test  # lab\nalice@served.test  # lab\n"
             },
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: tag {:?}, policies {:?}, users {:?}, aliases {:?}, recipients {:?}\n{}",
+                get(child, "spam.threshold.tag"),
+                ok(child, "mb-policy", &["list"]),
+                ok(child, "mb-user", &["list"]),
+                ok(child, "mb-user", &["alias", "list"]),
+                ok(child, "mb-recipient", &["list"]),
+                child.cluster_log()
+            )
+        });
     }
     // Node-local keys stay local: child1 keeps its own SMTP port.
     assert_eq!(get(&child1, "network.smtp.port"), smtp_port.to_string());
+
+    // Nor does a child keep valid recipients of its own.
+    let (code, _, err) = text(&child1.tool("mb-recipient", &["add", "x@served.test"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cluster-wide"), "{err}");
+    // Nor does a child grant sender addresses of its own.
+    let (code, _, err) = mb_user(
+        &child1,
+        &["alias", "add", "carol@served.test", "x@served.test"],
+        "",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cluster-wide"), "{err}");
 
     // A child refuses local edits of cluster-wide settings and names the main.
     let (code, _, err) = text(&child1.tool("mb-config", &["set", "spam.threshold.tag", "9"]));

@@ -149,6 +149,23 @@ fn exercise(url: &str, dialect: &str) {
     // unless added with --unauthenticated.
     assert_eq!(v[1]["unauthenticated"], false, "{v:#}");
 
+    // Valid recipients (migration 0011) on this dialect: stored lowercase, versioned,
+    // checked with wildcards and extensions, removed.
+    let recipient = |args: &[&str]| text(&gw.tool("mb-recipient", args));
+    let (code, out, err) = recipient(&["--json", "add", "Bob@Served.test", "sales-*@served.test"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = recipient(&["--json", "check", "sales-eu+x@served.test"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"pattern\":\"sales-*@served.test\""), "{out}");
+    let (code, out, err) = recipient(&["--json", "del", "bob@served.test"]);
+    assert_eq!(
+        (code, out.contains("\"removed\":1")),
+        (0, true),
+        "{out}{err}"
+    );
+    let (_, out, _) = recipient(&["list"]);
+    assert_eq!(out.trim(), "sales-*@served.test");
+
     // Overrides survive a restart (the listener keys are put back first so it can start).
     assert_eq!(
         text(&gw.tool("mb-config", &["unset", "network.rpcd.tcp.enabled"])).0,

@@ -629,6 +629,11 @@ fn relay_host_certificate_is_verified_and_auth_goes_only_over_tls() {
     relay.start_smtpd().unwrap();
     let (code, _, err) = crate::smtp::mb_user(&relay, &["add", "gateway"], "relay password 1\n");
     assert_eq!(code, 0, "{err}");
+    // The gateway relays other people's mail: its account may send as sender.test
+    // (sender binding refuses any other MAIL FROM from an authenticated client).
+    let (code, _, err) =
+        crate::smtp::mb_user(&relay, &["alias", "add", "gateway", "@sender.test"], "");
+    assert_eq!(code, 0, "{err}");
 
     // An authority that did not sign the relay's certificate.
     let other_ca = relay.path("other-ca.crt");

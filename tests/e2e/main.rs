@@ -1,5 +1,5 @@
 //! End-to-end tests: the real binaries, on temp directories and loopback ports, against
-//! real peers (MariaDB, PostgreSQL, Redis, fail2ban-regex, systemd-analyze, Postfix's
+//! real peers (MariaDB, PostgreSQL, Redis, fail2ban-regex, systemd-analyze, lintian, Postfix's
 //! smtp-sink, dnsmasq, Dovecot LMTP, clamd).
 
 mod access;
@@ -17,12 +17,18 @@ mod diskguard;
 mod filter;
 mod first_start;
 mod follow;
+mod greylist;
+mod journal;
+mod ldap;
 mod live_config;
+mod memory;
 mod modes;
 mod packaging;
+mod recipients;
 mod rpcd;
 mod smtp;
 mod status;
+mod submission;
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must
 /// print for it.
@@ -36,6 +42,15 @@ pub fn sample(def: &mb_core::KeyDef) -> (String, String) {
             "a.example=smtp:[192.0.2.1]:25, .b.example=lmtp:unix:/run/lmtp".into(),
             "a.example=smtp:[192.0.2.1]:25,.b.example=lmtp:unix:/run/lmtp".into(),
         );
+    }
+    if def.key == "ldap.url" {
+        return (
+            "ldaps://ldap.example:636".into(),
+            "ldaps://ldap.example:636".into(),
+        );
+    }
+    if def.key.starts_with("ldap.") && def.key.ends_with("_filter") {
+        return ("(uid=%s)".into(), "(uid=%s)".into());
     }
     let (input, canonical): (String, String) = match def.kind {
         Kind::Bool => {

@@ -86,7 +86,7 @@ fn count_files(dir: &Path) -> usize {
         .sum()
 }
 
-fn sink() -> Result<(u16, Proc)> {
+pub(crate) fn sink() -> Result<(u16, Proc)> {
     let program = require("smtp-sink", "postfix");
     let port = free_port();
     let mut cmd = Command::new(program);
@@ -140,7 +140,7 @@ fn source(load: &Load, port: u16) -> Result<f64> {
 }
 
 /// Memory of the families of `roots`.
-fn pss(roots: &[i32]) -> u64 {
+pub(crate) fn pss(roots: &[i32]) -> u64 {
     roots.iter().flat_map(|r| family(*r)).map(rss_kib).sum()
 }
 

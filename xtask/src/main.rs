@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask up|down|test|install|gen-config|bench|fuzz`.
+//! Project automation: `cargo xtask up|down|test|install|deb|gen-config|bench|fuzz`.
 
 use std::fs;
 use std::io::Write;
@@ -27,7 +27,9 @@ const TOOLS: &[&str] = &[
     "mb-quarantine",
     "mb-log",
     "mb-policy",
+    "mb-greylist",
     "mb-dkim",
+    "mb-recipient",
 ];
 /// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
 const TEST_PACKAGES: &[(&str, &str)] = &[
@@ -69,6 +71,12 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("groff-base", "/usr/bin/groff"),
     // OpenDKIM's miltertest, an independent milter client for the mb-milter tests.
     ("miltertest", "/usr/bin/miltertest"),
+    // lintian checks the package `cargo xtask deb` builds.
+    ("lintian", "/usr/bin/lintian"),
+    // OpenLDAP's slapd (a private directory per test) and its client tools, for LDAP
+    // recipient verification and logins.
+    ("slapd", "/usr/sbin/slapd"),
+    ("ldap-utils", "/usr/bin/ldapsearch"),
 ];
 
 #[derive(Parser)]
@@ -110,6 +118,22 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Build the Debian package target/debian/mailborder_VERSION_ARCH.deb from the tree
+    /// `install` lays out (release build unless --debug)
+    Deb {
+        /// Debian version (default: the workspace version, revision 1)
+        #[arg(long)]
+        version: Option<String>,
+        /// Package the debug build instead of building a release
+        #[arg(long)]
+        debug: bool,
+        /// Use the binaries already built
+        #[arg(long)]
+        no_build: bool,
+        /// Directory for the .deb (default target/debian)
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Fuzz the parsers of untrusted input with libFuzzer (installs cargo-fuzz on first
     /// use); new inputs are kept in fuzz/corpus/TARGET, crashes in fuzz/artifacts/TARGET
     Fuzz {
@@ -147,6 +171,22 @@ enum Cmd {
         /// MariaDB and PostgreSQL
         #[arg(long)]
         log_search: bool,
+        /// Instead of the relay paths: a legitimate sender's throughput alone and under
+        /// attack (floods, idle and slowloris sessions, password guessing, 20 MB
+        /// messages from other loopback addresses), against mb-smtpd and Postfix
+        #[arg(long)]
+        attack: bool,
+        /// Seconds the legitimate sender is measured for in each phase of --attack
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Instead of the relay paths: peak memory of mb-smtpd and one mb-filter worker
+        /// while four 40 MB messages arrive at once
+        #[arg(long)]
+        big: bool,
+        /// With --big: the directory of already built binaries to measure (e.g. an older
+        /// commit's release build), instead of building this tree
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
     },
 }
 
@@ -163,6 +203,18 @@ fn main() -> ExitCode {
             no_build,
         } => install(&destdir, &prefix, debug, no_build),
         Cmd::GenConfig => gen_config(),
+        Cmd::Deb {
+            version,
+            debug,
+            no_build,
+            out_dir,
+        } => deb::deb(&deb::Options {
+            version,
+            debug,
+            no_build,
+            out_dir,
+        })
+        .map(drop),
         Cmd::Fuzz { target, seconds } => fuzz::fuzz(target.as_deref(), seconds, true),
         Cmd::Bench {
             messages,
@@ -172,8 +224,15 @@ fn main() -> ExitCode {
             filter,
             milter,
             log_search,
+            attack,
+            seconds,
+            big,
+            bin_dir,
         } => (|| {
             ensure_test_packages()?;
+            if let (true, Some(dir)) = (big, &bin_dir) {
+                return bigmem::bigmem(dir).map(|_| ());
+            }
             if log_search {
                 run(cargo().args(["build", "--workspace", "--bins"]))?;
                 return logsearch::bench();
@@ -193,13 +252,20 @@ fn main() -> ExitCode {
                 build.arg("--release");
             }
             run(&mut build)?;
+            let mb_smtpd = root().join("target").join(profile).join("mb-smtpd");
+            if attack {
+                return attack::attack(&mb_smtpd, seconds);
+            }
+            if big {
+                return bigmem::bigmem(&root().join("target").join(profile)).map(|_| ());
+            }
             bench::bench(
                 &bench::Load {
                     messages,
                     sessions,
                     size,
                 },
-                root().join("target").join(profile).join("mb-smtpd"),
+                mb_smtpd,
                 filter,
                 milter,
             )
@@ -214,7 +280,10 @@ fn main() -> ExitCode {
     }
 }
 
+mod attack;
 mod bench;
+mod bigmem;
+mod deb;
 mod fuzz;
 mod logsearch;
 #[cfg(test)]
@@ -307,6 +376,18 @@ fn install_packages(missing: &[&str]) -> Result<()> {
             }
             child.wait()?;
         }
+        if missing.contains(&"slapd") {
+            // Without this slapd's postinst asks for an admin password and builds a system
+            // directory for the host's domain; tests load their own configuration.
+            let mut child = Command::new("debconf-set-selections")
+                .stdin(std::process::Stdio::piped())
+                .spawn()?;
+            if let Some(stdin) = child.stdin.as_mut() {
+                use std::io::Write;
+                stdin.write_all(b"slapd slapd/no_configuration boolean true\n")?;
+            }
+            child.wait()?;
+        }
         run(Command::new("apt-get")
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
@@ -334,6 +415,7 @@ const PEER_SERVICES: &[(&str, &[&str])] = &[
     ("dovecot-lmtpd", &["dovecot"]),
     ("clamav-daemon", &["clamav-daemon", "clamav-freshclam"]),
     ("rspamd", &["rspamd"]),
+    ("slapd", &["slapd"]),
 ];
 
 /// Disables the system services of the packages this run installed (and only those: a
@@ -343,7 +425,11 @@ fn disable_services(installed: &[&str]) -> Result<()> {
         .iter()
         .filter(|(pkg, _)| installed.contains(pkg))
         .flat_map(|(_, units)| units.iter().copied())
-        .filter(|unit| Path::new(&format!("/lib/systemd/system/{unit}.service")).exists())
+        // slapd ships a SysV script only; `systemctl disable` handles those too.
+        .filter(|unit| {
+            Path::new(&format!("/lib/systemd/system/{unit}.service")).exists()
+                || Path::new(&format!("/etc/init.d/{unit}")).exists()
+        })
         .collect();
     if units.is_empty() {
         return Ok(());

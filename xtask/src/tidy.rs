@@ -113,10 +113,6 @@ pub const UNREAD_KEYS_EXEMPT: &[(&str, &str)] = &[
         "network.http.*",
         "issue 16: mb-web answers plain HTTP with a redirect to HTTPS",
     ),
-    (
-        "smtp.recipient_delimiter",
-        "issue 14: recipient verification and policies strip the extension (user+tag@)",
-    ),
 ];
 
 /// Whether `key` is covered by an exemption `pattern` (a key, or `SECTION.*`).

@@ -3,9 +3,11 @@
 
 pub mod config;
 pub mod envelope;
+pub mod greylist;
 pub mod message;
 pub mod policy;
 pub mod quarantine;
+pub mod recipients;
 pub mod registry;
 pub mod route;
 pub mod value;

@@ -181,10 +181,13 @@ pub struct Subject<'a> {
     pub sender: &'a str,
     pub recipients: &'a [String],
     pub client_ip: Option<IpAddr>,
+    /// `smtp.recipient_delimiter`: an address pattern that does not match `user+tag@`
+    /// is tried again on `user@` (empty: no extensions).
+    pub delimiter: &'a str,
 }
 
 /// `*` any run of characters, `?` one character; ASCII case-insensitive.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
+pub(crate) fn glob(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let (mut star, mut mark) = (None, 0);
     while t < text.len() {
@@ -285,9 +288,13 @@ impl Policy {
         Ok(())
     }
 
-    fn matches_address(&self, address: &str) -> bool {
+    fn matches_address(&self, address: &str, delimiter: &str) -> bool {
         match self.object {
-            Object::Address => glob(self.pattern.as_bytes(), address.as_bytes()),
+            Object::Address => {
+                glob(self.pattern.as_bytes(), address.as_bytes())
+                    || crate::recipients::strip_address_extension(address, delimiter)
+                        .is_some_and(|base| glob(self.pattern.as_bytes(), base.as_bytes()))
+            }
             Object::Domain => domain_matches(&self.pattern, domain_of(address)),
             _ => false,
         }
@@ -309,12 +316,12 @@ impl Policy {
             _ => {}
         }
         if matches!(self.direction, Direction::From | Direction::FromOrTo)
-            && self.matches_address(s.sender)
+            && self.matches_address(s.sender, s.delimiter)
         {
             return Some(Hit::Sender(s.sender));
         }
         if matches!(self.direction, Direction::To | Direction::FromOrTo)
-            && let Some(r) = s.recipients.iter().find(|r| self.matches_address(r))
+            && let Some(r) = s.recipients.iter().find(|r| self.matches_address(r, s.delimiter))
         {
             return Some(Hit::Recipient(r));
         }
@@ -341,7 +348,7 @@ impl Policy {
             && !self.unauthenticated
             && matches!(self.hit(s), Some(Hit::Sender(_)))
             && !(self.direction == Direction::FromOrTo
-                && s.recipients.iter().any(|r| self.matches_address(r)))
+                && s.recipients.iter().any(|r| self.matches_address(r, s.delimiter)))
     }
 }
 
@@ -443,6 +450,7 @@ pub fn outcome<'a>(policies: &'a [Policy], s: &Subject<'_>, authenticated: bool)
             sender: s.sender,
             recipients,
             client_ip: s.client_ip,
+            delimiter: s.delimiter,
         };
         let mut matching: Vec<&Policy> = policies
             .iter()
@@ -524,6 +532,7 @@ pub fn decide<'a>(policies: &'a [Policy], s: &Subject<'_>) -> (Option<&'a Policy
                 std::slice::from_ref(&r.recipient)
             },
             client_ip: s.client_ip,
+            delimiter: s.delimiter,
         };
         match r.policy {
             Some(b) => why.push(format!(
@@ -608,6 +617,62 @@ mod tests {
     }
 
     #[test]
+    fn address_patterns_match_without_the_extension_when_the_full_address_does_not() {
+        let ceo = policy(
+            1,
+            10,
+            Object::Address,
+            "ceo@example.org",
+            Direction::To,
+            Action::Block,
+        );
+        let exact = policy(
+            2,
+            10,
+            Object::Address,
+            "ceo+press@example.org",
+            Direction::To,
+            Action::Allow,
+        );
+        let hit = |p: &Policy, rcpt: &str, delimiter: &str| {
+            let rcpts = vec![rcpt.to_string()];
+            p.matches(&Subject {
+                sender: "",
+                recipients: &rcpts,
+                client_ip: None,
+                delimiter,
+            })
+            .is_some()
+        };
+        assert!(hit(&ceo, "ceo@example.org", "+"));
+        assert!(hit(&ceo, "CEO+news@example.org", "+"));
+        assert!(hit(&ceo, "ceo-news@example.org", "+-"));
+        // Without a delimiter (or another one), the extension is part of the address.
+        assert!(!hit(&ceo, "ceo+news@example.org", ""));
+        assert!(!hit(&ceo, "ceo+news@example.org", "-"));
+        // The full address is tried first: an entry for it still matches it alone.
+        assert!(hit(&exact, "ceo+press@example.org", "+"));
+        assert!(!hit(&exact, "ceo+other@example.org", "+"));
+        assert!(!hit(&exact, "ceo@example.org", "+"));
+        // Senders too (Postfix strips extensions in its access lookups).
+        let sender = policy(
+            3,
+            10,
+            Object::Address,
+            "news@partner.example",
+            Direction::From,
+            Action::Score,
+        );
+        let s = Subject {
+            sender: "news+list42@partner.example",
+            recipients: &[],
+            client_ip: None,
+            delimiter: "+",
+        };
+        assert!(sender.matches(&s).is_some());
+    }
+
+    #[test]
     fn wildcards_domains_and_networks_match() {
         assert!(glob(b"*@example.org", b"Alice@EXAMPLE.org"));
         assert!(glob(b"a?ice@*.org", b"alice@x.org"));
@@ -628,6 +693,7 @@ mod tests {
             sender: "",
             recipients: &rcpts,
             client_ip: ip.parse().ok(),
+            delimiter: "+",
         };
         assert!(net.matches(&s("192.0.2.77")).is_some());
         assert!(net.matches(&s("198.51.100.1")).is_none());
@@ -665,6 +731,7 @@ mod tests {
             sender: "ceo@partner.test",
             recipients: &rcpts,
             client_ip: "192.0.2.7".parse().ok(),
+            delimiter: "+",
         };
         let policies = vec![
             policy(
@@ -720,6 +787,7 @@ mod tests {
             &policies[3..],
             &Subject {
                 client_ip: None,
+                delimiter: "+",
                 ..s
             },
         );
@@ -734,6 +802,7 @@ mod tests {
             sender: "ceo@partner.test",
             recipients: &rcpts,
             client_ip: "192.0.2.7".parse().ok(),
+            delimiter: "+",
         };
         let mut policies = vec![
             policy(
@@ -805,6 +874,7 @@ mod tests {
             sender: "x@elsewhere.test",
             recipients: &rcpts,
             client_ip: None,
+            delimiter: "+",
         };
         let mut policies = vec![
             policy(

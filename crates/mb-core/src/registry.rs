@@ -35,6 +35,12 @@ pub enum RegistryError {
     /// A `relay.transport` entry that does not parse.
     #[error(transparent)]
     Transport(#[from] crate::route::RouteError),
+    /// `ldap.url` with another scheme than ldap:// or ldaps://.
+    #[error("{url:?} is not an ldap:// or ldaps:// URL")]
+    LdapUrl { url: String },
+    /// An LDAP filter template that is not one parenthesised filter with `%s` in it.
+    #[error("{filter:?} is not an LDAP filter with %s where the address goes, such as (mail=%s)")]
+    LdapFilter { filter: String },
 }
 
 /// One configuration key.
@@ -167,6 +173,42 @@ fn valid_transport(v: &crate::Value) -> Result<(), RegistryError> {
     }
 }
 
+fn valid_ldap_url(v: &crate::Value) -> Result<(), RegistryError> {
+    match v {
+        crate::Value::Text(url)
+            if !url.is_empty()
+                && !["ldap://", "ldaps://"]
+                    .iter()
+                    .any(|s| url.len() > s.len() && url[..s.len()].eq_ignore_ascii_case(s)) =>
+        {
+            Err(RegistryError::LdapUrl { url: url.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn valid_ldap_filter(v: &crate::Value) -> Result<(), RegistryError> {
+    match v {
+        crate::Value::Text(f) => {
+            let f = f.trim();
+            let depth_ok = f.bytes().try_fold(0i32, |d, b| match b {
+                b'(' => Some(d + 1),
+                b')' if d > 0 => Some(d - 1),
+                b')' => None,
+                _ => Some(d),
+            }) == Some(0);
+            if f.starts_with('(') && f.ends_with(')') && f.contains("%s") && depth_ok {
+                Ok(())
+            } else {
+                Err(RegistryError::LdapFilter {
+                    filter: f.to_string(),
+                })
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 const fn int(min: i64, max: i64) -> Kind {
     Kind::Int { min, max }
 }
@@ -283,11 +325,19 @@ pub static KEYS: &[KeyDef] = &[
     k("smtp.mynetworks", Kind::CidrList, "127.0.0.0/8,::1/128", "Clients allowed to relay to any domain without AUTH").by(SF),
     k("smtp.message_size_limit", Kind::Size { min: 1024, max: 1 << 32 }, "50M", "Largest message accepted (SIZE)").by(SFM),
     k("smtp.max_recipients", int(1, 100_000), "100", "Recipients allowed in one message").by(S),
-    k("smtp.recipient_delimiter", Kind::Text { max: 4 }, "+", "Separator of address extensions (user+tag@domain); empty for none").by(SF),
+    k("smtp.recipient_delimiter", Kind::Text { max: 4 }, "+", "Separators of address extensions (user+tag@domain; each character is one, as in Postfix); recipient verification and policy address patterns try user@domain when user+tag@domain does not match; empty for none").by(&[SMTPD, FILTER, MILTER, RPCD]),
+    k("smtp.recipient_verification", Kind::Enum(&["none", "list", "callout", "ldap"]), "none", "Check each recipient at a served domain at RCPT: none; list (the valid recipients kept with mb-recipient; a domain with no entry at all accepts every address, with a warning, so enabling list mode before importing bounces nobody); callout (ask the domain's relay host or transport next hop with RCPT TO, cached; never the gateway itself nor an MX-routed domain, which are accepted with a warning); ldap (the ldap.* directory). Unknown users get 550 5.1.1 and count as session errors; 450 4.1.1 when the answer cannot be had").by(S),
+    k("smtp.callout.timeout", secs(1, 600), "30s", "Longest wait for each reply of a recipient verification callout (and for its connection)").by(S),
+    k("smtp.callout.positive_ttl", secs(60, 365 * DAY), "1w", "How long a recipient the next hop accepted is remembered by callout verification").by(S),
+    k("smtp.callout.negative_ttl", secs(60, 365 * DAY), "3h", "How long a recipient the next hop refused (5xx) is remembered by callout verification").by(S),
     k("smtp.helo_required", BOOL, "true", "Refuse MAIL before HELO/EHLO").by(S),
     k("smtp.vrfy_enabled", BOOL, "false", "Answer VRFY truthfully instead of 252").by(S),
     k("smtp.max_errors", int(1, 1000), "10", "Errors in one session before 421 and disconnect").by(S),
     k("smtp.data_deadline", secs(10, 86_400), "30m", "Longest time a client may take to send one message (DATA or BDAT), however steadily").by(S),
+    // Authenticated clients (SMTP AUTH): sender binding and per-account limits.
+    k("smtp.auth.sender_binding", BOOL, "true", "An authenticated client may use as MAIL FROM only its login (when an address, user+tag@ included), the null sender, or an address granted with mb-user alias add; others get 553 5.7.1").by(S),
+    k("smtp.auth.messages_per_hour", int(0, 10_000_000), "500", "Messages one SMTP AUTH account may send per clock hour (counted at MAIL, shared through Redis when redis.url is set); then 450 4.7.1. 0: no limit").by(S),
+    k("smtp.auth.recipients_per_hour", int(0, 10_000_000), "2000", "Recipients one SMTP AUTH account may send to per clock hour (counted at RCPT, shared through Redis when redis.url is set); then 450 4.7.1. 0: no limit").by(S),
     // Relay host (inbound delivery).
     k("relay.host", Kind::Text { max: 253 }, "", "Internal mail server that receives accepted inbound mail").by(S),
     k("relay.port", PORT, "25", "Port of the relay host").by(S),
@@ -331,6 +381,7 @@ pub static KEYS: &[KeyDef] = &[
     k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),
     k("filter.max_concurrent", int(1, 10_000), "32", "Messages one worker scans at once").by(F),
     k("filter.scan_timeout", secs(1, 3600), "1m", "Longest time one scan may take").by(SFM),
+    k("filter.max_inflight_bytes", Kind::Size { min: 1 << 20, max: 1 << 40 }, "512M", "Most bytes of messages one worker holds at once, counted from each scan's declared size; a scan past it is refused (mb-smtpd tries another worker, then answers 451 4.7.1). A message larger than the whole budget is still scanned when nothing else is in flight").by(F),
     k("filter.listen", Kind::Ip, "127.0.0.1", "Address of the content-filter listener").by(F).local(),
     k("filter.port", PORT, "10031", "Port of the content-filter listener (Postfix content_filter)").by(F).local(),
     k("filter.next_hop", Kind::Text { max: 260 }, "127.0.0.1:10025", "Where the content filter reinjects clean mail and quarantine releases go (host:port, an unfiltered listener such as mb-smtpd's or Postfix's 10025)").by(&[FILTER, RPCD]),
@@ -340,6 +391,8 @@ pub static KEYS: &[KeyDef] = &[
     k("milter.listen", Kind::Ip, "127.0.0.1", "Address of the milter listener").by(M).local(),
     k("milter.port", PORT, "10032", "Port of the milter listener (smtpd_milters = inet:127.0.0.1:10032)").by(M).local(),
     k("milter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-milter answers when no filter worker answers").by(M),
+    k("milter.allowed_clients", Kind::CidrList, "127.0.0.0/8,::1/128", "MTAs allowed to connect to the milter port; others are refused with a log line").by(M),
+    k("milter.timeout", secs(1, 86_400), "5m", "How long a milter connection may stay silent before it is dropped").by(M),
     // Scanners.
     k("clamav.enabled", BOOL, "false", "Scan messages with ClamAV (clamd)").by(F),
     k("clamav.address", TEXT, "127.0.0.1:3310", "clamd address: host:port or the path of its Unix socket").by(F),
@@ -357,10 +410,26 @@ pub static KEYS: &[KeyDef] = &[
     k("dkim.selector", Kind::Text { max: 63 }, "mailborder", "DKIM selector (the DNS name is SELECTOR._domainkey.DOMAIN)").by(F),
     k("dkim.key", Kind::Path, "/etc/mailborder/dkim/private.key", "PEM private key used for DKIM signing").by(F),
     k("dkim.verify_max_signatures", int(1, 50), "5", "Most DKIM signatures verified in one message (those aligned with From first); more adds DKIM_TOO_MANY").by(F),
+    // Greylisting.
+    k("greylist.enabled", BOOL, "false", "Greylist mail from the internet at RCPT: a new (client network, sender, recipient) triplet gets 451 4.7.1 until it is retried after greylist.delay").by(&[SMTPD, RPCD]),
+    k("greylist.delay", secs(0, DAY), "5m", "How long a new triplet is deferred before a retry passes").by(&[SMTPD, RPCD]),
+    k("greylist.retry_window", secs(1, 30 * DAY), "4h", "How long after its first attempt a triplet's retry still counts; a later one starts over").by(&[SMTPD, RPCD]),
+    k("greylist.auto_whitelist", int(0, 1_000_000), "5", "Triplets a client network must pass before it is no longer greylisted; 0 never whitelists").by(&[SMTPD, RPCD]),
+    k("greylist.lifetime", secs(60, 3650 * DAY), "5w", "How long a passed triplet and an auto-whitelisted client are remembered after their last use (postgrey's max-age)").by(&[SMTPD, RPCD]),
     // Quarantine.
     k("quarantine.retention_days", int(1, 3650), "30", "Days a quarantined message is kept").by(&[FILTER, RPCD]),
     k("quarantine.max_size_mb", int(1, 10_000_000), "10240", "Largest total size of the quarantine in MiB").by(&[FILTER, RPCD]),
     k("quarantine.max_messages", int(0, 100_000_000), "0", "Most messages kept in quarantine; 0 for no limit").by(&[FILTER, RPCD]),
+    // LDAP / Active Directory (recipient verification; the users' portal logins later).
+    k("ldap.url", TEXT, "", "Directory server as ldap://HOST:PORT or ldaps://HOST:PORT; empty turns LDAP off (smtp.recipient_verification = ldap then has nothing to ask)").by(S).validated(valid_ldap_url),
+    k("ldap.bind_dn", TEXT, "", "DN of the service account lookups bind as, such as cn=mailborder,ou=services,dc=example,dc=com (AD also takes user@domain)").by(S),
+    k("ldap.bind_password", Kind::Text { max: 256 }, "", "Password of ldap.bind_dn").by(S).secret(),
+    k("ldap.base", TEXT, "", "Base DN of the subtree searched for recipients and logins, such as dc=example,dc=com").by(S),
+    k("ldap.recipient_filter", TEXT, "(|(mail=%s)(proxyAddresses=smtp:%s))", "LDAP filter that finds a recipient; %s is the address (RFC 4515-escaped). The default finds mail and Active Directory's proxyAddresses; OpenLDAP sites often use (|(mail=%s)(mailAlternateAddress=%s))").by(S).validated(valid_ldap_filter),
+    k("ldap.login_filter", TEXT, "(|(uid=%s)(mail=%s)(sAMAccountName=%s))", "LDAP filter that finds a portal user by what they typed as login (%s, RFC 4515-escaped); the entry's DN is then bound with their password").by(S).validated(valid_ldap_filter),
+    k("ldap.tls.ca_file", Kind::Path, "", "PEM file of the certificate authorities trusted for an ldaps:// server (an AD's enterprise CA); empty for the system's trust store").by(S),
+    k("ldap.cache_ttl", secs(0, DAY), "5m", "How long an LDAP answer (recipient found or not found) is reused; 0 asks the directory every time. Errors are never cached").by(S),
+    k("ldap.timeout", secs(1, 300), "10s", "Time allowed to connect and bind to the directory, and for each search; a recipient lookup that runs out gets 450 4.1.1").by(S),
     // Cluster.
     k("cluster.enabled", BOOL, "false", "Take part in a cluster of gateway nodes").by(C).local(),
     k("cluster.role", Kind::Enum(&["main", "child"]), "main", "This node's role: main (edits configuration) or child (follows it)").by(C).local(),

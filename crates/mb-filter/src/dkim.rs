@@ -1,7 +1,9 @@
 //! DKIM signing of outbound mail (RFC 6376, rsa-sha256, relaxed/relaxed) with the key in
-//! `dkim.key` and the selector `dkim.selector`, for mail whose From domain is one of the
-//! served domains (`smtp.domains`). The key is read once and re-read when the file
-//! changes.
+//! `dkim.key` and the selector `dkim.selector`. The caller signs only outbound mail (an
+//! authenticated or mynetworks client); `signing_domain` then asks that both the From
+//! domain and the envelope sender's domain be served (`smtp.domains`), so that a
+//! trusted client relaying someone else's mail does not get our signature on it. The
+//! key is read once and re-read when the file changes.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use mail_auth::common::crypto::{RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
 use mb_core::Config;
+use mb_core::verdict::ScanRequest;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -126,23 +129,23 @@ impl Signer {
         Ok(signer)
     }
 
-    /// The `DKIM-Signature` field value for `message` sent from `from_domain`, or `None`
-    /// when the domain is not ours to sign for.
+    /// The `DKIM-Signature` field value for outbound `message` whose header From has
+    /// `from_domain`, or `None` when it is not ours to sign (see `signing_domain`).
     pub fn sign(
         &self,
         cfg: &Config,
+        request: &ScanRequest,
         from_domain: &str,
         message: &[u8],
     ) -> Result<Option<String>, DkimError> {
-        let domain = from_domain.to_ascii_lowercase();
-        if domain.is_empty()
-            || !cfg
-                .list("smtp.domains")
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(&domain))
-        {
+        let Some(domain) = signing_domain(
+            &cfg.list("smtp.domains"),
+            &request.sender,
+            !request.auth_user.is_empty(),
+            from_domain,
+        ) else {
             return Ok(None);
-        }
+        };
         let signature = self
             .signer(cfg.path("dkim.key"), &domain, &cfg.text("dkim.selector"))?
             .sign(message)
@@ -154,5 +157,91 @@ impl Signer {
             .trim_start()
             .trim_end_matches(['\r', '\n']);
         Ok(Some(value.to_string()))
+    }
+}
+
+/// The domain to sign outbound mail for (`d=`, the From domain, lowercase), or `None`:
+/// - the From domain must be one of `domains` exactly (the key is published there);
+/// - the envelope sender's domain must be served too (listed, or under a `.parent`
+///   entry), so mail a trusted client relays for a foreign envelope is not signed;
+/// - the null sender (a bounce) is signed only for a client that did not authenticate
+///   (the internal mail server in mynetworks): an account could otherwise send as
+///   `MAIL FROM:<>`, which sender binding allows, with any served From.
+pub fn signing_domain(
+    domains: &[String],
+    envelope_sender: &str,
+    authenticated: bool,
+    from_domain: &str,
+) -> Option<String> {
+    let from = from_domain.trim().to_ascii_lowercase();
+    if from.is_empty() || !domains.iter().any(|d| d.eq_ignore_ascii_case(&from)) {
+        return None;
+    }
+    match envelope_sender.rsplit_once('@') {
+        Some((_, domain)) if served(domains, domain) => Some(from),
+        Some(_) => None,
+        None if envelope_sender.is_empty() && !authenticated => Some(from),
+        None => None,
+    }
+}
+
+/// `smtp.domains` as mb-smtpd reads it: `example.org` itself, `.example.org` for its
+/// subdomains.
+fn served(domains: &[String], domain: &str) -> bool {
+    let domain = domain.to_ascii_lowercase();
+    domains.iter().any(|d| {
+        let d = d.to_ascii_lowercase();
+        match d.strip_prefix('.') {
+            Some(parent) => domain.ends_with(&format!(".{parent}")),
+            None => d == domain,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_envelope_and_from_domains_are_signed() {
+        let domains: Vec<String> = ["served.example", ".corp.example"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let check = |sender: &str, auth: bool, from: &str, want: Option<&str>| {
+            assert_eq!(
+                signing_domain(&domains, sender, auth, from).as_deref(),
+                want,
+                "{sender} {auth} {from}"
+            );
+        };
+        check(
+            "alice@served.example",
+            true,
+            "served.example",
+            Some("served.example"),
+        );
+        check(
+            "alice@Served.Example",
+            false,
+            "SERVED.example",
+            Some("served.example"),
+        );
+        check(
+            "alice@mail.corp.example",
+            false,
+            "served.example",
+            Some("served.example"),
+        );
+        // A trusted client relaying a foreign From, or a foreign envelope, gets none.
+        check("alice@served.example", false, "foreign.example", None);
+        check("news@foreign.example", false, "served.example", None);
+        check("news@foreign.example", true, "served.example", None);
+        // The From domain must be listed itself: the key is published under it.
+        check("alice@served.example", true, "mail.corp.example", None);
+        check("alice@served.example", true, "", None);
+        // Bounces: the internal server's, not an account's.
+        check("", false, "served.example", Some("served.example"));
+        check("", true, "served.example", None);
     }
 }

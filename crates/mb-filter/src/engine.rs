@@ -96,7 +96,7 @@ pub async fn scan(
     policies: &[Policy],
 ) -> Verdict {
     let steps = async {
-        match_policy(req, policies)?;
+        match_policy(cfg, req, policies)?;
         let message = parse(raw)?;
         let mut ctx = Context {
             cfg,
@@ -185,11 +185,17 @@ struct Context<'a> {
     dmarc_quarantine: Option<String>,
 }
 
-fn policy_subject(req: &ScanRequest) -> policy::Subject<'_> {
+fn policy_subject<'a>(req: &'a ScanRequest, cfg: &'a Config) -> policy::Subject<'a> {
+    // Address patterns match `user+tag@` as `user@` when the full address does not match.
+    let delimiter = match cfg.get("smtp.recipient_delimiter") {
+        mb_core::Value::Text(d) => d.as_str(),
+        _ => "",
+    };
     policy::Subject {
         sender: &req.sender,
         recipients: &req.recipients,
         client_ip: req.client_ip,
+        delimiter,
     }
 }
 
@@ -207,8 +213,8 @@ fn policy_block(p: &Policy) -> Verdict {
 /// stands whatever authentication finds (an unauthenticated sender only loses allows);
 /// a block hidden behind an allow that turns out not to apply is found by
 /// `apply_policy`.
-fn match_policy(req: &ScanRequest, policies: &[Policy]) -> Step {
-    match policy::outcome(policies, &policy_subject(req), true).blocked() {
+fn match_policy(cfg: &Config, req: &ScanRequest, policies: &[Policy]) -> Step {
+    match policy::outcome(policies, &policy_subject(req, cfg), true).blocked() {
         Some(p) => ControlFlow::Break(policy_block(p)),
         None => ControlFlow::Continue(()),
     }
@@ -226,7 +232,7 @@ fn apply_policy(ctx: &mut Context<'_>) -> Step<Thresholds> {
     let req = ctx.req;
     let outcome = policy::outcome(
         ctx.policies,
-        &policy_subject(req),
+        &policy_subject(req, ctx.cfg),
         ctx.sender_authenticated.is_some(),
     );
     if let Some(p) = outcome.blocked() {
@@ -544,7 +550,7 @@ fn dmarc_quarantine(v: &mut Verdict, reason: Option<String>) {
 async fn content_scoring(ctx: &mut Context<'_>, message: &Message<'_>) -> Step {
     if let Some(p) = ctx.allowed {
         let detail = match &ctx.sender_authenticated {
-            Some(how) if p.needs_authentication(&policy_subject(ctx.req)) => {
+            Some(how) if p.needs_authentication(&policy_subject(ctx.req, ctx.cfg)) => {
                 format!("{} ({how})", p.name)
             }
             _ => p.name.clone(),

@@ -5,6 +5,7 @@
 pub mod archive;
 pub mod attachments;
 pub mod auth;
+pub mod budget;
 #[cfg(test)]
 mod cases;
 pub mod cfilter;
@@ -73,6 +74,8 @@ pub struct FilterService {
     /// Sender authentication, rebuilt when `network.dns.*` changes; `None` in unit tests.
     pub auth: Option<Arc<dns::LiveAuth>>,
     pub slots: Arc<Semaphore>,
+    /// Bytes of messages held by the scans in flight (`filter.max_inflight_bytes`).
+    pub inflight: Arc<budget::Budget>,
     pub stats: Arc<Stats>,
     /// The message log (mb-rpcd); `None` in unit tests.
     pub events: Option<EventSink>,
@@ -268,7 +271,7 @@ impl FilterService {
             && cfg.bool("dkim.sign")
         {
             // An RSA signature and a look at the key file: off the async workers.
-            let signed = cpu_bound(|| self.signer.sign(cfg, &from_domain, message));
+            let signed = cpu_bound(|| self.signer.sign(cfg, request, &from_domain, message));
             match signed {
                 Ok(Some(value)) => verdict
                     .add_headers
@@ -352,39 +355,80 @@ impl Filter for FilterService {
             .map_err(|_| Status::unavailable("shutting down"))?;
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.stats);
-        // Memory is bounded: nothing larger than the message size limit (plus headroom
-        // for the headers mb-smtpd adds) is accepted.
+        // Memory is bounded twice: nothing larger than the message size limit (plus
+        // headroom for the headers mb-smtpd adds) is accepted, and the messages in
+        // flight together stay under `filter.max_inflight_bytes` (see `budget`).
         let limit = usize::try_from(cfg.size("smtp.message_size_limit"))
             .unwrap_or(usize::MAX)
             .saturating_add(1 << 20);
+        let max_inflight = cfg.size("filter.max_inflight_bytes");
         let mut stream = req.into_inner();
-        let mut envelope = None;
-        let mut message = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if envelope.is_none() {
-                envelope = chunk.envelope;
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("an empty scan request"))??;
+        let envelope = first
+            .envelope
+            .ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
+        let declared = envelope.size;
+        if declared > limit as u64 {
+            return Err(too_large(limit));
+        }
+        // The declared size is reserved before anything is buffered; a stream that
+        // declares nothing (size 0) reserves what arrives, chunk by chunk.
+        let mut reservation = self
+            .inflight
+            .reserve(declared, max_inflight)
+            .map_err(|e| busy(&e))?;
+        // One buffer of the declared size: no doubling reallocations, no second copy.
+        let mut message = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+        let mut data = first.data;
+        loop {
+            if message.len() + data.len() > limit {
+                return Err(too_large(limit));
             }
-            if message.len() + chunk.data.len() > limit {
-                return Err(Status::resource_exhausted(format!(
-                    "message larger than {limit} bytes"
+            if declared != 0 && (message.len() + data.len()) as u64 > declared {
+                return Err(Status::data_loss(format!(
+                    "the message was announced as {declared} bytes and more arrived"
                 )));
             }
-            message.extend_from_slice(&chunk.data);
+            if declared == 0 {
+                reservation
+                    .grow(data.len() as u64, max_inflight)
+                    .map_err(|e| busy(&e))?;
+            }
+            message.extend_from_slice(&data);
+            match stream.next().await {
+                Some(chunk) => data = chunk?.data,
+                None => break,
+            }
         }
-        let envelope =
-            envelope.ok_or_else(|| Status::invalid_argument("the first chunk has no envelope"))?;
-        if envelope.size != 0 && envelope.size != message.len() as u64 {
+        if declared != 0 && declared != message.len() as u64 {
             return Err(Status::data_loss(format!(
                 "the message was announced as {} bytes and {} arrived",
-                envelope.size,
+                declared,
                 message.len()
             )));
         }
         let request = mb_scan::wire::request_from_wire(&envelope);
         let verdict = self.process(&cfg, &request, &message).await;
+        drop(message);
+        drop(reservation);
         Ok(Response::new(mb_scan::wire::verdict_to_wire(&verdict)))
     }
+}
+
+/// A message larger than `smtp.message_size_limit` allows: no worker takes it, so the
+/// client does not try another (`OutOfRange` is not a worker failure to mb_scan).
+fn too_large(limit: usize) -> Status {
+    Status::out_of_range(format!("message larger than {limit} bytes"))
+}
+
+/// The worker is full: `ResourceExhausted`, which mb_scan takes as "try another worker,
+/// and tempfail with 451 4.7.1 if all are full".
+fn busy(e: &budget::Refused) -> Status {
+    tracing::warn!(cause = %e, "scan refused: filter.max_inflight_bytes reached");
+    Status::resource_exhausted(e.to_string())
 }
 
 /// `Control.Status` (scans, verdicts, the scanners it reaches) and reload.
@@ -581,6 +625,7 @@ impl Daemon for Worker {
             auth: Some(auth),
             follower: ctx.source.clone(),
             slots: Arc::new(Semaphore::new(permits)),
+            inflight: Arc::default(),
             stats,
             policies,
             signer: dkim::Signer::default(),

@@ -162,6 +162,14 @@ fn clean(v: &str) -> String {
 
 /// The request: headers carrying the envelope, then the message.
 pub fn request(host: &str, path: &str, req: &ScanRequest, message: &[u8]) -> Vec<u8> {
+    let mut out = request_head(host, path, req, message.len());
+    out.extend_from_slice(message);
+    out
+}
+
+/// The request's head for a message of `len` bytes. `check` writes it and then the
+/// message from the scan's own buffer, so a large message is not copied for Rspamd.
+pub fn request_head(host: &str, path: &str, req: &ScanRequest, len: usize) -> Vec<u8> {
     let mut head = format!("POST {path}/checkv2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     let mut add = |name: &str, value: &str| {
         if !value.is_empty() {
@@ -181,10 +189,8 @@ pub fn request(host: &str, path: &str, req: &ScanRequest, message: &[u8]) -> Vec
     }
     add("Queue-Id", &req.queue_id);
     add("User", &req.auth_user);
-    head.push_str(&format!("Content-Length: {}\r\n\r\n", message.len()));
-    let mut out = head.into_bytes();
-    out.extend_from_slice(message);
-    out
+    head.push_str(&format!("Content-Length: {len}\r\n\r\n"));
+    head.into_bytes()
 }
 
 /// The JSON body of a 200 answer.
@@ -333,9 +339,10 @@ pub async fn check(
             host: host.clone(),
             source,
         };
-        s.write_all(&request(&host, &path, req, message))
+        s.write_all(&request_head(&host, &path, req, message.len()))
             .await
             .map_err(io)?;
+        s.write_all(message).await.map_err(io)?;
         s.flush().await.map_err(io)?;
         let mut raw = Vec::new();
         (&mut s)

@@ -45,6 +45,9 @@ pub struct Stats {
     pub discarded: AtomicU64,
     pub unscanned: AtomicU64,
     pub malformed: AtomicU64,
+    /// Connections refused (not in `milter.allowed_clients`) or cut off (a session
+    /// bound in `session::Limits` passed, or silent past `milter.timeout`).
+    pub refused: AtomicU64,
     /// Total time spent waiting for verdicts.
     pub latency_micros: AtomicU64,
 }
@@ -81,6 +84,7 @@ impl DaemonHooks for Hooks {
             ("discarded", &s.discarded),
             ("unscanned", &s.unscanned),
             ("malformed", &s.malformed),
+            ("refused", &s.refused),
         ] {
             resp.counters.insert(name.into(), v.load(Ordering::Relaxed));
         }
@@ -196,6 +200,21 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, shutdown: Shutdown) 
                 }
             },
         };
+        // Only the MTAs named in `milter.allowed_clients` (read live) may talk to us:
+        // anyone else could have messages scanned, or hold memory, on our account.
+        let peer_ip = peer.ip().to_canonical();
+        let allowed = shared
+            .follower
+            .current()
+            .nets("milter.allowed_clients")
+            .iter()
+            .any(|n| n.contains(&peer_ip));
+        if !allowed {
+            tracing::warn!(client = %peer_ip, "milter connection refused: client not in milter.allowed_clients");
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -1,5 +1,10 @@
 //! One milter connection: negotiation, macros, the envelope and the message as Postfix
 //! hands them over, and the verdict of an mb-filter worker turned into milter replies.
+//!
+//! What a connection holds is bounded: the body spills to a file past `SPILL`, and the
+//! macros, header fields and recipients it keeps are capped (`MAX_*`, far beyond what
+//! Postfix sends); a peer past a cap, or silent longer than `milter.timeout`, is logged
+//! once and disconnected. Postfix then applies its `milter_default_action` (tempfail).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,11 +23,27 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Shared;
 use crate::proto::{self, Error};
 
+/// Most macros one connection keeps (Postfix sends a few dozen names in all).
+pub const MAX_MACROS: usize = 1000;
+/// Most bytes of macro names and values one connection keeps.
+pub const MAX_MACRO_BYTES: usize = 256 * 1024;
+/// Most header fields in one message (each is kept for deletions by index).
+pub const MAX_HEADERS: usize = 10_000;
+/// Most bytes of header fields (names and values) in one message: Postfix's own
+/// `header_size_limit` is 100 KiB per field, and a real header section is far smaller.
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// Most recipients of one message (Postfix's `smtpd_recipient_limit` is 1000).
+pub const MAX_RCPTS: usize = 10_000;
+
 /// What a connection knows.
 #[derive(Default)]
 struct State {
     protocol: u32,
     macros: HashMap<String, String>,
+    /// Bytes of the names and values in `macros`.
+    macro_bytes: usize,
+    /// Bytes of the names and values in `headers`.
+    header_bytes: usize,
     client_ip: Option<IpAddr>,
     client_name: String,
     helo: String,
@@ -41,6 +62,7 @@ impl State {
         self.sender = None;
         self.rcpts.clear();
         self.headers.clear();
+        self.header_bytes = 0;
         self.message = Buffer::default();
         self.too_large = false;
     }
@@ -61,7 +83,15 @@ pub async fn run(io: &mut tokio::net::TcpStream, shared: Arc<Shared>, peer: IpAd
         // answer to the first: acknowledging at once keeps Nagle's algorithm on its side
         // from holding the command for our delayed ACK (40 ms per message otherwise).
         let _ = socket2::SockRef::from(&*io).set_tcp_quickack(true);
-        let (cmd, data) = match proto::read(io).await {
+        // Only the wait for the MTA's next packet is timed: while we scan, the MTA
+        // waits for us (and gets PROGRESS packets).
+        let silence = shared.follower.current().duration("milter.timeout");
+        let Ok(read) = tokio::time::timeout(silence, proto::read(io)).await else {
+            tracing::warn!(client = %peer, after = ?silence, "milter connection closed: the MTA was silent longer than milter.timeout");
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (cmd, data) = match read {
             Ok(p) => p,
             Err(Error::Closed) => return,
             Err(e) => {
@@ -73,6 +103,11 @@ pub async fn run(io: &mut tokio::net::TcpStream, shared: Arc<Shared>, peer: IpAd
         match handle(io, &shared, &mut st, cmd, &data).await {
             Ok(true) => {}
             Ok(false) => return,
+            Err(SessionError::Limit(why)) => {
+                tracing::warn!(client = %peer, "milter connection closed: {why}");
+                shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(client = %peer, cause = %e, "milter connection closed: bad packet or write failure");
                 shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -90,6 +125,9 @@ pub enum SessionError {
     /// The MTA broke the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// The connection passed one of the `MAX_*` bounds.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// A failure to hold a message, with what was being done.
@@ -143,8 +181,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             let parts = proto::strings(data.get(1..).unwrap_or_default());
             for pair in parts.chunks(2) {
                 if let [k, v] = pair {
-                    st.macros.insert(k.clone(), v.clone());
+                    let added = k.len() + v.len();
+                    let old = st.macros.insert(k.clone(), v.clone());
+                    st.macro_bytes = (st.macro_bytes + added)
+                        .saturating_sub(old.map_or(0, |o| k.len() + o.len()));
                 }
+            }
+            if st.macros.len() > MAX_MACROS || st.macro_bytes > MAX_MACRO_BYTES {
+                return Err(SessionError::Limit(format!(
+                    "{} macros of {} bytes, more than {MAX_MACROS} or {MAX_MACRO_BYTES} bytes",
+                    st.macros.len(),
+                    st.macro_bytes
+                )));
             }
         }
         proto::CONNECT => {
@@ -187,6 +235,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             let rcpt = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
             let blocked =
                 blocked_by(shared, "", std::slice::from_ref(&rcpt), None).filter(|p| p.1 != "from");
+            if st.rcpts.len() >= MAX_RCPTS {
+                return Err(SessionError::Limit(format!(
+                    "more than {MAX_RCPTS} recipients"
+                )));
+            }
             if blocked.is_none() {
                 st.rcpts.push(rcpt);
             }
@@ -198,6 +251,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 parts.first().cloned().unwrap_or_default(),
                 parts.get(1).cloned().unwrap_or_default(),
             );
+            st.header_bytes += name.len() + value.len();
+            if st.headers.len() >= MAX_HEADERS || st.header_bytes > MAX_HEADER_BYTES {
+                return Err(SessionError::Limit(format!(
+                    "more than {MAX_HEADERS} header fields or {MAX_HEADER_BYTES} bytes of them"
+                )));
+            }
             append(
                 st,
                 shared,
@@ -364,6 +423,7 @@ fn blocked_by(
     ip: Option<IpAddr>,
 ) -> Option<(String, &'static str)> {
     let set = shared.policies.current();
+    let delimiter = shared.follower.current().text("smtp.recipient_delimiter");
     // Each recipient's own policy (an allow for one never hides another's block). The
     // sender is taken as authenticated here: whether it is, only the scan knows, and it
     // refuses at the end of the message what an allow for a forged sender hid.
@@ -373,6 +433,7 @@ fn blocked_by(
             sender,
             recipients: rcpts,
             client_ip: ip,
+            delimiter: &delimiter,
         },
         true,
     );
@@ -485,6 +546,16 @@ async fn end_of_message<S: AsyncWrite + Unpin>(
     );
     let v = match verdict {
         Ok(v) => v,
+        // Full workers (`filter.max_inflight_bytes`) tempfail whatever
+        // `milter.unavailable_action` says: a flood must not switch scanning off.
+        Err(e) if e.is_busy() => {
+            tracing::warn!(id = %queue_id, cause = %e, "every mb-filter worker is full; tempfailing");
+            shared.stats.tempfailed.fetch_add(1, Ordering::Relaxed);
+            let line = mb_scan::reply::busy().to_milter();
+            return proto::write(io, proto::REPLYCODE, &proto::cstrings(&[&line]))
+                .await
+                .map_err(io_err);
+        }
         Err(e) if cfg.text("milter.unavailable_action") == "accept" => {
             tracing::warn!(id = %queue_id, cause = %e, "no mb-filter worker answered; accepting unscanned (milter.unavailable_action = accept)");
             shared.stats.unscanned.fetch_add(1, Ordering::Relaxed);
@@ -892,5 +963,90 @@ mod tests {
         mta.shutdown().await.unwrap();
         server.await.unwrap();
         assert_eq!(shared.stats.unscanned.load(Ordering::Relaxed), 1);
+    }
+
+    /// Handles `packets` on a fresh connection state (no replies expected for headers),
+    /// until one fails.
+    async fn feed(
+        shared: &Shared,
+        st: &mut State,
+        packets: impl IntoIterator<Item = (u8, Vec<u8>)>,
+    ) -> Result<usize, SessionError> {
+        let (mut io, _mta) = tokio::io::duplex(1 << 20);
+        let mut n = 0;
+        for (cmd, data) in packets {
+            handle(&mut io, shared, st, cmd, &data).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn limit_of(r: Result<usize, SessionError>) -> String {
+        match r {
+            Err(SessionError::Limit(why)) => why,
+            other => panic!("expected a limit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn floods_of_macros_headers_and_recipients_are_cut_off() {
+        let spool = tempfile::tempdir().unwrap();
+        let (shared, _mta, _server) = session(
+            &format!("[paths]\nspool_dir = \"{}\"\n", spool.path().display()),
+            Box::new(Gone),
+        );
+        // Postfix resends the same few macros at every stage: that never adds up.
+        let mut st = State::default();
+        let stage = b"Cj\0gw.example\0{daemon_name}\0smtpd\0i\0Q1\0".to_vec();
+        let sent = feed(
+            &shared,
+            &mut st,
+            (0..20_000).map(|_| (proto::MACRO, stage.clone())),
+        )
+        .await;
+        assert_eq!(sent.unwrap(), 20_000);
+        assert_eq!(st.macros.len(), 3);
+        // New names without end are cut off past MAX_MACROS ...
+        let mut st = State::default();
+        let names =
+            (0..=MAX_MACROS).map(|i| (proto::MACRO, format!("C{{m{i}}}\0v\0").into_bytes()));
+        assert!(limit_of(feed(&shared, &mut st, names).await).contains("macros"));
+        // ... and so are huge values past MAX_MACRO_BYTES.
+        let mut st = State::default();
+        let big = (0..3).map(|i| {
+            let mut d = format!("Cbig{i}\0").into_bytes();
+            d.extend(std::iter::repeat_n(b'x', 100_000));
+            d.push(0);
+            (proto::MACRO, d)
+        });
+        assert!(limit_of(feed(&shared, &mut st, big).await).contains("macros"));
+        // Header fields: at most MAX_HEADERS of them ...
+        let mut st = State {
+            protocol: proto::NOHREPL,
+            limit: 100 << 20,
+            ..State::default()
+        };
+        let many = (0..=MAX_HEADERS).map(|_| (proto::HEADER, b"X-A\0b\0".to_vec()));
+        assert!(limit_of(feed(&shared, &mut st, many).await).contains("header fields"));
+        // ... and at most MAX_HEADER_BYTES (eleven fields of 100 KB pass 1 MiB).
+        let mut st = State {
+            protocol: proto::NOHREPL,
+            limit: 100 << 20,
+            ..State::default()
+        };
+        let mut field = b"X-Big\0".to_vec();
+        field.extend(std::iter::repeat_n(b'y', 100_000));
+        field.push(0);
+        let fat = (0..11).map(|_| (proto::HEADER, field.clone()));
+        let r = feed(&shared, &mut st, fat).await;
+        assert!(limit_of(r).contains("bytes"));
+        // A new message starts a new header count.
+        st.reset_message();
+        assert_eq!((st.headers.len(), st.header_bytes), (0, 0));
+        // Recipients: at most MAX_RCPTS per message.
+        let mut st = State::default();
+        let rcpts =
+            (0..=MAX_RCPTS).map(|i| (proto::RCPT, format!("<u{i}@d.example>\0").into_bytes()));
+        assert!(limit_of(feed(&shared, &mut st, rcpts).await).contains("recipients"));
     }
 }

@@ -34,7 +34,7 @@ pub enum DbError {
 }
 
 pub struct Db {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     pub dialect: Dialect,
     /// The URL with any password removed, for logs and status.
     pub url: String,
@@ -319,8 +319,9 @@ impl Db {
     }
 
     /// Rewrites `?` placeholders to `$1, $2, ...` for PostgreSQL. Every statement is
-    /// built from constants in this file; values always go through `bind`.
-    fn sql(&self, q: &str) -> AssertSqlSafe<String> {
+    /// built from constants in this file (or a service module's own `impl Db`); values
+    /// always go through `bind`.
+    pub(crate) fn sql(&self, q: &str) -> AssertSqlSafe<String> {
         if self.dialect != Dialect::Postgres {
             return AssertSqlSafe(q.to_string());
         }
@@ -369,7 +370,7 @@ impl Db {
     /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (517, "database is
     /// locked", which the busy timeout does not retry) when another connection committed
     /// in between; taking the write lock up front makes it wait its turn instead.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             _ => self.pool.begin().await,

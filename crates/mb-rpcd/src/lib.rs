@@ -4,10 +4,12 @@
 
 pub mod access;
 pub mod db;
+pub mod greylist;
 pub mod grpc;
 pub mod message_log;
 pub mod policies;
 pub mod quarantine;
+pub mod recipients;
 pub mod replica;
 pub mod store;
 pub mod users;
@@ -21,8 +23,10 @@ use mb_proto::v1::access_server::AccessServer;
 use mb_proto::v1::config_server::ConfigServer;
 use mb_proto::v1::control_server::ControlServer;
 use mb_proto::v1::events_server::EventsServer;
+use mb_proto::v1::greylist_server::GreylistServer;
 use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
+use mb_proto::v1::recipients_server::RecipientsServer;
 use mb_proto::v1::replica_server::ReplicaServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::ControlService;
@@ -190,6 +194,20 @@ impl Daemon for Hub {
                 },
                 peer.clone(),
             ))
+            // Greylisting's store (without Redis): checked by mb-smtpd at RCPT.
+            .add_service(GreylistServer::with_interceptor(
+                greylist::GreylistService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
+            // Valid recipients (list mode of recipient verification), read by mb-smtpd.
+            .add_service(RecipientsServer::with_interceptor(
+                recipients::RecipientsService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
             .add_service(ReplicaServer::with_interceptor(
                 replica::ReplicaService {
                     store: store.clone(),
@@ -241,6 +259,7 @@ impl Daemon for Hub {
         };
 
         quarantine::spawn_retention(store.clone(), shutdown.clone());
+        greylist::spawn_retention(store.clone(), shutdown.clone());
         message_log::spawn_retention(store.clone(), shutdown);
         tracing::info!(
             socket = %ctx.socket.display(),

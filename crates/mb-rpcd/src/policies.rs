@@ -133,12 +133,14 @@ impl Policies for PoliciesService {
             .map(Policy::from)
             .collect();
         let core: Vec<policy::Policy> = stored.iter().filter_map(|p| from_wire(p).ok()).collect();
+        let delimiter = self.store.effective().text("smtp.recipient_delimiter");
         let (best, explanation) = policy::decide(
             &core,
             &policy::Subject {
                 sender: &t.sender,
                 recipients: &t.recipients,
                 client_ip,
+                delimiter: &delimiter,
             },
         );
         let policy = best.and_then(|b| stored.iter().find(|p| p.id == b.id).cloned());

@@ -12,6 +12,7 @@ use mb_proto::v1::{
     MessageEvent, OutboxBatch, OutboxItem, OutboxRequest, Policy, Setting, Snapshot, UploadAck,
     UserRecord,
 };
+use mb_proto::v1::AccountAlias;
 use mb_runtime::quarantine::wire;
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
@@ -97,6 +98,34 @@ impl Replica for ReplicaService {
                 password_hash,
             })
             .collect();
+        // Sender aliases (sender binding), without their local creation times.
+        let aliases = self
+            .store
+            .db
+            .aliases(None)
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(|(username, address, _)| AccountAlias {
+                username,
+                address,
+                created_at_unix: 0,
+            })
+            .collect();
+        // Valid recipients (list mode), without their local creation times.
+        let recipients = self
+            .store
+            .db
+            .list_recipients(None)
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(|r| mb_proto::v1::RecipientEntry {
+                pattern: r.pattern,
+                comment: r.comment,
+                created_unix: 0,
+            })
+            .collect();
         let cfg = self.store.effective();
         let dkim_key_pem = if cfg.bool("dkim.sign") {
             let path = cfg.path("dkim.key");
@@ -123,6 +152,8 @@ impl Replica for ReplicaService {
             settings,
             policies,
             users,
+            aliases,
+            recipients,
         }))
     }
 
@@ -206,12 +237,38 @@ impl Replica for ReplicaService {
             db.remove_user(name).await.map_err(db_status)?;
             users_changed += 1;
         }
-        if settings_changed + policies_changed + users_changed > 0 {
+        // Aliases: the main's set, exactly.
+        let wanted: std::collections::BTreeSet<(String, String)> = snap
+            .aliases
+            .into_iter()
+            .map(|a| (a.username, a.address))
+            .collect();
+        let have: std::collections::BTreeSet<(String, String)> = db
+            .aliases(None)
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(|(u, a, _)| (u, a))
+            .collect();
+        for (user, address) in wanted.difference(&have) {
+            db.add_alias(user, address, at).await.map_err(db_status)?;
+            users_changed += 1;
+        }
+        for (user, address) in have.difference(&wanted) {
+            db.remove_alias(user, address).await.map_err(db_status)?;
+            users_changed += 1;
+        }
+        // Valid recipients: the main's list, exactly.
+        let recipients_changed = crate::recipients::import_from_main(db, &snap.recipients)
+            .await
+            .map_err(db_status)?;
+        if settings_changed + policies_changed + users_changed + recipients_changed > 0 {
             tracing::info!(
                 version = snap.version,
                 settings = settings_changed,
                 policies = policies_changed,
                 users = users_changed,
+                recipients = recipients_changed,
                 by = %who.name,
                 "cluster snapshot imported"
             );
@@ -220,6 +277,7 @@ impl Replica for ReplicaService {
             settings_changed,
             policies_changed,
             users_changed,
+            recipients_changed,
         }))
     }
 

@@ -1,5 +1,6 @@
 //! Accounts for SMTP AUTH: Argon2id hashes in the database, checked here so that no
-//! hash ever leaves mb-rpcd.
+//! hash ever leaves mb-rpcd; and the sender addresses granted to each account (aliases,
+//! for sender binding in mb-smtpd), returned with a successful password check.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,14 +10,16 @@ use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use mb_proto::v1::users_server::Users;
 use mb_proto::v1::{
-    AddUserRequest, ListUsersRequest, ListUsersResponse, RemoveUserRequest, RemoveUserResponse,
-    SetPasswordRequest, UserInfo, VerifyRequest, VerifyResponse,
+    AccountAlias, AddUserRequest, AliasRequest, AliasResponse, ListAliasesRequest,
+    ListAliasesResponse, ListUsersRequest, ListUsersResponse, RemoveUserRequest,
+    RemoveUserResponse, SetPasswordRequest, UserInfo, VerifyRequest, VerifyResponse,
 };
 use mb_runtime::control::DaemonInfo;
 use mb_runtime::uds::caller;
+use sqlx::Row;
 use tonic::{Request, Response, Status};
 
-use crate::db::Account;
+use crate::db::{Account, Db, DbError};
 use crate::store::Store;
 
 /// Shortest password accepted.
@@ -164,6 +167,12 @@ impl Users for UsersService {
         if !removed {
             return Err(Status::not_found(format!("no user {name}")));
         }
+        // A later account of the same name must not inherit the old one's addresses.
+        self.store
+            .db
+            .remove_aliases_of(&name)
+            .await
+            .map_err(db_status)?;
         tracing::info!(user = %name, by = %who, "user removed");
         Ok(Response::new(RemoveUserResponse { removed }))
     }
@@ -223,7 +232,217 @@ impl Users for UsersService {
         self.info
             .counters
             .add(if ok { "auth_ok" } else { "auth_failed" }, 1);
-        Ok(Response::new(VerifyResponse { ok }))
+        // Only a successful check says which addresses the account owns.
+        let addresses = if ok {
+            granted(&self.store.db, &r.username)
+                .await
+                .map_err(db_status)?
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(VerifyResponse { ok, addresses }))
+    }
+
+    async fn add_alias(
+        &self,
+        req: Request<AliasRequest>,
+    ) -> Result<Response<AliasResponse>, Status> {
+        let who = caller(&req).name;
+        self.store
+            .refuse_on_child("SMTP AUTH accounts and their aliases are cluster-wide")
+            .map_err(crate::grpc::status)?;
+        let r = req.into_inner();
+        check_name(&r.username)?;
+        let address = alias_address(&r.address)?;
+        if self
+            .store
+            .db
+            .user_hash(&r.username)
+            .await
+            .map_err(db_status)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no user {}; add it with `mb-user add {}`",
+                r.username, r.username
+            )));
+        }
+        let changed = self
+            .store
+            .db
+            .add_alias(&r.username, &address, now())
+            .await
+            .map_err(db_status)?;
+        if changed {
+            tracing::info!(user = %r.username, address = %address, by = %who, "sender alias added");
+        }
+        Ok(Response::new(AliasResponse { changed, address }))
+    }
+
+    async fn remove_alias(
+        &self,
+        req: Request<AliasRequest>,
+    ) -> Result<Response<AliasResponse>, Status> {
+        let who = caller(&req).name;
+        self.store
+            .refuse_on_child("SMTP AUTH accounts and their aliases are cluster-wide")
+            .map_err(crate::grpc::status)?;
+        let r = req.into_inner();
+        let address = alias_address(&r.address)?;
+        let changed = self
+            .store
+            .db
+            .remove_alias(&r.username, &address)
+            .await
+            .map_err(db_status)?;
+        if !changed {
+            return Err(Status::not_found(format!(
+                "{} has no alias {address}; see `mb-user alias list {}`",
+                r.username, r.username
+            )));
+        }
+        tracing::info!(user = %r.username, address = %address, by = %who, "sender alias removed");
+        Ok(Response::new(AliasResponse { changed, address }))
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<ListAliasesRequest>,
+    ) -> Result<Response<ListAliasesResponse>, Status> {
+        let user = req.into_inner().username;
+        let aliases = self
+            .store
+            .db
+            .aliases((!user.is_empty()).then_some(user.as_str()))
+            .await
+            .map_err(db_status)?
+            .into_iter()
+            .map(|(username, address, created_at_unix)| AccountAlias {
+                username,
+                address,
+                created_at_unix,
+            })
+            .collect();
+        Ok(Response::new(ListAliasesResponse { aliases }))
+    }
+}
+
+/// The sender addresses an account may use: its login when that is an address, then
+/// its aliases, all lowercase.
+async fn granted(db: &Db, username: &str) -> Result<Vec<String>, DbError> {
+    let mut out = Vec::new();
+    if let Some((local, domain)) = username.rsplit_once('@')
+        && !local.is_empty()
+        && !domain.is_empty()
+    {
+        out.push(username.to_ascii_lowercase());
+    }
+    for (_, address, _) in db.aliases(Some(username)).await? {
+        if !out.contains(&address) {
+            out.push(address);
+        }
+    }
+    Ok(out)
+}
+
+/// An alias as stored: `local@domain` or `@domain`, lowercase, at most 255 bytes.
+pub fn alias_address(text: &str) -> Result<String, Status> {
+    let a = text.trim().to_ascii_lowercase();
+    let bad = || {
+        Status::invalid_argument(format!(
+            "invalid alias {text:?}: use an address (sales@example.org) or @domain (@example.org) for a whole domain"
+        ))
+    };
+    let (local, domain) = a.rsplit_once('@').ok_or_else(bad)?;
+    let domain_ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    let local_ok = local.len() <= 64
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"<>()[]\\,;:\"@".contains(&b));
+    if !domain_ok || !local_ok || a.len() > 255 {
+        return Err(bad());
+    }
+    Ok(a)
+}
+
+/// The aliases table (migration 0012).
+impl Db {
+    /// Grants `address` to `username`; false when it was already granted.
+    pub async fn add_alias(&self, username: &str, address: &str, at: i64) -> Result<bool, DbError> {
+        let mut tx = self.write_tx().await?;
+        let exists =
+            sqlx::query(self.sql("SELECT 1 FROM user_aliases WHERE username = ? AND address = ?"))
+                .bind(username)
+                .bind(address)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+        if exists {
+            return Ok(false);
+        }
+        sqlx::query(
+            self.sql("INSERT INTO user_aliases (username, address, created_at) VALUES (?, ?, ?)"),
+        )
+        .bind(username)
+        .bind(address)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Takes a grant back; false when there was none.
+    pub async fn remove_alias(&self, username: &str, address: &str) -> Result<bool, DbError> {
+        let r =
+            sqlx::query(self.sql("DELETE FROM user_aliases WHERE username = ? AND address = ?"))
+                .bind(username)
+                .bind(address)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Forgets every grant of an account (when the account is removed).
+    pub async fn remove_aliases_of(&self, username: &str) -> Result<u64, DbError> {
+        let r = sqlx::query(self.sql("DELETE FROM user_aliases WHERE username = ?"))
+            .bind(username)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// `(username, address, created_at)` of one account, or of all (`None`), in order.
+    pub async fn aliases(
+        &self,
+        username: Option<&str>,
+    ) -> Result<Vec<(String, String, i64)>, DbError> {
+        let rows = match username {
+            Some(u) => {
+                sqlx::query(self.sql(
+                    "SELECT username, address, created_at FROM user_aliases WHERE username = ? ORDER BY username, address",
+                ))
+                .bind(u)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT username, address, created_at FROM user_aliases ORDER BY username, address",
+                )
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
     }
 }
 
@@ -234,5 +453,78 @@ impl From<Account> for UserInfo {
             created_at_unix: a.created_at,
             updated_at_unix: a.updated_at,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_addresses_or_domains() {
+        for (input, want) in [
+            ("Sales@Example.ORG", Some("sales@example.org")),
+            (" @example.org ", Some("@example.org")),
+            (
+                "first.last+x@sub.example.org",
+                Some("first.last+x@sub.example.org"),
+            ),
+            ("example.org", None),
+            ("a@", None),
+            ("a@exa mple.org", None),
+            ("a b@example.org", None),
+            ("<a>@example.org", None),
+            ("a@example..org", None),
+            ("a@@example.org", None),
+        ] {
+            assert_eq!(alias_address(input).ok().as_deref(), want, "{input}");
+        }
+    }
+
+    #[tokio::test]
+    async fn grants_are_the_login_and_its_aliases() {
+        let dir = std::env::temp_dir().join(format!("mb-aliases-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = Db::open(&url, 1).await.expect("open");
+        assert!(
+            db.add_alias("Bob@Served.test", "ceo@served.test", 1)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !db.add_alias("Bob@Served.test", "ceo@served.test", 2)
+                .await
+                .unwrap()
+        );
+        assert!(
+            db.add_alias("Bob@Served.test", "@other.test", 3)
+                .await
+                .unwrap()
+        );
+        assert!(db.add_alias("carol", "sales@served.test", 4).await.unwrap());
+        assert_eq!(
+            granted(&db, "Bob@Served.test").await.unwrap(),
+            ["bob@served.test", "@other.test", "ceo@served.test"]
+        );
+        // A login that is not an address owns only what was granted to it.
+        assert_eq!(granted(&db, "carol").await.unwrap(), ["sales@served.test"]);
+        assert_eq!(db.aliases(None).await.unwrap().len(), 3);
+        assert!(
+            db.remove_alias("Bob@Served.test", "ceo@served.test")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !db.remove_alias("Bob@Served.test", "ceo@served.test")
+                .await
+                .unwrap()
+        );
+        assert_eq!(db.remove_aliases_of("Bob@Served.test").await.unwrap(), 1);
+        assert_eq!(
+            granted(&db, "Bob@Served.test").await.unwrap(),
+            ["bob@served.test"]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -9,6 +9,8 @@ pub mod diskfree;
 pub mod docs;
 pub mod events;
 pub mod follow;
+#[cfg(feature = "ldap")]
+pub mod ldap;
 pub mod lifecycle;
 pub mod logging;
 pub mod policies;
@@ -201,7 +203,7 @@ pub fn start_daemon(
     set_umask();
     let cfg = load_config(config).map_err(|e| {
         for line in e.to_string().lines() {
-            eprintln!("{daemon}: {line}");
+            logging::print_error(daemon, line);
         }
         EX_USAGE
     })?;
@@ -216,7 +218,7 @@ pub fn start_daemon(
 /// Reports a start-up failure on the log and on stderr, and gives the exit status.
 pub fn fail(daemon: &str, code: i32, msg: &str) -> i32 {
     tracing::error!("{msg}");
-    eprintln!("{daemon}: {msg}");
+    logging::print_error(daemon, msg);
     code
 }
 

@@ -1,27 +1,58 @@
-//! Log lines for people and fail2ban: `YYYY-MM-DD HH:MM:SS [LEVEL] daemon: message key=value`.
+//! Log lines for people and fail2ban: `YYYY-MM-DD HH:MM:SS [LEVEL] daemon: message key=value`,
+//! or, under systemd, journal entries with a priority and structured fields.
 //!
 //! Times are UTC so that lines from several nodes sort together. JSON lines are available
 //! for log collectors (`log.format = "json"` or `--log-format json`). With `log.files`,
 //! each line also goes to `paths.log_dir/DAEMON.log`, reopened on SIGHUP ([`reopen`]) so
 //! that logrotate can move the file away.
+//!
+//! When systemd connected stderr to the journal (`JOURNAL_STREAM` names stderr's device
+//! and inode, as systemd.exec(5) documents), events go to journald over its native
+//! protocol instead ([`journal`]): `PRIORITY` from the level, `SYSLOG_IDENTIFIER` the
+//! daemon, and each tracing field as an uppercase journal field (`client` as `CLIENT_IP`,
+//! `id` as `QUEUE_ID`), so `journalctl -p warning` and `journalctl CLIENT_IP=...` work.
+//! The journal socket is `/run/systemd/journal/socket`; the environment variable
+//! `MB_JOURNAL_SOCKET` replaces that path (tests use a stand-in journal). Where the
+//! socket cannot be reached the text line on stderr is kept.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber writing to stderr (the journal under systemd).
+pub mod journal;
+
+/// Installs the global subscriber writing to stderr, or to the journal under systemd.
 /// `RUST_LOG`, when set, overrides `level`. Calling it twice is harmless.
 pub fn init(daemon: &'static str, level: &str, json: bool) {
     init_with_file(daemon, level, json, None);
+}
+
+/// Prints a start-up failure on stderr for whoever started the daemon, unless the journal
+/// already has it as an entry of its own. Under systemd, before logging is set up (a
+/// configuration error), the line gets sd-daemon(3)'s `<3>` prefix so that the journal
+/// files it at priority error rather than at the stream's info.
+pub fn print_error(daemon: &str, line: &str) {
+    if !TO_STDERR.load(Ordering::Relaxed) {
+        return;
+    }
+    if journal::socket_for_stderr().is_some() {
+        eprintln!("<3>{daemon}: {line}");
+    } else {
+        eprintln!("{daemon}: {line}");
+    }
 }
 
 /// The log file a daemon appends to besides stderr, when `log.files` asks for one.
@@ -61,9 +92,16 @@ pub fn reopen() -> Option<io::Result<PathBuf>> {
 /// appending, so lines from the workers of one program sharing a file do not interleave.
 struct Output;
 
+/// Off when the journal takes the events: the line then goes to the log file only.
+static TO_STDERR: AtomicBool = AtomicBool::new(true);
+
 impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let written = io::stderr().write_all(buf);
+        let written = if TO_STDERR.load(Ordering::Relaxed) {
+            io::stderr().write_all(buf)
+        } else {
+            Ok(())
+        };
         if let Some(log) = LOG_FILE.get()
             && let Ok(mut f) = log.file.lock()
             && let Some(file) = f.as_mut()
@@ -102,23 +140,49 @@ pub fn init_with_file(daemon: &'static str, level: &str, json: bool, file: Optio
             "{level},hickory_proto=off,hickory_net=off,hickory_resolver=off"
         ))
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| Output)
-        .with_ansi(false);
-    let _ = if json {
-        let inner = tracing_subscriber::fmt::format()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false);
-        builder
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(JsonFormat { daemon, inner })
-            .try_init()
-    } else {
-        builder.event_format(LineFormat { daemon }).try_init()
-    };
+    let journal = journal::socket_for_stderr().and_then(|path| {
+        match journal::JournalLayer::connect(daemon, &path) {
+            Ok(layer) => Some(layer),
+            Err(e) => {
+                // Under systemd without a reachable journal (a container, a test machine):
+                // stderr still reaches whoever reads it.
+                eprintln!(
+                    "{daemon}: cannot reach the journal at {}: {e}; logging text lines to stderr",
+                    path.display()
+                );
+                None
+            }
+        }
+    });
+    let has_file = LOG_FILE.get().is_some();
+    if journal.is_some() {
+        TO_STDERR.store(false, Ordering::Relaxed);
+    }
+    // The formatted line goes to stderr when there is no journal, and to the log file when
+    // `log.files` asks for one.
+    let lines = (journal.is_none() || has_file).then(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(|| Output)
+            .with_ansi(false);
+        if json {
+            let inner = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false);
+            layer
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(JsonFormat { daemon, inner })
+                .boxed()
+        } else {
+            layer.event_format(LineFormat { daemon }).boxed()
+        }
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(journal)
+        .with(lines)
+        .try_init();
 }
 
 /// The text line format of the blueprint.

@@ -29,8 +29,10 @@ use tonic::transport::Channel;
 const CHUNK: usize = 64 * 1024;
 
 /// A message to scan: in memory, or in a file (the milter spills large messages to an
-/// anonymous temporary file so that a connection holds a bounded amount of memory).
-/// Either can be streamed several times, once per worker asked.
+/// anonymous temporary file, and mb-smtpd scans a large message from its spool file, so
+/// that a connection holds a bounded amount of memory however large the message).
+/// Either can be streamed several times, once per worker asked: a file is read in
+/// `CHUNK`s as the worker takes them, never whole.
 #[derive(Clone)]
 pub enum Body {
     Memory(Arc<Vec<u8>>),
@@ -144,6 +146,20 @@ pub enum ScanError {
         worker: usize,
         cause: wire::WireError,
     },
+    /// Every worker that answered holds `filter.max_inflight_bytes` of messages already.
+    /// Not a failure of the filter: the message is tempfailed (never accepted unscanned,
+    /// whatever `unavailable_action` says, or a flood of large messages would switch
+    /// scanning off) and the sender tries again later.
+    #[error("mb-filter@{worker} has no room for the message now ({cause})")]
+    Busy { worker: usize, cause: String },
+}
+
+impl ScanError {
+    /// The workers are full (`filter.max_inflight_bytes`): tempfail with
+    /// `reply::busy()`, whatever `unavailable_action` says.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ScanError::Busy { .. })
+    }
 }
 
 #[tonic::async_trait]
@@ -216,6 +232,9 @@ impl Scanner for Workers {
         let mut order: Vec<usize> = (0..self.in_flight.len()).collect();
         order.sort_by_key(|i| self.in_flight[*i].load(Ordering::Relaxed));
         let mut last = ScanError::NoWorkers;
+        // A worker that said "busy" makes the whole scan busy even if a later one is
+        // unreachable: the message is then tempfailed, never accepted unscanned.
+        let mut busy = None;
         for i in order {
             let n = i + 1;
             let channel = match self.channel(n).await {
@@ -234,6 +253,13 @@ impl Scanner for Workers {
                 Ok(Ok(v)) => {
                     return wire::verdict_from_wire(v.into_inner())
                         .map_err(|cause| ScanError::BadVerdict { worker: n, cause });
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                    tracing::info!(worker = n, cause = %status.message(), "mb-filter worker busy; trying the next");
+                    busy = Some(ScanError::Busy {
+                        worker: n,
+                        cause: status.message().to_string(),
+                    });
                 }
                 Ok(Err(status)) if worker_failed(&status) => {
                     tracing::warn!(worker = n, cause = %status.message(), "mb-filter worker failed; trying the next");
@@ -259,7 +285,7 @@ impl Scanner for Workers {
                 }
             }
         }
-        Err(last)
+        Err(busy.unwrap_or(last))
     }
 }
 
@@ -311,5 +337,81 @@ mod tests {
         // An empty message is one chunk carrying the envelope.
         let (env, data, n) = collect(&Body::from(Vec::new())).await;
         assert_eq!((env.unwrap().size, data.len(), n), (0, 0, 1));
+    }
+
+    /// A worker that drains the stream and then says "full", or accepts.
+    struct Fake {
+        full: bool,
+        seen: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl mb_proto::v1::filter_server::Filter for Fake {
+        async fn scan(
+            &self,
+            req: tonic::Request<tonic::Streaming<ScanChunk>>,
+        ) -> Result<tonic::Response<mb_proto::v1::ScanVerdict>, tonic::Status> {
+            let mut stream = req.into_inner();
+            while stream.next().await.is_some() {}
+            self.seen.fetch_add(1, Ordering::Relaxed);
+            if self.full {
+                return Err(tonic::Status::resource_exhausted("50M in flight"));
+            }
+            Ok(tonic::Response::new(wire::verdict_to_wire(
+                &Verdict::accept(),
+            )))
+        }
+    }
+
+    fn serve(dir: &std::path::Path, n: usize, full: bool) -> Arc<AtomicUsize> {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let listener = tokio::net::UnixListener::bind(dir.join(format!("mb-filter-{n}.sock")))
+            .expect("bind a worker socket");
+        let service = mb_proto::v1::filter_server::FilterServer::new(Fake {
+            full,
+            seen: seen.clone(),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        seen
+    }
+
+    /// A full worker is skipped for the next; when all are full the scan is `Busy`
+    /// (451 4.7.1 whatever `unavailable_action` says), even if another is unreachable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_workers_are_skipped_and_all_full_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = serve(dir.path(), 1, true);
+        let second = serve(dir.path(), 2, false);
+        let request = ScanRequest::default();
+        let body = Body::from(vec![b'x'; 100_000]);
+        let workers = Workers::new(dir.path().into(), 2, Duration::from_secs(10));
+        // Both idle: worker 1 is asked first, is full, and worker 2 answers.
+        let v = workers.scan(&request, body.clone()).await.unwrap();
+        assert_eq!(v.action, Verdict::accept().action);
+        assert_eq!(
+            (
+                first.load(Ordering::Relaxed),
+                second.load(Ordering::Relaxed)
+            ),
+            (1, 1)
+        );
+
+        // Worker 1 full, worker 3 configured but not running: still busy, not a failure.
+        let dir = tempfile::tempdir().unwrap();
+        serve(dir.path(), 1, true);
+        serve(dir.path(), 2, true);
+        let workers = Workers::new(dir.path().into(), 3, Duration::from_secs(10));
+        let e = workers.scan(&request, body).await.unwrap_err();
+        assert!(e.is_busy(), "{e}");
+        let reply = reply::busy();
+        assert_eq!(
+            (reply.code, reply.to_string().contains("4.7.1")),
+            (451, true),
+            "{reply:?}"
+        );
     }
 }

@@ -92,6 +92,17 @@ pub fn unavailable() -> Reply {
     )
 }
 
+/// The reply when every worker is full (`filter.max_inflight_bytes`): 451 4.7.1 in
+/// every mode, so that the sender's MTA tries again once the large messages in flight
+/// are done.
+pub fn busy() -> Reply {
+    Reply::new(
+        TEMPFAIL_CODE,
+        EnhancedStatus::POLICY_TEMPFAIL,
+        "Error: content scanner busy, try again later",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use mb_core::verdict::Refusal;

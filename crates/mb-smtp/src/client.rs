@@ -275,6 +275,23 @@ impl Client {
         let _ = self.command("RSET").await;
     }
 
+    /// Asks whether the server would take mail for `recipient` without sending any
+    /// (a recipient verification callout): MAIL FROM:<from>, RCPT TO:<recipient>, RSET.
+    /// Returns the RCPT reply; a refused MAIL is an error.
+    pub async fn probe_recipient(
+        &mut self,
+        from: &str,
+        recipient: &str,
+    ) -> Result<Response, ClientError> {
+        let mail = self.command(&format!("MAIL FROM:<{from}>")).await?;
+        if !mail.is_positive() {
+            return Err(ClientError::Refused(mail));
+        }
+        let rcpt = self.command(&format!("RCPT TO:<{recipient}>")).await?;
+        let _ = self.command("RSET").await;
+        Ok(rcpt)
+    }
+
     pub async fn quit(&mut self) {
         let _ = self.command("QUIT").await;
         self.conn.shutdown().await;

@@ -5,11 +5,14 @@
 
 #[cfg(test)]
 mod client_tests;
+pub mod account_limits;
 pub mod dns;
 pub mod dsn;
+pub mod greylist;
 pub mod protect;
 pub mod qmgr;
 pub mod queue;
+pub mod recipients;
 pub mod server;
 pub mod session;
 pub mod shared;
@@ -118,6 +121,11 @@ impl DaemonHooks for Hooks {
             .insert("queue_oldest_age_seconds".into(), oldest);
         let banned = self.server.protection.lock().map_or(0, |p| p.banned());
         resp.counters.insert("banned_now".into(), banned as u64);
+        if let Some(v) = &self.server.verifier {
+            let (listed, probes) = v.counts();
+            resp.counters.insert("recipients_listed".into(), listed);
+            resp.counters.insert("recipient_callouts".into(), probes);
+        }
         if let Some(ev) = &self.server.events {
             use std::sync::atomic::Ordering;
             resp.counters
@@ -275,6 +283,21 @@ impl Daemon for Smtpd {
                 }
             }
         }
+        server.greylist = Some(Arc::new(
+            greylist::Greylist::start(cfg, listeners.dns.live(), shutdown.clone()).await,
+        ));
+        let verifier = Arc::new(recipients::Verifier::new(
+            ctx.source.clone(),
+            cfg.path("paths.data_dir").join("recipients.json"),
+            server
+                .shared
+                .read()
+                .ok()
+                .and_then(|s| s.as_ref().map(shared::Shared::connection)),
+            listeners.dns.live().map(dns::Dns::Real),
+        ));
+        verifier.spawn_refresh(shutdown.clone());
+        server.verifier = Some(verifier);
         let server = Arc::new(server);
         if let Some(live) = listeners.dns.live() {
             dns::follow(live, &ctx.source, shutdown.clone());

@@ -171,6 +171,10 @@ pub struct Server {
     pub events: Option<mb_runtime::events::EventSink>,
     /// The mb-filter workers, when filtering is enabled.
     pub scanner: Option<Arc<dyn mb_scan::Scanner>>,
+    /// Greylisting's store, policies and resolver (used while `greylist.enabled`).
+    pub greylist: Option<Arc<crate::greylist::Greylist>>,
+    /// Recipient verification's list, callout caches and directory.
+    pub verifier: Option<Arc<crate::recipients::Verifier>>,
     pub protection: Arc<Mutex<crate::protect::Protection>>,
     pub follower: Follower,
     pub spool: Arc<Spool>,
@@ -180,6 +184,8 @@ pub struct Server {
     active: AtomicUsize,
     /// Free space of the spool's filesystem, for `queue.min_free_space`.
     disk: Arc<mb_runtime::diskfree::DiskGuard>,
+    /// This process's hourly counts of AUTH accounts (when Redis does not count them).
+    account_counts: Arc<crate::account_limits::LocalCounts>,
 }
 
 /// Releases a connection's slot when the session ends.
@@ -211,6 +217,8 @@ impl Server {
             shared: RwLock::new(None),
             events: None,
             scanner: None,
+            greylist: None,
+            verifier: None,
             protection: Arc::default(),
             follower,
             spool,
@@ -219,6 +227,7 @@ impl Server {
             admission: Mutex::new(Admission::default()),
             active: AtomicUsize::new(0),
             disk,
+            account_counts: Arc::default(),
         }
     }
 
@@ -286,8 +295,35 @@ impl Server {
                 }) as Arc<dyn crate::session::Authenticator>
             }),
             // Recipient verification (session/verify.rs): fields below this line.
+            recipient_verification: crate::recipients::Mode::from_config(cfg),
+            recipient_delimiter: cfg.text("smtp.recipient_delimiter"),
+            verifier: self.verifier.clone(),
             // Sender binding and per-account limits (session/limits.rs): fields below this line.
+            sender_binding: cfg.bool("smtp.auth.sender_binding"),
+            account_limits: Some(crate::account_limits::AccountLimits {
+                local: self.account_counts.clone(),
+                redis: self
+                    .shared
+                    .read()
+                    .ok()
+                    .and_then(|s| s.as_ref().map(crate::shared::Shared::connection)),
+                messages_per_hour: u32::try_from(cfg.int("smtp.auth.messages_per_hour"))
+                    .unwrap_or(500),
+                recipients_per_hour: u32::try_from(cfg.int("smtp.auth.recipients_per_hour"))
+                    .unwrap_or(2000),
+            }),
             // Greylisting (session/greylist.rs): fields below this line.
+            greylist: match &self.greylist {
+                Some(g) if cfg.bool("greylist.enabled") && listener != Listener::Reinject => {
+                    Some(crate::greylist::Settings {
+                        timing: mb_core::greylist::Timing::from_config(cfg),
+                        ipv6_prefix: ipv6_prefix(cfg),
+                        delimiter: cfg.text("smtp.recipient_delimiter"),
+                        greylist: g.clone(),
+                    })
+                }
+                _ => None,
+            },
         }
     }
 
@@ -481,8 +517,7 @@ impl crate::session::Authenticator for RpcdAuth {
         user: &'a str,
         password: &'a str,
         client: IpAddr,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, AuthError>> + Send + 'a>>
-    {
+    ) -> crate::session::Verifying<'a> {
         Box::pin(async move {
             let channel = mb_runtime::uds::connect(&self.socket, "mb-rpcd")
                 .await
@@ -495,11 +530,13 @@ impl crate::session::Authenticator for RpcdAuth {
                 })
                 .await
                 .map_err(|s| AuthError::Check(s.message().to_string()))?;
-            let ok = r.into_inner().ok;
-            if ok && let Ok(mut p) = self.protection.lock() {
+            let r = r.into_inner();
+            if r.ok
+                && let Ok(mut p) = self.protection.lock()
+            {
                 p.authenticated(client, self.ipv6_prefix);
             }
-            Ok(ok)
+            Ok(r.ok.then_some(r.addresses))
         })
     }
 }

@@ -57,6 +57,11 @@ impl Shared {
         })
     }
 
+    /// The connection, for counters kept elsewhere (account_limits.rs).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Counts a connection from `ip` against the shared rate; `Err` when Redis failed.
     pub async fn admit(&self, p: &Policy, ip: IpAddr) -> Result<Option<Refusal>, SharedError> {
         let window = p.window.as_secs().max(1);

@@ -270,18 +270,34 @@ fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File
 }
 
 impl SpoolWriter {
-    /// The message as received so far (for the scanner), from memory and, for a large
-    /// message, from its temporary file.
-    pub async fn contents(&self) -> io::Result<Vec<u8>> {
-        if self.file.is_none() {
-            return Ok(self.buf.clone());
-        }
+    /// The message as received so far, for the scanner, never whole in memory: a
+    /// message still under `SPILL` is copied from memory (at most 256 KiB); a larger one
+    /// has the rest of its buffer written to its temporary file (`commit` then appends
+    /// only the envelope, so the spool format is unchanged) and is streamed from a
+    /// read-only handle as the worker takes it. The handle stays readable when the
+    /// message is refused and its temporary file removed while a scan still reads it.
+    pub async fn scan_body(&mut self) -> io::Result<mb_scan::Body> {
+        let Some(file) = self.file.take() else {
+            return Ok(mb_scan::Body::from(self.buf.clone()));
+        };
+        let buf = std::mem::take(&mut self.buf);
         let tmp = self.tmp.clone();
-        let mut out = tokio::task::spawn_blocking(move || std::fs::read(tmp))
-            .await
-            .map_err(io::Error::other)??;
-        out.extend_from_slice(&self.buf);
-        Ok(out)
+        let (file, reader, mut buf) = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = file;
+            f.write_all(&buf)?;
+            let reader = std::fs::File::open(&tmp)?;
+            Ok::<_, io::Error>((f, reader, buf))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        buf.clear();
+        self.file = Some(file);
+        self.buf = buf;
+        Ok(mb_scan::Body::File {
+            file: std::sync::Arc::new(reader),
+            len: self.written,
+        })
     }
 
     /// `Received:` fields seen so far in the header section.
@@ -782,6 +798,59 @@ mod tests {
         assert_eq!(Queue::from_name("corrupt"), None);
         assert_eq!(Queue::from_name("Hold"), None);
         assert_eq!(Queue::from_name("../hold"), None);
+    }
+
+    /// A large message is scanned from its spool file, not from a copy in memory, and
+    /// the file committed afterwards is byte for byte what it would have been; a refused
+    /// one leaves nothing in `tmp/`, though a scan still reading it can finish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_messages_are_scanned_from_the_spool_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let message: Vec<u8> = (0..1_000_000u32)
+            .map(|i| {
+                if i % 80 == 79 {
+                    b'\n'
+                } else {
+                    b'a' + (i % 26) as u8
+                }
+            })
+            .collect();
+        let small = spool.new_id();
+        let mut w = spool.create(&small).await.unwrap();
+        w.write(b"Subject: small\r\n\r\nhi\r\n").await.unwrap();
+        assert!(matches!(
+            w.scan_body().await.unwrap(),
+            mb_scan::Body::Memory(_)
+        ));
+
+        let id = spool.new_id();
+        let mut w = spool.create(&id).await.unwrap();
+        for piece in message.chunks(70_000) {
+            w.write(piece).await.unwrap();
+        }
+        let body = w.scan_body().await.unwrap();
+        assert!(matches!(body, mb_scan::Body::File { .. }));
+        assert_eq!(body.len(), message.len() as u64);
+        assert!(body.read_all().unwrap() == message);
+        let env = Envelope {
+            id: id.clone(),
+            sender: "a@b.example".into(),
+            ..Default::default()
+        };
+        w.commit(&env).await.unwrap();
+        let (got, got_env) = read_message(&spool.incoming().join(&id)).unwrap();
+        assert!(got == message);
+        assert_eq!(got_env, env);
+
+        // Refused after the scan began: the writer goes, the scan's handle still reads.
+        let refused = spool.new_id();
+        let mut w = spool.create(&refused).await.unwrap();
+        w.write(&message).await.unwrap();
+        let body = w.scan_body().await.unwrap();
+        drop(w);
+        assert!(!dir.path().join("tmp").join(&refused).exists());
+        assert!(body.read_all().unwrap() == message);
     }
 
     #[tokio::test]

@@ -14,6 +14,9 @@ use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
 use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
 use crate::spool::{Spool, read_message};
 
+/// Greylisting at RCPT (tests/greylist.rs).
+mod greylist;
+
 pub(crate) fn settings() -> Settings {
     Settings {
         hostname: "mx.served.example".into(),
@@ -39,12 +42,20 @@ pub(crate) fn settings() -> Settings {
         scanner: None,
         accept_unscanned: false,
         // Recipient verification (session/verify.rs): fields below this line.
+        recipient_verification: crate::recipients::Mode::None,
+        recipient_delimiter: "+".into(),
+        verifier: None,
         // Sender binding and per-account limits (session/limits.rs): fields below this line.
+        sender_binding: true,
+        account_limits: None,
         // Greylisting (session/greylist.rs): fields below this line.
+        greylist: None,
     }
 }
 
-/// Knows one account: alice / correct horse; "slow" never gets an answer.
+/// Knows two accounts: alice / correct horse (who may send as alice@served.example) and
+/// bob@served.example / bob password (as his login, sales@served.example and all of
+/// brand.example); "slow" never gets an answer.
 struct Table;
 
 impl crate::session::Authenticator for Table {
@@ -53,9 +64,7 @@ impl crate::session::Authenticator for Table {
         user: &'a str,
         password: &'a str,
         _client: IpAddr,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<bool, crate::session::AuthError>> + Send + 'a>,
-    > {
+    ) -> crate::session::Verifying<'a> {
         Box::pin(async move {
             if user == "down" {
                 return Err(crate::session::AuthError::Unreachable(
@@ -65,7 +74,16 @@ impl crate::session::Authenticator for Table {
             if user == "slow" {
                 std::future::pending::<()>().await;
             }
-            Ok(user == "alice" && password == "correct horse")
+            let granted: &[&str] = match (user, password) {
+                ("alice", "correct horse") => &["alice@served.example"],
+                ("bob@served.example", "bob password") => &[
+                    "bob@served.example",
+                    "sales@served.example",
+                    "@brand.example",
+                ],
+                _ => return Ok(None),
+            };
+            Ok(Some(granted.iter().map(|s| s.to_string()).collect()))
         })
     }
 }
@@ -1085,4 +1103,188 @@ async fn the_filter_verdict_decides_the_reply() {
         !text.contains("X-Spam: Yes"),
         "the forged field is removed: {text}"
     );
+}
+
+/// Standard base64 with padding, for AUTH PLAIN responses in the tests below.
+fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A submission session under TLS with `s`, logged in as `user`.
+async fn logged_in(
+    mut s: Settings,
+    user: &str,
+    password: &str,
+) -> (
+    tokio_rustls::client::TlsStream<DuplexStream>,
+    JoinHandle<Summary>,
+    tempfile::TempDir,
+) {
+    let (acceptor, connector) = tls_pair();
+    s.tls = Some(acceptor);
+    s.auth = Some(Arc::new(Table));
+    let mut t = T::start(s, OUTSIDE, Listener::Submission).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("STARTTLS", 220).await;
+    let name = rustls_pki_types::ServerName::try_from("mx.served.example").unwrap();
+    let mut tls = connector.connect(name, t.io).await.unwrap();
+    tls_cmd(&mut tls, "EHLO c.example").await;
+    let plain = b64(format!("\0{user}\0{password}").as_bytes());
+    let r = tls_cmd(&mut tls, &format!("AUTH PLAIN {plain}")).await;
+    assert!(r.starts_with("235 2.7.0"), "{r}");
+    (tls, t.task.take().unwrap(), t.dir)
+}
+
+#[tokio::test]
+async fn authenticated_senders_are_bound_to_their_addresses() {
+    assert_eq!(
+        b64(b"\0alice\0correct horse"),
+        "AGFsaWNlAGNvcnJlY3QgaG9yc2U="
+    );
+    let (mut tls, _task, _dir) = logged_in(settings(), "bob@served.example", "bob password").await;
+    for (from, code) in [
+        (
+            "ceo@served.example",
+            "553 5.7.1 <ceo@served.example>: Sender address rejected: not owned by user bob@served.example",
+        ),
+        ("bob@served.example", "250"),
+        ("Bob+lists@Served.Example", "250"),
+        ("sales@served.example", "250"),
+        ("anyone@brand.example", "250"),
+        ("bob@elsewhere.example", "553 5.7.1"),
+        ("", "250"),
+    ] {
+        let r = tls_cmd(&mut tls, &format!("MAIL FROM:<{from}>")).await;
+        assert!(r.starts_with(code), "{from}: {r}");
+        tls_cmd(&mut tls, "RSET").await;
+    }
+    // A login that is not an address owns only what it was granted.
+    let (mut tls, _task, _dir) = logged_in(settings(), "alice", "correct horse").await;
+    let r = tls_cmd(&mut tls, "MAIL FROM:<alice@elsewhere.example>").await;
+    assert!(
+        r.starts_with("553 5.7.1") && r.contains("not owned by user alice"),
+        "{r}"
+    );
+
+    // smtp.auth.sender_binding = false: any sender, as before.
+    let mut s = settings();
+    s.sender_binding = false;
+    let (mut tls, _task, _dir) = logged_in(s, "alice", "correct horse").await;
+    let r = tls_cmd(&mut tls, "MAIL FROM:<ceo@served.example>").await;
+    assert!(r.starts_with("250"), "{r}");
+
+    // Clients without AUTH are not bound: mynetworks relays any sender.
+    let mut t = T::start(settings(), INSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    t.cmd("MAIL FROM:<ceo@served.example>", 250).await;
+}
+
+#[tokio::test]
+async fn accounts_have_hourly_message_and_recipient_budgets() {
+    let limits = crate::account_limits::AccountLimits {
+        local: Arc::default(),
+        redis: None,
+        messages_per_hour: 2,
+        recipients_per_hour: 3,
+    };
+    let mut s = settings();
+    s.account_limits = Some(limits.clone());
+    let (mut tls, _task, _dir) = logged_in(s.clone(), "alice", "correct horse").await;
+    // Two messages; the second runs out of recipients after one.
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>")
+            .await
+            .starts_with("250")
+    );
+    for to in ["a@elsewhere.example", "b@elsewhere.example"] {
+        let r = tls_cmd(&mut tls, &format!("RCPT TO:<{to}>")).await;
+        assert!(r.starts_with("250"), "{r}");
+    }
+    tls_cmd(&mut tls, "RSET").await;
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        tls_cmd(&mut tls, "RCPT TO:<c@elsewhere.example>")
+            .await
+            .starts_with("250")
+    );
+    let r = tls_cmd(&mut tls, "RCPT TO:<d@elsewhere.example>").await;
+    assert!(
+        r.starts_with("450 4.7.1 <alice>: account sending limit exceeded (3 recipients per hour)"),
+        "{r}"
+    );
+    tls_cmd(&mut tls, "RSET").await;
+    let r = tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>").await;
+    assert!(
+        r.starts_with("450 4.7.1 <alice>: account sending limit exceeded (2 messages per hour)"),
+        "{r}"
+    );
+    // The budget is the account's, across sessions; another account has its own.
+    let (mut tls, _task, _dir) = logged_in(s.clone(), "alice", "correct horse").await;
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>")
+            .await
+            .starts_with("450 4.7.1")
+    );
+    let (mut tls, _task, _dir) = logged_in(s, "bob@served.example", "bob password").await;
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<bob@served.example>")
+            .await
+            .starts_with("250")
+    );
+    // A refused sender does not use the budget: binding is checked first.
+    let mut s = settings();
+    s.account_limits = Some(crate::account_limits::AccountLimits {
+        local: Arc::default(),
+        ..limits
+    });
+    let (mut tls, _task, _dir) = logged_in(s, "alice", "correct horse").await;
+    for _ in 0..3 {
+        assert!(
+            tls_cmd(&mut tls, "MAIL FROM:<ceo@served.example>")
+                .await
+                .starts_with("553")
+        );
+    }
+    assert!(
+        tls_cmd(&mut tls, "MAIL FROM:<alice@served.example>")
+            .await
+            .starts_with("250")
+    );
+    // Mail without AUTH is not counted against anyone.
+    let mut s = settings();
+    s.account_limits = Some(crate::account_limits::AccountLimits {
+        local: Arc::default(),
+        redis: None,
+        messages_per_hour: 1,
+        recipients_per_hour: 1,
+    });
+    let mut t = T::start(s, INSIDE, Listener::Smtp).await;
+    t.cmd("EHLO c.example", 250).await;
+    for _ in 0..3 {
+        t.cmd("MAIL FROM:<x@served.example>", 250).await;
+        t.cmd("RCPT TO:<a@elsewhere.example>", 250).await;
+        t.cmd("RCPT TO:<b@elsewhere.example>", 250).await;
+        t.cmd("RSET", 250).await;
+    }
 }

@@ -24,6 +24,7 @@ mod postgres;
 mod procs;
 mod redis;
 mod rspamd;
+mod slapd;
 mod tls;
 
 pub use account::ensure_mailborder_account;
@@ -40,4 +41,5 @@ pub use postgres::Postgres;
 pub use procs::{Proc, bin, bin_dir, require, source_root, text, wait_until};
 pub use redis::Redis;
 pub use rspamd::Rspamd;
+pub use slapd::Slapd;
 pub use tls::{self_signed, self_signed_named};

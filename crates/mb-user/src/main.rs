@@ -1,4 +1,5 @@
-//! mb-user: the accounts that may authenticate on the submission ports (SMTP AUTH).
+//! mb-user: the accounts that may authenticate on the submission ports (SMTP AUTH), and
+//! the sender addresses each may use (aliases, for sender binding).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,12 +8,19 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use mb_proto::v1::users_client::UsersClient;
-use mb_proto::v1::{AddUserRequest, ListUsersRequest, RemoveUserRequest, SetPasswordRequest};
+use mb_proto::v1::{
+    AddUserRequest, AliasRequest, ListAliasesRequest, ListUsersRequest, RemoveUserRequest,
+    SetPasswordRequest,
+};
 use mb_runtime::cli::{self, Failure};
 
 const AFTER_HELP: &str = "\
 Passwords are read from the terminal (twice, without echo) or, when stdin is not a
 terminal, as one line from stdin. They are stored by mb-rpcd as Argon2id hashes.
+
+An authenticated client may send only as its login (when the login is an address,
+user+tag@ included) or as an address granted with `mb-user alias add LOGIN ADDRESS`;
+`@example.org` grants every address of a domain. Changes apply to the next AUTH.
 
 Exit status: 0 success, 1 refused (exists, missing, weak password), 2 usage error,
 69 mb-rpcd could not be reached, 77 permission denied.";
@@ -42,6 +50,22 @@ enum Command {
     Del { name: String },
     /// List the accounts
     List,
+    /// Sender addresses an account may use besides its login
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AliasCommand {
+    /// Let LOGIN send as ADDRESS (or as any address of a domain: @example.org)
+    Add { login: String, address: String },
+    /// Take ADDRESS back from LOGIN
+    #[command(alias = "remove")]
+    Del { login: String, address: String },
+    /// List the aliases of LOGIN, or of every account
+    List { login: Option<String> },
 }
 
 fn main() -> ExitCode {
@@ -147,6 +171,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 format_args!("removed {name}"),
             );
         }
+        Command::Alias { command } => alias(&mut users, args.json, command).await?,
         Command::List => {
             let list = users
                 .list(ListUsersRequest {})
@@ -166,6 +191,75 @@ async fn run(args: Args) -> Result<(), Failure> {
             } else {
                 for u in list {
                     println!("{}", u.username);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn alias(
+    users: &mut UsersClient<tonic::transport::Channel>,
+    json: bool,
+    command: AliasCommand,
+) -> Result<(), Failure> {
+    match command {
+        AliasCommand::Add { login, address } => {
+            let r = users
+                .add_alias(AliasRequest {
+                    username: login.clone(),
+                    address,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            let text = if r.changed {
+                format!("{login} may now send as {}", r.address)
+            } else {
+                format!("{login} could already send as {}", r.address)
+            };
+            cli::changed(
+                json,
+                &serde_json::json!({"login": login, "address": r.address, "added": r.changed}),
+                format_args!("{text}"),
+            );
+        }
+        AliasCommand::Del { login, address } => {
+            let r = users
+                .remove_alias(AliasRequest {
+                    username: login.clone(),
+                    address,
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            cli::changed(
+                json,
+                &serde_json::json!({"login": login, "address": r.address, "removed": true}),
+                format_args!("{login} may no longer send as {}", r.address),
+            );
+        }
+        AliasCommand::List { login } => {
+            let list = users
+                .list_aliases(ListAliasesRequest {
+                    username: login.unwrap_or_default(),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner()
+                .aliases;
+            if json {
+                let items: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|a| serde_json::json!({"login": a.username, "address": a.address, "created_at": a.created_at_unix}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&items).unwrap_or_default()
+                );
+            } else {
+                for a in list {
+                    mb_runtime::say!("{} {}", a.username, a.address);
                 }
             }
         }

@@ -19,7 +19,7 @@
 
 mod deliver;
 mod notify;
-mod resolve;
+pub(crate) mod resolve;
 mod tls;
 mod trouble;
 

@@ -111,9 +111,10 @@ impl Session<'_> {
         .await
         .unwrap_or(Err(AuthError::Timeout));
         match verdict {
-            Ok(true) => {
+            Ok(Some(addresses)) => {
                 tracing::info!(client = %self.client.ip, user = %loggable(&user), mechanism = %mechanism, "authenticated");
                 self.auth_user = Some(user);
+                self.auth_addresses = addresses;
                 self.reply(Reply::new(
                     235,
                     EnhancedStatus::new(2, 7, 0),
@@ -121,7 +122,7 @@ impl Session<'_> {
                 ));
                 false
             }
-            Ok(false) => {
+            Ok(None) => {
                 self.summary.auth_failed += 1;
                 // One stable line per failure: etc/fail2ban/filter.d/mailborder-auth.conf matches it.
                 tracing::warn!(

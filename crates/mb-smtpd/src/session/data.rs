@@ -359,7 +359,7 @@ impl Session<'_> {
     }
 
     /// Makes the message durable; only then is 250 sent.
-    pub(super) async fn commit(&mut self, writer: SpoolWriter, size: u64) -> Reply {
+    pub(super) async fn commit(&mut self, mut writer: SpoolWriter, size: u64) -> Reply {
         let id = writer.id.clone();
         if writer.hops() > crate::spool::MAX_HOPS {
             tracing::warn!(client = %self.client.ip, hops = writer.hops(), "message refused: too many hops");
@@ -417,7 +417,7 @@ impl Session<'_> {
         // The filter sees the envelope the spool will keep, and its header changes are
         // kept with it.
         if let Some(scanner) = self.settings.scanner.clone() {
-            match self.scan(scanner.as_ref(), &writer, &envelope).await {
+            match self.scan(scanner.as_ref(), &mut writer, &envelope).await {
                 Ok(Some((add, remove))) => {
                     envelope.add_headers = add;
                     envelope.remove_headers = remove;

@@ -63,15 +63,18 @@ pub enum TlsMode {
 }
 
 /// Checks a user name and password for AUTH (mb-rpcd in the daemon, a table in tests).
+/// `Ok(None)`: wrong name or password. `Ok(Some(addresses))`: right, with the sender
+/// addresses the account may use (its login when an address, then its aliases;
+/// `@domain` for a whole domain), learned in the same round trip for sender binding.
 /// `Err` means the check could not be made (answered with a temporary failure).
 pub trait Authenticator: Send + Sync {
-    fn verify<'a>(
-        &'a self,
-        user: &'a str,
-        password: &'a str,
-        client: IpAddr,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, AuthError>> + Send + 'a>>;
+    fn verify<'a>(&'a self, user: &'a str, password: &'a str, client: IpAddr) -> Verifying<'a>;
 }
+
+/// A password check in progress (see `Authenticator`).
+pub type Verifying<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<Vec<String>>, AuthError>> + Send + 'a>,
+>;
 
 /// Why a password could not be checked (never why it was wrong: that is `Ok(false)`).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -192,8 +195,22 @@ pub struct Settings {
     /// `filter.unavailable_action = "accept"`: take mail unscanned when no worker answers.
     pub accept_unscanned: bool,
     // Recipient verification (session/verify.rs): fields below this line.
+    /// `smtp.recipient_verification` (at served domains only).
+    pub recipient_verification: crate::recipients::Mode,
+    /// `smtp.recipient_delimiter`: `user+tag@` is verified as `user@` too (and is
+    /// `user@`'s own address for sender binding, session/limits.rs).
+    pub recipient_delimiter: String,
+    /// The list, callout and LDAP state shared by every session (none: not verified).
+    pub verifier: Option<std::sync::Arc<crate::recipients::Verifier>>,
     // Sender binding and per-account limits (session/limits.rs): fields below this line.
+    /// `smtp.auth.sender_binding`: MAIL FROM of an AUTH session must be an address the
+    /// account owns.
+    pub sender_binding: bool,
+    /// Hourly message and recipient budgets of AUTH accounts (none: unlimited).
+    pub account_limits: Option<crate::account_limits::AccountLimits>,
     // Greylisting (session/greylist.rs): fields below this line.
+    /// Greylisting at RCPT (none: `greylist.enabled` is false).
+    pub greylist: Option<crate::greylist::Settings>,
 }
 
 /// The client as seen at accept time.
@@ -275,6 +292,8 @@ pub struct Session<'a> {
     esmtp: bool,
     tls: Option<String>,
     auth_user: Option<String>,
+    /// The sender addresses `auth_user` may use, as mb-rpcd said at AUTH.
+    auth_addresses: Vec<String>,
     tx: Option<Transaction>,
     /// Errors since the last accepted message, against `max_errors` (like Postfix's
     /// hard error limit, a client that delivers mail starts afresh).
@@ -312,6 +331,7 @@ impl<'a> Session<'a> {
             esmtp: false,
             tls: None,
             auth_user: None,
+            auth_addresses: Vec::new(),
             tx: None,
             error_count: 0,
             junk: 0,

@@ -1,5 +1,7 @@
 //! The filter's verdict before the 250: the scan request, and the verdict turned
-//! into the reply through `mb_scan::reply` (the same in every mode).
+//! into the reply through `mb_scan::reply` (the same in every mode). A large message is
+//! streamed to the worker from its spool file (`SpoolWriter::scan_body`), so mb-smtpd
+//! never holds a whole message in memory for a scan.
 
 use super::*;
 
@@ -10,11 +12,11 @@ impl Session<'_> {
     pub(super) async fn scan(
         &mut self,
         scanner: &dyn mb_scan::Scanner,
-        writer: &SpoolWriter,
+        writer: &mut SpoolWriter,
         envelope: &Envelope,
     ) -> Result<Option<(Vec<(String, String)>, Vec<String>)>, Reply> {
         let id = envelope.id.as_str();
-        let message = writer.contents().await.map_err(|_| {
+        let message = writer.scan_body().await.map_err(|_| {
             Reply::new(
                 451,
                 EnhancedStatus::SYSTEM_TEMPORARY,
@@ -27,8 +29,14 @@ impl Session<'_> {
             &self.settings.mynetworks,
         );
         let request = ScanRequest::from_envelope(envelope, Some(self.client.ip), direction);
-        let v = match scanner.scan(&request, message.into()).await {
+        let v = match scanner.scan(&request, message).await {
             Ok(v) => v,
+            // Checked before `accept_unscanned`: full workers must not switch scanning
+            // off for whoever sends large messages fastest.
+            Err(e) if e.is_busy() => {
+                tracing::warn!(id, cause = %e, "every mb-filter worker is full (filter.max_inflight_bytes); message tempfailed");
+                return Err(mb_scan::reply::busy());
+            }
             Err(e) if self.settings.accept_unscanned => {
                 tracing::warn!(id, cause = %e, "no mb-filter worker answered; accepting unscanned (filter.unavailable_action = accept)");
                 // Unscanned is not unfiltered: the sender's forged verdict fields go.
