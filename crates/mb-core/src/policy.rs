@@ -321,7 +321,10 @@ impl Policy {
             return Some(Hit::Sender(s.sender));
         }
         if matches!(self.direction, Direction::To | Direction::FromOrTo)
-            && let Some(r) = s.recipients.iter().find(|r| self.matches_address(r, s.delimiter))
+            && let Some(r) = s
+                .recipients
+                .iter()
+                .find(|r| self.matches_address(r, s.delimiter))
         {
             return Some(Hit::Recipient(r));
         }
@@ -348,7 +351,9 @@ impl Policy {
             && !self.unauthenticated
             && matches!(self.hit(s), Some(Hit::Sender(_)))
             && !(self.direction == Direction::FromOrTo
-                && s.recipients.iter().any(|r| self.matches_address(r, s.delimiter)))
+                && s.recipients
+                    .iter()
+                    .any(|r| self.matches_address(r, s.delimiter)))
     }
 }
 

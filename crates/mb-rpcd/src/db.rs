@@ -370,7 +370,9 @@ impl Db {
     /// that reads first and writes later fails with SQLITE_BUSY_SNAPSHOT (517, "database is
     /// locked", which the busy timeout does not retry) when another connection committed
     /// in between; taking the write lock up front makes it wait its turn instead.
-    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    pub(crate) async fn write_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             _ => self.pool.begin().await,

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use mb_proto::v1::AccountAlias;
 use mb_proto::v1::replica_server::Replica;
 use mb_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, ExportRequest, ImportResponse, IngestRequest,
     MessageEvent, OutboxBatch, OutboxItem, OutboxRequest, Policy, Setting, Snapshot, UploadAck,
     UserRecord,
 };
-use mb_proto::v1::AccountAlias;
 use mb_runtime::quarantine::wire;
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};

@@ -3,9 +3,9 @@
 //! relaying, abuse and malformed input, and writes every accepted message durably to
 //! the spool before it answers 250.
 
+pub mod account_limits;
 #[cfg(test)]
 mod client_tests;
-pub mod account_limits;
 pub mod dns;
 pub mod dsn;
 pub mod greylist;
