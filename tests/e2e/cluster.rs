@@ -702,3 +702,35 @@ fn a_child_promoted_when_the_main_is_lost_leads_the_others() {
     )
     .unwrap_or_else(|e| panic!("{e}: {:#}", status(child1)));
 }
+
+/// A recipient list past tonic's 4 MiB default message size (150,000 patterns, about
+/// 7 MB as a snapshot) reaches the child: Export from the main's mb-rpcd, the ClusterPeer
+/// stream, Import into the child's mb-rpcd.
+#[test]
+fn a_recipient_list_larger_than_four_mebibytes_replicates() {
+    const N: usize = 150_000;
+    let (main, _, children) = cluster(&["child1"]);
+    let child = &children[0];
+    let file = main.path("recipients.txt");
+    let list: String = (0..N)
+        .map(|i| format!("user{i:06}@a-rather-long-recipient-domain.test\n"))
+        .collect();
+    std::fs::write(&file, list).unwrap();
+    ok(&main, "mb-recipient", &["import", file.to_str().unwrap()]);
+    wait_until(
+        "150,000 recipients on the child",
+        Duration::from_secs(120),
+        || {
+            let (code, out, _) = text(&child.tool("mb-recipient", &["list"]));
+            code == 0 && out.lines().count() == N
+        },
+    )
+    .unwrap_or_else(|e| {
+        let (_, out, _) = text(&child.tool("mb-recipient", &["list"]));
+        panic!(
+            "{e}: the child has {} recipients\n{}",
+            out.lines().count(),
+            child.cluster_log()
+        )
+    });
+}

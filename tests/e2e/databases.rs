@@ -199,3 +199,42 @@ fn config_store_on_postgresql() {
     let db = Postgres::start().unwrap();
     exercise(&db.url(), "postgres");
 }
+
+/// MariaDB compares recipient patterns byte for byte (`utf8mb4_bin`, as sender aliases
+/// too), as SQLite and PostgreSQL do: with `utf8mb4_unicode_ci`, `josé` equals `jose` and
+/// `ß` equals `ss`, so the second pattern is refused as a duplicate (and that user gets
+/// 550) and deleting one removes the other. (Sender aliases are ASCII addresses, so only
+/// the recipients can show it.)
+#[test]
+fn patterns_differing_only_by_an_accent_are_distinct_on_mariadb() {
+    let db = MariaDb::start().unwrap();
+    let mut gw = Gateway::new(&format!(
+        "[smtp]\nenabled = false\n[filter]\nenabled = false\n[database]\nurl = \"{}\"\n",
+        db.url()
+    ));
+    gw.start().unwrap();
+    let patterns = [
+        "josé@served.test",
+        "jose@served.test",
+        "straße@served.test",
+        "strasse@served.test",
+    ];
+    let mut args = vec!["add"];
+    args.extend(patterns);
+    let (code, out, err) = text(&gw.tool("mb-recipient", &args));
+    assert_eq!(code, 0, "{out}{err}");
+    let list = |gw: &Gateway| {
+        let (code, out, err) = text(&gw.tool("mb-recipient", &["list"]));
+        assert_eq!(code, 0, "{err}");
+        let mut lines: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
+        lines.sort();
+        lines
+    };
+    let mut want: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+    want.sort();
+    assert_eq!(list(&gw), want);
+    let (code, out, err) = text(&gw.tool("mb-recipient", &["del", "josé@served.test"]));
+    assert_eq!(code, 0, "{out}{err}");
+    want.retain(|p| p != "josé@served.test");
+    assert_eq!(list(&gw), want, "deleting josé left jose");
+}

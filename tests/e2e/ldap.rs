@@ -432,3 +432,42 @@ async fn a_hung_directory_is_an_error_after_the_timeout() {
     assert!(dir.recipient_exists("alice@example.test").await.unwrap());
     assert!(dir.recipient_exists("bob@example.test").await.unwrap());
 }
+
+/// A search the server refers elsewhere is an error (the RCPT is deferred), never "no
+/// such user": a base DN the server does not hold (slapd answers referral, result code
+/// 10, as a domain controller does for another domain of its forest), and a subtree part
+/// of which lives on another server (success with no entry but continuation references).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referral_is_an_error_never_an_unknown_user() {
+    let slapd = Slapd::start().unwrap();
+    let mut elsewhere = settings(&slapd);
+    elsewhere.base = "dc=other-domain,dc=test".into();
+    let dir = Directory::new(elsewhere);
+    for address in ["alice@example.test", "nobody@example.test"] {
+        match dir.recipient_exists(address).await {
+            Err(LdapError::Referral { refs, .. }) => {
+                assert!(
+                    refs.iter().any(|r| r.starts_with(Slapd::REFERRAL)),
+                    "{refs:?}"
+                )
+            }
+            other => panic!("{address} under a base slapd does not hold: {other:?}"),
+        }
+    }
+    // Part of the subtree held by another server: a `referral` entry below the base.
+    slapd
+        .add(
+            "dn: ou=remote,dc=example,dc=test\nobjectClass: referral\nobjectClass: extensibleObject\nou: remote\nref: ldap://127.0.0.1:1/ou=remote,dc=example,dc=test\n",
+        )
+        .unwrap();
+    let dir = Directory::new(settings(&slapd));
+    assert!(dir.recipient_exists("alice@example.test").await.unwrap());
+    match dir.recipient_exists("nobody@example.test").await {
+        Err(LdapError::Referral { refs, .. }) => {
+            assert!(refs.iter().any(|r| r.contains("ou=remote")), "{refs:?}")
+        }
+        other => panic!("nobody@ with a continuation reference: {other:?}"),
+    }
+    // Errors are not cached: the same question is an error again.
+    assert!(dir.recipient_exists("nobody@example.test").await.is_err());
+}

@@ -166,6 +166,9 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
     let mode = std::fs::metadata(dest.path().join("usr/sbin/mb-rpcd")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o755);
+    // The configuration may hold passwords: never world-readable.
+    let conf = std::fs::metadata(dest.path().join("etc/mailborder/mailborder.toml")).unwrap();
+    assert_eq!(conf.permissions().mode() & 0o777, 0o640);
 
     // Verify the units as installed, with /usr/sbin pointing into the install tree so the
     // check that each ExecStart binary exists looks at what was laid out.
@@ -485,6 +488,12 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
         .filter(|l| !l.contains(" root/root "))
         .collect();
     assert!(foreign.is_empty(), "not owned by root: {foreign:#?}");
+    assert!(
+        contents.lines().any(
+            |l| l.starts_with("-rw-r----- ") && l.ends_with("./etc/mailborder/mailborder.toml")
+        ),
+        "mailborder.toml is shipped 0640:\n{contents}"
+    );
     let (_, conffiles, _) = text(
         &Command::new("dpkg-deb")
             .args(["--info"])
@@ -589,6 +598,18 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
     }
     let mode = std::fs::metadata("/usr/sbin/mb-smtpd").unwrap().mode();
     assert_eq!(mode & 0o777, 0o755);
+    // The configuration may hold passwords: root:mailborder 0640, so the daemons (group
+    // mailborder) read it and nobody else does; the same after the upgrade below.
+    let group = Group::from_name("mailborder").unwrap().unwrap();
+    let conf_mode = || {
+        let meta = std::fs::metadata("/etc/mailborder/mailborder.toml").unwrap();
+        (meta.uid(), meta.gid(), meta.mode() & 0o777)
+    };
+    assert_eq!(conf_mode(), (0, group.gid.as_raw(), 0o640));
+    // The jail ships disabled, as Debian's fail2ban jails do.
+    let jail = std::fs::read_to_string("/etc/fail2ban/jail.d/mailborder.conf").unwrap();
+    assert!(jail.contains("\nenabled = false\n"), "{jail}");
+    assert!(!jail.contains("\nenabled = true"), "{jail}");
     // The tests run their own builds: nothing the package put on PATH may shadow them.
     for program in ["mb-config", "mb-smtpd", "mb-rpcd"] {
         let path = bin(program);
@@ -619,6 +640,7 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
     );
     assert_eq!(shown, format!("{version}-2"));
     assert_eq!(std::fs::read_to_string(conf).unwrap(), edited);
+    assert_eq!(conf_mode(), (0, group.gid.as_raw(), 0o640));
     assert!(
         std::fs::read_to_string("/etc/mailborder/mailborder.toml.dpkg-dist")
             .unwrap()
@@ -671,4 +693,11 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
         assert!(!Path::new(gone).exists(), "{gone} survived the purge");
     }
     assert!(User::from_name("mailborder").unwrap().is_some());
+    let (_, overrides, _) = text(
+        &Command::new("dpkg-statoverride")
+            .args(["--list", "/etc/mailborder/mailborder.toml"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(overrides, "", "the purge leaves no statoverride behind");
 }

@@ -562,3 +562,116 @@ fn list_mode_verifies_from_its_cache_while_mb_rpcd_is_down() {
         gw.smtpd_log()
     );
 }
+
+/// A next hop that speaks implicit TLS (as on port 465) and takes RCPT only after
+/// AUTH PLAIN as `gw`/`secret`: 530 before. `nobody*` is unknown (550 5.1.1). Returns
+/// its port and the commands it saw, decrypted.
+fn tls_auth_next_hop() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, Write};
+    let (cert, key) = mb_testkit::self_signed();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (config, s) = (config.clone(), s.clone());
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut r = std::io::BufReader::new(rustls::StreamOwned::new(conn, stream));
+                if r.get_mut().write_all(b"220 hop.test ESMTP\r\n").is_err() {
+                    return;
+                }
+                let mut authenticated = false;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if !matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                        return;
+                    }
+                    s.lock().unwrap().push(line.trim_end().to_string());
+                    let upper = line.to_ascii_uppercase();
+                    let reply: &[u8] = if upper.starts_with("EHLO") {
+                        b"250-hop.test\r\n250 AUTH PLAIN\r\n"
+                    } else if upper.starts_with("AUTH PLAIN ") {
+                        // base64("\0gw\0secret")
+                        if line.trim_end().ends_with("AGd3AHNlY3JldA==") {
+                            authenticated = true;
+                            b"235 2.7.0 Authentication successful\r\n"
+                        } else {
+                            b"535 5.7.8 Authentication failed\r\n"
+                        }
+                    } else if upper.starts_with("MAIL") && !authenticated {
+                        b"530 5.7.0 Authentication required\r\n"
+                    } else if upper.starts_with("RCPT") && upper.contains("<NOBODY") {
+                        b"550 5.1.1 User unknown\r\n"
+                    } else if upper.starts_with("QUIT") {
+                        let _ = r.get_mut().write_all(b"221 bye\r\n");
+                        return;
+                    } else {
+                        b"250 2.0.0 Ok\r\n"
+                    };
+                    if r.get_mut().write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The relay host's `relay.tls = tls` and `relay.auth.*` apply to callouts as to
+/// delivery: the probe speaks TLS from the first byte and authenticates, so known and
+/// unknown users are told apart instead of every recipient getting 450.
+#[test]
+fn callout_to_an_implicit_tls_relay_host_authenticates() {
+    let rt = runtime();
+    let (hop_port, seen) = tls_auth_next_hop();
+    let port = free_port();
+    let gw = gateway(
+        port,
+        "served.test",
+        "recipient_verification = \"callout\"\n\"callout.timeout\" = \"5s\"",
+        &format!(
+            "[relay]\nhost = \"[127.0.0.1]\"\nport = {hop_port}\ntls = \"tls\"\n\"tls.verify\" = false\n\
+             \"auth.username\" = \"gw\"\n\"auth.password\" = \"secret\"\n\
+             [queue]\ndelivery_enabled = false\n"
+        ),
+    );
+    rt.block_on(async {
+        let mut c = Smtp::open("127.0.0.3", port).await;
+        c.begin("s@sender.test").await;
+        let r = c.cmd("RCPT TO:<alice@served.test>").await;
+        assert!(r.starts_with("250"), "{r}\n{}", gw.smtpd_log());
+        let r = c.cmd("RCPT TO:<nobody@served.test>").await;
+        assert!(r.starts_with("550 5.1.1"), "{r}\n{}", gw.smtpd_log());
+        c.cmd("QUIT").await;
+    });
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|l| l.starts_with("AUTH PLAIN ")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|l| l == "RCPT TO:<nobody@served.test>"),
+        "{seen:?}"
+    );
+}

@@ -181,7 +181,8 @@ fn shlibs_depends(dir: &Path, programs: &[PathBuf]) -> Result<String> {
         .with_context(|| format!("dpkg-shlibdeps printed no dependencies: {out}"))
 }
 
-/// Directories 0755, programs 0755, everything else 0644, whatever the umask was.
+/// Directories 0755, programs 0755, mailborder.toml 0640, everything else 0644, whatever
+/// the umask was.
 fn normalise_modes(dir: &Path) -> Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
     for entry in fs::read_dir(dir)? {
@@ -192,10 +193,15 @@ fn normalise_modes(dir: &Path) -> Result<()> {
             let exe = path
                 .parent()
                 .is_some_and(|p| p.ends_with("usr/sbin") || p.ends_with("usr/bin"));
-            fs::set_permissions(
-                &path,
-                fs::Permissions::from_mode(if exe { 0o755 } else { 0o644 }),
-            )?;
+            // mailborder.toml may hold passwords: never world-readable, not even between
+            // unpack and postinst (which hands it to group mailborder, 0640).
+            let secret = path.ends_with("etc/mailborder/mailborder.toml");
+            let mode = match (exe, secret) {
+                (true, _) => 0o755,
+                (false, true) => 0o640,
+                (false, false) => 0o644,
+            };
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())

@@ -183,8 +183,8 @@ enum Cmd {
         /// while four 40 MB messages arrive at once
         #[arg(long)]
         big: bool,
-        /// With --big: the directory of already built binaries to measure (e.g. an older
-        /// commit's release build), instead of building this tree
+        /// With --big or --attack: the directory of already built binaries to measure
+        /// (e.g. an older commit's release build), instead of building this tree
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -232,6 +232,9 @@ fn main() -> ExitCode {
             ensure_test_packages()?;
             if let (true, Some(dir)) = (big, &bin_dir) {
                 return bigmem::bigmem(dir).map(|_| ());
+            }
+            if let (true, Some(dir)) = (attack, &bin_dir) {
+                return attack::attack(&dir.join("mb-smtpd"), seconds);
             }
             if log_search {
                 run(cargo().args(["build", "--workspace", "--bins"]))?;
@@ -836,8 +839,36 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
             continue;
         }
         fs::write(&to, &new).with_context(|| format!("cannot copy {from}"))?;
+        if from == "etc/mailborder/mailborder.toml" {
+            protect_config(&to, &mut out)?;
+        }
     }
     writeln!(out, "installed into {}", destdir.display())?;
+    Ok(())
+}
+
+/// mailborder.toml may hold passwords (database.url, ldap.bind_password,
+/// relay.auth.password, redis.url): 0640, group mailborder so the daemons read it. Before
+/// the group exists (systemd-sysusers runs after the install) or without root, say what
+/// to run instead.
+fn protect_config(path: &Path, out: &mut impl Write) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o640))?;
+    let group = nix::unistd::Group::from_name("mailborder").ok().flatten();
+    let chowned = match group {
+        Some(g) if nix::unistd::geteuid().is_root() => {
+            nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(g.gid)).is_ok()
+        }
+        _ => false,
+    };
+    if !chowned {
+        writeln!(
+            out,
+            "{} is mode 0640: once the mailborder group exists, run `chgrp mailborder {}` so the daemons can read it",
+            path.display(),
+            path.display()
+        )?;
+    }
     Ok(())
 }
 

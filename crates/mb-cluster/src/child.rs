@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use mb_proto::v1::cluster_peer_client::ClusterPeerClient;
 use mb_proto::v1::quarantine_client::QuarantineClient;
-use mb_proto::v1::replica_client::ReplicaClient;
 use mb_proto::v1::{
     AcknowledgeRequest, CommandResult, MainUpdate, NodeCommand, OutboxRequest, QuarantineId,
     Snapshot, UploadBatch,
@@ -186,7 +185,7 @@ async fn apply(node: &Node, update: MainUpdate) -> bool {
 
 async fn import(node: &Node, snap: Snapshot) -> Result<(), ChildError> {
     let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd").await?;
-    ReplicaClient::new(ch)
+    crate::replica_client(ch)
         .import(snap)
         .await
         .map_err(rpc("mb-rpcd"))?;
@@ -236,7 +235,7 @@ async fn upload_once(
     main: &mut ClusterPeerClient<Channel>,
 ) -> Result<usize, ChildError> {
     let ch = mb_runtime::uds::connect(&node.cfg().socket("mb-rpcd"), "mb-rpcd").await?;
-    let mut rpcd = ReplicaClient::new(ch);
+    let mut rpcd = crate::replica_client(ch);
     let batch = rpcd
         .outbox(OutboxRequest {
             limit: UPLOAD_BATCH,

@@ -38,6 +38,21 @@ use crate::state::{Dir, State};
 
 pub const DAEMON: &str = "mb-cluster";
 
+/// The largest message on the Replica (to mb-rpcd) and ClusterPeer (main to child) links:
+/// a snapshot carries the whole recipient list, past tonic's 4 MiB default from about
+/// 150,000 recipients, which would stop replication. mb-rpcd's Replica server has the same
+/// bound.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// A Replica client of mb-rpcd with `MAX_MESSAGE` limits.
+pub fn replica_client(
+    ch: tonic::transport::Channel,
+) -> mb_proto::v1::replica_client::ReplicaClient<tonic::transport::Channel> {
+    mb_proto::v1::replica_client::ReplicaClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
 /// How long the node's role may take to stop after SIGTERM: the supervisor gives it
 /// 10 s, and the control socket's calls are short.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use mb_proto::v1::cluster_peer_client::ClusterPeerClient;
 use mb_proto::v1::cluster_peer_server::{ClusterPeer, ClusterPeerServer};
-use mb_proto::v1::replica_client::ReplicaClient;
 use mb_proto::v1::{
     CommandResult, ExportRequest, IngestRequest, JoinRequest, JoinResponse, LeaveRequest,
     LeaveResponse, MainUpdate, NodeCommand, NodeReport, NodeStatus, Snapshot, UploadAck,
@@ -204,7 +203,11 @@ async fn serve(node: Arc<Node>, addr: SocketAddr, stop: Shutdown) -> Result<(), 
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(ClusterPeerServer::new(PeerService { node }))
+        .add_service(
+            ClusterPeerServer::new(PeerService { node })
+                .max_decoding_message_size(crate::MAX_MESSAGE)
+                .max_encoding_message_size(crate::MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), {
             let stop = stop.clone();
             async move { stop.requested().await }
@@ -240,7 +243,7 @@ async fn export_loop(node: Arc<Node>, stop: Shutdown) {
 pub async fn export(node: &Node) -> Result<u64, PeerError> {
     let cfg = node.cfg();
     let ch = mb_runtime::uds::connect(&cfg.socket("mb-rpcd"), "mb-rpcd").await?;
-    let mut snap = ReplicaClient::new(ch)
+    let mut snap = crate::replica_client(ch)
         .export(ExportRequest {})
         .await
         .map_err(PeerError::rpc("mb-rpcd"))?
@@ -487,7 +490,7 @@ impl ClusterPeer for PeerService {
         let ch = mb_runtime::uds::connect(&cfg.socket("mb-rpcd"), "mb-rpcd")
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let ack = ReplicaClient::new(ch)
+        let ack = crate::replica_client(ch)
             .ingest(IngestRequest { node: name, items })
             .await?
             .into_inner();
@@ -668,7 +671,9 @@ pub async fn main_client(
     patience: Duration,
 ) -> Result<ClusterPeerClient<Channel>, PeerError> {
     let tls = pki::client_config(id).map_err(PeerError::Tls)?;
-    Ok(ClusterPeerClient::new(
-        connect(address, main_name, tls, patience).await?,
-    ))
+    Ok(
+        ClusterPeerClient::new(connect(address, main_name, tls, patience).await?)
+            .max_decoding_message_size(crate::MAX_MESSAGE)
+            .max_encoding_message_size(crate::MAX_MESSAGE),
+    )
 }

@@ -384,6 +384,11 @@ impl Config {
                 "spam thresholds must rise: tag ({tag}) <= quarantine ({quarantine}) <= reject ({reject})"
             ));
         }
+        // A triplet must be retried after greylist.delay and before greylist.retry_window
+        // ends: with the window no longer than the delay, no retry can ever pass.
+        if let Some(p) = crate::greylist::Timing::from_config(self).problem() {
+            problems.push(p);
+        }
         let min = self.text("network.tls.min_version");
         if !self.list("network.tls.versions").iter().any(|v| *v >= min) {
             problems.push(format!(

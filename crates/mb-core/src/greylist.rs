@@ -36,6 +36,18 @@ impl Timing {
             auto_whitelist: u32::try_from(cfg.int("greylist.auto_whitelist")).unwrap_or(0),
         }
     }
+
+    /// Why these timings cannot work (for `Config::check`): a retry must come after
+    /// `delay` and within `retry_window`, so a window no longer than the delay expires
+    /// every triplet before it can pass.
+    pub fn problem(&self) -> Option<String> {
+        (self.retry_window <= self.delay).then(|| {
+            format!(
+                "greylist.retry_window ({}s) must be longer than greylist.delay ({}s): otherwise no retry can pass",
+                self.retry_window, self.delay
+            )
+        })
+    }
 }
 
 /// The network a client is greylisted as: its IPv4 /24 (a sending farm retries from a
@@ -246,6 +258,24 @@ pub fn client_passed(t: &Timing, stored: Option<Client>, now: i64) -> Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_window_no_longer_than_the_delay_is_refused_by_the_config_check() {
+        let load = |toml: &str| crate::Config::from_toml_str(toml, "t.toml").expect("config");
+        assert!(load("").check().is_empty());
+        for bad in [
+            "[greylist]\ndelay = \"10m\"\nretry_window = \"5m\"\n",
+            "[greylist]\ndelay = \"5m\"\nretry_window = \"5m\"\n",
+        ] {
+            let problems = load(bad).check();
+            assert!(
+                problems.iter().any(|p| p.contains("greylist.retry_window")),
+                "{bad}: {problems:?}"
+            );
+        }
+        let ok = load("[greylist]\ndelay = \"5m\"\nretry_window = \"6m\"\n");
+        assert!(ok.check().is_empty(), "{:?}", ok.check());
+    }
 
     const T: Timing = Timing {
         delay: 300,

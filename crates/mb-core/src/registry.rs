@@ -327,9 +327,9 @@ pub static KEYS: &[KeyDef] = &[
     k("smtp.max_recipients", int(1, 100_000), "100", "Recipients allowed in one message").by(S),
     k("smtp.recipient_delimiter", Kind::Text { max: 4 }, "+", "Separators of address extensions (user+tag@domain; each character is one, as in Postfix); recipient verification and policy address patterns try user@domain when user+tag@domain does not match; empty for none").by(&[SMTPD, FILTER, MILTER, RPCD]),
     k("smtp.recipient_verification", Kind::Enum(&["none", "list", "callout", "ldap"]), "none", "Check each recipient at a served domain at RCPT: none; list (the valid recipients kept with mb-recipient; a domain with no entry at all accepts every address, with a warning, so enabling list mode before importing bounces nobody); callout (ask the domain's relay host or transport next hop with RCPT TO, cached; never the gateway itself nor an MX-routed domain, which are accepted with a warning); ldap (the ldap.* directory). Unknown users get 550 5.1.1 and count as session errors; 450 4.1.1 when the answer cannot be had").by(S),
-    k("smtp.callout.timeout", secs(1, 600), "30s", "Longest wait for each reply of a recipient verification callout (and for its connection)").by(S),
+    k("smtp.callout.timeout", secs(1, 600), "30s", "Longest wait for each reply of a recipient verification callout (and for its connection); a whole callout is capped at 10s, after which the client gets 450").by(S),
     k("smtp.callout.positive_ttl", secs(60, 365 * DAY), "1w", "How long a recipient the next hop accepted is remembered by callout verification").by(S),
-    k("smtp.callout.negative_ttl", secs(60, 365 * DAY), "3h", "How long a recipient the next hop refused (5xx) is remembered by callout verification").by(S),
+    k("smtp.callout.negative_ttl", secs(60, 365 * DAY), "3h", "How long a recipient the next hop refused as unknown (5.1.1, 5.1.6, 5.1.10 or a bare 550) is remembered by callout verification; other 5xx refusals are not remembered and answer 450").by(S),
     k("smtp.helo_required", BOOL, "true", "Refuse MAIL before HELO/EHLO").by(S),
     k("smtp.vrfy_enabled", BOOL, "false", "Answer VRFY truthfully instead of 252").by(S),
     k("smtp.max_errors", int(1, 1000), "10", "Errors in one session before 421 and disconnect").by(S),
@@ -381,7 +381,7 @@ pub static KEYS: &[KeyDef] = &[
     k("filter.workers", int(1, 64), "2", "Number of mb-filter@N workers that mb-status expects").by(F).restart(),
     k("filter.max_concurrent", int(1, 10_000), "32", "Messages one worker scans at once").by(F),
     k("filter.scan_timeout", secs(1, 3600), "1m", "Longest time one scan may take").by(SFM),
-    k("filter.max_inflight_bytes", Kind::Size { min: 1 << 20, max: 1 << 40 }, "512M", "Most bytes of messages one worker holds at once, counted from each scan's declared size; a scan past it is refused (mb-smtpd tries another worker, then answers 451 4.7.1). A message larger than the whole budget is still scanned when nothing else is in flight").by(F),
+    k("filter.max_inflight_bytes", Kind::Size { min: 1 << 20, max: 1 << 40 }, "512M", "Most bytes of messages one worker holds at once, counted from each scan's declared size; a scan past it is refused (mb-smtpd tries another worker, then answers 451 4.7.1). A message larger than the whole budget is still scanned when nothing else is in flight, or on its next try after a refusal (one such message at a time)").by(F),
     k("filter.listen", Kind::Ip, "127.0.0.1", "Address of the content-filter listener").by(F).local(),
     k("filter.port", PORT, "10031", "Port of the content-filter listener (Postfix content_filter)").by(F).local(),
     k("filter.next_hop", Kind::Text { max: 260 }, "127.0.0.1:10025", "Where the content filter reinjects clean mail and quarantine releases go (host:port, an unfiltered listener such as mb-smtpd's or Postfix's 10025)").by(&[FILTER, RPCD]),
@@ -392,7 +392,11 @@ pub static KEYS: &[KeyDef] = &[
     k("milter.port", PORT, "10032", "Port of the milter listener (smtpd_milters = inet:127.0.0.1:10032)").by(M).local(),
     k("milter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-milter answers when no filter worker answers").by(M),
     k("milter.allowed_clients", Kind::CidrList, "127.0.0.0/8,::1/128", "MTAs allowed to connect to the milter port; others are refused with a log line").by(M),
-    k("milter.timeout", secs(1, 86_400), "5m", "How long a milter connection may stay silent before it is dropped").by(M),
+    // An hour, not minutes: Postfix sends the header and body events only once cleanup has
+    // the whole message, so the milter connection is silent while a slow client uploads
+    // DATA (50 MB on a slow link takes longer than 5 minutes), and gaps between commands
+    // reach Postfix's smtpd_timeout (300 s). A shorter default tempfails honest mail.
+    k("milter.timeout", secs(1, 86_400), "1h", "How long a milter connection may stay silent before it is dropped; keep it well above the longest DATA upload plus Postfix's smtpd_timeout, since Postfix says nothing to the milter while the client sends the message").by(M),
     // Scanners.
     k("clamav.enabled", BOOL, "false", "Scan messages with ClamAV (clamd)").by(F),
     k("clamav.address", TEXT, "127.0.0.1:3310", "clamd address: host:port or the path of its Unix socket").by(F),
@@ -416,6 +420,10 @@ pub static KEYS: &[KeyDef] = &[
     k("greylist.retry_window", secs(1, 30 * DAY), "4h", "How long after its first attempt a triplet's retry still counts; a later one starts over").by(&[SMTPD, RPCD]),
     k("greylist.auto_whitelist", int(0, 1_000_000), "5", "Triplets a client network must pass before it is no longer greylisted; 0 never whitelists").by(&[SMTPD, RPCD]),
     k("greylist.lifetime", secs(60, 3650 * DAY), "5w", "How long a passed triplet and an auto-whitelisted client are remembered after their last use (postgrey's max-age)").by(&[SMTPD, RPCD]),
+    // Every RCPT from a made-up sender is a new triplet kept for greylist.retry_window:
+    // without a bound an attacker fills the shared database.
+    k("greylist.max_pending_per_network", int(0, 100_000_000), "1000", "Most pending (not yet passed) triplets one client network may have in the database store (without redis.url); a new triplet beyond it is deferred without being stored, with a log line. 0: no limit").by(&[RPCD]),
+    k("greylist.max_triplets", int(0, 1_000_000_000), "1000000", "Most triplets the database store (without redis.url) holds; a new triplet beyond it is deferred without being stored, with a log line. 0: no limit").by(&[RPCD]),
     // Quarantine.
     k("quarantine.retention_days", int(1, 3650), "30", "Days a quarantined message is kept").by(&[FILTER, RPCD]),
     k("quarantine.max_size_mb", int(1, 10_000_000), "10240", "Largest total size of the quarantine in MiB").by(&[FILTER, RPCD]),

@@ -6,7 +6,10 @@
 //! worker, then tempfails the message) instead of the worker growing without bound.
 //! Like Postfix with a message larger than its queue's limits, one message larger than
 //! the whole budget is not refused forever: it is taken when nothing else is in flight,
-//! so it alone decides the worker's peak and it cannot wedge in the sender's queue.
+//! or, once one such message has been refused, on its next try even beside other scans.
+//! A busy worker is never idle, so "when nothing else is in flight" alone would starve
+//! it; one oversized scan at a time bounds the worker's peak at the budget plus one
+//! message (`smtp.message_size_limit`).
 
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +23,11 @@ pub struct Budget {
 struct State {
     bytes: u64,
     holders: usize,
+    /// A scan larger than the budget holds a reservation.
+    big_holder: bool,
+    /// A scan larger than the budget was refused since the last one was taken: the next
+    /// one is taken beside other scans.
+    big_waited: bool,
 }
 
 /// Why a reservation was refused.
@@ -38,25 +46,40 @@ pub struct Refused {
 pub struct Reservation {
     budget: Arc<Budget>,
     bytes: u64,
+    /// Taken as the one scan larger than the budget.
+    big: bool,
 }
 
 impl Budget {
     /// Reserves `bytes` under `max` (read live from the configuration by the caller).
-    /// Granted when it fits, or when nothing else is in flight.
+    /// Granted when it fits, or when nothing else is in flight; a scan larger than `max`
+    /// also after one was refused, if no other such scan is in flight.
     pub fn reserve(self: &Arc<Self>, bytes: u64, max: u64) -> Result<Reservation, Refused> {
         let mut s = self.lock();
+        let big = bytes > max;
         if s.holders > 0 && s.bytes.saturating_add(bytes) > max {
-            return Err(Refused {
-                in_flight: s.bytes,
-                wanted: bytes,
-                max,
-            });
+            let its_turn = big && s.big_waited && !s.big_holder;
+            if !its_turn {
+                if big {
+                    s.big_waited = true;
+                }
+                return Err(Refused {
+                    in_flight: s.bytes,
+                    wanted: bytes,
+                    max,
+                });
+            }
+        }
+        if big {
+            s.big_holder = true;
+            s.big_waited = false;
         }
         s.bytes = s.bytes.saturating_add(bytes);
         s.holders += 1;
         Ok(Reservation {
             budget: self.clone(),
             bytes,
+            big,
         })
     }
 
@@ -100,6 +123,9 @@ impl Drop for Reservation {
         let mut s = self.budget.lock();
         s.bytes = s.bytes.saturating_sub(self.bytes);
         s.holders = s.holders.saturating_sub(1);
+        if self.big {
+            s.big_holder = false;
+        }
     }
 }
 
@@ -140,6 +166,32 @@ mod tests {
         assert!(b.reserve(1, 50 * M).is_err(), "and nothing beside it");
         drop(big);
         assert_eq!(b.in_flight(), (0, 0));
+    }
+
+    /// On a worker that is never idle, a message larger than the budget is taken on its
+    /// second try beside the others, one such message at a time.
+    #[test]
+    fn a_message_larger_than_the_budget_does_not_starve_on_a_busy_worker() {
+        let b = Arc::new(Budget::default());
+        let _busy = b.reserve(10 * M, 50 * M).unwrap();
+        assert!(b.reserve(60 * M, 50 * M).is_err(), "the first try waits");
+        let big = b.reserve(60 * M, 50 * M).expect("the second try is taken");
+        assert_eq!(b.in_flight(), (70 * M, 2));
+        assert!(
+            b.reserve(70 * M, 50 * M).is_err(),
+            "one oversized scan at a time"
+        );
+        assert!(
+            b.reserve(70 * M, 50 * M).is_err(),
+            "not even on its second try while the first is in flight"
+        );
+        drop(big);
+        let second = b.reserve(70 * M, 50 * M).expect("its turn now");
+        drop(second);
+        assert!(
+            b.reserve(70 * M, 50 * M).is_err(),
+            "a new one waits once again"
+        );
     }
 
     #[test]

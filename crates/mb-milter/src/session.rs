@@ -662,6 +662,19 @@ mod tests {
     use mb_scan::ScanError;
     use tokio::io::AsyncWriteExt;
 
+    /// Postfix is silent towards the milter while a client uploads DATA and between
+    /// commands up to its smtpd_timeout (300 s): the default idle limit must leave room
+    /// for a large message on a slow link, or honest mail is tempfailed.
+    #[test]
+    fn default_timeout_outlasts_a_slow_upload() {
+        let def = mb_core::registry::find("milter.timeout").unwrap();
+        let d = mb_core::value::parse_duration(def.default).unwrap();
+        assert!(
+            d >= Duration::from_secs(3600),
+            "milter.timeout default {d:?}"
+        );
+    }
+
     /// A scanner that takes its time and tags everything.
     struct Slow;
 

@@ -27,7 +27,6 @@ use mb_proto::v1::greylist_server::GreylistServer;
 use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
 use mb_proto::v1::recipients_server::RecipientsServer;
-use mb_proto::v1::replica_server::ReplicaServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::ControlService;
 use mb_runtime::daemon::{Context, Daemon, Identity, Serving, Source, StartError};
@@ -208,12 +207,7 @@ impl Daemon for Hub {
                 },
                 peer.clone(),
             ))
-            .add_service(ReplicaServer::with_interceptor(
-                replica::ReplicaService {
-                    store: store.clone(),
-                },
-                peer,
-            ));
+            .add_service(replica::server(store.clone(), peer));
 
         let software = |e: tonic::transport::Error| {
             StartError::software(format!("{:#}", anyhow::Error::from(e)))

@@ -4,7 +4,6 @@
 //! with cluster children through the `Replica` snapshot. The table's queries live here,
 //! in this module's own `impl Db`.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -62,12 +61,24 @@ impl Db {
         at: i64,
     ) -> Result<Changed, DbError> {
         let mut tx = self.write_tx().await?;
+        let out = self.add_recipients_in(&mut tx, entries, at).await?;
+        self.bump_recipients_generation(&mut tx, out).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn add_recipients_in(
+        &self,
+        tx: &mut Tx,
+        entries: &[(Pattern, &str)],
+        at: i64,
+    ) -> Result<Changed, DbError> {
         let mut out = Changed::default();
         for (p, comment) in entries {
             let text = p.to_string();
             let exists = sqlx::query(self.sql("SELECT 1 FROM recipients WHERE pattern = ?"))
                 .bind(&text)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut **tx)
                 .await?
                 .is_some();
             if exists {
@@ -81,22 +92,32 @@ impl Db {
             .bind(&p.domain)
             .bind(*comment)
             .bind(at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             out.added += 1;
         }
-        tx.commit().await?;
         Ok(out)
     }
 
     /// Removes the patterns; those not stored count as unchanged.
     pub async fn remove_recipients(&self, patterns: &[Pattern]) -> Result<Changed, DbError> {
         let mut tx = self.write_tx().await?;
+        let out = self.remove_recipients_in(&mut tx, patterns).await?;
+        self.bump_recipients_generation(&mut tx, out).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn remove_recipients_in(
+        &self,
+        tx: &mut Tx,
+        patterns: &[Pattern],
+    ) -> Result<Changed, DbError> {
         let mut out = Changed::default();
         for p in patterns {
             let done = sqlx::query(self.sql("DELETE FROM recipients WHERE pattern = ?"))
                 .bind(p.to_string())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             if done.rows_affected() > 0 {
                 out.removed += 1;
@@ -104,8 +125,52 @@ impl Db {
                 out.unchanged += 1;
             }
         }
-        tx.commit().await?;
         Ok(out)
+    }
+
+    /// A change to the list makes a new version, in the change's own transaction.
+    async fn bump_recipients_generation(&self, tx: &mut Tx, c: Changed) -> Result<(), DbError> {
+        if c.added + c.removed > 0 {
+            sqlx::query(
+                "UPDATE recipients_generation SET generation = generation + 1 WHERE id = 1",
+            )
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the list exactly `wanted` (a map from pattern text to the pattern and its
+    /// comment) in one transaction, additions first; kept entries keep their comment and
+    /// time. No reader sees a list missing a user that both lists have.
+    async fn set_recipients(
+        &self,
+        wanted: &std::collections::BTreeMap<String, (Pattern, &str)>,
+        at: i64,
+    ) -> Result<(Changed, Changed), DbError> {
+        let mut tx = self.write_tx().await?;
+        let entries: Vec<(Pattern, &str)> = wanted.values().map(|(p, c)| (p.clone(), *c)).collect();
+        let added = self.add_recipients_in(&mut tx, &entries, at).await?;
+        let have: Vec<String> = sqlx::query_scalar("SELECT pattern FROM recipients")
+            .fetch_all(&mut *tx)
+            .await?;
+        let gone: Vec<Pattern> = have
+            .iter()
+            .filter(|k| !wanted.contains_key(*k))
+            .filter_map(|k| Pattern::parse(k).ok())
+            .collect();
+        let removed = self.remove_recipients_in(&mut tx, &gone).await?;
+        self.bump_recipients_generation(
+            &mut tx,
+            Changed {
+                added: added.added,
+                removed: removed.removed,
+                unchanged: 0,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((added, removed))
     }
 
     /// Every pattern (of `domain` when given), sorted.
@@ -139,37 +204,35 @@ impl Db {
             .collect()
     }
 
-    /// A text that changes whenever the list does: ids are never reused, so an addition
-    /// raises the largest id and a removal lowers the count.
+    /// A text that changes whenever the list does: the generation every change bumps in
+    /// its own transaction, with the count and largest id (so that a database created
+    /// afresh, whose generation starts over, does not repeat an old version by chance).
     pub async fn recipients_version(&self) -> Result<String, DbError> {
-        let row = sqlx::query("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM recipients")
-            .fetch_one(&self.pool)
-            .await?;
-        let count: i64 = row.try_get(0)?;
-        let max: i64 = row.try_get(1)?;
-        Ok(format!("{count}:{max}"))
+        let row = sqlx::query(
+            "SELECT (SELECT generation FROM recipients_generation WHERE id = 1), \
+             COUNT(*), COALESCE(MAX(id), 0) FROM recipients",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let generation: i64 = row.try_get(0)?;
+        let count: i64 = row.try_get(1)?;
+        let max: i64 = row.try_get(2)?;
+        Ok(format!("{generation}:{count}:{max}"))
     }
 
-    /// Makes the list exactly `patterns` (kept entries keep their comment and time).
+    /// Makes the list exactly `patterns` (kept entries keep their comment and time), in
+    /// one transaction.
     pub async fn replace_recipients(
         &self,
         patterns: &[Pattern],
         comment: &str,
         at: i64,
     ) -> Result<Changed, DbError> {
-        let wanted: BTreeSet<String> = patterns.iter().map(ToString::to_string).collect();
-        let have: BTreeSet<String> = self
-            .list_recipients(None)
-            .await?
-            .into_iter()
-            .map(|r| r.pattern)
+        let wanted = patterns
+            .iter()
+            .map(|p| (p.to_string(), (p.clone(), comment)))
             .collect();
-        let gone: Vec<Pattern> = have
-            .difference(&wanted)
-            .filter_map(|p| Pattern::parse(p).ok())
-            .collect();
-        let removed = self.remove_recipients(&gone).await?;
-        let added = self.add_recipients(patterns, comment, at).await?;
+        let (added, removed) = self.set_recipients(&wanted, at).await?;
         Ok(Changed {
             added: added.added,
             removed: removed.removed,
@@ -177,6 +240,9 @@ impl Db {
         })
     }
 }
+
+/// A write transaction of `Db::write_tx`.
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 pub struct RecipientsService {
     pub store: Arc<Store>,
@@ -247,25 +313,7 @@ pub async fn import_from_main(db: &Db, entries: &[RecipientEntry]) -> Result<u32
             }
         }
     }
-    let have: BTreeSet<String> = db
-        .list_recipients(None)
-        .await?
-        .into_iter()
-        .map(|r| r.pattern)
-        .collect();
-    // New ones first, so that no listed user is refused between the two steps.
-    let new: Vec<(Pattern, &str)> = wanted
-        .iter()
-        .filter(|(k, _)| !have.contains(*k))
-        .map(|(_, (p, c))| (p.clone(), *c))
-        .collect();
-    let added = db.add_recipient_entries(&new, now()).await?;
-    let gone: Vec<Pattern> = have
-        .iter()
-        .filter(|k| !wanted.contains_key(*k))
-        .filter_map(|k| Pattern::parse(k).ok())
-        .collect();
-    let removed = db.remove_recipients(&gone).await?;
+    let (added, removed) = db.set_recipients(&wanted, now()).await?;
     Ok(added.added + removed.removed)
 }
 
@@ -427,6 +475,55 @@ impl Recipients for RecipientsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids reused after an AUTO_INCREMENT reset (old MariaDB forgets the counter on a
+    /// restart) give the same count and largest id for another list: the generation still
+    /// tells them apart, so mb-smtpd does not keep a stale copy.
+    #[tokio::test]
+    async fn the_version_changes_even_when_ids_are_reused() {
+        let dir = std::env::temp_dir().join(format!("mb-recipients-gen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let db = Db::open(&format!("sqlite://{}/mb.db", dir.display()), 2)
+            .await
+            .unwrap();
+        let p = |t: &str| Pattern::parse(t).unwrap();
+        db.add_recipients(&[p("a@example.org"), p("b@example.org")], "", 1)
+            .await
+            .unwrap();
+        let v1 = db.recipients_version().await.unwrap();
+        db.remove_recipients(&[p("b@example.org")]).await.unwrap();
+        sqlx::query("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'recipients'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        db.add_recipients(&[p("c@example.org")], "", 2)
+            .await
+            .unwrap();
+        let v2 = db.recipients_version().await.unwrap();
+        assert_ne!(v1, v2, "a different list, the same version");
+        // A change that changes nothing keeps the version.
+        db.add_recipients(&[p("c@example.org")], "", 3)
+            .await
+            .unwrap();
+        db.remove_recipients(&[p("zz@example.org")]).await.unwrap();
+        assert_eq!(db.recipients_version().await.unwrap(), v2);
+        // Replacing is one change: the list goes from {a, c} to {a, d}.
+        let c = db
+            .replace_recipients(&[p("a@example.org"), p("d@example.org")], "", 4)
+            .await
+            .unwrap();
+        assert_eq!((c.added, c.removed, c.unchanged), (1, 1, 1));
+        let all: Vec<String> = db
+            .list_recipients(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.pattern)
+            .collect();
+        assert_eq!(all, ["a@example.org", "d@example.org"]);
+        assert_ne!(db.recipients_version().await.unwrap(), v2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[tokio::test]
     async fn patterns_are_stored_listed_versioned_and_replaced() {

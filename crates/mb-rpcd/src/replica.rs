@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mb_proto::v1::AccountAlias;
-use mb_proto::v1::replica_server::Replica;
+use mb_proto::v1::replica_server::{Replica, ReplicaServer};
 use mb_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, ExportRequest, ImportResponse, IngestRequest,
     MessageEvent, OutboxBatch, OutboxItem, OutboxRequest, Policy, Setting, Snapshot, UploadAck,
@@ -23,6 +23,25 @@ use crate::store::Store;
 
 pub struct ReplicaService {
     pub store: Arc<Store>,
+}
+
+/// The largest Replica message either way: a snapshot carries the whole recipient list
+/// (about 30 bytes a pattern: 150,000 recipients are past tonic's 4 MiB default, which
+/// would stop replication silently). The same bound as mb-smtpd's Recipients.List and
+/// mb-cluster's.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// The Replica service as mb-rpcd serves it: behind `guard`, with `MAX_MESSAGE` limits.
+pub fn server<G: tonic::service::Interceptor>(
+    store: Arc<Store>,
+    guard: G,
+) -> tonic::service::interceptor::InterceptedService<ReplicaServer<ReplicaService>, G> {
+    tonic::service::interceptor::InterceptedService::new(
+        ReplicaServer::new(ReplicaService { store })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        guard,
+    )
 }
 
 fn db_status(e: crate::db::DbError) -> Status {

@@ -11,8 +11,9 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use mb_proto::v1::users_server::Users;
 use mb_proto::v1::{
     AccountAlias, AddUserRequest, AliasRequest, AliasResponse, ListAliasesRequest,
-    ListAliasesResponse, ListUsersRequest, ListUsersResponse, RemoveUserRequest,
-    RemoveUserResponse, SetPasswordRequest, UserInfo, VerifyRequest, VerifyResponse,
+    ListAliasesResponse, ListUsersRequest, ListUsersResponse, OwnerRequest, OwnerResponse,
+    RemoveUserRequest, RemoveUserResponse, SetPasswordRequest, UserInfo, VerifyRequest,
+    VerifyResponse,
 };
 use mb_runtime::control::DaemonInfo;
 use mb_runtime::uds::caller;
@@ -325,6 +326,29 @@ impl Users for UsersService {
             .collect();
         Ok(Response::new(ListAliasesResponse { aliases }))
     }
+
+    async fn owner(&self, req: Request<OwnerRequest>) -> Result<Response<OwnerResponse>, Status> {
+        let r = req.into_inner();
+        let username = owner(&self.store.db, &r.address)
+            .await
+            .map_err(db_status)?
+            .unwrap_or_default();
+        Ok(Response::new(OwnerResponse { username }))
+    }
+}
+
+/// The account whose login or alias is exactly `address` (any case), if any.
+async fn owner(db: &Db, address: &str) -> Result<Option<String>, DbError> {
+    let lower = address.trim().to_ascii_lowercase();
+    if lower.is_empty() {
+        return Ok(None);
+    }
+    for login in [address.trim(), lower.as_str()] {
+        if check_name(login).is_ok() && db.user_hash(login).await?.is_some() {
+            return Ok(Some(login.to_string()));
+        }
+    }
+    db.alias_owner(&lower).await
 }
 
 /// The sender addresses an account may use: its login when that is an address, then
@@ -409,6 +433,20 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// The account that has `address` (stored form, lowercase) as an alias.
+    pub async fn alias_owner(&self, address: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query(
+            self.sql("SELECT username FROM user_aliases WHERE address = ? ORDER BY username"),
+        )
+        .bind(address)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
     /// Forgets every grant of an account (when the account is removed).
     pub async fn remove_aliases_of(&self, username: &str) -> Result<u64, DbError> {
         let r = sqlx::query(self.sql("DELETE FROM user_aliases WHERE username = ?"))
@@ -479,6 +517,34 @@ mod tests {
         ] {
             assert_eq!(alias_address(input).ok().as_deref(), want, "{input}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_owner_of_an_address_is_the_account_with_that_login_or_alias() {
+        let dir = std::env::temp_dir().join(format!("mb-owner-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/mb.db", dir.display());
+        let db = Db::open(&url, 1).await.expect("open");
+        assert!(db.add_user("john-doe@served.test", "x", 1).await.unwrap());
+        assert!(db.add_user("john@served.test", "x", 1).await.unwrap());
+        assert!(db.add_alias("carol", "j-d@served.test", 2).await.unwrap());
+        assert!(db.add_alias("carol", "@brand.test", 2).await.unwrap());
+        for (address, want) in [
+            ("john-doe@served.test", Some("john-doe@served.test")),
+            ("John-Doe@Served.Test", Some("john-doe@served.test")),
+            ("j-d@served.test", Some("carol")),
+            ("john-news@served.test", None),
+            // A whole-domain grant does not make every address of it someone's.
+            ("anyone@brand.test", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                owner(&db, address).await.unwrap().as_deref(),
+                want,
+                "{address}"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -144,6 +144,24 @@ pub enum LdapError {
     /// Every pooled connection was busy connecting for longer than `ldap.timeout`.
     #[error("no LDAP connection to {url} within {timeout:?}")]
     Busy { url: String, timeout: Duration },
+    /// The server sent the search elsewhere: result code referral (10), or success with
+    /// no entry but continuation references (part of the subtree is held by another
+    /// server). Following referrals is not done (they may point to servers the service
+    /// account cannot bind to), and "not found here" is not "no such user": an error, so
+    /// the RCPT is deferred. Against a multi-domain Active Directory forest, point
+    /// `ldap.url` at a Global Catalog (port 3268 or 3269), which answers for every domain.
+    #[error(
+        "LDAP search under {base:?} at {url} was referred elsewhere ({refs:?}): use a base the server holds, or an Active Directory Global Catalog (port 3268)"
+    )]
+    Referral {
+        url: String,
+        base: String,
+        refs: Vec<String>,
+    },
+    /// The whole lookup (waiting for a pooled connection, connecting, binding, searching,
+    /// retrying) took longer than its deadline (twice `ldap.timeout`).
+    #[error("LDAP lookup at {url} did not finish within {deadline:?}")]
+    Deadline { url: String, deadline: Duration },
     /// The user's password was right but the entry has no `mail` to show mail for.
     #[error("directory entry {dn:?} has no mail attribute")]
     NoMail { dn: String },
@@ -211,7 +229,15 @@ impl Directory {
             return Ok(known);
         }
         let filter = fill_filter(&self.settings.recipient_filter, address.trim());
-        let entries = self.search(&filter, 1, &["1.1"]).await?;
+        // Each step below has its own ldap.timeout and a lost connection is retried once,
+        // so without an overall bound one RCPT could wait several timeouts.
+        let deadline = self.lookup_deadline();
+        let entries = tokio::time::timeout(deadline, self.search(&filter, 1, &["1.1"]))
+            .await
+            .map_err(|_| LdapError::Deadline {
+                url: self.settings.url.clone(),
+                deadline,
+            })??;
         let exists = !entries.is_empty();
         self.remember(key, exists);
         Ok(exists)
@@ -283,6 +309,11 @@ impl Directory {
         }
     }
 
+    /// The most one recipient lookup may take, all steps and the retry included.
+    pub fn lookup_deadline(&self) -> Duration {
+        self.settings.timeout.saturating_mul(2)
+    }
+
     fn cached(&self, key: &str) -> Option<bool> {
         if self.settings.cache_ttl.is_zero() {
             return None;
@@ -332,9 +363,19 @@ impl Directory {
             let error = match result {
                 Ok(ldap3::SearchResult(entries, res)) => match res.rc {
                     // success, sizeLimitExceeded (more entries than asked for: enough
-                    // to answer), referral (AD's continuation references).
-                    0 | 4 | 10 => {
+                    // to answer). An entry found is an answer even when other parts of
+                    // the subtree were referred elsewhere.
+                    0 | 4 if !entries.is_empty() || res.refs.is_empty() => {
                         return Ok(entries.into_iter().map(SearchEntry::construct).collect());
+                    }
+                    // Nothing found here but continuation references (ldap3 collects
+                    // them in `refs`), or a referral (10): the answer is elsewhere.
+                    0 | 4 | 10 => {
+                        return Err(LdapError::Referral {
+                            url: self.settings.url.clone(),
+                            base: self.settings.base.clone(),
+                            refs: res.refs,
+                        });
                     }
                     _ => {
                         return Err(LdapError::Search {

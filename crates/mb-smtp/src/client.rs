@@ -2,7 +2,10 @@
 //! reports what happened to each recipient (RFC 5321, RFC 2920 pipelining, RFC 2033
 //! per-recipient LMTP replies, STARTTLS). The queue manager builds on it.
 
+use std::pin::Pin;
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::conn::{Conn, Io, ReadError};
 pub use crate::reply::{Capabilities, Response};
@@ -35,6 +38,125 @@ impl ClientError {
 pub struct Outcome {
     pub recipient: String,
     pub response: Response,
+}
+
+/// Bytes of message content read, dot-stuffed and written per step of the data phase:
+/// a streamed message never has more than about this much of itself in memory here.
+pub const DATA_CHUNK: usize = 64 * 1024;
+
+/// The message a transaction sends: whole in memory, or a head in memory (the header
+/// section as delivered) followed by the rest read from a stream (the spool file), so a
+/// large message is never held whole.
+pub struct Body<'a> {
+    head: &'a [u8],
+    rest: Option<Rest<'a>>,
+    eight_bit: bool,
+}
+
+struct Rest<'a> {
+    reader: Pin<Box<dyn AsyncRead + Send + 'a>>,
+    len: u64,
+}
+
+impl<'a> Body<'a> {
+    /// A message held whole in memory.
+    pub fn memory(message: &'a [u8]) -> Body<'a> {
+        Body {
+            head: message,
+            rest: None,
+            eight_bit: !message.is_ascii(),
+        }
+    }
+
+    /// `head`, then exactly `len` bytes from `reader`. `eight_bit` says whether any
+    /// byte of the whole message is above 127 (for BODY=8BITMIME): it must be known
+    /// before MAIL FROM, long before the stream is read.
+    pub fn streamed(
+        head: &'a [u8],
+        reader: Pin<Box<dyn AsyncRead + Send + 'a>>,
+        len: u64,
+        eight_bit: bool,
+    ) -> Body<'a> {
+        Body {
+            head,
+            rest: Some(Rest { reader, len }),
+            eight_bit,
+        }
+    }
+
+    /// The size of the message in bytes (for SIZE=).
+    pub fn len(&self) -> u64 {
+        self.head.len() as u64 + self.rest.as_ref().map_or(0, |r| r.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The message as one reader, before dot-stuffing (head, then the rest).
+    pub fn into_reader(self) -> Pin<Box<dyn AsyncRead + Send + 'a>> {
+        let head = std::io::Cursor::new(self.head);
+        match self.rest {
+            None => Box::pin(head),
+            Some(r) => Box::pin(head.chain(r.reader.take(r.len))),
+        }
+    }
+}
+
+/// Dot-stuffing done on the fly, chunk by chunk (RFC 5321 §4.5.2): a line that starts
+/// with "." gets another, also when the line starts in a later chunk than the CRLF
+/// before it, and `finish` ends the content in CRLF. Feeding any split of a message
+/// gives exactly what `dot_stuff` gives for the whole.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    line_start: bool,
+    /// The last two bytes written (zero before any).
+    last: [u8; 2],
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            line_start: true,
+            last: [0, 0],
+        }
+    }
+}
+
+impl DotStuffer {
+    /// Appends `chunk`, dot-stuffed, to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let Some(&end) = chunk.last() else {
+            return;
+        };
+        out.reserve(chunk.len() + 16);
+        let mut from = 0;
+        if self.line_start && chunk[0] == b'.' {
+            out.push(b'.');
+        }
+        for (i, _) in chunk.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            if chunk.get(i + 1) == Some(&b'.') {
+                out.extend_from_slice(&chunk[from..=i]);
+                out.push(b'.');
+                from = i + 1;
+            }
+        }
+        out.extend_from_slice(&chunk[from..]);
+        self.line_start = end == b'\n';
+        self.last = match chunk.len() {
+            1 => [self.last[1], end],
+            n => [chunk[n - 2], end],
+        };
+    }
+
+    /// Ends the content in CRLF if it does not already.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.last != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+            self.last = *b"\r\n";
+            self.line_start = true;
+        }
+    }
 }
 
 pub struct Client {
@@ -156,12 +278,28 @@ impl Client {
         rcpts: &[mb_core::Recipient],
         message: &[u8],
     ) -> Result<Vec<Outcome>, ClientError> {
+        self.send_body(from, ret, envid, rcpts, Body::memory(message))
+            .await
+    }
+
+    /// `send_with_dsn` for a message in memory or streamed (`Body`). A streamed message
+    /// is read, dot-stuffed and written `DATA_CHUNK` bytes at a time. A stream that
+    /// fails or ends early is an `Io` error and leaves the session unusable (the data
+    /// phase cannot be ended without sending a truncated message).
+    pub async fn send_body(
+        &mut self,
+        from: &str,
+        ret: &str,
+        envid: &str,
+        rcpts: &[mb_core::Recipient],
+        body: Body<'_>,
+    ) -> Result<Vec<Outcome>, ClientError> {
         let recipients: Vec<String> = rcpts.iter().map(|r| r.address.clone()).collect();
         let mut mail = format!("MAIL FROM:<{from}>");
         if self.caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", message.len()));
+            mail.push_str(&format!(" SIZE={}", body.len()));
         }
-        if self.caps.eightbitmime && !message.is_ascii() {
+        if self.caps.eightbitmime && body.eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
         if self.caps.smtputf8 && !(from.is_ascii() && recipients.iter().all(|r| r.is_ascii())) {
@@ -249,7 +387,7 @@ impl Client {
             }
             None => return Ok(outcomes),
         }
-        self.conn.queue_bytes(&dot_stuff(message));
+        self.data(body).await?;
         self.conn.queue(".\r\n");
         if self.lmtp {
             // One reply per accepted recipient, in order (RFC 2033 §4.2).
@@ -265,6 +403,54 @@ impl Client {
         Ok(outcomes)
     }
 
+    /// Queues the message dot-stuffed; a streamed one is written out chunk by chunk as
+    /// it is read. A small message in memory is only queued: it goes out with the final
+    /// dot when the reply is awaited, in the same write as before.
+    async fn data(&mut self, body: Body<'_>) -> Result<(), ClientError> {
+        let mut stuffer = DotStuffer::default();
+        let mut out = Vec::new();
+        for piece in body.head.chunks(DATA_CHUNK) {
+            stuffer.feed(piece, &mut out);
+            if out.len() >= DATA_CHUNK {
+                self.write_data(&mut out).await?;
+            }
+        }
+        if let Some(rest) = body.rest {
+            let mut reader = rest.reader.take(rest.len);
+            let mut buf = vec![0u8; DATA_CHUNK];
+            let mut left = rest.len;
+            while left > 0 {
+                let n = reader
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| ClientError::Io(format!("reading the message: {e}")))?;
+                if n == 0 {
+                    return Err(ClientError::Io(format!(
+                        "reading the message: it ended {left} bytes early"
+                    )));
+                }
+                left -= n as u64;
+                stuffer.feed(&buf[..n], &mut out);
+                if out.len() >= DATA_CHUNK {
+                    self.write_data(&mut out).await?;
+                }
+            }
+        }
+        stuffer.finish(&mut out);
+        self.conn.queue_bytes(&out);
+        Ok(())
+    }
+
+    /// Writes a stretch of dot-stuffed content now.
+    async fn write_data(&mut self, out: &mut Vec<u8>) -> Result<(), ClientError> {
+        self.conn.queue_bytes(out);
+        out.clear();
+        self.conn
+            .flush()
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))
+    }
+
     /// After a refused MAIL, a lax server may still have answered the pipelined DATA
     /// with 354: end that data phase with an empty message, then RSET.
     async fn reset_after_refusal(&mut self, replies: &[Response]) {
@@ -277,13 +463,22 @@ impl Client {
 
     /// Asks whether the server would take mail for `recipient` without sending any
     /// (a recipient verification callout): MAIL FROM:<from>, RCPT TO:<recipient>, RSET.
-    /// Returns the RCPT reply; a refused MAIL is an error.
+    /// Returns the RCPT reply; a refused MAIL is an error. A non-ASCII address is asked
+    /// with SMTPUTF8 (RFC 6531); a server that does not offer it cannot be asked, which
+    /// is an error (it cannot tell, rather than the address does not exist).
     pub async fn probe_recipient(
         &mut self,
         from: &str,
         recipient: &str,
     ) -> Result<Response, ClientError> {
-        let mail = self.command(&format!("MAIL FROM:<{from}>")).await?;
+        let utf8 = !recipient.is_ascii() || !from.is_ascii();
+        if utf8 && !self.caps.smtputf8 {
+            return Err(ClientError::Protocol(
+                "the server does not offer SMTPUTF8 for a non-ASCII address".into(),
+            ));
+        }
+        let param = if utf8 { " SMTPUTF8" } else { "" };
+        let mail = self.command(&format!("MAIL FROM:<{from}>{param}")).await?;
         if !mail.is_positive() {
             return Err(ClientError::Refused(mail));
         }
@@ -386,4 +581,174 @@ pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift64*), so a failure repeats exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A message made mostly of the bytes that matter to dot-stuffing.
+    fn random_message(rng: &mut Rng) -> Vec<u8> {
+        const ALPHABET: &[u8] = b".\r\n.\r\n..ab\xc3";
+        let len = rng.below(300);
+        (0..len)
+            .map(|_| ALPHABET[rng.below(ALPHABET.len())])
+            .collect()
+    }
+
+    fn streamed(message: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut s = DotStuffer::default();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &c in cuts {
+            s.feed(&message[from..c], &mut out);
+            from = c;
+        }
+        s.feed(&message[from..], &mut out);
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn streamed_dot_stuffing_equals_whole_message_dot_stuffing() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..20_000 {
+            let m = random_message(&mut rng);
+            let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(m.len() + 1)).collect();
+            cuts.sort_unstable();
+            assert_eq!(
+                streamed(&m, &cuts),
+                dot_stuff(&m),
+                "message {:?} cut at {cuts:?}",
+                String::from_utf8_lossy(&m)
+            );
+        }
+        // Every cut point of one message with dots after each line break, including a
+        // cut between CRLF and the dot, and between CR and LF.
+        let m = b".a\r\n.b\r\n..\r\nc.\r\n.";
+        for c in 0..=m.len() {
+            assert_eq!(streamed(m, &[c]), dot_stuff(m), "cut at {c}");
+            for d in c..=m.len() {
+                assert_eq!(streamed(m, &[c, d]), dot_stuff(m), "cut at {c} and {d}");
+            }
+        }
+        assert_eq!(streamed(b"", &[]), b"\r\n");
+        assert_eq!(streamed(b"x\r\n", &[2]), b"x\r\n");
+        assert_eq!(streamed(b"x\r", &[1]), b"x\r\r\n");
+    }
+
+    /// A streamed body goes out byte for byte as the whole message dot-stuffed, with a
+    /// dot at the start of a read chunk, and a stream that ends early is an error.
+    #[tokio::test]
+    async fn a_streamed_body_is_sent_dot_stuffed_and_a_short_stream_fails() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+        let head = b"Subject: big\r\n\r\n".to_vec();
+        let mut rest = Vec::new();
+        let mut rng = Rng(7);
+        let mut placed = false;
+        while rest.len() < 5 * DATA_CHUNK / 2 {
+            rest.extend_from_slice(&random_message(&mut rng));
+            // A dot right at the start of the second chunk of the stream.
+            if !placed && rest.len() >= DATA_CHUNK {
+                rest.truncate(DATA_CHUNK - 2);
+                rest.extend_from_slice(b"\r\n.dot at the boundary\r\n");
+                placed = true;
+            }
+        }
+        assert_eq!(rest[DATA_CHUNK], b'.');
+        let mut whole = head.clone();
+        whole.extend_from_slice(&rest);
+        let expected = dot_stuff(&whole);
+
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"220 hi\r\n").await.unwrap();
+            let mut line = Vec::new();
+            let mut data = Vec::new();
+            for reply in [
+                "250-hi\r\n250 PIPELINING\r\n",
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+            ] {
+                line.clear();
+                r.read_until(b'\n', &mut line).await.unwrap();
+                w.write_all(reply.as_bytes()).await.unwrap();
+            }
+            loop {
+                line.clear();
+                r.read_until(b'\n', &mut line).await.unwrap();
+                if line == b".\r\n" {
+                    break;
+                }
+                data.extend_from_slice(&line);
+            }
+            w.write_all(b"250 queued\r\n").await.unwrap();
+            data
+        });
+        let mut c = Client::connect(Box::new(a), Duration::from_secs(5), false)
+            .await
+            .unwrap();
+        c.hello("gw").await.unwrap();
+        let reader = Box::pin(std::io::Cursor::new(rest.clone()));
+        let body = Body::streamed(&head, reader, rest.len() as u64, false);
+        assert_eq!(body.len(), whole.len() as u64);
+        let out = c
+            .send_body("a@b", "", "", &[mb_core::Recipient::plain("c@d")], body)
+            .await
+            .unwrap();
+        assert_eq!(out[0].response.code, 250);
+        let data = server.await.unwrap();
+        assert!(data == expected, "the streamed data differs from dot_stuff");
+
+        // The stream promises more than it has.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(b);
+            let mut r = BufReader::new(r);
+            w.write_all(b"220 hi\r\n").await.unwrap();
+            let mut line = Vec::new();
+            for reply in ["250 hi\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"] {
+                line.clear();
+                r.read_until(b'\n', &mut line).await.unwrap();
+                w.write_all(reply.as_bytes()).await.unwrap();
+            }
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut sink).await;
+        });
+        let mut c = Client::connect(Box::new(a), Duration::from_secs(5), false)
+            .await
+            .unwrap();
+        c.hello("gw").await.unwrap();
+        let body = Body::streamed(
+            b"",
+            Box::pin(std::io::Cursor::new(vec![b'x'; 10])),
+            20,
+            false,
+        );
+        let err = c
+            .send_body("a@b", "", "", &[mb_core::Recipient::plain("c@d")], body)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("10 bytes early"), "{err}");
+    }
 }

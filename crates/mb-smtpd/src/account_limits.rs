@@ -34,6 +34,9 @@ const KEY_TTL: u64 = 3600 + 300;
 /// How long a Redis answer may take before the process counts on its own.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long Redis is skipped (counting in this process) after it failed to answer.
+const REDIS_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Accounts remembered in memory before the counts of past hours are dropped.
 const PRUNE_AT: usize = 10_000;
 
@@ -67,9 +70,25 @@ impl Counter {
 #[derive(Default)]
 pub struct LocalCounts {
     map: Mutex<HashMap<(Counter, String), (u64, u32)>>,
+    /// Until when Redis is not asked after a failure ([`REDIS_BACKOFF`]): each RCPT
+    /// would otherwise wait out [`REDIS_TIMEOUT`] again while Redis is down.
+    redis_down_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl LocalCounts {
+    fn redis_backing_off(&self) -> bool {
+        self.redis_down_until
+            .lock()
+            .map(|u| u.is_some_and(|u| std::time::Instant::now() < u))
+            .unwrap_or(false)
+    }
+
+    fn redis_failed(&self) {
+        if let Ok(mut u) = self.redis_down_until.lock() {
+            *u = Some(std::time::Instant::now() + REDIS_BACKOFF);
+        }
+    }
+
     fn take(&self, counter: Counter, login: &str, limit: u32, hour: u64) -> bool {
         let Ok(mut map) = self.map.lock() else {
             // A poisoned lock only means another session panicked mid-update: the
@@ -124,12 +143,15 @@ impl AccountLimits {
         }
         let login = login.to_ascii_lowercase();
         let hour = now / 3600;
-        if let Some(conn) = &self.redis {
+        if let Some(conn) = &self.redis
+            && !self.local.redis_backing_off()
+        {
             match shared_take(conn.clone(), counter, &login, limit, hour).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => return Err(Exceeded(limit)),
                 Err(e) => {
-                    tracing::warn!(cause = %e, login = %login, "Redis did not answer; counting this account's mail in this process only");
+                    self.local.redis_failed();
+                    tracing::warn!(cause = %e, login = %login, backoff = REDIS_BACKOFF.as_secs(), "Redis did not answer; counting accounts' mail in this process only for a while");
                 }
             }
         }

@@ -121,12 +121,23 @@ fn header_section(message: &[u8]) -> &[u8] {
         .map_or(message, |p| &message[..p + 2])
 }
 
+/// The message a notice is about, as much of it as the caller holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Original<'a> {
+    /// The whole message (a small one, read whole for delivery).
+    Whole(&'a [u8]),
+    /// Only its header section: a message larger than `RETURN_LIMIT` is streamed from
+    /// the spool for delivery and never read whole, and it would be returned with its
+    /// headers only anyway.
+    Headers(&'a [u8]),
+}
+
 /// Builds the notice for `reports` (all of one action) about the message `env`.
 /// `until` is the time retries end (for delay warnings).
 pub fn build(
     hostname: &str,
     env: &Envelope,
-    message: &[u8],
+    original: Original<'_>,
     reports: &[Report],
     now: SystemTime,
     until: Option<SystemTime>,
@@ -238,7 +249,12 @@ pub fn build(
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(u));
         }
     }
-    let full = action == Action::Failed && env.ret != "HDRS" && message.len() <= RETURN_LIMIT;
+    let (message, whole) = match original {
+        Original::Whole(m) => (m, true),
+        Original::Headers(h) => (h, false),
+    };
+    let full =
+        whole && action == Action::Failed && env.ret != "HDRS" && message.len() <= RETURN_LIMIT;
     let mut out = m.into_bytes();
     if full {
         let _ = write_part(&mut out, &boundary, "Undelivered Message", "message/rfc822");
@@ -298,7 +314,14 @@ mod tests {
             diagnostic: "550 5.1.1 <bob@dest.example>: no such user".into(),
             remote_mta: "dns; mx.dest.example".into(),
         }];
-        let out = build("gw.example", &env(), msg, &reports, SystemTime::now(), None);
+        let out = build(
+            "gw.example",
+            &env(),
+            Original::Whole(msg),
+            &reports,
+            SystemTime::now(),
+            None,
+        );
         let parsed = mail_parser::MessageParser::default()
             .parse(&out)
             .expect("parses");
@@ -338,9 +361,30 @@ mod tests {
         // RET=HDRS and delay warnings return the headers only.
         let mut e = env();
         e.ret = "HDRS".into();
-        let out = build("gw.example", &e, msg, &reports, SystemTime::now(), None);
+        let out = build(
+            "gw.example",
+            &e,
+            Original::Whole(msg),
+            &reports,
+            SystemTime::now(),
+            None,
+        );
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("text/rfc822-headers") && !text.contains("body line"));
+        // A large message, streamed for delivery, is known by its headers only: a
+        // bounce returns them, whatever RET says.
+        let out = build(
+            "gw.example",
+            &env(),
+            Original::Headers(b"Subject: hello\r\nMessage-ID: <1@x>\r\n"),
+            &reports,
+            SystemTime::now(),
+            None,
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("text/rfc822-headers"), "{text}");
+        assert!(text.contains("Message-ID: <1@x>\r\n\r\n--"), "{text}");
+        assert!(!text.contains("message/rfc822"), "{text}");
         let delayed = [Report {
             action: Action::Delayed,
             diagnostic: "451 4.3.0 try later".into(),
@@ -350,7 +394,7 @@ mod tests {
         let out = build(
             "gw.example",
             &env(),
-            msg,
+            Original::Whole(msg),
             &delayed,
             SystemTime::now(),
             Some(until),

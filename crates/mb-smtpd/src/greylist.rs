@@ -51,13 +51,139 @@ pub fn system_clock() -> Clock {
     })
 }
 
+/// How long after a failed Redis connection the next attempt is made; meanwhile the
+/// triplets go to mb-rpcd.
+pub const REDIS_RETRY: Duration = Duration::from_secs(30);
+
+/// mb-rpcd's `Greylist` service, over one channel kept for every RCPT (opened again
+/// after a failure).
+pub struct Rpcd {
+    socket: PathBuf,
+    channel: tokio::sync::Mutex<Option<tonic::transport::Channel>>,
+}
+
+impl Rpcd {
+    pub fn new(socket: PathBuf) -> Rpcd {
+        Rpcd {
+            socket,
+            channel: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn check(&self, t: &Triplet) -> Result<Decision, GreylistError> {
+        let channel = {
+            let mut cached = self.channel.lock().await;
+            match cached.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = mb_runtime::uds::connect(&self.socket, "mb-rpcd")
+                        .await
+                        .map_err(|e| GreylistError::Unreachable(e.to_string()))?;
+                    *cached = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let answer = mb_proto::v1::greylist_client::GreylistClient::new(channel)
+            .check(mb_proto::v1::GreylistCheckRequest {
+                network: t.network.clone(),
+                sender: t.sender.clone(),
+                recipient: t.recipient.clone(),
+            })
+            .await;
+        let r = match answer {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                // The daemon may have restarted: the next check opens a new channel.
+                *self.channel.lock().await = None;
+                return Err(GreylistError::Rpc(s.message().to_string()));
+            }
+        };
+        use mb_proto::v1::GreylistDecision as D;
+        Ok(match r.decision() {
+            D::Defer => Decision::Defer {
+                retry_in: r.retry_in.max(1),
+            },
+            D::Whitelisted => Decision::Whitelisted,
+            D::Pass | D::Unspecified => Decision::Pass,
+        })
+    }
+}
+
+/// Redis, connected on first use and again after a failure (at most every
+/// [`REDIS_RETRY`]), so that a Redis that was down when mb-smtpd started is used
+/// once it is up, without a restart.
+pub struct LazyRedis {
+    url: String,
+    conn: std::sync::RwLock<Option<ConnectionManager>>,
+    /// When the next connection attempt may start (None: one is running).
+    next_try: Mutex<Option<std::time::Instant>>,
+}
+
+impl LazyRedis {
+    pub fn new(url: String) -> Arc<LazyRedis> {
+        Arc::new(LazyRedis {
+            url,
+            conn: std::sync::RwLock::new(None),
+            next_try: Mutex::new(Some(std::time::Instant::now())),
+        })
+    }
+
+    /// The connection if there is one; otherwise, when an attempt is due, connects now
+    /// (at most 3 s, once per [`REDIS_RETRY`]; concurrent callers do not wait for it)
+    /// and answers None when that fails (the caller uses mb-rpcd meanwhile).
+    pub async fn get(&self) -> Option<ConnectionManager> {
+        if let Some(c) = self.conn.read().ok().and_then(|c| c.clone()) {
+            return Some(c);
+        }
+        let due = {
+            let Ok(mut next) = self.next_try.lock() else {
+                return None;
+            };
+            match *next {
+                Some(at) if at <= std::time::Instant::now() => {
+                    *next = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !due {
+            return None;
+        }
+        match redis_connect(&self.url).await {
+            Ok(c) => {
+                tracing::info!(redis = %mb_core::config::redact_url(&self.url), "greylisting in Redis");
+                if let Ok(mut conn) = self.conn.write() {
+                    *conn = Some(c.clone());
+                }
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(redis = %mb_core::config::redact_url(&self.url), cause = %e, retry_in = REDIS_RETRY.as_secs(), "Redis unreachable; greylisting in mb-rpcd's database meanwhile");
+                if let Ok(mut next) = self.next_try.lock() {
+                    *next = Some(std::time::Instant::now() + REDIS_RETRY);
+                }
+                None
+            }
+        }
+    }
+
+    fn connected(conn: ConnectionManager, url: &str) -> Arc<LazyRedis> {
+        Arc::new(LazyRedis {
+            url: url.to_string(),
+            conn: std::sync::RwLock::new(Some(conn)),
+            next_try: Mutex::new(None),
+        })
+    }
+}
+
 /// Where the triplets are kept.
 pub enum Store {
     /// mb-rpcd's database, through its socket.
-    Rpcd {
-        socket: PathBuf,
-    },
-    Redis(ConnectionManager),
+    Rpcd(Rpcd),
+    /// Redis, and mb-rpcd while Redis is not connected.
+    Redis(Arc<LazyRedis>, Option<Rpcd>),
     /// In this process only (tests of the session).
     Memory {
         clock: Clock,
@@ -75,20 +201,10 @@ impl Store {
         }
     }
 
-    /// Connects to Redis (short timeouts, as the shared rate counters do).
+    /// Connects to Redis now (short timeouts, as the shared rate counters do).
     pub async fn redis(url: &str) -> Result<Store, GreylistError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            Duration::from_secs(3),
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| GreylistError::Timeout)??;
-        Ok(Store::Redis(conn))
+        let conn = redis_connect(url).await?;
+        Ok(Store::Redis(LazyRedis::connected(conn, url), None))
     }
 
     /// Decides for `t` and records the attempt.
@@ -101,29 +217,14 @@ impl Store {
 
     async fn check_now(&self, timing: &Timing, t: &Triplet) -> Result<Decision, GreylistError> {
         match self {
-            Store::Rpcd { socket } => {
-                let channel = mb_runtime::uds::connect(socket, "mb-rpcd")
-                    .await
-                    .map_err(|e| GreylistError::Unreachable(e.to_string()))?;
-                let r = mb_proto::v1::greylist_client::GreylistClient::new(channel)
-                    .check(mb_proto::v1::GreylistCheckRequest {
-                        network: t.network.clone(),
-                        sender: t.sender.clone(),
-                        recipient: t.recipient.clone(),
-                    })
-                    .await
-                    .map_err(|s| GreylistError::Rpc(s.message().to_string()))?
-                    .into_inner();
-                use mb_proto::v1::GreylistDecision as D;
-                Ok(match r.decision() {
-                    D::Defer => Decision::Defer {
-                        retry_in: r.retry_in.max(1),
-                    },
-                    D::Whitelisted => Decision::Whitelisted,
-                    D::Pass | D::Unspecified => Decision::Pass,
-                })
-            }
-            Store::Redis(conn) => redis_check(conn.clone(), timing, t).await,
+            Store::Rpcd(rpcd) => rpcd.check(t).await,
+            Store::Redis(redis, fallback) => match (redis.get().await, fallback) {
+                (Some(conn), _) => redis_check(conn, timing, t).await,
+                (None, Some(rpcd)) => rpcd.check(t).await,
+                (None, None) => Err(GreylistError::Unreachable(
+                    "Redis is not connected yet".into(),
+                )),
+            },
             Store::Memory {
                 clock,
                 triplets,
@@ -158,6 +259,22 @@ impl Store {
             }
         }
     }
+}
+
+/// Connects to Redis (short timeouts, as the shared rate counters do).
+async fn redis_connect(url: &str) -> Result<ConnectionManager, GreylistError> {
+    let client = redis::Client::open(url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .map_err(|_| GreylistError::Timeout)?
+    .map_err(GreylistError::from)
 }
 
 /// Seconds until `at`, at least 1 (a key's TTL).
@@ -252,6 +369,11 @@ pub struct Settings {
     pub greylist: Arc<Greylist>,
 }
 
+/// Longest SPF evaluation for an exemption at RCPT: the client waits on the command,
+/// and an evaluation that has not finished by then does not exempt (the RCPT is then
+/// greylisted, which costs a retry, not mail).
+pub const SPF_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Why a policy exempts a sender from greylisting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exempt {
@@ -263,27 +385,21 @@ pub enum Exempt {
 }
 
 impl Greylist {
-    /// The store (Redis when `redis.url` is set and answers, else mb-rpcd), the policies
-    /// (refreshed from mb-rpcd, cached on disk) and the delivery resolver for SPF.
+    /// The store (Redis when `redis.url` is set, connected at the first RCPT and, while
+    /// it is not, mb-rpcd), the policies (refreshed from mb-rpcd, cached on disk) and the
+    /// delivery resolver for SPF. Nothing connects here: with greylisting disabled, no
+    /// RCPT asks and no connection is made.
     pub async fn start(
         cfg: &mb_core::Config,
         resolver: Option<Arc<crate::dns::Live>>,
         shutdown: mb_runtime::lifecycle::Shutdown,
     ) -> Greylist {
         let url = cfg.text("redis.url");
-        let rpcd = || Store::Rpcd {
-            socket: cfg.socket("mb-rpcd"),
-        };
+        let rpcd = Rpcd::new(cfg.socket("mb-rpcd"));
         let store = if url.is_empty() {
-            rpcd()
+            Store::Rpcd(rpcd)
         } else {
-            match Store::redis(&url).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(redis = %mb_core::config::redact_url(&url), cause = %e, "Redis unreachable; greylisting in mb-rpcd's database");
-                    rpcd()
-                }
-            }
+            Store::Redis(LazyRedis::new(url), Some(rpcd))
         };
         let policies =
             PolicySet::load(cfg.path("paths.data_dir").join("cache/policies-smtpd.json"));
@@ -296,7 +412,10 @@ impl Greylist {
     }
 
     /// Whether a policy lets this sender past greylisting. SPF is evaluated only when a
-    /// sender allow would win if the sender were authenticated.
+    /// sender allow would win if the sender were authenticated, at most once per
+    /// transaction: its result depends on the client, HELO and sender only, so `spf_memo`
+    /// (the transaction's) keeps it for the next RCPT.
+    #[allow(clippy::too_many_arguments)]
     pub async fn exempt(
         &self,
         client: IpAddr,
@@ -305,6 +424,7 @@ impl Greylist {
         sender: &str,
         recipient: &str,
         delimiter: &str,
+        spf_memo: &mut Option<bool>,
     ) -> Option<Exempt> {
         let policies = self.policies.as_ref()?.current();
         if policies.is_empty() {
@@ -322,8 +442,11 @@ impl Greylist {
         }
         let p = policy::outcome(&policies, &subject, true).allowed()?;
         let (_, domain) = sender.rsplit_once('@')?;
+        if let Some(passed) = *spf_memo {
+            return passed.then(|| Exempt::SpfPass(p.name.clone()));
+        }
         let resolver = self.resolver.as_ref()?.current();
-        let spf = mb_spf::verify(
+        let spf = mb_spf::verify_within(
             &resolver,
             &mb_spf::Request {
                 ip: client,
@@ -331,6 +454,7 @@ impl Greylist {
                 sender,
                 receiver: hostname,
             },
+            SPF_DEADLINE,
         )
         .await;
         let passed = spf.result() == mb_spf::SpfResult::Pass
@@ -338,6 +462,7 @@ impl Greylist {
                 .domain()
                 .trim_end_matches('.')
                 .eq_ignore_ascii_case(domain.trim_end_matches('.'));
+        *spf_memo = Some(passed);
         passed.then(|| Exempt::SpfPass(p.name.clone()))
     }
 }

@@ -271,15 +271,18 @@ impl Daemon for Smtpd {
             )));
         }
         let redis_url = cfg.text("redis.url");
+        let mut redis_later = false;
         if !redis_url.is_empty() {
             match shared::Shared::connect(&redis_url).await {
                 Ok(r) => {
                     tracing::info!(redis = %mb_core::config::redact_url(&redis_url), "sharing rate counters and bans through Redis");
                     server.shared = std::sync::RwLock::new(Some(r));
                 }
-                // Mail flows without Redis: each process then counts on its own.
+                // Mail flows without Redis: each process then counts on its own until
+                // shared::connect_later finds it.
                 Err(e) => {
-                    tracing::warn!(redis = %mb_core::config::redact_url(&redis_url), cause = %e, "Redis unreachable; counting locally")
+                    redis_later = true;
+                    tracing::warn!(redis = %mb_core::config::redact_url(&redis_url), cause = %e, "Redis unreachable; counting locally until it answers")
                 }
             }
         }
@@ -325,6 +328,13 @@ impl Daemon for Smtpd {
         );
         let mut background = JoinSet::new();
         background.spawn(server::sync_access(server.clone(), shutdown.clone()));
+        if redis_later {
+            background.spawn(shared::connect_later(
+                server.clone(),
+                redis_url.clone(),
+                shutdown.clone(),
+            ));
+        }
         background.spawn(manager.run(shutdown.clone()));
         let mut sessions = JoinSet::new();
         for (l, kind) in listeners.tcp {

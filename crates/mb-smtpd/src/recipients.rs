@@ -31,9 +31,26 @@ pub const REFRESH: Duration = Duration::from_secs(3);
 /// Largest list answer read from mb-rpcd.
 const MAX_LIST_ANSWER: usize = 256 << 20;
 
-/// Most callout answers kept in memory: refused addresses are cached too, so a
-/// dictionary attack would otherwise grow the cache by one entry per guess.
+/// Most callout answers of each kind kept in memory: refused addresses are cached too,
+/// so a dictionary attack would otherwise grow the cache by one entry per guess. The
+/// two kinds have their own bounds so that guesses never push out known users.
 const CALLOUT_CACHE_MAX: usize = 100_000;
+
+/// The longest a whole callout may take (waiting for a slot, connecting, TLS, every
+/// command): past it the client gets 450 "try again later" at once, as Postfix answers
+/// "verification in progress", instead of keeping its session waiting.
+const CALLOUT_BUDGET: Duration = Duration::from_secs(10);
+
+/// How long a next hop that did not answer is remembered as down: meanwhile its
+/// recipients get 450 at once instead of one more timeout each.
+const HOP_DOWN_TTL: Duration = Duration::from_secs(30);
+
+/// Most callouts in progress at once in this process.
+const MAX_CALLOUTS: usize = 20;
+
+/// Most distinct things warned about once: the keys come from client input (the
+/// domains of recipients), so the set is bounded.
+const WARNED_MAX: usize = 1024;
 
 /// The Redis key prefix of callout answers shared between processes and nodes.
 const REDIS_PREFIX: &str = "mb:callout:";
@@ -86,6 +103,32 @@ pub enum CalloutError {
     Transient { hop: String, reply: String },
     #[error("next hop {hop} did not answer within {seconds}s")]
     Timeout { hop: String, seconds: u64 },
+    #[error("next hop {hop} did not answer recently: not asked again for a while")]
+    HopDown { hop: String },
+    #[error("TLS with next hop {hop}: {reason}")]
+    Tls { hop: String, reason: String },
+    #[error(
+        "next hop {hop} is the relay host with relay.auth.username set, but the session is not encrypted (set relay.tls)"
+    )]
+    AuthWithoutTls { hop: String },
+    #[error("next hop {hop} refused RCPT for another reason than an unknown user: {reply}")]
+    Refused { hop: String, reply: String },
+    #[error("too many callouts in progress")]
+    Busy,
+}
+
+impl CalloutError {
+    /// Whether the next hop did not answer at all (remembered as down for a while).
+    fn hop_unreachable(&self) -> Option<&str> {
+        match self {
+            CalloutError::Connect { hop, .. } | CalloutError::Timeout { hop, .. } => Some(hop),
+            CalloutError::Session {
+                hop,
+                source: ClientError::Timeout | ClientError::Io(_),
+            } => Some(hop),
+            _ => None,
+        }
+    }
 }
 
 /// The list as loaded, with mb-rpcd's version of it.
@@ -108,6 +151,8 @@ enum FetchError {
     Connect(#[from] mb_runtime::uds::ConnectError),
     #[error("{}", .0.message())]
     Rpc(Box<tonic::Status>),
+    #[error("building the list failed: {0}")]
+    Build(String),
 }
 
 impl From<tonic::Status> for FetchError {
@@ -123,12 +168,39 @@ struct Cached {
     until: Instant,
 }
 
+/// Remembered callout answers, the refused ones apart from the accepted ones.
+#[derive(Default)]
+struct Answers {
+    known: HashMap<String, Cached>,
+    unknown: HashMap<String, Cached>,
+}
+
+impl Answers {
+    fn get(&self, key: &str) -> Option<&Cached> {
+        self.known.get(key).or_else(|| self.unknown.get(key))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.known.len() + self.unknown.len()
+    }
+}
+
 /// Recipient verification's state, one per process.
 pub struct Verifier {
     follower: Follower,
     list: RwLock<Option<Loaded>>,
     cache_path: PathBuf,
-    callouts: Mutex<HashMap<String, Cached>>,
+    callouts: Mutex<Answers>,
+    /// Callouts in progress by address: a second session asking the same address waits
+    /// for the first one's answer instead of opening its own connection.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Answer>>>>,
+    /// Limits callouts in progress (`MAX_CALLOUTS`).
+    slots: tokio::sync::Semaphore,
+    /// Next hops that did not answer, until when they are not asked.
+    down: Mutex<HashMap<String, Instant>>,
+    /// TLS client configurations, as the queue manager builds them.
+    tls: crate::qmgr::tls::Connectors,
     /// Callouts made (connections opened to next hops), for the tests and status.
     pub probes: std::sync::atomic::AtomicU64,
     redis: Option<ConnectionManager>,
@@ -159,7 +231,11 @@ impl Verifier {
             follower,
             list: RwLock::new(list),
             cache_path,
-            callouts: Mutex::new(HashMap::new()),
+            callouts: Mutex::new(Answers::default()),
+            in_flight: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(MAX_CALLOUTS),
+            down: Mutex::new(HashMap::new()),
+            tls: crate::qmgr::tls::Connectors::default(),
             probes: std::sync::atomic::AtomicU64::new(0),
             redis,
             dns,
@@ -182,9 +258,15 @@ impl Verifier {
         )
     }
 
-    /// Whether `key` was not warned about yet (and is now).
+    /// Whether `key` was not warned about yet (and is now). Once `WARNED_MAX` keys were
+    /// warned about, nothing new is (the keys are recipient domains a client chose).
     fn first_warning(&self, key: String) -> bool {
-        self.warned.lock().is_ok_and(|mut w| w.insert(key))
+        self.warned.lock().is_ok_and(|mut w| {
+            if w.len() >= WARNED_MAX && !w.contains(&key) {
+                return false;
+            }
+            w.insert(key)
+        })
     }
 
     /// Verifies one recipient at a served domain. `delimiter` is
@@ -272,15 +354,31 @@ impl Verifier {
         {
             return Answer::Accept;
         }
+        // Single flight: sessions asking the same address share one callout.
+        let cell = match self.in_flight.lock() {
+            Ok(mut m) => m.entry(key.clone()).or_default().clone(),
+            Err(_) => return Answer::TryLater("internal error".into()),
+        };
+        let answer = cell
+            .get_or_init(|| self.callout(address, &key))
+            .await
+            .clone();
+        if let Ok(mut m) = self.in_flight.lock()
+            && m.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            m.remove(&key);
+        }
+        answer
+    }
+
+    /// One callout for `address` within `CALLOUT_BUDGET`; remembers its answer.
+    async fn callout(&self, address: &str, key: &str) -> Answer {
+        let deadline = tokio::time::Instant::now() + CALLOUT_BUDGET;
         let cfg = self.follower.current();
-        let timeout = cfg.duration("smtp.callout.timeout");
-        let probe = tokio::time::timeout(timeout * 4, self.probe(&cfg, address, timeout));
-        let result = match probe.await {
-            Ok(r) => r,
-            Err(_) => Err(CalloutError::Timeout {
-                hop: "next hop".into(),
-                seconds: timeout.as_secs() * 4,
-            }),
+        let step = cfg.duration("smtp.callout.timeout").min(CALLOUT_BUDGET);
+        let result = match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
+            Ok(Ok(_permit)) => self.probe(&cfg, address, step, deadline).await,
+            _ => Err(CalloutError::Busy),
         };
         match result {
             Ok(None) => Answer::Accept,
@@ -290,14 +388,30 @@ impl Verifier {
                 } else {
                     cfg.duration("smtp.callout.negative_ttl")
                 };
-                self.remember(&key, exists, ttl).await;
+                self.remember(key, exists, ttl).await;
                 callout_answer(exists, &reply)
             }
             Err(e) => {
+                if let Some(hop) = e.hop_unreachable()
+                    && let Ok(mut d) = self.down.lock()
+                {
+                    let now = Instant::now();
+                    // The map holds configured next hops only; pruning keeps it so.
+                    d.retain(|_, until| *until > now);
+                    d.insert(hop.to_string(), now + HOP_DOWN_TTL);
+                }
                 tracing::warn!(to = %address, cause = %e, "recipient verification callout failed: answering 450");
                 Answer::TryLater(e.to_string())
             }
         }
+    }
+
+    /// Whether `hop` did not answer a callout within the last `HOP_DOWN_TTL`.
+    fn hop_down(&self, hop: &str) -> bool {
+        let now = Instant::now();
+        self.down
+            .lock()
+            .is_ok_and(|d| d.get(hop).is_some_and(|until| *until > now))
     }
 
     /// The cached callout answer for `key`: memory, then Redis.
@@ -333,14 +447,22 @@ impl Verifier {
     fn remember_locally(&self, key: &str, exists: bool, ttl: Duration) {
         let now = Instant::now();
         if let Ok(mut c) = self.callouts.lock() {
-            if c.len() >= CALLOUT_CACHE_MAX {
-                c.retain(|_, v| v.until > now);
-                if c.len() >= CALLOUT_CACHE_MAX {
-                    // Still full of live entries: forget the lot rather than grow.
-                    c.clear();
+            let c = &mut *c;
+            let (map, other) = if exists {
+                (&mut c.known, &mut c.unknown)
+            } else {
+                (&mut c.unknown, &mut c.known)
+            };
+            other.remove(key);
+            if map.len() >= CALLOUT_CACHE_MAX {
+                map.retain(|_, v| v.until > now);
+                if map.len() >= CALLOUT_CACHE_MAX {
+                    // Still full of live entries of this kind: forget them rather than
+                    // grow. Refused guesses never push out known users this way.
+                    map.clear();
                 }
             }
-            c.insert(
+            map.insert(
                 key.to_string(),
                 Cached {
                     exists,
@@ -365,14 +487,16 @@ impl Verifier {
         }
     }
 
-    /// Asks the next hop of `address`. `Ok(None)`: nothing to ask (no usable next hop:
-    /// accepted, with a warning once per domain); `Ok(Some((exists, reply)))`: the
-    /// next hop's answer to RCPT, 2xx or 5xx.
+    /// Asks the next hop of `address`, each step within `step` and the whole by
+    /// `deadline`. `Ok(None)`: nothing to ask (no usable next hop: accepted, with a
+    /// warning once per domain); `Ok(Some((exists, reply)))`: the next hop's answer to
+    /// RCPT, 2xx or a 5xx that says the user is unknown.
     async fn probe(
         &self,
         cfg: &Config,
         address: &str,
-        timeout: Duration,
+        step: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Option<(bool, String)>, CalloutError> {
         let domain = domain_of(address);
         let transport = mb_core::route::parse_transport(
@@ -380,8 +504,8 @@ impl Verifier {
             cfg.port("queue.mx_port"),
         )
         .unwrap_or_default();
-        let hop = match crate::qmgr::resolve::route(cfg, &transport, address) {
-            Ok((hop, _)) => hop,
+        let (hop, relay) = match crate::qmgr::resolve::route(cfg, &transport, address) {
+            Ok(r) => r,
             Err(e) => {
                 if self.first_warning(format!("callout:{domain}")) {
                     tracing::warn!(domain = %domain, cause = %e, "recipient verification callout cannot ask anyone for {domain} (no relay host or transport entry): accepting its recipients");
@@ -389,17 +513,44 @@ impl Verifier {
                 return Ok(None);
             }
         };
-        let lmtp = hop.protocol == Protocol::Lmtp;
         let shown = hop.to_string();
-        let (io, remote): (Box<dyn mb_smtp::conn::Io>, String) = match &hop.hop {
-            Hop::Mx { .. } => {
-                if self.first_warning(format!("callout:{domain}")) {
-                    tracing::warn!(domain = %domain, next_hop = %shown, "recipient verification callout does not ask MX hosts (set a relay host or a transport entry for {domain}): accepting its recipients");
-                }
-                return Ok(None);
+        if let Hop::Mx { .. } = &hop.hop {
+            if self.first_warning(format!("callout:{domain}")) {
+                tracing::warn!(domain = %domain, next_hop = %shown, "recipient verification callout does not ask MX hosts (set a relay host or a transport entry for {domain}): accepting its recipients");
             }
+            return Ok(None);
+        }
+        if self.hop_down(&shown) {
+            return Err(CalloutError::HopDown { hop: shown });
+        }
+        match tokio::time::timeout_at(deadline, self.ask(cfg, address, &hop, relay, step)).await {
+            Ok(r) => r,
+            Err(_) => Err(CalloutError::Timeout {
+                hop: shown,
+                seconds: CALLOUT_BUDGET.as_secs(),
+            }),
+        }
+    }
+
+    /// Connects to `hop` as the queue manager would deliver to it (implicit TLS or
+    /// STARTTLS per `relay.tls` or `network.smtp.tls.outbound`, relay AUTH) and asks
+    /// for `address`.
+    async fn ask(
+        &self,
+        cfg: &Config,
+        address: &str,
+        hop: &mb_core::route::NextHop,
+        relay: bool,
+        step: Duration,
+    ) -> Result<Option<(bool, String)>, CalloutError> {
+        let domain = domain_of(address);
+        let lmtp = hop.protocol == Protocol::Lmtp;
+        // Errors name the configured next hop: that is what the down cache remembers.
+        let shown = hop.to_string();
+        let (io, name, remote): (Box<dyn mb_smtp::conn::Io>, String, String) = match &hop.hop {
+            Hop::Mx { .. } => return Ok(None),
             Hop::Unix(path) => {
-                let s = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+                let s = tokio::time::timeout(step, tokio::net::UnixStream::connect(path))
                     .await
                     .map_err(|_| CalloutError::Connect {
                         hop: shown.clone(),
@@ -409,7 +560,7 @@ impl Verifier {
                         hop: shown.clone(),
                         reason: e.to_string(),
                     })?;
-                (Box::new(s), shown.clone())
+                (Box::new(s), "localhost".into(), shown.clone())
             }
             Hop::Host { host, port } => {
                 let ips = self.addresses(cfg, host).await?;
@@ -425,8 +576,7 @@ impl Verifier {
                         return Ok(None);
                     }
                     let addr = std::net::SocketAddr::new(ip, *port);
-                    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await
-                    {
+                    match tokio::time::timeout(step, tokio::net::TcpStream::connect(addr)).await {
                         Ok(Ok(s)) => {
                             stream = Some((s, addr.to_string()));
                             break;
@@ -441,27 +591,103 @@ impl Verifier {
                         reason: last,
                     });
                 };
-                (Box::new(s), remote)
+                (Box::new(s), host.clone(), remote)
             }
         };
         self.probes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tls_error = |reason: String| CalloutError::Tls {
+            hop: shown.clone(),
+            reason,
+        };
+        let relay_tls = if relay {
+            cfg.text("relay.tls")
+        } else {
+            String::new()
+        };
+        let verify = relay && cfg.bool("relay.tls.verify");
+        let server = crate::qmgr::tls::server_name(&name);
+        let mut io = io;
+        let mut encrypted = false;
+        if relay_tls == "tls" {
+            let connector = self
+                .tls
+                .get(cfg, verify)
+                .map_err(|e| tls_error(e.to_string()))?;
+            let stream = tokio::time::timeout(step, connector.connect(server.clone(), io))
+                .await
+                .map_err(|_| CalloutError::Timeout {
+                    hop: shown.clone(),
+                    seconds: step.as_secs(),
+                })?
+                .map_err(|e| tls_error(format!("handshake: {e}")))?;
+            io = Box::new(stream);
+            encrypted = true;
+        }
         let session = |source| CalloutError::Session {
-            hop: remote.clone(),
+            hop: shown.clone(),
             source,
         };
-        let mut client = Client::connect(io, timeout, lmtp).await.map_err(session)?;
-        client
-            .hello(&crate::server::hostname(cfg))
-            .await
-            .map_err(session)?;
+        let hostname = crate::server::hostname(cfg);
+        let mut client = Client::connect(io, step, lmtp).await.map_err(session)?;
+        client.hello(&hostname).await.map_err(session)?;
+        if !encrypted {
+            // The same policy as delivery to this hop: the relay host by relay.tls,
+            // other hops by network.smtp.tls.outbound. A failed opportunistic handshake
+            // is not retried in plaintext here: the callout answers 450 instead.
+            let (wanted, required) = if relay {
+                (relay_tls == "starttls", relay_tls == "starttls")
+            } else {
+                match cfg.text("network.smtp.tls.outbound").as_str() {
+                    "mandatory" => (true, true),
+                    "opportunistic" => (true, false),
+                    _ => (false, false),
+                }
+            };
+            if wanted && client.caps.starttls {
+                let connector = self
+                    .tls
+                    .get(cfg, verify)
+                    .map_err(|e| tls_error(e.to_string()))?;
+                client
+                    .starttls(&connector, server, &hostname)
+                    .await
+                    .map_err(|e| tls_error(e.to_string()))?;
+                encrypted = true;
+            } else if required {
+                return Err(tls_error("STARTTLS is required but not offered".into()));
+            }
+        }
+        let user = if relay {
+            cfg.text("relay.auth.username")
+        } else {
+            String::new()
+        };
+        if !user.is_empty() {
+            if !encrypted {
+                return Err(CalloutError::AuthWithoutTls { hop: shown });
+            }
+            client
+                .auth_plain(&user, &cfg.text("relay.auth.password"))
+                .await
+                .map_err(session)?;
+        }
         let reply = client.probe_recipient("", address).await.map_err(session)?;
-        client.quit().await;
+        // The answer is known: QUIT's reply is not waited for, so a next hop that hangs
+        // on QUIT cannot turn it into a timeout.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.quit()).await;
+        });
         tracing::info!(to = %address, next_hop = %remote, reply = %reply.text(), "recipient verification callout");
         if reply.is_positive() {
             Ok(Some((true, reply.text())))
-        } else if reply.code >= 500 {
+        } else if reply.code >= 500 && says_unknown_user(&reply) {
             Ok(Some((false, reply.text())))
+        } else if reply.code >= 500 {
+            Err(CalloutError::Refused {
+                hop: remote,
+                reply: reply.text(),
+            })
         } else {
             Err(CalloutError::Transient {
                 hop: remote,
@@ -537,16 +763,20 @@ impl Verifier {
         if r.unchanged {
             return Ok(());
         }
-        let patterns: Vec<String> = r.entries.into_iter().map(|e| e.pattern).collect();
-        let list = RecipientList::new(patterns.iter().filter_map(|p| Pattern::parse(p).ok()));
+        // Building a large list and writing its cache are blocking work: off the
+        // runtime threads that serve sessions.
+        let cache_path = self.cache_path.clone();
+        let version = r.version.clone();
+        let entries = r.entries;
+        let list = tokio::task::spawn_blocking(move || {
+            let patterns: Vec<String> = entries.into_iter().map(|e| e.pattern).collect();
+            let list = RecipientList::new(patterns.iter().filter_map(|p| Pattern::parse(p).ok()));
+            write_cache(&cache_path, &CacheFile { version, patterns });
+            list
+        })
+        .await
+        .map_err(|e| FetchError::Build(e.to_string()))?;
         tracing::info!(count = list.len(), version = %r.version, "valid recipients loaded");
-        write_cache(
-            &self.cache_path,
-            &CacheFile {
-                version: r.version.clone(),
-                patterns,
-            },
-        );
         if let Ok(mut g) = self.list.write() {
             *g = Some(Loaded {
                 version: r.version,
@@ -554,6 +784,16 @@ impl Verifier {
             });
         }
         Ok(())
+    }
+}
+
+/// Whether a 5xx RCPT reply says that the user does not exist: enhanced status 5.1.1,
+/// 5.1.6 or 5.1.10, or none at all (a bare 550 from an old server). Other refusals (a
+/// full mailbox, a policy) say nothing about the address and are not remembered.
+fn says_unknown_user(reply: &mb_smtp::client::Response) -> bool {
+    match reply.status() {
+        Some(s) => matches!(s.to_string().as_str(), "5.1.1" | "5.1.6" | "5.1.10"),
+        None => reply.code == 550,
     }
 }
 
@@ -686,6 +926,373 @@ mod tests {
                 Duration::from_secs(60),
             );
         }
-        assert!(v.callouts.lock().unwrap().len() <= CALLOUT_CACHE_MAX);
+        assert!(v.callouts.lock().unwrap().unknown.len() <= CALLOUT_CACHE_MAX);
+        // The guesses never pushed out a known user.
+        assert!(
+            v.callouts
+                .lock()
+                .unwrap()
+                .known
+                .contains_key("known@served.example")
+        );
+        assert!(v.callouts.lock().unwrap().len() <= 2 * CALLOUT_CACHE_MAX);
+        // A domain routed by a transport entry to MX hosts is not asked either.
+        let (v, _t) = verifier(
+            dir.path(),
+            "[relay]\ntransport = \"mxroute.example=smtp:mx.mxroute.example\"\n",
+        );
+        assert_eq!(
+            v.check(Mode::Callout, "bob@mxroute.example", "+").await,
+            Answer::Accept
+        );
+        assert_eq!(v.probes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(!v.first_warning("callout:mxroute.example".into()));
+    }
+
+    #[test]
+    fn only_unknown_user_refusals_count_as_unknown() {
+        for (code, line, unknown) in [
+            (
+                550,
+                "5.1.1 <a@b>: Recipient address rejected: User unknown",
+                true,
+            ),
+            (550, "5.1.6 moved", true),
+            (550, "5.1.10 null MX", true),
+            (550, "no such user", true),
+            (552, "5.2.2 mailbox full", false),
+            (550, "5.7.1 policy", false),
+            (554, "5.7.1 relay denied", false),
+            (553, "5.6.7 address needs SMTPUTF8", false),
+            (554, "no", false),
+        ] {
+            let reply = mb_smtp::client::Response {
+                code,
+                lines: vec![line.to_string()],
+            };
+            assert_eq!(says_unknown_user(&reply), unknown, "{code} {line}");
+        }
+    }
+
+    #[test]
+    fn warnings_keyed_by_client_input_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (v, _t) = verifier(dir.path(), "");
+        for i in 0..WARNED_MAX + 100 {
+            v.first_warning(format!("list:sub{i}.served.example"));
+        }
+        assert_eq!(v.warned.lock().unwrap().len(), WARNED_MAX);
+        assert!(!v.first_warning("list:another.served.example".into()));
+    }
+
+    /// What the scripted next hop does.
+    #[derive(Clone, Copy, Default)]
+    struct Script {
+        smtputf8: bool,
+        /// Never answer the greeting.
+        mute: bool,
+        /// Never answer QUIT.
+        hang_on_quit: bool,
+        /// Wait this long before each RCPT reply.
+        rcpt_delay_ms: u64,
+    }
+
+    /// A scripted next hop on 127.0.0.1: RCPT for `nobody*` gets 550 5.1.1, `quota*`
+    /// 552 5.2.2, `policy*` 550 5.7.1, anything else 250. Returns its port, its
+    /// connection count and the MAIL and RCPT lines it saw.
+    async fn next_hop(
+        script: Script,
+    ) -> (
+        u16,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (count.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut r = tokio::io::BufReader::new(r);
+                    if script.mute {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                    let _ = w.write_all(b"220 hop.test ESMTP\r\n").await;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if !matches!(r.read_line(&mut line).await, Ok(n) if n > 0) {
+                            return;
+                        }
+                        let upper = line.to_uppercase();
+                        let reply: &[u8] = if upper.starts_with("EHLO") {
+                            if script.smtputf8 {
+                                b"250-hop.test\r\n250 SMTPUTF8\r\n"
+                            } else {
+                                b"250-hop.test\r\n250 8BITMIME\r\n"
+                            }
+                        } else if upper.starts_with("MAIL") {
+                            s.lock().unwrap().push(line.trim_end().to_string());
+                            b"250 2.1.0 Ok\r\n"
+                        } else if upper.starts_with("RCPT") {
+                            s.lock().unwrap().push(line.trim_end().to_string());
+                            tokio::time::sleep(Duration::from_millis(script.rcpt_delay_ms)).await;
+                            let addr = line.to_lowercase();
+                            if addr.contains("<nobody") {
+                                b"550 5.1.1 User unknown\r\n"
+                            } else if addr.contains("<quota") {
+                                b"552 5.2.2 Mailbox full\r\n"
+                            } else if addr.contains("<policy") {
+                                b"550 5.7.1 Not today\r\n"
+                            } else {
+                                b"250 2.1.5 Ok\r\n"
+                            }
+                        } else if upper.starts_with("QUIT") {
+                            if script.hang_on_quit {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else {
+                            b"250 2.0.0 Ok\r\n"
+                        };
+                        if w.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, count, seen)
+    }
+
+    fn routed(
+        dir: &Path,
+        port: u16,
+        extra: &str,
+    ) -> (Verifier, mb_runtime::lifecycle::ShutdownTrigger) {
+        verifier(
+            dir,
+            &format!(
+                "recipient_verification = \"callout\"\n\"callout.timeout\" = \"2s\"\n\
+                 [relay]\ntransport = \"served.example=smtp:[127.0.0.1]:{port}\"\n{extra}"
+            ),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callouts_remember_only_unknown_users_and_never_wait_for_quit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, connections, _) = next_hop(Script {
+            hang_on_quit: true,
+            ..Script::default()
+        })
+        .await;
+        let (v, _t) = routed(dir.path(), port, "");
+        let conns = || connections.load(std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        assert_eq!(
+            v.check(Mode::Callout, "alice@served.example", "+").await,
+            Answer::Accept
+        );
+        // QUIT hangs, and the answer came anyway, well within one step timeout.
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(
+            v.check(Mode::Callout, "nobody@served.example", "+").await,
+            Answer::Unknown(_)
+        ));
+        assert_eq!(conns(), 2);
+        assert!(matches!(
+            v.check(Mode::Callout, "nobody@served.example", "+").await,
+            Answer::Unknown(_)
+        ));
+        assert_eq!(conns(), 2, "unknown users are remembered");
+        // A full mailbox or a policy refusal says nothing about the address: 450, and
+        // asked again next time.
+        for rcpt in ["quota@served.example", "policy@served.example"] {
+            for n in 0..2 {
+                let before = conns();
+                let a = v.check(Mode::Callout, rcpt, "+").await;
+                assert!(
+                    matches!(&a, Answer::TryLater(why) if why.contains("5.")),
+                    "{rcpt}: {a:?}"
+                );
+                assert_eq!(conns(), before + 1, "{rcpt} asked again ({n})");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn non_ascii_addresses_are_asked_with_smtputf8_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, _, seen) = next_hop(Script::default()).await;
+        let (v, _t) = routed(dir.path(), port, "");
+        let a = v.check(Mode::Callout, "nobody.ö@served.example", "+").await;
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("SMTPUTF8")),
+            "{a:?}"
+        );
+        assert!(seen.lock().unwrap().is_empty(), "nothing asked");
+
+        let (port, _, seen) = next_hop(Script {
+            smtputf8: true,
+            ..Script::default()
+        })
+        .await;
+        let (v, _t) = routed(dir.path(), port, "");
+        assert!(matches!(
+            v.check(Mode::Callout, "nobody.ö@served.example", "+").await,
+            Answer::Unknown(_)
+        ));
+        assert_eq!(
+            v.check(Mode::Callout, "ascii@served.example", "+").await,
+            Answer::Accept
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                "MAIL FROM:<> SMTPUTF8",
+                "RCPT TO:<nobody.ö@served.example>",
+                "MAIL FROM:<>",
+                "RCPT TO:<ascii@served.example>"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_sessions_share_one_callout_and_a_dead_hop_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, connections, _) = next_hop(Script {
+            rcpt_delay_ms: 300,
+            ..Script::default()
+        })
+        .await;
+        let (v, _t) = routed(dir.path(), port, "");
+        let v = Arc::new(v);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let v = v.clone();
+            tasks.push(tokio::spawn(async move {
+                v.check(Mode::Callout, "carol@served.example", "+").await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Answer::Accept);
+        }
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(v.in_flight.lock().unwrap().is_empty());
+
+        // A next hop that never greets: one timeout, then 450 at once without a new
+        // connection while it is remembered as down.
+        let (port, connections, _) = next_hop(Script {
+            mute: true,
+            ..Script::default()
+        })
+        .await;
+        let (v, _t) = routed(dir.path(), port, "");
+        let started = Instant::now();
+        assert!(matches!(
+            v.check(Mode::Callout, "dave@served.example", "+").await,
+            Answer::TryLater(_)
+        ));
+        assert!(started.elapsed() >= Duration::from_secs(2));
+        let started = Instant::now();
+        let a = v.check(Mode::Callout, "erin@served.example", "+").await;
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("did not answer recently")),
+            "{a:?}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_whole_callout_takes_at_most_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each reply within the 30s step timeout, but RCPT's after 20s.
+        let (port, _, _) = next_hop(Script {
+            rcpt_delay_ms: 20_000,
+            ..Script::default()
+        })
+        .await;
+        let (v, _t) = verifier(
+            dir.path(),
+            &format!(
+                "recipient_verification = \"callout\"\n\"callout.timeout\" = \"30s\"\n\
+                 [relay]\ntransport = \"served.example=smtp:[127.0.0.1]:{port}\"\n"
+            ),
+        );
+        let started = Instant::now();
+        let a = v.check(Mode::Callout, "slow@served.example", "+").await;
+        let took = started.elapsed();
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("within 10s")),
+            "{a:?}"
+        );
+        assert!(
+            took >= CALLOUT_BUDGET && took < CALLOUT_BUDGET + Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callouts_to_the_relay_host_follow_its_tls_and_auth_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, connections, seen) = next_hop(Script::default()).await;
+        let relay = |tls: &str, user: &str| {
+            format!(
+                "[relay]\nhost = \"[127.0.0.1]\"\nport = {port}\ntls = \"{tls}\"\n\
+                 \"tls.verify\" = false\n\"auth.username\" = \"{user}\"\n\"auth.password\" = \"pw\"\n"
+            )
+        };
+        let check = async |extra: String| {
+            let (v, _t) = verifier(dir.path(), &extra);
+            v.check(Mode::Callout, "frank@served.example", "+").await
+        };
+        // STARTTLS required but not offered: never asked in clear.
+        let a = check(relay("starttls", "")).await;
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("STARTTLS")),
+            "{a:?}"
+        );
+        // AUTH configured but no TLS: never sent in clear.
+        let a = check(relay("none", "gw")).await;
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("not encrypted")),
+            "{a:?}"
+        );
+        // Implicit TLS: the handshake with this plaintext server fails at once
+        // instead of hanging until a timeout.
+        let started = Instant::now();
+        let a = check(relay("tls", "")).await;
+        assert!(
+            matches!(&a, Answer::TryLater(why) if why.contains("TLS")),
+            "{a:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "no address crossed in clear"
+        );
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // No TLS, no AUTH configured: asked.
+        assert_eq!(check(relay("none", "")).await, Answer::Accept);
     }
 }

@@ -539,6 +539,22 @@ impl crate::session::Authenticator for RpcdAuth {
             Ok(r.ok.then_some(r.addresses))
         })
     }
+
+    fn owner<'a>(&'a self, address: &'a str) -> crate::session::Owning<'a> {
+        Box::pin(async move {
+            let channel = mb_runtime::uds::connect(&self.socket, "mb-rpcd")
+                .await
+                .map_err(|e| AuthError::Unreachable(e.to_string()))?;
+            let r = mb_proto::v1::users_client::UsersClient::new(channel)
+                .owner(mb_proto::v1::OwnerRequest {
+                    address: address.to_string(),
+                })
+                .await
+                .map_err(|s| AuthError::Check(s.message().to_string()))?
+                .into_inner();
+            Ok(Some(r.username).filter(|u| !u.is_empty()))
+        })
+    }
 }
 
 /// The protection policy of the configuration.

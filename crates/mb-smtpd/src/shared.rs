@@ -37,6 +37,37 @@ pub struct Shared {
     script: redis::Script,
 }
 
+/// How often Redis is tried again when it was unreachable at start.
+const CONNECT_RETRY: Duration = Duration::from_secs(30);
+
+/// Connects to Redis in the background after it was unreachable at start, every 30 s
+/// until it answers, then puts it in place: sessions started from then on share rate
+/// counters, bans and account budgets without a restart.
+pub async fn connect_later(
+    server: std::sync::Arc<crate::server::Server>,
+    url: String,
+    shutdown: mb_runtime::lifecycle::Shutdown,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.requested() => return,
+            () = tokio::time::sleep(CONNECT_RETRY) => {}
+        }
+        match Shared::connect(&url).await {
+            Ok(r) => {
+                if let Ok(mut shared) = server.shared.write() {
+                    *shared = Some(r);
+                }
+                tracing::info!(redis = %mb_core::config::redact_url(&url), "Redis reachable: sharing rate counters, bans and account budgets from now on");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(redis = %mb_core::config::redact_url(&url), cause = %e, "Redis still unreachable");
+            }
+        }
+    }
+}
+
 impl Shared {
     /// Connects (with short timeouts: a slow Redis must not hold up mail).
     pub async fn connect(url: &str) -> Result<Shared, SharedError> {

@@ -623,7 +623,68 @@ pub fn arrival_micros(id: &str) -> Option<u128> {
 
 /// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
 pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
-    let data = std::fs::read(path)?;
+    split_spooled(path, std::fs::read(path)?)
+}
+
+/// A queued message opened for delivery (`open_message`).
+pub enum Spooled {
+    /// Read whole: a small message.
+    Memory(Vec<u8>),
+    /// Left in its spool file, bytes `0..len`: streamed by whoever reads it.
+    File { file: std::fs::File, len: u64 },
+}
+
+/// Opens a spool file for delivery: its envelope, and its message read whole when the
+/// file is at most `whole_limit` bytes, or else left in the file (only the footer and
+/// the envelope are read), so that a large message is streamed, never held whole. A
+/// small file costs the same system calls as `read_message`. Fails on a torn or
+/// foreign file.
+pub fn open_message(path: &Path, whole_limit: u64) -> io::Result<(Spooled, Envelope)> {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let mut file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size <= whole_limit {
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.read_to_end(&mut data)?;
+        let (message, envelope) = split_spooled(path, data)?;
+        return Ok((Spooled::Memory(message), envelope));
+    }
+    let torn = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is torn", path.display()),
+        )
+    };
+    if size < 16 {
+        return Err(torn());
+    }
+    let mut footer = [0u8; 16];
+    file.read_exact_at(&mut footer, size - 16)?;
+    if &footer[8..] != MAGIC {
+        return Err(torn());
+    }
+    let env_len = u64::from_le_bytes(footer[..8].try_into().map_err(|_| torn())?);
+    if env_len > size - 16 {
+        return Err(torn());
+    }
+    let env_start = size - 16 - env_len;
+    let mut env = vec![0u8; usize::try_from(env_len).map_err(|_| torn())?];
+    file.read_exact_at(&mut env, env_start)?;
+    let env = std::str::from_utf8(&env).map_err(|_| torn())?;
+    let envelope = Envelope::from_json(env).map_err(|_| torn())?;
+    Ok((
+        Spooled::File {
+            file,
+            len: env_start,
+        },
+        envelope,
+    ))
+}
+
+/// Splits the bytes of a whole spool file into (message, envelope), keeping the
+/// message in the same buffer.
+fn split_spooled(path: &Path, mut data: Vec<u8>) -> io::Result<(Vec<u8>, Envelope)> {
     let torn = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -642,7 +703,8 @@ pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
     let env_start = len_at - env_len;
     let env = std::str::from_utf8(&data[env_start..len_at]).map_err(|_| torn())?;
     let envelope = Envelope::from_json(env).map_err(|_| torn())?;
-    Ok((data[..env_start].to_vec(), envelope))
+    data.truncate(env_start);
+    Ok((data, envelope))
 }
 
 #[cfg(test)]
@@ -785,6 +847,26 @@ mod tests {
         short.remove(message.len());
         std::fs::write(&path, &short).unwrap();
         assert!(read_message(&path).is_err());
+        for limit in [0, 1 << 20] {
+            assert!(open_message(&path, limit).is_err(), "limit {limit}");
+        }
+        std::fs::write(&path, b"MBQ1END\n").unwrap();
+        assert!(open_message(&path, 0).is_err());
+
+        // Opened for delivery: read whole under the limit, left in the file above it,
+        // with the same envelope either way.
+        std::fs::write(&path, &file).unwrap();
+        let (whole, e1) = open_message(&path, file.len() as u64).unwrap();
+        assert!(matches!(&whole, Spooled::Memory(m) if m == message));
+        let (streamed, e2) = open_message(&path, file.len() as u64 - 1).unwrap();
+        let Spooled::File { file: f, len } = streamed else {
+            panic!("a file above the limit is read whole");
+        };
+        assert_eq!(len, message.len() as u64);
+        let mut head = vec![0u8; message.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+        assert_eq!(head, message);
+        assert_eq!((e1.id.as_str(), e2), ("00000001A2B3C4D5", e));
     }
 
     #[test]

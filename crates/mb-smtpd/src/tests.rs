@@ -86,6 +86,22 @@ impl crate::session::Authenticator for Table {
             Ok(Some(granted.iter().map(|s| s.to_string()).collect()))
         })
     }
+
+    /// bob-lists@served.example is another account's login; down-x@ cannot be checked.
+    fn owner<'a>(&'a self, address: &'a str) -> crate::session::Owning<'a> {
+        Box::pin(async move {
+            match address.to_ascii_lowercase().as_str() {
+                "bob-lists@served.example" => Ok(Some("bob-lists@served.example".into())),
+                "bob@served.example" | "sales@served.example" => {
+                    Ok(Some("bob@served.example".into()))
+                }
+                "bob-down@served.example" => Err(crate::session::AuthError::Unreachable(
+                    "mb-rpcd is not running".into(),
+                )),
+                _ => Ok(None),
+            }
+        })
+    }
 }
 
 const OUTSIDE: &str = "198.51.100.7";
@@ -1158,7 +1174,9 @@ async fn authenticated_senders_are_bound_to_their_addresses() {
         b64(b"\0alice\0correct horse"),
         "AGFsaWNlAGNvcnJlY3QgaG9yc2U="
     );
-    let (mut tls, _task, _dir) = logged_in(settings(), "bob@served.example", "bob password").await;
+    let mut s = settings();
+    s.recipient_delimiter = "+-".into();
+    let (mut tls, _task, _dir) = logged_in(s, "bob@served.example", "bob password").await;
     for (from, code) in [
         (
             "ceo@served.example",
@@ -1166,6 +1184,12 @@ async fn authenticated_senders_are_bound_to_their_addresses() {
         ),
         ("bob@served.example", "250"),
         ("Bob+lists@Served.Example", "250"),
+        // With "-" a delimiter too: bob-news@ is nobody's, so it is bob@'s extension...
+        ("bob-news@served.example", "250"),
+        // ... but bob-lists@ is another account's login, whoever's extension it looks like.
+        ("bob-lists@served.example", "553 5.7.1"),
+        // And when mb-rpcd cannot say, the sender waits rather than passes.
+        ("bob-down@served.example", "451 4.7.1"),
         ("sales@served.example", "250"),
         ("anyone@brand.example", "250"),
         ("bob@elsewhere.example", "553 5.7.1"),

@@ -49,6 +49,16 @@ pub struct Request<'a> {
 /// (2.3 allows it, but a HELO failure would then stand for the MAIL FROM result DMARC
 /// needs).
 pub async fn verify(resolver: &TokioResolver, request: &Request<'_>) -> SpfOutput {
+    verify_within(resolver, request, DEADLINE).await
+}
+
+/// [`verify`] with a shorter overall deadline, for a caller that holds an SMTP command
+/// open (greylisting's exemption at RCPT): past `deadline` the result is temperror.
+pub async fn verify_within(
+    resolver: &TokioResolver,
+    request: &Request<'_>,
+    deadline: Duration,
+) -> SpfOutput {
     // An IPv4 client seen through an IPv4-mapped IPv6 address is an IPv4 client: ip6
     // mechanisms (even `ip6:::/0`) never match it, ip4 mechanisms do.
     let ip = request.ip.to_canonical();
@@ -80,7 +90,7 @@ pub async fn verify(resolver: &TokioResolver, request: &Request<'_>) -> SpfOutpu
     };
     let domain = domain.to_string();
     let output = SpfOutput::new(domain.trim_end_matches('.').to_ascii_lowercase());
-    match tokio::time::timeout(DEADLINE, eval.check_host(domain)).await {
+    match tokio::time::timeout(deadline, eval.check_host(domain)).await {
         Ok(Ok(Checked {
             result,
             explanation,

@@ -27,7 +27,8 @@ const INSTALL_HINT: &str = "install it with `echo 'slapd slapd/no_configuration 
 /// | shared (twice, in two OUs) | shared1@example.test, shared2@example.test | | |
 ///
 /// Anonymous clients can bind and see the base entry but no one below it, so a client
-/// that searches without binding (or after a failed bind) finds nobody.
+/// that searches without binding (or after a failed bind) finds nobody. A search under a
+/// base the server does not hold is answered with a referral to [`Slapd::REFERRAL`].
 pub struct Slapd {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -43,6 +44,9 @@ impl Slapd {
     /// The database's root DN, for changing the directory during a test.
     pub const ADMIN_DN: &str = "cn=admin,dc=example,dc=test";
     pub const ADMIN_PASSWORD: &str = "mb-ldap-admin-pw";
+    /// Where slapd refers searches under a base it does not hold (`olcReferral`, as a
+    /// domain controller refers to another domain of its forest). Nothing listens there.
+    pub const REFERRAL: &str = "ldap://127.0.0.1:1/";
 
     pub fn start() -> Result<Slapd> {
         for program in ["/usr/sbin/slapd", "/usr/sbin/slapadd", "/usr/bin/ldapadd"] {
@@ -197,10 +201,12 @@ impl Slapd {
         Ok(())
     }
 
-    /// Adds entries (LDIF) as the directory's administrator.
+    /// Adds entries (LDIF) as the directory's administrator, with the ManageDsaIT
+    /// control so that `referral` entries are stored as entries.
     pub fn add(&self, ldif: &str) -> Result<()> {
         let mut child = Command::new("/usr/bin/ldapadd")
             .args([
+                "-M",
                 "-x",
                 "-H",
                 &self.url(),
@@ -250,6 +256,7 @@ olcPidFile: {d}/slapd.pid
 olcArgsFile: {d}/slapd.args
 olcTLSCertificateFile: {d}/tls.crt
 olcTLSCertificateKeyFile: {d}/tls.key
+olcReferral: {referral}
 
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
@@ -302,6 +309,7 @@ olcAccess: {{2}}to * by dn.exact="{bind}" read by self read by * none
         admin = Slapd::ADMIN_DN,
         admin_pw = Slapd::ADMIN_PASSWORD,
         bind = Slapd::BIND_DN,
+        referral = Slapd::REFERRAL,
     )
 }
 

@@ -5,4 +5,4 @@ CREATE TABLE user_aliases (
     address VARCHAR(255) NOT NULL,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (username, address)
-) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;

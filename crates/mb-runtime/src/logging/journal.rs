@@ -118,11 +118,41 @@ pub fn put_field(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
     buf.push(b'\n');
 }
 
+/// Longest field value sent as it is: a longer one (a whole message put into a log line)
+/// is cut, so what reaches the journal does not depend on the socket's buffer size.
+pub const MAX_VALUE: usize = 64 * 1024;
+
+/// Longest field value on the second try, after the datagram was still too large.
+const RETRY_VALUE: usize = 2 * 1024;
+
+/// The send buffer asked for: a datagram's limit is the socket's send buffer (about
+/// 200 KiB by default, net.core.wmem_default), and journald's own client raises it the
+/// same way. Without privileges the kernel grants at most net.core.wmem_max.
+const SEND_BUFFER: usize = 8 << 20;
+
 /// A `tracing_subscriber` layer sending each event as one journal entry.
 pub struct JournalLayer {
     socket: UnixDatagram,
     path: PathBuf,
     identifier: &'static str,
+    /// Entries that could not be sent, reported in the next one sent and by `dropped`.
+    dropped: std::sync::atomic::AtomicU64,
+    unreported: std::sync::atomic::AtomicU64,
+}
+
+/// `value` cut to at most `max` bytes (at a character boundary), marked as cut.
+fn cut(value: &[u8], max: usize) -> std::borrow::Cow<'_, [u8]> {
+    if value.len() <= max {
+        return value.into();
+    }
+    let mut end = max;
+    // Cut at a UTF-8 boundary: never in the middle of a character's continuation bytes.
+    while end > 0 && value[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    let mut out = value[..end].to_vec();
+    out.extend_from_slice(format!(" [cut at {end} bytes]").as_bytes());
+    out.into()
 }
 
 impl JournalLayer {
@@ -130,34 +160,62 @@ impl JournalLayer {
     /// ignores) so that the caller can fall back to stderr when it does not.
     pub fn connect(identifier: &'static str, path: &Path) -> io::Result<JournalLayer> {
         let socket = UnixDatagram::unbound()?;
+        // SO_SNDBUFFORCE passes wmem_max when privileged; SO_SNDBUF up to it otherwise.
+        use nix::sys::socket::{setsockopt, sockopt};
+        if setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+            let _ = setsockopt(&socket, sockopt::SndBuf, &SEND_BUFFER);
+        }
         socket.send_to(&[], path)?;
         Ok(JournalLayer {
             socket,
             path: path.to_path_buf(),
             identifier,
+            dropped: 0.into(),
+            unreported: 0.into(),
         })
     }
 
-    fn send(&self, entry: &[u8], message: &str, fields: &[u8]) {
-        match self.socket.send_to(entry, &self.path) {
-            // A datagram over the socket's limit (about 200 KiB): journald also takes a
-            // memfd, but no log line of the gateway is that long unless something put a
-            // whole message into it, so the text is cut instead.
-            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => {
-                let mut cut = 16 * 1024;
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                let mut short = fields.to_vec();
-                put_field(
-                    &mut short,
-                    "MESSAGE",
-                    format!("{} [cut at {cut} bytes]", &message[..cut]).as_bytes(),
-                );
-                let _ = self.socket.send_to(&short, &self.path);
+    /// Entries lost so far (too large for the socket even cut down, or refused).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends the entry made of `fields` (name, value; MESSAGE among them). Values are cut
+    /// to `MAX_VALUE`; on EMSGSIZE, all of them to `RETRY_VALUE`; a failure then is
+    /// counted and reported as `MB_JOURNAL_DROPPED` in the next entry that gets through.
+    fn send(&self, fields: &[(String, Vec<u8>)]) {
+        use std::sync::atomic::Ordering;
+        let build = |max: usize| {
+            let mut entry = Vec::with_capacity(1024);
+            for (name, value) in fields {
+                put_field(&mut entry, name, &cut(value, max));
             }
-            // Nothing to report an error to: the journal is where reports go.
-            _ => {}
+            let lost = self.unreported.load(Ordering::Relaxed);
+            if lost > 0 {
+                put_field(
+                    &mut entry,
+                    "MB_JOURNAL_DROPPED",
+                    lost.to_string().as_bytes(),
+                );
+            }
+            (entry, lost)
+        };
+        let (entry, lost) = build(MAX_VALUE);
+        let mut result = self.socket.send_to(&entry, &self.path);
+        if matches!(&result, Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE)) {
+            let (entry, _) = build(RETRY_VALUE);
+            result = self.socket.send_to(&entry, &self.path);
+        }
+        match result {
+            Ok(_) => {
+                self.unreported.fetch_sub(lost, Ordering::Relaxed);
+            }
+            // Nothing to report an error to but the journal itself: counted, and said in
+            // the next entry.
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.unreported.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -237,32 +295,34 @@ where
             }
         }
         let meta = event.metadata();
-        let mut fields = Vec::with_capacity(256);
-        put_field(
-            &mut fields,
-            "PRIORITY",
-            priority(meta.level()).to_string().as_bytes(),
-        );
-        put_field(&mut fields, "SYSLOG_IDENTIFIER", self.identifier.as_bytes());
-        put_field(&mut fields, "TARGET", meta.target().as_bytes());
+        let mut fields: Vec<(String, Vec<u8>)> = Vec::with_capacity(8 + all.len());
+        fields.push((
+            "PRIORITY".into(),
+            priority(meta.level()).to_string().into_bytes(),
+        ));
+        fields.push((
+            "SYSLOG_IDENTIFIER".into(),
+            self.identifier.as_bytes().to_vec(),
+        ));
+        fields.push(("TARGET".into(), meta.target().as_bytes().to_vec()));
         if let Some(file) = meta.file() {
-            put_field(&mut fields, "CODE_FILE", file.as_bytes());
+            fields.push(("CODE_FILE".into(), file.as_bytes().to_vec()));
         }
         if let Some(line) = meta.line() {
-            put_field(&mut fields, "CODE_LINE", line.to_string().as_bytes());
+            fields.push(("CODE_LINE".into(), line.to_string().into_bytes()));
         }
-        for (name, value) in &all {
-            put_field(&mut fields, &field_name(name), value.as_bytes());
+        for (name, value) in all {
+            fields.push((field_name(&name), value.into_bytes()));
         }
-        let mut entry = fields.clone();
-        put_field(&mut entry, "MESSAGE", message.as_bytes());
-        self.send(&entry, &message, &fields);
+        fields.push(("MESSAGE".into(), message.into_bytes()));
+        self.send(&fields);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn field_names_follow_the_journal_rules() {
@@ -333,17 +393,78 @@ mod tests {
         }
     }
 
+    /// Whatever net.core.wmem_default is: a huge message and a huge field are both cut
+    /// to `MAX_VALUE` (the journal's socket need not be the limit).
     #[test]
-    fn a_message_over_the_datagram_limit_is_cut_not_lost() {
-        let got = sent(|| tracing::error!("{}", "x".repeat(400 * 1024)));
+    fn a_message_or_field_over_the_limit_is_cut_not_lost() {
+        let got = sent(|| {
+            tracing::error!(body = %"y".repeat(400 * 1024), "{}", "x".repeat(400 * 1024));
+        });
         assert_eq!(got.len(), 1);
         let text = String::from_utf8_lossy(&got[0]);
-        assert!(text.contains("PRIORITY=3\n"), "{text}");
+        assert!(text.contains("PRIORITY=3\n"), "{}", &text[..200]);
         assert!(
-            text.ends_with(" [cut at 16384 bytes]\n"),
+            text.contains(&format!(
+                "\nBODY={} [cut at 65536 bytes]\n",
+                "y".repeat(MAX_VALUE)
+            )),
+            "the field is cut"
+        );
+        assert!(
+            text.ends_with(" [cut at 65536 bytes]\n"),
             "{}",
             &text[text.len() - 60..]
         );
+        assert!(got[0].len() < 3 * MAX_VALUE, "{}", got[0].len());
+    }
+
+    /// A send buffer too small even for the cut entry: the entry is counted as dropped
+    /// and the next one that gets through says how many were lost.
+    #[test]
+    fn entries_that_cannot_be_sent_are_counted_and_reported() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        use tracing_subscriber::layer::SubscriberExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let journal = UnixDatagram::bind(&path).unwrap();
+        journal.set_nonblocking(true).unwrap();
+        let layer = Arc::new(JournalLayer::connect("mb-test", &path).unwrap());
+        // The kernel's minimum (it doubles the value asked for, to about 4.6 KiB at least).
+        setsockopt(&layer.socket, sockopt::SndBuf, &1024).unwrap();
+        let many: Vec<String> = (0..16).map(|i| format!("{i}").repeat(4096)).collect();
+        let shared = SharedLayer(layer.clone());
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(shared), || {
+            tracing::warn!(
+                a = %many[0], b = %many[1], c = %many[2], d = %many[3], e = %many[4],
+                f = %many[5], g = %many[6], h = %many[7], "too many long fields"
+            );
+            tracing::warn!("short");
+        });
+        assert_eq!(layer.dropped(), 1);
+        let mut buf = vec![0; 64 * 1024];
+        // The empty datagram `connect` sends first.
+        assert_eq!(journal.recv(&mut buf).unwrap(), 0);
+        let n = journal.recv(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.contains("MESSAGE=short\n"), "{text}");
+        assert!(text.contains("MB_JOURNAL_DROPPED=1\n"), "{text}");
+        assert!(journal.recv(&mut buf).is_err(), "nothing else arrived");
+    }
+
+    /// The layer behind an `Arc`, so the test keeps a handle to read its counter.
+    struct SharedLayer(Arc<JournalLayer>);
+
+    impl<S> tracing_subscriber::Layer<S> for SharedLayer
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+            self.0.on_new_span(attrs, id, ctx);
+        }
+
+        fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+            self.0.on_event(event, ctx);
+        }
     }
 
     #[test]

@@ -180,7 +180,16 @@ impl Manager {
         rcpts: &[Recipient],
     ) -> Vec<Attempted> {
         let env = d.env;
-        let body = with_return_path(hop, env, d.message);
+        let prefix = return_path(hop, env);
+        let mut joined = Vec::new();
+        let body = match d.message.body(prefix.as_bytes(), &mut joined) {
+            Ok(b) => b,
+            Err(e) => {
+                let error = DeliveryError::Spool(e.to_string());
+                self.keep(key, s);
+                return all_failed(rcpts, "", &error);
+            }
+        };
         let dsn_passed = s.client.caps.dsn;
         // The next hop must not send success or delay notices to a forged sender either.
         let internet = super::notify::from_internet(d.cfg, env);
@@ -200,7 +209,7 @@ impl Manager {
         let ret = if internet { "HDRS" } else { env.ret.as_str() };
         let result = s
             .client
-            .send_with_dsn(&env.sender, ret, &env.envid, &rcpts, &body)
+            .send_body(&env.sender, ret, &env.envid, &rcpts, body)
             .await;
         let tls_note = if s.tls.is_empty() {
             String::new()
@@ -455,15 +464,13 @@ fn all_failed(rcpts: &[Recipient], remote: &str, error: &DeliveryError) -> Vec<A
         .collect()
 }
 
-/// The message as sent: for final delivery (LMTP) the envelope sender becomes
+/// What goes before the message: for final delivery (LMTP) the envelope sender becomes
 /// Return-Path (RFC 5321 §4.4).
-fn with_return_path<'m>(hop: &NextHop, env: &Envelope, message: &'m [u8]) -> Cow<'m, [u8]> {
+fn return_path(hop: &NextHop, env: &Envelope) -> String {
     if hop.protocol != Protocol::Lmtp {
-        return Cow::Borrowed(message);
+        return String::new();
     }
-    let mut v = format!("Return-Path: <{}>\r\n", env.sender).into_bytes();
-    v.extend_from_slice(message);
-    Cow::Owned(v)
+    format!("Return-Path: <{}>\r\n", env.sender)
 }
 
 fn tcp_targets(host: &str, ips: Vec<IpAddr>, port: u16) -> impl Iterator<Item = (String, Target)> {

@@ -17,10 +17,11 @@
 //! repeat a delivery whose 250 was not yet recorded (the window Postfix has too), never
 //! lose one.
 
+mod content;
 mod deliver;
 mod notify;
 pub(crate) mod resolve;
-mod tls;
+pub(crate) mod tls;
 mod trouble;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -36,6 +37,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::dns::Dns;
 use crate::spool::{self, DeliveryState, Envelope, Queue, Recipient, RecipientState, Spool};
+use content::Content;
 use deliver::Session;
 use notify::Handoff;
 use trouble::{Attempted, DeliveryError};
@@ -122,8 +124,9 @@ impl Drop for Active<'_> {
 struct Delivery<'a> {
     cfg: &'a Config,
     env: &'a Envelope,
-    /// The message as delivered (the verdict's header changes applied).
-    message: &'a [u8],
+    /// The message as delivered (the verdict's header changes applied), streamed from
+    /// the spool file when it is large.
+    message: &'a Content,
     /// Unix seconds at the start of the attempt.
     now: u64,
     /// Seconds since the message was received.
@@ -133,7 +136,7 @@ struct Delivery<'a> {
 }
 
 impl<'a> Delivery<'a> {
-    fn new(cfg: &'a Config, env: &'a Envelope, message: &'a [u8], now: u64) -> Delivery<'a> {
+    fn new(cfg: &'a Config, env: &'a Envelope, message: &'a Content, now: u64) -> Delivery<'a> {
         Delivery {
             cfg,
             env,
@@ -224,7 +227,7 @@ impl Manager {
             let next = self
                 .spool
                 .locate(&id)
-                .and_then(|(_, p)| spool::read_message(&p).ok())
+                .and_then(|(_, p)| spool::open_message(&p, 0).ok())
                 .map_or(0, |(_, env)| self.spool.load_state(&env).next_attempt);
             self.lock_schedule().insert(id, next);
         }
@@ -336,8 +339,6 @@ impl Manager {
         let Some((message, env, mut state)) = self.load(id).await else {
             return;
         };
-        let message =
-            mb_core::message::with_headers(&message, &env.add_headers, &env.remove_headers);
         let cfg = self.follower.current();
         let d = Delivery::new(&cfg, &env, &message, self.clock.unix());
         let started = tokio::time::Instant::now();
@@ -350,7 +351,7 @@ impl Manager {
         }
         self.count(&before, &state);
         self.notify(&d, &mut state, &before, &handoffs).await;
-        self.event(&env, &state, message.len() as u64);
+        self.event(&env, &state, message.len());
 
         if state.settled() {
             // The usual case: everything went on the first attempt, no state to write.
@@ -362,8 +363,9 @@ impl Manager {
         self.reschedule(id, &d, state).await;
     }
 
-    /// Reads a queued message and its delivery state, unless it is on hold or gone.
-    async fn load(&self, id: &str) -> Option<(Vec<u8>, Envelope, DeliveryState)> {
+    /// Opens a queued message and reads its delivery state, unless it is on hold or
+    /// gone. A large message stays in its file (`Content`).
+    async fn load(&self, id: &str) -> Option<(Content, Envelope, DeliveryState)> {
         // File system work goes to the blocking pool: a metadata operation can wait for a
         // journal commit, and the runtime's threads serve every SMTP session meanwhile.
         let (spool, idc) = (self.spool.clone(), id.to_string());
@@ -372,7 +374,7 @@ impl Manager {
             if queue == Queue::Hold {
                 return None;
             }
-            Some(spool::read_message(&path).map(|(m, env)| {
+            Some(Content::load(&path).map(|(m, env)| {
                 let state = spool.load_state(&env);
                 (m, env, state)
             }))
@@ -870,6 +872,71 @@ mod tests {
                 + m.counters.connections.load(Ordering::Relaxed)
                 >= 2
         );
+        trigger.trigger();
+    }
+
+    /// A message far above `content::WHOLE_LIMIT`, with header changes and lines that
+    /// start with a dot everywhere (at chunk boundaries too), goes out streamed, byte
+    /// for byte as the whole message with the changes; the bounce for its refused
+    /// recipient quotes its headers only.
+    #[tokio::test]
+    async fn a_large_message_is_streamed_to_the_next_hop_and_bounced_with_headers_only() {
+        let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+                addr.port()
+            ),
+        );
+        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Arc::new(spool);
+        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        let mut message = b"X-Spam: forged\r\nSubject: large\r\n\r\n".to_vec();
+        let mut n = 0u32;
+        while message.len() < 3 << 20 {
+            n += 1;
+            let line = if n.is_multiple_of(7) {
+                format!(".dotted line {n}\r\n")
+            } else {
+                format!("body line {n} {}\r\n", "x".repeat((n % 90) as usize))
+            };
+            message.extend_from_slice(line.as_bytes());
+        }
+        let id = spool.new_id();
+        let env = Envelope {
+            id: id.clone(),
+            received_at: m.clock.unix(),
+            sender: "alice@sender.example".into(),
+            recipients: ["ok@served.example", "bad@served.example"]
+                .map(Recipient::plain)
+                .to_vec(),
+            add_headers: vec![("X-Spam-Status".into(), "No".into())],
+            remove_headers: vec!["X-Spam".into()],
+            ..Default::default()
+        };
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(&message).await.unwrap();
+        w.commit(&env).await.unwrap();
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        wait_for("the delivery", || spool.locate(&id).is_none()).await;
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].1, ["ok@served.example"]);
+            let expected =
+                mb_core::message::with_headers(&message, &env.add_headers, &env.remove_headers);
+            assert!(expected.starts_with(b"X-Spam-Status: No\r\nSubject: large\r\n\r\n"));
+            assert!(got[0].2 == expected, "the delivered message differs");
+        }
+        let n = notices(&spool);
+        assert_eq!(n.len(), 1, "one bounce");
+        assert!(n[0].contains("Final-Recipient: rfc822; bad@served.example"));
+        assert!(n[0].contains("text/rfc822-headers") && n[0].contains("Subject: large"));
+        assert!(!n[0].contains("body line"), "the body is never returned");
         trigger.trigger();
     }
 

@@ -37,9 +37,9 @@ impl Manager {
         handoffs: &[Handoff],
     ) {
         let (failed, succeeded) = settled_reports(d.env, state, before, handoffs);
-        self.notify_sender(d.cfg, d.env, d.message, &failed, None)
+        self.notify_sender(d.cfg, d.env, d.message.original(), &failed, None)
             .await;
-        self.notify_sender(d.cfg, d.env, d.message, &succeeded, None)
+        self.notify_sender(d.cfg, d.env, d.message.original(), &succeeded, None)
             .await;
         let warning = d.cfg.duration("queue.delay_warning").as_secs();
         if warning > 0 && d.age >= warning && !state.delay_warned {
@@ -51,7 +51,7 @@ impl Manager {
             {
                 state.delay_warned = true;
                 let until = SystemTime::UNIX_EPOCH + Duration::from_secs(d.expiry());
-                self.notify_sender(d.cfg, d.env, d.message, &delayed, Some(until))
+                self.notify_sender(d.cfg, d.env, d.message.original(), &delayed, Some(until))
                     .await;
             }
         }
@@ -63,7 +63,7 @@ impl Manager {
         &self,
         cfg: &Config,
         env: &Envelope,
-        message: &[u8],
+        message: dsn::Original<'_>,
         reports: &[Report],
         until: Option<SystemTime>,
     ) {

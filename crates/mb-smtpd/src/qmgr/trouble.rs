@@ -82,6 +82,10 @@ pub enum DeliveryError {
     /// The session broke during the transaction (I/O error, timeout, protocol error).
     #[error("451 4.4.2 {remote} lost the session: {cause}")]
     SessionLost { remote: String, cause: String },
+    /// The queued message could not be read for the transaction (its spool file is
+    /// streamed, not held in memory): a local problem, tried again later.
+    #[error("451 4.3.0 cannot read the queued message: {0}")]
+    Spool(String),
     /// The domain's MX (the route nobody configured) points at this gateway: loopback,
     /// an unspecified address, or one of its own addresses. Postfix's wording.
     #[error("554 5.4.6 mail for {domain} loops back to myself")]
@@ -168,7 +172,8 @@ impl DeliveryError {
             | DeliveryError::TlsConfig(_)
             | DeliveryError::AuthWithoutTls
             | DeliveryError::AuthRefused { .. }
-            | DeliveryError::SessionLost { .. } => false,
+            | DeliveryError::SessionLost { .. }
+            | DeliveryError::Spool(_) => false,
         }
     }
 

@@ -11,8 +11,23 @@ use super::*;
 
 use mb_core::greylist::{Decision, Triplet};
 
+/// What greylisting remembers within one transaction (one MAIL FROM).
+#[derive(Debug, Default)]
+pub(super) struct TxState {
+    /// `summary.mail` when this state was made: a new MAIL starts a new state.
+    mail: u32,
+    /// The SPF result for the exemption (client, HELO and sender do not change within
+    /// a transaction), once asked.
+    spf_passed: Option<bool>,
+    /// Recipients deferred so far in this transaction.
+    deferred: u32,
+}
+
 impl Session<'_> {
-    /// `Some(reply)` defers the recipient (451 4.7.1).
+    /// `Some(reply)` defers the recipient (451 4.7.1). Only the transaction's first
+    /// deferral counts against `smtp.max_errors` and is written to the message log: a
+    /// first-time sender with many recipients is deferred on each, which is greylisting
+    /// working, not the client misbehaving.
     pub(super) async fn greylist(&mut self, rcpt: &Mailbox) -> Option<Reply> {
         let g = self.settings.greylist.as_ref()?;
         if self.listener == Listener::Reinject
@@ -34,7 +49,14 @@ impl Session<'_> {
             .unwrap_or_default();
         let recipient = rcpt.to_string();
         let helo = self.helo.clone().unwrap_or_default();
-        if let Some(why) = g
+        if self.greylist_tx.mail != self.summary.mail {
+            self.greylist_tx = TxState {
+                mail: self.summary.mail,
+                ..TxState::default()
+            };
+        }
+        let mut spf_memo = self.greylist_tx.spf_passed;
+        let exempt = g
             .greylist
             .exempt(
                 self.client.ip,
@@ -43,9 +65,11 @@ impl Session<'_> {
                 &sender,
                 &recipient,
                 &g.delimiter,
+                &mut spf_memo,
             )
-            .await
-        {
+            .await;
+        self.greylist_tx.spf_passed = spf_memo;
+        if let Some(why) = exempt {
             tracing::debug!(client = %self.client.ip, from = %sender, to = %recipient, ?why, "not greylisted: allowed by policy");
             return None;
         }
@@ -53,6 +77,11 @@ impl Session<'_> {
         match g.greylist.store.check(&g.timing, &triplet).await {
             Ok(Decision::Defer { retry_in }) => {
                 tracing::info!(client = %self.client.ip, network = %triplet.network, from = %sender, to = %recipient, retry_in, "greylisted");
+                self.greylist_tx.deferred += 1;
+                if self.greylist_tx.deferred > 1 {
+                    self.own_tempfail = true;
+                    return Some(deferral(&recipient, retry_in));
+                }
                 self.event(
                     "greylisted",
                     "tempfail",
@@ -65,13 +94,7 @@ impl Session<'_> {
                         triplet.network, triplet.sender, triplet.recipient
                     ),
                 );
-                Some(Reply::new(
-                    451,
-                    EnhancedStatus::new(4, 7, 1),
-                    format!(
-                        "<{recipient}>: Recipient address rejected: Greylisted, please try again in {retry_in} seconds"
-                    ),
-                ))
+                Some(deferral(&recipient, retry_in))
             }
             Ok(Decision::Pass | Decision::Whitelisted) => None,
             Err(e) => {
@@ -80,4 +103,14 @@ impl Session<'_> {
             }
         }
     }
+}
+
+fn deferral(recipient: &str, retry_in: i64) -> Reply {
+    Reply::new(
+        451,
+        EnhancedStatus::new(4, 7, 1),
+        format!(
+            "<{recipient}>: Recipient address rejected: Greylisted, please try again in {retry_in} seconds"
+        ),
+    )
 }

@@ -12,10 +12,30 @@ impl Session<'_> {
         let login = self.auth_user.clone()?;
         let from = sender.map(ToString::to_string).unwrap_or_default();
         // The null sender is a bounce or a notice: it claims no address, so it is allowed.
-        if self.settings.sender_binding
-            && let Some(s) = sender
-            && !owns(&self.auth_addresses, s, &self.settings.recipient_delimiter)
-        {
+        let owned = match sender {
+            Some(s) if self.settings.sender_binding => {
+                match owns(&self.auth_addresses, s, &self.settings.recipient_delimiter) {
+                    Ownership::Owned => true,
+                    Ownership::NotOwned => false,
+                    Ownership::Extension => match extension_owner(self.settings, s).await {
+                        Ok(None) => true,
+                        Ok(Some(owner)) => owner.eq_ignore_ascii_case(&login),
+                        Err(e) => {
+                            tracing::warn!(client = %self.client.ip, user = %login, from = %from, cause = %e, "sender binding: cannot tell who owns the address; deferred");
+                            return Some(Reply::new(
+                                451,
+                                EnhancedStatus::new(4, 7, 1),
+                                format!(
+                                    "<{from}>: Sender address check unavailable, try again later"
+                                ),
+                            ));
+                        }
+                    },
+                }
+            }
+            _ => true,
+        };
+        if !owned {
             tracing::warn!(client = %self.client.ip, user = %login, from = %from, "sender address not owned by the authenticated user");
             self.event(
                 "rejected",
@@ -87,9 +107,39 @@ impl Session<'_> {
     }
 }
 
+/// Who has `sender` itself as login or alias: asked before `user-ext@` is taken as
+/// `user@`'s, as Postfix looks up the full address before the stripped one.
+async fn extension_owner(
+    settings: &Settings,
+    sender: &Mailbox,
+) -> Result<Option<String>, AuthError> {
+    let auth = settings
+        .auth
+        .as_ref()
+        .ok_or_else(|| AuthError::Check("no account store".into()))?;
+    let address = sender.to_string();
+    tokio::time::timeout(OWNER_TIMEOUT, auth.owner(&address))
+        .await
+        .map_err(|_| AuthError::Timeout)?
+}
+
+/// Longest wait for mb-rpcd's answer on who owns an address.
+const OWNER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether an account owns a sender address, as far as its own grants tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ownership {
+    /// The address, or its whole domain, is granted.
+    Owned,
+    NotOwned,
+    /// Only the address without its extension is granted: owned unless the full address
+    /// is another account's login or alias (ask mb-rpcd).
+    Extension,
+}
+
 /// Whether `sender` is one of `granted` (addresses, or `@domain` for a whole domain),
-/// ignoring case and an address extension after any of `delimiters`.
-pub(super) fn owns(granted: &[String], sender: &Mailbox, delimiters: &str) -> bool {
+/// ignoring case, or is one of them with an address extension after any of `delimiters`.
+pub(super) fn owns(granted: &[String], sender: &Mailbox, delimiters: &str) -> Ownership {
     let local = sender.local.to_ascii_lowercase();
     let domain = sender.domain.to_ascii_lowercase();
     let full = format!("{local}@{domain}");
@@ -97,20 +147,27 @@ pub(super) fn owns(granted: &[String], sender: &Mailbox, delimiters: &str) -> bo
         .find(|c| delimiters.contains(c))
         .filter(|i| *i > 0)
         .map(|i| format!("{}@{domain}", &local[..i]));
-    granted.iter().any(|g| match g.strip_prefix('@') {
+    let exact = granted.iter().any(|g| match g.strip_prefix('@') {
         Some(d) => d.eq_ignore_ascii_case(&domain),
-        None => {
-            g.eq_ignore_ascii_case(&full)
-                || base.as_deref().is_some_and(|b| g.eq_ignore_ascii_case(b))
-        }
-    })
+        None => g.eq_ignore_ascii_case(&full),
+    });
+    if exact {
+        Ownership::Owned
+    } else if base
+        .as_deref()
+        .is_some_and(|b| granted.iter().any(|g| g.eq_ignore_ascii_case(b)))
+    {
+        Ownership::Extension
+    } else {
+        Ownership::NotOwned
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn check(granted: &[&str], sender: &str, delimiters: &str, want: bool) {
+    fn check(granted: &[&str], sender: &str, delimiters: &str, want: Ownership) {
         let (local, domain) = sender.rsplit_once('@').unwrap();
         let m = Mailbox {
             local: local.into(),
@@ -126,24 +183,27 @@ mod tests {
 
     #[test]
     fn an_account_owns_its_login_its_aliases_and_their_extensions() {
+        use Ownership::{Extension, NotOwned, Owned};
         let alice = [
             "alice@served.example",
             "sales@served.example",
             "@brand.example",
         ];
-        check(&alice, "alice@served.example", "+", true);
-        check(&alice, "Alice@SERVED.example", "+", true);
-        check(&alice, "alice+news@served.example", "+", true);
-        check(&alice, "alice-news@served.example", "+-", true);
-        check(&alice, "alice-news@served.example", "+", false);
-        check(&alice, "alice+news@served.example", "", false);
-        check(&alice, "sales@served.example", "+", true);
-        check(&alice, "anyone@brand.example", "+", true);
-        check(&alice, "anyone@sub.brand.example", "+", false);
-        check(&alice, "ceo@served.example", "+", false);
-        check(&alice, "alice@elsewhere.example", "+", false);
+        check(&alice, "alice@served.example", "+", Owned);
+        check(&alice, "Alice@SERVED.example", "+", Owned);
+        check(&alice, "alice+news@served.example", "+", Extension);
+        // Only an extension: the session asks whether alice-news@ is someone else's.
+        check(&alice, "alice-news@served.example", "+-", Extension);
+        check(&alice, "alice-news@served.example", "+", NotOwned);
+        check(&alice, "alice+news@served.example", "", NotOwned);
+        check(&alice, "sales@served.example", "+", Owned);
+        check(&alice, "anyone@brand.example", "+", Owned);
+        check(&alice, "any+one@brand.example", "+", Owned);
+        check(&alice, "anyone@sub.brand.example", "+", NotOwned);
+        check(&alice, "ceo@served.example", "+", NotOwned);
+        check(&alice, "alice@elsewhere.example", "+", NotOwned);
         // A delimiter at the start is part of the name, not an extension.
-        check(&alice, "+alice@served.example", "+", false);
-        check(&[], "alice@served.example", "+", false);
+        check(&alice, "+alice@served.example", "+", NotOwned);
+        check(&[], "alice@served.example", "+", NotOwned);
     }
 }

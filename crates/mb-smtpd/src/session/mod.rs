@@ -69,7 +69,15 @@ pub enum TlsMode {
 /// `Err` means the check could not be made (answered with a temporary failure).
 pub trait Authenticator: Send + Sync {
     fn verify<'a>(&'a self, user: &'a str, password: &'a str, client: IpAddr) -> Verifying<'a>;
+    /// The account whose login or alias is exactly `address` (`Ok(None)`: nobody's).
+    /// Sender binding asks it before it takes `user-ext@` as `user@`'s.
+    fn owner<'a>(&'a self, address: &'a str) -> Owning<'a>;
 }
+
+/// An ownership question in progress (see `Authenticator::owner`).
+pub type Owning<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<String>, AuthError>> + Send + 'a>,
+>;
 
 /// A password check in progress (see `Authenticator`).
 pub type Verifying<'a> = std::pin::Pin<
@@ -300,6 +308,12 @@ pub struct Session<'a> {
     error_count: u32,
     /// NOOP, HELP, RSET and VRFY so far (Postfix's junk command limit).
     junk: u32,
+    /// The reply about to be sent is the server's own deferral (a further greylisted
+    /// recipient, a directory that cannot answer), not the client's error: it does not
+    /// count against `max_errors`. Set by the step, taken when the reply is sent.
+    own_tempfail: bool,
+    /// Greylisting's per-transaction state (session/greylist.rs).
+    greylist_tx: greylist::TxState,
     phase: PhaseGuard,
     pub summary: Summary,
 }
@@ -335,6 +349,8 @@ impl<'a> Session<'a> {
             tx: None,
             error_count: 0,
             junk: 0,
+            own_tempfail: false,
+            greylist_tx: greylist::TxState::default(),
             phase: PhaseGuard::new(settings.phases.clone()),
             summary: Summary::default(),
         }
@@ -533,6 +549,10 @@ impl<'a> Session<'a> {
             Command::Rcpt(rcpt, params) => {
                 self.summary.rcpt += 1;
                 let r = self.rcpt(rcpt, params).await;
+                if std::mem::take(&mut self.own_tempfail) {
+                    self.reply(r);
+                    return false;
+                }
                 self.answer(r).await
             }
             Command::Data => {

@@ -99,6 +99,10 @@ impl Session<'_> {
         // first: an unknown user is refused before it costs the account's budget or a
         // greylist entry.
         if let Some(reply) = self.verify_recipient(&rcpt, served).await {
+            // A temporary failure here is the directory (or the next hop) not answering,
+            // not the client's error: counting it would end a session of valid
+            // recipients with 421 while LDAP is down.
+            self.own_tempfail = (400..500).contains(&reply.code);
             return reply;
         }
         if let Some(reply) = self.check_recipient_budget(&rcpt).await {

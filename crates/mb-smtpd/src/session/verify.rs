@@ -25,7 +25,7 @@ impl Session<'_> {
             return None;
         }
         let verifier = self.settings.verifier.clone()?;
-        let address = rcpt.to_string();
+        let address = format!("{}@{}", canonical_local(&rcpt.local), rcpt.domain);
         let answer = verifier
             .check(mode, &address, &self.settings.recipient_delimiter)
             .await;
@@ -64,6 +64,43 @@ impl Session<'_> {
                     ),
                 ))
             }
+        }
+    }
+}
+
+/// The local part as verification compares it: `"bob"` is `bob` (RFC 5321 §4.1.2: a
+/// quoted string that needs no quoting is the same mailbox), so the list, LDAP and the
+/// callout cache see one spelling. A local part that needs its quotes keeps them.
+pub(crate) fn canonical_local(local: &str) -> std::borrow::Cow<'_, str> {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return local.into();
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !inner.is_empty()
+        && inner
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_atom { inner.into() } else { local.into() }
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use super::canonical_local;
+
+    #[test]
+    fn quoted_local_parts_that_need_no_quotes_lose_them() {
+        for (local, want) in [
+            ("bob", "bob"),
+            ("\"bob\"", "bob"),
+            ("\"bob.smith+tag\"", "bob.smith+tag"),
+            ("\"john smith\"", "\"john smith\""),
+            ("\"bob..x\"", "\"bob..x\""),
+            ("\".bob\"", "\".bob\""),
+            ("\"\"", "\"\""),
+            ("\"a\\\\b\"", "\"a\\\\b\""),
+        ] {
+            assert_eq!(canonical_local(local), want, "{local}");
         }
     }
 }

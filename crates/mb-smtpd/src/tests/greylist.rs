@@ -132,3 +132,27 @@ async fn a_client_that_passed_enough_is_auto_whitelisted() {
     now.fetch_add(1, Ordering::SeqCst);
     t.cmd("RCPT TO:<four@served.example>", 250).await;
 }
+
+/// A first-time sender with more recipients than `smtp.max_errors` is deferred on each
+/// and keeps its session: only the transaction's first deferral counts as an error, so
+/// the next transaction and a real error still count.
+#[tokio::test]
+async fn greylisting_many_recipients_does_not_end_the_session() {
+    let now = Arc::new(AtomicI64::new(1_000_000));
+    let mut s = greylisting(&now, Vec::new());
+    s.max_errors = 3;
+    let mut t = T::start(s, OUTSIDE, Listener::Smtp).await;
+    t.cmd("EHLO client.example", 250).await;
+    t.cmd("MAIL FROM:<someone@sender.example>", 250).await;
+    for n in 0..12 {
+        t.cmd(&format!("RCPT TO:<user{n}@served.example>"), 451)
+            .await;
+    }
+    t.cmd("RSET", 250).await;
+    t.cmd("MAIL FROM:<someone@sender.example>", 250).await;
+    // The second transaction's first deferral counts (errors: 2 of 3)...
+    t.cmd("RCPT TO:<more@served.example>", 451).await;
+    t.cmd("RCPT TO:<more2@served.example>", 451).await;
+    // ... and a real client error then reaches the limit.
+    t.cmd("RCPT TO:<x@elsewhere.example>", 421).await;
+}
