@@ -179,7 +179,11 @@ fn valid_ldap_url(v: &crate::Value) -> Result<(), RegistryError> {
             if !url.is_empty()
                 && !["ldap://", "ldaps://"]
                     .iter()
-                    .any(|s| url.len() > s.len() && url[..s.len()].eq_ignore_ascii_case(s)) =>
+                    .any(|s| {
+                        // Bytes, not a str slice: the text may hold any character there.
+                        url.len() > s.len()
+                            && url.as_bytes()[..s.len()].eq_ignore_ascii_case(s.as_bytes())
+                    }) =>
         {
             Err(RegistryError::LdapUrl { url: url.clone() })
         }
@@ -551,6 +555,20 @@ mod tests {
                 k.key
             );
         }
+    }
+
+    #[test]
+    fn ldap_urls_are_checked_on_any_text() {
+        // Found by the config_value fuzz target: a multi-byte character across the
+        // length of "ldap://" used to panic on a str slice.
+        let check = |t: &str| valid_ldap_url(&crate::Value::Text(t.into())).is_ok();
+        assert!(!check("0Ysw\u{526}\u{365}5"));
+        assert!(!check("ldap:/\u{e9}x"));
+        assert!(check("LDAPS://dc.example.test:636"));
+        assert!(check("ldap://127.0.0.1:389"));
+        assert!(check(""));
+        assert!(!check("ldap://"));
+        assert!(!check("http://dc.example.test"));
     }
 
     #[test]
