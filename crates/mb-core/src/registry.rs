@@ -177,13 +177,11 @@ fn valid_ldap_url(v: &crate::Value) -> Result<(), RegistryError> {
     match v {
         crate::Value::Text(url)
             if !url.is_empty()
-                && !["ldap://", "ldaps://"]
-                    .iter()
-                    .any(|s| {
-                        // Bytes, not a str slice: the text may hold any character there.
-                        url.len() > s.len()
-                            && url.as_bytes()[..s.len()].eq_ignore_ascii_case(s.as_bytes())
-                    }) =>
+                && !["ldap://", "ldaps://"].iter().any(|s| {
+                    // Bytes, not a str slice: the text may hold any character there.
+                    url.len() > s.len()
+                        && url.as_bytes()[..s.len()].eq_ignore_ascii_case(s.as_bytes())
+                }) =>
         {
             Err(RegistryError::LdapUrl { url: url.clone() })
         }
