@@ -158,6 +158,73 @@ fn a_flooding_source_never_shuts_out_another() {
     }
 }
 
+/// Port 25 is the MX, and autoban must not punish the busy honest MTA: 127.0.0.4 holds
+/// its 10 allowed sessions at once and then opens 40 more, two a second (the per-client
+/// rate), under an autoban rate of 3 a minute: not one refusal, no ban. 127.0.0.5 keeps
+/// knocking after its 421s: the refusals count, and it is banned from every port.
+#[test]
+fn port_25_bans_only_clients_that_keep_knocking_over_their_limits() {
+    let (port, submission) = (free_port(), free_port());
+    let gw = gateway(
+        &format!("port = {port}\nmax_per_source = 10\nrate_per_source = 2"),
+        "mode = \"autoban\"\n\"autoban.rate\" = \"3/minute\"",
+        &format!("[network.submission]\nenabled = true\nport = {submission}\n"),
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..10 {
+            let (g, s) = greet("127.0.0.4", port).await;
+            assert!(g.starts_with("220"), "held session {i}: {g}");
+            held.push(s);
+            if i % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+            }
+        }
+        drop(held);
+        // (Closed sessions leave the count when the server sees them close.)
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..40 {
+            let g = visit("127.0.0.4", port).await;
+            assert!(g.starts_with("220"), "honest connection {i} refused: {g}");
+            tokio::time::sleep(Duration::from_millis(520)).await;
+        }
+        let mut replies = Vec::new();
+        for _ in 0..12 {
+            replies.push(visit("127.0.0.5", port).await);
+        }
+        assert!(
+            replies
+                .iter()
+                .any(|r| r.contains("too many connections per second")),
+            "{replies:?}"
+        );
+        assert!(
+            replies.last().unwrap().contains("127.0.0.5 is banned"),
+            "the knocker was not banned: {replies:?}"
+        );
+        let (g, _) = greet("127.0.0.5", submission).await;
+        assert!(
+            g.contains("127.0.0.5 is banned"),
+            "banned from every port: {g}"
+        );
+        let g = visit("127.0.0.4", port).await;
+        assert!(g.starts_with("220"), "the honest MTA after the ban: {g}");
+    });
+    let log = gw.smtpd_log();
+    assert_eq!(log.matches("banned for").count(), 1, "{log}");
+    assert!(
+        log.contains("too many connections over its limits"),
+        "{log}"
+    );
+    mb_testkit::wait_until("the ban to be stored", Duration::from_secs(20), || {
+        mb_ban(&gw, &["list"]).1.contains("127.0.0.5")
+    })
+    .unwrap();
+    let (_, out, _) = mb_ban(&gw, &["list"]);
+    assert!(!out.contains("127.0.0.4"), "{out}");
+}
+
 /// Port 25's pool (max_connections = 5) is full of idle sessions and a sixth is
 /// refused; submission still takes 10 connections and reinjection 25 at once (more than
 /// port 25's pool and more than the listener rate in one second).

@@ -727,11 +727,22 @@ fn greeting(port: u16) -> String {
 
 #[test]
 fn autoban_bans_fast_sources_and_mb_ban_lifts_it() {
-    let s = start_protected("autoban", "");
-    for _ in 0..3 {
+    let sub = free_port();
+    let s = start_protected(
+        "autoban",
+        &format!("[network.submission]\nenabled = true\nport = {sub}\nrequire_tls = false\n"),
+    );
+    // Port 25 is the MX: connections within the per-client limits never count (a busy
+    // MTA opens many a minute).
+    for _ in 0..10 {
         assert!(greeting(s.port).starts_with("220"));
     }
-    let r = greeting(s.port);
+    // On the submission port every connection counts: the fourth in a minute is banned,
+    // from every port.
+    for _ in 0..3 {
+        assert!(greeting(sub).starts_with("220"));
+    }
+    let r = greeting(sub);
     assert!(
         r.starts_with("421 4.7.0") && r.contains("127.0.0.1 is banned"),
         "{r}"
@@ -837,19 +848,24 @@ fn protected_mode_opens_submission_to_trusted_addresses_only() {
 fn with_redis_a_ban_by_one_process_holds_for_another() {
     let redis = mb_testkit::Redis::start().unwrap();
     let extra = format!("[redis]\nurl = \"{}\"\n", redis.url());
-    let a = start_protected("autoban", &extra);
-    let b = start_protected("autoban", &extra);
+    let (sub_a, sub_b) = (free_port(), free_port());
+    let submission = |port| {
+        format!("[network.submission]\nenabled = true\nport = {port}\nrequire_tls = false\n")
+    };
+    let a = start_protected("autoban", &format!("{extra}{}", submission(sub_a)));
+    let b = start_protected("autoban", &format!("{extra}{}", submission(sub_b)));
     assert!(
         a.gw.smtpd_log()
             .contains("sharing rate counters and bans through Redis"),
         "{}",
         a.gw.smtpd_log()
     );
-    // Two connections to each: four in all from one source, over a shared limit of three.
-    assert!(greeting(a.port).starts_with("220"));
-    assert!(greeting(b.port).starts_with("220"));
-    assert!(greeting(a.port).starts_with("220"));
-    let r = greeting(b.port);
+    // Two submission connections to each: four in all from one source, over a shared
+    // limit of three.
+    assert!(greeting(sub_a).starts_with("220"));
+    assert!(greeting(sub_b).starts_with("220"));
+    assert!(greeting(sub_a).starts_with("220"));
+    let r = greeting(sub_b);
     assert!(
         r.contains("127.0.0.1 is banned"),
         "the shared count did not ban: {r}"

@@ -1,7 +1,12 @@
 //! Protection modes (`network.protection.mode`), after the product's firewall modes:
 //!
-//! - `autoban` (default): a source that opens connections faster than
-//!   `autoban.rate` is banned from every mail port for `autoban.period`.
+//! - `autoban` (default): a source that opens submission or SMTPS connections faster
+//!   than `autoban.rate`, or keeps knocking on port 25 after the per-client limits
+//!   refused it (`network.smtp.max_per_source`, `rate_per_source`) more often than
+//!   `autoban.rate`, is banned from every mail port for `autoban.period`. Connections
+//!   to port 25 within the per-client limits never count: a busy honest MTA opens many
+//!   connections a minute to an MX (Postfix up to 20 at once to one destination), and
+//!   the product documents rate-limit the submission ports only.
 //! - `protected`: as autoban, and submission/SMTPS accept only trusted networks and
 //!   trusted addresses; a successful AUTH keeps its address trusted for a day.
 //! - `private`: as autoban, and submission/SMTPS accept only trusted networks.
@@ -55,6 +60,12 @@ pub struct Policy {
     pub trusted_networks: Vec<IpNet>,
     /// `network.smtp.ipv6_prefix`: the IPv6 network counted as one client.
     pub ipv6_prefix: u8,
+}
+
+/// Whether every connection on `listener` counts toward the ban (submission and SMTPS);
+/// on port 25 only connections the per-client limits refused count (`over_limit`).
+pub fn counts_every_connection(listener: Listener) -> bool {
+    matches!(listener, Listener::Submission | Listener::Smtps)
 }
 
 /// The client `ip` counts as: the address itself for IPv4, its network of
@@ -140,9 +151,29 @@ impl Protection {
             Mode::Protected if submission && !trusted => return Err(Refusal::Untrusted),
             _ => {}
         }
-        if trusted || !count_rate {
+        if trusted || !count_rate || !counts_every_connection(listener) {
             return Ok(());
         }
+        self.count(p, key, now, "connections")
+    }
+
+    /// A port-25 connection the per-client limits refused: counted toward the ban
+    /// (`autoban.rate`) unless `ip` is exempt or the count is kept in Redis
+    /// (`count_rate` false).
+    pub fn over_limit(&mut self, p: &Policy, ip: IpAddr, count_rate: bool) -> Result<(), Refusal> {
+        if !count_rate || p.mode == Mode::Public || self.exempt(p, ip, Listener::Smtp) {
+            return Ok(());
+        }
+        self.count(
+            p,
+            source(ip, p.ipv6_prefix),
+            Instant::now(),
+            "refused connections",
+        )
+    }
+
+    /// Counts one event for client `key`; more than `p.rate` within `p.window` bans it.
+    fn count(&mut self, p: &Policy, key: IpNet, now: Instant, what: &str) -> Result<(), Refusal> {
         // Without mb-rpcd, `load` does not run: bound the map here too.
         if self.recent.len() > 50_000 {
             self.recent.retain(|_, t| {
@@ -165,11 +196,7 @@ impl Protection {
                 ip: key,
                 trust: false,
                 for_secs: p.ban_for.as_secs(),
-                reason: format!(
-                    "more than {} connections in {}s",
-                    p.rate,
-                    p.window.as_secs()
-                ),
+                reason: format!("more than {} {what} in {}s", p.rate, p.window.as_secs()),
             });
             return Err(Refusal::NewBan);
         }
@@ -192,7 +219,8 @@ impl Protection {
         });
     }
 
-    /// Whether `admit` would skip rate counting for this connection anyway.
+    /// Whether this connection is never counted toward a ban (it may still be refused by
+    /// the lists and modes).
     pub fn exempt(&self, p: &Policy, ip: IpAddr, listener: Listener) -> bool {
         listener == Listener::Reinject
             || p.mode == Mode::Public
@@ -302,14 +330,15 @@ mod tests {
         let pol = policy(Mode::Autoban);
         let ip: IpAddr = BAD.parse().unwrap();
         for _ in 0..3 {
-            assert_eq!(p.admit(&pol, ip, Listener::Smtp, true), Ok(()));
+            assert_eq!(p.admit(&pol, ip, Listener::Submission, true), Ok(()));
         }
         assert_eq!(
-            p.admit(&pol, ip, Listener::Smtp, true),
+            p.admit(&pol, ip, Listener::Submission, true),
             Err(Refusal::NewBan)
         );
+        // Banned from every mail port, port 25 included.
         assert_eq!(
-            p.admit(&pol, ip, Listener::Submission, true),
+            p.admit(&pol, ip, Listener::Smtp, true),
             Err(Refusal::Banned)
         );
         assert_eq!(p.pending.len(), 1);
@@ -317,7 +346,7 @@ mod tests {
         // Trusted networks are never banned, whatever their rate.
         let good: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..10 {
-            assert_eq!(p.admit(&pol, good, Listener::Smtp, true), Ok(()));
+            assert_eq!(p.admit(&pol, good, Listener::Submission, true), Ok(()));
         }
         tokio::time::advance(Duration::from_secs(3601)).await;
         assert_eq!(
@@ -329,9 +358,46 @@ mod tests {
         // A slow sender is never banned: the window slides.
         let slow: IpAddr = "203.0.113.5".parse().unwrap();
         for _ in 0..10 {
-            assert_eq!(p.admit(&pol, slow, Listener::Smtp, true), Ok(()));
+            assert_eq!(p.admit(&pol, slow, Listener::Submission, true), Ok(()));
             tokio::time::advance(Duration::from_secs(21)).await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn port_25_counts_only_connections_over_the_client_limits() {
+        let mut p = Protection::default();
+        let pol = policy(Mode::Autoban);
+        // A busy honest MTA: a hundred connections within its limits, never banned.
+        let mta: IpAddr = "203.0.113.25".parse().unwrap();
+        for _ in 0..100 {
+            assert_eq!(p.admit(&pol, mta, Listener::Smtp, true), Ok(()));
+        }
+        assert_eq!(p.banned(), 0);
+        // A client that keeps knocking after the per-client limits refused it: the
+        // refusals count, and the fourth in the window bans it.
+        let ip: IpAddr = BAD.parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(p.over_limit(&pol, ip, true), Ok(()));
+        }
+        assert_eq!(p.over_limit(&pol, ip, true), Err(Refusal::NewBan));
+        assert_eq!(
+            p.admit(&pol, ip, Listener::Smtp, true),
+            Err(Refusal::Banned)
+        );
+        assert!(
+            p.pending[0].reason.contains("refused connections"),
+            "{:?}",
+            p.pending
+        );
+        // Trusted networks, public mode and counting kept in Redis never ban here.
+        let good: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "198.51.100.10".parse().unwrap();
+        for _ in 0..10 {
+            assert_eq!(p.over_limit(&pol, good, true), Ok(()));
+            assert_eq!(p.over_limit(&policy(Mode::Public), other, true), Ok(()));
+            assert_eq!(p.over_limit(&pol, other, false), Ok(()));
+        }
+        assert_eq!(p.banned(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -410,7 +476,7 @@ mod tests {
         );
         let ip: IpAddr = BAD.parse().unwrap();
         for _ in 0..4 {
-            let _ = p.admit(&pol, ip, Listener::Smtp, true);
+            let _ = p.admit(&pol, ip, Listener::Submission, true);
         }
         // The stored list does not know this ban yet: it stays while pending.
         p.load(&[], &pol);
@@ -432,16 +498,16 @@ mod tests {
         // Four addresses of one /64 are one client: the fourth connection bans the /64.
         for i in 1..=3 {
             let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
-            assert_eq!(p.admit(&pol, ip, Listener::Smtp, true), Ok(()));
+            assert_eq!(p.admit(&pol, ip, Listener::Submission, true), Ok(()));
         }
         let fourth: IpAddr = "2001:db8:1:1::4".parse().unwrap();
         assert_eq!(
-            p.admit(&pol, fourth, Listener::Smtp, true),
+            p.admit(&pol, fourth, Listener::Submission, true),
             Err(Refusal::NewBan)
         );
         let same_net: IpAddr = "2001:db8:1:1:ffff::9".parse().unwrap();
         assert_eq!(
-            p.admit(&pol, same_net, Listener::Submission, true),
+            p.admit(&pol, same_net, Listener::Smtp, true),
             Err(Refusal::Banned)
         );
         assert_eq!(
@@ -450,7 +516,7 @@ mod tests {
         );
         assert_eq!(net_text(&p.pending[0].ip), "2001:db8:1:1::/64");
         let next_net: IpAddr = "2001:db8:1:2::1".parse().unwrap();
-        assert_eq!(p.admit(&pol, next_net, Listener::Smtp, true), Ok(()));
+        assert_eq!(p.admit(&pol, next_net, Listener::Submission, true), Ok(()));
         // With /128, every address is a client of its own.
         let mut q = Protection::default();
         let narrow = Policy {
@@ -459,7 +525,7 @@ mod tests {
         };
         for i in 1..=10 {
             let ip: IpAddr = format!("2001:db8:1:1::{i}").parse().unwrap();
-            assert_eq!(q.admit(&narrow, ip, Listener::Smtp, true), Ok(()));
+            assert_eq!(q.admit(&narrow, ip, Listener::Submission, true), Ok(()));
         }
         // Stored bans: an IPv4 /24, an IPv6 /48, and an IPv6 address (its whole /64).
         let mut r = Protection::default();

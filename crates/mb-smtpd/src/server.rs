@@ -69,6 +69,30 @@ impl Limits {
     }
 }
 
+/// Why `Admission::admit` refused a connection, with the 421 to send.
+#[derive(Debug)]
+pub enum Busy {
+    /// The client is over its own limits (`max_per_source`, `rate_per_source`): on port
+    /// 25 this counts toward an autoban.
+    Client(Reply),
+    /// The listener is full or over its rate: no fault of this client's.
+    Listener(Reply),
+}
+
+impl Busy {
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Busy::Client(r) | Busy::Listener(r) => r,
+        }
+    }
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.reply().fmt(f)
+    }
+}
+
 /// Connection counts and per-second rates, by client and by listener. A plain state
 /// machine with the time passed in, so its decisions are tested without sockets or sleeps.
 #[derive(Debug, Default)]
@@ -102,7 +126,7 @@ impl Admission {
         ip: IpAddr,
         listener: Listener,
         now: Instant,
-    ) -> Result<IpNet, Reply> {
+    ) -> Result<IpNet, Busy> {
         let key = crate::protect::source(ip, l.ipv6_prefix);
         if self
             .window
@@ -116,27 +140,31 @@ impl Admission {
         if !l.exempt {
             let shown = crate::protect::net_text(&key);
             if self.per_source.get(&key).copied().unwrap_or(0) >= l.max_per_source {
-                return Err(busy(format!("Error: too many connections from {shown}")));
+                return Err(Busy::Client(busy(format!(
+                    "Error: too many connections from {shown}"
+                ))));
             }
             let rate = self.source_rate.entry(key).or_default();
             *rate = rate.saturating_add(1);
             if *rate > l.rate_per_source {
-                return Err(busy(format!(
+                return Err(Busy::Client(busy(format!(
                     "Error: too many connections per second from {shown}"
-                )));
+                ))));
             }
         }
         let i = slot_index(listener);
         if self.active[i] >= l.pool {
-            return Err(busy("Error: too many connections, try again later".into()));
+            return Err(Busy::Listener(busy(
+                "Error: too many connections, try again later".into(),
+            )));
         }
         // Reinjection carries mail the gateway already took responsibility for (quarantine
         // releases, content-filter returns): only its own pool bounds it.
         if listener != Listener::Reinject {
             if self.rate[i] >= l.rate {
-                return Err(busy(
+                return Err(Busy::Listener(busy(
                     "Error: too many connections per second, try again later".into(),
-                ));
+                )));
             }
             self.rate[i] += 1;
         }
@@ -237,12 +265,18 @@ impl Server {
 
     /// Counts a connection against its client's limits, then its listener's pool and
     /// rate; `Err` is the 421 to send. Runs after the ban and trust checks.
-    fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, Reply> {
+    fn admit(&self, cfg: &Config, ip: IpAddr, listener: Listener) -> Result<Slot<'_>, Busy> {
         let limits = Limits::new(cfg, ip, listener);
         let key = self
             .admission
             .lock()
-            .map_err(|_| Reply::new(421, EnhancedStatus::SYSTEM_TEMPORARY, "Internal error"))?
+            .map_err(|_| {
+                Busy::Listener(Reply::new(
+                    421,
+                    EnhancedStatus::SYSTEM_TEMPORARY,
+                    "Internal error",
+                ))
+            })?
             .admit(&limits, ip, listener, Instant::now())?;
         self.active.fetch_add(1, Ordering::SeqCst);
         Ok(Slot {
@@ -352,6 +386,74 @@ impl Server {
         while sessions.join_next().await.is_some() {}
     }
 
+    /// The reply to a connection the protection mode refused (banned, banned just now,
+    /// or untrusted on a submission port).
+    async fn refuse_protected(
+        &self,
+        stream: &mut TcpStream,
+        cfg: &Config,
+        ip: IpAddr,
+        kind: Listener,
+        refusal: Refusal,
+    ) {
+        let name = hostname(cfg);
+        let prefix = u8::try_from(cfg.int("network.smtp.ipv6_prefix").clamp(32, 128)).unwrap_or(64);
+        let shown = crate::protect::net_text(&crate::protect::source(ip, prefix));
+        let reply = match refusal {
+            Refusal::Untrusted => format!(
+                "554 5.7.1 {name} {} is only open to trusted networks",
+                kind.name()
+            ),
+            Refusal::NewBan => {
+                self.info.counters.add("bans", 1);
+                let period = mb_core::value::format_duration(
+                    cfg.duration("network.protection.autoban.period"),
+                );
+                let what = if crate::protect::counts_every_connection(kind) {
+                    "too many connections"
+                } else {
+                    "too many connections over its limits"
+                };
+                tracing::warn!(client = %ip, "banned for {period}: {what}");
+                format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
+            }
+            Refusal::Banned => {
+                format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
+            }
+        };
+        self.refuse(stream, ip, kind, &format!("{reply}\r\n")).await;
+    }
+
+    /// Counts a port-25 connection the per-client limits refused toward the ban: in
+    /// Redis when it is shared, else here.
+    async fn over_limit(
+        &self,
+        policy: &Policy,
+        ip: IpAddr,
+        group: IpAddr,
+        shared: Option<crate::shared::Shared>,
+    ) -> Result<(), Refusal> {
+        if let Some(shared) = shared {
+            match shared.admit(policy, group).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(refusal)) => {
+                    if let Ok(mut p) = self.protection.lock() {
+                        p.banned_by_shared(policy, ip);
+                    }
+                    return Err(refusal);
+                }
+                Err(e) => {
+                    self.info.counters.add("redis_errors", 1);
+                    tracing::warn!(cause = %e, "Redis unreachable; counting this connection locally");
+                }
+            }
+        }
+        match self.protection.lock() {
+            Ok(mut p) => p.over_limit(policy, ip, true),
+            Err(_) => Ok(()),
+        }
+    }
+
     async fn session(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -383,7 +485,24 @@ impl Server {
             Err(_) => (Ok(()), true),
         };
         // With Redis, the rate is counted there, together with every other process.
-        if let (Ok(()), Some(shared), false) = (&verdict, shared, exempt) {
+        let counted = crate::protect::counts_every_connection(kind);
+        if let (Ok(()), Some(shared), false, false) = (&verdict, &shared, exempt, counted) {
+            // Port 25: only a ban made elsewhere is looked up.
+            match shared.banned(group).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Ok(mut p) = self.protection.lock() {
+                        p.banned_by_shared(&policy, ip);
+                    }
+                    verdict = Err(Refusal::Banned);
+                }
+                Err(e) => {
+                    self.info.counters.add("redis_errors", 1);
+                    tracing::warn!(cause = %e, "Redis unreachable; its bans are not checked for this connection");
+                }
+            }
+        }
+        if let (Ok(()), Some(shared), false, true) = (&verdict, &shared, exempt, counted) {
             match shared.admit(&policy, group).await {
                 Ok(None) => {}
                 Ok(Some(refusal)) => {
@@ -401,34 +520,28 @@ impl Server {
                 }
             }
         }
-        if let Err(refusal) = verdict {
-            let name = hostname(&cfg);
-            let shown = crate::protect::net_text(&crate::protect::source(ip, policy.ipv6_prefix));
-            let reply = match refusal {
-                Refusal::Untrusted => format!(
-                    "554 5.7.1 {name} {} is only open to trusted networks",
-                    kind.name()
-                ),
-                Refusal::NewBan => {
-                    self.info.counters.add("bans", 1);
-                    let period = mb_core::value::format_duration(
-                        cfg.duration("network.protection.autoban.period"),
-                    );
-                    tracing::warn!(client = %ip, "banned for {period}: too many connections");
-                    format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
-                }
-                Refusal::Banned => {
-                    format!("421 4.7.0 {name} Error: {shown} is banned, try again later")
-                }
-            };
-            self.refuse(&mut stream, ip, kind, &format!("{reply}\r\n"))
-                .await;
-            return;
-        }
-        let slot = match self.admit(&cfg, ip, kind) {
+        let slot = match verdict {
+            Ok(()) => self.admit(&cfg, ip, kind),
+            Err(refusal) => {
+                self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
+                    .await;
+                return;
+            }
+        };
+        let slot = match slot {
             Ok(slot) => slot,
-            Err(reply) => {
-                self.refuse(&mut stream, ip, kind, &reply.to_wire()).await;
+            Err(busy) => {
+                // On port 25, a client that keeps knocking after its own limits refused
+                // it counts toward a ban (connections within them never do).
+                if let (Busy::Client(_), Listener::Smtp, false) = (&busy, kind, exempt) {
+                    if let Err(refusal) = self.over_limit(&policy, ip, group, shared).await {
+                        self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
+                            .await;
+                        return;
+                    }
+                }
+                self.refuse(&mut stream, ip, kind, &busy.reply().to_wire())
+                    .await;
                 return;
             }
         };
@@ -676,6 +789,11 @@ pub enum TlsError {
     },
     #[error("no certificate in {}", .0.display())]
     NoCertificate(std::path::PathBuf),
+    #[error("the key in {} does not belong to the certificate in {}", key.display(), cert.display())]
+    KeyMismatch {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+    },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -783,8 +901,9 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, TlsError> {
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(cert));
     }
-    let key =
-        PrivateKeyDer::from_pem_file(&key).map_err(|e| TlsError::file("read the key", &key, e))?;
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| TlsError::file("read the key", &key_path, e))?;
     let versions = tls_versions(cfg);
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = cipher_suites(&cfg.text("network.tls.ciphers"))?;
@@ -793,7 +912,14 @@ pub fn tls_acceptor(cfg: &Config) -> Result<Option<TlsAcceptor>, TlsError> {
         .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(TlsError::Config)?;
+        .map_err(|e| match e {
+            // A certificate replaced without its key (or the reverse): say which files.
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert: cert.clone(),
+                key: key_path.clone(),
+            },
+            e => TlsError::Config(e),
+        })?;
     config.ignore_client_order = cfg.bool("network.tls.prefer_server_ciphers");
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }

@@ -93,6 +93,16 @@ impl Shared {
         self.conn.clone()
     }
 
+    /// Whether another process banned `ip` (a port-25 connection is checked, not counted).
+    pub async fn banned(&self, ip: IpAddr) -> Result<bool, SharedError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(format!("mailborder:ban:{ip}"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
     /// Counts a connection from `ip` against the shared rate; `Err` when Redis failed.
     pub async fn admit(&self, p: &Policy, ip: IpAddr) -> Result<Option<Refusal>, SharedError> {
         let window = p.window.as_secs().max(1);
