@@ -25,9 +25,15 @@ impl Connectors {
         verify: bool,
     ) -> Result<tokio_rustls::TlsConnector, TlsConfigError> {
         let ca = cfg.text("relay.tls.ca_file");
+        // Everything `build` reads: the settings, and the CA file's identity, so that a
+        // renewed file under the same name is read again.
+        let ca_file = std::fs::metadata(&ca)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()));
         let key = format!(
-            "{verify} {ca} {}",
-            cfg.list("network.tls.versions").join(",")
+            "{verify} {ca} {ca_file:?} {} {}",
+            cfg.list("network.tls.versions").join(","),
+            cfg.text("network.tls.min_version")
         );
         if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(tokio_rustls::TlsConnector::from(c));
@@ -162,5 +168,36 @@ mod tests {
         // Without verification the file does not matter, and the result is cached.
         assert!(connectors.get(&cfg, false).is_ok());
         assert_eq!(connectors.cache.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_changed_minimum_version_or_renewed_ca_file_builds_a_new_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["relay.test".to_string()])
+            .unwrap()
+            .cert
+            .pem();
+        std::fs::write(&ca, &cert).unwrap();
+        let relay = format!("[relay]\n\"tls.ca_file\" = \"{}\"\n", ca.display());
+        let connectors = Connectors::default();
+        let v12 = config(dir.path(), &relay);
+        assert!(connectors.get(&v12, true).is_ok());
+        assert!(connectors.get(&v12, true).is_ok());
+        assert_eq!(connectors.cache.lock().unwrap().len(), 1, "cached");
+        let v13 = config(
+            dir.path(),
+            &format!("{relay}[network.tls]\nmin_version = \"1.3\"\n"),
+        );
+        assert!(connectors.get(&v13, true).is_ok());
+        assert_eq!(
+            connectors.cache.lock().unwrap().len(),
+            2,
+            "min_version ignored"
+        );
+        // The same file name with new contents (a renewed CA bundle) is read again.
+        std::fs::write(&ca, format!("{cert}{cert}")).unwrap();
+        assert!(connectors.get(&v12, true).is_ok());
+        assert_eq!(connectors.cache.lock().unwrap().len(), 3, "renewal ignored");
     }
 }
