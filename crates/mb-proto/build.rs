@@ -23,6 +23,8 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "cluster.proto",
         "greylist.proto",
         "recipients.proto",
+        "backup.proto",
+        "web.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -13,6 +13,11 @@ fn exercise(url: &str, dialect: &str) {
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(crate::rpcd::search_and_prune(&mut gw));
+    // Web accounts, sessions and keys (migration 0015) on this dialect, with the
+    // default lockout (the round trip below changes it).
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(crate::web_auth::round_trip(&gw.socket()));
     crate::round_trip_every_key(&gw);
 
     // The database is reported, without its password.

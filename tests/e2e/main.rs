@@ -5,6 +5,7 @@
 mod access;
 mod admission;
 mod backscatter;
+mod backup;
 mod cases;
 mod clamav;
 mod cluster;
@@ -21,6 +22,7 @@ mod greylist;
 mod journal;
 mod ldap;
 mod live_config;
+mod live_rebuild;
 mod memory;
 mod modes;
 mod packaging;
@@ -29,6 +31,10 @@ mod rpcd;
 mod smtp;
 mod status;
 mod submission;
+mod web;
+mod web_api;
+mod web_auth;
+mod web_queue;
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must
 /// print for it.

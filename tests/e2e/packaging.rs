@@ -40,8 +40,11 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-greylist",
         "usr/bin/mb-dkim",
         "usr/bin/mb-recipient",
+        "usr/bin/mb-backup",
         "usr/sbin/mb-smtpd",
         "usr/sbin/mb-milter",
+        "usr/sbin/mb-web",
+        "usr/lib/systemd/system/mb-web.service",
         "usr/lib/systemd/system/mb-rpcd.service",
         "usr/lib/systemd/system/mb-smtpd.service",
         "usr/lib/systemd/system/mb-filter@.service",
@@ -69,12 +72,15 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "man8/mb-filter.8",
         "man8/mb-milter.8",
         "man8/mb-cluster.8",
+        "man8/mb-web.8",
+        "man8/mb-web-account.8",
         "man1/mb-config.1",
         "man1/mb-config-set.1",
         "man1/mb-status.1",
         "man1/mb-queue-flush.1",
         "man1/mb-policy.1",
         "man1/mb-recipient-import.1",
+        "man1/mb-backup-restore.1",
         "man1/mb-greylist.1",
         "man1/mb-greylist-flush.1",
     ];
@@ -246,7 +252,8 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
 #[test]
 fn xtask_up_runs_the_suite_and_down_stops_it() {
     let dev = tempfile::tempdir().unwrap();
-    let (smtp, submission, reinject, milter) = (
+    let (smtp, submission, reinject, milter, https) = (
+        mb_testkit::free_port(),
         mb_testkit::free_port(),
         mb_testkit::free_port(),
         mb_testkit::free_port(),
@@ -260,6 +267,7 @@ fn xtask_up_runs_the_suite_and_down_stops_it() {
             .env("MB_DEV_SUBMISSION_PORT", submission.to_string())
             .env("MB_DEV_REINJECT_PORT", reinject.to_string())
             .env("MB_DEV_MILTER_PORT", milter.to_string())
+            .env("MB_DEV_HTTPS_PORT", https.to_string())
             .current_dir(source_root())
             .output()
             .unwrap();
@@ -273,6 +281,22 @@ fn xtask_up_runs_the_suite_and_down_stops_it() {
     );
     let config = dev.path().join("mailborder.toml");
     assert!(Path::new(&config).exists());
+    // mb-web on HTTPS, with a first admin account made through its socket.
+    assert!(
+        out.contains(&format!("https://127.0.0.1:{https}/")),
+        "{out}"
+    );
+    assert!(out.contains("web login      admin / "), "{out}");
+    let (code, accounts, err) = text(
+        &Command::new(bin("mb-web"))
+            .arg("--config")
+            .arg(&config)
+            .args(["account", "list"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(code, 0, "{accounts}{err}");
+    assert!(accounts.contains("admin"), "{accounts}");
     // Every command `up` suggests works as printed, from any directory: the status and
     // config tools, a test message with swaks, and the queue that now holds it.
     let suggested: Vec<&str> = out

@@ -33,11 +33,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::bench::{pss, sink};
 
 const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
-const LEGIT_SESSIONS: usize = 4;
+pub(crate) const LEGIT_SESSIONS: usize = 4;
 /// Time between the legitimate sender's first connections, and its pause after a
 /// refusal: it behaves as an MTA that respects a 421 (the default per-client rate is
 /// 2 connections a second, and autoban counts 10 a minute).
-const LEGIT_PACE: Duration = Duration::from_millis(600);
+pub(crate) const LEGIT_PACE: Duration = Duration::from_millis(600);
 const FLOOD_ADDRESSES: u8 = 20;
 const FLOOD_PER_SECOND: u32 = 200;
 const IDLE_ADDRESSES: u8 = 10;
@@ -52,18 +52,18 @@ const RAMP: Duration = Duration::from_secs(5);
 
 /// Where the attack goes.
 #[derive(Clone, Copy)]
-struct Target {
-    smtp: u16,
+pub(crate) struct Target {
+    pub(crate) smtp: u16,
     /// mb-smtpd's submission port (STARTTLS + AUTH); none for Postfix.
-    submission: Option<u16>,
+    pub(crate) submission: Option<u16>,
 }
 
 /// What the attackers and the legitimate client saw.
 #[derive(Default)]
-struct Tally {
-    legit_sent: AtomicU64,
-    legit_refused: AtomicU64,
-    legit_reasons: std::sync::Mutex<Vec<String>>,
+pub(crate) struct Tally {
+    pub(crate) legit_sent: AtomicU64,
+    pub(crate) legit_refused: AtomicU64,
+    pub(crate) legit_reasons: std::sync::Mutex<Vec<String>>,
     flood_admitted: AtomicU64,
     flood_refused: AtomicU64,
     idle_open: AtomicU64,
@@ -81,7 +81,7 @@ fn gauge_up(open: &AtomicU64, peak: &AtomicU64) {
     peak.fetch_max(n, Relaxed);
 }
 
-async fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::from((src, 0)))?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -91,7 +91,7 @@ async fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
 }
 
 /// Reads one (possibly multi-line) reply and returns its code; 0 when the peer closed.
-async fn reply<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Result<u16> {
+pub(crate) async fn reply<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Result<u16> {
     let mut line = String::new();
     loop {
         line.clear();
@@ -107,7 +107,7 @@ async fn reply<R: AsyncRead + Unpin>(r: &mut BufReader<R>) -> std::io::Result<u1
     }
 }
 
-async fn command<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn command<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut BufReader<S>,
     line: &str,
 ) -> std::io::Result<u16> {
@@ -169,7 +169,7 @@ async fn send_one<S: AsyncRead + AsyncWrite + Unpin>(
 /// The legitimate sender: counts messages accepted while `measuring`, and every refusal
 /// (a refused connection, a greeting or reply other than the expected one) meanwhile,
 /// keeping the first few reasons.
-async fn legit(
+pub(crate) async fn legit(
     n: usize,
     target: Target,
     tally: Arc<Tally>,
@@ -601,8 +601,9 @@ fn row(name: &str, target: Target, window: Duration, roots: &[i32]) -> Result<Ro
 }
 
 /// Raises this process's open-file limit (its sockets) to its hard limit; the targets
-/// inherit it. The run needs about 2,500 descriptors on each side.
-fn raise_nofile() -> Result<()> {
+/// inherit it. Fails when the hard limit is below `need` descriptors (the attack needs
+/// about 2,500 on each side, `--idle` its sessions and a few hundred more).
+pub(crate) fn raise_nofile(need: u64) -> Result<()> {
     let limits = fs::read_to_string("/proc/self/limits")?;
     let (soft, hard) = limits
         .lines()
@@ -616,9 +617,9 @@ fn raise_nofile() -> Result<()> {
             Some((parse(f.next())?, parse(f.next())?))
         })
         .context("no open-file limit in /proc/self/limits")?;
-    if hard < 5000 {
+    if hard < need {
         bail!(
-            "the open-file hard limit is {hard}; the attack needs 5000 (raise it with ulimit -Hn as root)"
+            "the open-file hard limit is {hard}; this bench needs {need} (raise it with ulimit -Hn as root)"
         );
     }
     if soft < hard {
@@ -702,7 +703,7 @@ fn postfix(sink_port: u16, window: Duration) -> Result<Row> {
 }
 
 pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
-    raise_nofile()?;
+    raise_nofile(5000)?;
     let window = Duration::from_secs(seconds.max(5));
     eprintln!(
         "xtask: bench --attack: the legitimate client (4 sessions from {LEGIT}) for {}s alone and {}s under attack, against mb-smtpd then Postfix",

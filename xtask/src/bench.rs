@@ -27,6 +27,11 @@ struct Outcome {
     peak_rss_kib: Option<u64>,
 }
 
+/// Idle sessions held by the full bench's idle row, and its measuring window (each of
+/// alone and with them).
+const IDLE_SESSIONS: u32 = 10_000;
+const IDLE_WINDOW: Duration = Duration::from_secs(15);
+
 /// Clock ticks per second for /proc/PID/stat times (sysconf(_SC_CLK_TCK), 100 on Linux).
 const TICKS: f64 = 100.0;
 
@@ -476,6 +481,11 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
         );
         results.push(r);
     }
+    eprintln!("xtask: bench: mb-smtpd with {IDLE_SESSIONS} idle sessions ...");
+    // The relay figures above are worth printing even when this row cannot run.
+    let idle = crate::idle::run(&mb_smtpd, IDLE_SESSIONS, IDLE_WINDOW)
+        .inspect_err(|e| eprintln!("xtask: bench: no idle-sessions row: {e:#}"))
+        .ok();
     println!(
         "{:<34} {:>14} {:>16} {:>12} {:>14}",
         "path", "accepted msg/s", "end-to-end msg/s", "CPU ms/msg", "peak PSS MiB"
@@ -490,6 +500,17 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
                 .map_or("-".into(), |c| format!("{:.2}", c * 1000.0 / n)),
             r.peak_rss_kib
                 .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        );
+    }
+    // A fixed-time measurement (4 reused sessions), not smtp-source's: no end-to-end rate.
+    if let Some(idle) = &idle {
+        println!(
+            "{:<34} {:>14.0} {:>16} {:>12} {:>14.1}",
+            format!("mb-smtpd, {}k idle sessions", IDLE_SESSIONS / 1000),
+            idle.with_idle,
+            "-",
+            "-",
+            idle.peak_idle as f64 / 1024.0,
         );
     }
     let (pf, mb) = (&results[1], &results[2]);
@@ -508,6 +529,18 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
         "ceiling / mb-smtpd end-to-end: {:.2}x",
         ratio(mb.total_secs, results[0].total_secs)
     );
+    if let Some(idle) = &idle {
+        println!(
+            "mb-smtpd with {} idle sessions: 4 sessions' rate {:.0} vs {:.0} msg/s alone ({:.2}x), PSS {:.1} MiB at rest ({:.1} KiB per idle session), {} of them held to the end",
+            idle.sessions,
+            idle.with_idle,
+            idle.alone,
+            idle.ratio(),
+            idle.pss_n as f64 / 1024.0,
+            idle.kib_per_session(),
+            idle.held,
+        );
+    }
     for r in &results[3..] {
         if r.name.contains("mb-milter") {
             println!(

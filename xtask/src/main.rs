@@ -16,6 +16,7 @@ const DAEMONS: &[&str] = &[
     "mb-filter",
     "mb-milter",
     "mb-cluster",
+    "mb-web",
 ];
 /// Administrator tools installed in bin/.
 const TOOLS: &[&str] = &[
@@ -30,6 +31,7 @@ const TOOLS: &[&str] = &[
     "mb-greylist",
     "mb-dkim",
     "mb-recipient",
+    "mb-backup",
 ];
 /// Debian packages of the real peers the tests start (see ../shared/PEERS.md).
 const TEST_PACKAGES: &[(&str, &str)] = &[
@@ -77,6 +79,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // recipient verification and logins.
     ("slapd", "/usr/sbin/slapd"),
     ("ldap-utils", "/usr/bin/ldapsearch"),
+    // promtool checks the text mb-web serves on /metrics.
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 #[derive(Parser)]
@@ -152,9 +156,10 @@ enum Cmd {
         /// Messages per path (smtp-source -m)
         #[arg(long, default_value_t = 20_000)]
         messages: u32,
-        /// Concurrent sessions (smtp-source -s)
-        #[arg(long, default_value_t = 20)]
-        sessions: u32,
+        /// Concurrent sessions (smtp-source -s, default 20); with --idle, the idle
+        /// sessions held (default 10,000)
+        #[arg(long)]
+        sessions: Option<u32>,
         /// Message size in bytes (smtp-source -l)
         #[arg(long, default_value_t = 4096)]
         size: u32,
@@ -183,8 +188,12 @@ enum Cmd {
         /// while four 40 MB messages arrive at once
         #[arg(long)]
         big: bool,
-        /// With --big or --attack: the directory of already built binaries to measure
-        /// (e.g. an older commit's release build), instead of building this tree
+        /// Instead of the relay paths: mb-smtpd's memory with N idle sessions (after
+        /// EHLO, from many loopback addresses) and a sender's throughput alone and with them
+        #[arg(long)]
+        idle: bool,
+        /// With --big, --attack or --idle: the directory of already built binaries to
+        /// measure (e.g. an older commit's release build), instead of building this tree
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -227,6 +236,7 @@ fn main() -> ExitCode {
             attack,
             seconds,
             big,
+            idle,
             bin_dir,
         } => (|| {
             ensure_test_packages()?;
@@ -235,6 +245,9 @@ fn main() -> ExitCode {
             }
             if let (true, Some(dir)) = (attack, &bin_dir) {
                 return attack::attack(&dir.join("mb-smtpd"), seconds);
+            }
+            if let (true, Some(dir)) = (idle, &bin_dir) {
+                return idle::idle(&dir.join("mb-smtpd"), sessions.unwrap_or(10_000), seconds);
             }
             if log_search {
                 run(cargo().args(["build", "--workspace", "--bins"]))?;
@@ -259,13 +272,16 @@ fn main() -> ExitCode {
             if attack {
                 return attack::attack(&mb_smtpd, seconds);
             }
+            if idle {
+                return idle::idle(&mb_smtpd, sessions.unwrap_or(10_000), seconds);
+            }
             if big {
                 return bigmem::bigmem(&root().join("target").join(profile)).map(|_| ());
             }
             bench::bench(
                 &bench::Load {
                     messages,
-                    sessions,
+                    sessions: sessions.unwrap_or(20),
                     size,
                 },
                 mb_smtpd,
@@ -288,6 +304,7 @@ mod bench;
 mod bigmem;
 mod deb;
 mod fuzz;
+mod idle;
 mod logsearch;
 #[cfg(test)]
 mod tidy;
@@ -419,6 +436,7 @@ const PEER_SERVICES: &[(&str, &[&str])] = &[
     ("clamav-daemon", &["clamav-daemon", "clamav-freshclam"]),
     ("rspamd", &["rspamd"]),
     ("slapd", &["slapd"]),
+    ("prometheus", &["prometheus"]),
 ];
 
 /// Disables the system services of the packages this run installed (and only those: a
@@ -497,7 +515,9 @@ fn dev_config(dir: &Path) -> String {
          # The internal mail server accepted mail goes to: e.g. `smtp-sink 127.0.0.1:{relay} 100`.\n\
          [relay]\nhost = \"127.0.0.1\"\nport = {relay}\ntls = \"none\"\n\n\
          [filter]\nenabled = {filter}\nworkers = 1\n\n\
-         [milter]\nenabled = {milter}\nport = {milter_port}\n",
+         [milter]\nenabled = {milter}\nport = {milter_port}\n\n\
+         # mb-web: HTTPS (a self-signed certificate) and mb-web.sock in the run dir.\n\
+         [network.https]\nlisten = \"127.0.0.1\"\nport = {https}\n",
         d = dir.display(),
         smtp = dev_port("SMTP", 2525),
         submission = dev_port("SUBMISSION", 2587),
@@ -507,6 +527,7 @@ fn dev_config(dir: &Path) -> String {
         filter = built("mb-filter"),
         milter = built("mb-milter"),
         milter_port = dev_port("MILTER", 10032),
+        https = dev_port("HTTPS", 8443),
     )
 }
 
@@ -604,6 +625,23 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
             dev_port("RELAY", 2526),
         );
     }
+    if names.contains(&"mb-web") {
+        println!(
+            "  web            https://127.0.0.1:{}/ (self-signed certificate), API under /api/v1/",
+            dev_port("HTTPS", 8443)
+        );
+        match first_web_admin(&bin, &config) {
+            Ok(Some(password)) => println!(
+                "  web login      admin / {password}   (a TOTP secret is enrolled at the first login)"
+            ),
+            Ok(None) => println!(
+                "  web login      admin (made by an earlier `up`; new password: {} --config {} account passwd admin)",
+                bin.join("mb-web").display(),
+                config.display()
+            ),
+            Err(e) => eprintln!("xtask: cannot create the first web account: {e:#}"),
+        }
+    }
     if detach {
         println!("Stop it with `cargo xtask down`.");
         return Ok(());
@@ -615,6 +653,41 @@ fn up(detach: bool, no_build: bool) -> Result<()> {
         let _ = c.wait();
     }
     waited
+}
+
+/// Creates the web account `admin` through mb-web's socket (`mb-web account add`, as
+/// the local administrator) with a random password, which it returns; `None` when the
+/// account exists already.
+fn first_web_admin(bin: &Path, config: &Path) -> Result<Option<String>> {
+    use std::io::Read;
+    let mut random = [0u8; 18];
+    fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789";
+    let password: String = random
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect();
+    let mut child = Command::new(bin.join("mb-web"))
+        .arg("--config")
+        .arg(config)
+        .args(["account", "add", "admin", "--role", "admin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run mb-web account add")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{password}")?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(Some(password));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("exists") {
+        return Ok(None);
+    }
+    bail!("mb-web account add admin: {}", err.trim())
 }
 
 /// Blocks until SIGINT or SIGTERM arrives.
@@ -791,6 +864,10 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
         (
             "etc/fail2ban/filter.d/mailborder-auth.conf",
             "/etc/fail2ban/filter.d/mailborder-auth.conf".into(),
+        ),
+        (
+            "etc/fail2ban/filter.d/mailborder-web.conf",
+            "/etc/fail2ban/filter.d/mailborder-web.conf".into(),
         ),
         (
             "etc/fail2ban/jail.d/mailborder.conf",

@@ -70,6 +70,8 @@ pub const FILTER: &str = "mb-filter";
 pub const MILTER: &str = "mb-milter";
 pub const RPCD: &str = "mb-rpcd";
 pub const CLUSTER: &str = "mb-cluster";
+/// mb-web reads only its own keys (and paths.*, log.*, process.*): never database.*.
+pub const WEB: &str = "mb-web";
 const ALL: &[&str] = &[SMTPD, FILTER, MILTER, RPCD, CLUSTER];
 
 /// The daemons of the suite, in the order tools show them.
@@ -240,6 +242,7 @@ const SFM: &[&str] = &[SMTPD, FILTER, MILTER];
 const M: &[&str] = &[MILTER];
 const R: &[&str] = &[RPCD];
 const C: &[&str] = &[CLUSTER];
+const W: &[&str] = &[WEB];
 
 /// All keys, sorted by name within each section.
 pub static KEYS: &[KeyDef] = &[
@@ -288,9 +291,9 @@ pub static KEYS: &[KeyDef] = &[
     k("network.reinject.port", PORT, "10025", "Port of the unfiltered reinjection listener").by(S).local(),
     k("network.reinject.max_connections", int(1, 100_000), "100", "Concurrent connections on the reinjection listener (never limited by port 25's load)").by(S),
     // TLS in general.
-    k("network.tls.min_version", Kind::Enum(&["1.2", "1.3"]), "1.2", "Oldest TLS version accepted"),
-    k("network.tls.versions", Kind::EnumList(&["1.2", "1.3"]), "1.2,1.3", "TLS versions offered"),
-    k("network.tls.ciphers", TEXT, "", "OpenSSL-style cipher list to restrict TLS 1.2 suites to; empty for the built-in strong set"),
+    k("network.tls.min_version", Kind::Enum(&["1.2", "1.3"]), "1.2", "Oldest TLS version accepted or offered: live for SMTP (STARTTLS, SMTPS, delivery), at its next start for mb-web's HTTPS; mb-rpcd's TCP listener offers TLS 1.2 and 1.3 and mb-cluster TLS 1.3 only, whatever this says"),
+    k("network.tls.versions", Kind::EnumList(&["1.2", "1.3"]), "1.2,1.3", "TLS versions offered for SMTP (STARTTLS, SMTPS, delivery; live); mb-web's HTTPS follows network.tls.min_version only; mb-rpcd's TCP listener offers TLS 1.2 and 1.3 and mb-cluster TLS 1.3 only, whatever this says"),
+    k("network.tls.ciphers", TEXT, "", "OpenSSL-style cipher list to restrict TLS 1.2 suites to for SMTP (live); empty for the built-in strong set; mb-web's HTTPS, mb-rpcd's TCP listener and mb-cluster keep the built-in set"),
     k("network.tls.prefer_server_ciphers", BOOL, "true", "Choose the cipher by the server's order of preference"),
     k("network.ipv6.enabled", BOOL, "false", "Listen on IPv6 addresses too").local(),
     // DNS.
@@ -307,17 +310,22 @@ pub static KEYS: &[KeyDef] = &[
     k("network.rpcd.tcp.tls.cert", Kind::Path, "", "PEM certificate chain for the TCP listener; empty for plaintext (loopback only)").by(R).local(),
     k("network.rpcd.tcp.tls.key", Kind::Path, "", "PEM private key for the TCP listener").by(R).local(),
     // Web interface.
-    k("network.https.listen", V4, "0.0.0.0", "IPv4 addresses of the HTTPS interface").local(),
-    k("network.https.listen_ipv6", V6, "::", "IPv6 addresses of the HTTPS interface").local(),
-    k("network.https.port", PORT, "443", "HTTPS port").local(),
-    k("network.https.rate_limit", int(1, 1_000_000), "60", "HTTPS requests per minute from one client IP"),
-    k("network.https.rate_burst", int(0, 1_000_000), "10", "Requests allowed above the HTTPS rate in a burst"),
-    k("network.http.enabled", BOOL, "false", "Listen for plain HTTP").local(),
-    k("network.http.port", PORT, "80", "HTTP port").local(),
-    k("network.http.redirect_to_https", BOOL, "true", "Answer every HTTP request with a redirect to HTTPS"),
+    k("network.https.enabled", BOOL, "true", "Serve HTTPS (mb-web); its Unix socket mb-web.sock, for an nginx in front, is served either way").by(W).local(),
+    k("network.https.listen", V4, "0.0.0.0", "IPv4 addresses of the HTTPS interface").by(W).local(),
+    k("network.https.listen_ipv6", V6, "::", "IPv6 addresses of the HTTPS interface when network.ipv6.enabled is true").by(W).local(),
+    k("network.https.port", PORT, "443", "HTTPS port").by(W).local(),
+    k("network.https.tls.cert", Kind::Path, "", "PEM certificate chain for HTTPS, re-read on SIGHUP; empty for a self-signed certificate (with a warning)").by(W).local(),
+    k("network.https.tls.key", Kind::Path, "", "PEM private key for HTTPS, re-read on SIGHUP").by(W).local(),
+    k("network.https.max_connections", int(1, 100_000), "512", "Concurrent HTTPS and HTTP connections; beyond, new ones are closed at once").by(W).local(),
+    k("network.https.timeout", secs(1, 300), "10s", "Time allowed for a TLS handshake and for each request's headers (slow clients are cut off)").by(W).local(),
+    k("network.https.rate_limit", int(1, 1_000_000), "60", "HTTPS requests per minute from one client IP").by(W),
+    k("network.https.rate_burst", int(0, 1_000_000), "10", "Requests allowed above the HTTPS rate in a burst").by(W),
+    k("network.http.enabled", BOOL, "false", "Listen for plain HTTP").by(W).local(),
+    k("network.http.port", PORT, "80", "HTTP port").by(W).local(),
+    k("network.http.redirect_to_https", BOOL, "true", "Answer every HTTP request with a redirect to HTTPS; false serves the web interface over plain HTTP (behind a TLS proxy)").by(W).local(),
     // Protection modes.
     k("network.protection.mode", Kind::Enum(&["autoban", "protected", "private", "public"]), "autoban", "How mail ports are guarded: rate-limit and ban, trusted-only submission, trusted-only, or open").by(S),
-    k("network.protection.autoban.rate", Kind::Rate, "10/minute", "Connection rate from one IP above which it is banned").by(S),
+    k("network.protection.autoban.rate", Kind::Rate, "10/minute", "Rate above which a client is banned: its submission and SMTPS connections, and its port-25 connections refused by the per-client limits (port-25 connections within them never count)").by(S),
     k("network.protection.autoban.period", secs(1, 365 * DAY), "1h", "How long a banned IP stays banned").by(S),
     k("network.protection.trusted_networks", Kind::CidrList, "127.0.0.0/8,::1/128", "Networks never banned, and the only ones allowed in protected/private mode").by(S),
     // SMTP behaviour.
@@ -440,6 +448,11 @@ pub static KEYS: &[KeyDef] = &[
     k("ldap.tls.ca_file", Kind::Path, "", "PEM file of the certificate authorities trusted for an ldaps:// server (an AD's enterprise CA); empty for the system's trust store").by(S),
     k("ldap.cache_ttl", secs(0, DAY), "5m", "How long an LDAP answer (recipient found or not found) is reused; 0 asks the directory every time. Errors are never cached").by(S),
     k("ldap.timeout", secs(1, 300), "10s", "Time allowed to connect and bind to the directory, and for each search; a recipient lookup that runs out gets 450 4.1.1").by(S),
+    // Web accounts (mb-web's logins, kept and checked by mb-rpcd).
+    k("web.session_lifetime", secs(60, 30 * DAY), "8h", "How long a web login session lasts from the login, however active; a changed value applies to new sessions").by(R),
+    k("web.lockout.failures", int(1, 1000), "5", "Failed web logins to one account within web.lockout.window that lock it for web.lockout.window; each failure is logged as \"web login failed client=IP\" for fail2ban").by(R),
+    k("web.lockout.window", secs(60, DAY), "15m", "Window in which web.lockout.failures failed logins lock a web account, and how long the lock lasts").by(R),
+    k("web.totp_required", Kind::EnumList(&["admin", "domain-admin", "user"]), "admin", "Web roles that must log in with a TOTP code as well as the password; an account of such a role without a secret is asked to enrol one at its first login").by(R),
     // Cluster.
     k("cluster.enabled", BOOL, "false", "Take part in a cluster of gateway nodes").by(C).local(),
     k("cluster.role", Kind::Enum(&["main", "child"]), "main", "This node's role: main (edits configuration) or child (follows it)").by(C).local(),

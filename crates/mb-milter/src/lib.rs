@@ -159,11 +159,15 @@ impl Daemon for Milter {
         let shared = Arc::new(Shared {
             follower: ctx.source.clone(),
             policies,
-            scanner: Box::new(Workers::new(
-                cfg.path("paths.run_dir"),
-                workers,
-                cfg.duration("filter.scan_timeout"),
-            )),
+            scanner: Box::new({
+                let follower = ctx.source.clone();
+                Workers::new(
+                    cfg.path("paths.run_dir"),
+                    workers,
+                    cfg.duration("filter.scan_timeout"),
+                )
+                .live_timeout(move || follower.current().duration("filter.scan_timeout"))
+            }),
             stats: Stats::default(),
             progress_every: Duration::from_secs(30),
         });

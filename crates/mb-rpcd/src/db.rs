@@ -467,7 +467,8 @@ impl Db {
                 dupes += 1;
                 continue;
             }
-            sqlx::query(self.sql(
+            let recipients = e.recipients.join("\n");
+            let inserted = sqlx::query(self.sql(
                 "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
@@ -481,7 +482,7 @@ impl Db {
             .bind(&e.client_name)
             .bind(&e.helo)
             .bind(&e.sender)
-            .bind(e.recipients.join("\n"))
+            .bind(&recipients)
             .bind(i64::try_from(e.size).unwrap_or(i64::MAX))
             .bind(&e.stage)
             .bind(&e.verdict)
@@ -491,6 +492,9 @@ impl Db {
             .bind(&e.subject)
             .execute(&mut *tx)
             .await?;
+            // The search tables (message_log.rs) follow in the same transaction.
+            self.index_event(&mut tx, e, inserted.last_insert_id(), &recipients)
+                .await?;
             if outbox {
                 self.queue_outbox(&mut tx, "event", &e.event_id).await?;
             }
@@ -501,7 +505,19 @@ impl Db {
     }
 
     pub async fn query_events(&self, q: &EventFilter) -> Result<Vec<EventRecord>, DbError> {
-        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM message_events WHERE at_ms >= ?");
+        self.query_events_walking(q, None).await
+    }
+
+    /// `query_events`, where `walk` (tests only) says whether a subject search on SQLite
+    /// walks the events or reads the trigram index; `None` lets the matches decide.
+    pub(crate) async fn query_events_walking(
+        &self,
+        q: &EventFilter,
+        walk: Option<bool>,
+    ) -> Result<Vec<EventRecord>, DbError> {
+        let limit = row_limit(q.limit);
+        let (source, chunk_join) = self.event_source(q, limit).await?;
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM {source} WHERE at_ms >= ?");
         if q.queue_id.is_some() {
             sql.push_str(" AND queue_id = ?");
         }
@@ -518,7 +534,11 @@ impl Db {
             sql.push_str(" AND at_ms < ?");
         }
         if q.recipient.is_some() {
-            // Recipients are stored one per line; match a whole line.
+            // Recipients are stored one per line; match a whole line. The recipient
+            // table (migration 0014) finds the candidates by index.
+            sql.push_str(
+                " AND id IN (SELECT event_row FROM message_event_recipients WHERE recipient = ?)",
+            );
             sql.push_str(self.recipient_match());
         }
         if q.client_ip.is_some() {
@@ -531,7 +551,18 @@ impl Db {
             .subject
             .as_deref()
             .is_some_and(|t| self.dialect == Dialect::Sqlite && t.chars().count() >= 3);
-        if subject_index {
+        let subject_walk = match (subject_index, walk) {
+            (false, _) => false,
+            (true, Some(walk)) => walk,
+            (true, None) => self.sqlite_subject_walk(q, limit).await?,
+        };
+        if subject_walk {
+            // A text in many events: walk them in the order asked for, each checked
+            // on its own, and stop at the limit (`sqlite_subject_walk`).
+            sql.push_str(crate::message_log::sqlite_subject_walk_sql(
+                q.subject.as_deref().is_some_and(str::is_ascii),
+            ));
+        } else if subject_index {
             // The trigram index matches a quoted phrase as a substring, ignoring case.
             sql.push_str(" AND id IN (SELECT rowid FROM message_events_subject WHERE message_events_subject MATCH ?)");
         } else if q.subject.is_some() {
@@ -542,7 +573,11 @@ impl Db {
         } else {
             " ORDER BY at_ms, id LIMIT ?"
         });
-        let mut query = sqlx::query(self.sql(&sql)).bind(q.since_ms);
+        let mut query = sqlx::query(self.sql(&sql));
+        if let (true, Some(subject)) = (chunk_join, &q.subject) {
+            query = query.bind(subject);
+        }
+        query = query.bind(q.since_ms);
         if let Some(queue_id) = &q.queue_id {
             query = query.bind(queue_id);
         }
@@ -559,7 +594,7 @@ impl Db {
             query = query.bind(until);
         }
         if let Some(recipient) = &q.recipient {
-            query = query.bind(recipient_pattern(recipient));
+            query = query.bind(recipient).bind(recipient_pattern(recipient));
         }
         if let Some(ip) = &q.client_ip {
             query = query.bind(ip);
@@ -568,16 +603,18 @@ impl Db {
             query = query.bind(id);
         }
         if let Some(subject) = &q.subject {
+            if subject_walk && subject.is_ascii() {
+                query = query.bind(format!("%{}%", like_escape(subject)));
+            }
             query = query.bind(if subject_index {
-                format!("\"{}\"", subject.replace('"', "\"\""))
+                crate::message_log::fts_phrase(subject)
+            } else if self.dialect == Dialect::MySql {
+                subject.clone()
             } else {
                 format!("%{}%", like_escape(subject))
             });
         }
-        let rows = query
-            .bind(i64::from(row_limit(q.limit)))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(event_record).collect()
     }
 }
@@ -763,11 +800,14 @@ impl Db {
     /// Recipients are stored one per line; this matches a whole line (see
     /// `recipient_pattern`).
     /// A case-insensitive substring match of the subject: LIKE ignores ASCII case in
-    /// SQLite (used for searches shorter than a trigram) and under MariaDB's `_ci`
-    /// collation; PostgreSQL needs ILIKE (its trigram index serves it).
+    /// SQLite (used for searches shorter than a trigram); PostgreSQL needs ILIKE (its
+    /// trigram index serves it); MariaDB compares lower-cased bytes (message_log.rs),
+    /// with the search text bound as it is rather than as a LIKE pattern.
     fn subject_match(&self) -> &'static str {
         if self.dialect == Dialect::Postgres {
             " AND subject ILIKE ? ESCAPE '!'"
+        } else if self.dialect == Dialect::MySql {
+            crate::message_log::MYSQL_SUBJECT_MATCH
         } else {
             " AND subject LIKE ? ESCAPE '!'"
         }
@@ -791,6 +831,9 @@ impl Db {
             .try_get(0)?;
             let Some(max) = max else { break };
             let mut tx = self.write_tx().await?;
+            // The search tables (message_log.rs) lose the same events in the same
+            // transaction.
+            self.unindex_recipients(&mut tx, max, before_ms).await?;
             let gone =
                 sqlx::query(self.sql("DELETE FROM message_events WHERE id <= ? AND at_ms < ?"))
                     .bind(max)
@@ -798,6 +841,7 @@ impl Db {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+            self.prune_subject_chunks(&mut tx, max).await?;
             tx.commit().await?;
             total += gone;
             if gone < u64::try_from(BATCH).unwrap_or(u64::MAX) {

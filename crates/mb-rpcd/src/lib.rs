@@ -3,6 +3,7 @@
 //! every daemon it can reach.
 
 pub mod access;
+pub mod backup;
 pub mod db;
 pub mod greylist;
 pub mod grpc;
@@ -13,6 +14,7 @@ pub mod recipients;
 pub mod replica;
 pub mod store;
 pub mod users;
+pub mod web_accounts;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,6 +207,14 @@ impl Daemon for Hub {
                 recipients::RecipientsService {
                     store: store.clone(),
                 },
+                peer.clone(),
+            ))
+            // Backups (mb-backup): root and mb-rpcd's own user only, checked inside.
+            .add_service(backup::server(store.clone(), peer.clone()))
+            // Web accounts, sessions and API keys: asked by mb-web on the local socket.
+            .add_service(web_accounts::server(
+                store.clone(),
+                info.clone(),
                 peer.clone(),
             ))
             .add_service(replica::server(store.clone(), peer));

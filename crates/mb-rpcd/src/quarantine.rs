@@ -6,6 +6,7 @@
 //! Entries are `mb_core::quarantine::Entry` throughout; `QuarantineEntry` exists only in
 //! the handlers' requests and answers (`mb_runtime::quarantine::wire` converts).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -137,8 +138,12 @@ async fn on_node(
     Ok(r)
 }
 
+/// Index entries whose file was missing at the last retention pass.
+static MISSING: std::sync::LazyLock<std::sync::Mutex<HashSet<String>>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// Brings the index in line with the files (messages stored while mb-rpcd was away are
-/// added, entries whose files are gone are dropped), then enforces the limits; with
+/// added, entries whose files are gone at two passes in a row are dropped), then enforces the limits; with
 /// `older_than_days`, everything older goes too. Returns how many were removed.
 pub async fn retention(store: &Store, older_than_days: u32) -> Result<u64, Status> {
     let cfg = store.effective();
@@ -159,8 +164,24 @@ pub async fn retention(store: &Store, older_than_days: u32) -> Result<u64, Statu
     // On a cluster main, entries of other nodes have their files there: each node
     // enforces its own limits and reports what it removed.
     let (main, local) = (cfg.is_cluster_main(), cfg.node_name());
+    let missing: HashSet<String> = indexed
+        .iter()
+        .filter(|e| !on_disk.iter().any(|d| d.id == e.id) && (!main || e.node == local))
+        .map(|e| e.id.clone())
+        .collect();
+    // An entry is dropped only when its file was missing at the previous pass too: a
+    // restore (`mb-backup restore --with-quarantine`) imports the index before it writes
+    // the files, and a pass in between must not drop what is about to arrive.
+    let confirmed: HashSet<String> = {
+        let mut last = MISSING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let confirmed = missing.intersection(&last).cloned().collect();
+        *last = missing;
+        confirmed
+    };
     for e in &indexed {
-        if !on_disk.iter().any(|d| d.id == e.id) && (!main || e.node == local) {
+        if confirmed.contains(&e.id) {
             tracing::warn!(id = %e.id, path = %e.path, "quarantined message file is gone; dropping its index entry");
             store
                 .db

@@ -332,6 +332,40 @@ impl Store {
         })
     }
 
+    /// Re-reads the overrides and the generation from the database after something other
+    /// than `change` wrote them (a restore by mb-backup), and tells the watchers, who
+    /// then read the new overrides. Returns the generation.
+    pub async fn refresh(&self) -> Result<u64, DbError> {
+        let _guard = self.write.lock().await;
+        let overrides: BTreeMap<String, String> = self
+            .db
+            .overrides()
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.value))
+            .collect();
+        let generation = self.db.generation().await?;
+        let mut effective = self.file.read().map(|f| f.clone()).unwrap_or_default();
+        for e in effective.apply_overrides(overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            tracing::warn!(cause = %e, "ignoring a stored override");
+        }
+        if let Ok(mut o) = self.overrides.write() {
+            *o = overrides;
+        }
+        if let Ok(mut e) = self.effective.write() {
+            *e = effective;
+        }
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.changes.send(v1::ConfigChange {
+            generation,
+            changed_at_unix: now(),
+            ..Default::default()
+        });
+        Ok(generation)
+    }
+
     /// Re-reads the configuration file. On error the running configuration is kept.
     /// Returns the keys whose value changed but only apply after a restart of `daemon`.
     pub async fn reload(&self, daemon: &str) -> Result<Vec<String>, StoreError> {

@@ -209,6 +209,9 @@ pub struct Serving<H> {
     /// Tasks that serve until the end (a queue runner, a sync loop): aborted once the
     /// work is drained.
     pub background: tokio::task::JoinSet<()>,
+    /// Whether the control socket also answers HTTP/1.1 (mb-web serves its web routes
+    /// there, for an nginx in front, next to gRPC's HTTP/2).
+    pub http1: bool,
 }
 
 /// A daemon's work; an error ends the process with exit 70.
@@ -225,7 +228,14 @@ impl<H> Serving<H> {
             services: Routes::default(),
             work: Box::pin(work),
             background: tokio::task::JoinSet::new(),
+            http1: false,
         }
+    }
+
+    /// Answers HTTP/1.1 on the control socket too (the routes in `services`).
+    pub fn with_http1(mut self) -> Self {
+        self.http1 = true;
+        self
     }
 
     /// Serves `services` on the control socket as well.
@@ -449,6 +459,7 @@ pub async fn run<D: Daemon>(
         now: Box::new(move || (source.current(), source.generation(), source.confirmed())),
     };
     let control = tonic::transport::Server::builder()
+        .accept_http1(serving.http1)
         .add_routes(serving.services)
         .add_service(ControlServer::with_interceptor(
             ControlService::new(ctx.info.clone(), serving.hooks).with_running(running),

@@ -76,6 +76,9 @@ pub fn mailborder_gid() -> Option<Gid> {
     Group::from_name(GROUP).ok().flatten().map(|g| g.gid)
 }
 
+/// gRPC metadata naming who a local caller acts for (`web:NAME`, set by mb-web).
+pub const ACTOR_HEADER: &str = "x-mb-actor";
+
 /// Who made a request, put into the request's extensions by [`Guard`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -117,9 +120,22 @@ impl Guard {
                 let in_group = group
                     .is_some_and(|g| gid == g || cred.pid().is_some_and(|pid| has_group(pid, g)));
                 if uid == 0 || uid == *own_uid || in_group {
+                    // mb-web acts for its logged-in principals: the audit trail names
+                    // them (`web:alice`), not mb-web's own user. Any peer allowed here
+                    // could make the change itself, so the claim grants nothing.
+                    let name = req
+                        .metadata()
+                        .get(ACTOR_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|a| {
+                            a.starts_with("web:")
+                                && a.len() <= 200
+                                && a.bytes().all(|b| b.is_ascii_graphic())
+                        })
+                        .map_or_else(|| user_name(uid), str::to_string);
                     Ok(Caller {
                         uid: Some(uid),
-                        name: user_name(uid),
+                        name,
                     })
                 } else {
                     tracing::warn!(uid, gid, pid = cred.pid(), "refused a caller on the socket");

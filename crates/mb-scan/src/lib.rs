@@ -171,7 +171,9 @@ pub trait Scanner: Send + Sync {
 /// The mb-filter workers `mb-filter-1.sock` .. `mb-filter-N.sock`.
 pub struct Workers {
     run_dir: PathBuf,
-    timeout: Duration,
+    /// The longest wait for one worker's verdict, asked at each scan (a live
+    /// `filter.scan_timeout` takes effect at the next message).
+    timeout: Box<dyn Fn() -> Duration + Send + Sync>,
     in_flight: Vec<AtomicUsize>,
     channels: Mutex<HashMap<usize, Channel>>,
 }
@@ -180,10 +182,18 @@ impl Workers {
     pub fn new(run_dir: PathBuf, workers: usize, timeout: Duration) -> Workers {
         Workers {
             run_dir,
-            timeout,
+            timeout: Box::new(move || timeout),
             in_flight: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             channels: Mutex::default(),
         }
+    }
+
+    /// Takes the timeout from `timeout` at every scan instead (the daemons pass their
+    /// configuration follower, so `mb-config set filter.scan_timeout` is live).
+    #[must_use]
+    pub fn live_timeout(mut self, timeout: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
+        self.timeout = Box::new(timeout);
+        self
     }
 
     async fn channel(&self, n: usize) -> Result<Channel, ScanError> {
@@ -235,6 +245,7 @@ impl Scanner for Workers {
         // A worker that said "busy" makes the whole scan busy even if a later one is
         // unreachable: the message is then tempfailed, never accepted unscanned.
         let mut busy = None;
+        let timeout = (self.timeout)();
         for i in order {
             let n = i + 1;
             let channel = match self.channel(n).await {
@@ -247,7 +258,7 @@ impl Scanner for Workers {
             self.in_flight[i].fetch_add(1, Ordering::Relaxed);
             let mut client = FilterClient::new(channel);
             let call = client.scan(message.stream(envelope.clone()));
-            let result = tokio::time::timeout(self.timeout, call).await;
+            let result = tokio::time::timeout(timeout, call).await;
             self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(Ok(v)) => {
@@ -280,7 +291,7 @@ impl Scanner for Workers {
                     self.forget(n);
                     last = ScanError::Timeout {
                         worker: n,
-                        after: self.timeout,
+                        after: timeout,
                     };
                 }
             }
@@ -343,6 +354,7 @@ mod tests {
     struct Fake {
         full: bool,
         seen: Arc<AtomicUsize>,
+        delay: Duration,
     }
 
     #[tonic::async_trait]
@@ -353,6 +365,7 @@ mod tests {
         ) -> Result<tonic::Response<mb_proto::v1::ScanVerdict>, tonic::Status> {
             let mut stream = req.into_inner();
             while stream.next().await.is_some() {}
+            tokio::time::sleep(self.delay).await;
             self.seen.fetch_add(1, Ordering::Relaxed);
             if self.full {
                 return Err(tonic::Status::resource_exhausted("50M in flight"));
@@ -364,12 +377,22 @@ mod tests {
     }
 
     fn serve(dir: &std::path::Path, n: usize, full: bool) -> Arc<AtomicUsize> {
+        serve_slow(dir, n, full, Duration::ZERO)
+    }
+
+    fn serve_slow(
+        dir: &std::path::Path,
+        n: usize,
+        full: bool,
+        delay: Duration,
+    ) -> Arc<AtomicUsize> {
         let seen = Arc::new(AtomicUsize::new(0));
         let listener = tokio::net::UnixListener::bind(dir.join(format!("mb-filter-{n}.sock")))
             .expect("bind a worker socket");
         let service = mb_proto::v1::filter_server::FilterServer::new(Fake {
             full,
             seen: seen.clone(),
+            delay,
         });
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -412,6 +435,28 @@ mod tests {
             (reply.code, reply.to_string().contains("4.7.1")),
             (451, true),
             "{reply:?}"
+        );
+    }
+
+    /// A live timeout is read at each scan: a worker that answers in 300 ms is waited
+    /// for under 10 s, and timed out once the setting drops to 100 ms, without a new
+    /// `Workers`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_scan_timeout_is_read_at_each_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        serve_slow(dir.path(), 1, false, Duration::from_millis(300));
+        let millis = Arc::new(std::sync::atomic::AtomicU64::new(10_000));
+        let setting = millis.clone();
+        let workers = Workers::new(dir.path().into(), 1, Duration::from_secs(10))
+            .live_timeout(move || Duration::from_millis(setting.load(Ordering::Relaxed)));
+        let request = ScanRequest::default();
+        let body = Body::from(b"Subject: x\r\n\r\nx\r\n".to_vec());
+        assert!(workers.scan(&request, body.clone()).await.is_ok());
+        millis.store(100, Ordering::Relaxed);
+        let e = workers.scan(&request, body).await.unwrap_err();
+        assert!(
+            matches!(e, ScanError::Timeout { after, .. } if after == Duration::from_millis(100)),
+            "{e}"
         );
     }
 }

@@ -170,13 +170,78 @@ enum ReloadError {
 /// Re-reads the file and the TLS certificate; on error the running ones are kept.
 fn reload(server: &Server, config: Option<&std::path::Path>) -> Result<(), ReloadError> {
     let file = mb_runtime::load_config(config)?;
-    let tls = server::tls_acceptor(&file)?;
+    // The certificate named by the file as the database's overrides leave it: one set
+    // with `mb-config set` stays in force across SIGHUP, which logrotate sends daily.
+    let mut effective = file.clone();
+    for (def, entry) in server.follower.current().entries() {
+        if entry.source == mb_core::Source::Database {
+            effective.set_override(def, entry.value.clone());
+        }
+    }
+    let tls = server::tls_acceptor(&effective)?;
     server.follower.reload_file(file);
     if let Ok(mut t) = server.tls.write() {
         *t = tls;
     }
     tracing::info!("configuration and certificates reloaded");
     Ok(())
+}
+
+/// The keys `server::tls_acceptor` builds from.
+const TLS_KEYS: &[&str] = &[
+    "network.smtp.tls.inbound",
+    "network.smtp.tls.cert",
+    "network.smtp.tls.key",
+    "network.smtps.enabled",
+    "network.tls.min_version",
+    "network.tls.versions",
+    "network.tls.ciphers",
+    "network.tls.prefer_server_ciphers",
+];
+
+/// The values of `TLS_KEYS`, as one comparable line.
+fn tls_settings(cfg: &Config) -> String {
+    TLS_KEYS
+        .iter()
+        .map(|k| format!("{k}={}", cfg.get(k)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds a new TLS acceptor when its keys change on the configuration feed (`mb-config
+/// set network.smtp.tls.cert ...`), so that the next STARTTLS and SMTPS sessions present
+/// the new certificate. Settings that cannot be used (a missing file, a key that does
+/// not belong to the certificate) keep the running acceptor, with a warning saying why;
+/// they are tried again at the next change, so a fixed file is picked up then (or on
+/// SIGHUP).
+fn follow_tls(server: Arc<Server>, started: &Config, shutdown: Shutdown) {
+    let mut running = tls_settings(started);
+    let mut changes = server.follower.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.requested() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            let cfg = changes.borrow_and_update().clone();
+            let wanted = tls_settings(&cfg);
+            if wanted == running {
+                continue;
+            }
+            match server::tls_acceptor(&cfg) {
+                Ok(tls) => {
+                    if let Ok(mut t) = server.tls.write() {
+                        *t = tls;
+                    }
+                    tracing::info!(settings = %wanted, "TLS settings changed: new sessions use a new certificate");
+                    running = wanted;
+                }
+                Err(e) => {
+                    tracing::warn!(cause = %e, settings = %wanted, "TLS settings changed but cannot be used; keeping the running certificate");
+                }
+            }
+        }
+    });
 }
 
 impl Daemon for Smtpd {
@@ -264,11 +329,15 @@ impl Daemon for Smtpd {
         );
         server.events = Some(events);
         if cfg.bool("filter.enabled") {
-            server.scanner = Some(Arc::new(mb_scan::Workers::new(
-                cfg.path("paths.run_dir"),
-                usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
-                cfg.duration("filter.scan_timeout"),
-            )));
+            let follower = ctx.source.clone();
+            server.scanner = Some(Arc::new(
+                mb_scan::Workers::new(
+                    cfg.path("paths.run_dir"),
+                    usize::try_from(cfg.int("filter.workers")).unwrap_or(1),
+                    cfg.duration("filter.scan_timeout"),
+                )
+                .live_timeout(move || follower.current().duration("filter.scan_timeout")),
+            ));
         }
         let redis_url = cfg.text("redis.url");
         let mut redis_later = false;
@@ -305,6 +374,7 @@ impl Daemon for Smtpd {
         if let Some(live) = listeners.dns.live() {
             dns::follow(live, &ctx.source, shutdown.clone());
         }
+        follow_tls(server.clone(), cfg, shutdown.clone());
         let mut manager = qmgr::Manager::new(
             server.spool.clone(),
             server.follower.clone(),

@@ -214,6 +214,18 @@ pub struct Server {
     disk: Arc<mb_runtime::diskfree::DiskGuard>,
     /// This process's hourly counts of AUTH accounts (when Redis does not count them).
     account_counts: Arc<crate::account_limits::LocalCounts>,
+    /// The settings sessions start with, by listener: one copy shared by every session
+    /// (not one each, with its own hostname, domain list and networks).
+    settings_cache: Mutex<[Option<CachedSettings>; 4]>,
+}
+
+/// A listener's `Settings`, valid while the configuration snapshot, the TLS acceptor
+/// and the presence of Redis they were made from are the current ones.
+struct CachedSettings {
+    cfg: Arc<Config>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    redis: bool,
+    settings: Arc<Settings>,
 }
 
 /// Releases a connection's slot when the session ends.
@@ -256,6 +268,7 @@ impl Server {
             active: AtomicUsize::new(0),
             disk,
             account_counts: Arc::default(),
+            settings_cache: Mutex::default(),
         }
     }
 
@@ -284,6 +297,42 @@ impl Server {
             key,
             listener,
         })
+    }
+
+    /// The settings for a session on `listener` under `cfg`: the cached ones while
+    /// nothing they were made from has changed, else new ones (cached in turn).
+    fn shared_settings(&self, cfg: &Arc<Config>, listener: Listener) -> Arc<Settings> {
+        let tls = self
+            .tls
+            .read()
+            .ok()
+            .and_then(|t| t.as_ref().map(|a| a.config().clone()));
+        let redis = self.shared.read().is_ok_and(|s| s.is_some());
+        let fresh = |c: &CachedSettings| {
+            Arc::ptr_eq(&c.cfg, cfg)
+                && c.redis == redis
+                && match (&c.tls, &tls) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
+        };
+        let i = slot_index(listener);
+        if let Ok(cache) = self.settings_cache.lock()
+            && let Some(c) = cache[i].as_ref().filter(|c| fresh(c))
+        {
+            return c.settings.clone();
+        }
+        let settings = Arc::new(self.settings(cfg, listener));
+        if let Ok(mut cache) = self.settings_cache.lock() {
+            cache[i] = Some(CachedSettings {
+                cfg: cfg.clone(),
+                tls,
+                redis,
+                settings: settings.clone(),
+            });
+        }
+        settings
     }
 
     fn settings(&self, cfg: &Config, listener: Listener) -> Settings {
@@ -487,8 +536,10 @@ impl Server {
         // With Redis, the rate is counted there, together with every other process.
         let counted = crate::protect::counts_every_connection(kind);
         if let (Ok(()), Some(shared), false, false) = (&verdict, &shared, exempt, counted) {
-            // Port 25: only a ban made elsewhere is looked up.
-            match shared.banned(group).await {
+            // Port 25: only a ban made elsewhere is looked up. The Redis futures here
+            // and below are boxed: inline, every session's task would be as large as
+            // the largest of them for as long as it lives.
+            match Box::pin(shared.banned(group)).await {
                 Ok(false) => {}
                 Ok(true) => {
                     if let Ok(mut p) = self.protection.lock() {
@@ -503,7 +554,7 @@ impl Server {
             }
         }
         if let (Ok(()), Some(shared), false, true) = (&verdict, &shared, exempt, counted) {
-            match shared.admit(&policy, group).await {
+            match Box::pin(shared.admit(&policy, group)).await {
                 Ok(None) => {}
                 Ok(Some(refusal)) => {
                     if let Ok(mut p) = self.protection.lock() {
@@ -533,19 +584,20 @@ impl Server {
             Err(busy) => {
                 // On port 25, a client that keeps knocking after its own limits refused
                 // it counts toward a ban (connections within them never do).
-                if let (Busy::Client(_), Listener::Smtp, false) = (&busy, kind, exempt) {
-                    if let Err(refusal) = self.over_limit(&policy, ip, group, shared).await {
-                        self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
-                            .await;
-                        return;
-                    }
+                if let (Busy::Client(_), Listener::Smtp, false) = (&busy, kind, exempt)
+                    && let Err(refusal) =
+                        Box::pin(self.over_limit(&policy, ip, group, shared)).await
+                {
+                    self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
+                        .await;
+                    return;
                 }
                 self.refuse(&mut stream, ip, kind, &busy.reply().to_wire())
                     .await;
                 return;
             }
         };
-        let settings = self.settings(&cfg, kind);
+        let settings = self.shared_settings(&cfg, kind);
         let client = Client {
             ip,
             port: peer.port(),
@@ -555,9 +607,9 @@ impl Server {
             let Some(acceptor) = settings.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(stream))
-                .await
-            {
+            // Boxed: a TLS handshake in progress is large, and only SMTPS sessions make one.
+            let handshake = Box::pin(acceptor.accept(stream));
+            match tokio::time::timeout(settings.tls_handshake_timeout, handshake).await {
                 Ok(Ok(tls)) => Box::new(tls),
                 _ => {
                     tracing::info!(client = %ip, "TLS handshake failed on the SMTPS port");
@@ -1211,5 +1263,50 @@ mod tests {
         assert!(r.starts_with("421 4.4.2"), "{r}");
         assert_eq!(start.elapsed(), Duration::from_secs(30));
         assert_eq!(task.await.unwrap().end, "session lifetime");
+    }
+}
+
+/// Session settings are made once per listener and shared, and made again when what
+/// they come from changes.
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, hostname: &str) -> Config {
+        let text = format!(
+            "[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\n\
+             [smtp]\nhostname = \"{hostname}\"\ndomains = \"served.example\"\n",
+            d = dir.display()
+        );
+        Config::from_toml_str(&text, "test").unwrap()
+    }
+
+    #[tokio::test]
+    async fn sessions_share_settings_until_config_or_certificate_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", config(dir.path(), "one.test"), shutdown);
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let server = Server::new(follower, Arc::new(spool), None, DaemonInfo::new("mb-smtpd"));
+        let settings = |l| server.shared_settings(&server.follower.current(), l);
+
+        let first = settings(Listener::Smtp);
+        assert!(Arc::ptr_eq(&first, &settings(Listener::Smtp)));
+        assert_eq!(first.hostname, "one.test");
+        let submission = settings(Listener::Submission);
+        assert!(submission.auth.is_some() && first.auth.is_none());
+        assert!(Arc::ptr_eq(&submission, &settings(Listener::Submission)));
+
+        server.follower.reload_file(config(dir.path(), "two.test"));
+        let reloaded = settings(Listener::Smtp);
+        assert_eq!(reloaded.hostname, "two.test");
+        assert!(Arc::ptr_eq(&reloaded, &settings(Listener::Smtp)));
+
+        assert!(reloaded.tls.is_none());
+        *server.tls.write().unwrap() = Some(crate::tests::tls_pair().0);
+        let with_tls = settings(Listener::Smtp);
+        assert!(with_tls.tls.is_some());
+        assert!(!Arc::ptr_eq(&reloaded, &with_tls));
+        assert!(Arc::ptr_eq(&with_tls, &settings(Listener::Smtp)));
     }
 }

@@ -304,6 +304,13 @@ fn figures(name: &str, s: &StatusResponse) -> String {
             n("tempfailed"),
             n("unscanned")
         ),
+        "mb-web" => format!(
+            "requests {:.1}/min, connections {}, 5xx {}, rate limited {}",
+            per_minute("requests"),
+            n("connections_active"),
+            n("responses_5xx"),
+            n("rate_limited")
+        ),
         "mb-cluster" if s.counters.contains_key("nodes") => format!(
             "nodes {}, configuration version {}",
             n("nodes"),
@@ -376,6 +383,18 @@ mod tests {
         assert_eq!(
             figures("mb-filter@2", &filter),
             "scans 15.0/min, in flight 2, rejected 4, quarantined 0, tempfailed 0"
+        );
+        let web = status(
+            60,
+            &[
+                ("requests", 30),
+                ("connections_active", 2),
+                ("rate_limited", 5),
+            ],
+        );
+        assert_eq!(
+            figures("mb-web", &web),
+            "requests 30.0/min, connections 2, 5xx 0, rate limited 5"
         );
         // A daemon without figures of its own shows its detail, made printable.
         assert_eq!(figures("mb-rpcd", &status(5, &[])), "hub \\x1b[31m");

@@ -50,14 +50,14 @@ impl Session<'_> {
             return reply;
         }
         let from = sender.as_ref().map(ToString::to_string).unwrap_or_default();
-        self.tx = Some(Transaction {
+        self.tx = Some(Box::new(Transaction {
             sender,
             params,
             rcpts: Vec::new(),
             bdat: None,
             bdat_failed: None,
             bdat_lines: mb_smtp::data::LineChecker::default(),
-        });
+        }));
         tracing::debug!(client = %self.client.ip, from = %from, "mail");
         Reply::new(250, EnhancedStatus::SENDER_OK, "Ok")
     }
