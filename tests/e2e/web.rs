@@ -75,8 +75,11 @@ impl Web {
             name: "mb-web".into(),
         };
         let socket = gw.path("run/mb-web.sock");
+        // Listening, not only bound: the file appears a moment before `listen` (a
+        // connection in between is refused).
         let started = wait_until("mb-web's socket", Duration::from_secs(30), || {
-            socket.exists() || matches!(web.child.try_wait(), Ok(Some(_)))
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                || matches!(web.child.try_wait(), Ok(Some(_)))
         });
         let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
         assert!(

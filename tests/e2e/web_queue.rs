@@ -81,8 +81,9 @@ impl Site {
             smtp,
         };
         let socket = site.socket();
+        // Listening, not only bound (a connection just before `listen` is refused).
         wait_until("mb-web's socket", Duration::from_secs(30), || {
-            socket.exists()
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
         })
         .unwrap_or_else(|e| panic!("{e}: {}", site.log()));
         site

@@ -59,6 +59,17 @@ pub struct Change<'a> {
     pub at: i64,
 }
 
+/// A line to append to the audit trail (`Db::write_audit`); secrets already redacted.
+pub struct AuditLine<'a> {
+    pub key: &'a str,
+    pub action: &'a str,
+    pub old: Option<&'a str>,
+    pub new: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub user: &'a str,
+    pub at: i64,
+}
+
 /// One entry of the configuration audit trail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRecord {
@@ -404,17 +415,18 @@ impl Db {
             .await?;
         }
         let action = if c.value.is_some() { "set" } else { "unset" };
-        sqlx::query(self.sql(
-            "INSERT INTO config_audit (cfg_key, action, old_value, new_value, uid, username, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        ))
-        .bind(c.key)
-        .bind(action)
-        .bind(c.audit_old)
-        .bind(c.audit_new)
-        .bind(c.uid.map_or(-1, i64::from))
-        .bind(c.user)
-        .bind(c.at)
-        .execute(&mut *tx)
+        self.write_audit(
+            &mut tx,
+            &AuditLine {
+                key: c.key,
+                action,
+                old: c.audit_old,
+                new: c.audit_new,
+                uid: c.uid,
+                user: c.user,
+                at: c.at,
+            },
+        )
         .await?;
         sqlx::query("UPDATE config_state SET generation = generation + 1 WHERE id = 1")
             .execute(&mut *tx)
@@ -425,6 +437,28 @@ impl Db {
             .try_get(0)?;
         tx.commit().await?;
         Ok((u64::try_from(g).unwrap_or(0), existed))
+    }
+
+    /// Appends one line to the audit trail, inside the caller's transaction (every
+    /// change and its line commit together).
+    pub(crate) async fn write_audit(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        a: &AuditLine<'_>,
+    ) -> Result<(), DbError> {
+        sqlx::query(self.sql(
+            "INSERT INTO config_audit (cfg_key, action, old_value, new_value, uid, username, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(a.key)
+        .bind(a.action)
+        .bind(a.old)
+        .bind(a.new)
+        .bind(a.uid.map_or(-1, i64::from))
+        .bind(a.user)
+        .bind(a.at)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     pub async fn history(&self, key: &str, limit: u32) -> Result<Vec<AuditRecord>, DbError> {

@@ -47,7 +47,7 @@ fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
-fn check_password(p: &str) -> Result<(), Status> {
+pub(crate) fn check_password(p: &str) -> Result<(), Status> {
     if p.chars().count() < MIN_PASSWORD {
         return Err(Status::invalid_argument(format!(
             "the password must have at least {MIN_PASSWORD} characters"
@@ -65,11 +65,11 @@ fn check_password(p: &str) -> Result<(), Status> {
 async fn checked_hash(name: &str, password: String) -> Result<String, Status> {
     check_name(name)?;
     check_password(&password)?;
-    hash(password).await
+    hash_password(password).await
 }
 
 /// Hashing is CPU-bound: keep it off the async workers.
-async fn hash(password: String) -> Result<String, Status> {
+pub(crate) async fn hash_password(password: String) -> Result<String, Status> {
     tokio::task::spawn_blocking(move || {
         PasswordHasher::<PasswordHash>::hash_password(&Argon2::default(), password.as_bytes())
             .map(|h| h.to_string())
@@ -90,9 +90,37 @@ fn db_status(e: crate::db::DbError) -> Status {
     Status::unavailable(e.to_string())
 }
 
-/// A hash of a password nobody has, verified when the user does not exist so that a
+/// A hash of a password nobody has, verified when the account does not exist so that a
 /// wrong name costs as much time as a wrong password.
 static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Whether `password` matches `hash`; with no hash (no such account) a dummy hash is
+/// verified all the same and the answer is false. Off the async workers, like hashing.
+pub(crate) async fn verify_password(
+    password: String,
+    hash: Option<String>,
+) -> Result<bool, Status> {
+    tokio::task::spawn_blocking(move || {
+        let exists = hash.is_some();
+        let hash = hash.unwrap_or_else(|| {
+            DUMMY
+                .get_or_init(|| {
+                    PasswordHasher::<PasswordHash>::hash_password(
+                        &Argon2::default(),
+                        b"no such account: dummy password",
+                    )
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+                })
+                .clone()
+        });
+        PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash)
+            .is_ok()
+            && exists
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))
+}
 
 #[tonic::async_trait]
 impl Users for UsersService {
@@ -208,28 +236,7 @@ impl Users for UsersService {
         } else {
             None
         };
-        let exists = stored.is_some();
-        let hash = match stored {
-            Some(h) => h,
-            None => DUMMY
-                .get_or_init(|| {
-                    PasswordHasher::<PasswordHash>::hash_password(
-                        &Argon2::default(),
-                        b"no such user: dummy password",
-                    )
-                    .map(|h| h.to_string())
-                    .unwrap_or_default()
-                })
-                .clone(),
-        };
-        let password = r.password;
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash)
-                .is_ok()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let ok = ok && exists;
+        let ok = verify_password(r.password, stored).await?;
         self.info
             .counters
             .add(if ok { "auth_ok" } else { "auth_failed" }, 1);

@@ -15,9 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use mb_proto::v1::web_accounts_server::{WebAccounts, WebAccountsServer};
 use mb_proto::v1::{
@@ -37,6 +34,7 @@ use tonic::{Request, Response, Status};
 
 use crate::db::{Db, DbError};
 use crate::store::Store;
+use crate::users::{check_password, hash_password, verify_password};
 
 /// Shortest web password accepted (as for SMTP accounts).
 pub const MIN_PASSWORD: usize = crate::users::MIN_PASSWORD;
@@ -254,20 +252,6 @@ pub fn account_name(text: &str) -> Result<String, Status> {
             "invalid account name {text:?}: use 1 to 191 printable characters without spaces, quotes or colons"
         )))
     }
-}
-
-fn check_password(p: &str) -> Result<(), Status> {
-    if p.chars().count() < MIN_PASSWORD {
-        return Err(Status::invalid_argument(format!(
-            "the password must have at least {MIN_PASSWORD} characters"
-        )));
-    }
-    if p.len() > 1024 || p.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "the password must be at most 1024 bytes, without control characters",
-        ));
-    }
-    Ok(())
 }
 
 /// A domain as stored: lowercase, without a final dot.
@@ -633,45 +617,6 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], SealError> {
         }
         Err(e) => Err(io(e)),
     }
-}
-
-/// Hashing is CPU-bound: keep it off the async workers.
-async fn hash_password(password: String) -> Result<String, Status> {
-    tokio::task::spawn_blocking(move || {
-        PasswordHasher::<PasswordHash>::hash_password(&Argon2::default(), password.as_bytes())
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?
-    .map_err(|e| Status::internal(format!("cannot hash the password: {e}")))
-}
-
-/// A hash of a password nobody has, verified for an unknown name so that a wrong name
-/// costs as much time as a wrong password.
-static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-async fn verify_password(password: String, hash: Option<String>) -> Result<bool, Status> {
-    let exists = hash.is_some();
-    let hash = match hash {
-        Some(h) => h,
-        None => DUMMY
-            .get_or_init(|| {
-                PasswordHasher::<PasswordHash>::hash_password(
-                    &Argon2::default(),
-                    b"no such web account: dummy password",
-                )
-                .map(|h| h.to_string())
-                .unwrap_or_default()
-            })
-            .clone(),
-    };
-    let ok = tokio::task::spawn_blocking(move || {
-        PasswordVerifier::<str>::verify_password(&Argon2::default(), password.as_bytes(), &hash)
-            .is_ok()
-    })
-    .await
-    .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(ok && exists)
 }
 
 fn lines(v: &[String]) -> String {
@@ -1512,19 +1457,19 @@ impl Db {
         conn: &mut sqlx::AnyConnection,
         a: &WebAudit<'_>,
     ) -> Result<(), DbError> {
-        sqlx::query(self.sql(
-            "INSERT INTO config_audit (cfg_key, action, old_value, new_value, uid, username, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        ))
-        .bind(&a.key)
-        .bind(a.action)
-        .bind(a.old.as_deref())
-        .bind(a.new.as_deref())
-        .bind(a.uid.map_or(-1, i64::from))
-        .bind(a.user)
-        .bind(a.at)
-        .execute(conn)
-        .await?;
-        Ok(())
+        self.write_audit(
+            conn,
+            &crate::db::AuditLine {
+                key: &a.key,
+                action: a.action,
+                old: a.old.as_deref(),
+                new: a.new.as_deref(),
+                uid: a.uid,
+                user: a.user,
+                at: a.at,
+            },
+        )
+        .await
     }
 
     pub async fn web_account(&self, name: &str) -> Result<Option<WebAccountRecord>, DbError> {

@@ -446,8 +446,7 @@ impl Server {
         refusal: Refusal,
     ) {
         let name = hostname(cfg);
-        let prefix = u8::try_from(cfg.int("network.smtp.ipv6_prefix").clamp(32, 128)).unwrap_or(64);
-        let shown = crate::protect::net_text(&crate::protect::source(ip, prefix));
+        let shown = crate::protect::net_text(&crate::protect::source(ip, ipv6_prefix(cfg)));
         let reply = match refusal {
             Refusal::Untrusted => format!(
                 "554 5.7.1 {name} {} is only open to trusted networks",

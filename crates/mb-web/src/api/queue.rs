@@ -106,6 +106,15 @@ pub struct Flushed {
     pub flushed: u32,
 }
 
+impl From<mb_proto::v1::QueueEntry> for Changed {
+    fn from(e: mb_proto::v1::QueueEntry) -> Changed {
+        Changed {
+            id: e.id,
+            queue: e.queue,
+        }
+    }
+}
+
 fn entry(e: mb_proto::v1::QueueEntry) -> Entry {
     Entry {
         id: e.id,
@@ -221,10 +230,7 @@ async fn hold(
                 .await
         })
         .await?;
-    Ok(Json(Changed {
-        id: e.id,
-        queue: e.queue,
-    }))
+    Ok(Json(Changed::from(e)))
 }
 
 /// Lets a held message be delivered again (`mb-queue release`).
@@ -253,10 +259,7 @@ async fn release(
                 .await
         })
         .await?;
-    Ok(Json(Changed {
-        id: e.id,
-        queue: e.queue,
-    }))
+    Ok(Json(Changed::from(e)))
 }
 
 /// Starts a message over with fresh retry counters (`mb-queue requeue`).
@@ -285,10 +288,7 @@ async fn requeue(
                 .await
         })
         .await?;
-    Ok(Json(Changed {
-        id: e.id,
-        queue: e.queue,
-    }))
+    Ok(Json(Changed::from(e)))
 }
 
 /// Tries deferred messages now: all, or one (`mb-queue flush`).
