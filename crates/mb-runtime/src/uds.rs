@@ -57,9 +57,22 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
-    set_group(path);
+    // Bind under a temporary name and rename into place once mode and group are set, so
+    // that nobody (a client, a test, `mb-status`) ever sees the socket with the umask's
+    // mode or root's group.
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+    let staging = path.with_file_name(format!(".{file_name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(io_err)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+        .and_then(|()| {
+            set_group(&staging);
+            std::fs::rename(&staging, path)
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(io_err(e));
+    }
     Ok(listener)
 }
 
