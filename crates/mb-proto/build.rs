@@ -25,6 +25,9 @@ fn build(protoc: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::E
         "recipients.proto",
         "backup.proto",
         "web.proto",
+        "dkim.proto",
+        "digest.proto",
+        "stats.proto",
     ]
     .map(|f| root.join("mailborder/v1").join(f));
     for f in &files {

@@ -29,12 +29,18 @@ mod packaging;
 mod recipients;
 mod rpcd;
 mod smtp;
+mod stats;
 mod status;
 mod submission;
 mod web;
 mod web_api;
 mod web_auth;
+mod web_dkim;
+mod web_portal;
 mod web_queue;
+mod web_rspamd;
+mod web_scale;
+mod web_ui;
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must
 /// print for it.
@@ -57,6 +63,18 @@ pub fn sample(def: &mb_core::KeyDef) -> (String, String) {
     }
     if def.key.starts_with("ldap.") && def.key.ends_with("_filter") {
         return ("(uid=%s)".into(), "(uid=%s)".into());
+    }
+    if def.key == "quarantine.digest.schedule" {
+        return ("hourly".into(), "hourly".into());
+    }
+    if def.key == "rspamd.url" || def.key == "rspamd.controller_url" {
+        return (
+            "http://127.0.0.1:11999".into(),
+            "http://127.0.0.1:11999".into(),
+        );
+    }
+    if def.key == "web.base_url" {
+        return ("https://mail.example".into(), "https://mail.example".into());
     }
     let (input, canonical): (String, String) = match def.kind {
         Kind::Bool => {

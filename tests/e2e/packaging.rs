@@ -36,6 +36,7 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "usr/bin/mb-queue",
         "usr/bin/mb-quarantine",
         "usr/bin/mb-log",
+        "usr/bin/mb-stats",
         "usr/bin/mb-policy",
         "usr/bin/mb-greylist",
         "usr/bin/mb-dkim",
@@ -83,6 +84,7 @@ fn install_lays_out_the_documented_tree_and_units_verify() {
         "man1/mb-backup-restore.1",
         "man1/mb-greylist.1",
         "man1/mb-greylist-flush.1",
+        "man1/mb-stats.1",
     ];
     for page in pages {
         let path = share.join("man").join(page);

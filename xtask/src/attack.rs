@@ -15,7 +15,19 @@
 //!
 //! It reports the ratio of the two rates (target 0.9 or more), the legitimate client's
 //! refusals (target 0) and the target's peak memory. A harness, not a test: nothing here
-//! asserts a rate. The load generator shares the machine's cores with the target.
+//! asserts a rate.
+//!
+//! The attackers, the legitimate client and the relay's sink all run on the machine that
+//! runs the target, and on a small machine they take CPU the target would otherwise have.
+//! So that the attackers' own work cannot slow the legitimate client directly, the client
+//! has a runtime (one thread, `legit`) of its own, apart from the attackers' (`attack`),
+//! as it would be a different machine; and every phase reports the CPU each party used
+//! (target, attackers, legitimate client, sink: seconds of CPU per second, 2.0 = both
+//! cores of a 2-core machine) and the load average when it started, so a low ratio can
+//! be told apart from a starved target. The ratio itself is never corrected.
+//!
+//! `MB_ATTACK_ONLY=flood,idle,slow,auth,big` (any subset) runs only those attackers, to
+//! see what each one costs.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,7 +42,7 @@ use mb_testkit::{Postfix, Proc, free_port, wait_until};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::bench::{pss, sink};
+use crate::bench::{cpu_secs, pss, sink};
 
 const LEGIT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
 pub(crate) const LEGIT_SESSIONS: usize = 4;
@@ -49,6 +61,62 @@ const BIG_CLIENTS: u8 = 5;
 const BIG_SIZE: usize = 20 << 20;
 /// Time the attack runs before the legitimate client is measured under it.
 const RAMP: Duration = Duration::from_secs(5);
+
+/// Which attackers run (`MB_ATTACK_ONLY`, default all).
+#[derive(Clone, Copy)]
+struct Attackers {
+    flood: bool,
+    idle: bool,
+    slow: bool,
+    auth: bool,
+    big: bool,
+}
+
+impl Attackers {
+    fn from_env() -> Result<Attackers> {
+        let Ok(only) = std::env::var("MB_ATTACK_ONLY") else {
+            return Ok(Attackers {
+                flood: true,
+                idle: true,
+                slow: true,
+                auth: true,
+                big: true,
+            });
+        };
+        let mut a = Attackers {
+            flood: false,
+            idle: false,
+            slow: false,
+            auth: false,
+            big: false,
+        };
+        for name in only.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "flood" => a.flood = true,
+                "idle" => a.idle = true,
+                "slow" => a.slow = true,
+                "auth" => a.auth = true,
+                "big" => a.big = true,
+                other => bail!(
+                    "MB_ATTACK_ONLY: unknown attacker {other:?} (flood, idle, slow, auth, big)"
+                ),
+            }
+        }
+        Ok(a)
+    }
+
+    fn names(self) -> String {
+        let all = [
+            (self.flood, "flood"),
+            (self.idle, "idle"),
+            (self.slow, "slow"),
+            (self.auth, "auth"),
+            (self.big, "big"),
+        ];
+        let on: Vec<_> = all.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        on.join(",")
+    }
+}
 
 /// Where the attack goes.
 #[derive(Clone, Copy)]
@@ -74,6 +142,9 @@ pub(crate) struct Tally {
     auth_refused_password: AtomicU64,
     big_accepted: AtomicU64,
     big_refused: AtomicU64,
+    big_reasons: std::sync::Mutex<Vec<String>>,
+    /// Connections every attacker opened (or tried to).
+    attempts: AtomicU64,
 }
 
 fn gauge_up(open: &AtomicU64, peak: &AtomicU64) {
@@ -244,6 +315,7 @@ async fn flood(
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
     while !stop.load(Relaxed) {
         tick.tick().await;
+        tally.attempts.fetch_add(1, Relaxed);
         let tally = tally.clone();
         tokio::spawn(async move {
             let admitted = match connect_from(src, port).await {
@@ -265,6 +337,7 @@ async fn flood(
 /// Holds one session open after EHLO, reconnecting a second after it is closed.
 async fn idle(src: Ipv4Addr, port: u16, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     while !stop.load(Relaxed) {
+        tally.attempts.fetch_add(1, Relaxed);
         if let Ok(stream) = connect_from(src, port).await {
             let mut s = BufReader::new(stream);
             if matches!(reply(&mut s).await, Ok(220))
@@ -290,6 +363,7 @@ async fn idle(src: Ipv4Addr, port: u16, tally: Arc<Tally>, stop: Arc<AtomicBool>
 async fn slowloris(src: Ipv4Addr, port: u16, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let line = b"EHLO slow.example.and.a.very.long.name.that.never.ends";
     while !stop.load(Relaxed) {
+        tally.attempts.fetch_add(1, Relaxed);
         if let Ok(stream) = connect_from(src, port).await {
             let mut s = BufReader::new(stream);
             if matches!(reply(&mut s).await, Ok(220)) {
@@ -446,6 +520,7 @@ async fn auth_attack(
         tick.tick().await;
         let tally = tally.clone();
         let n = tally.auth_tried.fetch_add(1, Relaxed);
+        tally.attempts.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             if matches!(guess(src, target, n).await, Ok(true)) {
                 tally.auth_refused_password.fetch_add(1, Relaxed);
@@ -457,24 +532,38 @@ async fn auth_attack(
 async fn big(src: Ipv4Addr, port: u16, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
     let body = Arc::new(message(BIG_SIZE, "big@sender.test"));
     while !stop.load(Relaxed) {
+        tally.attempts.fetch_add(1, Relaxed);
         let sent = async {
             let mut s = BufReader::new(connect_from(src, port).await?);
-            if reply(&mut s).await? != 220
-                || command(&mut s, "EHLO big.sender.test\r\n").await? != 250
-            {
-                return Ok::<bool, std::io::Error>(false);
+            let greeting = reply(&mut s).await?;
+            if greeting != 220 {
+                return Ok::<_, std::io::Error>(Err(format!("greeting {greeting}")));
             }
-            let ok = send_one(&mut s, "big@sender.test", &body).await?.is_ok();
+            let ehlo = command(&mut s, "EHLO big.sender.test\r\n").await?;
+            if ehlo != 250 {
+                return Ok(Err(format!("EHLO {ehlo}")));
+            }
+            let sent = send_one(&mut s, "big@sender.test", &body).await?;
             let _ = command(&mut s, "QUIT\r\n").await;
-            Ok(ok)
+            Ok(sent)
         }
         .await;
-        if matches!(sent, Ok(true)) {
-            tally.big_accepted.fetch_add(1, Relaxed);
-        } else {
-            tally.big_refused.fetch_add(1, Relaxed);
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        let why = match sent {
+            Ok(Ok(())) => {
+                tally.big_accepted.fetch_add(1, Relaxed);
+                continue;
+            }
+            Ok(Err(why)) => why,
+            Err(e) => format!("i/o: {e}"),
+        };
+        tally.big_refused.fetch_add(1, Relaxed);
+        if let Ok(mut reasons) = tally.big_reasons.lock()
+            && reasons.len() < 5
+            && !reasons.contains(&why)
+        {
+            reasons.push(why);
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -482,12 +571,13 @@ async fn big(src: Ipv4Addr, port: u16, tally: Arc<Tally>, stop: Arc<AtomicBool>)
 fn launch(
     rt: &tokio::runtime::Runtime,
     target: Target,
+    who: Attackers,
     tally: &Arc<Tally>,
     stop: &Arc<AtomicBool>,
 ) {
     let t = || tally.clone();
     let s = || stop.clone();
-    for a in 1..=FLOOD_ADDRESSES {
+    for a in (1..=FLOOD_ADDRESSES).filter(|_| who.flood) {
         let src = Ipv4Addr::new(127, 0, 1, a);
         rt.spawn(flood(
             src,
@@ -497,15 +587,15 @@ fn launch(
             s(),
         ));
     }
-    for i in 0..IDLE_SESSIONS {
+    for i in (0..IDLE_SESSIONS).filter(|_| who.idle) {
         let src = Ipv4Addr::new(127, 0, 2, 1 + (i % u32::from(IDLE_ADDRESSES)) as u8);
         rt.spawn(idle(src, target.smtp, t(), s()));
     }
-    for i in 0..SLOWLORIS {
+    for i in (0..SLOWLORIS).filter(|_| who.slow) {
         let src = Ipv4Addr::new(127, 0, 3, 1 + (i % 20) as u8);
         rt.spawn(slowloris(src, target.smtp, t(), s()));
     }
-    for a in 1..=AUTH_ADDRESSES {
+    for a in (1..=AUTH_ADDRESSES).filter(|_| who.auth) {
         let src = Ipv4Addr::new(127, 0, 4, a);
         rt.spawn(auth_attack(
             src,
@@ -515,8 +605,86 @@ fn launch(
             s(),
         ));
     }
-    for a in 1..=BIG_CLIENTS {
+    for a in (1..=BIG_CLIENTS).filter(|_| who.big) {
         rt.spawn(big(Ipv4Addr::new(127, 0, 5, a), target.smtp, t(), s()));
+    }
+}
+
+/// CPU used during one phase, in seconds of CPU per second of the phase (2.0: both
+/// cores of a 2-core machine), by party.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    target: f64,
+    attackers: f64,
+    legit: f64,
+    sink: f64,
+    /// The 1-minute load average when the phase started.
+    load: f64,
+    /// Connections the attackers opened per second.
+    attempts: f64,
+}
+
+/// CPU seconds so far of this process's threads named `name` (the runtimes' workers and
+/// their blocking threads are named after the runtime).
+fn thread_cpu(name: &str) -> f64 {
+    let mut ticks = 0u64;
+    if let Ok(rd) = fs::read_dir("/proc/self/task") {
+        for e in rd.filter_map(Result::ok) {
+            let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            if &stat[open + 1..close] != name {
+                continue;
+            }
+            // Fields after the name, from 0: state, ..., utime (11), stime (12).
+            let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += field(11) + field(12);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The CPU counters of every party at one moment.
+struct CpuMark {
+    at: Instant,
+    target: f64,
+    attackers: f64,
+    legit: f64,
+    sink: f64,
+}
+
+impl CpuMark {
+    fn now(target: i32, sink: i32) -> CpuMark {
+        CpuMark {
+            at: Instant::now(),
+            target: cpu_secs(target),
+            attackers: thread_cpu("attack"),
+            legit: thread_cpu("legit"),
+            sink: cpu_secs(sink),
+        }
+    }
+
+    fn since(&self, start: &CpuMark, load: f64) -> Cpu {
+        let secs = self.at.duration_since(start.at).as_secs_f64().max(1e-3);
+        Cpu {
+            target: (self.target - start.target) / secs,
+            attackers: (self.attackers - start.attackers) / secs,
+            legit: (self.legit - start.legit) / secs,
+            sink: (self.sink - start.sink) / secs,
+            load,
+            attempts: 0.0,
+        }
     }
 }
 
@@ -529,28 +697,49 @@ struct Row {
     refused_attacked: u64,
     reasons_alone: Vec<String>,
     peak_mib: f64,
+    cpu_alone: Cpu,
+    cpu_attacked: Cpu,
     tally: Arc<Tally>,
 }
 
+/// What one phase measured.
+struct Phase {
+    rate: f64,
+    refused: u64,
+    peak_mib: f64,
+    cpu: Cpu,
+    tally: Arc<Tally>,
+}
+
+fn runtime(name: &str, workers: usize) -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
 /// Measures the legitimate client for `window`, with or without the attack running.
+/// `roots[0]` is the target's process (its family counts), `sink` the relay's sink.
 fn measure(
     target: Target,
     window: Duration,
-    attack: bool,
+    attack: Option<Attackers>,
     roots: &[i32],
-) -> Result<(f64, u64, f64, Arc<Tally>)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    sink: i32,
+) -> Result<Phase> {
+    // The legitimate client is another machine: its own thread, so that the attackers'
+    // thousands of tasks never stand in its run queue.
+    let legit_rt = runtime("legit", 1)?;
+    let attack_rt = runtime("attack", 2)?;
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
-    if attack {
-        launch(&rt, target, &tally, &stop);
+    if let Some(who) = attack {
+        launch(&attack_rt, target, who, &tally, &stop);
     }
     for n in 0..LEGIT_SESSIONS {
-        rt.spawn(legit(
+        legit_rt.spawn(legit(
             n,
             target,
             tally.clone(),
@@ -558,8 +747,16 @@ fn measure(
             stop.clone(),
         ));
     }
-    let ramp = if attack { RAMP } else { LEGIT_PACE * 4 };
+    let ramp = if attack.is_some() {
+        RAMP
+    } else {
+        LEGIT_PACE * 4
+    };
     std::thread::sleep(ramp);
+    let load = load_average();
+    let root = roots.first().copied().unwrap_or(0);
+    let mark = CpuMark::now(root, sink);
+    let attempts = tally.attempts.load(Relaxed);
     measuring.store(true, Relaxed);
     let started = Instant::now();
     let mut peak = 0;
@@ -569,34 +766,47 @@ fn measure(
     }
     measuring.store(false, Relaxed);
     let secs = started.elapsed().as_secs_f64();
+    let mut cpu = CpuMark::now(root, sink).since(&mark, load);
+    cpu.attempts = (tally.attempts.load(Relaxed) - attempts) as f64 / secs;
     stop.store(true, Relaxed);
-    rt.shutdown_timeout(Duration::from_secs(2));
+    attack_rt.shutdown_timeout(Duration::from_secs(2));
+    legit_rt.shutdown_timeout(Duration::from_secs(2));
     let sent = tally.legit_sent.load(Relaxed) as f64;
-    Ok((
-        sent / secs,
-        tally.legit_refused.load(Relaxed),
-        peak as f64 / 1024.0,
+    Ok(Phase {
+        rate: sent / secs,
+        refused: tally.legit_refused.load(Relaxed),
+        peak_mib: peak as f64 / 1024.0,
+        cpu,
         tally,
-    ))
+    })
 }
 
-fn row(name: &str, target: Target, window: Duration, roots: &[i32]) -> Result<Row> {
+fn row(
+    name: &str,
+    target: Target,
+    who: Attackers,
+    window: Duration,
+    roots: &[i32],
+    sink: i32,
+) -> Result<Row> {
     eprintln!("xtask: bench --attack: {name}: the legitimate client alone ...");
-    let (alone, refused_alone, _, quiet) = measure(target, window, false, roots)?;
-    let reasons_alone = quiet.legit_reasons.lock().expect("reasons").clone();
+    let quiet = measure(target, window, None, roots, sink)?;
+    let reasons_alone = quiet.tally.legit_reasons.lock().expect("reasons").clone();
     // Let the target drain what it accepted before the attack starts.
     std::thread::sleep(Duration::from_secs(3));
     eprintln!("xtask: bench --attack: {name}: under attack ...");
-    let (attacked, refused_attacked, peak_mib, tally) = measure(target, window, true, roots)?;
+    let hit = measure(target, window, Some(who), roots, sink)?;
     Ok(Row {
         name: name.into(),
-        alone,
-        attacked,
-        refused_alone,
-        refused_attacked,
+        alone: quiet.rate,
+        attacked: hit.rate,
+        refused_alone: quiet.refused,
+        refused_attacked: hit.refused,
         reasons_alone,
-        peak_mib,
-        tally,
+        peak_mib: hit.peak_mib,
+        cpu_alone: quiet.cpu,
+        cpu_attacked: hit.cpu,
+        tally: hit.tally,
     })
 }
 
@@ -640,7 +850,12 @@ pub(crate) fn raise_nofile(need: u64) -> Result<()> {
     Ok(())
 }
 
-fn mailborder(bin: &Path, sink_port: u16, window: Duration) -> Result<Row> {
+fn mailborder(
+    bin: &Path,
+    (sink_port, sink_pid): (u16, i32),
+    who: Attackers,
+    window: Duration,
+) -> Result<Row> {
     let dir = tempfile::Builder::new().prefix("mb-attack-").tempdir()?;
     let d = dir.path();
     let (port, submission) = (free_port(), free_port());
@@ -684,10 +899,10 @@ fn mailborder(bin: &Path, sink_port: u16, window: Duration) -> Result<Row> {
         smtp: port,
         submission: Some(submission),
     };
-    row("mb-smtpd", target, window, &[smtpd.pid()])
+    row("mb-smtpd", target, who, window, &[smtpd.pid()], sink_pid)
 }
 
-fn postfix(sink_port: u16, window: Duration) -> Result<Row> {
+fn postfix((sink_port, sink_pid): (u16, i32), who: Attackers, window: Duration) -> Result<Row> {
     // Postfix's defaults, except that mynetworks leaves out the attackers' loopback
     // addresses (the test kit trusts 127.0.0.0/8).
     let pf = Postfix::start(
@@ -699,22 +914,26 @@ fn postfix(sink_port: u16, window: Duration) -> Result<Row> {
         smtp: pf.port,
         submission: None,
     };
-    row("Postfix", target, window, &[master])
+    row("Postfix", target, who, window, &[master], sink_pid)
 }
 
 pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
     raise_nofile(5000)?;
+    let who = Attackers::from_env()?;
     let window = Duration::from_secs(seconds.max(5));
     eprintln!(
-        "xtask: bench --attack: the legitimate client (4 sessions from {LEGIT}) for {}s alone and {}s under attack, against mb-smtpd then Postfix",
+        "xtask: bench --attack: the legitimate client (4 sessions from {LEGIT}) for {}s alone and {}s under attack ({}), against mb-smtpd then Postfix",
         window.as_secs(),
-        window.as_secs()
+        window.as_secs(),
+        who.names()
     );
-    let (sink_port, _sink) = sink()?;
+    let (sink_port, sink) = sink()?;
+    let sink = (sink_port, sink.pid());
     let rows = [
-        mailborder(mb_smtpd, sink_port, window)?,
-        postfix(sink_port, window)?,
+        mailborder(mb_smtpd, sink, who, window)?,
+        postfix(sink, who, window)?,
     ];
+    println!("attackers: {}", who.names());
     println!(
         "{:<10} {:>12} {:>14} {:>7} {:>15} {:>9} {:>16} {:>10} {:>10} {:>14} {:>12}",
         "target",
@@ -762,6 +981,47 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
             ),
         );
     }
+    println!(
+        "{:<10} {:<9} {:>6} {:>8} {:>10} {:>7} {:>7} {:>14} {:>12}",
+        "CPU",
+        "phase",
+        "load",
+        "target",
+        "attackers",
+        "legit",
+        "sink",
+        "msg/target-s",
+        "atk conn/s"
+    );
+    for r in &rows {
+        for (phase, rate, c) in [
+            ("alone", r.alone, r.cpu_alone),
+            ("attacked", r.attacked, r.cpu_attacked),
+        ] {
+            println!(
+                "{:<10} {:<9} {:>6.2} {:>8.2} {:>10.2} {:>7.2} {:>7.2} {:>14.0} {:>12.0}",
+                r.name,
+                phase,
+                c.load,
+                c.target,
+                c.attackers,
+                c.legit,
+                c.sink,
+                if c.target > 0.0 {
+                    rate / c.target
+                } else {
+                    f64::NAN
+                },
+                c.attempts
+            );
+        }
+    }
+    for r in &rows {
+        let big = r.tally.big_reasons.lock().expect("reasons");
+        if !big.is_empty() {
+            println!("{}: 20 MB messages refused by: {:?}", r.name, *big);
+        }
+    }
     for r in &rows {
         let reasons = r.tally.legit_reasons.lock().expect("reasons");
         if !reasons.is_empty() || !r.reasons_alone.is_empty() {
@@ -773,6 +1033,10 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
     }
     println!(
         "legit refusals: alone/under attack; idle and slow held: most sessions open at once; auth 535/tried: guesses that reached a password check"
+    );
+    println!(
+        "CPU: seconds of CPU per second of the phase (2.00 = two cores) used by the target (its process family), the attackers and the legitimate client (this process's threads of each, on runtimes of their own) and the relay's smtp-sink; msg/target-s: legitimate messages per second of the target's CPU; atk conn/s: connections the attackers opened a second; load: 1-minute load average at the phase's start. Everything shares this machine's {} cores: what the attackers and the sink use, the target cannot, so read the ratio together with these figures (it is not corrected for them).",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     Ok(())
 }

@@ -73,7 +73,7 @@ fn family(root: i32) -> Vec<i32> {
 }
 
 /// CPU seconds used so far by a process family: the live processes and the reaped ones.
-fn cpu_secs(root: i32) -> f64 {
+pub(crate) fn cpu_secs(root: i32) -> f64 {
     let mut ticks = proc_stat(root).map_or(0, |(_, own, reaped)| own + reaped);
     for pid in family(root).into_iter().skip(1) {
         ticks += proc_stat(pid).map_or(0, |(_, own, _)| own);
@@ -486,6 +486,10 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
     let idle = crate::idle::run(&mb_smtpd, IDLE_SESSIONS, IDLE_WINDOW)
         .inspect_err(|e| eprintln!("xtask: bench: no idle-sessions row: {e:#}"))
         .ok();
+    eprintln!("xtask: bench: mb-web API latency ...");
+    let api = crate::api_bench::run(mb_smtpd.parent().unwrap_or(Path::new(".")))
+        .inspect_err(|e| eprintln!("xtask: bench: no API latency rows: {e:#}"))
+        .ok();
     println!(
         "{:<34} {:>14} {:>16} {:>12} {:>14}",
         "path", "accepted msg/s", "end-to-end msg/s", "CPU ms/msg", "peak PSS MiB"
@@ -511,6 +515,27 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
             "-",
             "-",
             idle.peak_idle as f64 / 1024.0,
+        );
+    }
+    // The API's latency: status, a quarantine page, a log search, over HTTPS.
+    if let Some(api) = &api {
+        let row = |what: &str| {
+            api.iter()
+                .find(|r| r.what.starts_with(what) && r.transport == "HTTPS")
+                .map_or("-".to_string(), |r| {
+                    format!(
+                        "{:.1}/{:.1}",
+                        r.p50.as_secs_f64() * 1000.0,
+                        r.p99.as_secs_f64() * 1000.0
+                    )
+                })
+        };
+        println!(
+            "{:<34} status {} ms, quarantine page {} ms, log search {} ms (p50/p99, HTTPS)",
+            "mb-web API",
+            row("status"),
+            row("quarantine, page of"),
+            row("log, subject")
         );
     }
     let (pf, mb) = (&results[1], &results[2]);
@@ -554,6 +579,9 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
                 ratio(pf.total_secs, r.total_secs)
             );
         }
+    }
+    if let Some(api) = &api {
+        crate::api_bench::print(api);
     }
     Ok(())
 }

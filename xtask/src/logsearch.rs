@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use mb_testkit::{Gateway, MariaDb, Postgres, require};
 
 /// Events in the generated log.
-const EVENTS: u64 = 1_000_000;
+pub(crate) const EVENTS: u64 = 1_000_000;
 
 /// The searches, as mb-log arguments.
 const SEARCHES: &[(&str, &[&str])] = &[
@@ -45,7 +45,7 @@ const SEARCHES: &[(&str, &[&str])] = &[
 
 /// The INSERT ... SELECT body shared by the engines: `{n}` is the row number, `{cat}`
 /// the engine's string concatenation of its arguments.
-fn columns(n: &str, cat: fn(&[&str]) -> String, div: &str, now_ms: u64) -> String {
+pub(crate) fn columns(n: &str, cat: fn(&[&str]) -> String, div: &str, now_ms: u64) -> String {
     let text = |s: &str| format!("'{s}'");
     let step = 30 * 86_400_000 / EVENTS;
     [
@@ -81,11 +81,11 @@ fn columns(n: &str, cat: fn(&[&str]) -> String, div: &str, now_ms: u64) -> Strin
     .join(", ")
 }
 
-const INSERT: &str = "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, \
+pub(crate) const INSERT: &str = "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, \
      client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject) ";
 
 /// Fills the recipient table from the generated events, each of which has one recipient.
-const RECIPIENTS: &str = "INSERT INTO message_event_recipients (event_row, recipient) SELECT id, recipients FROM message_events;";
+pub(crate) const RECIPIENTS: &str = "INSERT INTO message_event_recipients (event_row, recipient) SELECT id, recipients FROM message_events;";
 
 /// Fills MariaDB's subject chunks as migration 0014 does (16 events a chunk).
 const CHUNKS: &str = "SET SESSION group_concat_max_len = 16777216; \
@@ -93,7 +93,7 @@ const CHUNKS: &str = "SET SESSION group_concat_max_len = 16777216; \
      SELECT id DIV 16, GROUP_CONCAT(LOWER(COALESCE(subject, '')) ORDER BY id SEPARATOR '\\n') \
      FROM message_events GROUP BY id DIV 16;";
 
-fn sql_cat(parts: &[&str]) -> String {
+pub(crate) fn sql_cat(parts: &[&str]) -> String {
     format!("({})", parts.join(" || "))
 }
 
@@ -214,7 +214,7 @@ pub fn bench() -> Result<()> {
     Ok(())
 }
 
-fn sql_client(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sql_client(cmd: &mut Command) -> Result<()> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;

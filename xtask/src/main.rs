@@ -27,6 +27,7 @@ const TOOLS: &[&str] = &[
     "mb-queue",
     "mb-quarantine",
     "mb-log",
+    "mb-stats",
     "mb-policy",
     "mb-greylist",
     "mb-dkim",
@@ -71,6 +72,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // man and groff check the manual pages `install` writes.
     ("man-db", "/usr/bin/man"),
     ("groff-base", "/usr/bin/groff"),
+    // Headless Chromium and its WebDriver server for the web interface's browser tests
+    // (tests/e2e/web_ui.rs, mb_testkit::browser).
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
     // OpenDKIM's miltertest, an independent milter client for the mb-milter tests.
     ("miltertest", "/usr/bin/miltertest"),
     // lintian checks the package `cargo xtask deb` builds.
@@ -81,6 +86,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ldap-utils", "/usr/bin/ldapsearch"),
     // promtool checks the text mb-web serves on /metrics.
     ("prometheus", "/usr/bin/promtool"),
+    // curl, run as nginx's user, speaks HTTP and gRPC on mb-web.sock (tests/e2e/web_scale.rs).
+    ("curl", "/usr/bin/curl"),
 ];
 
 #[derive(Parser)]
@@ -176,6 +183,11 @@ enum Cmd {
         /// MariaDB and PostgreSQL
         #[arg(long)]
         log_search: bool,
+        /// Instead of mail: p50/p99 latency of mb-web's REST API (status, quarantine
+        /// pages of 100,000 entries, log searches over a million events) over HTTPS and
+        /// over its socket (release build unless --debug)
+        #[arg(long)]
+        api: bool,
         /// Instead of the relay paths: a legitimate sender's throughput alone and under
         /// attack (floods, idle and slowloris sessions, password guessing, 20 MB
         /// messages from other loopback addresses), against mb-smtpd and Postfix
@@ -233,6 +245,7 @@ fn main() -> ExitCode {
             filter,
             milter,
             log_search,
+            api,
             attack,
             seconds,
             big,
@@ -254,6 +267,18 @@ fn main() -> ExitCode {
                 return logsearch::bench();
             }
             let profile = if debug { "debug" } else { "release" };
+            if api {
+                if let Some(dir) = &bin_dir {
+                    return api_bench::bench(dir);
+                }
+                let mut build = cargo();
+                build.args(["build", "-p", "mb-rpcd", "-p", "mb-web"]);
+                if !debug {
+                    build.arg("--release");
+                }
+                run(&mut build)?;
+                return api_bench::bench(&root().join("target").join(profile));
+            }
             let mut build = cargo();
             build.args([
                 "build",
@@ -263,6 +288,11 @@ fn main() -> ExitCode {
                 "mb-filter",
                 "-p",
                 "mb-milter",
+                // The API latency row (api_bench.rs).
+                "-p",
+                "mb-rpcd",
+                "-p",
+                "mb-web",
             ]);
             if !debug {
                 build.arg("--release");
@@ -299,6 +329,7 @@ fn main() -> ExitCode {
     }
 }
 
+mod api_bench;
 mod attack;
 mod bench;
 mod bigmem;
@@ -880,6 +911,10 @@ fn install(destdir: &Path, prefix: &str, debug: bool, no_build: bool) -> Result<
         (
             "etc/tmpfiles.d/mailborder.conf",
             format!("{prefix}/lib/tmpfiles.d/mailborder.conf"),
+        ),
+        (
+            "etc/nginx/mailborder.conf",
+            format!("{prefix}/share/doc/mailborder/examples/nginx-mailborder.conf"),
         ),
         (
             "README.md",

@@ -10,6 +10,7 @@ pub mod quarantine;
 pub mod recipients;
 pub mod registry;
 pub mod route;
+pub mod schedule;
 pub mod value;
 pub mod verdict;
 

@@ -56,6 +56,11 @@ pub enum PolicyError {
         "unauthenticated belongs to an allow policy on a sender address or domain (--from or --from-or-to)"
     )]
     UnauthenticatedWithoutSenderAllow,
+    /// A recipient scope that is not one address.
+    #[error(
+        "recipient {recipient:?} is not one address (a policy can be scoped to one recipient, such as jane@example.org)"
+    )]
+    RecipientScope { recipient: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +178,11 @@ pub struct Policy {
     /// false, authenticated-only.
     #[serde(default)]
     pub unauthenticated: bool,
+    /// Only for this recipient (lowercase address; empty: every recipient): a user's own
+    /// sender allow or block. It matches only when every recipient it is judged for is
+    /// this one, so it never decides for another recipient of the same message.
+    #[serde(default)]
+    pub recipient: String,
 }
 
 /// What a message is matched on.
@@ -240,6 +250,19 @@ impl Policy {
         if p.len() > 320 || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(PolicyError::Pattern { pattern: pattern() });
         }
+        let r = &self.recipient;
+        if !r.is_empty()
+            && (r.len() > 320
+                || r.matches('@').count() != 1
+                || r.starts_with('@')
+                || r.ends_with('@')
+                || r.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '?'))
+        {
+            return Err(PolicyError::RecipientScope {
+                recipient: r.clone(),
+            });
+        }
         match self.object {
             Object::Address if !p.contains('@') => {
                 Err(PolicyError::AddressPattern { pattern: pattern() })
@@ -303,6 +326,15 @@ impl Policy {
     /// What matched, without allocating (the filter asks this for every policy of
     /// every message).
     fn hit<'s>(&self, s: &Subject<'s>) -> Option<Hit<'s>> {
+        if !self.recipient.is_empty()
+            && (s.recipients.is_empty()
+                || !s
+                    .recipients
+                    .iter()
+                    .all(|r| r.trim().eq_ignore_ascii_case(&self.recipient)))
+        {
+            return None;
+        }
         match self.object {
             Object::Default => return Some(Hit::Default),
             Object::Network => {
@@ -618,6 +650,51 @@ mod tests {
             quarantine: None,
             reject: None,
             unauthenticated: false,
+            recipient: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_recipient_scoped_policy_decides_for_that_recipient_only() {
+        let mut allow = policy(
+            1,
+            10,
+            Object::Address,
+            "*@partner.test",
+            Direction::From,
+            Action::Allow,
+        );
+        allow.recipient = "jane@a.test".into();
+        let mut block = policy(
+            2,
+            10,
+            Object::Address,
+            "spam@bad.test",
+            Direction::From,
+            Action::Block,
+        );
+        block.recipient = "jane@a.test".into();
+        let rcpts = ["jane@a.test".to_string(), "bob@a.test".to_string()];
+        let s = |sender: &'static str| Subject {
+            sender,
+            recipients: &rcpts,
+            client_ip: None,
+            delimiter: "+",
+        };
+        let ps = [allow, block];
+        let o = outcome(&ps, &s("x@partner.test"), true);
+        assert_eq!(o.recipients[0].policy.map(|p| p.id), Some(1));
+        assert_eq!(o.recipients[1].policy.map(|p| p.id), None);
+        assert!(o.allowed().is_none(), "jane's allow must not exempt bob");
+        let o = outcome(&ps, &s("spam@bad.test"), true);
+        assert_eq!(o.recipients[0].policy.map(|p| p.id), Some(2));
+        assert_eq!(o.recipients[1].policy.map(|p| p.id), None);
+        // The whole-envelope check (the milter's early block) does not take it for both.
+        assert!(best(&ps, &s("spam@bad.test")).is_none());
+        let mut bad = ps[0].clone();
+        for r in ["*@a.test", "jane", "a b@c.test"] {
+            bad.recipient = r.into();
+            assert!(bad.validate().is_err(), "{r}");
         }
     }
 

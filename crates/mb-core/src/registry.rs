@@ -41,6 +41,17 @@ pub enum RegistryError {
     /// An LDAP filter template that is not one parenthesised filter with `%s` in it.
     #[error("{filter:?} is not an LDAP filter with %s where the address goes, such as (mail=%s)")]
     LdapFilter { filter: String },
+    /// An Rspamd URL that is neither `http://host[:port][/prefix]` nor `unix:/path`.
+    #[error("{url:?} is not http://host:port or unix:/absolute/path/to/socket")]
+    RspamdUrl { url: String },
+    /// `quarantine.digest.schedule` that is neither `hourly` nor `daily HH:MM`.
+    #[error(transparent)]
+    Schedule(#[from] crate::schedule::ScheduleError),
+    /// `web.base_url` that is not an http(s) URL without query or fragment.
+    #[error(
+        "{url:?} is not an https:// (or http://) URL without ? or #, such as https://mail.example.org"
+    )]
+    BaseUrl { url: String },
 }
 
 /// One configuration key.
@@ -175,6 +186,52 @@ fn valid_transport(v: &crate::Value) -> Result<(), RegistryError> {
     }
 }
 
+fn valid_digest_schedule(v: &crate::Value) -> Result<(), RegistryError> {
+    match v {
+        crate::Value::Text(t) => t
+            .parse::<crate::schedule::Schedule>()
+            .map(|_| ())
+            .map_err(Into::into),
+        _ => Ok(()),
+    }
+}
+
+fn valid_base_url(v: &crate::Value) -> Result<(), RegistryError> {
+    match v {
+        crate::Value::Text(url)
+            if !url.is_empty()
+                && (!(url.starts_with("https://") || url.starts_with("http://"))
+                    || url.contains(['?', '#', '"', '<', '>', ' ', '\\'])) =>
+        {
+            Err(RegistryError::BaseUrl { url: url.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `rspamd.url` and `rspamd.controller_url`: the two forms their clients take (mb-filter's
+/// `rspamd::Endpoint`, mb-web's controller proxy), so a URL they cannot use is refused
+/// by `mb-config set` rather than found at the next message.
+fn valid_rspamd_url(v: &crate::Value) -> Result<(), RegistryError> {
+    let crate::Value::Text(url) = v else {
+        return Ok(());
+    };
+    let t = url.trim();
+    let ok = if let Some(path) = t.strip_prefix("unix:") {
+        path.starts_with('/') && !path.trim_start_matches('/').is_empty()
+    } else if let Some(rest) = t.strip_prefix("http://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        !authority.is_empty() && !rest.contains(char::is_whitespace) && !authority.contains('@')
+    } else {
+        false
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::RspamdUrl { url: url.clone() })
+    }
+}
+
 fn valid_ldap_url(v: &crate::Value) -> Result<(), RegistryError> {
     match v {
         crate::Value::Text(url)
@@ -254,6 +311,7 @@ pub static KEYS: &[KeyDef] = &[
     // Logging.
     k("log.level", Kind::Enum(&["error", "warn", "info", "debug", "trace"]), "info", "Least severe level written to the log"),
     k("log.retention_days", int(0, 3650), "30", "Days the message log (mb-log) keeps events, those uploaded by cluster children included; 0 keeps them forever. Pruned at start and every 5 minutes").by(R),
+    k("stats.retention_days", int(0, 3650), "400", "Days mb-rpcd keeps the hourly statistics rollups (mb-stats, /api/v1/stats); 0 keeps them forever. Pruned at start and every 5 minutes").by(R),
     k("log.format", Kind::Enum(&["text", "json"]), "text", "Log line format: text for people and fail2ban, json for collectors"),
     k("log.files", BOOL, "false", "Also append each daemon's log lines to paths.log_dir/DAEMON.log, reopened on SIGHUP for logrotate; stderr (the journal) gets them either way").file_only(),
     // Process identity.
@@ -416,9 +474,11 @@ pub static KEYS: &[KeyDef] = &[
     k("clamav.unavailable_action", SCANNER_DOWN, "tempfail", "What to do with a message when clamd cannot be reached").by(F),
     k("clamav.virus_action", Kind::Enum(&["reject", "quarantine"]), "reject", "What to do with an infected message: refuse it in the session, or accept and quarantine it").by(F),
     k("rspamd.enabled", BOOL, "false", "Ask Rspamd for a spam score").by(F),
-    k("rspamd.url", TEXT, "http://127.0.0.1:11333", "Rspamd normal worker URL (POST /checkv2)").by(F),
+    k("rspamd.url", TEXT, "http://127.0.0.1:11333", "Rspamd normal worker URL (POST /checkv2): http://host:port or unix:/path/to/socket; connections are kept alive between messages").by(F).validated(valid_rspamd_url),
     k("rspamd.timeout", secs(1, 3600), "30s", "Longest time an Rspamd check may take").by(F),
     k("rspamd.unavailable_action", SCANNER_DOWN, "skip", "What to do with a message when Rspamd cannot be reached").by(F),
+    k("rspamd.controller_url", TEXT, "http://127.0.0.1:11334", "Rspamd controller (its web interface and API) that mb-web proxies under /rspamd/ for administrators: http://host:port or unix:/path/to/socket").by(W).validated(valid_rspamd_url),
+    k("rspamd.controller_password", Kind::Text { max: 256 }, "", "Password of the Rspamd controller; mb-web adds it to each proxied request (Rspamd's Password header), so browsers never see it").by(W).secret(),
     // DKIM signing.
     k("dkim.sign", BOOL, "false", "DKIM-sign outbound mail").by(F),
     k("dkim.selector", Kind::Text { max: 63 }, "mailborder", "DKIM selector (the DNS name is SELECTOR._domainkey.DOMAIN)").by(F),
@@ -438,6 +498,10 @@ pub static KEYS: &[KeyDef] = &[
     k("quarantine.retention_days", int(1, 3650), "30", "Days a quarantined message is kept").by(&[FILTER, RPCD]),
     k("quarantine.max_size_mb", int(1, 10_000_000), "10240", "Largest total size of the quarantine in MiB").by(&[FILTER, RPCD]),
     k("quarantine.max_messages", int(0, 100_000_000), "0", "Most messages kept in quarantine; 0 for no limit").by(&[FILTER, RPCD]),
+    k("quarantine.digest.enabled", BOOL, "false", "Send each recipient a digest of the mail quarantined for it since its last one, on quarantine.digest.schedule (mb-quarantine digest --now sends at once whatever this says)").by(R),
+    k("quarantine.digest.schedule", Kind::Text { max: 32 }, "daily 08:00", "When digests go out: hourly, or daily HH:MM in the host's local time; a time missed while mb-rpcd was down is caught up once at its start").by(R).validated(valid_digest_schedule),
+    k("quarantine.digest.domains", Kind::List, "", "Recipient domains that get digests; empty for every domain of smtp.domains").by(R),
+    k("quarantine.digest.link_lifetime", secs(3600, 30 * DAY), "1w", "How long the release and portal links of a digest work; each works once").by(R),
     // LDAP / Active Directory (recipient verification; the users' portal logins later).
     k("ldap.url", TEXT, "", "Directory server as ldap://HOST:PORT or ldaps://HOST:PORT; empty turns LDAP off (smtp.recipient_verification = ldap then has nothing to ask)").by(S).validated(valid_ldap_url),
     k("ldap.bind_dn", TEXT, "", "DN of the service account lookups bind as, such as cn=mailborder,ou=services,dc=example,dc=com (AD also takes user@domain)").by(S),
@@ -449,6 +513,9 @@ pub static KEYS: &[KeyDef] = &[
     k("ldap.cache_ttl", secs(0, DAY), "5m", "How long an LDAP answer (recipient found or not found) is reused; 0 asks the directory every time. Errors are never cached").by(S),
     k("ldap.timeout", secs(1, 300), "10s", "Time allowed to connect and bind to the directory, and for each search; a recipient lookup that runs out gets 450 4.1.1").by(S),
     // Web accounts (mb-web's logins, kept and checked by mb-rpcd).
+    k("web.base_url", TEXT, "", "The web interface's address as users reach it, for links in quarantine digests (https://mail.example.org); empty for https://smtp.hostname with network.https.port").by(R).validated(valid_base_url),
+    k("web.enabled", BOOL, "true", "Whether this node runs mb-web (mailborder.target starts it): mb-status expects its socket and reports it down when it does not answer").by(W).local(),
+    k("web.socket_group", Kind::Text { max: 32 }, "www-data", "Group given mb-web.sock (mode 0660) for the nginx in front, instead of mailborder's: that group speaks HTTP there and logs in like any client, and cannot reach the other daemons' sockets; mb-web must have the group (SupplementaryGroups= in mb-web.service), else the socket stays mailborder's with a warning; empty for mailborder").by(W).local(),
     k("web.session_lifetime", secs(60, 30 * DAY), "8h", "How long a web login session lasts from the login, however active; a changed value applies to new sessions").by(R),
     k("web.lockout.failures", int(1, 1000), "5", "Failed web logins to one account within web.lockout.window that lock it for web.lockout.window; each failure is logged as \"web login failed client=IP\" for fail2ban").by(R),
     k("web.lockout.window", secs(60, DAY), "15m", "Window in which web.lockout.failures failed logins lock a web account, and how long the lock lasts").by(R),
@@ -565,6 +632,34 @@ mod tests {
                 "{}",
                 k.key
             );
+        }
+    }
+
+    #[test]
+    fn rspamd_urls_are_http_or_an_absolute_socket() {
+        let check = |t: &str| valid_rspamd_url(&crate::Value::Text(t.into())).is_ok();
+        for good in [
+            "http://127.0.0.1:11333",
+            "http://rspamd.local/api/",
+            "http://[::1]:11334",
+            "unix:/run/rspamd/normal.sock",
+            "unix:///run/rspamd/normal.sock",
+        ] {
+            assert!(check(good), "{good}");
+        }
+        for bad in [
+            "",
+            "https://x:1",
+            "127.0.0.1:11333",
+            "http://",
+            "http:///api",
+            "http://user@host:1",
+            "http://a b:1",
+            "unix:normal.sock",
+            "unix:/",
+            "unix:\u{e9}",
+        ] {
+            assert!(!check(bad), "{bad}");
         }
     }
 

@@ -1,13 +1,18 @@
 //! mb-dkim: the DKIM signing key (`dkim.key`) and the DNS record that publishes it, as
-//! `opendkim-genkey` makes them.
+//! `opendkim-genkey` makes them (the code is the library's, `mb_dkim`, shared with
+//! mb-rpcd's `Dkim` service behind mb-web's `/api/v1/dkim`).
+//!
+//! The tool works on the file itself, as `opendkim-genkey` does, rather than through
+//! mb-rpcd: an administrator makes the key as root before the daemons are set up or
+//! while they are stopped, and `--key` may name any file. Run as root it gives the file
+//! to the daemons' group, so mb-filter can read it. A key made through the API is also
+//! recorded in the audit trail; one made here is not (the file's time says when).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rcgen::{KeyPair, PKCS_RSA_SHA256, PublicKeyData, RsaKeySize};
+use mb_dkim::{DkimError, Key, Record};
 
 const AFTER_HELP: &str = "\
 mb-filter signs outbound mail (authenticated or from smtp.mynetworks) whose From domain
@@ -19,6 +24,10 @@ Examples:
   mb-dkim keygen --domain example.org       # writes dkim.key, prints the TXT record
   mb-dkim record --domain example.org       # the record for the existing key
   mb-config set dkim.sign true
+
+Only RSA keys: mb-filter signs rsa-sha256. The key file is written with mode 0640 and,
+when run as root, the mailborder group. mb-web's API does the same through mb-rpcd
+(GET /api/v1/dkim/record, POST /api/v1/dkim/keygen), and records it in the audit trail.
 
 Exit status: 0 success, 1 refused (the key exists, cannot be read or written), 2 usage
 error.";
@@ -51,7 +60,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
         /// Key size: 2048, 3072 or 4096
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = mb_dkim::DEFAULT_BITS)]
         bits: u32,
         /// Replace an existing key (mail signed with the old one stops verifying once
         /// its record is gone)
@@ -71,6 +80,16 @@ enum Command {
 
 struct Failure(u8, String);
 
+impl From<DkimError> for Failure {
+    fn from(e: DkimError) -> Failure {
+        let code = match e {
+            DkimError::Domain(_) | DkimError::Selector(_) | DkimError::Bits(_) => 2,
+            _ => 1,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
 fn main() -> ExitCode {
     let args = mb_runtime::docs::parse::<Args>();
     match run(args) {
@@ -82,47 +101,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// A domain as DNS names allow (letters, digits, hyphens, dots).
-fn check_domain(d: &str) -> Result<(), Failure> {
-    let ok = !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(Failure(2, format!("{d:?} is not a domain name")))
-    }
-}
-
-/// `v=DKIM1; k=rsa; p=...` for a key.
-fn record_value(key: &KeyPair) -> String {
-    format!(
-        "v=DKIM1; k=rsa; p={}",
-        mb_core::message::base64_encode(&key.subject_public_key_info())
-    )
-}
-
-fn print_record(json: bool, selector: &str, domain: &str, key: &KeyPair) {
-    let name = format!("{selector}._domainkey.{domain}");
-    let value = record_value(key);
+fn print_record(json: bool, selector: &str, path: &Path, record: &Record, key: &Key) {
     if json {
         println!(
             "{}",
-            serde_json::json!({"name": name, "type": "TXT", "value": value})
+            serde_json::json!({
+                "name": record.name,
+                "type": "TXT",
+                "value": record.value,
+                "selector": selector,
+                "key": path.display().to_string(),
+                "algorithm": key.algorithm(),
+                "bits": key.bits(),
+                "fingerprint": key.fingerprint(),
+            })
         );
-        return;
+    } else {
+        println!("{}", record.zone_line());
     }
-    // Zone-file form: TXT strings are at most 255 bytes each.
-    let strings: Vec<String> = value
-        .as_bytes()
-        .chunks(255)
-        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
-        .collect();
-    println!("{name}. IN TXT ( {} )", strings.join(" "));
 }
 
 fn run(args: Args) -> Result<(), Failure> {
@@ -135,72 +131,39 @@ fn run(args: Args) -> Result<(), Failure> {
             bits,
             force,
         } => {
-            check_domain(&domain)?;
+            let domain = mb_dkim::check_domain(&domain)?;
             let selector = selector.unwrap_or_else(|| cfg.text("dkim.selector"));
+            mb_dkim::check_selector(&selector)?;
             let path = key.unwrap_or_else(|| cfg.path("dkim.key"));
-            let size = match bits {
-                2048 => RsaKeySize::_2048,
-                3072 => RsaKeySize::_3072,
-                4096 => RsaKeySize::_4096,
-                _ => return Err(Failure(2, "--bits must be 2048, 3072 or 4096".into())),
-            };
+            if !mb_dkim::SIZES.contains(&bits) {
+                return Err(DkimError::Bits(bits).into());
+            }
+            // Refused before the slow part; the write checks again atomically.
             if path.exists() && !force {
-                return Err(Failure(
-                    1,
-                    format!(
-                        "{} exists; mb-dkim record prints its DNS record, --force replaces it",
-                        path.display()
-                    ),
-                ));
+                return Err(DkimError::Exists(path).into());
             }
             eprintln!("mb-dkim: generating a {bits}-bit RSA key ...");
-            let pair = KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, size)
-                .map_err(|e| Failure(1, format!("cannot generate a key: {e}")))?;
-            if let Some(dir) = path.parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| Failure(1, format!("cannot create {}: {e}", dir.display())))?;
-            }
-            let tmp = path.with_extension("tmp");
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o640)
-                .open(&tmp)
-                .and_then(|mut f| {
-                    f.write_all(pair.serialize_pem().as_bytes())?;
-                    f.sync_all()
-                })
-                .and_then(|()| std::fs::rename(&tmp, &path));
-            written.map_err(|e| Failure(1, format!("cannot write {}: {e}", path.display())))?;
+            let pair = Key::generate(bits)?;
+            pair.write(&path, force)?;
             eprintln!(
                 "mb-dkim: wrote {}; publish this record, then: mb-config set dkim.sign true",
                 path.display()
             );
-            print_record(args.json, &selector, &domain, &pair);
+            let record = Record::new(&selector, &domain, &pair);
+            print_record(args.json, &selector, &path, &record, &pair);
         }
         Command::Record {
             domain,
             selector,
             key,
         } => {
-            check_domain(&domain)?;
+            let domain = mb_dkim::check_domain(&domain)?;
             let selector = selector.unwrap_or_else(|| cfg.text("dkim.selector"));
+            mb_dkim::check_selector(&selector)?;
             let path = key.unwrap_or_else(|| cfg.path("dkim.key"));
-            let pem = std::fs::read_to_string(&path).map_err(|e| {
-                Failure(
-                    1,
-                    format!(
-                        "cannot read {}: {e} (mb-dkim keygen makes a key)",
-                        path.display()
-                    ),
-                )
-            })?;
-            let pair = KeyPair::from_pem(&pem)
-                .map_err(|e| Failure(1, format!("{} is not a private key: {e}", path.display())))?;
-            print_record(args.json, &selector, &domain, &pair);
+            let pair = Key::read(&path)?;
+            let record = Record::new(&selector, &domain, &pair);
+            print_record(args.json, &selector, &path, &record, &pair);
         }
     }
     Ok(())

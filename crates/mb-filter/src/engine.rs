@@ -930,8 +930,11 @@ mod tests {
                     request.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&request);
                     let complete = text.split_once("\r\n\r\n").is_some_and(|(head, rest)| {
+                        // Field names are case-insensitive (hyper writes them lowercase).
                         head.lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .filter_map(|l| l.split_once(": "))
+                            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                            .map(|(_, n)| n)
                             .and_then(|n| n.parse::<usize>().ok())
                             .is_some_and(|n| rest.len() >= n)
                     });

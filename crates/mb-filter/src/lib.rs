@@ -333,6 +333,7 @@ impl FilterService {
                     .collect(),
                 detail: verdict.refusal.text.clone(),
                 subject,
+                direction: request.direction.as_str().into(),
                 ..Default::default()
             });
         }

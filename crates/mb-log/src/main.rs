@@ -135,6 +135,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             subject: args.subject.unwrap_or_default(),
             client_ip: args.client.map(|ip| ip.to_string()).unwrap_or_default(),
             message_id: args.message_id.unwrap_or_default(),
+            ..Default::default()
         })
         .await
         .map_err(|e| cli::grpc("mb-rpcd", &e))?

@@ -72,6 +72,16 @@ enum Command {
         #[arg(long, value_name = "DAYS")]
         older_than: Option<u32>,
     },
+    /// Send the quarantine digests now (quarantine.digest.* says when they go out by
+    /// themselves): to every recipient with mail quarantined since its last digest
+    Digest {
+        /// Send now (required: digests are otherwise sent on quarantine.digest.schedule)
+        #[arg(long)]
+        now: bool,
+        /// Only to this recipient address
+        #[arg(long, value_name = "ADDRESS")]
+        to: Option<String>,
+    },
 }
 
 fn grpc(e: tonic::Status) -> Failure {
@@ -110,7 +120,8 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Failure> {
     let cfg = mb_runtime::load_config_for_tool("mb-quarantine", args.config.as_deref());
-    let mut q = QuarantineClient::new(cli::rpcd(&cfg).await?);
+    let channel = cli::rpcd(&cfg).await?;
+    let mut q = QuarantineClient::new(channel.clone());
     match args.command {
         Command::List {
             from,
@@ -129,6 +140,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     recipient: to.unwrap_or_default(),
                     since_unix_ms,
                     limit,
+                    ..Default::default()
                 })
                 .await
                 .map_err(grpc)?
@@ -271,6 +283,39 @@ async fn run(args: Args) -> Result<(), Failure> {
                     r.removed,
                     r.remaining,
                     r.remaining_bytes.div_ceil(1024)
+                );
+            }
+        }
+        Command::Digest { now, to } => {
+            if !now {
+                return Err(Failure(
+                    2,
+                    anyhow!(
+                        "say --now to send the digests at once (they otherwise go out on quarantine.digest.schedule)"
+                    ),
+                ));
+            }
+            let r = mb_proto::v1::digest_client::DigestClient::new(channel)
+                .send_now(mb_proto::v1::DigestSendRequest {
+                    to: to.unwrap_or_default(),
+                    actor: String::new(),
+                })
+                .await
+                .map_err(grpc)?
+                .into_inner();
+            if args.json {
+                mb_runtime::say!(
+                    "{}",
+                    json!({"recipients": r.recipients, "listed": r.listed})
+                );
+            } else if r.recipients.is_empty() {
+                mb_runtime::say!("no digest to send: nothing was quarantined since the last ones");
+            } else {
+                mb_runtime::say!(
+                    "sent {} digests listing {} messages: {}",
+                    r.recipients.len(),
+                    r.listed,
+                    r.recipients.join(", ")
                 );
             }
         }

@@ -176,6 +176,7 @@ pub const TABLES: &[Table] = &[
             ("comment", Text),
             ("created_at", Int),
             ("unauthenticated", Int),
+            ("recipient", Text),
         ],
     ),
     serial(
@@ -326,8 +327,32 @@ pub const EXCLUDED: &[(&str, &str)] = &[
         "a one-time notice list that migration 0008 fills and the next start empties",
     ),
     (
+        "stats_counts",
+        "the statistics rollups (migration 0016): history built from the message log, pruned after stats.retention_days",
+    ),
+    (
+        "stats_top",
+        "the statistics' top lists (migration 0016): history like stats_counts",
+    ),
+    (
+        "stats_state",
+        "how far the statistics' top lists are trimmed; a restored database trims again from the start, which keeps the same rows",
+    ),
+    (
         "web_sessions",
         "web logins in progress: ephemeral, and their users simply log in again",
+    ),
+    (
+        "digest_recipients",
+        "what each recipient's last quarantine digest listed (migration 0017): a restored database lists it once more at worst",
+    ),
+    (
+        "digest_runs",
+        "the digest scheduler's last run (migration 0017): the migration makes its row, and the next scheduled time runs",
+    ),
+    (
+        "digest_links",
+        "the single-use links of digests already sent (migration 0017): restoring them could make used links good again, so they are left behind",
     ),
 ];
 

@@ -108,6 +108,8 @@ pub struct EventRecord {
     pub symbols: Vec<String>,
     pub detail: String,
     pub subject: String,
+    /// `inbound` or `outbound` where the daemon said (the statistics count it), else empty.
+    pub direction: String,
 }
 
 /// Which events `query_events` returns; `None` does not filter.
@@ -130,6 +132,8 @@ pub struct EventFilter {
     pub client_ip: Option<String>,
     /// The Message-ID without its angle brackets, whole.
     pub message_id: Option<String>,
+    /// Only mail from or to these domains or addresses (mb-web's restricted roles).
+    pub scope: Option<crate::message_log::Scope>,
 }
 
 /// Which quarantine entries `list_quarantine` returns; `None` does not filter.
@@ -187,6 +191,8 @@ pub struct PolicyRecord {
     pub created_at: i64,
     /// A sender allow that applies to unauthenticated senders too (migration 0008).
     pub unauthenticated: bool,
+    /// Only for this recipient; empty for all (migration 0017).
+    pub recipient: String,
 }
 
 /// A change a cluster child owes the main, in the order it was made.
@@ -491,6 +497,9 @@ impl Db {
     ) -> Result<(u32, u32), DbError> {
         let mut tx = self.write_tx().await?;
         let (mut stored, mut dupes) = (0, 0);
+        // The statistics rollups (stats.rs) count the new events in the same transaction:
+        // an event is counted exactly when it is stored, so never twice and never lost.
+        let mut tally = crate::stats::Tally::default();
         for e in events {
             let seen = sqlx::query(self.sql("SELECT 1 FROM message_events WHERE event_id = ?"))
                 .bind(&e.event_id)
@@ -503,8 +512,8 @@ impl Db {
             }
             let recipients = e.recipients.join("\n");
             let inserted = sqlx::query(self.sql(
-                "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO message_events (event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject, direction) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             ))
             .bind(&e.event_id)
             .bind(&e.node)
@@ -524,8 +533,10 @@ impl Db {
             .bind(e.symbols.join("\n"))
             .bind(&e.detail)
             .bind(&e.subject)
+            .bind(&e.direction)
             .execute(&mut *tx)
             .await?;
+            tally.add(e);
             // The search tables (message_log.rs) follow in the same transaction.
             self.index_event(&mut tx, e, inserted.last_insert_id(), &recipients)
                 .await?;
@@ -534,6 +545,7 @@ impl Db {
             }
             stored += 1;
         }
+        self.count(&mut tx, &tally).await?;
         tx.commit().await?;
         Ok((stored, dupes))
     }
@@ -602,6 +614,9 @@ impl Db {
         } else if q.subject.is_some() {
             sql.push_str(self.subject_match());
         }
+        if let Some(scope) = &q.scope {
+            sql.push_str(&scope.condition(self.dialect, true));
+        }
         sql.push_str(if q.newest_first {
             " ORDER BY at_ms DESC, id DESC LIMIT ?"
         } else {
@@ -647,6 +662,9 @@ impl Db {
             } else {
                 format!("%{}%", like_escape(subject))
             });
+        }
+        if let Some(scope) = &q.scope {
+            query = scope.bind(query, true);
         }
         let rows = query.bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(event_record).collect()
@@ -1090,8 +1108,8 @@ impl Db {
             return Ok(false);
         }
         sqlx::query(self.sql(
-            "INSERT INTO policies (name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO policies (name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated, recipient) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(&p.name)
         .bind(i64::from(p.priority))
@@ -1105,6 +1123,7 @@ impl Db {
         .bind(&p.comment)
         .bind(p.created_at)
         .bind(i64::from(p.unauthenticated))
+        .bind(&p.recipient)
         .execute(&self.pool)
         .await?;
         Ok(true)
@@ -1113,7 +1132,7 @@ impl Db {
     /// Every policy, by priority then id.
     pub async fn list_policies(&self) -> Result<Vec<PolicyRecord>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated \
+            "SELECT id, name, priority, object, pattern, direction, action, tag, quarantine, reject, comment, created_at, unauthenticated, recipient \
              FROM policies ORDER BY priority, id",
         )
         .fetch_all(&self.pool)
@@ -1134,6 +1153,7 @@ impl Db {
                     comment: r.try_get(10)?,
                     created_at: r.try_get(11)?,
                     unauthenticated: r.try_get::<i64, _>(12)? != 0,
+                    recipient: r.try_get(13)?,
                 })
             })
             .collect()
@@ -1156,11 +1176,11 @@ impl Db {
     }
 }
 
-const QUARANTINE_COLUMNS: &str = "id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path";
-const EVENT_COLUMNS: &str = "event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject";
+pub(crate) const QUARANTINE_COLUMNS: &str = "id, node, at_ms, queue_id, client_ip, sender, recipients, subject, reason, score, symbols, size, path";
+const EVENT_COLUMNS: &str = "event_id, node, daemon, at_ms, queue_id, message_id, client_ip, client_name, helo, sender, recipients, size, stage, verdict, score, symbols, detail, subject, direction";
 
 /// The rows a listing returns: 1000 unless asked, never more than 100 000.
-fn row_limit(limit: Option<u32>) -> u32 {
+pub(crate) fn row_limit(limit: Option<u32>) -> u32 {
     limit.map_or(1000, |n| n.min(100_000))
 }
 
@@ -1173,7 +1193,7 @@ fn recipient_pattern(recipient: &str) -> String {
 }
 
 /// Text taken literally inside a LIKE pattern with `ESCAPE '!'`.
-fn like_escape(text: &str) -> String {
+pub(crate) fn like_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len() + 4);
     for c in text.chars() {
         if matches!(c, '!' | '%' | '_') {
@@ -1191,7 +1211,7 @@ fn lines(s: String) -> Vec<String> {
         .collect()
 }
 
-fn quarantine_entry(r: &AnyRow) -> Result<Entry, DbError> {
+pub(crate) fn quarantine_entry(r: &AnyRow) -> Result<Entry, DbError> {
     Ok(Entry {
         id: r.try_get(0)?,
         node: r.try_get(1)?,
@@ -1229,6 +1249,7 @@ fn event_record(r: &AnyRow) -> Result<EventRecord, DbError> {
         symbols: lines(r.try_get(15)?),
         detail: r.try_get(16)?,
         subject: r.try_get::<Option<String>, _>(17)?.unwrap_or_default(),
+        direction: r.try_get(18)?,
     })
 }
 
@@ -1388,6 +1409,7 @@ mod tests {
             symbols: vec!["S1".into(), "S2".into()],
             detail: "d".into(),
             subject: "hi".into(),
+            direction: "inbound".into(),
         };
         let events = [
             event("e1", 100, "accept"),
@@ -1556,6 +1578,7 @@ mod tests {
             comment: "c".into(),
             created_at: 7,
             unauthenticated: true,
+            recipient: String::new(),
         };
         assert!(db.add_policy(&policy).await.unwrap());
         assert!(!db.add_policy(&policy).await.unwrap());

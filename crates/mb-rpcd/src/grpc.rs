@@ -360,6 +360,7 @@ impl From<MessageEvent> for EventRecord {
             symbols: e.symbols,
             detail: e.detail,
             subject: e.subject,
+            direction: e.direction,
         }
     }
 }
@@ -385,6 +386,7 @@ impl From<EventRecord> for MessageEvent {
             symbols: e.symbols,
             detail: e.detail,
             subject: e.subject,
+            direction: e.direction,
         }
     }
 }
@@ -412,6 +414,7 @@ impl From<EventQuery> for EventFilter {
                 .trim_start_matches('<')
                 .trim_end_matches('>')
                 .to_string()),
+            scope: crate::message_log::Scope::from_wire(q.scoped, q.domains, q.addresses),
         }
     }
 }

@@ -5,6 +5,8 @@
 pub mod access;
 pub mod backup;
 pub mod db;
+pub mod digest;
+pub mod dkim;
 pub mod greylist;
 pub mod grpc;
 pub mod message_log;
@@ -12,6 +14,7 @@ pub mod policies;
 pub mod quarantine;
 pub mod recipients;
 pub mod replica;
+pub mod stats;
 pub mod store;
 pub mod users;
 pub mod web_accounts;
@@ -29,6 +32,7 @@ use mb_proto::v1::greylist_server::GreylistServer;
 use mb_proto::v1::policies_server::PoliciesServer;
 use mb_proto::v1::quarantine_server::QuarantineServer;
 use mb_proto::v1::recipients_server::RecipientsServer;
+use mb_proto::v1::stats_server::StatsServer;
 use mb_proto::v1::users_server::UsersServer;
 use mb_runtime::control::ControlService;
 use mb_runtime::daemon::{Context, Daemon, Identity, Serving, Source, StartError};
@@ -209,14 +213,25 @@ impl Daemon for Hub {
                 },
                 peer.clone(),
             ))
+            // Statistics rollups (mb-stats, mb-web's /api/v1/stats).
+            .add_service(StatsServer::with_interceptor(
+                stats::StatsService {
+                    store: store.clone(),
+                },
+                peer.clone(),
+            ))
             // Backups (mb-backup): root and mb-rpcd's own user only, checked inside.
             .add_service(backup::server(store.clone(), peer.clone()))
+            // The DKIM key and its record: asked by mb-web, which writes no file.
+            .add_service(dkim::server(store.clone(), peer.clone()))
             // Web accounts, sessions and API keys: asked by mb-web on the local socket.
             .add_service(web_accounts::server(
                 store.clone(),
                 info.clone(),
                 peer.clone(),
             ))
+            // Quarantine digests, their links and the portal's other logins (mb-web).
+            .add_service(digest::server(store.clone(), info.clone(), peer.clone()))
             .add_service(replica::server(store.clone(), peer));
 
         let software = |e: tonic::transport::Error| {
@@ -263,7 +278,9 @@ impl Daemon for Hub {
         };
 
         quarantine::spawn_retention(store.clone(), shutdown.clone());
+        digest::spawn_scheduler(store.clone(), info.clone(), shutdown.clone());
         greylist::spawn_retention(store.clone(), shutdown.clone());
+        stats::spawn_maintenance(store.clone(), shutdown.clone());
         message_log::spawn_retention(store.clone(), shutdown);
         tracing::info!(
             socket = %ctx.socket.display(),

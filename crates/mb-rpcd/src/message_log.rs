@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mb_runtime::lifecycle::Shutdown;
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::db::{Db, DbError, Dialect, EventFilter, EventRecord};
+use crate::db::{Db, DbError, Dialect, EventFilter, EventRecord, like_escape};
 use crate::store::Store;
 
 /// How often the retention pass runs; a changed `log.retention_days` applies at the next.
@@ -46,6 +46,95 @@ pub fn spawn_retention(store: Arc<Store>, shutdown: Shutdown) {
             }
         }
     });
+}
+
+/// The mail a restricted web principal may see (mb-web's domain admins and users): mail
+/// with a recipient in one of `domains` or among `addresses` and, for the message log,
+/// mail from them as well. Applied in the query, so a page and its totals are the
+/// principal's own, and only the page crosses the socket. Matching ignores ASCII case,
+/// as mb-web's `Principal::sees_address` does. An empty scope matches nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Lowercase, without a trailing dot.
+    pub domains: Vec<String>,
+    /// Lowercase.
+    pub addresses: Vec<String>,
+}
+
+impl Scope {
+    /// The wire's scope: `None` when the request is not scoped (the CLIs, an admin).
+    pub fn from_wire(scoped: bool, domains: Vec<String>, addresses: Vec<String>) -> Option<Self> {
+        let clean = |v: Vec<String>, dot: bool| -> Vec<String> {
+            let mut out: Vec<String> = v
+                .into_iter()
+                .map(|s| {
+                    let s = s.trim().to_ascii_lowercase();
+                    if dot {
+                        s.trim_end_matches('.').to_string()
+                    } else {
+                        s
+                    }
+                })
+                .filter(|s| !s.is_empty())
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+        scoped.then(|| Scope {
+            domains: clean(domains, true),
+            addresses: clean(addresses, false),
+        })
+    }
+
+    /// The condition (` AND (...)`) on a row with `recipients` one per line and, with
+    /// `sender`, a `sender` column that counts as well. Its values are bound by
+    /// [`Scope::bind`] with the same `sender`, at the place the condition takes.
+    pub(crate) fn condition(&self, dialect: Dialect, sender: bool) -> String {
+        let lines = if dialect == Dialect::MySql {
+            "LOWER(CONCAT('\n', recipients, '\n'))"
+        } else {
+            "LOWER('\n' || recipients || '\n')"
+        };
+        let mut any = Vec::new();
+        for _ in &self.domains {
+            any.push(format!("{lines} LIKE ? ESCAPE '!'"));
+            if sender {
+                any.push("LOWER(sender) LIKE ? ESCAPE '!'".to_string());
+            }
+        }
+        for _ in &self.addresses {
+            any.push(format!("{lines} LIKE ? ESCAPE '!'"));
+            if sender {
+                any.push("LOWER(sender) = ?".to_string());
+            }
+        }
+        if any.is_empty() {
+            return " AND 1 = 0".into();
+        }
+        format!(" AND ({})", any.join(" OR "))
+    }
+
+    /// Binds the values of [`Scope::condition`].
+    pub(crate) fn bind<'q>(
+        &self,
+        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        sender: bool,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        for d in &self.domains {
+            query = query.bind(format!("%@{}\n%", like_escape(d)));
+            if sender {
+                query = query.bind(format!("%@{}", like_escape(d)));
+            }
+        }
+        for a in &self.addresses {
+            query = query.bind(format!("%\n{}\n%", like_escape(a)));
+            if sender {
+                query = query.bind(a.clone());
+            }
+        }
+        query
+    }
 }
 
 /// How many consecutive event ids share one row of `message_event_subject_chunks`

@@ -168,6 +168,7 @@ impl From<Policy> for PolicyRecord {
             comment: p.comment,
             created_at: p.created_at_unix,
             unauthenticated: p.unauthenticated,
+            recipient: p.recipient,
         }
     }
 }
@@ -188,6 +189,7 @@ impl From<PolicyRecord> for Policy {
             comment: p.comment,
             created_at_unix: p.created_at,
             unauthenticated: p.unauthenticated,
+            recipient: p.recipient,
         }
     }
 }

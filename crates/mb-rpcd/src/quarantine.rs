@@ -22,7 +22,11 @@ use mb_runtime::quarantine::{self as files, wire};
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
-use crate::db::QuarantineFilter;
+use crate::db::{
+    Db, DbError, Dialect, QUARANTINE_COLUMNS, QuarantineFilter, like_escape, quarantine_entry,
+    row_limit,
+};
+use crate::message_log::Scope;
 use crate::store::Store;
 
 /// How often the retention pass runs.
@@ -249,20 +253,24 @@ impl Quarantine for QuarantineService {
         &self,
         req: Request<ListQuarantineRequest>,
     ) -> Result<Response<ListQuarantineResponse>, Status> {
-        let entries = self
+        let q = req.into_inner();
+        let (offset, scope) = (
+            q.offset,
+            Scope::from_wire(q.scoped, q.domains.clone(), q.addresses.clone()),
+        );
+        let filter = QuarantineFilter::from(q);
+        let page = self
             .store
             .db
-            .list_quarantine(&QuarantineFilter::from(req.into_inner()))
+            .quarantine_page(&filter, scope.as_ref(), offset)
             .await
-            .map_err(db_status)?
-            .into_iter()
-            .map(wire::to_wire)
-            .collect();
-        let (total, total_bytes) = self.store.db.quarantine_totals().await.map_err(db_status)?;
+            .map_err(db_status)?;
         Ok(Response::new(ListQuarantineResponse {
-            entries,
-            total,
-            total_bytes,
+            entries: page.entries.into_iter().map(wire::to_wire).collect(),
+            total: page.total.0,
+            total_bytes: page.total.1,
+            matched: page.matched.0,
+            matched_bytes: page.matched.1,
         }))
     }
 
@@ -407,5 +415,294 @@ impl From<ListQuarantineRequest> for QuarantineFilter {
             recipient: set(q.recipient),
             limit: (q.limit > 0).then_some(q.limit),
         }
+    }
+}
+
+/// One page of a quarantine listing and the counts around it, as (messages, bytes).
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Newest first, from the offset asked for.
+    pub entries: Vec<Entry>,
+    /// The whole quarantine, or the scope's part of it.
+    pub total: (u64, u64),
+    /// The entries matching the filter and the scope, whatever the limit and offset.
+    pub matched: (u64, u64),
+}
+
+impl Db {
+    /// The entries matching `q` (and `scope`, when given), newest first, from `offset`,
+    /// with the totals a pager needs: everything below runs in the database, so a
+    /// restricted caller's page is as cheap as an administrator's and nothing beyond the
+    /// page leaves mb-rpcd.
+    pub async fn quarantine_page(
+        &self,
+        q: &QuarantineFilter,
+        scope: Option<&Scope>,
+        offset: u32,
+    ) -> Result<Page, DbError> {
+        let mut cond = String::from("at_ms >= ?");
+        if q.sender.is_some() {
+            cond.push_str(" AND sender = ?");
+        }
+        if q.recipient.is_some() {
+            // As `Db::list_quarantine` (and so as the CLI always did): one whole line.
+            cond.push_str(if self.dialect == Dialect::MySql {
+                " AND CONCAT('\n', recipients, '\n') LIKE ? ESCAPE '!'"
+            } else {
+                " AND ('\n' || recipients || '\n') LIKE ? ESCAPE '!'"
+            });
+        }
+        if let Some(scope) = scope {
+            cond.push_str(&scope.condition(self.dialect, false));
+        }
+        let bind = |mut query: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>| {
+            query = query.bind(q.since_ms);
+            if let Some(sender) = &q.sender {
+                query = query.bind(sender.clone());
+            }
+            if let Some(recipient) = &q.recipient {
+                query = query.bind(format!("%\n{}\n%", like_escape(recipient)));
+            }
+            match scope {
+                Some(scope) => scope.bind(query, false),
+                None => query,
+            }
+        };
+        let sql = format!(
+            "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {cond} ORDER BY at_ms DESC, id LIMIT ? OFFSET ?"
+        );
+        let rows = bind(sqlx::query(self.sql(&sql)))
+            .bind(i64::from(row_limit(q.limit)))
+            .bind(i64::from(offset))
+            .fetch_all(&self.pool)
+            .await?;
+        let entries = rows
+            .iter()
+            .map(quarantine_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = match scope {
+            None => self.quarantine_totals().await?,
+            Some(scope) => {
+                let c = format!("1 = 1{}", scope.condition(self.dialect, false));
+                self.count_quarantine(&c, |query| scope.bind(query, false))
+                    .await?
+            }
+        };
+        // Without a filter, everything in the quarantine (or the scope) matches.
+        let unfiltered = q.since_ms <= 0 && q.sender.is_none() && q.recipient.is_none();
+        let matched = if unfiltered {
+            total
+        } else {
+            self.count_quarantine(&cond, bind).await?
+        };
+        Ok(Page {
+            entries,
+            total,
+            matched,
+        })
+    }
+
+    /// (messages, bytes) of the entries meeting `cond`, whose values `bind` binds.
+    async fn count_quarantine(
+        &self,
+        cond: &str,
+        bind: impl FnOnce(
+            sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+        ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<(u64, u64), DbError> {
+        // SUM is DECIMAL on MariaDB and NUMERIC on PostgreSQL, which Any cannot read.
+        let int = if self.dialect == Dialect::MySql {
+            "SIGNED"
+        } else {
+            "BIGINT"
+        };
+        let sql = format!(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS {int}) FROM quarantine WHERE {cond}"
+        );
+        let row = bind(sqlx::query(self.sql(&sql)))
+            .fetch_one(&self.pool)
+            .await?;
+        let n: i64 = sqlx::Row::try_get(&row, 0)?;
+        let bytes: i64 = sqlx::Row::try_get(&row, 1)?;
+        Ok((
+            u64::try_from(n).unwrap_or(0),
+            u64::try_from(bytes).unwrap_or(0),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{EventFilter, EventRecord};
+
+    fn scope(domains: &[&str], addresses: &[&str]) -> Scope {
+        Scope::from_wire(
+            true,
+            domains.iter().map(|s| s.to_string()).collect(),
+            addresses.iter().map(|s| s.to_string()).collect(),
+        )
+        .expect("scoped")
+    }
+
+    /// Quarantine pages and log searches restricted to a scope, on the database at
+    /// `url`: a.test has 12 entries (some to two domains, some in capitals), b.test 60,
+    /// and `_` in a domain is literal.
+    async fn check(url: &str) {
+        let db = Db::open(url, 2).await.expect("the database opens");
+        let mut n = 0;
+        let mut add = |rcpts: &[&str], sender: &str| {
+            n += 1;
+            Entry {
+                id: format!("q{n:03}"),
+                node: "n1".into(),
+                at_unix_ms: 1_000 + i64::from(n),
+                sender: sender.into(),
+                recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+                size: 100,
+                path: format!("2026/12/01/q{n:03}.eml"),
+                ..Entry::default()
+            }
+        };
+        let mut entries = Vec::new();
+        for i in 0..60 {
+            entries.push(add(&[&format!("u{i}@b.test")], "x@c.test"));
+            if i % 5 == 0 {
+                let a = match i % 3 {
+                    0 => "jane@a.test",
+                    1 => "Bob@A.TEST",
+                    _ => "carol@a.test",
+                };
+                entries.push(add(&[a, "other@b.test"], "x@c.test"));
+            }
+        }
+        entries.push(add(&["z@a_test"], "x@c.test"));
+        for e in &entries {
+            assert!(db.add_quarantine(e, false).await.unwrap());
+        }
+        let page = |s: Option<Scope>, limit: u32, offset: u32, recipient: Option<&str>| {
+            let db = &db;
+            let recipient = recipient.map(str::to_string);
+            async move {
+                let f = QuarantineFilter {
+                    limit: Some(limit),
+                    recipient,
+                    ..QuarantineFilter::default()
+                };
+                db.quarantine_page(&f, s.as_ref(), offset).await.unwrap()
+            }
+        };
+        // An admin (no scope): everything, as the CLI always saw it.
+        let all = page(None, 1000, 0, None).await;
+        assert_eq!(all.entries.len(), 73, "{url}");
+        assert_eq!((all.total, all.matched), ((73, 7300), (73, 7300)), "{url}");
+        // The domain admin of a.test pages through its 12, newest first, 5 at a time.
+        let dora = scope(&["A.test."], &[]);
+        let mut seen = Vec::new();
+        for offset in [0, 5, 10, 15] {
+            let p = page(Some(dora.clone()), 5, offset, None).await;
+            assert_eq!((p.total, p.matched), ((12, 1200), (12, 1200)), "{url}");
+            seen.extend(p.entries.into_iter().map(|e| e.id));
+        }
+        let mut want: Vec<String> = entries
+            .iter()
+            .filter(|e| {
+                e.recipients
+                    .iter()
+                    .any(|r| r.to_ascii_lowercase().ends_with("@a.test"))
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        want.reverse();
+        assert_eq!(seen, want, "{url}");
+        // A filter narrows what matched, not the total.
+        let p = page(Some(dora.clone()), 5, 0, Some("jane@a.test")).await;
+        assert_eq!(
+            (p.total.0, p.matched.0, p.entries.len()),
+            (12, 4, 4),
+            "{url}"
+        );
+        // A user, by address (case ignored); `_` is no wildcard; an empty scope sees nothing.
+        let bob = page(Some(scope(&[], &["bob@a.test"])), 100, 0, None).await;
+        assert_eq!(bob.total.0, 4, "{url}");
+        assert_eq!(
+            page(Some(scope(&["a_test"], &[])), 100, 0, None)
+                .await
+                .total
+                .0,
+            1
+        );
+        assert_eq!(
+            page(Some(scope(&["aXtest"], &[])), 100, 0, None)
+                .await
+                .total
+                .0,
+            0
+        );
+        let none = page(Some(scope(&[], &[])), 100, 0, None).await;
+        assert_eq!((none.entries.len(), none.total.0), (0, 0), "{url}");
+
+        // The log: mail from or to the scope; the limit counts the scope's events.
+        let events: Vec<EventRecord> = entries
+            .iter()
+            .map(|e| EventRecord {
+                event_id: format!("e-{}", e.id),
+                at_unix_ms: e.at_unix_ms,
+                stage: "scanned".into(),
+                sender: e.sender.clone(),
+                recipients: e.recipients.clone(),
+                ..EventRecord::default()
+            })
+            .chain(std::iter::once(EventRecord {
+                event_id: "e-from-a".into(),
+                at_unix_ms: 500,
+                stage: "received".into(),
+                sender: "Boss@A.test".into(),
+                recipients: vec!["far@d.test".into()],
+                ..EventRecord::default()
+            }))
+            .collect();
+        db.store_events(&events, false).await.unwrap();
+        let search = |s: Option<Scope>, limit: u32| {
+            let db = &db;
+            async move {
+                db.query_events(&EventFilter {
+                    limit: Some(limit),
+                    newest_first: true,
+                    scope: s,
+                    ..EventFilter::default()
+                })
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(search(None, 1000).await.len(), 74, "{url}");
+        let found = search(Some(dora.clone()), 1000).await;
+        assert_eq!(found.len(), 13, "{url}");
+        assert_eq!(found.last().unwrap().event_id, "e-from-a", "{url}");
+        assert_eq!(search(Some(dora), 3).await.len(), 3, "{url}");
+        assert_eq!(
+            search(Some(scope(&[], &["boss@a.test"])), 10).await.len(),
+            1
+        );
+        assert_eq!(search(Some(scope(&[], &[])), 10).await.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn scoped_pages_and_searches_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("mb-scope-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        check(&format!("sqlite://{}/mb.db", dir.display())).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn scoped_pages_and_searches_on_mariadb_and_postgresql() {
+        let m =
+            mb_testkit::MariaDb::start().expect("MariaDB starts (apt-get install mariadb-server)");
+        check(&m.url()).await;
+        let p =
+            mb_testkit::Postgres::start().expect("PostgreSQL starts (apt-get install postgresql)");
+        check(&p.url()).await;
     }
 }

@@ -899,6 +899,18 @@ impl WebAccountsService {
                 .map_err(db_status)?;
             return Err(gone());
         }
+        // A users' portal session (an SMTP AUTH login or a digest link): no web account.
+        if s.account.contains(':') {
+            let principal = crate::digest::portal_principal(self.db(), &s.account)
+                .await
+                .map_err(db_status)?
+                .ok_or_else(gone)?;
+            return Ok(WebAuthenticateResponse {
+                principal: Some(principal),
+                csrf_token: s.csrf_token,
+                expires_at_unix: s.expires_at,
+            });
+        }
         let a = self
             .db()
             .web_account(&s.account)

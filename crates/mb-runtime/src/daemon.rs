@@ -314,6 +314,12 @@ pub trait Daemon: Sized {
     /// `None` keeps the daemon running as it was started.
     fn writable(&self, cfg: &Config) -> Option<Vec<PathBuf>>;
 
+    /// The group the control socket is given to instead of `mailborder` (mb-web's,
+    /// for the nginx in front: `web.socket_group`); `None` for the daemons' group.
+    fn socket_group(&self, _cfg: &Config) -> Option<String> {
+        None
+    }
+
     /// Sets the daemon's work going on `listeners`, once privileges are dropped and the
     /// control socket is bound; logs the daemon's "started" line.
     fn start(
@@ -414,7 +420,7 @@ pub async fn serve<D: Daemon>(daemon: D, flags: Flags) -> i32 {
         }
     }
     let socket = cfg.socket(&identity.socket);
-    let control = match crate::uds::bind(&socket) {
+    let control = match crate::uds::bind_with_group(&socket, daemon.socket_group(&cfg).as_deref()) {
         Ok(l) => l,
         Err(e) => return fail(e.into()),
     };

@@ -29,6 +29,7 @@ pub fn from_wire(p: &Policy) -> Result<policy::Policy, PolicyError> {
         quarantine: p.quarantine,
         reject: p.reject,
         unauthenticated: p.unauthenticated,
+        recipient: p.recipient.trim().to_ascii_lowercase(),
     };
     out.validate()?;
     Ok(out)

@@ -48,6 +48,7 @@ pub fn expected_daemons(cfg: &Config) -> Vec<Expected> {
     }
     push("mb-milter".into(), cfg.bool("milter.enabled"));
     push("mb-cluster".into(), cfg.bool("cluster.enabled"));
+    push("mb-web".into(), cfg.bool("web.enabled"));
     let known: Vec<PathBuf> = out.iter().map(|e| e.socket.clone()).collect();
     for extra in discover(&run) {
         if !known.contains(&extra.socket) {
@@ -258,13 +259,15 @@ mod tests {
                 "mb-smtpd",
                 "mb-filter@1",
                 "mb-filter@2",
-                "mb-filter@3"
+                "mb-filter@3",
+                "mb-web"
             ]
         );
         cfg.apply_overrides([
             ("smtp.enabled", "false"),
             ("filter.enabled", "false"),
             ("milter.enabled", "true"),
+            ("web.enabled", "false"),
         ]);
         let e = expected_daemons(&cfg);
         assert_eq!(

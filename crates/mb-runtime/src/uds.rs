@@ -30,6 +30,14 @@ pub enum SocketError {
 /// Binds a daemon's socket: creates the run directory, refuses to start over a live
 /// socket, removes a stale one, then sets mode 0660 and the `mailborder` group.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_with_group(path, None)
+}
+
+/// [`bind`], giving the socket to `group` instead of `mailborder` (mb-web's socket goes
+/// to nginx's group, `web.socket_group`, so nginx needs no access to the other
+/// daemons' sockets). When the group does not exist or may not be given (the process
+/// is not in it), the socket stays the `mailborder` group's and a warning says why.
+pub fn bind_with_group(path: &Path, group: Option<&str>) -> Result<UnixListener, SocketError> {
     let io_err = |source| SocketError::Io {
         path: path.to_path_buf(),
         source,
@@ -67,6 +75,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
         .and_then(|()| {
             set_group(&staging);
+            if let Some(group) = group {
+                give_to(&staging, path, group);
+            }
             std::fs::rename(&staging, path)
         });
     if let Err(e) = placed {
@@ -82,6 +93,24 @@ fn set_group(path: &Path) {
         && let Err(e) = nix::unistd::chown(path, None, Some(gid))
     {
         tracing::warn!(path = %path.display(), cause = %e, "cannot give the path to group {GROUP}");
+    }
+}
+
+/// Gives `path` (to be renamed to `shown`) to `group`, or says why it cannot.
+fn give_to(path: &Path, shown: &Path, group: &str) {
+    match Group::from_name(group) {
+        Ok(Some(g)) => {
+            if let Err(e) = nix::unistd::chown(path, None, Some(g.gid)) {
+                tracing::warn!(
+                    socket = %shown.display(), cause = %e,
+                    "cannot give the socket to group {group}; it stays {GROUP}'s (run the daemon with {group} among its groups, e.g. SupplementaryGroups={group} in its unit)"
+                );
+            }
+        }
+        _ => tracing::warn!(
+            socket = %shown.display(),
+            "group {group} does not exist; the socket stays {GROUP}'s"
+        ),
     }
 }
 

@@ -205,6 +205,7 @@ fn from_header(name: &str, about: String, head: &str, message: Vec<u8>) -> Resul
             quarantine: p.quarantine,
             reject: p.reject,
             unauthenticated: p.unauthenticated,
+            recipient: String::new(),
         };
         // A case holds only what mb-rpcd would accept.
         policy.validate().map_err(|source| CaseError::Policy {

@@ -31,8 +31,10 @@ impl Gateway {
         let d = dir.path().display();
         let config = dir.path().join("mailborder.toml");
         // Daemons started as root by the tests stay root: the temp dirs are root's.
+        // mb-web runs only in the tests that start it, so mb-status does not expect it
+        // (a quoted key, so a test's own [web] table can follow).
         let text = format!(
-            "process.user = \"\"\n[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n{extra}\n"
+            "process.user = \"\"\n\"web.enabled\" = false\n[paths]\nrun_dir = \"{d}/run\"\nspool_dir = \"{d}/spool\"\ndata_dir = \"{d}/data\"\nlog_dir = \"{d}/log\"\n\n{extra}\n"
         );
         fs::write(&config, text).expect("write config");
         Gateway {

@@ -10,6 +10,7 @@
 
 mod account;
 mod authdns;
+pub mod browser;
 pub mod cases;
 mod clamd;
 mod dnsmasq;

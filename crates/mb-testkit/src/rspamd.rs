@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -28,8 +28,11 @@ rspamd_config:register_symbol({
 })
 "#;
 
-/// A private Rspamd (normal worker only) on a loopback port, with its own run, log and
-/// database dirs and DNS pointed at a closed local port (offline: lookups fail fast).
+/// A private Rspamd on a loopback port, with its own run, log and database dirs and DNS
+/// pointed at a closed local port (offline: lookups fail fast). Its normal worker
+/// listens on `port` and on the Unix socket `socket`; [`Rspamd::with_controller`] adds
+/// a controller worker on `controller_port` that wants a password from every client,
+/// loopback included.
 /// Rspamd takes 20-30 s to load its rules: `start` returns at once and `wait_ready`
 /// waits for `/ping`, so a test can set up the rest meanwhile.
 ///
@@ -40,11 +43,26 @@ pub struct Rspamd {
     // Stopped before its directory goes.
     pub server: Proc,
     pub port: u16,
+    /// The normal worker's Unix socket (`rspamd.url = "unix:PATH"`).
+    pub socket: PathBuf,
+    /// The controller worker's port, when started [`Rspamd::with_controller`].
+    pub controller_port: Option<u16>,
     pub dir: tempfile::TempDir,
 }
 
 impl Rspamd {
     pub fn start() -> Result<Rspamd> {
+        Rspamd::launch(None)
+    }
+
+    /// As [`Rspamd::start`], with a controller worker (`/stat`, `/graph`, the web
+    /// interface) that answers only requests carrying `password` in their `Password`
+    /// header: its `secure_ip` is a documentation address, so loopback is not trusted.
+    pub fn with_controller(password: &str) -> Result<Rspamd> {
+        Rspamd::launch(Some(password))
+    }
+
+    fn launch(controller_password: Option<&str>) -> Result<Rspamd> {
         let program = require("rspamd", "rspamd");
         let dir = tempfile::Builder::new().prefix("mb-rspamd-").tempdir()?;
         let d = dir.path().to_path_buf();
@@ -52,6 +70,15 @@ impl Rspamd {
             fs::create_dir_all(d.join(sub))?;
         }
         let port = free_port();
+        let socket = d.join("normal.sock");
+        let controller_port = controller_password.map(|_| free_port());
+        let controller = match (controller_password, controller_port) {
+            (Some(password), Some(cport)) => format!(
+                "worker \"controller\" {{\n  bind_socket = \"127.0.0.1:{cport}\";\n  count = 1;\n  \
+                 password = \"{password}\";\n  secure_ip = \"192.0.2.1\";\n  static_dir = \"${{WWWDIR}}\";\n}}\n"
+            ),
+            _ => String::new(),
+        };
         fs::write(d.join("local").join("rspamd.local.lua"), FORCED_ACTION)?;
         fs::write(
             d.join("rspamd.conf"),
@@ -60,8 +87,10 @@ impl Rspamd {
                  options {{\n  pidfile = \"{d}/rspamd.pid\";\n  .include \"$CONFDIR/options.inc\"\n\
                  dns {{\n    nameserver = [\"127.0.0.1:9\"];\n    timeout = 0.3s;\n    retransmits = 1;\n  }}\n}}\n\
                  logging {{\n  type = \"file\";\n  filename = \"{d}/rspamd.log\";\n  level = \"info\";\n}}\n\
-                 worker \"normal\" {{\n  bind_socket = \"127.0.0.1:{port}\";\n  .include \"$CONFDIR/worker-normal.inc\"\n  count = 1;\n}}\n",
-                d = d.display()
+                 worker \"normal\" {{\n  bind_socket = \"127.0.0.1:{port}\";\n  bind_socket = \"{socket} mode=0666\";\n  \
+                 .include \"$CONFDIR/worker-normal.inc\"\n  count = 1;\n}}\n{controller}",
+                d = d.display(),
+                socket = socket.display()
             ),
         )?;
         // Rspamd drops to its own user, which must reach these dirs.
@@ -83,6 +112,8 @@ impl Rspamd {
             .spawn()?;
         Ok(Rspamd {
             port,
+            socket,
+            controller_port,
             dir,
             server: Proc {
                 child,
@@ -91,16 +122,22 @@ impl Rspamd {
         })
     }
 
-    /// Waits (up to 90 s) until the normal worker answers `/ping`.
+    /// Waits (up to 90 s) until the normal worker answers `/ping` (and the controller,
+    /// when there is one, answers at all: it wants the password even for that).
     pub fn wait_ready(&self) -> Result<()> {
-        let port = self.port;
+        let ports: Vec<u16> = std::iter::once(self.port)
+            .chain(self.controller_port)
+            .collect();
         wait_until("rspamd to answer /ping", Duration::from_secs(90), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
-                use std::io::Write;
-                let mut buf = Vec::new();
-                s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").is_ok()
-                    && s.read_to_end(&mut buf).is_ok()
-                    && String::from_utf8_lossy(&buf).contains("pong")
+            ports.iter().all(|port| {
+                std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
+                    use std::io::Write;
+                    let mut buf = Vec::new();
+                    s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").is_ok()
+                        && s.read_to_end(&mut buf).is_ok()
+                        && (String::from_utf8_lossy(&buf).contains("pong")
+                            || Some(*port) == self.controller_port && buf.starts_with(b"HTTP/1."))
+                })
             })
         })
         .with_context(|| {
@@ -114,5 +151,16 @@ impl Rspamd {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The normal worker's Unix socket as an `rspamd.url`.
+    pub fn unix_url(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// The controller's URL (`rspamd.controller_url`), when there is one.
+    pub fn controller_url(&self) -> Option<String> {
+        self.controller_port
+            .map(|p| format!("http://127.0.0.1:{p}"))
     }
 }

@@ -100,7 +100,7 @@ impl Role {
 }
 
 impl Principal {
-    fn from_wire(p: WebPrincipal) -> Result<Principal, Problem> {
+    pub(crate) fn from_wire(p: WebPrincipal) -> Result<Principal, Problem> {
         Ok(Principal {
             role: Role::from_wire(p.role)
                 .ok_or_else(|| Problem::internal("mb-rpcd gave a principal without a role"))?,
@@ -194,7 +194,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         Some(Ok(key)) => Some(Credential::ApiKey(key)),
         Some(Err(p)) => return p.into_response(),
         // Logging in with a stale cookie must work: the login path ignores it.
-        None if req.uri().path() == LOGIN_PATH => None,
+        None if req.uri().path() == LOGIN_PATH || req.uri().path() == crate::ui::LOGIN => None,
         None => session_cookie(headers).map(Credential::SessionId),
     };
     let Some(credential) = credential else {
@@ -213,8 +213,13 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     let answer = match answer {
         Ok(a) => a,
         Err(p) if p.status == 401 && is_session => {
-            // Tell the browser to forget the dead session.
-            let mut resp = p.into_response();
+            // Tell the browser to forget the dead session (a page of the web interface
+            // sends it to the login form instead of showing a problem document).
+            let mut resp = if crate::ui::is_page(req.uri().path()) {
+                crate::ui::to_login(req.uri())
+            } else {
+                p.into_response()
+            };
             for c in [clear_cookie(HOST_COOKIE), clear_cookie(COOKIE)] {
                 resp.headers_mut().append(header::SET_COOKIE, c);
             }
@@ -237,7 +242,11 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             .get(CSRF_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        if !safe && (answer.csrf_token.is_empty() || !same(sent, &answer.csrf_token)) {
+        // The web interface's forms carry the token in a form field, which
+        // `ui::csrf_guard` checks for every page route (an HTML form cannot send a
+        // header).
+        let form = crate::ui::is_page(req.uri().path());
+        if !safe && !form && (answer.csrf_token.is_empty() || !same(sent, &answer.csrf_token)) {
             return Problem::forbidden(format!(
                 "a state-changing request of a session needs the session's CSRF token in the {CSRF_HEADER} header (from the login answer or GET /api/v1/auth/me)"
             ))
@@ -269,7 +278,7 @@ fn bearer(headers: &HeaderMap) -> Option<Result<String, Problem>> {
 }
 
 /// The session cookie's value (the `__Host-` one first).
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<String> {
     let mut plain = None;
     for value in headers.get_all(header::COOKIE) {
         for pair in value.to_str().unwrap_or_default().split(';') {
@@ -291,7 +300,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     plain
 }
 
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
@@ -299,22 +308,22 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn cookie(name: &str, value: &str, max_age: i64) -> HeaderValue {
+pub(crate) fn cookie(name: &str, value: &str, max_age: i64) -> HeaderValue {
     HeaderValue::from_str(&format!(
         "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; Secure; SameSite=Strict"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn clear_cookie(name: &str) -> HeaderValue {
+pub(crate) fn clear_cookie(name: &str) -> HeaderValue {
     cookie(name, "", 0)
 }
 
 /// The connection as the login route needs it: whether the browser came over HTTPS
 /// (directly, or through nginx saying so), and the client's address.
-struct Conn {
-    https: bool,
-    client_ip: String,
+pub(crate) struct Conn {
+    pub(crate) https: bool,
+    pub(crate) client_ip: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Conn {
@@ -506,7 +515,7 @@ async fn login(State(state): State<AppState>, conn: Conn, Json(body): Json<Login
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
@@ -702,7 +711,7 @@ async fn managed(state: &AppState, p: &Principal, name: &str) -> Result<AccountV
         (status = 403, description = "A user", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list_accounts(
+pub(crate) async fn list_accounts(
     State(state): State<AppState>,
     Signed(p): Signed,
 ) -> Result<Json<Vec<AccountView>>, Problem> {
@@ -732,7 +741,7 @@ async fn list_accounts(
         (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn create_account(
+pub(crate) async fn create_account(
     State(state): State<AppState>,
     Signed(p): Signed,
     Json(body): Json<AccountBody>,
@@ -801,7 +810,7 @@ async fn create_account(
         (status = 404, description = "No such account (among those the caller manages)", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn delete_account(
+pub(crate) async fn delete_account(
     State(state): State<AppState>,
     Signed(p): Signed,
     Path(name): Path<String>,

@@ -18,9 +18,11 @@ pub mod metrics;
 pub mod peer;
 pub mod problem;
 pub mod ratelimit;
+pub mod rspamd_proxy;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod ui;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -67,6 +69,8 @@ pub fn app(state: AppState) -> Router {
     api::routes()
         .split_for_parts()
         .0
+        // The web interface's HTML pages (`/` and `/ui/...`), behind the same layers.
+        .merge(ui::routes())
         .fallback(layers::not_found)
         // Innermost first: the routes see a principal, a peer, a bounded body.
         .layer(from_fn(access::local_admin))
@@ -218,6 +222,12 @@ impl Daemon for Web {
     fn writable(&self, _cfg: &Config) -> Option<Vec<PathBuf>> {
         // mb-web writes nothing but its socket.
         Some(Vec::new())
+    }
+
+    fn socket_group(&self, cfg: &Config) -> Option<String> {
+        // nginx's group speaks HTTP on the socket (and is authenticated like any
+        // client); gRPC's Control there still admits root and mailborder only.
+        Some(cfg.text("web.socket_group")).filter(|g| !g.is_empty())
     }
 
     async fn start(

@@ -106,7 +106,7 @@ pub fn prometheus_text(openmetrics: &str) -> String {
 }
 
 /// Messages and bytes in the quarantine, when mb-rpcd answers.
-async fn quarantine_size(state: &AppState) -> Option<(u64, u64)> {
+pub(crate) async fn quarantine_size(state: &AppState) -> Option<(u64, u64)> {
     let r = state
         .call("mb-rpcd", |ch| async move {
             mb_proto::v1::quarantine_client::QuarantineClient::new(ch)

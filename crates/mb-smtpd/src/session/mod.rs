@@ -727,6 +727,14 @@ impl<'a> Session<'a> {
                 stage: stage.into(),
                 verdict: verdict.into(),
                 detail: detail.into(),
+                // The statistics count these refusals by direction, as the scan's own.
+                direction: Direction::of(
+                    self.auth_user.is_some(),
+                    Some(self.client.ip),
+                    &self.settings.mynetworks,
+                )
+                .as_str()
+                .into(),
                 ..Default::default()
             });
         }

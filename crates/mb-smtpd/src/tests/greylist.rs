@@ -25,6 +25,7 @@ fn allow(name: &str, object: Object, pattern: &str, unauthenticated: bool) -> Po
         quarantine: None,
         reject: None,
         unauthenticated,
+        recipient: String::new(),
     }
 }
 

@@ -143,7 +143,7 @@ async fn remove(state: &AppState, p: &Principal, ip: String, kind: &str) -> Resu
         (status = 403, description = "Not an administrator", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list_bans(
+pub(crate) async fn list_bans(
     Admin(p): Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Entry>>, Problem> {
@@ -165,7 +165,7 @@ async fn list_bans(
         (status = 422, description = "A body without an address", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn ban(
+pub(crate) async fn ban(
     Admin(p): Admin,
     State(state): State<AppState>,
     Json(body): Json<BanBody>,
@@ -198,7 +198,7 @@ async fn ban(
         (status = 404, description = "Not in the ban list", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn unban(
+pub(crate) async fn unban(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(ip): Path<String>,
@@ -219,7 +219,7 @@ async fn unban(
         (status = 403, description = "Not an administrator", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list_trusts(
+pub(crate) async fn list_trusts(
     Admin(p): Admin,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Entry>>, Problem> {
@@ -241,7 +241,7 @@ async fn list_trusts(
         (status = 422, description = "A body without an address", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn trust(
+pub(crate) async fn trust(
     Admin(p): Admin,
     State(state): State<AppState>,
     Json(body): Json<TrustBody>,
@@ -272,7 +272,7 @@ async fn trust(
         (status = 404, description = "Not in the trust list", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn untrust(
+pub(crate) async fn untrust(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(ip): Path<String>,

@@ -209,7 +209,7 @@ fn restart_units(v: &Value) -> Vec<String> {
         (status = 403, description = "Not an administrator", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list(
+pub(crate) async fn list(
     Admin(p): Admin,
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
@@ -241,7 +241,7 @@ async fn list(
         (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn get(
+pub(crate) async fn get(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -274,7 +274,7 @@ async fn get(
         (status = 422, description = "A body without a value", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn set(
+pub(crate) async fn set(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -320,7 +320,7 @@ async fn set(
         (status = 409, description = "A file-only key, or a cluster-wide key on a child node", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn unset(
+pub(crate) async fn unset(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -360,7 +360,7 @@ async fn unset(
         (status = 422, description = "A body without a value", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn validate(
+pub(crate) async fn validate(
     _admin: Admin,
     Path(key): Path<String>,
     Json(body): Json<ValueBody>,
@@ -399,7 +399,7 @@ async fn validate(
         (status = 404, description = "No such key", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn history(
+pub(crate) async fn history(
     Admin(p): Admin,
     State(state): State<AppState>,
     Query(q): Query<HistoryQuery>,

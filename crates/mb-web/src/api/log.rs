@@ -26,8 +26,6 @@ const VERDICTS: &[&str] = &[
     "tempfail",
     "discard",
 ];
-/// The most events mb-rpcd is asked for when a non-admin's answer is cut from a wider one.
-const SCAN_LIMIT: u32 = 100_000;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(search))
@@ -134,7 +132,7 @@ fn view(p: &Principal, e: MessageEvent) -> Event {
         (status = 503, description = "mb-rpcd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn search(
+pub(crate) async fn search(
     Signed(p): Signed,
     State(state): State<AppState>,
     Query(q): Query<LogQuery>,
@@ -173,7 +171,7 @@ async fn search(
     };
     let until = time("until", &q.until, 0)?;
     let limit = q.limit.unwrap_or(1000);
-    let admin = p.role == Role::Admin;
+    let (domains, addresses) = super::scope_of(&p);
     let query = EventQuery {
         queue_id: q.id.unwrap_or_default(),
         sender: q.from.unwrap_or_default(),
@@ -182,12 +180,15 @@ async fn search(
         until_unix_ms: until,
         verdict: q.verdict.unwrap_or_default(),
         stage: q.stage.unwrap_or_default(),
-        // mb-rpcd cannot filter by domain: a non-admin's answer is cut from a wider one.
-        limit: if admin { limit } else { SCAN_LIMIT },
+        limit,
         newest_first: true,
         subject: q.subject.unwrap_or_default(),
         client_ip: q.client.unwrap_or_default(),
         message_id: q.message_id.unwrap_or_default(),
+        // mb-rpcd restricts the query itself, so the limit counts the caller's events.
+        scoped: p.role != Role::Admin,
+        domains,
+        addresses,
     };
     let found = state
         .call("mb-rpcd", |ch| async move {
@@ -195,10 +196,10 @@ async fn search(
         })
         .await?
         .events;
+    // `visible` again: a second line of defence should mb-rpcd ever scope less.
     let mut out: Vec<Event> = found
         .into_iter()
         .filter(|e| visible(&p, e))
-        .take(limit as usize)
         .map(|e| view(&p, e))
         .collect();
     // Asked newest first (so the limit keeps the newest), given in time order.

@@ -12,11 +12,13 @@
 pub mod access;
 pub mod cluster;
 pub mod config;
+pub mod dkim;
 pub mod log;
 pub mod policies;
 pub mod quarantine;
 pub mod queue;
 pub mod smtp_accounts;
+pub mod stats;
 pub mod status;
 
 use std::sync::OnceLock;
@@ -52,7 +54,10 @@ use crate::state::AppState;
         (name = "config", description = "The configuration, as mb-config (administrators)"),
         (name = "access", description = "Banned and trusted client addresses, as mb-ban (administrators)"),
         (name = "policies", description = "Allow, block and score policies, as mb-policy (administrators; domain admins read their domains')"),
+        (name = "dkim", description = "The DKIM signing key's DNS record and new keys, as mb-dkim (administrators; domain admins read their domains' record)"),
         (name = "smtp-accounts", description = "SMTP AUTH accounts and their aliases, as mb-user (administrators; domain admins for their domains)"),
+        (name = "stats", description = "Message statistics per hour or day, as mb-stats (administrators; domain admins their domains')"),
+        (name = "rspamd", description = "Rspamd's controller (web interface and API) under /rspamd/, for administrators, with its password added by mb-web"),
         (name = "operations", description = "Health, metrics and this document")
     )
 )]
@@ -90,6 +95,17 @@ pub fn acting<T>(p: &crate::auth::Principal, msg: T) -> tonic::Request<T> {
     req
 }
 
+/// The (domains, addresses) mb-rpcd restricts a non-admin's quarantine list and log
+/// search to: a domain admin's domains, a user's addresses (`Principal::sees_address`).
+pub fn scope_of(p: &crate::auth::Principal) -> (Vec<String>, Vec<String>) {
+    use crate::auth::Role;
+    match p.role {
+        Role::Admin => (Vec::new(), Vec::new()),
+        Role::DomainAdmin => (p.domains.clone(), Vec::new()),
+        Role::User => (Vec::new(), p.addresses.clone()),
+    }
+}
+
 /// Every documented route of mb-web, the API's areas and the operational endpoints.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -104,8 +120,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(policies::routes())
         .merge(access::routes())
         .merge(smtp_accounts::routes())
+        .merge(dkim::routes())
+        .merge(stats::routes())
         .merge(crate::health::routes())
         .merge(crate::metrics::routes())
+        .merge(crate::rspamd_proxy::routes())
 }
 
 /// The routes as an axum router.
@@ -174,6 +193,11 @@ mod tests {
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
+                // src/ui/ holds the web interface's HTML pages: routes of a browser,
+                // not of the API, so they have no place in the OpenAPI document.
+                if path.is_dir() && path.file_name().is_some_and(|n| n == "ui") {
+                    continue;
+                }
                 if path.is_dir() {
                     stack.push(path);
                     continue;

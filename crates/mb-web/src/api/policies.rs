@@ -244,7 +244,7 @@ async fn find(state: &AppState, who: &Principal, policy: &str) -> Result<Policy,
         (status = 403, description = "A user", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list(
+pub(crate) async fn list(
     Signed(p): Signed,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<PolicyView>>, Problem> {
@@ -301,7 +301,7 @@ async fn show(
         (status = 422, description = "A body without a name or action", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn add(
+pub(crate) async fn add(
     Admin(p): Admin,
     State(state): State<AppState>,
     Json(body): Json<PolicyBody>,
@@ -393,7 +393,7 @@ async fn replace(
         (status = 409, description = "This node is a cluster child", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn delete(
+pub(crate) async fn delete(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(policy): Path<String>,

@@ -22,8 +22,6 @@ use crate::problem::Problem;
 use crate::state::AppState;
 
 const RPCD: &str = "mb-rpcd";
-/// The most entries mb-rpcd returns for one list; a non-admin's list is filtered from it.
-const SCAN_LIMIT: u32 = 100_000;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -45,6 +43,8 @@ pub struct ListQuery {
     pub since: Option<String>,
     /// At most this many (default 1000)
     pub limit: Option<u32>,
+    /// Skip this many of the matching messages, newest first (for paging; default 0)
+    pub offset: Option<u32>,
 }
 
 /// One quarantined message, as `mb-quarantine list --json` shows it.
@@ -70,9 +70,13 @@ pub struct Entry {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct List {
     pub entries: Vec<Entry>,
-    /// Messages in the quarantine (for a non-admin: those it may see that matched).
+    /// Messages in the quarantine the caller may see (all of it for an admin).
     pub total: u64,
     pub total_bytes: u64,
+    /// Of those, the messages matching the filters, whatever `limit` and `offset`: the
+    /// pages end where `offset + entries` reaches it.
+    pub matched: u64,
+    pub matched_bytes: u64,
 }
 
 /// One message: its entry, header section, text and attachment names. HTML is never
@@ -117,7 +121,7 @@ pub fn visible(p: &Principal, recipients: &[String]) -> bool {
     p.role == Role::Admin || recipients.iter().any(|r| p.sees_address(r))
 }
 
-fn view(p: &Principal, e: QuarantineEntry) -> Entry {
+pub(crate) fn view(p: &Principal, e: QuarantineEntry) -> Entry {
     let recipients = if p.role == Role::Admin {
         e.recipients
     } else {
@@ -162,7 +166,7 @@ fn now_ms() -> i64 {
         (status = 503, description = "mb-rpcd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list(
+pub(crate) async fn list(
     Signed(p): Signed,
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
@@ -172,47 +176,40 @@ async fn list(
             .map_err(|e| Problem::bad_request(format!("since: {e}")))?,
         None => 0,
     };
-    let limit = q.limit.unwrap_or(1000);
-    let admin = p.role == Role::Admin;
+    let (domains, addresses) = super::scope_of(&p);
     let req = ListQuarantineRequest {
         sender: q.from.unwrap_or_default(),
         recipient: q.to.unwrap_or_default(),
         since_unix_ms,
-        // mb-rpcd cannot filter by domain: a non-admin's list is cut from a wider one.
-        limit: if admin { limit } else { SCAN_LIMIT },
+        limit: q.limit.unwrap_or(1000),
+        offset: q.offset.unwrap_or(0),
+        // mb-rpcd restricts the query itself: the page and the totals are the caller's.
+        scoped: p.role != Role::Admin,
+        domains,
+        addresses,
     };
     let r = state
         .call(RPCD, |ch| async move {
             QuarantineClient::new(ch).list(req).await
         })
         .await?;
-    if admin {
-        return Ok(Json(List {
-            entries: r.entries.into_iter().map(|e| view(&p, e)).collect(),
-            total: r.total,
-            total_bytes: r.total_bytes,
-        }));
-    }
-    let seen: Vec<QuarantineEntry> = r
-        .entries
-        .into_iter()
-        .filter(|e| visible(&p, &e.recipients))
-        .collect();
-    let total = seen.len() as u64;
-    let total_bytes = seen.iter().map(|e| e.size).sum();
     Ok(Json(List {
-        entries: seen
+        // `visible` again: a second line of defence should mb-rpcd ever scope less.
+        entries: r
+            .entries
             .into_iter()
-            .take(limit as usize)
+            .filter(|e| visible(&p, &e.recipients))
             .map(|e| view(&p, e))
             .collect(),
-        total,
-        total_bytes,
+        total: r.total,
+        total_bytes: r.total_bytes,
+        matched: r.matched,
+        matched_bytes: r.matched_bytes,
     }))
 }
 
 /// The message `id` if the caller may see it, with its bytes when `raw`.
-async fn fetch(
+pub(crate) async fn fetch(
     state: &AppState,
     p: &Principal,
     id: &str,
@@ -349,7 +346,7 @@ async fn raw(
         (status = 503, description = "The next hop refused or could not be reached; the message stays", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn release(
+pub(crate) async fn release(
     Signed(p): Signed,
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -389,7 +386,7 @@ async fn release(
         (status = 503, description = "mb-rpcd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn delete(
+pub(crate) async fn delete(
     Signed(p): Signed,
     State(state): State<AppState>,
     Path(id): Path<String>,

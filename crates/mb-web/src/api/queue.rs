@@ -153,7 +153,7 @@ fn entry(e: mb_proto::v1::QueueEntry) -> Entry {
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list(
+pub(crate) async fn list(
     _admin: Admin,
     State(state): State<AppState>,
     Query(w): Query<Which>,
@@ -184,7 +184,7 @@ async fn list(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn show(
+pub(crate) async fn show(
     _admin: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -218,7 +218,7 @@ async fn show(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn hold(
+pub(crate) async fn hold(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -247,7 +247,7 @@ async fn hold(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn release(
+pub(crate) async fn release(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -276,7 +276,7 @@ async fn release(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn requeue(
+pub(crate) async fn requeue(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -305,7 +305,7 @@ async fn requeue(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn flush(
+pub(crate) async fn flush(
     Admin(p): Admin,
     State(state): State<AppState>,
     Query(q): Query<FlushQuery>,
@@ -335,7 +335,7 @@ async fn flush(
         (status = 503, description = "mb-smtpd is not running or not serving", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn delete(
+pub(crate) async fn delete(
     Admin(p): Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,

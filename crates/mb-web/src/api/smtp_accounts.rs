@@ -108,7 +108,7 @@ fn may_manage(p: &Principal, login: &str) -> Result<(), Problem> {
         (status = 403, description = "A user", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn list(
+pub(crate) async fn list(
     Signed(p): Signed,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<SmtpAccount>>, Problem> {
@@ -155,7 +155,7 @@ async fn list(
         (status = 422, description = "A body without a name or password", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn add(
+pub(crate) async fn add(
     Signed(p): Signed,
     State(state): State<AppState>,
     Json(body): Json<AccountBody>,
@@ -198,7 +198,7 @@ async fn add(
         (status = 404, description = "No such account", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn remove(
+pub(crate) async fn remove(
     Signed(p): Signed,
     State(state): State<AppState>,
     Path(name): Path<String>,

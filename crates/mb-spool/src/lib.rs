@@ -1,0 +1,1085 @@
+//! The mail spool as a segment log with group commit.
+//!
+//! Concurrent writers append records to one active segment file; a single committer
+//! thread writes every record that arrived while the previous batch was syncing, makes
+//! them durable with one `fdatasync`, and only then acknowledges each of them. A caller
+//! answers 250 only after its `Pending` resolved. Delivery progress (a new state:
+//! deferred with its next retry, held, released) and completion (delivered, bounced,
+//! deleted) are small records appended the same way. A segment file is deleted when
+//! nothing live refers to it; sparse old segments are compacted (their live messages
+//! copied forward) so that disk use follows the live queue.
+//!
+//! # Files
+//! - `segments/SEQ.seg` (SEQ: 16 hex digits, increasing): a 16-byte header
+//!   (`MBSPOOL1`, SEQ as u64 LE) then records, back to back.
+//! - `segments/spare-SEQ`: up to two reclaimed segment files kept to be written over by
+//!   later segments (overwriting allocated blocks spares `fdatasync` the journal commit
+//!   that growing a file costs).
+//! - `bodies/ID`: the body of a message larger than `Config::large_threshold`, written
+//!   and fsynced, and its directory fsynced, before the record that names it is written.
+//!
+//! # Records
+//! `magic "MBR1" | payload length u32 | CRC-32 of kind and payload, XOR a mask derived
+//! from the segment's SEQ, u32 | kind u8 | payload`, little-endian. The mask binds a
+//! record to its segment: the old records left in a recycled file never verify. Kinds:
+//! `Commit` (id, state, envelope, body inline or the length of `bodies/ID`), `State` (id,
+//! queue, next attempt, caller data), `Done` (id). The log's order (segments by SEQ,
+//! records by offset) is the order of events.
+//!
+//! # How mb-smtpd's queue maps onto it (for the wiring step)
+//! Queue ids stay `Spool::new_id`'s hex ids. A 250 waits for `append`'s `Pending`; a
+//! message over 256 KiB streams into `body_file_path(id)` as it arrives (today's spill
+//! file) and commits with `append_with_body_file`. `DeliveryState` (per-recipient
+//! states, attempts, history) is `State::data`; deferral is `set_state(Deferred, next
+//! attempt)`, hold/release/requeue are `set_state` with `Hold`/`Incoming`, delivered,
+//! bounced and deleted are `complete`. A DSN is appended as a new message and made
+//! durable before the message it reports on is completed, so a crash can repeat a notice
+//! but never lose one. Completion after the next hop's 250 need not be awaited: a crash
+//! before it is durable repeats that delivery (the RFC 1047 window, one batch long).
+//! The free-space guard counts `Stats::segment_bytes` and the body files.
+//!
+//! # Invariants
+//! - **An acknowledged record is on disk**: the committer acknowledges a record only
+//!   after the `fdatasync` of the segment it was written to returned success (and, for a
+//!   large body, after the body file and `bodies/` were fsynced). An fsync failure
+//!   poisons the spool: every pending and later operation fails (nothing written after a
+//!   failed fsync can be trusted), so the caller answers 4xx, never a false 250.
+//! - **Recovery returns only whole records**: each record carries its length and a
+//!   checksum; a scan stops at the first record that is short or fails its checksum and,
+//!   when a later record in the same segment verifies again, skips to it (counted as
+//!   corruption, not a torn tail). A torn tail can only hold unacknowledged records.
+//! - **The index changes only after durability**: a message becomes visible (and its
+//!   id readable) once its commit is durable; where a message's records lie and which
+//!   segments are referenced are updated by the committer after the fsync. A state or
+//!   completion is ordered in the log exactly as it was accepted (the index lock is held
+//!   while it is queued), so a compaction copy always carries the newest state.
+//! - **A segment is deleted only when nothing live refers to it**: no live message has
+//!   its newest commit copy or its newest state there, and no `Done` record there still
+//!   cancels a commit copy in a segment that exists (otherwise recovery would revive a
+//!   finished message). Deletions are fsynced (the directory) before the segments they
+//!   unpin are considered, so a crash never keeps a commit copy whose `Done` is gone.
+//! - **Ids are unique while they matter**: an id that is live, being committed, or whose
+//!   `Done` still cancels an old copy is refused (`SpoolError::Duplicate`).
+//! - **Nothing live is rewritten**: a segment is only appended to, body files are written
+//!   once, and a spare file is written over only after it was reclaimed (nothing live
+//!   in it, its deletion durable). After a restart a new segment is started, so nothing
+//!   is appended behind a torn tail.
+
+mod record;
+mod recover;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+pub use record::{Queue, State, valid_id};
+pub use recover::Recovery;
+
+use record::BodySpec;
+
+/// How the spool lays out its files.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A segment is closed and a new one started once it holds this many bytes.
+    pub segment_size: u64,
+    /// Bodies larger than this go to a file of their own (`bodies/ID`).
+    pub large_threshold: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            segment_size: 64 << 20,
+            large_threshold: 256 << 10,
+        }
+    }
+}
+
+/// What can go wrong with the spool. A caller tempfails (4xx) on every one of them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O error: {0}")]
+    Io(Arc<io::Error>),
+    #[error("an earlier write or fsync of the spool failed; restart the daemon to recover")]
+    Poisoned,
+    #[error("the spool is shut down")]
+    Closed,
+    #[error("queue id {0:?} is not 1 to 64 ASCII letters and digits")]
+    BadId(String),
+    #[error("queue id {0} is already in the spool")]
+    Duplicate(String),
+    #[error("no message {0} in the spool")]
+    NotFound(String),
+    #[error("segment {segment} is not a spool segment of this version")]
+    BadSegment { segment: PathBuf },
+}
+
+impl From<io::Error> for SpoolError {
+    fn from(e: io::Error) -> SpoolError {
+        SpoolError::Io(Arc::new(e))
+    }
+}
+
+/// The durable outcome of one appended record: resolves once the record is on disk (or
+/// the commit failed). Await it in async code, or `wait` on a plain thread.
+#[must_use = "a record is durable only once its Pending resolved"]
+pub struct Pending(PendingInner);
+
+enum PendingInner {
+    Wait(tokio::sync::oneshot::Receiver<Result<(), SpoolError>>),
+    Ready(Option<Result<(), SpoolError>>),
+}
+
+impl Pending {
+    /// Blocks the calling thread until the record is durable. Not for async tasks.
+    pub fn wait(self) -> Result<(), SpoolError> {
+        match self.0 {
+            PendingInner::Wait(rx) => rx.blocking_recv().unwrap_or(Err(SpoolError::Closed)),
+            PendingInner::Ready(r) => r.unwrap_or(Err(SpoolError::Closed)),
+        }
+    }
+
+    fn ready(r: Result<(), SpoolError>) -> Pending {
+        Pending(PendingInner::Ready(Some(r)))
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<(), SpoolError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            PendingInner::Wait(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(SpoolError::Closed))),
+            PendingInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(SpoolError::Closed))),
+        }
+    }
+}
+
+/// A queued message as read back: its envelope and where its body is.
+pub struct Message {
+    pub envelope: Vec<u8>,
+    pub body: Body,
+    pub state: State,
+}
+
+/// A message body, left where it is on disk so that a large one is streamed.
+pub struct Body {
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads `buf.len()` bytes of the body starting at `at`.
+    pub fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        if at.saturating_add(buf.len() as u64) > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the body",
+            ));
+        }
+        self.file.read_exact_at(buf, self.offset + at)
+    }
+
+    /// The whole body in memory: for small messages and tests.
+    pub fn read_all(&self) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; usize::try_from(self.len).map_err(io::Error::other)?];
+        self.read_exact_at(&mut v, 0)?;
+        Ok(v)
+    }
+}
+
+/// What the spool holds now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live messages per queue: incoming, deferred, hold.
+    pub queues: [usize; 3],
+    pub segments: usize,
+    pub segment_bytes: u64,
+    /// Bytes of segments that still belong to live messages (commit records).
+    pub live_bytes: u64,
+    pub body_files: usize,
+    /// Reclaimed segment files waiting to be reused.
+    pub spare_segments: usize,
+    /// Batches written and `fdatasync`s made since open (one per batch).
+    pub batches: u64,
+    pub syncs: u64,
+}
+
+/// The spool. Cheap to clone; the committer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Spool {
+    shared: Arc<Shared>,
+    _committer: Arc<CommitterHandle>,
+}
+
+struct Shared {
+    root: PathBuf,
+    config: Config,
+    index: Mutex<Index>,
+    queue: Mutex<Batch>,
+    wake: Condvar,
+    batches: AtomicU64,
+    syncs: AtomicU64,
+}
+
+/// Records accepted but not yet written, in acceptance order.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<Op>,
+    shutdown: bool,
+    poisoned: bool,
+}
+
+struct Op {
+    bytes: Vec<u8>,
+    kind: OpKind,
+    ack: tokio::sync::oneshot::Sender<Result<(), SpoolError>>,
+}
+
+enum OpKind {
+    Commit {
+        id: Box<str>,
+        envelope_at: usize,
+        envelope_len: u32,
+        body: BodySpec,
+        body_at: usize,
+        /// A compaction copy of a live message, not a new one.
+        copy: bool,
+    },
+    State {
+        id: Box<str>,
+    },
+    Done {
+        id: Box<str>,
+    },
+}
+
+impl OpKind {
+    fn has_file_body(&self) -> bool {
+        matches!(
+            self,
+            OpKind::Commit {
+                body: BodySpec::File { .. },
+                copy: false,
+                ..
+            }
+        )
+    }
+}
+
+/// The in-memory index, rebuilt from the segments at start.
+#[derive(Default)]
+struct Index {
+    live: HashMap<Box<str>, Entry>,
+    /// Ids whose commit is queued but not yet durable.
+    reserved: HashSet<Box<str>>,
+    /// Finished messages whose `Done` still cancels a commit copy in an existing segment.
+    ghosts: HashMap<Box<str>, Ghost>,
+    segs: BTreeMap<u64, Seg>,
+    active: u64,
+    body_files: usize,
+    /// Reclaimed segment files kept for reuse (`segments/spare-SEQ`).
+    spares: Vec<PathBuf>,
+}
+
+/// Reclaimed segment files kept for reuse. Writing over blocks a file already has makes
+/// `fdatasync` a pure data flush, where appending also commits the file's new size and
+/// block allocation through the file system's journal (measured: about 70 µs against
+/// 100 to 140 µs per 32 KiB write and sync on this ext4).
+const MAX_SPARES: usize = 2;
+
+struct Entry {
+    /// The state as accepted (a queued change shows at once; it is durable when its
+    /// `Pending` resolves).
+    state: State,
+    /// A `Done` is queued: no further change is accepted.
+    dying: bool,
+    commit_seg: u64,
+    envelope: (u64, u32),
+    body: BodyLoc,
+    record_len: u64,
+    state_seg: u64,
+    /// Segments (existing) that hold a commit record of this id.
+    copies: u32,
+}
+
+#[derive(Clone, Copy)]
+enum BodyLoc {
+    Inline { offset: u64, len: u64 },
+    File { len: u64 },
+}
+
+struct Ghost {
+    done_seg: u64,
+    copies: u32,
+}
+
+struct Seg {
+    read: Arc<File>,
+    size: u64,
+    /// Live messages whose newest commit copy or newest state is here (counted once per
+    /// role, so a message with both here counts twice).
+    refs: u32,
+    /// `Done` records here that still cancel a commit copy in an existing segment.
+    pins: u32,
+    live_bytes: u64,
+    /// Ids with a commit record here.
+    commits: Vec<Box<str>>,
+}
+
+impl Seg {
+    fn new(read: Arc<File>, size: u64) -> Seg {
+        Seg {
+            read,
+            size,
+            refs: 0,
+            pins: 0,
+            live_bytes: 0,
+            commits: Vec::new(),
+        }
+    }
+}
+
+struct CommitterHandle {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for CommitterHandle {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn segment_path(root: &Path, seq: u64) -> PathBuf {
+    root.join("segments").join(format!("{seq:016X}.seg"))
+}
+
+fn spare_path(root: &Path, seq: u64) -> PathBuf {
+    root.join("segments").join(format!("spare-{seq:016X}"))
+}
+
+fn body_path(root: &Path, id: &str) -> PathBuf {
+    root.join("bodies").join(id)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Spool {
+    /// Opens (creating if need be) the spool under `root`, recovers its index from the
+    /// segments, deletes what nothing refers to, and starts a new active segment.
+    pub fn open(root: &Path, config: Config) -> Result<(Spool, Recovery), SpoolError> {
+        std::fs::create_dir_all(root.join("segments"))?;
+        std::fs::create_dir_all(root.join("bodies"))?;
+        let (mut index, mut recovery) = recover::scan(root)?;
+        let seq = index.segs.keys().next_back().map_or(1, |s| s + 1);
+        let file = create_segment(root, seq, index.spares.pop())?;
+        index.segs.insert(
+            seq,
+            Seg::new(
+                Arc::new(File::open(segment_path(root, seq))?),
+                record::SEGMENT_HEADER as u64,
+            ),
+        );
+        index.active = seq;
+        recovery.reclaimed += reclaim(root, &mut index)?;
+        let shared = Arc::new(Shared {
+            root: root.to_path_buf(),
+            config,
+            index: Mutex::new(index),
+            queue: Mutex::new(Batch::default()),
+            wake: Condvar::new(),
+            batches: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+        });
+        let committer = Committer {
+            shared: shared.clone(),
+            file,
+            seq,
+            pos: record::SEGMENT_HEADER as u64,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mb-spool-commit".into())
+            .spawn(move || committer.run())?;
+        Ok((
+            Spool {
+                shared: shared.clone(),
+                _committer: Arc::new(CommitterHandle {
+                    shared,
+                    thread: Mutex::new(Some(thread)),
+                }),
+            },
+            recovery,
+        ))
+    }
+
+    /// Appends a new message. A body above `Config::large_threshold` is first written to
+    /// `bodies/ID` and fsynced on the calling thread (call from a blocking context).
+    /// The message is durable, and visible, once the returned `Pending` resolves.
+    pub fn append(&self, id: &str, envelope: &[u8], body: &[u8]) -> Pending {
+        if body.len() > self.shared.config.large_threshold {
+            return match self.write_body_file(id, body) {
+                Ok(()) => self.enqueue_commit(
+                    id,
+                    envelope,
+                    BodySpec::File {
+                        len: body.len() as u64,
+                    },
+                    &[],
+                ),
+                Err(e) => Pending::ready(Err(e)),
+            };
+        }
+        self.enqueue_commit(
+            id,
+            envelope,
+            BodySpec::Inline {
+                len: body.len() as u64,
+            },
+            body,
+        )
+    }
+
+    /// Appends a new message whose body the caller already wrote to `body_file_path(id)`
+    /// (streamed there as it arrived); the file is fsynced here, on the calling thread.
+    pub fn append_with_body_file(&self, id: &str, envelope: &[u8]) -> Pending {
+        let r = (|| {
+            check_id(id)?;
+            let f = File::open(body_path(&self.shared.root, id))?;
+            f.sync_data()?;
+            Ok::<u64, SpoolError>(f.metadata()?.len())
+        })();
+        match r {
+            Ok(len) => self.enqueue_commit(id, envelope, BodySpec::File { len }, &[]),
+            Err(e) => Pending::ready(Err(e)),
+        }
+    }
+
+    /// Where a large body is written before `append_with_body_file`.
+    pub fn body_file_path(&self, id: &str) -> Result<PathBuf, SpoolError> {
+        check_id(id)?;
+        Ok(body_path(&self.shared.root, id))
+    }
+
+    fn write_body_file(&self, id: &str, body: &[u8]) -> Result<(), SpoolError> {
+        let path = self.body_file_path(id)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    SpoolError::Duplicate(id.to_string())
+                } else {
+                    e.into()
+                }
+            })?;
+        let r = f.write_all(body).and_then(|()| f.sync_data());
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&path);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn enqueue_commit(&self, id: &str, envelope: &[u8], body: BodySpec, inline: &[u8]) -> Pending {
+        if let Err(e) = check_id(id) {
+            return Pending::ready(Err(e));
+        }
+        let mut bytes =
+            Vec::with_capacity(record::RECORD_HEADER + 96 + envelope.len() + inline.len());
+        let (envelope_at, body_at) =
+            record::encode_commit(&mut bytes, id, &State::default(), envelope, body, inline);
+        let kind = OpKind::Commit {
+            id: id.into(),
+            envelope_at,
+            envelope_len: envelope.len() as u32,
+            body,
+            body_at,
+            copy: false,
+        };
+        let mut index = lock(&self.shared.index);
+        if index.live.contains_key(id)
+            || index.reserved.contains(id)
+            || index.ghosts.contains_key(id)
+        {
+            drop(index);
+            if matches!(body, BodySpec::File { .. }) {
+                // Only our own write_body_file made it (create_new): not someone else's.
+                let _ = std::fs::remove_file(body_path(&self.shared.root, id));
+            }
+            return Pending::ready(Err(SpoolError::Duplicate(id.to_string())));
+        }
+        index.reserved.insert(id.into());
+        self.push(bytes, kind)
+    }
+
+    /// Queues a record. Called with the index lock held, so that the log's order is the
+    /// order in which the index accepted the changes.
+    fn push(&self, bytes: Vec<u8>, kind: OpKind) -> Pending {
+        let (ack, rx) = tokio::sync::oneshot::channel();
+        let mut q = lock(&self.shared.queue);
+        if q.poisoned {
+            return Pending::ready(Err(SpoolError::Poisoned));
+        }
+        if q.shutdown {
+            return Pending::ready(Err(SpoolError::Closed));
+        }
+        let first = q.ops.is_empty();
+        q.ops.push(Op { bytes, kind, ack });
+        drop(q);
+        if first {
+            self.shared.wake.notify_one();
+        }
+        Pending(PendingInner::Wait(rx))
+    }
+
+    /// Records a message's new state (deferred with its next attempt, held, released,
+    /// requeued), durable once the `Pending` resolves.
+    pub fn set_state(&self, id: &str, state: State) -> Pending {
+        let mut bytes = Vec::with_capacity(record::RECORD_HEADER + 80 + state.data.len());
+        record::encode_state(&mut bytes, id, &state);
+        let mut index = lock(&self.shared.index);
+        let Some(e) = index.live.get_mut(id).filter(|e| !e.dying) else {
+            return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
+        };
+        e.state = state;
+        self.push(bytes, OpKind::State { id: id.into() })
+    }
+
+    /// Records that a message is finished (delivered, bounced or deleted). Its space is
+    /// reclaimed once this is durable and its segments hold nothing else live.
+    pub fn complete(&self, id: &str) -> Pending {
+        let mut bytes = Vec::with_capacity(record::RECORD_HEADER + 1 + id.len());
+        record::encode_done(&mut bytes, id);
+        let mut index = lock(&self.shared.index);
+        let Some(e) = index.live.get_mut(id).filter(|e| !e.dying) else {
+            return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
+        };
+        e.dying = true;
+        self.push(bytes, OpKind::Done { id: id.into() })
+    }
+
+    /// The state of a live message (as accepted, possibly not yet durable).
+    pub fn state(&self, id: &str) -> Option<State> {
+        let index = lock(&self.shared.index);
+        index
+            .live
+            .get(id)
+            .filter(|e| !e.dying)
+            .map(|e| e.state.clone())
+    }
+
+    /// Every live message with its state, ordered by id (ids sort by arrival).
+    pub fn list(&self) -> Vec<(String, State)> {
+        let index = lock(&self.shared.index);
+        let mut v: Vec<(String, State)> = index
+            .live
+            .iter()
+            .filter(|(_, e)| !e.dying)
+            .map(|(id, e)| (id.to_string(), e.state.clone()))
+            .collect();
+        drop(index);
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Reads a live message: its envelope (read now) and a handle on its body.
+    pub fn read(&self, id: &str) -> Result<Message, SpoolError> {
+        let (file, envelope, body, state) = {
+            let index = lock(&self.shared.index);
+            let e = index
+                .live
+                .get(id)
+                .filter(|e| !e.dying)
+                .ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+            let seg = index
+                .segs
+                .get(&e.commit_seg)
+                .ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+            (seg.read.clone(), e.envelope, e.body, e.state.clone())
+        };
+        let mut env = vec![0u8; envelope.1 as usize];
+        file.read_exact_at(&mut env, envelope.0)?;
+        let body = match body {
+            BodyLoc::Inline { offset, len } => Body { file, offset, len },
+            BodyLoc::File { len } => Body {
+                file: Arc::new(File::open(body_path(&self.shared.root, id))?),
+                offset: 0,
+                len,
+            },
+        };
+        Ok(Message {
+            envelope: env,
+            body,
+            state,
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        let index = lock(&self.shared.index);
+        let mut queues = [0; 3];
+        for e in index.live.values().filter(|e| !e.dying) {
+            queues[e.state.queue as usize] += 1;
+        }
+        Stats {
+            queues,
+            segments: index.segs.len(),
+            segment_bytes: index.segs.values().map(|s| s.size).sum(),
+            live_bytes: index.segs.values().map(|s| s.live_bytes).sum(),
+            body_files: index.body_files,
+            spare_segments: index.spares.len(),
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Copies the live messages of closed segments whose live bytes are under
+    /// `max_live_fraction` of their size into the active segment (commit copies with
+    /// their current state, and fresh state records for messages whose newest state is
+    /// there), so that the old segments can be deleted. Returns how many records it
+    /// wrote; they are durable when it returns.
+    pub fn compact(&self, max_live_fraction: f64) -> Result<usize, SpoolError> {
+        let (victims, work): (Vec<u64>, Vec<(Box<str>, bool)>) = {
+            let index = lock(&self.shared.index);
+            let victims: Vec<u64> = index
+                .segs
+                .iter()
+                .filter(|(seq, s)| {
+                    **seq != index.active
+                        && (s.live_bytes as f64) < max_live_fraction * s.size as f64
+                })
+                .map(|(seq, _)| *seq)
+                .collect();
+            let work = index
+                .live
+                .iter()
+                .filter(|(_, e)| !e.dying)
+                .filter_map(|(id, e)| {
+                    if victims.contains(&e.commit_seg) {
+                        Some((id.clone(), true))
+                    } else if victims.contains(&e.state_seg) {
+                        Some((id.clone(), false))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            (victims, work)
+        };
+        let mut pending = Vec::new();
+        for (id, whole) in work {
+            if whole {
+                // Bodies never change, so they are read without the lock; the state is
+                // taken under it, with the copy queued in the same critical section.
+                let Ok(msg) = self.read(&id) else { continue };
+                let (spec, inline) = match lock(&self.shared.index).live.get(&id).map(|e| e.body) {
+                    Some(BodyLoc::File { len }) => (BodySpec::File { len }, Vec::new()),
+                    Some(BodyLoc::Inline { len, .. }) => {
+                        (BodySpec::Inline { len }, msg.body.read_all()?)
+                    }
+                    None => continue,
+                };
+                let index = lock(&self.shared.index);
+                let Some(e) = index
+                    .live
+                    .get(&id)
+                    .filter(|e| !e.dying && victims.contains(&e.commit_seg))
+                else {
+                    continue;
+                };
+                let mut bytes = Vec::new();
+                let (envelope_at, body_at) =
+                    record::encode_commit(&mut bytes, &id, &e.state, &msg.envelope, spec, &inline);
+                let kind = OpKind::Commit {
+                    id: id.clone(),
+                    envelope_at,
+                    envelope_len: msg.envelope.len() as u32,
+                    body: spec,
+                    body_at,
+                    copy: true,
+                };
+                pending.push(self.push(bytes, kind));
+                drop(index);
+            } else {
+                let index = lock(&self.shared.index);
+                let Some(e) = index.live.get(&id).filter(|e| !e.dying) else {
+                    continue;
+                };
+                let mut bytes = Vec::new();
+                record::encode_state(&mut bytes, &id, &e.state);
+                pending.push(self.push(bytes, OpKind::State { id }));
+                drop(index);
+            }
+        }
+        let n = pending.len();
+        for p in pending {
+            p.wait()?;
+        }
+        // The committer reclaims after every batch; this catches segments that only the
+        // last batch's bookkeeping emptied, should it have raced with the scan above.
+        let root = self.shared.root.clone();
+        let mut index = lock(&self.shared.index);
+        reclaim(&root, &mut index)?;
+        Ok(n)
+    }
+}
+
+fn check_id(id: &str) -> Result<(), SpoolError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(SpoolError::BadId(id.to_string()))
+    }
+}
+
+/// Starts segment `seq`, in a spare file when there is one (its old records stay behind
+/// the new ones but never verify: their checksums are bound to the old sequence number).
+fn create_segment(root: &Path, seq: u64, spare: Option<PathBuf>) -> io::Result<File> {
+    let path = segment_path(root, seq);
+    let f = match spare {
+        Some(spare) => {
+            std::fs::rename(spare, &path)?;
+            std::fs::OpenOptions::new().write(true).open(&path)?
+        }
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?,
+    };
+    let mut header = [0u8; record::SEGMENT_HEADER];
+    header[..8].copy_from_slice(record::SEGMENT_MAGIC);
+    header[8..].copy_from_slice(&seq.to_le_bytes());
+    f.write_all_at(&header, 0)?;
+    f.sync_data()?;
+    sync_dir(&root.join("segments"))?;
+    Ok(f)
+}
+
+/// Deletes every closed segment nothing refers to, in rounds: a round's deletions are
+/// made durable (directory fsync) before the `Done` records they unpin may go in the
+/// next round. Returns how many segments went.
+fn reclaim(root: &Path, index: &mut Index) -> io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let dead: Vec<u64> = index
+            .segs
+            .iter()
+            .filter(|(seq, s)| **seq != index.active && s.refs == 0 && s.pins == 0)
+            .map(|(seq, _)| *seq)
+            .collect();
+        if dead.is_empty() {
+            return Ok(total);
+        }
+        for seq in &dead {
+            if index.spares.len() < MAX_SPARES {
+                let spare = spare_path(root, *seq);
+                std::fs::rename(segment_path(root, *seq), &spare)?;
+                index.spares.push(spare);
+            } else {
+                std::fs::remove_file(segment_path(root, *seq))?;
+            }
+        }
+        sync_dir(&root.join("segments"))?;
+        total += dead.len();
+        for seq in dead {
+            let Some(seg) = index.segs.remove(&seq) else {
+                continue;
+            };
+            for id in seg.commits {
+                if let Some(e) = index.live.get_mut(&id) {
+                    e.copies = e.copies.saturating_sub(1);
+                } else if let Some(g) = index.ghosts.get_mut(&id)
+                    && g.done_seg != seq
+                {
+                    g.copies = g.copies.saturating_sub(1);
+                    if g.copies == 0 {
+                        let done_seg = g.done_seg;
+                        index.ghosts.remove(&id);
+                        if let Some(s) = index.segs.get_mut(&done_seg) {
+                            s.pins -= 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The one thread that writes and syncs segments.
+struct Committer {
+    shared: Arc<Shared>,
+    file: File,
+    seq: u64,
+    pos: u64,
+}
+
+impl Committer {
+    fn run(mut self) {
+        let mut ops = Vec::new();
+        loop {
+            {
+                let mut q = lock(&self.shared.queue);
+                while q.ops.is_empty() && !q.shutdown {
+                    q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.ops.is_empty() {
+                    return;
+                }
+                std::mem::swap(&mut q.ops, &mut ops);
+            }
+            match self.commit(&mut ops) {
+                Ok(()) => {
+                    for op in ops.drain(..) {
+                        let _ = op.ack.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    // After a failed write or fsync the page cache may hold data that
+                    // never reaches the disk: refuse everything from now on.
+                    let err = SpoolError::from(e);
+                    let mut q = lock(&self.shared.queue);
+                    q.poisoned = true;
+                    let rest = std::mem::take(&mut q.ops);
+                    drop(q);
+                    for op in ops.drain(..).chain(rest) {
+                        let _ = op.ack.send(Err(err.clone()));
+                    }
+                    let mut index = lock(&self.shared.index);
+                    index.reserved.clear();
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, ops: &mut [Op]) -> io::Result<()> {
+        let root = self.shared.root.clone();
+        if self.pos >= self.shared.config.segment_size {
+            self.rotate()?;
+        }
+        for op in ops.iter_mut() {
+            record::bind(&mut op.bytes, self.seq);
+        }
+        if ops.iter().any(|op| op.kind.has_file_body()) {
+            // Each body file was fsynced by its writer; its name needs the directory.
+            sync_dir(&root.join("bodies"))?;
+        }
+        let start = self.pos;
+        let mut slices: Vec<IoSlice<'_>> = ops.iter().map(|op| IoSlice::new(&op.bytes)).collect();
+        let mut slices = &mut slices[..];
+        let mut at = start;
+        while !slices.is_empty() {
+            let n = write_vectored_at(&self.file, slices, at)?;
+            at += n as u64;
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        self.file.sync_data()?;
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.pos = at;
+        let mut index = lock(&self.shared.index);
+        let mut offset = start;
+        let mut finished_files = Vec::new();
+        for op in ops.iter() {
+            let len = op.bytes.len() as u64;
+            apply(
+                &mut index,
+                self.seq,
+                offset,
+                len,
+                &op.kind,
+                &mut finished_files,
+            );
+            offset += len;
+        }
+        if let Some(s) = index.segs.get_mut(&self.seq) {
+            s.size = self.pos;
+        }
+        reclaim(&root, &mut index)?;
+        drop(index);
+        for id in finished_files {
+            // The Done is durable: the body file is no longer needed. A lost unlink
+            // leaves an orphan, which recovery removes.
+            let _ = std::fs::remove_file(body_path(&root, &id));
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let next = self.seq + 1;
+        let spare = lock(&self.shared.index).spares.pop();
+        let file = create_segment(&self.shared.root, next, spare)?;
+        let read = Arc::new(File::open(segment_path(&self.shared.root, next))?);
+        let mut index = lock(&self.shared.index);
+        index
+            .segs
+            .insert(next, Seg::new(read, record::SEGMENT_HEADER as u64));
+        index.active = next;
+        reclaim(&self.shared.root, &mut index)?;
+        drop(index);
+        self.file = file;
+        self.seq = next;
+        self.pos = record::SEGMENT_HEADER as u64;
+        Ok(())
+    }
+}
+
+/// Writes as much of `slices` as one `pwritev` takes. Positioned writes need no seek
+/// and keep the committer's idea of the end of the segment authoritative.
+fn write_vectored_at(file: &File, slices: &[IoSlice<'_>], at: u64) -> io::Result<usize> {
+    // std has no pwritev; gather small records into one buffer and write the large
+    // ones as they are, which keeps the common batch (many small records) one call.
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    if slices.len() == 1 || total > 8 << 20 {
+        let n = file.write_at(&slices[0], at)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "segment write"));
+        }
+        return Ok(n);
+    }
+    let mut buf = Vec::with_capacity(total);
+    for s in slices {
+        buf.extend_from_slice(s);
+    }
+    file.write_all_at(&buf, at)?;
+    Ok(total)
+}
+
+/// Applies one durable record (written at `offset` of segment `seq`, `len` bytes) to the
+/// index: the committer after each fsync, and recovery for every record it reads.
+fn apply(
+    index: &mut Index,
+    seq: u64,
+    offset: u64,
+    len: u64,
+    kind: &OpKind,
+    finished_files: &mut Vec<Box<str>>,
+) {
+    match kind {
+        OpKind::Commit {
+            id,
+            envelope_at,
+            envelope_len,
+            body,
+            body_at,
+            copy,
+        } => {
+            let envelope = (offset + *envelope_at as u64, *envelope_len);
+            let body = match body {
+                BodySpec::Inline { len } => BodyLoc::Inline {
+                    offset: offset + *body_at as u64,
+                    len: *len,
+                },
+                BodySpec::File { len } => BodyLoc::File { len: *len },
+            };
+            if let Some(seg) = index.segs.get_mut(&seq) {
+                seg.commits.push(id.clone());
+                seg.refs += 2;
+                seg.live_bytes += len;
+            }
+            if *copy {
+                let Some(e) = index.live.get_mut(id) else {
+                    return;
+                };
+                let (old_c, old_s, old_len) = (e.commit_seg, e.state_seg, e.record_len);
+                e.commit_seg = seq;
+                e.state_seg = seq;
+                e.envelope = envelope;
+                e.body = body;
+                e.record_len = len;
+                e.copies += 1;
+                unref(index, old_c, old_len);
+                unref(index, old_s, 0);
+            } else {
+                index.reserved.remove(id);
+                if matches!(body, BodyLoc::File { .. }) {
+                    index.body_files += 1;
+                }
+                index.live.insert(
+                    id.clone(),
+                    Entry {
+                        state: State::default(),
+                        dying: false,
+                        commit_seg: seq,
+                        envelope,
+                        body,
+                        record_len: len,
+                        state_seg: seq,
+                        copies: 1,
+                    },
+                );
+            }
+        }
+        OpKind::State { id } => {
+            let Some(e) = index.live.get_mut(id) else {
+                return;
+            };
+            let old = std::mem::replace(&mut e.state_seg, seq);
+            if let Some(seg) = index.segs.get_mut(&seq) {
+                seg.refs += 1;
+            }
+            unref(index, old, 0);
+        }
+        OpKind::Done { id } => {
+            let Some(e) = index.live.remove(id) else {
+                return;
+            };
+            if matches!(e.body, BodyLoc::File { .. }) {
+                index.body_files -= 1;
+                finished_files.push(id.clone());
+            }
+            unref(index, e.commit_seg, e.record_len);
+            unref(index, e.state_seg, 0);
+            // A segment holds at most one commit copy of an id (copies go forward into
+            // the active segment only); one here goes with this Done, so only copies
+            // in other segments pin it.
+            let elsewhere = e.copies - u32::from(e.commit_seg == seq);
+            if elsewhere > 0 {
+                index.ghosts.insert(
+                    id.clone(),
+                    Ghost {
+                        done_seg: seq,
+                        copies: elsewhere,
+                    },
+                );
+                if let Some(seg) = index.segs.get_mut(&seq) {
+                    seg.pins += 1;
+                }
+            }
+        }
+    }
+}
+
+fn unref(index: &mut Index, seq: u64, live_bytes: u64) {
+    if let Some(seg) = index.segs.get_mut(&seq) {
+        seg.refs -= 1;
+        seg.live_bytes -= live_bytes;
+    }
+}

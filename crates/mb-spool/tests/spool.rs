@@ -1,0 +1,526 @@
+//! The spool's guarantees through its public API: group commit, torn tails and damaged
+//! records at recovery, reclaiming segments, large bodies, compaction, and a property
+//! test of recovery over random operation sequences.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use mb_spool::{Config, Queue, Spool, SpoolError, State};
+use proptest::prelude::*;
+
+fn body_for(id: &str, len: usize) -> Vec<u8> {
+    let seed = id
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
+}
+
+fn segment_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(root.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn spare_files(root: &Path) -> usize {
+    std::fs::read_dir(root.join("segments")).unwrap().count() - segment_files(root).len()
+}
+
+fn body_files(root: &Path) -> usize {
+    std::fs::read_dir(root.join("bodies")).unwrap().count()
+}
+
+fn small_segments() -> Config {
+    Config {
+        segment_size: 1,
+        large_threshold: 1024,
+    }
+}
+
+#[test]
+fn concurrent_writers_are_each_acknowledged_once_and_share_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, rec) = Spool::open(dir.path(), Config::default()).unwrap();
+    assert_eq!(rec.messages, 0);
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let id = format!("T{t:02}M{i:03}");
+                    spool
+                        .append(&id, id.as_bytes(), &body_for(&id, 300))
+                        .wait()
+                        .unwrap();
+                    // Acknowledged means visible and readable at once.
+                    let m = spool.read(&id).unwrap();
+                    assert_eq!(m.envelope, id.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = spool.stats();
+    assert_eq!(stats.queues, [1280, 0, 0]);
+    // One fdatasync per batch, not per message: concurrent writers share them.
+    assert_eq!(stats.batches, stats.syncs);
+    assert!(
+        stats.syncs < 1280 / 2,
+        "{} fsyncs for 1280 messages from 32 writers",
+        stats.syncs
+    );
+    // An id is taken once.
+    assert!(matches!(
+        spool.append("T00M000", b"again", b"x").wait(),
+        Err(SpoolError::Duplicate(_))
+    ));
+    assert!(matches!(
+        spool.append("../x", b"e", b"x").wait(),
+        Err(SpoolError::BadId(_))
+    ));
+    drop(spool);
+    let (spool, rec) = Spool::open(dir.path(), Config::default()).unwrap();
+    assert_eq!(
+        (rec.messages, rec.torn_tails, rec.corrupt_records),
+        (1280, 0, 0)
+    );
+    for (id, state) in spool.list() {
+        assert_eq!(state, State::default());
+        assert_eq!(
+            spool.read(&id).unwrap().body.read_all().unwrap(),
+            body_for(&id, 300)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_writers_await_their_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+    let tasks: Vec<_> = (0..100)
+        .map(|t| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let id = format!("A{t:03}");
+                spool
+                    .append(&id, b"env", &body_for(&id, 4096))
+                    .await
+                    .unwrap();
+                spool.complete(&id).await.unwrap();
+                // Finished: gone, and a second completion is refused.
+                assert!(matches!(
+                    spool.complete(&id).await,
+                    Err(SpoolError::NotFound(_))
+                ));
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(spool.stats().queues, [0, 0, 0]);
+}
+
+#[test]
+fn torn_tail_is_ignored_and_acknowledged_records_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+    for i in 0..10 {
+        let id = format!("M{i}");
+        spool
+            .append(&id, b"env", &body_for(&id, 500))
+            .wait()
+            .unwrap();
+    }
+    drop(spool);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let full = std::fs::read(&seg).unwrap();
+    // A crash in the middle of a write: the start of a record (here a copy of a whole
+    // one, cut short), then nothing.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&full[16..16 + 300]).unwrap();
+    drop(f);
+    let (spool, rec) = Spool::open(dir.path(), Config::default()).unwrap();
+    assert_eq!((rec.messages, rec.torn_tails, rec.torn_bytes), (10, 1, 300));
+    assert_eq!(rec.corrupt_records, 0);
+    drop(spool);
+
+    // Cut into the last record itself: that message is gone (it could not have been
+    // acknowledged), every other one is whole.
+    std::fs::write(&seg, &full[..full.len() - 7]).unwrap();
+    let (spool, rec) = Spool::open(dir.path(), Config::default()).unwrap();
+    assert_eq!((rec.messages, rec.torn_tails), (9, 1));
+    assert!(spool.read("M9").is_err());
+    for i in 0..9 {
+        let id = format!("M{i}");
+        assert_eq!(
+            spool.read(&id).unwrap().body.read_all().unwrap(),
+            body_for(&id, 500)
+        );
+    }
+}
+
+#[test]
+fn a_damaged_record_is_skipped_and_the_records_after_it_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+    for i in 0..5 {
+        let id = format!("M{i}");
+        spool
+            .append(&id, b"env", &body_for(&id, 1000))
+            .wait()
+            .unwrap();
+    }
+    drop(spool);
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut data = std::fs::read(&seg).unwrap();
+    // The third record's body: a checksum mismatch, not a short record.
+    let record = (data.len() - 16) / 5;
+    data[16 + 2 * record + record / 2] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let (spool, rec) = Spool::open(dir.path(), Config::default()).unwrap();
+    assert_eq!(
+        (rec.messages, rec.corrupt_records, rec.torn_tails),
+        (4, 1, 0)
+    );
+    assert!(spool.read("M2").is_err());
+    assert_eq!(
+        spool.read("M4").unwrap().body.read_all().unwrap(),
+        body_for("M4", 1000)
+    );
+}
+
+#[test]
+fn a_segment_is_reclaimed_only_after_all_its_messages_are_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // Every batch starts a new segment, so each record below has one of its own.
+    let (spool, _) = Spool::open(root, small_segments()).unwrap();
+    spool.append("A", b"env-a", b"body-a").wait().unwrap();
+    let seg_a = segment_files(root).pop().unwrap();
+    spool.append("B", b"env-b", b"body-b").wait().unwrap();
+    let deferred = State {
+        queue: Queue::Deferred,
+        next_attempt: 1_800_000_000,
+        data: b"{\"attempts\":1}".to_vec(),
+    };
+    spool.set_state("A", deferred.clone()).wait().unwrap();
+    spool.complete("B").wait().unwrap();
+    // B is done, A is not: A's commit segment stays, B's went.
+    spool.append("C", b"env-c", b"body-c").wait().unwrap();
+    assert!(seg_a.exists(), "A's segment went while A was live");
+    assert_eq!(spool.stats().queues, [1, 1, 0]);
+    drop(spool);
+
+    let (spool, rec) = Spool::open(root, small_segments()).unwrap();
+    assert_eq!(rec.messages, 2);
+    assert_eq!(spool.state("A"), Some(deferred));
+    assert!(spool.read("B").is_err(), "a finished message came back");
+    assert_eq!(spool.read("A").unwrap().body.read_all().unwrap(), b"body-a");
+    // A's segment, A's state segment, C's segment, the new active one.
+    assert_eq!(segment_files(root).len(), 4);
+    spool.complete("A").wait().unwrap();
+    spool.complete("C").wait().unwrap();
+    spool.append("D", b"env-d", b"body-d").wait().unwrap();
+    spool.complete("D").wait().unwrap();
+    drop(spool);
+    let (spool, rec) = Spool::open(root, small_segments()).unwrap();
+    assert_eq!(rec.messages, 0);
+    assert_eq!(spool.list(), vec![]);
+    // Everything done: only the segment just started, and at most the one holding the
+    // last Done (its commit went in the same segment, so nothing pins it).
+    assert!(segment_files(root).len() <= 2, "{:?}", segment_files(root));
+    drop(spool);
+    let (_spool, _) = Spool::open(root, small_segments()).unwrap();
+    assert_eq!(segment_files(root).len(), 1);
+}
+
+#[test]
+fn large_bodies_live_in_their_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (spool, _) = Spool::open(root, small_segments()).unwrap();
+    let big = body_for("BIG", 10_000);
+    spool.append("BIG", b"env", &big).wait().unwrap();
+    spool.append("SMALL", b"env", b"small").wait().unwrap();
+    assert!(root.join("bodies/BIG").exists());
+    assert_eq!(body_files(root), 1);
+    assert_eq!(spool.read("BIG").unwrap().body.read_all().unwrap(), big);
+    // A body streamed to its file by the caller.
+    let path = spool.body_file_path("STREAMED").unwrap();
+    std::fs::write(&path, b"streamed body").unwrap();
+    spool
+        .append_with_body_file("STREAMED", b"env")
+        .wait()
+        .unwrap();
+    assert_eq!(
+        spool.read("STREAMED").unwrap().body.read_all().unwrap(),
+        b"streamed body"
+    );
+    spool.complete("BIG").wait().unwrap();
+    assert!(!root.join("bodies/BIG").exists(), "a finished body stayed");
+    drop(spool);
+    // An orphan (a body whose commit never became durable) is removed; a body that
+    // vanished makes its message unreadable, so it is dropped and named.
+    std::fs::write(root.join("bodies/ORPHAN"), b"x").unwrap();
+    std::fs::remove_file(root.join("bodies/STREAMED")).unwrap();
+    let (spool, rec) = Spool::open(root, small_segments()).unwrap();
+    assert_eq!(rec.orphan_bodies, 1);
+    assert_eq!(rec.missing_bodies, vec!["STREAMED".to_string()]);
+    assert_eq!(body_files(root), 0);
+    assert_eq!(rec.messages, 1);
+    assert_eq!(
+        spool.read("SMALL").unwrap().body.read_all().unwrap(),
+        b"small"
+    );
+}
+
+#[test]
+fn compaction_moves_long_deferred_messages_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 16 << 10,
+        large_threshold: 8 << 10,
+    };
+    let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
+    let ids: Vec<String> = (0..60).map(|i| format!("M{i:02}")).collect();
+    for id in &ids {
+        let len = if id == "M07" { 9000 } else { 1000 };
+        spool
+            .append(id, id.as_bytes(), &body_for(id, len))
+            .wait()
+            .unwrap();
+    }
+    let held = State {
+        queue: Queue::Hold,
+        next_attempt: 0,
+        data: b"held".to_vec(),
+    };
+    spool.set_state("M03", held.clone()).wait().unwrap();
+    for id in ids.iter().filter(|i| *i != "M03" && *i != "M07") {
+        spool.complete(id).wait().unwrap();
+    }
+    // The two survivors keep the first segment (16 KiB, 2 KiB of it live) alive.
+    let first = segment_files(root).remove(0);
+    assert_eq!(spool.compact(0.0).unwrap(), 0, "nothing is that sparse");
+    assert!(first.exists());
+    let copied = spool.compact(0.5).unwrap();
+    assert_eq!(copied, 2);
+    // The copies are durable and the sparse segment is gone.
+    assert!(!first.exists(), "compaction left {first:?}");
+    spool.append("NEW", b"env", b"x").wait().unwrap();
+    drop(spool);
+    let (spool, rec) = Spool::open(root, cfg).unwrap();
+    assert_eq!(rec.messages, 3);
+    assert_eq!(spool.state("M03"), Some(held));
+    assert_eq!(spool.state("M07"), Some(State::default()));
+    for id in ["M03", "M07"] {
+        let m = spool.read(id).unwrap();
+        assert_eq!(m.envelope, id.as_bytes());
+        let len = if id == "M07" { 9000 } else { 1000 };
+        assert_eq!(m.body.read_all().unwrap(), body_for(id, len));
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(usize),
+    Defer(usize, u64),
+    Hold(usize),
+    Complete(usize),
+    Compact,
+    Reopen { junk: Vec<u8> },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => prop_oneof![Just(10usize), Just(700), Just(3000)].prop_map(Op::Append),
+        2 => (any::<usize>(), 1u64..2_000_000_000).prop_map(|(i, t)| Op::Defer(i, t)),
+        1 => any::<usize>().prop_map(Op::Hold),
+        3 => any::<usize>().prop_map(Op::Complete),
+        1 => Just(Op::Compact),
+        1 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(|junk| Op::Reopen { junk }),
+    ]
+}
+
+fn check(spool: &Spool, model: &BTreeMap<String, (State, Vec<u8>)>) {
+    let listed: Vec<(String, State)> = spool.list();
+    let expected: Vec<(String, State)> = model
+        .iter()
+        .map(|(id, (st, _))| (id.clone(), st.clone()))
+        .collect();
+    assert_eq!(listed, expected);
+    for (id, (_, body)) in model {
+        let m = spool.read(id).unwrap();
+        assert_eq!(m.envelope, id.as_bytes());
+        assert_eq!(&m.body.read_all().unwrap(), body);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever happens (appends of every size, state changes, completions,
+    /// compactions, restarts with junk at the end of the log), what recovery returns is
+    /// exactly what was acknowledged, and when nothing is live, nothing is kept.
+    #[test]
+    fn recovery_returns_exactly_what_was_acknowledged(ops in proptest::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cfg = Config { segment_size: 2048, large_threshold: 1024 };
+        let mut spool = Spool::open(root, cfg.clone()).unwrap().0;
+        let mut model: BTreeMap<String, (State, Vec<u8>)> = BTreeMap::new();
+        let mut next = 0;
+        for op in ops {
+            let pick = |i: usize, m: &BTreeMap<String, (State, Vec<u8>)>| {
+                (!m.is_empty()).then(|| m.keys().nth(i % m.len()).unwrap().clone())
+            };
+            match op {
+                Op::Append(len) => {
+                    let id = format!("P{next:05}");
+                    next += 1;
+                    let body = body_for(&id, len);
+                    spool.append(&id, id.as_bytes(), &body).wait().unwrap();
+                    model.insert(id, (State::default(), body));
+                }
+                Op::Defer(i, t) => if let Some(id) = pick(i, &model) {
+                    let st = State { queue: Queue::Deferred, next_attempt: t, data: t.to_le_bytes().to_vec() };
+                    spool.set_state(&id, st.clone()).wait().unwrap();
+                    model.get_mut(&id).unwrap().0 = st;
+                },
+                Op::Hold(i) => if let Some(id) = pick(i, &model) {
+                    let st = State { queue: Queue::Hold, next_attempt: 0, data: Vec::new() };
+                    spool.set_state(&id, st.clone()).wait().unwrap();
+                    model.get_mut(&id).unwrap().0 = st;
+                },
+                Op::Complete(i) => if let Some(id) = pick(i, &model) {
+                    spool.complete(&id).wait().unwrap();
+                    model.remove(&id);
+                },
+                Op::Compact => {
+                    spool.compact(0.9).unwrap();
+                }
+                Op::Reopen { junk } => {
+                    drop(spool);
+                    // An unacknowledged write cut by a crash: bytes after the last record.
+                    let last = segment_files(root).pop().unwrap();
+                    std::fs::OpenOptions::new().append(true).open(&last).unwrap().write_all(&junk).unwrap();
+                    let (s, rec) = Spool::open(root, cfg.clone()).unwrap();
+                    prop_assert_eq!(rec.corrupt_records, 0);
+                    prop_assert!(rec.missing_bodies.is_empty());
+                    spool = s;
+                }
+            }
+            check(&spool, &model);
+        }
+        drop(spool);
+        let (spool, rec) = Spool::open(root, cfg.clone()).unwrap();
+        prop_assert_eq!(rec.messages, model.len());
+        check(&spool, &model);
+        let large = model.values().filter(|(_, b)| b.len() > 1024).count();
+        prop_assert_eq!(body_files(root), large);
+        if model.is_empty() {
+            drop(spool);
+            let _ = Spool::open(root, cfg).unwrap();
+            prop_assert_eq!(segment_files(root).len(), 1, "nothing live, yet segments kept");
+        }
+    }
+}
+
+#[test]
+fn recycled_segment_files_never_bring_old_records_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 4096,
+        large_threshold: 1 << 20,
+    };
+    let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
+    for i in 0..120 {
+        let id = format!("OLD{i:03}");
+        spool
+            .append(&id, id.as_bytes(), &body_for(&id, 100))
+            .wait()
+            .unwrap();
+    }
+    for i in 0..120 {
+        spool.complete(&format!("OLD{i:03}")).wait().unwrap();
+    }
+    spool.append("NEW000", b"NEW000", b"x").wait().unwrap();
+    assert_eq!(spool.stats().spare_segments, 2);
+    assert_eq!(spare_files(root), 2, "spares are kept, at most two");
+    // New records go into a spare, over whole old records; stop as soon as one is
+    // taken, so that most of that file is still old records.
+    let mut n = 1;
+    while spool.stats().spare_segments == 2 {
+        let id = format!("NEW{n:03}");
+        spool
+            .append(&id, id.as_bytes(), &body_for(&id, 100))
+            .wait()
+            .unwrap();
+        n += 1;
+        assert!(n < 200, "no spare was reused");
+    }
+    drop(spool);
+    let (spool, rec) = Spool::open(root, cfg).unwrap();
+    let ids: Vec<String> = spool.list().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), n);
+    assert!(
+        ids.iter().all(|id| id.starts_with("NEW")),
+        "an old record came back"
+    );
+    assert!(
+        rec.torn_tails >= 1,
+        "the reused file's old tail was not seen: {rec:?}"
+    );
+    assert_eq!(rec.corrupt_records, 0, "{rec:?}");
+    for id in &ids[1..] {
+        assert_eq!(
+            spool.read(id).unwrap().body.read_all().unwrap(),
+            body_for(id, 100)
+        );
+    }
+}
+
+/// The case the pins exist for: X shares its segment with messages still live, its
+/// Done lands in a later segment, and that later segment empties. Deleting it would let
+/// recovery find X's commit without its Done and deliver X again.
+#[test]
+fn a_done_record_outlives_the_commit_it_cancels() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 600,
+        large_threshold: 1 << 20,
+    };
+    let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
+    // X, Y and Z share the first segment (Z fills it).
+    for (id, len) in [("X", 50), ("Y", 50), ("Z", 600)] {
+        spool
+            .append(id, id.as_bytes(), &body_for(id, len))
+            .wait()
+            .unwrap();
+    }
+    let first = segment_files(root);
+    // X's Done opens the second segment, W fills it, W's Done opens a third: the second
+    // now holds nothing live, only X's Done.
+    spool.complete("X").wait().unwrap();
+    spool.append("W", b"W", &body_for("W", 600)).wait().unwrap();
+    spool.complete("W").wait().unwrap();
+    spool.append("V", b"V", b"v").wait().unwrap();
+    assert!(
+        segment_files(root).len() > first.len(),
+        "the records did not spread"
+    );
+    drop(spool);
+    let (spool, rec) = Spool::open(root, cfg).unwrap();
+    let ids: Vec<String> = spool.list().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["V", "Y", "Z"], "{rec:?}");
+}
