@@ -24,12 +24,12 @@ use crate::smtp::Raw;
 
 /// A gateway serving a.test and b.test, quarantining at a score of 1.0 (a message
 /// without a Date field), relaying to a sink, and mb-web on it.
-struct Site {
-    gw: Gateway,
+pub(crate) struct Site {
+    pub(crate) gw: Gateway,
     _web: Proc,
     sink: SmtpSink,
     smtp: u16,
-    base_url: String,
+    pub(crate) base_url: String,
 }
 
 #[derive(Debug)]
@@ -71,7 +71,7 @@ impl Reply {
 }
 
 impl Site {
-    fn start() -> Site {
+    pub(crate) fn start() -> Site {
         Site::start_with("")
     }
 
@@ -95,6 +95,7 @@ impl Site {
         let mut cfg = std::fs::read_to_string(&gw.config).unwrap();
         cfg.push_str(&format!(
             "[network.https]\nlisten = \"127.0.0.1\"\nport = {https}\n\
+             rate_limit = 1000000\nrate_burst = 100000\n\
              \"tls.cert\" = \"{}\"\n\"tls.key\" = \"{}\"\n\
              [web]\ntotp_required = \"\"\nbase_url = \"{base_url}\"\n{extra}\n",
             gw.path("web.crt").display(),
@@ -134,7 +135,7 @@ impl Site {
         self.gw.path("run/mb-web.sock")
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.gw.path("web.log")).unwrap_or_default() + &self.gw.log()
     }
 
@@ -181,13 +182,13 @@ impl Site {
     }
 
     /// The quarantine as the local administrator sees it through the API.
-    fn quarantine(&self) -> Json {
+    pub(crate) fn quarantine(&self) -> Json {
         let r = self.get("/api/v1/quarantine", &[]);
         assert_eq!(r.status, 200, "{r:?}");
         serde_json::from_str(&r.body).unwrap()
     }
 
-    fn id_of(&self, subject: &str) -> String {
+    pub(crate) fn id_of(&self, subject: &str) -> String {
         let q = self.quarantine();
         q["entries"]
             .as_array()
@@ -200,7 +201,7 @@ impl Site {
             .to_string()
     }
 
-    fn wait_quarantined(&self, n: u64) {
+    pub(crate) fn wait_quarantined(&self, n: u64) {
         let mut q = Json::Null;
         wait_until("messages quarantined", Duration::from_secs(30), || {
             q = self.quarantine();
@@ -210,7 +211,7 @@ impl Site {
     }
 
     /// Sends `body` (no Date field: quarantined) from alice@sender.test to `rcpt`.
-    fn send(&self, rcpt: &str, subject: &str, extra_headers: &str, body: &str) {
+    pub(crate) fn send(&self, rcpt: &str, subject: &str, extra_headers: &str, body: &str) {
         let mut c = Raw::connect(self.smtp);
         c.reply();
         c.cmd("EHLO client.test");
@@ -243,12 +244,12 @@ impl Site {
         r
     }
 
-    fn tool(&self, name: &str, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn tool(&self, name: &str, args: &[&str]) -> (i32, String, String) {
         text(&self.gw.tool(name, args))
     }
 
     /// The messages at the sink whose text contains `needle`.
-    fn at_sink(&self, needle: &str) -> Vec<String> {
+    pub(crate) fn at_sink(&self, needle: &str) -> Vec<String> {
         self.sink
             .messages()
             .into_iter()
@@ -257,7 +258,7 @@ impl Site {
     }
 
     /// The released messages (not the digests that list them) with this subject.
-    fn released(&self, subject: &str) -> usize {
+    pub(crate) fn released(&self, subject: &str) -> usize {
         self.at_sink(&format!("\nSubject: {subject}"))
             .iter()
             .filter(|m| !m.contains("Quarantine digest"))
@@ -288,7 +289,7 @@ impl Site {
 }
 
 /// Adds an SMTP AUTH account with mb-user (the password on stdin).
-fn smtp_account(site: &Site, login: &str, password: &str) {
+pub(crate) fn smtp_account(site: &Site, login: &str, password: &str) {
     let mut child = Command::new(bin("mb-user"))
         .arg("--config")
         .arg(&site.gw.config)
@@ -310,7 +311,7 @@ fn smtp_account(site: &Site, login: &str, password: &str) {
 
 /// The decoded text and HTML parts of a digest (smtp-sink's records before the message
 /// are header lines too, so the dump parses as the message).
-fn parts(raw: &str) -> (String, String) {
+pub(crate) fn parts(raw: &str) -> (String, String) {
     let m = mail_parser::MessageParser::default()
         .parse(raw.as_bytes())
         .expect("a digest that parses");
@@ -334,7 +335,7 @@ fn tokens(base: &str, text: &str) -> Vec<String> {
 }
 
 /// The release token of the block of the text part that lists `subject`.
-fn release_token(base: &str, text: &str, subject: &str) -> String {
+pub(crate) fn release_token(base: &str, text: &str, subject: &str) -> String {
     let block = text
         .split("\n\n")
         .find(|b| b.contains(&format!("Subject: {subject}")))

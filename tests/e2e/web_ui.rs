@@ -144,7 +144,7 @@ impl Site {
 }
 
 /// Opens a WebDriver session on a headless Chromium.
-async fn browser(driver: &Chromedriver) -> Client {
+pub(crate) async fn browser(driver: &Chromedriver) -> Client {
     let chromium = ["/usr/lib/chromium/chromium"]
         .into_iter()
         .map(std::path::PathBuf::from)
@@ -188,7 +188,7 @@ async fn console(driver: &Chromedriver, c: &Client) -> Vec<Json> {
 /// Fails on any console error or warning the pages caused, except Chromium's note
 /// about a page answered with an error status that the test asked for (`expected`:
 /// path and status, the refused login, the refused value, the forged forms).
-async fn no_console_errors(driver: &Chromedriver, c: &Client, expected: &[(&str, u16)]) {
+pub(crate) async fn no_console_errors(driver: &Chromedriver, c: &Client, expected: &[(&str, u16)]) {
     let bad: Vec<Json> = console(driver, c)
         .await
         .into_iter()
@@ -206,14 +206,20 @@ async fn no_console_errors(driver: &Chromedriver, c: &Client, expected: &[(&str,
     assert!(bad.is_empty(), "browser console: {bad:#?}");
 }
 
-async fn shot(c: &Client, name: &str) {
+pub(crate) async fn shot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
     std::fs::write(screenshot_dir().join(format!("web_ui-{name}.png")), png).unwrap();
 }
 
 /// The text of the first element matching `css`, once it contains `needle`; reloads
 /// the page (the message log and queue fill in the background) until `limit`.
-async fn wait_text(c: &Client, css: &str, needle: &str, reload: bool, limit: Duration) -> String {
+pub(crate) async fn wait_text(
+    c: &Client,
+    css: &str,
+    needle: &str,
+    reload: bool,
+    limit: Duration,
+) -> String {
     let start = Instant::now();
     loop {
         let seen = match c.find(Locator::Css(css)).await {
@@ -245,13 +251,13 @@ async fn wait_text(c: &Client, css: &str, needle: &str, reload: bool, limit: Dur
     }
 }
 
-async fn fill(c: &Client, css: &str, value: &str) {
+pub(crate) async fn fill(c: &Client, css: &str, value: &str) {
     let e = c.find(Locator::Css(css)).await.unwrap();
     e.clear().await.unwrap();
     e.send_keys(value).await.unwrap();
 }
 
-async fn click(c: &Client, css: &str) {
+pub(crate) async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css))
         .await
         .unwrap()
@@ -260,7 +266,7 @@ async fn click(c: &Client, css: &str) {
         .unwrap();
 }
 
-async fn path(c: &Client) -> String {
+pub(crate) async fn path(c: &Client) -> String {
     c.current_url().await.unwrap().path().to_string()
 }
 

@@ -190,8 +190,8 @@ impl ConfigApi for Rpcd {
                         if !c.reloaded && !prefix.is_empty() && !c.key.starts_with(&prefix) {
                             continue;
                         }
-                        if mb_core::registry::find(&c.key).is_some_and(|d| d.secret)
-                            && who.uid.is_none()
+                        if mb_core::registry::find(&c.key)
+                            .is_some_and(|d| !crate::secrets::reveals(d, &who))
                         {
                             c.old_value = mb_core::config::REDACTED.into();
                             c.new_value = mb_core::config::REDACTED.into();

@@ -14,6 +14,7 @@ pub mod policies;
 pub mod quarantine;
 pub mod recipients;
 pub mod replica;
+pub mod secrets;
 pub mod stats;
 pub mod store;
 pub mod users;

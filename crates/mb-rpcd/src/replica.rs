@@ -89,7 +89,13 @@ fn content(p: &Policy) -> Policy {
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
-    async fn export(&self, _req: Request<ExportRequest>) -> Result<Response<Snapshot>, Status> {
+    async fn export(&self, req: Request<ExportRequest>) -> Result<Response<Snapshot>, Status> {
+        // A snapshot carries secret overrides and password hashes: not mb-web's to read.
+        if crate::secrets::is_web(&caller(&req)) {
+            return Err(Status::permission_denied(
+                "the cluster snapshot carries secrets: mb-web's user may not export it",
+            ));
+        }
         let settings = self
             .store
             .cluster_settings()

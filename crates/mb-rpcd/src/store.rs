@@ -91,13 +91,14 @@ impl Store {
         self.changes.subscribe()
     }
 
-    /// The effective value of a key as sent to a caller; secrets only to local callers.
+    /// The effective value of a key as sent to a caller; secrets only to local callers
+    /// other than mb-web's user, which gets only those it reads (`secrets.rs`).
     pub fn value(&self, def: &'static KeyDef, cfg: &Config, caller: &Caller) -> v1::Value {
         let entry = cfg.entry(def.key);
         let text = entry.map(|e| e.value.to_string()).unwrap_or_default();
         v1::Value {
             key: def.key.to_string(),
-            value: if def.secret && caller.uid.is_none() && !text.is_empty() {
+            value: if !crate::secrets::reveals(def, caller) && !text.is_empty() {
                 REDACTED.into()
             } else {
                 text

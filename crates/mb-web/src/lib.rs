@@ -12,6 +12,7 @@ pub mod access;
 pub mod accounts_cli;
 pub mod api;
 pub mod auth;
+pub mod export;
 pub mod health;
 pub mod layers;
 pub mod metrics;
