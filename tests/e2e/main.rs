@@ -42,6 +42,7 @@ mod web_rspamd;
 mod web_scale;
 mod web_secrets;
 mod web_ui;
+mod web_ui_pages;
 mod web_ui_quarantine;
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must

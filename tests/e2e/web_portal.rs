@@ -33,14 +33,14 @@ pub(crate) struct Site {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: hyper::HeaderMap,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> String {
+    pub(crate) fn header(&self, name: &str) -> String {
         self.headers
             .get_all(name)
             .iter()
@@ -50,7 +50,7 @@ impl Reply {
     }
 
     /// The session cookie a login set (`mb_session=...`).
-    fn session(&self) -> Option<String> {
+    pub(crate) fn session(&self) -> Option<String> {
         self.headers
             .get_all("set-cookie")
             .iter()
@@ -60,7 +60,7 @@ impl Reply {
     }
 
     /// The CSRF token of the page's forms.
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         let at = self
             .body
             .find("name=\"csrf\" value=\"")
@@ -76,7 +76,7 @@ impl Site {
     }
 
     /// With `extra` appended to the configuration file (tables not otherwise there).
-    fn start_with(extra: &str) -> Site {
+    pub(crate) fn start_with(extra: &str) -> Site {
         let sink = SmtpSink::start(&[]).unwrap();
         let (smtp, reinject, https) = (free_port(), free_port(), free_port());
         let base_url = format!("https://gw.served.test:{https}");
@@ -173,11 +173,11 @@ impl Site {
         })
     }
 
-    fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+    pub(crate) fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         self.call(Method::GET, path, headers, "")
     }
 
-    fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    pub(crate) fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
         self.call(Method::POST, path, headers, body)
     }
 

@@ -49,7 +49,10 @@ pub struct Cluster {
         (status = 503, description = "mb-cluster is not running", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn cluster(_admin: Admin, State(state): State<AppState>) -> Result<Json<Cluster>, Problem> {
+pub(crate) async fn cluster(
+    _admin: Admin,
+    State(state): State<AppState>,
+) -> Result<Json<Cluster>, Problem> {
     let r = state
         .call("mb-cluster", |ch| async move {
             ClusterClient::new(ch).status(ClusterStatusRequest {}).await

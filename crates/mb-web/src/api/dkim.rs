@@ -105,7 +105,7 @@ fn view(k: DkimKey) -> DkimRecord {
         (status = 409, description = "The key file is not an RSA key, or dkim.selector is not a DNS label", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn record(
+pub(crate) async fn record(
     Signed(p): Signed,
     State(state): State<AppState>,
     Query(q): Query<RecordQuery>,
@@ -140,7 +140,7 @@ async fn record(
         (status = 422, description = "A body without a domain", body = Problem, content_type = "application/problem+json")
     )
 )]
-async fn keygen(
+pub(crate) async fn keygen(
     Admin(p): Admin,
     State(state): State<AppState>,
     Json(body): Json<KeygenBody>,

@@ -7,7 +7,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use mb_proto::v1::policies_client::PoliciesClient;
-use mb_proto::v1::{ListPoliciesRequest, Policy, PolicyRef, TestPolicyRequest};
+use mb_proto::v1::{
+    ListPoliciesRequest, Policy, PolicyRef, ReplacePolicyRequest, TestPolicyRequest,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -315,9 +317,9 @@ pub(crate) async fn add(
     Ok((StatusCode::CREATED, Json(view(&added))))
 }
 
-/// Replaces a policy by a new one (the name may change; the id does). mb-rpcd has no
-/// update: the old one is removed and the new one added, and put back when the new one
-/// is refused.
+/// Replaces a policy by a new one (the name may change; the id stays), in one transaction
+/// of mb-rpcd's `Replace`: a refused replacement, a crash or a lost connection leaves the
+/// old policy as it was.
 #[utoipa::path(
     put,
     path = "/api/v1/policies/{policy}",
@@ -342,40 +344,22 @@ async fn replace(
     Json(body): Json<PolicyBody>,
 ) -> Result<Json<PolicyView>, Problem> {
     let old = find(&state, &p, &policy).await?;
-    let gone = acting(
+    let asked = acting(
         &p,
-        PolicyRef {
-            id: old.id,
-            name: String::new(),
+        ReplacePolicyRequest {
+            old: Some(PolicyRef {
+                id: old.id,
+                name: String::new(),
+            }),
+            new: Some(body.wire()),
         },
     );
-    state
+    let new = state
         .call(RPCD, |ch| async move {
-            PoliciesClient::new(ch).delete(gone).await
+            PoliciesClient::new(ch).replace(asked).await
         })
         .await?;
-    let asked = acting(&p, body.wire());
-    match state
-        .call(RPCD, |ch| async move {
-            PoliciesClient::new(ch).add(asked).await
-        })
-        .await
-    {
-        Ok(new) => Ok(Json(view(&new))),
-        Err(refused) => {
-            let back = acting(&p, old);
-            if let Err(e) = state
-                .call(
-                    RPCD,
-                    |ch| async move { PoliciesClient::new(ch).add(back).await },
-                )
-                .await
-            {
-                tracing::error!(error = %e, "could not put back a policy after a refused replacement");
-            }
-            Err(refused)
-        }
-    }
+    Ok(Json(view(&new)))
 }
 
 /// Removes a policy, as `mb-policy del`.

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod config;
 pub mod dashboard;
 pub mod digest;
+pub mod directory;
 pub mod portal;
 pub mod quarantine;
 pub mod queue;
@@ -80,6 +81,7 @@ pub fn routes() -> Router<AppState> {
         .merge(quarantine::routes())
         .merge(portal::routes())
         .merge(digest::routes())
+        .merge(directory::routes())
         .layer(from_fn(csrf_guard))
 }
 
@@ -201,6 +203,9 @@ pub enum Nav {
     Access,
     SmtpAccounts,
     WebAccounts,
+    Recipients,
+    Dkim,
+    Cluster,
     Portal,
     None,
 }
@@ -221,6 +226,9 @@ const NAV: &[(Nav, &str, &str, bool)] = &[
         false,
     ),
     (Nav::WebAccounts, "Web accounts", "/ui/accounts", false),
+    (Nav::Recipients, "Recipients", "/ui/recipients", true),
+    (Nav::Dkim, "DKIM", "/ui/dkim", true),
+    (Nav::Cluster, "Cluster", "/ui/cluster", true),
 ];
 
 impl Ui {
