@@ -16,8 +16,6 @@
 //! login, `link:ADDRESS` for a portal link. [`portal_principal`] says who they are.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1082,50 +1080,17 @@ fn loggable(s: &str) -> String {
 }
 
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], KeyError> {
-    let io = |cause| KeyError::File {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let parse = |text: &str| -> Result<[u8; 32], KeyError> {
-        unhex(text.trim())
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .ok_or_else(|| KeyError::Bad {
-                path: path.to_path_buf(),
-            })
-    };
-    match std::fs::read_to_string(path) {
-        Ok(text) => return parse(&text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let key: [u8; 32] = random().map_err(|_| KeyError::Random)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(format!("{}\n", hex(&key)).as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io)?;
-    // A hard link fails when the file appeared meanwhile: then that one is the key.
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            tracing::info!(file = %path.display(), "created the key that signs digest links: back it up with the database");
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            parse(&std::fs::read_to_string(path).map_err(io)?)
-        }
-        Err(e) => Err(io(e)),
-    }
+    use crate::web_accounts::{KeyFileProblem, load_or_create_key_file};
+    load_or_create_key_file(path, "signs digest links").map_err(|e| match e {
+        KeyFileProblem::Io(cause) => KeyError::File {
+            path: path.to_path_buf(),
+            cause,
+        },
+        KeyFileProblem::Bad => KeyError::Bad {
+            path: path.to_path_buf(),
+        },
+        KeyFileProblem::Random => KeyError::Random,
+    })
 }
 
 #[cfg(test)]

@@ -570,29 +570,44 @@ impl Sealer {
     }
 }
 
-/// Reads the 32-byte key (64 hex digits), or creates it (mode 0600) when there is
-/// none; two processes creating it at once agree on the first one written.
 fn load_or_create_key(path: &Path) -> Result<[u8; 32], SealError> {
-    let io = |cause| SealError::KeyFile {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let parse = |text: &str| -> Result<[u8; 32], SealError> {
+    load_or_create_key_file(path, "seals web TOTP secrets").map_err(|e| match e {
+        KeyFileProblem::Io(cause) => SealError::KeyFile {
+            path: path.to_path_buf(),
+            cause,
+        },
+        KeyFileProblem::Bad => SealError::BadKey {
+            path: path.to_path_buf(),
+        },
+        KeyFileProblem::Random => SealError::Seal,
+    })
+}
+
+/// Why a 32-byte key file could not be had (each caller names its own key).
+pub(crate) enum KeyFileProblem {
+    Io(std::io::Error),
+    Bad,
+    Random,
+}
+
+/// Reads the 32-byte key (64 hex digits), or creates it (mode 0600) when there is
+/// none; two processes creating it at once agree on the first one written. `what`
+/// ends the log line written when the key is created ("created the key that ...").
+pub(crate) fn load_or_create_key_file(path: &Path, what: &str) -> Result<[u8; 32], KeyFileProblem> {
+    let parse = |text: &str| -> Result<[u8; 32], KeyFileProblem> {
         unhex(text.trim())
             .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .ok_or_else(|| SealError::BadKey {
-                path: path.to_path_buf(),
-            })
+            .ok_or(KeyFileProblem::Bad)
     };
     match std::fs::read_to_string(path) {
         Ok(text) => return parse(&text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+        Err(e) => return Err(KeyFileProblem::Io(e)),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(KeyFileProblem::Io)?;
     }
-    let key: [u8; 32] = random().map_err(|_| SealError::Seal)?;
+    let key: [u8; 32] = random().map_err(|_| KeyFileProblem::Random)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -600,22 +615,22 @@ fn load_or_create_key(path: &Path) -> Result<[u8; 32], SealError> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(io)?;
+        .map_err(KeyFileProblem::Io)?;
     f.write_all(format!("{}\n", hex(&key)).as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(io)?;
+        .map_err(KeyFileProblem::Io)?;
     // A hard link fails when the file appeared meanwhile: then that one is the key.
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => {
-            tracing::info!(file = %path.display(), "created the key that seals web TOTP secrets: back it up with the database");
+            tracing::info!(file = %path.display(), "created the key that {what}: back it up with the database");
             Ok(key)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            parse(&std::fs::read_to_string(path).map_err(io)?)
+            parse(&std::fs::read_to_string(path).map_err(KeyFileProblem::Io)?)
         }
-        Err(e) => Err(io(e)),
+        Err(e) => Err(KeyFileProblem::Io(e)),
     }
 }
 
