@@ -1040,30 +1040,9 @@ fn key_status(e: KeyError) -> Status {
     Status::failed_precondition(e.to_string())
 }
 
-fn random<const N: usize>() -> Result<[u8; N], Status> {
-    let mut b = [0u8; N];
-    aws_lc_rs::rand::fill(&mut b).map_err(|_| Status::internal("no random numbers"))?;
-    Ok(b)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
-}
-
-/// The stored form of a session id, as `web_accounts` stores its own.
-fn session_digest(id: &str) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes()).as_ref())
-}
+// Random bytes, hex and the stored (SHA-256) form of a session id: the same helpers
+// web_accounts uses, so a portal session is stored as its own sessions are.
+use crate::web_accounts::{digest as session_digest, hex, random, unhex};
 
 /// A value for a log line fail2ban reads: no spaces or quotes to forge fields with.
 fn loggable(s: &str) -> String {

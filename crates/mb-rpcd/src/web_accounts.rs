@@ -383,17 +383,17 @@ fn loggable(user: &str) -> String {
         .collect()
 }
 
-fn random<const N: usize>() -> Result<[u8; N], Status> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], Status> {
     let mut b = [0u8; N];
     aws_lc_rs::rand::fill(&mut b).map_err(|_| Status::internal("no random numbers"))?;
     Ok(b)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
@@ -404,7 +404,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// The stored form of a session id or key secret.
-fn digest(secret: &str) -> String {
+pub(crate) fn digest(secret: &str) -> String {
     hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes()).as_ref())
 }
 
