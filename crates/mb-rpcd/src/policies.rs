@@ -37,7 +37,7 @@ impl Policies for PoliciesService {
         let mut p = req.into_inner();
         p.id = 0;
         p.created_at_unix = now();
-        validate(&p).map_err(Status::invalid_argument)?;
+        validate(&p).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !self
             .store
             .db
@@ -198,8 +198,8 @@ fn now() -> i64 {
 
 /// The check Add and Replace make before storing: the policy must parse as the filter
 /// workers will parse it.
-fn validate(p: &Policy) -> Result<(), String> {
-    from_wire(p).map(|_| ()).map_err(|e| e.to_string())
+fn validate(p: &Policy) -> Result<(), mb_core::policy::PolicyError> {
+    from_wire(p).map(|_| ())
 }
 
 /// What a replacement did.
@@ -229,7 +229,7 @@ impl Db {
         new: PolicyRecord,
     ) -> Result<Replaced, DbError> {
         if let Err(why) = validate(&Policy::from(new.clone())) {
-            return Ok(Replaced::Invalid(why));
+            return Ok(Replaced::Invalid(why.to_string()));
         }
         let mut tx = self.write_tx().await?;
         let old = if id != 0 {
