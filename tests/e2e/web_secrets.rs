@@ -13,7 +13,7 @@ const MASK: &str = "********";
 
 /// The `mb-web` system user, member of the mailborder group, as
 /// packaging/debian/postinst makes it.
-fn ensure_web_account() -> (u32, u32) {
+pub(crate) fn ensure_web_account() -> (u32, u32) {
     mb_testkit::ensure_mailborder_account();
     // useradd fails while another process (a test, the package's postinst) holds the
     // password file's lock: try a few times.

@@ -211,6 +211,11 @@ fn through_postfix(load: &Load) -> Result<Outcome> {
 /// Postfix with mb-milter in smtpd_milters, mb-milter asking two mb-filter workers (the
 /// same checks as the filtered mb-smtpd run).
 fn through_postfix_milter(load: &Load, bin: &Path) -> Result<Outcome> {
+    through_postfix_milter_split(load, bin).map(|(r, _)| r)
+}
+
+/// The milter run, and its CPU seconds split between Postfix, mb-milter and the workers.
+fn through_postfix_milter_split(load: &Load, bin: &Path) -> Result<(Outcome, [f64; 3])> {
     let (sink_port, _sink) = sink()?;
     let gw = BenchGateway::start(bin, sink_port, true)?;
     let milter_port = free_port();
@@ -244,7 +249,15 @@ fn through_postfix_milter(load: &Load, bin: &Path) -> Result<Outcome> {
     )?;
     let mut extra = vec![milter.pid()];
     extra.extend(gw.workers.iter().map(Proc::pid));
+    let master = pf.master_pid().context("no postfix master pid")?;
+    let workers_cpu = || gw.workers.iter().map(|w| cpu_secs(w.pid())).sum::<f64>();
+    let before = [cpu_secs(master), cpu_secs(milter.pid()), workers_cpu()];
     let r = postfix_run(load, &pf, &extra, "via Postfix + mb-milter + 2 workers")?;
+    let split = [
+        cpu_secs(master) - before[0],
+        cpu_secs(milter.pid()) - before[1],
+        workers_cpu() - before[2],
+    ];
     let refused = fs::read_to_string(pf.dir.path().join("postfix.log"))
         .unwrap_or_default()
         .matches("milter-reject")
@@ -252,7 +265,7 @@ fn through_postfix_milter(load: &Load, bin: &Path) -> Result<Outcome> {
     if refused > 0 {
         bail!("the milter refused {refused} benchmark messages");
     }
-    Ok(r)
+    Ok((r, split))
 }
 
 fn postfix_run(load: &Load, pf: &Postfix, extra: &[i32], name: &str) -> Result<Outcome> {
@@ -583,5 +596,47 @@ pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Resu
     if let Some(api) = &api {
         crate::api_bench::print(api);
     }
+    Ok(())
+}
+
+/// `cargo xtask bench --milter --bin-dir DIR`: only Postfix alone and Postfix with
+/// mb-milter (and its two workers), side by side in one run, with the CPU per message of
+/// each process family, so the milter path can be measured without the other rows.
+pub fn milter_only(load: &Load, bin_dir: &Path) -> Result<()> {
+    let n = f64::from(load.messages);
+    let bin = bin_dir.join("mb-smtpd");
+    eprintln!(
+        "xtask: bench: {} messages of {} bytes over {} sessions: Postfix alone, then with mb-milter",
+        load.messages, load.size, load.sessions
+    );
+    let pf = through_postfix(load)?;
+    let (m, split) = through_postfix_milter_split(load, &bin)?;
+    println!(
+        "{:<34} {:>14} {:>16} {:>12} {:>14}",
+        "path", "accepted msg/s", "end-to-end msg/s", "CPU ms/msg", "peak PSS MiB"
+    );
+    for r in [&pf, &m] {
+        println!(
+            "{:<34} {:>14.0} {:>16.0} {:>12} {:>14}",
+            r.name,
+            n / r.accept_secs,
+            n / r.total_secs,
+            r.cpu_secs
+                .map_or("-".into(), |c| format!("{:.2}", c * 1000.0 / n)),
+            r.peak_rss_kib
+                .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        );
+    }
+    println!(
+        "CPU ms/msg of the milter run: Postfix {:.2}, mb-milter {:.2}, mb-filter workers {:.2}",
+        split[0] * 1000.0 / n,
+        split[1] * 1000.0 / n,
+        split[2] * 1000.0 / n
+    );
+    println!(
+        "Postfix with mb-milter / Postfix alone: end-to-end {:.2} ({:.0}% of Postfix's throughput)",
+        pf.total_secs / m.total_secs,
+        100.0 * pf.total_secs / m.total_secs
+    );
     Ok(())
 }

@@ -204,8 +204,9 @@ enum Cmd {
         /// EHLO, from many loopback addresses) and a sender's throughput alone and with them
         #[arg(long)]
         idle: bool,
-        /// With --big, --attack or --idle: the directory of already built binaries to
-        /// measure (e.g. an older commit's release build), instead of building this tree
+        /// With --big, --attack, --idle or --milter (then only Postfix alone and with
+        /// mb-milter): the directory of already built binaries to measure (e.g. an older
+        /// commit's release build), instead of building this tree
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -261,6 +262,14 @@ fn main() -> ExitCode {
             }
             if let (true, Some(dir)) = (idle, &bin_dir) {
                 return idle::idle(&dir.join("mb-smtpd"), sessions.unwrap_or(10_000), seconds);
+            }
+            if let (true, Some(dir)) = (milter, &bin_dir) {
+                let load = bench::Load {
+                    messages,
+                    sessions: sessions.unwrap_or(20),
+                    size,
+                };
+                return bench::milter_only(&load, dir);
             }
             if log_search {
                 run(cargo().args(["build", "--workspace", "--bins"]))?;

@@ -12,6 +12,32 @@ use std::collections::{HashMap, HashSet};
 /// The longest pattern accepted (RFC 5321's 64-octet local part, `@`, 255-octet domain).
 const MAX_PATTERN: usize = 320;
 
+/// Postfix writes a domain's catch-all as `@domain`; ours is `*@domain`. Both the CLI
+/// (`mb-recipient`) and the REST API read patterns through this.
+pub fn normalise(pattern: &str) -> String {
+    let p = pattern.trim();
+    match p.strip_prefix('@') {
+        Some(domain) => format!("*@{domain}"),
+        None => p.to_string(),
+    }
+}
+
+/// The patterns of an import file with their line numbers: blank lines and `#` comments
+/// are skipped and only the first field counts, so a Postfix map (`user@example.org OK`)
+/// imports as it is.
+pub fn import_lines(text: &str) -> Vec<(u32, String)> {
+    text.lines()
+        .zip(1u32..)
+        .filter_map(|(l, n)| {
+            let l = l.trim();
+            if l.is_empty() || l.starts_with('#') {
+                return None;
+            }
+            l.split_whitespace().next().map(|f| (n, normalise(f)))
+        })
+        .collect()
+}
+
 /// Why a recipient pattern was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {

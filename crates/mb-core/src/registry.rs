@@ -295,6 +295,7 @@ const ARCHIVE_ACTION: Kind = Kind::Enum(&["score", "quarantine", "reject"]);
 const S: &[&str] = &[SMTPD];
 const F: &[&str] = &[FILTER];
 const SF: &[&str] = &[SMTPD, FILTER];
+const SR: &[&str] = &[SMTPD, RPCD];
 const SFM: &[&str] = &[SMTPD, FILTER, MILTER];
 const M: &[&str] = &[MILTER];
 const R: &[&str] = &[RPCD];
@@ -503,15 +504,16 @@ pub static KEYS: &[KeyDef] = &[
     k("quarantine.digest.domains", Kind::List, "", "Recipient domains that get digests; empty for every domain of smtp.domains").by(R),
     k("quarantine.digest.link_lifetime", secs(3600, 30 * DAY), "1w", "How long the release and portal links of a digest work; each works once").by(R),
     // LDAP / Active Directory (recipient verification; the users' portal logins later).
-    k("ldap.url", TEXT, "", "Directory server as ldap://HOST:PORT or ldaps://HOST:PORT; empty turns LDAP off (smtp.recipient_verification = ldap then has nothing to ask)").by(S).validated(valid_ldap_url),
-    k("ldap.bind_dn", TEXT, "", "DN of the service account lookups bind as, such as cn=mailborder,ou=services,dc=example,dc=com (AD also takes user@domain)").by(S),
-    k("ldap.bind_password", Kind::Text { max: 256 }, "", "Password of ldap.bind_dn").by(S).secret(),
-    k("ldap.base", TEXT, "", "Base DN of the subtree searched for recipients and logins, such as dc=example,dc=com").by(S),
+    k("ldap.url", TEXT, "", "Directory server as ldap://HOST:PORT or ldaps://HOST:PORT; empty turns LDAP off (smtp.recipient_verification = ldap then has nothing to ask, and the users' portal takes SMTP accounts only)").by(SR).validated(valid_ldap_url),
+    k("ldap.bind_dn", TEXT, "", "DN of the service account lookups bind as, such as cn=mailborder,ou=services,dc=example,dc=com (AD also takes user@domain)").by(SR),
+    k("ldap.bind_password", Kind::Text { max: 256 }, "", "Password of ldap.bind_dn (mb-rpcd checks portal logins against the directory, so mb-web never holds it)").by(SR).secret(),
+    k("ldap.base", TEXT, "", "Base DN of the subtree searched for recipients and logins, such as dc=example,dc=com").by(SR),
     k("ldap.recipient_filter", TEXT, "(|(mail=%s)(proxyAddresses=smtp:%s))", "LDAP filter that finds a recipient; %s is the address (RFC 4515-escaped). The default finds mail and Active Directory's proxyAddresses; OpenLDAP sites often use (|(mail=%s)(mailAlternateAddress=%s))").by(S).validated(valid_ldap_filter),
-    k("ldap.login_filter", TEXT, "(|(uid=%s)(mail=%s)(sAMAccountName=%s))", "LDAP filter that finds a portal user by what they typed as login (%s, RFC 4515-escaped); the entry's DN is then bound with their password").by(S).validated(valid_ldap_filter),
-    k("ldap.tls.ca_file", Kind::Path, "", "PEM file of the certificate authorities trusted for an ldaps:// server (an AD's enterprise CA); empty for the system's trust store").by(S),
-    k("ldap.cache_ttl", secs(0, DAY), "5m", "How long an LDAP answer (recipient found or not found) is reused; 0 asks the directory every time. Errors are never cached").by(S),
-    k("ldap.timeout", secs(1, 300), "10s", "Time allowed to connect and bind to the directory, and for each search; a recipient lookup that runs out gets 450 4.1.1").by(S),
+    k("ldap.login_filter", TEXT, "(|(uid=%s)(mail=%s)(sAMAccountName=%s))", "LDAP filter that finds a portal user by what they typed as login (%s, RFC 4515-escaped); the entry's DN is then bound with their password. A login that is an SMTP account (mb-user) is checked against that account and never the directory").by(R).validated(valid_ldap_filter),
+    k("ldap.address_attributes", Kind::List, "mail,mailAlternateAddress,proxyAddresses", "Attributes of a portal user's directory entry whose values are the addresses it sees quarantined mail for (smtp:/SMTP: prefixes stripped, other proxyAddresses types skipped); read again from the directory at most every ldap.cache_ttl during a session").by(R),
+    k("ldap.tls.ca_file", Kind::Path, "", "PEM file of the certificate authorities trusted for an ldaps:// server (an AD's enterprise CA); empty for the system's trust store").by(SR),
+    k("ldap.cache_ttl", secs(0, DAY), "5m", "How long an LDAP answer (recipient found or not found, a portal user's addresses) is reused; 0 asks the directory every time. Errors are never cached").by(SR),
+    k("ldap.timeout", secs(1, 300), "10s", "Time allowed to connect and bind to the directory, and for each search; a recipient lookup that runs out gets 450 4.1.1, a portal login a \"try again\" page").by(SR),
     // Web accounts (mb-web's logins, kept and checked by mb-rpcd).
     k("web.base_url", TEXT, "", "The web interface's address as users reach it, for links in quarantine digests (https://mail.example.org); empty for https://smtp.hostname with network.https.port").by(R).validated(valid_base_url),
     k("web.enabled", BOOL, "true", "Whether this node runs mb-web (mailborder.target starts it): mb-status expects its socket and reports it down when it does not answer").by(W).local(),

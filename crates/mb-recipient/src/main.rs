@@ -105,23 +105,11 @@ fn grpc(e: tonic::Status) -> Failure {
     cli::grpc("mb-rpcd", &e)
 }
 
-/// Postfix writes a domain's catch-all as `@domain`; ours is `*@domain`.
-fn normalise(pattern: &str) -> String {
-    let p = pattern.trim();
-    match p.strip_prefix('@') {
-        Some(domain) => format!("*@{domain}"),
-        None => p.to_string(),
-    }
-}
-
-/// The patterns of an import file: the first field of each line that is neither blank
-/// nor a comment.
+/// The patterns of an import file, as the REST API reads them too.
 fn read_patterns(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(normalise)
+    mb_core::recipients::import_lines(text)
+        .into_iter()
+        .map(|(_, p)| p)
         .collect()
 }
 
@@ -217,7 +205,10 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Command::Add { patterns, comment } => {
-            let patterns = patterns.iter().map(|p| normalise(p)).collect();
+            let patterns = patterns
+                .iter()
+                .map(|p| mb_core::recipients::normalise(p))
+                .collect();
             let c = client
                 .add(RecipientPatterns { patterns, comment })
                 .await
@@ -226,7 +217,10 @@ async fn run(args: Args) -> Result<(), Failure> {
             report(args.json, &c)?;
         }
         Command::Del { patterns } => {
-            let patterns = patterns.iter().map(|p| normalise(p)).collect();
+            let patterns = patterns
+                .iter()
+                .map(|p| mb_core::recipients::normalise(p))
+                .collect();
             let c = client
                 .delete(RecipientPatterns {
                     patterns,

@@ -816,21 +816,79 @@ impl Digest for DigestService {
                 ..Default::default()
             })
         };
+        let cfg = self.store.effective();
+        // The same stable line as a web account's failure: fail2ban's filter matches it.
+        let failed = |user: String, reason: &str| {
+            self.info.counters.add("web_login_failed", 1);
+            tracing::warn!(
+                "web login failed client={} user={} reason=\"{reason}\"",
+                loggable(&r.client_ip),
+                loggable(&user)
+            );
+            if crate::portal_login::failed(&cfg, &login) {
+                self.info.counters.add("web_lockouts", 1);
+            }
+        };
+        if let Some(wait) = crate::portal_login::locked(&cfg, &login) {
+            self.info.counters.add("web_login_failed", 1);
+            tracing::warn!(
+                "web login failed client={} user={} reason=\"locked\"",
+                loggable(&r.client_ip),
+                loggable(&format!("portal:{login}"))
+            );
+            return Ok(Response::new(WebLoginResponse {
+                outcome: WebLoginOutcome::WebLoginLockedOut as i32,
+                retry_after_seconds: wait,
+                ..Default::default()
+            }));
+        }
         let hash = if login.is_empty() || login.len() > 191 {
             None
         } else {
             self.db().user_hash(&login).await.map_err(db_status)?
         };
+        // SMTP accounts first: a login that is one is checked against it alone, so the
+        // directory can neither take over nor lock a local account; any other login is
+        // the directory's when ldap.url is set (crate::portal_login).
+        if hash.is_none() {
+            use crate::portal_login::{DirectoryLogin, directory_login, unavailable};
+            match directory_login(&cfg, &login, &r.password).await {
+                Ok(DirectoryLogin::Off) => {}
+                Ok(DirectoryLogin::Refused) => {
+                    failed(format!("ldap:{login}"), "bad credentials");
+                    return Ok(bad());
+                }
+                Ok(DirectoryLogin::User { account, user }) => {
+                    crate::portal_login::succeeded(&login);
+                    if user.addresses.is_empty() {
+                        return Err(Status::failed_precondition(format!(
+                            "the directory entry {} has no mail address (ldap.address_attributes) to show mail for",
+                            user.dn
+                        )));
+                    }
+                    let (session_id, csrf_token, expires_at_unix) =
+                        self.portal_session(&account, &r.client_ip).await?;
+                    tracing::info!(user = %loggable(&account), client = %loggable(&r.client_ip), "portal login with a directory account");
+                    return Ok(Response::new(WebLoginResponse {
+                        outcome: WebLoginOutcome::WebLoginOk as i32,
+                        session_id,
+                        csrf_token,
+                        expires_at_unix,
+                        principal: Some(crate::portal_login::user_principal(
+                            &account,
+                            user.addresses,
+                        )),
+                        ..Default::default()
+                    }));
+                }
+                Err(e) => return Err(unavailable(&e)),
+            }
+        }
         if !verify_password(r.password, hash).await? {
-            self.info.counters.add("web_login_failed", 1);
-            // The same stable line as a web account's failure: fail2ban's filter matches it.
-            tracing::warn!(
-                "web login failed client={} user={} reason=\"bad credentials\"",
-                loggable(&r.client_ip),
-                loggable(&format!("smtp:{login}"))
-            );
+            failed(format!("smtp:{login}"), "bad credentials");
             return Ok(bad());
         }
+        crate::portal_login::succeeded(&login);
         let account = format!("smtp:{login}");
         let Some(principal) = portal_principal(self.db(), &account)
             .await

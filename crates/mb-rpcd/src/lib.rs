@@ -11,6 +11,7 @@ pub mod greylist;
 pub mod grpc;
 pub mod message_log;
 pub mod policies;
+pub mod portal_login;
 pub mod quarantine;
 pub mod recipients;
 pub mod replica;

@@ -312,6 +312,15 @@ impl Quarantine for QuarantineService {
         }))
     }
 
+    async fn show_entry(
+        &self,
+        req: Request<QuarantineId>,
+    ) -> Result<Response<QuarantineEntry>, Status> {
+        // The index alone: the file is not touched, so its state cannot answer first.
+        let entry = self.entry(&req.get_ref().id).await?;
+        Ok(Response::new(wire::to_wire(entry)))
+    }
+
     async fn release(
         &self,
         req: Request<QuarantineId>,

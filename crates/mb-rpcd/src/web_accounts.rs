@@ -914,12 +914,13 @@ impl WebAccountsService {
                 .map_err(db_status)?;
             return Err(gone());
         }
-        // A users' portal session (an SMTP AUTH login or a digest link): no web account.
+        // A users' portal session (an SMTP AUTH login, a directory login or a digest
+        // link): no web account.
         if s.account.contains(':') {
-            let principal = crate::digest::portal_principal(self.db(), &s.account)
-                .await
-                .map_err(db_status)?
-                .ok_or_else(gone)?;
+            let principal =
+                crate::portal_login::principal(&self.store.effective(), self.db(), &s.account)
+                    .await?
+                    .ok_or_else(gone)?;
             return Ok(WebAuthenticateResponse {
                 principal: Some(principal),
                 csrf_token: s.csrf_token,

@@ -22,6 +22,11 @@ use mb_core::Config;
 /// Active Directory account name.
 pub const DEFAULT_LOGIN_FILTER: &str = "(|(uid=%s)(mail=%s)(sAMAccountName=%s))";
 
+/// Default of `ldap.address_attributes`: the attributes whose values are a portal user's
+/// mail addresses (OpenLDAP's `mail` and `mailAlternateAddress`, Active Directory's
+/// `proxyAddresses` with its `smtp:` prefixes).
+pub const DEFAULT_ADDRESS_ATTRIBUTES: &[&str] = &["mail", "mailAlternateAddress", "proxyAddresses"];
+
 /// Connections kept to the directory. Lookups are multiplexed over each connection (LDAP
 /// carries a message id per request), so a few are enough for a busy gateway; more than
 /// one keeps a slow answer from holding up every RCPT.
@@ -45,6 +50,8 @@ pub struct LdapSettings {
     pub recipient_filter: String,
     /// Filter for a portal login, `%s` standing for what the user typed.
     pub login_filter: String,
+    /// Attributes of a portal user's entry that hold its mail addresses.
+    pub address_attributes: Vec<String>,
     /// How long an answer (positive or negative) is reused; zero turns the cache off.
     pub cache_ttl: Duration,
     /// Limit for connecting, binding and each search.
@@ -63,6 +70,7 @@ impl std::fmt::Debug for LdapSettings {
             .field("base", &self.base)
             .field("recipient_filter", &self.recipient_filter)
             .field("login_filter", &self.login_filter)
+            .field("address_attributes", &self.address_attributes)
             .field("cache_ttl", &self.cache_ttl)
             .field("timeout", &self.timeout)
             .field("ca_file", &self.ca_file)
@@ -83,6 +91,18 @@ impl LdapSettings {
             f if f.trim().is_empty() => DEFAULT_LOGIN_FILTER.to_string(),
             f => f,
         };
+        let mut address_attributes: Vec<String> = cfg
+            .list("ldap.address_attributes")
+            .into_iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if address_attributes.is_empty() {
+            address_attributes = DEFAULT_ADDRESS_ATTRIBUTES
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+        }
         Some(LdapSettings {
             url,
             bind_dn: cfg.text("ldap.bind_dn"),
@@ -90,6 +110,7 @@ impl LdapSettings {
             base: cfg.text("ldap.base"),
             recipient_filter: cfg.text("ldap.recipient_filter"),
             login_filter,
+            address_attributes,
             cache_ttl: cfg.duration("ldap.cache_ttl"),
             timeout: cfg.duration("ldap.timeout"),
             ca_file: cfg.path("ldap.tls.ca_file"),
@@ -178,6 +199,50 @@ pub fn fill_filter(template: &str, value: &str) -> String {
     template.replace("%s", &escape_filter_value(value))
 }
 
+/// A portal user's directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub dn: String,
+    /// Its mail addresses: lowercase, each once, in the order of `ldap.address_attributes`.
+    pub addresses: Vec<String>,
+}
+
+/// The mail addresses among an entry's `attributes` (names matched without regard to
+/// case, as LDAP does). Active Directory's `proxyAddresses` values carry a type prefix:
+/// `SMTP:` (the primary address) and `smtp:` are kept without it, other types (`X500:`,
+/// `SIP:`, ...) are not mail addresses and are skipped.
+pub fn entry_addresses(entry: &SearchEntry, attributes: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for wanted in attributes {
+        for (name, values) in &entry.attrs {
+            if !name.eq_ignore_ascii_case(wanted) {
+                continue;
+            }
+            for v in values {
+                if let Some(a) = mail_value(v)
+                    && !out.contains(&a)
+                {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn mail_value(value: &str) -> Option<String> {
+    let v = value.trim();
+    let v = match v.get(..5) {
+        Some(p) if p.eq_ignore_ascii_case("smtp:") => &v[5..],
+        _ => v,
+    };
+    let (local, domain) = v.rsplit_once('@')?;
+    let plain = |s: &str| {
+        !s.is_empty() && !s.contains(':') && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    (plain(local) && plain(domain) && !domain.contains('@')).then(|| v.to_lowercase())
+}
+
 fn has_control(text: &str) -> bool {
     text.chars().any(char::is_control)
 }
@@ -243,69 +308,100 @@ impl Directory {
         Ok(exists)
     }
 
-    /// Checks a portal login: finds the one entry `ldap.login_filter` matches for `login`
-    /// (as the service account) and binds as it with `password` on a connection of its
-    /// own. Returns the entry's mail address, or None when the login is unknown,
-    /// ambiguous or the password is wrong. An empty password is refused without asking.
-    pub async fn authenticate(
+    /// Checks a portal login and returns the entry's mail addresses: finds the one entry
+    /// `ldap.login_filter` matches for `login` (as the service account) and binds as it
+    /// with `password` on a connection of its own. None when the login is unknown,
+    /// ambiguous or the password is wrong. An empty password is refused without asking:
+    /// many servers answer an empty password with a successful "unauthenticated bind"
+    /// (RFC 4513 5.1.2), which must never count as a login.
+    pub async fn login(
         &self,
         login: &str,
         password: &str,
-    ) -> Result<Option<String>, LdapError> {
-        let login = login.trim();
-        if login.is_empty() || password.is_empty() || has_control(login) {
+    ) -> Result<Option<DirectoryUser>, LdapError> {
+        if password.is_empty() {
             return Ok(None);
         }
-        let filter = fill_filter(&self.settings.login_filter, login);
-        let entries = self.search(&filter, 2, &["mail"]).await?;
-        let entry = match entries.as_slice() {
-            [one] => one,
-            [] => return Ok(None),
-            _ => {
-                tracing::warn!(
-                    login,
-                    "LDAP login matches more than one directory entry: refused (narrow ldap.login_filter)"
-                );
-                return Ok(None);
-            }
+        let Some(user) = self.find_user(login).await? else {
+            return Ok(None);
         };
         let (conn, mut ldap) = self.connect().await?;
         ldap3::drive!(conn);
         let bound = ldap
             .with_timeout(self.settings.timeout)
-            .simple_bind(&entry.dn, password)
+            .simple_bind(&user.dn, password)
             .await;
         let _ = ldap.unbind().await;
         let result = bound.map_err(|source| LdapError::Bind {
             url: self.settings.url.clone(),
-            dn: entry.dn.clone(),
+            dn: user.dn.clone(),
             source: Box::new(source),
         })?;
         match result.rc {
-            0 => {}
+            0 => Ok(Some(user)),
             // invalidCredentials: a wrong password (or a disabled account, which AD
             // reports the same way).
-            49 => return Ok(None),
+            49 => Ok(None),
+            _ => Err(LdapError::Bind {
+                url: self.settings.url.clone(),
+                dn: user.dn.clone(),
+                source: Box::new(result.into()),
+            }),
+        }
+    }
+
+    /// The one entry `ldap.login_filter` matches for `login`, searched as the service
+    /// account, with its addresses (`ldap.address_attributes`); None when none or more
+    /// than one match. No password is checked: this is for a session already signed in,
+    /// whose addresses are read again so that a changed or removed entry takes effect.
+    pub async fn find_user(&self, login: &str) -> Result<Option<DirectoryUser>, LdapError> {
+        let login = login.trim();
+        if login.is_empty() || has_control(login) {
+            return Ok(None);
+        }
+        let filter = fill_filter(&self.settings.login_filter, login);
+        let attrs: Vec<&str> = self
+            .settings
+            .address_attributes
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let deadline = self.lookup_deadline();
+        let entries = tokio::time::timeout(deadline, self.search(&filter, 2, &attrs))
+            .await
+            .map_err(|_| LdapError::Deadline {
+                url: self.settings.url.clone(),
+                deadline,
+            })??;
+        match entries.as_slice() {
+            [one] => Ok(Some(DirectoryUser {
+                dn: one.dn.clone(),
+                addresses: entry_addresses(one, &self.settings.address_attributes),
+            })),
+            [] => Ok(None),
             _ => {
-                return Err(LdapError::Bind {
-                    url: self.settings.url.clone(),
-                    dn: entry.dn.clone(),
-                    source: Box::new(result.into()),
-                });
+                tracing::warn!(
+                    login,
+                    "LDAP login matches more than one directory entry: refused (narrow ldap.login_filter)"
+                );
+                Ok(None)
             }
         }
-        let mail = entry
-            .attrs
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("mail"))
-            .and_then(|(_, values)| values.first())
-            .map(|m| m.trim().to_ascii_lowercase())
-            .filter(|m| !m.is_empty());
-        match mail {
+    }
+
+    /// Checks a portal login like [`Directory::login`] and returns the entry's first
+    /// address (its `mail` with the default attributes).
+    pub async fn authenticate(
+        &self,
+        login: &str,
+        password: &str,
+    ) -> Result<Option<String>, LdapError> {
+        let Some(user) = self.login(login, password).await? else {
+            return Ok(None);
+        };
+        match user.addresses.into_iter().next() {
             Some(mail) => Ok(Some(mail)),
-            None => Err(LdapError::NoMail {
-                dn: entry.dn.clone(),
-            }),
+            None => Err(LdapError::NoMail { dn: user.dn }),
         }
     }
 
@@ -512,6 +608,7 @@ mod tests {
             base: "dc=example,dc=test".into(),
             recipient_filter: "(|(mail=%s)(proxyAddresses=smtp:%s))".into(),
             login_filter: DEFAULT_LOGIN_FILTER.into(),
+            address_attributes: vec!["mail".into(), "proxyAddresses".into()],
             cache_ttl: Duration::from_secs(300),
             timeout: Duration::from_secs(2),
             ca_file: PathBuf::new(),
@@ -561,6 +658,10 @@ mod tests {
         assert_eq!(s.bind_password, "pw");
         assert_eq!(s.recipient_filter, "(|(mail=%s)(proxyAddresses=smtp:%s))");
         assert_eq!(s.login_filter, DEFAULT_LOGIN_FILTER);
+        assert_eq!(
+            s.address_attributes,
+            ["mail", "mailAlternateAddress", "proxyAddresses"]
+        );
         assert_eq!(s.cache_ttl, Duration::from_secs(60));
         assert_eq!(s.timeout, Duration::from_secs(3));
         let mut other = s.clone();
@@ -575,6 +676,57 @@ mod tests {
         let dir = Directory::new(settings());
         assert_eq!(dir.authenticate("alice", "").await.unwrap(), None);
         assert_eq!(dir.authenticate("", "pw").await.unwrap(), None);
+        assert_eq!(dir.login("alice", "").await.unwrap(), None);
+        assert_eq!(dir.login("", "pw").await.unwrap(), None);
+        assert_eq!(dir.find_user("alice\0").await.unwrap(), None);
+        // A non-empty password does ask: the unreachable server is an error.
+        assert!(matches!(
+            dir.login("alice", "pw").await,
+            Err(LdapError::Connect { .. } | LdapError::Search { .. })
+        ));
+    }
+
+    #[test]
+    fn addresses_come_from_the_configured_attributes_without_smtp_prefixes() {
+        let entry = SearchEntry {
+            dn: "uid=a,dc=x".into(),
+            attrs: HashMap::from([
+                ("mail".to_string(), vec!["Alice@Example.TEST".to_string()]),
+                (
+                    "proxyAddresses".to_string(),
+                    vec![
+                        "SMTP:alice@example.test".into(),
+                        "smtp:A.Liddell@example.test".into(),
+                        "X500:/o=Example/cn=alice".into(),
+                        "sip:alice@example.test".into(),
+                        "smtp:not an address".into(),
+                    ],
+                ),
+                (
+                    "mailalternateaddress".to_string(),
+                    vec!["sales@example.test".into(), "@example.test".into()],
+                ),
+                ("description".to_string(), vec!["x@y.test".into()]),
+            ]),
+            bin_attrs: HashMap::new(),
+        };
+        let attrs = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            entry_addresses(
+                &entry,
+                &attrs(&["mail", "mailAlternateAddress", "proxyAddresses"])
+            ),
+            [
+                "alice@example.test",
+                "sales@example.test",
+                "a.liddell@example.test"
+            ]
+        );
+        assert_eq!(
+            entry_addresses(&entry, &attrs(&["proxyaddresses"])),
+            ["alice@example.test", "a.liddell@example.test"]
+        );
+        assert!(entry_addresses(&entry, &attrs(&["cn"])).is_empty());
     }
 
     #[tokio::test]

@@ -19,10 +19,6 @@ const IDLE_INPUT: usize = 512;
 /// each one fills all the room it was given (a client streaming its message).
 const MAX_READ: usize = 16 * 1024;
 
-/// Reply buffer capacity kept between commands; a larger one (a long pipelined batch of
-/// replies, message content on the client side) is freed once flushed.
-const IDLE_OUTPUT: usize = 1024;
-
 /// Anything a session can run over: TCP, TLS over TCP, an in-memory duplex in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -125,7 +121,9 @@ impl Conn {
             self.start = 0;
             self.read_size = IDLE_INPUT;
         }
-        if self.out.is_empty() && self.out.capacity() > IDLE_OUTPUT {
+        // Replies are flushed by now: a session waiting for its client holds no reply
+        // buffer (the next reply allocates one, a cheap allocation per exchange).
+        if self.out.is_empty() && self.out.capacity() > 0 {
             self.out = Vec::new();
         }
     }
@@ -228,20 +226,16 @@ impl Conn {
         if !self.buffered().is_empty() {
             return true;
         }
-        let mut probe = [0u8; 512];
+        // Into the input buffer, not a buffer on the stack: that would be part of every
+        // session's task for as long as it lives.
+        self.buf.reserve(IDLE_INPUT);
         // One poll of the read, no timer: whatever has already arrived, nothing more.
         let read = tokio::select! {
             biased;
-            r = self.io.read(&mut probe) => Some(r),
+            r = self.io.read_buf(&mut self.buf) => Some(r),
             () = std::future::ready(()) => None,
         };
-        match read {
-            Some(Ok(n)) if n > 0 => {
-                self.buf.extend_from_slice(&probe[..n]);
-                true
-            }
-            _ => false,
-        }
+        matches!(read, Some(Ok(n)) if n > 0)
     }
 
     /// Replaces the transport (STARTTLS). Input already buffered is an error the caller
@@ -307,6 +301,11 @@ mod tests {
             .await
             .unwrap();
         assert!(sent.starts_with(b"354 go ahead\r\n250-a long batch"));
+        // A short reply's buffer is not kept either while the client is waited for.
+        conn.queue("250 Ok\r\n");
+        client.write_all(b"NOOP\r\n").await.unwrap();
+        assert_eq!(conn.read_line(512).await.unwrap(), b"NOOP");
+        assert_eq!(conn.out.capacity(), 0);
     }
 
     /// Reads ask for more room while the client keeps them full, so a pipelined burst

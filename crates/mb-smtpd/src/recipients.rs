@@ -1246,8 +1246,10 @@ mod tests {
             matches!(&a, Answer::TryLater(why) if why.contains("within 10s")),
             "{a:?}"
         );
+        // Bounded by the budget, not by the next hop's 20 s: the margin is wide because a
+        // fully loaded test run delays the timer's wake-up by seconds.
         assert!(
-            took >= CALLOUT_BUDGET && took < CALLOUT_BUDGET + Duration::from_secs(2),
+            took >= CALLOUT_BUDGET && took < CALLOUT_BUDGET + Duration::from_secs(7),
             "{took:?}"
         );
     }

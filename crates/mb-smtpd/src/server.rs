@@ -511,92 +511,13 @@ impl Server {
     ) {
         let _ = stream.set_nodelay(true);
         let ip = normalize(peer.ip());
-        let cfg = self.follower.current();
         self.info.counters.add("connections", 1);
-        if kind == Listener::Reinject && !ip.is_loopback() {
-            let reply = Reply::new(
-                554,
-                EnhancedStatus::POLICY_REJECT,
-                "Reinjection is for local clients only",
-            );
-            self.refuse(&mut stream, ip, kind, &reply.to_wire()).await;
+        // Admission runs in a future of its own: what it holds (the configuration, the
+        // protection policy, a Redis handle) is gone once the session starts, instead of
+        // being kept, and its space in the task reserved, for as long as the session lives.
+        let Some((slot, settings)) = self.admit_connection(&mut stream, ip, kind).await else {
             return;
-        }
-        let policy = policy(&cfg);
-        let group = crate::protect::source(ip, policy.ipv6_prefix).addr();
-        let shared = self.shared.read().ok().and_then(|s| s.clone());
-        let (mut verdict, exempt) = match self.protection.lock() {
-            Ok(mut p) => (
-                p.admit(&policy, ip, kind, shared.is_none()),
-                p.exempt(&policy, ip, kind),
-            ),
-            Err(_) => (Ok(()), true),
         };
-        // With Redis, the rate is counted there, together with every other process.
-        let counted = crate::protect::counts_every_connection(kind);
-        if let (Ok(()), Some(shared), false, false) = (&verdict, &shared, exempt, counted) {
-            // Port 25: only a ban made elsewhere is looked up. The Redis futures here
-            // and below are boxed: inline, every session's task would be as large as
-            // the largest of them for as long as it lives.
-            match Box::pin(shared.banned(group)).await {
-                Ok(false) => {}
-                Ok(true) => {
-                    if let Ok(mut p) = self.protection.lock() {
-                        p.banned_by_shared(&policy, ip);
-                    }
-                    verdict = Err(Refusal::Banned);
-                }
-                Err(e) => {
-                    self.info.counters.add("redis_errors", 1);
-                    tracing::warn!(cause = %e, "Redis unreachable; its bans are not checked for this connection");
-                }
-            }
-        }
-        if let (Ok(()), Some(shared), false, true) = (&verdict, &shared, exempt, counted) {
-            match Box::pin(shared.admit(&policy, group)).await {
-                Ok(None) => {}
-                Ok(Some(refusal)) => {
-                    if let Ok(mut p) = self.protection.lock() {
-                        p.banned_by_shared(&policy, ip);
-                    }
-                    verdict = Err(refusal);
-                }
-                Err(e) => {
-                    self.info.counters.add("redis_errors", 1);
-                    tracing::warn!(cause = %e, "Redis unreachable; counting this connection locally");
-                    if let Ok(mut p) = self.protection.lock() {
-                        verdict = p.admit(&policy, ip, kind, true);
-                    }
-                }
-            }
-        }
-        let slot = match verdict {
-            Ok(()) => self.admit(&cfg, ip, kind),
-            Err(refusal) => {
-                self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
-                    .await;
-                return;
-            }
-        };
-        let slot = match slot {
-            Ok(slot) => slot,
-            Err(busy) => {
-                // On port 25, a client that keeps knocking after its own limits refused
-                // it counts toward a ban (connections within them never do).
-                if let (Busy::Client(_), Listener::Smtp, false) = (&busy, kind, exempt)
-                    && let Err(refusal) =
-                        Box::pin(self.over_limit(&policy, ip, group, shared)).await
-                {
-                    self.refuse_protected(&mut stream, &cfg, ip, kind, refusal)
-                        .await;
-                    return;
-                }
-                self.refuse(&mut stream, ip, kind, &busy.reply().to_wire())
-                    .await;
-                return;
-            }
-        };
-        let settings = self.shared_settings(&cfg, kind);
         let client = Client {
             ip,
             port: peer.port(),
@@ -655,6 +576,99 @@ impl Server {
                 summary.end
             }
         );
+    }
+
+    /// The checks a connection passes before its session starts: reinjection from
+    /// loopback only, bans, trust and the connection limits. `None` when it was refused
+    /// (and told so).
+    async fn admit_connection(
+        &self,
+        stream: &mut TcpStream,
+        ip: IpAddr,
+        kind: Listener,
+    ) -> Option<(Slot<'_>, Arc<Settings>)> {
+        let cfg = self.follower.current();
+        if kind == Listener::Reinject && !ip.is_loopback() {
+            let reply = Reply::new(
+                554,
+                EnhancedStatus::POLICY_REJECT,
+                "Reinjection is for local clients only",
+            );
+            self.refuse(stream, ip, kind, &reply.to_wire()).await;
+            return None;
+        }
+        let policy = policy(&cfg);
+        let group = crate::protect::source(ip, policy.ipv6_prefix).addr();
+        let shared = self.shared.read().ok().and_then(|s| s.clone());
+        let (mut verdict, exempt) = match self.protection.lock() {
+            Ok(mut p) => (
+                p.admit(&policy, ip, kind, shared.is_none()),
+                p.exempt(&policy, ip, kind),
+            ),
+            Err(_) => (Ok(()), true),
+        };
+        // With Redis, the rate is counted there, together with every other process.
+        let counted = crate::protect::counts_every_connection(kind);
+        if let (Ok(()), Some(shared), false, false) = (&verdict, &shared, exempt, counted) {
+            // Port 25: only a ban made elsewhere is looked up. The Redis futures here
+            // and below are boxed: inline, every session's task would be as large as
+            // the largest of them for as long as it lives.
+            match Box::pin(shared.banned(group)).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Ok(mut p) = self.protection.lock() {
+                        p.banned_by_shared(&policy, ip);
+                    }
+                    verdict = Err(Refusal::Banned);
+                }
+                Err(e) => {
+                    self.info.counters.add("redis_errors", 1);
+                    tracing::warn!(cause = %e, "Redis unreachable; its bans are not checked for this connection");
+                }
+            }
+        }
+        if let (Ok(()), Some(shared), false, true) = (&verdict, &shared, exempt, counted) {
+            match Box::pin(shared.admit(&policy, group)).await {
+                Ok(None) => {}
+                Ok(Some(refusal)) => {
+                    if let Ok(mut p) = self.protection.lock() {
+                        p.banned_by_shared(&policy, ip);
+                    }
+                    verdict = Err(refusal);
+                }
+                Err(e) => {
+                    self.info.counters.add("redis_errors", 1);
+                    tracing::warn!(cause = %e, "Redis unreachable; counting this connection locally");
+                    if let Ok(mut p) = self.protection.lock() {
+                        verdict = p.admit(&policy, ip, kind, true);
+                    }
+                }
+            }
+        }
+        let slot = match verdict {
+            Ok(()) => self.admit(&cfg, ip, kind),
+            Err(refusal) => {
+                self.refuse_protected(stream, &cfg, ip, kind, refusal).await;
+                return None;
+            }
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(busy) => {
+                // On port 25, a client that keeps knocking after its own limits refused
+                // it counts toward a ban (connections within them never do).
+                if let (Busy::Client(_), Listener::Smtp, false) = (&busy, kind, exempt)
+                    && let Err(refusal) =
+                        Box::pin(self.over_limit(&policy, ip, group, shared)).await
+                {
+                    self.refuse_protected(stream, &cfg, ip, kind, refusal).await;
+                    return None;
+                }
+                self.refuse(stream, ip, kind, &busy.reply().to_wire()).await;
+                return None;
+            }
+        };
+        Some((slot, self.shared_settings(&cfg, kind)))
     }
 }
 
@@ -1307,5 +1321,57 @@ mod settings_tests {
         assert!(with_tls.tls.is_some());
         assert!(!Arc::ptr_eq(&reloaded, &with_tls));
         assert!(Arc::ptr_eq(&with_tls, &settings(Listener::Smtp)));
+    }
+
+    /// An idle session costs mostly its task, sized for the largest state the
+    /// connection's future can be in; admission (configuration, protection policy, Redis
+    /// look-ups) runs in a future of its own, so the session's state does not add to it.
+    #[tokio::test]
+    async fn a_connection_task_is_little_more_than_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower =
+            Follower::start("mb-smtpd", config(dir.path(), "one.test"), shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let server = Arc::new(Server::new(
+            follower,
+            Arc::new(spool),
+            None,
+            DaemonInfo::new("mb-smtpd"),
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let settings = server.shared_settings(&server.follower.current(), Listener::Smtp);
+        let (io, _) = tokio::io::duplex(64);
+        let client = Client {
+            ip: peer.ip(),
+            port: peer.port(),
+        };
+        let run = Session::new(
+            Box::new(io),
+            &settings,
+            &server.spool,
+            client,
+            Listener::Smtp,
+        )
+        .run(shutdown.clone());
+        let session = std::mem::size_of_val(&run);
+        let mut other = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let admission =
+            std::mem::size_of_val(&server.admit_connection(&mut other, peer.ip(), Listener::Smtp));
+        let task = server
+            .clone()
+            .session(stream, peer, Listener::Smtp, shutdown);
+        let whole = std::mem::size_of_val(&task);
+        // Admission's state (688 bytes in a debug build) is not kept beside the session's.
+        assert!(
+            whole < session + admission / 2,
+            "the connection's future is {whole} bytes, its session's {session}, admission's {admission}"
+        );
     }
 }

@@ -52,17 +52,24 @@ pub struct Rspamd {
 
 impl Rspamd {
     pub fn start() -> Result<Rspamd> {
-        Rspamd::launch(None)
+        Rspamd::launch(None, None)
     }
 
     /// As [`Rspamd::start`], with a controller worker (`/stat`, `/graph`, the web
     /// interface) that answers only requests carrying `password` in their `Password`
     /// header: its `secure_ip` is a documentation address, so loopback is not trusted.
     pub fn with_controller(password: &str) -> Result<Rspamd> {
-        Rspamd::launch(Some(password))
+        Rspamd::launch(Some(password), None)
     }
 
-    fn launch(controller_password: Option<&str>) -> Result<Rspamd> {
+    /// As [`Rspamd::with_controller`], with the Bayes classifier's statistics in the
+    /// Redis server at `redis` (`127.0.0.1:PORT`), so `/learnspam` and `/learnham`
+    /// learn. Without a backend (the others) Rspamd refuses every learn.
+    pub fn with_bayes(password: &str, redis: &str) -> Result<Rspamd> {
+        Rspamd::launch(Some(password), Some(redis))
+    }
+
+    fn launch(controller_password: Option<&str>, bayes_redis: Option<&str>) -> Result<Rspamd> {
         let program = require("rspamd", "rspamd");
         let dir = tempfile::Builder::new().prefix("mb-rspamd-").tempdir()?;
         let d = dir.path().to_path_buf();
@@ -80,6 +87,16 @@ impl Rspamd {
             _ => String::new(),
         };
         fs::write(d.join("local").join("rspamd.local.lua"), FORCED_ACTION)?;
+        if let Some(redis) = bayes_redis {
+            // `local.d/classifier-bayes.conf` merges into Rspamd's own `statistic.conf`.
+            fs::create_dir_all(d.join("local").join("local.d"))?;
+            fs::write(
+                d.join("local")
+                    .join("local.d")
+                    .join("classifier-bayes.conf"),
+                format!("backend = \"redis\";\nservers = \"{redis}\";\nmin_learns = 1;\n"),
+            )?;
+        }
         fs::write(
             d.join("rspamd.conf"),
             format!(
@@ -122,13 +139,14 @@ impl Rspamd {
         })
     }
 
-    /// Waits (up to 90 s) until the normal worker answers `/ping` (and the controller,
+    /// Waits (up to 180 s: loading its TLD list takes 20 s on a quiet machine and several
+    /// times that when the test run loads both cores) until the normal worker answers `/ping` (and the controller,
     /// when there is one, answers at all: it wants the password even for that).
     pub fn wait_ready(&self) -> Result<()> {
         let ports: Vec<u16> = std::iter::once(self.port)
             .chain(self.controller_port)
             .collect();
-        wait_until("rspamd to answer /ping", Duration::from_secs(90), || {
+        wait_until("rspamd to answer /ping", Duration::from_secs(180), || {
             ports.iter().all(|port| {
                 std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok_and(|mut s| {
                     use std::io::Write;

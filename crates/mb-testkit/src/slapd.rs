@@ -27,7 +27,10 @@ const INSTALL_HINT: &str = "install it with `echo 'slapd slapd/no_configuration 
 /// | shared (twice, in two OUs) | shared1@example.test, shared2@example.test | | |
 ///
 /// Anonymous clients can bind and see the base entry but no one below it, so a client
-/// that searches without binding (or after a failed bind) finds nobody. A search under a
+/// that searches without binding (or after a failed bind) finds nobody. A DN with an
+/// empty password binds too, as an anonymous "unauthenticated bind" (`olcAllows:
+/// bind_anon_dn`, what Active Directory does), so a client that took such a bind for a
+/// password check would let anyone in. A search under a
 /// base the server does not hold is answered with a referral to [`Slapd::REFERRAL`].
 pub struct Slapd {
     pub dir: tempfile::TempDir,
@@ -245,7 +248,8 @@ impl Drop for Slapd {
 /// cn=config: the mdb backend (a module in Debian's build), the standard schemas plus
 /// Active Directory's `proxyAddresses` and `sAMAccountName` (defined here with the
 /// case-insensitive matching AD applies: the copies in Debian's msuser schema have no
-/// equality rule, so a filter on them would never match), and access rules.
+/// equality rule, so a filter on them would never match), the `mailAlternateAddress`
+/// of Sun's and Postfix's mail schemas (not in Debian's standard ones), and access rules.
 fn config_ldif(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -257,6 +261,7 @@ olcArgsFile: {d}/slapd.args
 olcTLSCertificateFile: {d}/tls.crt
 olcTLSCertificateKeyFile: {d}/tls.key
 olcReferral: {referral}
+olcAllows: bind_anon_dn
 
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
@@ -279,7 +284,8 @@ objectClass: olcSchemaConfig
 cn: mailborder-ad
 olcAttributeTypes: ( 1.2.840.113556.1.2.210 NAME 'proxyAddresses' EQUALITY caseIgnoreMatch SUBSTR caseIgnoreSubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 )
 olcAttributeTypes: ( 1.2.840.113556.1.4.221 NAME 'sAMAccountName' EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
-olcObjectClasses: ( 1.3.6.1.4.1.64869.1.1 NAME 'mbTestMailUser' SUP top AUXILIARY MAY ( proxyAddresses $ sAMAccountName ) )
+olcAttributeTypes: ( 2.16.840.1.113730.3.1.13 NAME 'mailAlternateAddress' EQUALITY caseIgnoreIA5Match SYNTAX 1.3.6.1.4.1.1466.115.121.1.26 )
+olcObjectClasses: ( 1.3.6.1.4.1.64869.1.1 NAME 'mbTestMailUser' SUP top AUXILIARY MAY ( proxyAddresses $ sAMAccountName $ mailAlternateAddress ) )
 
 dn: olcDatabase={{-1}}frontend,cn=config
 objectClass: olcDatabaseConfig

@@ -9,6 +9,9 @@
 //! segment, encoded or not, no empty segment, no backslash), requests and answers have a
 //! size limit, and the whole exchange a deadline. Both settings are read per request, so
 //! `mb-config set` applies at once.
+//!
+//! [`send`] is the one way mb-web talks to the controller: the proxy uses it, and so
+//! does the quarantine's "learn as spam/ham" (`api::learn`).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -328,14 +331,6 @@ async fn forward(state: &AppState, admin: &str, req: Request) -> Response {
 }
 
 async fn exchange(state: &AppState, admin: &str, req: Request) -> Result<Response, Problem> {
-    let cfg = state.config();
-    let url = cfg.text("rspamd.controller_url");
-    let controller = Controller::parse(&url).ok_or_else(|| {
-        Problem::new(
-            StatusCode::BAD_GATEWAY,
-            format!("rspamd.controller_url {url:?} is not http://host:port or unix:/path"),
-        )
-    })?;
     let (parts, body) = req.into_parts();
     let rest = parts
         .uri
@@ -344,9 +339,6 @@ async fn exchange(state: &AppState, admin: &str, req: Request) -> Result<Respons
         .unwrap_or_default()
         .to_string();
     check_path(&rest).map_err(|e| Problem::bad_request(format!("{e}: not passed to Rspamd")))?;
-    let uri = controller
-        .uri(&rest, parts.uri.query())
-        .ok_or_else(|| Problem::bad_request("the path is not a valid URI"))?;
     let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
@@ -360,8 +352,91 @@ async fn exchange(state: &AppState, admin: &str, req: Request) -> Result<Respons
         }
         Err(e) => return Err(Problem::bad_request(format!("reading the request: {e}"))),
     };
+    let method = parts.method.clone();
+    let answer = send(
+        &state.config(),
+        method.clone(),
+        &rest,
+        parts.uri.query(),
+        passed(&parts.headers, DROPPED_REQUEST),
+        body,
+    )
+    .await?;
+    tracing::info!(
+        admin = %admin,
+        method = %method,
+        path = %rest,
+        status = answer.status.as_u16(),
+        "proxied to the Rspamd controller"
+    );
+    let mut resp = Response::new(AxumBody::from(answer.body));
+    *resp.status_mut() = answer.status;
+    *resp.headers_mut() = passed(&answer.headers, DROPPED_RESPONSE);
+    if method == Method::HEAD {
+        *resp.body_mut() = AxumBody::empty();
+    }
+    Ok(resp)
+}
 
-    let mut headers = passed(&parts.headers, DROPPED_REQUEST);
+/// One whole answer of the controller.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    /// The status line's reason phrase when it is not the standard one: Rspamd puts its
+    /// own words there (`204 all learn conditions denied ...`, `208 ... already
+    /// learned ...`), and a 204 has no body to carry them.
+    pub reason: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Where the controller is (`127.0.0.1:11334`, `unix:/path`), for messages.
+    pub controller: String,
+}
+
+/// Sends one request to the controller `rspamd.controller_url` names, on the pooled
+/// connections, with `rspamd.controller_password` added as its `Password` header, and
+/// reads the whole answer within [`TIMEOUT`] and [`MAX_RESPONSE_BYTES`]. `rest` is the
+/// controller's path without its leading slash, already checked by [`check_path`] (or
+/// a fixed one such as `learnspam`); `headers` must not carry anything of the browser's
+/// that authenticates it (see [`DROPPED_REQUEST`]). The proxy and the quarantine's
+/// learn action (`api::learn`) both go through here.
+pub async fn send(
+    cfg: &mb_core::Config,
+    method: Method,
+    rest: &str,
+    query: Option<&str>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Answer, Problem> {
+    match tokio::time::timeout(TIMEOUT, send_now(cfg, method, rest, query, headers, body)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the Rspamd controller did not answer within {}s",
+                TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+async fn send_now(
+    cfg: &mb_core::Config,
+    method: Method,
+    rest: &str,
+    query: Option<&str>,
+    mut headers: HeaderMap,
+    body: Bytes,
+) -> Result<Answer, Problem> {
+    let url = cfg.text("rspamd.controller_url");
+    let controller = Controller::parse(&url).ok_or_else(|| {
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            format!("rspamd.controller_url {url:?} is not http://host:port or unix:/path"),
+        )
+    })?;
+    let uri = controller
+        .uri(rest, query)
+        .ok_or_else(|| Problem::bad_request("the path is not a valid URI"))?;
     let host = match &controller {
         Controller::Tcp { authority, .. } => authority.as_str(),
         Controller::Unix { .. } => "localhost",
@@ -376,9 +451,8 @@ async fn exchange(state: &AppState, admin: &str, req: Request) -> Result<Respons
         v.set_sensitive(true);
         headers.insert(HeaderName::from_static("password"), v);
     }
-    let method = parts.method.clone();
     let mut out = hyper::Request::builder()
-        .method(method.clone())
+        .method(method)
         .uri(uri)
         .body(Full::new(body))
         .map_err(|e| Problem::internal(format!("building the request: {e}")))?;
@@ -419,28 +493,30 @@ async fn exchange(state: &AppState, admin: &str, req: Request) -> Result<Respons
             ));
         }
     };
+    let reason = rparts
+        .extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
     // Rspamd never echoes the password; should some error page ever do, it stops here.
-    if !password.is_empty() && contains(&bytes, password.as_bytes()) {
+    if !password.is_empty()
+        && (contains(&bytes, password.as_bytes())
+            || reason
+                .as_deref()
+                .is_some_and(|r| contains(r.as_bytes(), password.as_bytes())))
+    {
         tracing::warn!(controller = %where_, path = %rest, "the Rspamd controller's answer contained its password; withheld");
         return Err(Problem::new(
             StatusCode::BAD_GATEWAY,
             "the Rspamd controller's answer was withheld: it contained the controller password",
         ));
     }
-    tracing::info!(
-        admin = %admin,
-        method = %method,
-        path = %rest,
-        status = rparts.status.as_u16(),
-        "proxied to the Rspamd controller"
-    );
-    let mut resp = Response::new(AxumBody::from(bytes));
-    *resp.status_mut() = rparts.status;
-    *resp.headers_mut() = passed(&rparts.headers, DROPPED_RESPONSE);
-    if method == Method::HEAD {
-        *resp.body_mut() = AxumBody::empty();
-    }
-    Ok(resp)
+    Ok(Answer {
+        status: rparts.status,
+        reason,
+        headers: rparts.headers,
+        body: bytes,
+        controller: where_,
+    })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -13,10 +13,12 @@ pub mod access;
 pub mod cluster;
 pub mod config;
 pub mod dkim;
+pub mod learn;
 pub mod log;
 pub mod policies;
 pub mod quarantine;
 pub mod queue;
+pub mod recipients;
 pub mod smtp_accounts;
 pub mod stats;
 pub mod status;
@@ -55,6 +57,7 @@ use crate::state::AppState;
         (name = "access", description = "Banned and trusted client addresses, as mb-ban (administrators)"),
         (name = "policies", description = "Allow, block and score policies, as mb-policy (administrators; domain admins read their domains')"),
         (name = "dkim", description = "The DKIM signing key's DNS record and new keys, as mb-dkim (administrators; domain admins read their domains' record)"),
+        (name = "recipients", description = "Valid recipients of recipient verification in list mode, as mb-recipient (administrators; domain admins for their domains)"),
         (name = "smtp-accounts", description = "SMTP AUTH accounts and their aliases, as mb-user (administrators; domain admins for their domains)"),
         (name = "stats", description = "Message statistics per hour or day, as mb-stats (administrators; domain admins their domains')"),
         (name = "rspamd", description = "Rspamd's controller (web interface and API) under /rspamd/, for administrators, with its password added by mb-web"),
@@ -113,6 +116,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(crate::auth::routes())
         .merge(status::routes())
         .merge(quarantine::routes())
+        .merge(learn::routes())
         .merge(log::routes())
         .merge(queue::routes())
         .merge(cluster::routes())
@@ -120,6 +124,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(policies::routes())
         .merge(access::routes())
         .merge(smtp_accounts::routes())
+        .merge(recipients::routes())
         .merge(dkim::routes())
         .merge(stats::routes())
         .merge(crate::health::routes())

@@ -208,6 +208,30 @@ pub(crate) async fn list(
     }))
 }
 
+/// The index entry of message `id` if the caller may see it. Read from the index
+/// alone (`ShowEntry`), so the visibility check comes before anything touches the
+/// message's file: a caller of another domain gets the same 404 whether the file is
+/// there, missing or unreadable, never a 502 that says the id exists.
+pub(crate) async fn visible_entry(
+    state: &AppState,
+    p: &Principal,
+    id: &str,
+) -> Result<QuarantineEntry, Problem> {
+    let ask = QuarantineId {
+        id: id.to_string(),
+        raw: false,
+    };
+    let e = state
+        .call(RPCD, |ch| async move {
+            QuarantineClient::new(ch).show_entry(ask).await
+        })
+        .await?;
+    if !visible(p, &e.recipients) {
+        return Err(no_such(id));
+    }
+    Ok(e)
+}
+
 /// The message `id` if the caller may see it, with its bytes when `raw`.
 pub(crate) async fn fetch(
     state: &AppState,
@@ -215,6 +239,7 @@ pub(crate) async fn fetch(
     id: &str,
     raw: bool,
 ) -> Result<ShowQuarantineResponse, Problem> {
+    visible_entry(state, p, id).await?;
     let ask = QuarantineId {
         id: id.to_string(),
         raw,
@@ -237,9 +262,9 @@ pub(crate) async fn fetch(
 
 /// A change to a message is allowed when the caller may act on every recipient's mail:
 /// a domain admin does not release mail to another domain's recipients.
-async fn check_act(state: &AppState, p: &Principal, id: &str) -> Result<(), Problem> {
-    let r = fetch(state, p, id, false).await?;
-    for rcpt in r.entry.map(|e| e.recipients).unwrap_or_default() {
+pub(crate) async fn check_act(state: &AppState, p: &Principal, id: &str) -> Result<(), Problem> {
+    let e = visible_entry(state, p, id).await?;
+    for rcpt in e.recipients {
         require_address(p, &rcpt)?;
     }
     Ok(())

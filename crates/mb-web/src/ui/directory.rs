@@ -1,6 +1,6 @@
 //! Administration pages for what a gateway knows about its domains and itself: the
 //! recipient verification list (as `mb-recipient`, through mb-rpcd's `Recipients`
-//! service: mb-web has no REST area for it), the DKIM record to publish and a new
+//! service, as `api::recipients` does for the REST API), the DKIM record to publish and a new
 //! signing key (as `mb-dkim`, through `api::dkim`'s handlers) and the cluster's nodes
 //! (as `mb-cluster status`, through `api::cluster`). Administrators only; every form
 //! is a plain POST with the CSRF field, so the pages work without JavaScript.

@@ -5,8 +5,10 @@
 //! 404, as one that does not exist.
 //!
 //! Ways in: the web login form (`ui::LOGIN`), the SMTP AUTH account's login and
-//! password here (`/ui/portal/login`, checked by mb-rpcd's `Digest.PortalLogin`), or a
-//! digest's single-use portal link (`ui::digest`). "Allow sender" and "Block sender"
+//! password here (`/ui/portal/login`, checked by mb-rpcd's `Digest.PortalLogin`), the
+//! same form with a directory login when `ldap.url` is set (mb-rpcd binds as the user:
+//! mb-web never holds `ldap.bind_password`), or a digest's single-use portal link
+//! (`ui::digest`). "Allow sender" and "Block sender"
 //! add policies scoped to the user's own addresses (`ui::quarantine::sender_policy`).
 
 use axum::Router;
@@ -88,7 +90,7 @@ fn login_page(status: StatusCode, login: &str, error: Option<&str>) -> Response 
                 @if let Some(e) = error {
                     p.flash.error role="alert" { (e) }
                 }
-                p { "Sign in with your e-mail account (the login and password your mail program uses)." }
+                p { "Sign in with your e-mail account (the login and password your mail program uses) or your organisation's directory login." }
                 form method="post" action=(SMTP_LOGIN) {
                     label { "Login" input type="text" name="login" value=(login) autocomplete="username" required autofocus; }
                     label { "Password" input type="password" name="password" autocomplete="current-password" required; }
@@ -108,8 +110,9 @@ async fn login_form(who: Option<Ui>) -> Response {
     login_page(StatusCode::OK, "", None)
 }
 
-/// An SMTP AUTH account's login, checked by mb-rpcd, for a user session on its
-/// addresses (the same cookie as a web login).
+/// An SMTP AUTH account's or a directory user's login, checked by mb-rpcd (an SMTP
+/// account first, the directory for any other login when `ldap.url` is set), for a
+/// user session on its addresses (the same cookie as a web login).
 async fn login(
     State(state): State<AppState>,
     conn: Conn,
@@ -127,6 +130,15 @@ async fn login(
         .await
     {
         Ok(r) => r,
+        // mb-rpcd, or the directory it asks, cannot check the password now: the cause
+        // is in mb-rpcd's log, the user is told to come back.
+        Err(p) if p.status_code() == StatusCode::SERVICE_UNAVAILABLE => {
+            return login_page(
+                p.status_code(),
+                &f.login,
+                Some("Your password cannot be checked right now: try again in a few minutes."),
+            );
+        }
         Err(p) => {
             return login_page(
                 p.status_code(),
@@ -135,12 +147,31 @@ async fn login(
             );
         }
     };
-    if WebLoginOutcome::try_from(r.outcome) != Ok(WebLoginOutcome::WebLoginOk) {
-        return login_page(
-            StatusCode::UNAUTHORIZED,
-            &f.login,
-            Some("wrong login or password"),
-        );
+    match WebLoginOutcome::try_from(r.outcome) {
+        Ok(WebLoginOutcome::WebLoginOk) => {}
+        Ok(WebLoginOutcome::WebLoginLockedOut) => {
+            let mut resp = login_page(
+                StatusCode::TOO_MANY_REQUESTS,
+                &f.login,
+                Some(&format!(
+                    "too many failed logins: try again in {} minutes",
+                    r.retry_after_seconds.div_ceil(60)
+                )),
+            );
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(r.retry_after_seconds),
+            );
+            return resp;
+        }
+        // Unknown login, wrong or empty password: never which.
+        _ => {
+            return login_page(
+                StatusCode::UNAUTHORIZED,
+                &f.login,
+                Some("wrong login or password"),
+            );
+        }
     }
     session_redirect(&conn, &r.session_id, r.expires_at_unix, PORTAL)
 }

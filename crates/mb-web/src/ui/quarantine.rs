@@ -12,7 +12,9 @@
 //! decides for another recipient; an allow is an authenticated-sender allow (SPF or
 //! aligned DKIM must pass), like every sender allow. "Release and allow" does both.
 //!
-//! Learning as ham or spam is not offered yet.
+//! "Learn as spam" and "Learn as ham" (on the list and on a message's page) teach
+//! Rspamd through `api::learn`, shown to administrators and domain admins only and only
+//! when Rspamd is configured (`api::learn::available`).
 
 use std::collections::HashSet;
 
@@ -28,6 +30,7 @@ use serde::Deserialize;
 
 use super::{Nav, Staff, Ui, done, failed};
 use crate::access::Signed;
+use crate::api::learn;
 use crate::api::quarantine::{self as api, ListQuery};
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -105,6 +108,7 @@ pub async fn list_page(ui: Ui, state: AppState, f: Filters, area: &Area) -> Resp
         limit: Some(limit),
         offset: None,
     };
+    let learn = learning(&ui, &state);
     let found = match api::list(Signed(ui.who.clone()), State(state), Query(q)).await {
         Ok(Json(l)) => l,
         Err(p) => return ui.problem(&p),
@@ -137,7 +141,7 @@ pub async fn list_page(ui: Ui, state: AppState, f: Filters, area: &Area) -> Resp
             p { "Nothing in the quarantine matches." }
         } @else {
             table.list {
-                thead { tr { th { "Received (UTC)" } th { "From" } th { "To" } th { "Subject" } th { "Score" } th { "Reason" } th { "Size" } } }
+                thead { tr { th { "Received (UTC)" } th { "From" } th { "To" } th { "Subject" } th { "Score" } th { "Reason" } th { "Size" } @if learn { th { "Learn" } } } }
                 tbody {
                     @for e in &entries {
                         tr {
@@ -148,6 +152,9 @@ pub async fn list_page(ui: Ui, state: AppState, f: Filters, area: &Area) -> Resp
                             td { (format!("{:.1}", e.score)) }
                             td { (e.reason) }
                             td { (super::size(e.size)) }
+                            @if learn {
+                                td { (learn_forms(&ui, &page_of(area, &e.id))) }
+                            }
                         }
                     }
                 }
@@ -239,7 +246,7 @@ pub async fn show_page(ui: Ui, state: AppState, id: &str, area: &Area) -> Respon
                 @if pv.attachments.is_empty() { "none" } @else { (pv.attachments.join(", ")) }
             } }
         }
-        (actions(&ui, &base))
+        (actions(&ui, &base, learning(&ui, &state)))
         h2 { "Text" }
         pre.message { (pv.text) }
         @if let Some(h) = &pv.html {
@@ -254,7 +261,25 @@ pub async fn show_page(ui: Ui, state: AppState, id: &str, area: &Area) -> Respon
     ui.page(area.title, area.nav, body)
 }
 
-fn actions(ui: &Ui, base: &str) -> Markup {
+/// Whether the learn buttons are shown: to staff, with Rspamd configured.
+fn learning(ui: &Ui, state: &AppState) -> bool {
+    ui.who.role != crate::auth::Role::User && learn::available(&state.config())
+}
+
+/// "Learn as spam" and "Learn as ham", posting to the message at `base`.
+fn learn_forms(ui: &Ui, base: &str) -> Markup {
+    html! {
+        @for (verb, label) in [("learn-spam", "Learn as spam"), ("learn-ham", "Learn as ham")] {
+            form.inline method="post" action={ (base) "/" (verb) } {
+                (ui.csrf_field())
+                button type="submit" { (label) }
+            }
+            " "
+        }
+    }
+}
+
+fn actions(ui: &Ui, base: &str, learn: bool) -> Markup {
     let verbs: &[(&str, &str)] = &[
         ("release", "Release"),
         ("release-allow", "Release and allow sender"),
@@ -269,6 +294,9 @@ fn actions(ui: &Ui, base: &str) -> Markup {
                     button type="submit" { (label) }
                 }
                 " "
+            }
+            @if learn {
+                (learn_forms(ui, base))
             }
             form.inline method="post" action={ (base) "/delete" } {
                 (ui.csrf_field())
@@ -292,8 +320,7 @@ pub async fn sender_policy(
     id: &str,
     action: &str,
 ) -> Result<String, Problem> {
-    let r = api::fetch(state, &ui.who, id, false).await?;
-    let e = r.entry.unwrap_or_default();
+    let e = api::visible_entry(state, &ui.who, id).await?;
     let sender = e.sender.trim().to_ascii_lowercase();
     if sender.is_empty() || !sender.contains('@') {
         return Err(Problem::bad_request(
@@ -362,6 +389,16 @@ pub async fn act_on(ui: Ui, state: AppState, id: &str, action: &str, area: &Area
             .await
             .map(|_| format!("deleted {id}")),
         "allow" | "block" => sender_policy(&state, &ui, id, action).await,
+        "learn-spam" | "learn-ham" => {
+            let class = if action == "learn-spam" {
+                learn::Class::Spam
+            } else {
+                learn::Class::Ham
+            };
+            learn::learn_message(&state, &ui.who, id, class)
+                .await
+                .map(|l| l.detail)
+        }
         "release-allow" => match sender_policy(&state, &ui, id, "allow").await {
             Ok(allowed) => api::release(who, State(state.clone()), Path(id.to_string()))
                 .await
@@ -381,7 +418,8 @@ pub async fn act_on(ui: Ui, state: AppState, id: &str, action: &str, area: &Area
     match outcome {
         Ok(text) => {
             audit(&state, &ui, &format!("quarantine:{id}"), action, &text).await;
-            let to = if matches!(action, "allow" | "block") {
+            // Actions that leave the message in the quarantine come back to it.
+            let to = if matches!(action, "allow" | "block" | "learn-spam" | "learn-ham") {
                 back.as_str()
             } else {
                 area.base
