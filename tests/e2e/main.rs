@@ -11,6 +11,7 @@ mod clamav;
 mod cluster;
 mod config_cli;
 mod corpus;
+mod data_rate;
 mod databases;
 mod dead_keys;
 mod delivery;

@@ -1,8 +1,12 @@
-//! `cargo xtask bench`: the same load, in one run on this machine, through three paths:
-//! smtp-source straight into smtp-sink (the ceiling), through a private Postfix instance
-//! (queue on disk) into smtp-sink, and through mb-smtpd (fsync before 250) into
-//! smtp-sink. Reports accepted and end-to-end rates, CPU per message and peak memory,
-//! and the ratios mb-smtpd / Postfix. A harness, not a test: nothing here asserts a time.
+//! `cargo xtask bench`: one table from one run on this machine. The same smtp-source load
+//! goes into smtp-sink directly (the ceiling), through a private Postfix instance (queue
+//! on disk), through mb-smtpd relaying (fsync before 250), receiving only (delivery
+//! switched off), filtering with two mb-filter workers, and through Postfix with
+//! mb-milter; then mb-smtpd holds idle sessions (idle.rs), mb-smtpd and Postfix are
+//! attacked (attack.rs) and mb-web's API latency is taken (api_bench.rs). Each row gets
+//! accepted and end-to-end rates, its ratio to its reference, CPU per message and peak
+//! memory; below the table, one line per goal of the performance issue says whether the
+//! run met it. A harness, not a test: nothing here asserts a time.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,15 +26,15 @@ pub struct Load {
 struct Outcome {
     name: String,
     accept_secs: f64,
-    total_secs: f64,
+    /// Until the last message reached smtp-sink; None when delivery was switched off.
+    total_secs: Option<f64>,
     cpu_secs: Option<f64>,
     peak_rss_kib: Option<u64>,
 }
 
-/// Idle sessions held by the full bench's idle row, and its measuring window (each of
-/// alone and with them).
-const IDLE_SESSIONS: u32 = 10_000;
-const IDLE_WINDOW: Duration = Duration::from_secs(15);
+/// The idle sessions issue 18's goal is about (the full bench holds this many unless
+/// told otherwise).
+pub const IDLE_SESSIONS: u32 = 10_000;
 
 /// Clock ticks per second for /proc/PID/stat times (sysconf(_SC_CLK_TCK), 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -197,7 +201,7 @@ fn ceiling(load: &Load) -> Result<Outcome> {
     Ok(Outcome {
         name: "smtp-source -> smtp-sink".into(),
         accept_secs: secs,
-        total_secs: secs,
+        total_secs: Some(secs),
         ..Default::default()
     })
 }
@@ -217,7 +221,7 @@ fn through_postfix_milter(load: &Load, bin: &Path) -> Result<Outcome> {
 /// The milter run, and its CPU seconds split between Postfix, mb-milter and the workers.
 fn through_postfix_milter_split(load: &Load, bin: &Path) -> Result<(Outcome, [f64; 3])> {
     let (sink_port, _sink) = sink()?;
-    let gw = BenchGateway::start(bin, sink_port, true)?;
+    let gw = BenchGateway::start(bin, sink_port, Mode::Filtered)?;
     let milter_port = free_port();
     let d = gw.dir.path();
     fs::write(
@@ -291,7 +295,7 @@ fn postfix_run(load: &Load, pf: &Postfix, extra: &[i32], name: &str) -> Result<O
     Ok(Outcome {
         name: name.into(),
         accept_secs: accept,
-        total_secs: total,
+        total_secs: Some(total),
         cpu_secs: Some(cpu(&roots) - cpu0),
         peak_rss_kib: Some(peak),
     })
@@ -318,6 +322,18 @@ fn bench_policies() -> String {
     format!("[{}]", items.join(","))
 }
 
+/// How a bench mb-smtpd runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Accept, fsync, relay to smtp-sink: no filtering.
+    Relay,
+    /// As `Relay` with `queue.delivery_enabled = false`: accepted mail stays queued.
+    ReceiveOnly,
+    /// Two mb-filter workers check every message (SPF, DKIM, DMARC with the local DNS
+    /// server, MIME and attachments, policies; no scanner configured).
+    Filtered,
+}
+
 /// A bench gateway's directory, configuration and (when filtering) its two workers and
 /// DNS server.
 struct BenchGateway {
@@ -330,7 +346,8 @@ struct BenchGateway {
 }
 
 impl BenchGateway {
-    fn start(bin: &Path, sink_port: u16, filter: bool) -> Result<BenchGateway> {
+    fn start(bin: &Path, sink_port: u16, mode: Mode) -> Result<BenchGateway> {
+        let filter = mode == Mode::Filtered;
         let dir = tempfile::Builder::new().prefix("mb-bench-").tempdir()?;
         let d = dir.path();
         let port = free_port();
@@ -376,8 +393,10 @@ impl BenchGateway {
              [network.protection]\nmode = \"public\"\n\
              [smtp]\nhostname = \"mb.bench.test\"\ndomains = \"served.test\"\nmynetworks = \"192.0.2.0/24\"\n\
              [relay]\nhost = \"127.0.0.1\"\nport = {sink_port}\ntls = \"none\"\n\
-             [filter]\nenabled = {filter}\nworkers = 2\n{filter_keys}",
+             [filter]\nenabled = {filter}\nworkers = 2\n{filter_keys}\
+             [queue]\ndelivery_enabled = {}\n",
             free_port(),
+            mode != Mode::ReceiveOnly,
             d = d.display()
         );
         fs::write(&config, &config_text)?;
@@ -412,9 +431,9 @@ impl BenchGateway {
     }
 }
 
-fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> {
+fn through_mailborder(load: &Load, bin: &Path, mode: Mode) -> Result<Outcome> {
     let (sink_port, _sink) = sink()?;
-    let gw = BenchGateway::start(bin, sink_port, filter)?;
+    let gw = BenchGateway::start(bin, sink_port, mode)?;
     let (d, config, port, workers) = (gw.dir.path(), &gw.config, gw.port, &gw.workers);
     let log = fs::File::create(d.join("smtpd.log"))?;
     let child = Command::new(bin)
@@ -437,10 +456,15 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
     let mut peak = 0;
     let started = Instant::now();
     let accept = source_sampling(load, port, &pids, &mut peak)?;
-    let spool = d.join("spool");
-    let total = drain(started, &pids, &mut peak, || {
-        count_files(&spool.join("incoming")) + count_files(&spool.join("deferred"))
-    })?;
+    // With delivery off nothing leaves the queue: the run ends with the last 250.
+    let total = if mode == Mode::ReceiveOnly {
+        None
+    } else {
+        let spool = d.join("spool");
+        Some(drain(started, &pids, &mut peak, || {
+            count_files(&spool.join("incoming")) + count_files(&spool.join("deferred"))
+        })?)
+    };
     let refused = fs::read_to_string(d.join("smtpd.log"))
         .unwrap_or_default()
         .matches("refused by the filter")
@@ -449,10 +473,10 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
         bail!("the filter refused {refused} benchmark messages");
     }
     Ok(Outcome {
-        name: if filter {
-            "via mb-smtpd + 2 mb-filter workers".into()
-        } else {
-            "via mb-smtpd (fsync before 250)".into()
+        name: match mode {
+            Mode::Relay => "via mb-smtpd (fsync before 250)".into(),
+            Mode::ReceiveOnly => "via mb-smtpd, delivery off".into(),
+            Mode::Filtered => "via mb-smtpd + 2 mb-filter workers".into(),
         },
         accept_secs: accept,
         total_secs: total,
@@ -461,140 +485,594 @@ fn through_mailborder(load: &Load, bin: &Path, filter: bool) -> Result<Outcome> 
     })
 }
 
-pub fn bench(load: &Load, mb_smtpd: PathBuf, filter: bool, milter: bool) -> Result<()> {
-    let n = f64::from(load.messages);
-    eprintln!(
-        "xtask: bench: {} messages of {} bytes over {} sessions, each path in turn",
-        load.messages, load.size, load.sessions
-    );
-    let mut results = Vec::new();
-    let mut steps = vec!["ceiling", "postfix", "mailborder"];
-    if filter {
-        steps.push("mailborder+filter");
+/// A step of the full bench: one row of its table (two for the attack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Ceiling,
+    Postfix,
+    Relay,
+    Receive,
+    Filtered,
+    Milter,
+    Idle,
+    Attack,
+    Api,
+}
+
+impl Step {
+    /// Every step, in the order the full bench runs them.
+    const ALL: [Step; 9] = [
+        Step::Ceiling,
+        Step::Postfix,
+        Step::Relay,
+        Step::Receive,
+        Step::Filtered,
+        Step::Milter,
+        Step::Idle,
+        Step::Attack,
+        Step::Api,
+    ];
+
+    /// The name `--only` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Step::Ceiling => "ceiling",
+            Step::Postfix => "postfix",
+            Step::Relay => "relay",
+            Step::Receive => "receive",
+            Step::Filtered => "filtered",
+            Step::Milter => "milter",
+            Step::Idle => "idle",
+            Step::Attack => "attack",
+            Step::Api => "api",
+        }
     }
-    if milter {
-        steps.push("postfix+milter");
+
+    /// The steps `--only` names (every step when it names none), in the bench's order.
+    pub fn parse_list(only: &[String]) -> Result<Vec<Step>> {
+        let mut chosen = Vec::new();
+        for name in only.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let Some(step) = Step::ALL.iter().find(|s| s.name() == name) else {
+                let names: Vec<_> = Step::ALL.iter().map(|s| s.name()).collect();
+                bail!(
+                    "--only: no step {name:?}; the steps are {}",
+                    names.join(",")
+                );
+            };
+            chosen.push(*step);
+        }
+        Ok(Step::ALL
+            .into_iter()
+            .filter(|s| chosen.is_empty() || chosen.contains(s))
+            .collect())
     }
-    let total = steps.len();
-    for (i, step) in steps.iter().enumerate() {
-        eprintln!("xtask: bench {}/{total}: {step} ...", i + 1);
-        let r = match *step {
-            "ceiling" => ceiling(load)?,
-            "postfix" => through_postfix(load)?,
-            "mailborder" => through_mailborder(load, &mb_smtpd, false)?,
-            "postfix+milter" => through_postfix_milter(load, &mb_smtpd)?,
-            _ => through_mailborder(load, &mb_smtpd, true)?,
+}
+
+/// What the full bench runs beyond the smtp-source load.
+pub struct Options {
+    pub steps: Vec<Step>,
+    /// Idle sessions held by the idle row.
+    pub idle_sessions: u32,
+    /// Seconds of each measuring window of the idle and attack rows.
+    pub seconds: u64,
+}
+
+/// The idle row's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct IdleFigures {
+    sessions: u32,
+    /// Sessions still open at the end of the sender's run with them.
+    held: u32,
+    with_idle: f64,
+    /// The sender's rate without them (mean of before and after).
+    alone: f64,
+    cpu_ms: f64,
+    /// Peak PSS in KiB while mail flowed with the idle sessions, and quiet with them.
+    peak_kib: u64,
+    quiet_kib: u64,
+}
+
+impl From<&crate::idle::IdleRun> for IdleFigures {
+    fn from(r: &crate::idle::IdleRun) -> Self {
+        IdleFigures {
+            sessions: r.sessions,
+            held: r.held,
+            with_idle: r.with_idle,
+            alone: r.alone,
+            cpu_ms: r.idle.cpu_ms,
+            peak_kib: r.peak_idle,
+            quiet_kib: r.pss_n,
+        }
+    }
+}
+
+/// An attack row's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct AttackFigures {
+    name: String,
+    attacked: f64,
+    ratio: f64,
+    /// The target's CPU per legitimate message under attack.
+    cpu_ms: Option<f64>,
+    peak_mib: f64,
+}
+
+/// Everything one full run measured; a step that was not run or failed is None.
+#[derive(Debug, Default)]
+struct Results {
+    messages: u32,
+    ceiling: Option<Outcome>,
+    postfix: Option<Outcome>,
+    relay: Option<Outcome>,
+    receive: Option<Outcome>,
+    filtered: Option<Outcome>,
+    milter: Option<Outcome>,
+    idle: Option<IdleFigures>,
+    attack: Vec<AttackFigures>,
+    /// The API row's text: p50/p99 of a few requests.
+    api: Option<String>,
+}
+
+/// One printed row; a figure that does not apply or was not measured prints "-".
+#[derive(Debug, Default, PartialEq)]
+struct Line {
+    name: String,
+    accepted: Option<f64>,
+    end_to_end: Option<f64>,
+    ratio: Option<String>,
+    cpu_ms: Option<f64>,
+    peak_mib: Option<f64>,
+    /// Replaces the figures (the API row measures latency, not messages).
+    text: Option<String>,
+}
+
+/// `a / b`, when both are finite and `b` is positive.
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (a.is_finite() && b.is_finite() && b > 0.0).then(|| a / b)
+}
+
+impl Outcome {
+    fn accepted(&self, n: f64) -> Option<f64> {
+        ratio(n, self.accept_secs)
+    }
+
+    fn end_to_end(&self, n: f64) -> Option<f64> {
+        self.total_secs.and_then(|t| ratio(n, t))
+    }
+
+    fn cpu_ms(&self, n: f64) -> Option<f64> {
+        self.cpu_secs.and_then(|c| ratio(c * 1000.0, n))
+    }
+
+    fn line(&self, name: &str, n: f64, ratio: Option<String>) -> Line {
+        Line {
+            name: name.into(),
+            accepted: self.accepted(n),
+            end_to_end: self.end_to_end(n),
+            ratio,
+            cpu_ms: self.cpu_ms(n),
+            peak_mib: self.peak_rss_kib.map(|k| k as f64 / 1024.0),
+            text: None,
+        }
+    }
+}
+
+impl Results {
+    fn n(&self) -> f64 {
+        f64::from(self.messages)
+    }
+
+    /// End-to-end rate of `row` over Postfix's.
+    fn e2e_vs_postfix(&self, row: Option<&Outcome>) -> Option<f64> {
+        let n = self.n();
+        ratio(row?.end_to_end(n)?, self.postfix.as_ref()?.end_to_end(n)?)
+    }
+
+    /// Receive-only's accepted rate over Postfix's accepted rate, and over the ceiling.
+    fn receive_vs_postfix(&self) -> Option<f64> {
+        let n = self.n();
+        ratio(
+            self.receive.as_ref()?.accepted(n)?,
+            self.postfix.as_ref()?.accepted(n)?,
+        )
+    }
+
+    fn receive_vs_ceiling(&self) -> Option<f64> {
+        let n = self.n();
+        ratio(
+            self.receive.as_ref()?.accepted(n)?,
+            self.ceiling.as_ref()?.end_to_end(n)?,
+        )
+    }
+
+    /// The relay's CPU per message over Postfix's.
+    fn cpu_vs_postfix(&self) -> Option<f64> {
+        let n = self.n();
+        ratio(
+            self.relay.as_ref()?.cpu_ms(n)?,
+            self.postfix.as_ref()?.cpu_ms(n)?,
+        )
+    }
+
+    /// The table's rows, in the bench's order.
+    fn lines(&self) -> Vec<Line> {
+        let n = self.n();
+        let x = |v: Option<f64>, against: &str| v.map(|v| format!("{v:.2}x {against}"));
+        let mut out = Vec::new();
+        if let Some(r) = &self.ceiling {
+            out.push(r.line("ceiling: smtp-source -> smtp-sink", n, None));
+        }
+        if let Some(r) = &self.postfix {
+            out.push(r.line("Postfix (queue on disk)", n, Some("reference".into())));
+        }
+        if let Some(r) = &self.relay {
+            let v = self.e2e_vs_postfix(Some(r));
+            out.push(r.line("mb-smtpd relay (fsync before 250)", n, x(v, "Postfix")));
+        }
+        if let Some(r) = &self.receive {
+            let mut text = x(self.receive_vs_postfix(), "Postfix acc.");
+            if let Some(c) = self.receive_vs_ceiling() {
+                let pct = format!("{:.0}% ceiling", c * 100.0);
+                text = Some(text.map_or(pct.clone(), |t| format!("{t}, {pct}")));
+            }
+            out.push(r.line("mb-smtpd receive-only (delivery off)", n, text));
+        }
+        if let Some(r) = &self.filtered {
+            let v = self.e2e_vs_postfix(Some(r));
+            out.push(r.line("mb-smtpd filtered (2 workers)", n, x(v, "Postfix")));
+        }
+        if let Some(r) = &self.milter {
+            let v = self.e2e_vs_postfix(Some(r));
+            out.push(r.line("Postfix + mb-milter (2 workers)", n, x(v, "Postfix alone")));
+        }
+        if let Some(i) = &self.idle {
+            out.push(Line {
+                name: format!("mb-smtpd, {} idle sessions", thousands(i.sessions)),
+                accepted: Some(i.with_idle),
+                ratio: x(ratio(i.with_idle, i.alone), "alone"),
+                cpu_ms: i.cpu_ms.is_finite().then_some(i.cpu_ms),
+                peak_mib: Some(i.peak_kib.max(i.quiet_kib) as f64 / 1024.0),
+                ..Default::default()
+            });
+        }
+        for a in &self.attack {
+            out.push(Line {
+                name: format!("{} under attack", a.name),
+                accepted: Some(a.attacked),
+                ratio: x(a.ratio.is_finite().then_some(a.ratio), "alone"),
+                cpu_ms: a.cpu_ms,
+                peak_mib: Some(a.peak_mib),
+                ..Default::default()
+            });
+        }
+        if let Some(api) = &self.api {
+            out.push(Line {
+                name: "mb-web API (p50/p99 ms, HTTPS)".into(),
+                text: Some(api.clone()),
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    /// Issue 18's goals, each with its figure and whether this run met it.
+    fn goals(&self) -> Vec<Goal> {
+        let relay = self.e2e_vs_postfix(self.relay.as_ref());
+        let filtered = self.e2e_vs_postfix(self.filtered.as_ref());
+        let milter = self.e2e_vs_postfix(self.milter.as_ref());
+        let mut out = vec![
+            Goal::at_least("relay end to end >= 5x Postfix", relay, 5.0, Unit::Times),
+            Goal::at_most(
+                "CPU per message <= 1/10 of Postfix's",
+                self.cpu_vs_postfix(),
+                0.1,
+                Unit::Times,
+            ),
+            Goal::at_least(
+                "receive-only >= 50% of the ceiling",
+                self.receive_vs_ceiling(),
+                0.5,
+                Unit::Percent,
+            ),
+            Goal::at_least(
+                "filtered end to end >= 3x Postfix plain relay",
+                filtered,
+                3.0,
+                Unit::Times,
+            ),
+            Goal::at_least(
+                "Postfix + mb-milter >= 0.8x Postfix alone",
+                milter,
+                0.8,
+                Unit::Times,
+            ),
+        ];
+        out.push(idle_goal(self.idle.as_ref()));
+        out
+    }
+}
+
+/// 10,000 as "10,000".
+fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Met,
+    NotMet,
+    NotMeasured,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Times,
+    Percent,
+}
+
+/// One goal of issue 18 as this run saw it.
+#[derive(Debug, PartialEq)]
+struct Goal {
+    what: String,
+    /// The measured figure, as printed; None when not measured.
+    figure: Option<String>,
+    verdict: Verdict,
+}
+
+impl Goal {
+    fn check(what: &str, value: Option<f64>, unit: Unit, met: impl Fn(f64) -> bool) -> Goal {
+        let value = value.filter(|v| v.is_finite());
+        Goal {
+            what: what.into(),
+            figure: value.map(|v| match unit {
+                Unit::Times => format!("{v:.2}x"),
+                Unit::Percent => format!("{:.0}%", v * 100.0),
+            }),
+            verdict: match value {
+                None => Verdict::NotMeasured,
+                Some(v) if met(v) => Verdict::Met,
+                Some(_) => Verdict::NotMet,
+            },
+        }
+    }
+
+    fn at_least(what: &str, value: Option<f64>, target: f64, unit: Unit) -> Goal {
+        Goal::check(what, value, unit, |v| v >= target)
+    }
+
+    fn at_most(what: &str, value: Option<f64>, target: f64, unit: Unit) -> Goal {
+        Goal::check(what, value, unit, |v| v <= target)
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = match self.verdict {
+            Verdict::Met => "met",
+            Verdict::NotMet => "not met",
+            Verdict::NotMeasured => "not measured",
         };
-        eprintln!(
-            "xtask: bench {}/{total}: {} accepted in {:.1}s, delivered in {:.1}s",
-            i + 1,
+        match &self.figure {
+            Some(fig) => write!(f, "{}: {fig}, {verdict}", self.what),
+            None => write!(f, "{}: {verdict}", self.what),
+        }
+    }
+}
+
+/// The idle goal: 10,000 sessions held, peak PSS (flowing or quiet) <= 100 MiB, and
+/// the sender's rate with them >= 90% of its rate alone.
+fn idle_goal(idle: Option<&IdleFigures>) -> Goal {
+    let what = format!(
+        "{} idle sessions: peak PSS <= 100 MiB, mail >= 0.90x its rate alone",
+        thousands(IDLE_SESSIONS)
+    );
+    let Some(i) = idle else {
+        return Goal {
+            what,
+            figure: None,
+            verdict: Verdict::NotMeasured,
+        };
+    };
+    let mib = i.peak_kib.max(i.quiet_kib) as f64 / 1024.0;
+    let rate = ratio(i.with_idle, i.alone);
+    let figure = format!(
+        "{mib:.1} MiB, {} with {} held",
+        rate.map_or("-".into(), |r| format!("{r:.2}x")),
+        thousands(i.held)
+    );
+    let verdict = match rate {
+        _ if i.sessions < IDLE_SESSIONS => Verdict::NotMeasured,
+        None => Verdict::NotMeasured,
+        Some(r) if mib <= 100.0 && r >= 0.9 && i.held >= IDLE_SESSIONS => Verdict::Met,
+        Some(_) => Verdict::NotMet,
+    };
+    Goal {
+        what,
+        figure: Some(figure),
+        verdict,
+    }
+}
+
+const NAME_WIDTH: usize = 38;
+
+/// The table as printed: a header, then one line per row.
+fn render(lines: &[Line]) -> String {
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".into(), |v| format!("{v:.prec$}"));
+    let mut out = format!(
+        "{:<NAME_WIDTH$} {:>9} {:>10} {:<32} {:>10} {:>9}\n",
+        "row", "accepted", "end-to-end", "ratio", "CPU ms", "peak PSS"
+    );
+    out += &format!(
+        "{:<NAME_WIDTH$} {:>9} {:>10} {:<32} {:>10} {:>9}\n",
+        "", "msg/s", "msg/s", "", "per msg", "MiB"
+    );
+    for l in lines {
+        if let Some(text) = &l.text {
+            out += &format!("{:<NAME_WIDTH$} {text}\n", l.name);
+            continue;
+        }
+        out += &format!(
+            "{:<NAME_WIDTH$} {:>9} {:>10} {:<32} {:>10} {:>9}\n",
+            l.name,
+            opt(l.accepted, 0),
+            opt(l.end_to_end, 0),
+            l.ratio.as_deref().unwrap_or("-"),
+            opt(l.cpu_ms, 2),
+            opt(l.peak_mib, 1),
+        );
+    }
+    out
+}
+
+/// The API row's text: p50/p99 of status, a quarantine page and a log search, over HTTPS.
+fn api_text(api: &[crate::api_bench::Row]) -> String {
+    let cell = |what: &str| {
+        api.iter()
+            .find(|r| r.what.starts_with(what) && r.transport == "HTTPS")
+            .map_or("-".to_string(), |r| {
+                format!(
+                    "{:.1}/{:.1}",
+                    r.p50.as_secs_f64() * 1000.0,
+                    r.p99.as_secs_f64() * 1000.0
+                )
+            })
+    };
+    format!(
+        "status {}, quarantine page {}, log search {}",
+        cell("status"),
+        cell("quarantine, page of"),
+        cell("log, subject")
+    )
+}
+
+/// Runs one step into `results`; returns a line for stderr.
+fn run_step(
+    step: Step,
+    load: &Load,
+    mb_smtpd: &Path,
+    options: &Options,
+    results: &mut Results,
+) -> Result<String> {
+    let rates = |r: &Outcome| {
+        format!(
+            "{} accepted in {:.1}s{}",
             r.name,
             r.accept_secs,
             r.total_secs
-        );
-        results.push(r);
-    }
-    eprintln!("xtask: bench: mb-smtpd with {IDLE_SESSIONS} idle sessions ...");
-    // The relay figures above are worth printing even when this row cannot run.
-    let idle = crate::idle::run(&mb_smtpd, IDLE_SESSIONS, IDLE_WINDOW)
-        .inspect_err(|e| eprintln!("xtask: bench: no idle-sessions row: {e:#}"))
-        .ok();
-    eprintln!("xtask: bench: mb-web API latency ...");
-    let api = crate::api_bench::run(mb_smtpd.parent().unwrap_or(Path::new(".")))
-        .inspect_err(|e| eprintln!("xtask: bench: no API latency rows: {e:#}"))
-        .ok();
-    println!(
-        "{:<34} {:>14} {:>16} {:>12} {:>14}",
-        "path", "accepted msg/s", "end-to-end msg/s", "CPU ms/msg", "peak PSS MiB"
-    );
-    for r in &results {
-        println!(
-            "{:<34} {:>14.0} {:>16.0} {:>12} {:>14}",
-            r.name,
-            n / r.accept_secs,
-            n / r.total_secs,
-            r.cpu_secs
-                .map_or("-".into(), |c| format!("{:.2}", c * 1000.0 / n)),
-            r.peak_rss_kib
-                .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
-        );
-    }
-    // A fixed-time measurement (4 reused sessions), not smtp-source's: no end-to-end rate.
-    if let Some(idle) = &idle {
-        println!(
-            "{:<34} {:>14.0} {:>16} {:>12} {:>14.1}",
-            format!("mb-smtpd, {}k idle sessions", IDLE_SESSIONS / 1000),
-            idle.with_idle,
-            "-",
-            "-",
-            idle.peak_idle as f64 / 1024.0,
-        );
-    }
-    // The API's latency: status, a quarantine page, a log search, over HTTPS.
-    if let Some(api) = &api {
-        let row = |what: &str| {
-            api.iter()
-                .find(|r| r.what.starts_with(what) && r.transport == "HTTPS")
-                .map_or("-".to_string(), |r| {
-                    format!(
-                        "{:.1}/{:.1}",
-                        r.p50.as_secs_f64() * 1000.0,
-                        r.p99.as_secs_f64() * 1000.0
-                    )
-                })
-        };
-        println!(
-            "{:<34} status {} ms, quarantine page {} ms, log search {} ms (p50/p99, HTTPS)",
-            "mb-web API",
-            row("status"),
-            row("quarantine, page of"),
-            row("log, subject")
-        );
-    }
-    let (pf, mb) = (&results[1], &results[2]);
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    println!(
-        "mb-smtpd / Postfix: accepted {:.2}x, end-to-end {:.2}x, CPU per message {:.2}x, peak memory {:.2}x",
-        ratio(pf.accept_secs, mb.accept_secs),
-        ratio(pf.total_secs, mb.total_secs),
-        ratio(mb.cpu_secs.unwrap_or(0.0), pf.cpu_secs.unwrap_or(0.0)),
-        ratio(
-            mb.peak_rss_kib.unwrap_or(0) as f64,
-            pf.peak_rss_kib.unwrap_or(0) as f64
+                .map_or(String::new(), |t| format!(", delivered in {t:.1}s")),
+        )
+    };
+    let done = match step {
+        Step::Ceiling => rates(results.ceiling.insert(ceiling(load)?)),
+        Step::Postfix => rates(results.postfix.insert(through_postfix(load)?)),
+        Step::Relay => rates(results.relay.insert(through_mailborder(
+            load,
+            mb_smtpd,
+            Mode::Relay,
+        )?)),
+        Step::Receive => rates(results.receive.insert(through_mailborder(
+            load,
+            mb_smtpd,
+            Mode::ReceiveOnly,
+        )?)),
+        Step::Filtered => rates(results.filtered.insert(through_mailborder(
+            load,
+            mb_smtpd,
+            Mode::Filtered,
+        )?)),
+        Step::Milter => rates(
+            results
+                .milter
+                .insert(through_postfix_milter(load, mb_smtpd)?),
         ),
+        Step::Idle => {
+            let window = Duration::from_secs(options.seconds.max(5));
+            let run = crate::idle::run(mb_smtpd, options.idle_sessions, window)?;
+            let i = results.idle.insert(IdleFigures::from(&run));
+            format!(
+                "{:.0} msg/s with {} idle sessions held, {:.0} alone",
+                i.with_idle, i.held, i.alone
+            )
+        }
+        Step::Attack => {
+            let rows = crate::attack::run(mb_smtpd, options.seconds)?;
+            results.attack = rows
+                .iter()
+                .map(|r| AttackFigures {
+                    name: r.name.clone(),
+                    attacked: r.attacked,
+                    ratio: r.ratio(),
+                    cpu_ms: r.cpu_ms_per_message(),
+                    peak_mib: r.peak_mib,
+                })
+                .collect();
+            results
+                .attack
+                .iter()
+                .map(|a| format!("{} {:.2}x alone", a.name, a.ratio))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        Step::Api => {
+            let rows = crate::api_bench::run(mb_smtpd.parent().unwrap_or(Path::new(".")))?;
+            results.api.insert(api_text(&rows)).clone()
+        }
+    };
+    Ok(done)
+}
+
+/// `cargo xtask bench`: every step of `options` in turn, then one table and issue 18's
+/// goals. A step that fails is reported and left out; the run then fails at the end.
+pub fn bench(load: &Load, mb_smtpd: PathBuf, options: &Options) -> Result<()> {
+    eprintln!(
+        "xtask: bench: {} messages of {} bytes over {} sessions per path; idle row {} sessions, attack and idle windows {}s",
+        load.messages, load.size, load.sessions, options.idle_sessions, options.seconds
     );
-    println!(
-        "ceiling / mb-smtpd end-to-end: {:.2}x",
-        ratio(mb.total_secs, results[0].total_secs)
-    );
-    if let Some(idle) = &idle {
-        println!(
-            "mb-smtpd with {} idle sessions: 4 sessions' rate {:.0} vs {:.0} msg/s alone ({:.2}x), PSS {:.1} MiB at rest ({:.1} KiB per idle session), {} of them held to the end",
-            idle.sessions,
-            idle.with_idle,
-            idle.alone,
-            idle.ratio(),
-            idle.pss_n as f64 / 1024.0,
-            idle.kib_per_session(),
-            idle.held,
-        );
-    }
-    for r in &results[3..] {
-        if r.name.contains("mb-milter") {
-            println!(
-                "Postfix with mb-milter / Postfix alone: end-to-end {:.2} ({:.0}% of Postfix's throughput)",
-                ratio(pf.total_secs, r.total_secs),
-                100.0 * ratio(pf.total_secs, r.total_secs)
-            );
-        } else {
-            println!(
-                "mb-smtpd with filtering / Postfix plain relay: end-to-end {:.2}x",
-                ratio(pf.total_secs, r.total_secs)
-            );
+    let mut results = Results {
+        messages: load.messages,
+        ..Default::default()
+    };
+    let total = options.steps.len();
+    let mut failed = Vec::new();
+    for (i, step) in options.steps.iter().enumerate() {
+        let started = Instant::now();
+        eprintln!("xtask: bench {}/{total}: {} ...", i + 1, step.name());
+        match run_step(*step, load, &mb_smtpd, options, &mut results) {
+            Ok(done) => eprintln!(
+                "xtask: bench {}/{total}: {} done in {:.0}s: {done}",
+                i + 1,
+                step.name(),
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                eprintln!(
+                    "xtask: bench {}/{total}: {} failed: {e:#}",
+                    i + 1,
+                    step.name()
+                );
+                failed.push(step.name());
+            }
         }
     }
-    if let Some(api) = &api {
-        crate::api_bench::print(api);
+    print!("{}", render(&results.lines()));
+    println!(
+        "ratio: end to end against Postfix's (receive-only: accepted against Postfix's accepted, and against the ceiling); \
+         idle and attack rows: the sender's rate (4 sessions) against its rate alone; CPU: the MTA's processes per message"
+    );
+    println!("\ngoals (issue 18):");
+    for g in results.goals() {
+        println!("- {g}");
+    }
+    if !failed.is_empty() {
+        bail!("{} step(s) failed: {}", failed.len(), failed.join(", "));
     }
     Ok(())
 }
@@ -620,7 +1098,7 @@ pub fn milter_only(load: &Load, bin_dir: &Path) -> Result<()> {
             "{:<34} {:>14.0} {:>16.0} {:>12} {:>14}",
             r.name,
             n / r.accept_secs,
-            n / r.total_secs,
+            r.end_to_end(n).unwrap_or(f64::NAN),
             r.cpu_secs
                 .map_or("-".into(), |c| format!("{:.2}", c * 1000.0 / n)),
             r.peak_rss_kib
@@ -633,10 +1111,216 @@ pub fn milter_only(load: &Load, bin_dir: &Path) -> Result<()> {
         split[1] * 1000.0 / n,
         split[2] * 1000.0 / n
     );
+    let milter_ratio = ratio(
+        m.end_to_end(n).unwrap_or(f64::NAN),
+        pf.end_to_end(n).unwrap_or(f64::NAN),
+    )
+    .unwrap_or(f64::NAN);
     println!(
         "Postfix with mb-milter / Postfix alone: end-to-end {:.2} ({:.0}% of Postfix's throughput)",
-        pf.total_secs / m.total_secs,
-        100.0 * pf.total_secs / m.total_secs
+        milter_ratio,
+        100.0 * milter_ratio
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(accept_secs: f64, total_secs: Option<f64>, cpu_secs: f64, kib: u64) -> Outcome {
+        Outcome {
+            name: String::new(),
+            accept_secs,
+            total_secs,
+            cpu_secs: Some(cpu_secs),
+            peak_rss_kib: Some(kib),
+        }
+    }
+
+    fn idle(sessions: u32, held: u32, with_idle: f64, peak_mib: u64) -> IdleFigures {
+        IdleFigures {
+            sessions,
+            held,
+            with_idle,
+            alone: 100.0,
+            cpu_ms: 0.75,
+            peak_kib: peak_mib * 1024,
+            quiet_kib: 10 * 1024,
+        }
+    }
+
+    /// 1,000 messages: ceiling 4,000 msg/s, Postfix 500 accepted / 400 end to end at
+    /// 3 ms of CPU each, mb-smtpd 2,000 / 1,000 at 1 ms, receive-only 2,500 accepted.
+    fn results() -> Results {
+        Results {
+            messages: 1000,
+            ceiling: Some(outcome(0.25, Some(0.25), 0.0, 0)),
+            postfix: Some(outcome(2.0, Some(2.5), 3.0, 90 * 1024)),
+            relay: Some(outcome(0.5, Some(1.0), 1.0, 20 * 1024)),
+            receive: Some(outcome(0.4, None, 0.8, 18 * 1024)),
+            filtered: Some(outcome(1.0, Some(1.25), 2.0, 60 * 1024)),
+            milter: Some(outcome(2.5, Some(5.0), 5.0, 150 * 1024)),
+            idle: Some(idle(10_000, 10_000, 95.0, 80)),
+            attack: vec![AttackFigures {
+                name: "mb-smtpd".into(),
+                attacked: 90.0,
+                ratio: 0.9,
+                cpu_ms: Some(0.5),
+                peak_mib: 40.0,
+            }],
+            api: Some("status 1.0/2.0".into()),
+        }
+    }
+
+    fn line<'a>(lines: &'a [Line], name: &str) -> &'a Line {
+        lines.iter().find(|l| l.name.starts_with(name)).unwrap()
+    }
+
+    #[test]
+    fn only_names_steps_in_the_bench_order_and_none_means_all() {
+        assert_eq!(Step::parse_list(&[]).unwrap(), Step::ALL.to_vec());
+        let only = ["idle".to_string(), " relay".into()];
+        assert_eq!(
+            Step::parse_list(&only).unwrap(),
+            vec![Step::Relay, Step::Idle]
+        );
+        let err = Step::parse_list(&["relais".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"relais\"") && err.contains("receive,filtered"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn each_row_has_its_rates_and_the_ratio_to_its_reference() {
+        let lines = results().lines();
+        let names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ceiling: smtp-source -> smtp-sink",
+                "Postfix (queue on disk)",
+                "mb-smtpd relay (fsync before 250)",
+                "mb-smtpd receive-only (delivery off)",
+                "mb-smtpd filtered (2 workers)",
+                "Postfix + mb-milter (2 workers)",
+                "mb-smtpd, 10,000 idle sessions",
+                "mb-smtpd under attack",
+                "mb-web API (p50/p99 ms, HTTPS)",
+            ]
+        );
+        let relay = line(&lines, "mb-smtpd relay");
+        assert_eq!(relay.accepted, Some(2000.0));
+        assert_eq!(relay.end_to_end, Some(1000.0));
+        assert_eq!(relay.ratio.as_deref(), Some("2.50x Postfix"));
+        assert_eq!(relay.cpu_ms, Some(1.0));
+        assert_eq!(relay.peak_mib, Some(20.0));
+        let receive = line(&lines, "mb-smtpd receive-only");
+        assert_eq!(receive.end_to_end, None);
+        assert_eq!(
+            receive.ratio.as_deref(),
+            Some("5.00x Postfix acc., 62% ceiling")
+        );
+        let milter = line(&lines, "Postfix + mb-milter");
+        assert_eq!(milter.ratio.as_deref(), Some("0.50x Postfix alone"));
+        let idle = line(&lines, "mb-smtpd, 10,000");
+        assert_eq!(idle.accepted, Some(95.0));
+        assert_eq!(idle.ratio.as_deref(), Some("0.95x alone"));
+        assert_eq!(idle.cpu_ms, Some(0.75));
+        assert_eq!(idle.peak_mib, Some(80.0));
+        let attack = line(&lines, "mb-smtpd under attack");
+        assert_eq!(attack.ratio.as_deref(), Some("0.90x alone"));
+    }
+
+    #[test]
+    fn without_its_reference_a_row_has_no_ratio() {
+        let r = Results {
+            postfix: None,
+            ceiling: None,
+            ..results()
+        };
+        let lines = r.lines();
+        assert_eq!(line(&lines, "mb-smtpd relay").ratio, None);
+        assert_eq!(line(&lines, "mb-smtpd receive-only").ratio, None);
+        let goals = r.goals();
+        assert_eq!(goals[0].verdict, Verdict::NotMeasured);
+        assert_eq!(
+            goals[0].to_string(),
+            "relay end to end >= 5x Postfix: not measured"
+        );
+    }
+
+    #[test]
+    fn each_goal_says_met_or_not_with_its_figure() {
+        let goals: Vec<String> = results().goals().iter().map(Goal::to_string).collect();
+        assert_eq!(
+            goals,
+            [
+                "relay end to end >= 5x Postfix: 2.50x, not met",
+                "CPU per message <= 1/10 of Postfix's: 0.33x, not met",
+                "receive-only >= 50% of the ceiling: 62%, met",
+                "filtered end to end >= 3x Postfix plain relay: 2.00x, not met",
+                "Postfix + mb-milter >= 0.8x Postfix alone: 0.50x, not met",
+                "10,000 idle sessions: peak PSS <= 100 MiB, mail >= 0.90x its rate alone: 80.0 MiB, 0.95x with 10,000 held, met",
+            ]
+        );
+        let fast = Results {
+            relay: Some(outcome(0.1, Some(0.4), 0.2, 0)),
+            ..results()
+        };
+        let goals = fast.goals();
+        assert_eq!(
+            goals[0].to_string(),
+            "relay end to end >= 5x Postfix: 6.25x, met"
+        );
+        assert_eq!(goals[1].verdict, Verdict::Met);
+    }
+
+    #[test]
+    fn the_idle_goal_needs_every_session_little_memory_and_the_rate() {
+        let check = |i: IdleFigures| idle_goal(Some(&i)).verdict;
+        assert_eq!(check(idle(10_000, 10_000, 95.0, 80)), Verdict::Met);
+        assert_eq!(check(idle(10_000, 10_000, 95.0, 120)), Verdict::NotMet);
+        assert_eq!(check(idle(10_000, 10_000, 85.0, 80)), Verdict::NotMet);
+        assert_eq!(check(idle(10_000, 9_000, 95.0, 80)), Verdict::NotMet);
+        // A shortened run (--idle-sessions 300) cannot tell.
+        assert_eq!(check(idle(300, 300, 95.0, 80)), Verdict::NotMeasured);
+        // Quiet memory with the sessions counts as much as the peak while mail flows.
+        let quiet = IdleFigures {
+            quiet_kib: 101 * 1024,
+            ..idle(10_000, 10_000, 95.0, 80)
+        };
+        assert_eq!(check(quiet), Verdict::NotMet);
+        assert_eq!(idle_goal(None).verdict, Verdict::NotMeasured);
+    }
+
+    #[test]
+    fn the_table_aligns_its_columns_and_prints_a_dash_for_what_does_not_apply() {
+        let table = render(&results().lines());
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 2 + 9);
+        let receive = rows
+            .iter()
+            .find(|l| l.starts_with("mb-smtpd receive-only"))
+            .unwrap();
+        let cells: Vec<&str> = receive[NAME_WIDTH..].split_whitespace().collect();
+        assert_eq!(cells[..2], ["2500", "-"]);
+        assert!(receive.ends_with("     0.80      18.0"), "{receive:?}");
+        // The ratio column starts at the same offset in the header and in every row.
+        let at = rows[0].find("ratio").unwrap();
+        for r in &rows[2..rows.len() - 1] {
+            assert_ne!(&r[at..at + 1], " ", "{r:?}");
+            assert_eq!(&r[at - 1..at], " ", "{r:?}");
+        }
+        // Every row with figures is as wide as the header: no cell pushes the next.
+        for r in &rows[..rows.len() - 1] {
+            assert_eq!(r.len(), rows[0].len(), "{r:?}");
+        }
+        assert!(rows[rows.len() - 1].ends_with(" status 1.0/2.0"));
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+    }
 }

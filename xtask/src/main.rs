@@ -157,8 +157,10 @@ enum Cmd {
     },
     /// Regenerate etc/mailborder/mailborder.toml from the key registry
     GenConfig,
-    /// Measure throughput, CPU and memory side by side: smtp-source into smtp-sink
-    /// directly, through a private Postfix, and through mb-smtpd (release build)
+    /// Measure throughput, CPU and memory side by side in one table: smtp-source into
+    /// smtp-sink directly, through a private Postfix, through mb-smtpd (relay,
+    /// receive-only, filtered), Postfix with mb-milter, mb-smtpd with idle sessions and
+    /// under attack, and mb-web's API latency (release build), then issue 18's goals
     Bench {
         /// Messages per path (smtp-source -m)
         #[arg(long, default_value_t = 20_000)]
@@ -173,10 +175,15 @@ enum Cmd {
         /// Use the debug build of mb-smtpd (faster to build, slower to run)
         #[arg(long)]
         debug: bool,
-        /// Also measure mb-smtpd with two mb-filter workers scanning every message
-        #[arg(long)]
-        filter: bool,
-        /// Also measure Postfix with mb-milter (two mb-filter workers) in its smtpd_milters
+        /// Only these rows of the full bench (comma-separated): ceiling, postfix, relay,
+        /// receive, filtered, milter, idle, attack, api; ratios need their reference rows
+        #[arg(long, value_delimiter = ',', value_name = "STEPS")]
+        only: Vec<String>,
+        /// Idle sessions held by the full bench's idle row
+        #[arg(long, default_value_t = bench::IDLE_SESSIONS)]
+        idle_sessions: u32,
+        /// Only Postfix alone and with mb-milter, with the CPU split between Postfix,
+        /// mb-milter and the workers
         #[arg(long)]
         milter: bool,
         /// Instead of mail: time mb-log's searches over a million events on SQLite,
@@ -193,7 +200,8 @@ enum Cmd {
         /// messages from other loopback addresses), against mb-smtpd and Postfix
         #[arg(long)]
         attack: bool,
-        /// Seconds the legitimate sender is measured for in each phase of --attack
+        /// Seconds the legitimate sender is measured for in each phase of --attack and
+        /// --idle, and of the full bench's attack and idle rows (5 at least)
         #[arg(long, default_value_t = 20)]
         seconds: u64,
         /// Instead of the relay paths: peak memory of mb-smtpd and one mb-filter worker
@@ -243,7 +251,8 @@ fn main() -> ExitCode {
             sessions,
             size,
             debug,
-            filter,
+            only,
+            idle_sessions,
             milter,
             log_search,
             api,
@@ -253,6 +262,8 @@ fn main() -> ExitCode {
             idle,
             bin_dir,
         } => (|| {
+            // A misspelt --only fails before anything is built.
+            let steps = bench::Step::parse_list(&only)?;
             ensure_test_packages()?;
             if let (true, Some(dir)) = (big, &bin_dir) {
                 return bigmem::bigmem(dir).map(|_| ());
@@ -317,6 +328,14 @@ fn main() -> ExitCode {
             if big {
                 return bigmem::bigmem(&root().join("target").join(profile)).map(|_| ());
             }
+            if milter {
+                let load = bench::Load {
+                    messages,
+                    sessions: sessions.unwrap_or(20),
+                    size,
+                };
+                return bench::milter_only(&load, &root().join("target").join(profile));
+            }
             bench::bench(
                 &bench::Load {
                     messages,
@@ -324,8 +343,11 @@ fn main() -> ExitCode {
                     size,
                 },
                 mb_smtpd,
-                filter,
-                milter,
+                &bench::Options {
+                    steps,
+                    idle_sessions,
+                    seconds,
+                },
             )
         })(),
     };

@@ -354,6 +354,13 @@ impl Server {
             disk: Some((self.disk.clone(), cfg.size("queue.min_free_space"))),
             session_lifetime: cfg.duration("network.smtp.session_lifetime"),
             data_deadline: cfg.duration("smtp.data_deadline"),
+            // Reinjection is local and was paced on its way in.
+            data_rate: (listener != Listener::Reinject && cfg.size("smtp.data_rate_limit") > 0)
+                .then(|| crate::session::DataRate {
+                    rate: cfg.size("smtp.data_rate_limit"),
+                    allowance: cfg.size("smtp.data_rate_allowance"),
+                    exempt: cfg.nets("network.protection.trusted_networks"),
+                }),
             tls_mode,
             tls: self.tls.read().ok().and_then(|t| t.clone()),
             require_auth: submission && cfg.bool("network.submission.require_auth"),

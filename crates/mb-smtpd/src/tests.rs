@@ -14,6 +14,8 @@ use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
 use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
 use crate::spool::{Spool, read_message};
 
+/// Pacing of large messages from strangers (tests/data_rate.rs).
+mod data_rate;
 /// Greylisting at RCPT (tests/greylist.rs).
 mod greylist;
 
@@ -27,6 +29,7 @@ pub(crate) fn settings() -> Settings {
         max_errors: 10,
         timeout: Duration::from_secs(10),
         data_deadline: Duration::from_secs(600),
+        data_rate: None,
         tls_handshake_timeout: Duration::from_secs(10),
         session_lifetime: Duration::from_secs(3600),
         disk: None,

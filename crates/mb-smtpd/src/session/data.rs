@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     pub(super) fn ready_for_data(&self) -> Option<Reply> {
         match &self.tx {
             None => Some(Reply::new(
@@ -18,6 +18,18 @@ impl Session<'_> {
             )),
             _ => None,
         }
+    }
+
+    /// The pacing of this session's messages (none: not paced, session/pace.rs).
+    fn data_rate(&self) -> Option<&'a pace::DataRate> {
+        let settings: &'a Settings = self.settings;
+        settings.data_rate.as_ref().filter(|r| {
+            r.applies(
+                self.client.ip,
+                self.auth_user.is_some(),
+                &settings.mynetworks,
+            )
+        })
     }
 
     pub(super) async fn data(&mut self) -> bool {
@@ -76,7 +88,9 @@ impl Session<'_> {
         let mut size: u64 = 0;
         let mut too_big = false;
         let mut write_failed = false;
-        let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
+        let mut pacer = pace::Pacer::new(self.data_rate());
+        // Pushed back by the pacer's sleeps: the client is not slow when we are.
+        let mut deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         loop {
             if tokio::time::Instant::now() > deadline {
                 self.close(
@@ -139,6 +153,9 @@ impl Session<'_> {
             if done {
                 break;
             }
+            if let Some(p) = pacer.as_mut() {
+                deadline += p.pace(used as u64).await;
+            }
         }
         let reply = if too_big {
             Reply::new(552, EnhancedStatus::TOO_BIG, "Error: message file too big")
@@ -177,7 +194,12 @@ impl Session<'_> {
         let mut chunk = Vec::new();
         let keep = self.ready_for_data().is_none()
             && self.tx.as_ref().is_some_and(|t| t.bdat_failed.is_none());
-        let deadline = tokio::time::Instant::now() + self.settings.data_deadline;
+        let rate = self.data_rate();
+        if keep && let Some(tx) = self.tx.as_mut().filter(|t| t.bdat_pacer.is_none()) {
+            tx.bdat_pacer = pace::Pacer::new(rate);
+        }
+        // Pushed back by the pacer's sleeps: the client is not slow when we are.
+        let mut deadline = tokio::time::Instant::now() + self.settings.data_deadline;
         while remaining > 0 {
             if tokio::time::Instant::now() > deadline {
                 self.close(
@@ -207,6 +229,12 @@ impl Session<'_> {
             if keep && chunk.len() >= 64 * 1024 {
                 self.bdat_write(&chunk).await;
                 chunk.clear();
+            }
+            if keep
+                && (remaining > 0 || !last)
+                && let Some(p) = self.tx.as_mut().and_then(|t| t.bdat_pacer.as_mut())
+            {
+                deadline += p.pace(n as u64).await;
             }
         }
         if let Some(r) = self.ready_for_data() {

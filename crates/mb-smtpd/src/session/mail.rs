@@ -57,6 +57,7 @@ impl Session<'_> {
             bdat: None,
             bdat_failed: None,
             bdat_lines: mb_smtp::data::LineChecker::default(),
+            bdat_pacer: None,
         }));
         tracing::debug!(client = %self.client.ip, from = %from, "mail");
         Reply::new(250, EnhancedStatus::SENDER_OK, "Ok")

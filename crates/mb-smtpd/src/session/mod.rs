@@ -23,6 +23,7 @@ mod ehlo;
 mod greylist;
 mod limits;
 mod mail;
+mod pace;
 mod rcpt;
 mod scan;
 mod tls;
@@ -30,6 +31,7 @@ mod verify;
 
 pub use auth::base64_decode;
 pub use data::{received_header, rfc5322_date};
+pub use pace::DataRate;
 
 /// Which listener a session came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +181,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// Longest time for one message's content, against clients that trickle it.
     pub data_deadline: Duration,
+    /// Pacing of unauthenticated clients' messages past an allowance (session/pace.rs;
+    /// none: not paced).
+    pub data_rate: Option<DataRate>,
     /// Longest TLS handshake (SMTPS and STARTTLS), against clients that stall in it.
     pub tls_handshake_timeout: Duration,
     /// Longest session: an older one is told 421 at its next command, or at once if idle.
@@ -288,6 +293,8 @@ struct Transaction {
     bdat: Option<(SpoolWriter, u64)>,
     bdat_failed: Option<Reply>,
     bdat_lines: mb_smtp::data::LineChecker,
+    /// The pacing of the BDAT chunks (none: not paced, or no chunk yet).
+    bdat_pacer: Option<pace::Pacer>,
 }
 
 pub struct Session<'a> {
