@@ -25,15 +25,26 @@ impl MariaDb {
         let dir = tempfile::Builder::new().prefix("mb-mariadb-").tempdir()?;
         let data = dir.path().join("data");
         let sock = dir.path().join("mysqld.sock");
-        run_ok(
-            Command::new(install)
-                .arg(format!("--datadir={}", data.display()))
-                .args([
-                    "--user=root",
-                    "--auth-root-authentication-method=socket",
-                    "--skip-test-db",
-                ]),
-        )?;
+        // `--no-defaults` (it must come first) keeps the bootstrap away from /etc/mysql, whose
+        // pid file and socket concurrent test servers would otherwise share. A bootstrap that
+        // still fails (seen once under load) is tried once more on an empty directory.
+        let bootstrap = || {
+            run_ok(
+                Command::new(&install)
+                    .arg("--no-defaults")
+                    .arg(format!("--datadir={}", data.display()))
+                    .args([
+                        "--user=root",
+                        "--auth-root-authentication-method=socket",
+                        "--skip-test-db",
+                    ]),
+            )
+        };
+        if let Err(first) = bootstrap() {
+            eprintln!("mariadb-install-db failed, trying once more: {first:#}");
+            let _ = fs::remove_dir_all(&data);
+            bootstrap().context("mariadb-install-db failed twice")?;
+        }
         let port = free_port();
         let log = fs::File::create(dir.path().join("mariadb.log"))?;
         let child = Command::new(server)
