@@ -349,16 +349,10 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
     send(g.reinject, "alice@sender.test", &["u@tls.test"], "secure");
     // The TLS peer got its message, over TLS.
     wait_until("the TLS delivery", Duration::from_secs(20), || {
-        std::fs::read_dir(peer.path("spool/incoming")).is_ok_and(|d| d.count() == 1)
+        crate::queued(&peer.path("spool"), "incoming").len() == 1
     })
     .unwrap();
-    let file = std::fs::read_dir(peer.path("spool/incoming"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let (msg, _) = mb_smtpd::spool::read_message(&file).unwrap();
+    let (msg, _) = crate::queued(&peer.path("spool"), "incoming").remove(0);
     let msg = String::from_utf8_lossy(&msg);
     assert!(msg.contains("with ESMTPS"), "{msg}");
     assert!(msg.contains("TLS"), "{msg}");
@@ -427,11 +421,10 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
         "secure-again",
     );
     wait_until("the second TLS delivery", Duration::from_secs(20), || {
-        std::fs::read_dir(peer.path("spool/incoming")).is_ok_and(|d| d.count() == 2)
+        crate::queued(&peer.path("spool"), "incoming").len() == 2
     })
     .unwrap();
-    for f in std::fs::read_dir(peer.path("spool/incoming")).unwrap() {
-        let (msg, _) = mb_smtpd::spool::read_message(&f.unwrap().path()).unwrap();
+    for (msg, _) in crate::queued(&peer.path("spool"), "incoming") {
         assert!(String::from_utf8_lossy(&msg).contains("with ESMTPS"));
     }
 }
@@ -701,13 +694,7 @@ fn relay_host_certificate_is_verified_and_auth_goes_only_over_tls() {
     std::thread::sleep(Duration::from_millis(500));
     text(&g.gw.tool("mb-queue", &["flush"]));
     wait_empty(&g.gw, Duration::from_secs(20));
-    let file = std::fs::read_dir(relay.path("spool/incoming"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let (msg, env) = mb_smtpd::spool::read_message(&file).unwrap();
+    let (msg, env) = crate::queued(&relay.path("spool"), "incoming").remove(0);
     assert_eq!(env.auth_user, "gateway");
     assert!(String::from_utf8_lossy(&msg).contains("with ESMTPSA"));
 

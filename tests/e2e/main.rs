@@ -30,6 +30,7 @@ mod packaging;
 mod recipients;
 mod rpcd;
 mod smtp;
+mod spool_crash;
 mod stats;
 mod status;
 mod submission;
@@ -48,6 +49,25 @@ mod web_secrets;
 mod web_ui;
 mod web_ui_pages;
 mod web_ui_quarantine;
+
+/// The messages of a queue (`incoming`, `deferred`, `hold`) in a gateway's spool,
+/// oldest first, read without changing any file of it (the daemon may be running).
+pub fn queued(spool: &std::path::Path, queue: &str) -> Vec<(Vec<u8>, mb_smtpd::spool::Envelope)> {
+    mb_smtpd::spool::snapshot(spool)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.queue.as_str() == queue)
+        .map(|m| (m.message, m.envelope))
+        .collect()
+}
+
+/// The ids in a queue of a gateway's spool, oldest first (as `queued`).
+pub fn queued_ids(spool: &std::path::Path, queue: &str) -> Vec<String> {
+    queued(spool, queue)
+        .into_iter()
+        .map(|(_, e)| e.id)
+        .collect()
+}
 
 /// A value of `def`'s kind other than its default, and the canonical form `get` must
 /// print for it.

@@ -601,7 +601,7 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
     for dir in [
         "/var/lib/mailborder",
         "/var/spool/mailborder",
-        "/var/spool/mailborder/incoming",
+        "/var/spool/mailborder/segments",
         "/var/log/mailborder",
     ] {
         let meta = std::fs::metadata(dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
@@ -695,7 +695,7 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
 
     // Remove keeps the configuration and the data; purge takes both, and the account stays.
     std::fs::write(
-        "/var/spool/mailborder/incoming/queued-mail",
+        "/var/spool/mailborder/segments/queued-mail",
         "a queued message",
     )
     .unwrap();
@@ -705,7 +705,7 @@ fn deb_installs_upgrades_keeps_conffile_edits_and_purges() {
     assert!(!Path::new("/usr/sbin/mb-smtpd").exists());
     assert!(!Path::new("/usr/bin/mb-config").exists());
     assert_eq!(std::fs::read_to_string(conf).unwrap(), edited);
-    assert!(Path::new("/var/spool/mailborder/incoming/queued-mail").exists());
+    assert!(Path::new("/var/spool/mailborder/segments/queued-mail").exists());
     let (code, o, e) = dpkg(&["--purge", "mailborder"]);
     assert_eq!(code, 0, "dpkg --purge:\n{o}{e}");
     assert_eq!(deb_installed(), None);

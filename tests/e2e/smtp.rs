@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -39,13 +38,9 @@ fn start_protected(mode: &str, extra: &str) -> Smtp {
 }
 
 impl Smtp {
-    fn spooled(&self) -> Vec<PathBuf> {
-        let dir = self.gw.path("spool/incoming");
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|d| d.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
+    /// The incoming messages in the spool, oldest first.
+    fn spooled(&self) -> Vec<(Vec<u8>, mb_smtpd::spool::Envelope)> {
+        crate::queued(&self.gw.path("spool"), "incoming")
     }
 
     fn swaks(&self, args: &[&str]) -> (i32, String) {
@@ -151,7 +146,7 @@ fn independent_clients_deliver_into_the_spool() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("220 2.0.0 Ready to start TLS"), "{out}");
     assert_eq!(s.spooled().len(), 3);
-    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[2]).unwrap();
+    let (msg, env) = s.spooled()[2].clone();
     let body = String::from_utf8_lossy(&msg);
     assert_eq!(env.protocol, "ESMTPS");
     assert!(body.contains("(using TLSv1."), "{body}");
@@ -206,7 +201,7 @@ print("ok")
     let (code, stdout, stderr) = text(&out);
     assert_eq!((code, stdout.trim()), (0, "ok"), "{stderr}");
     assert_eq!(s.spooled().len(), 5);
-    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[4]).unwrap();
+    let (msg, env) = s.spooled()[4].clone();
     assert!(env.smtputf8 && env.recipients[0].address == "grüße@served.test");
     assert!(String::from_utf8_lossy(&msg).contains("Grüße aus Köln"));
 
@@ -264,7 +259,7 @@ print("ok")
         query(mb_proto::v1::EventQuery::default()).len() >= 7
     })
     .unwrap();
-    let (_, env) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    let (_, env) = s.spooled()[0].clone();
     let ev = query(mb_proto::v1::EventQuery {
         queue_id: env.id.clone(),
         ..Default::default()
@@ -527,9 +522,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
 
     // Every acknowledged message is in the spool, once, whole, under its queue id.
     let mut tokens = std::collections::HashMap::new();
-    for path in s.spooled() {
-        let (msg, env) = mb_smtpd::spool::read_message(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for (msg, env) in s.spooled() {
         let text = String::from_utf8_lossy(&msg).into_owned();
         let token = text
             .lines()
@@ -667,7 +660,7 @@ fn submission_with_auth_over_tls_relays_and_failures_feed_fail2ban() {
         format!("{o}{e}").contains("530 5.7.0 Authentication required"),
         "{o}{e}"
     );
-    let (msg, env) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    let (msg, env) = s.spooled()[0].clone();
     assert_eq!(
         (env.auth_user.as_str(), env.protocol.as_str()),
         ("alice@served.test", "ESMTPSA")
@@ -901,7 +894,7 @@ fn certificates_reload_on_sighup_and_the_cipher_policy_holds() {
     let (code, out) = s.swaks(&["--to", "bob@served.test", "--tls"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("CN=first.served.test"), "{out}");
-    let (msg, _) = mb_smtpd::spool::read_message(&s.spooled()[0]).unwrap();
+    let (msg, _) = s.spooled()[0].clone();
     let body = String::from_utf8_lossy(&msg);
     assert!(
         body.contains("(using TLSv1.2 with cipher TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)"),
@@ -993,14 +986,14 @@ fn started_as_root_it_binds_then_runs_as_the_mailborder_user() {
     c.cmd("DATA");
     let r = c.cmd("Subject: x\r\n\r\nunprivileged\r\n.");
     assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
-    let file = std::fs::read_dir(gw.path("spool/incoming"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(file).unwrap().uid(), uid);
+    let segments: Vec<std::fs::Metadata> = std::fs::read_dir(gw.path("spool/segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .collect();
+    assert!(!segments.is_empty());
+    assert!(segments.iter().all(|m| m.uid() == uid));
+    assert_eq!(crate::queued(&gw.path("spool"), "incoming").len(), 1);
     let mut smtpd = gw.smtpd.take().unwrap();
     assert_eq!(smtpd.stop(Duration::from_secs(20)), Some(0));
     assert!(!gw.path("run/mb-smtpd.sock").exists(), "socket left behind");
@@ -1106,7 +1099,11 @@ fn mb_queue_lists_shows_holds_releases_and_deletes() {
     let (_, out, _) = q(&["--json", "list", "--queue", "hold"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
-    assert!(s.gw.path(&format!("spool/hold/{}", ids[1])).exists());
+    assert!(
+        crate::queued_ids(&s.gw.path("spool"), "hold").contains(&ids[1]),
+        "{} is not on hold",
+        ids[1]
+    );
     let (_, out, _) = text(&s.gw.tool("mb-status", &["--json"]));
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     let smtpd = st["daemons"]
@@ -1139,7 +1136,11 @@ fn mb_queue_lists_shows_holds_releases_and_deletes() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["id"], ids[1].as_str(), "{v}");
-    assert!(s.gw.path(&format!("spool/incoming/{}", ids[1])).exists());
+    assert!(
+        crate::queued_ids(&s.gw.path("spool"), "incoming").contains(&ids[1]),
+        "{} is not incoming",
+        ids[1]
+    );
 
     let (code, _, err) = q(&["show", "../../etc/passwd"]);
     assert_eq!(code, 1, "{err}");

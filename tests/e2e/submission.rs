@@ -363,15 +363,16 @@ fn only_mail_from_our_domains_is_dkim_signed() {
         ),
     ];
     for (name, port, source, login, from, header_from, signed) in cases {
-        let before: std::collections::BTreeSet<_> = spooled(&gw).into_iter().collect();
+        let before: std::collections::BTreeSet<String> =
+            spooled(&gw).into_iter().map(|e| e.id).collect();
         let (code, out) = send(port, source, login, from, header_from);
         assert_eq!(code, 0, "{name}: {out}");
         let new: Vec<_> = spooled(&gw)
             .into_iter()
-            .filter(|p| !before.contains(p))
+            .filter(|e| !before.contains(&e.id))
             .collect();
         assert_eq!(new.len(), 1, "{name}: {new:?}");
-        let (_, env) = mb_smtpd::spool::read_message(&new[0]).unwrap();
+        let env = &new[0];
         let signature = env
             .add_headers
             .iter()
@@ -386,11 +387,12 @@ fn only_mail_from_our_domains_is_dkim_signed() {
     }
 }
 
-/// The messages in the spool's incoming directory.
-fn spooled(gw: &Gateway) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(gw.path("spool/incoming"))
-        .map(|d| d.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default()
+/// The envelopes of the incoming messages in the spool.
+fn spooled(gw: &Gateway) -> Vec<mb_smtpd::spool::Envelope> {
+    crate::queued(&gw.path("spool"), "incoming")
+        .into_iter()
+        .map(|(_, env)| env)
+        .collect()
 }
 
 /// The aliases table and its queries on a real server of each other dialect: grants,

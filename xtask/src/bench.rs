@@ -85,6 +85,17 @@ pub(crate) fn cpu_secs(root: i32) -> f64 {
     ticks as f64 / TICKS
 }
 
+/// Messages incoming or deferred in mb-smtpd's spool under `spool`, read without
+/// changing it (a spool that cannot be read counts as empty).
+pub(crate) fn queued(spool: &Path) -> usize {
+    mb_spool::snapshot(spool).map_or(0, |s| {
+        s.messages
+            .iter()
+            .filter(|m| m.state.queue != mb_spool::Queue::Hold)
+            .count()
+    })
+}
+
 fn count_files(dir: &Path) -> usize {
     let Ok(rd) = fs::read_dir(dir) else { return 0 };
     rd.filter_map(Result::ok)
@@ -461,9 +472,7 @@ fn through_mailborder(load: &Load, bin: &Path, mode: Mode) -> Result<Outcome> {
         None
     } else {
         let spool = d.join("spool");
-        Some(drain(started, &pids, &mut peak, || {
-            count_files(&spool.join("incoming")) + count_files(&spool.join("deferred"))
-        })?)
+        Some(drain(started, &pids, &mut peak, || queued(&spool))?)
     };
     let refused = fs::read_to_string(d.join("smtpd.log"))
         .unwrap_or_default()

@@ -212,9 +212,9 @@ pub fn bigmem(bin_dir: &Path) -> Result<(u64, u64)> {
         held.replace("delivery_enabled = false", "delivery_enabled = true"),
     )?;
     smtpd.signal(nix::sys::signal::Signal::SIGHUP);
-    let queued = |q: &str| fs::read_dir(d.join("spool").join(q)).map_or(0, |r| r.count());
+    let spool = d.join("spool");
     let delivered = wait_until("the queue to empty", Duration::from_secs(600), || {
-        queued("incoming") + queued("deferred") == 0
+        crate::bench::queued(&spool) == 0
     });
     done.store(true, Ordering::Relaxed);
     let delivery = sampler

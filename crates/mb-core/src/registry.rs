@@ -306,7 +306,7 @@ const W: &[&str] = &[WEB];
 pub static KEYS: &[KeyDef] = &[
     // Paths (node-local, read at start by every daemon).
     k("paths.run_dir", Kind::Path, "/var/run/mailborder", "Directory of the daemons' gRPC sockets").file_only(),
-    k("paths.spool_dir", Kind::Path, "/var/spool/mailborder", "Mail spool: incoming, deferred, hold, quarantine").file_only(),
+    k("paths.spool_dir", Kind::Path, "/var/spool/mailborder", "Mail spool: the queue (segments/, bodies/) and the quarantine").file_only(),
     k("paths.data_dir", Kind::Path, "/var/lib/mailborder", "State: the SQLite database, the cached configuration, keys").file_only(),
     k("paths.log_dir", Kind::Path, "/var/log/mailborder", "Directory of the daemons' log files (DAEMON.log) when log.files is true").file_only(),
     // Logging.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::session::{Client as Peer, Listener, Session, Settings, TlsMode};
-use crate::spool::{Spool, read_message};
+use crate::spool::{Queue, Spool};
 use mb_smtp::client::*;
 
 /// The session tests' settings, as a relay for served.example that takes 100 kB.
@@ -85,13 +85,7 @@ async fn delivers_to_an_smtp_server_with_per_recipient_results() {
     assert!(!err.is_transient());
     c.quit().await;
     server.await.unwrap();
-    let file = std::fs::read_dir(spool.incoming())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let (got, env) = read_message(&file).unwrap();
+    let (got, env) = spool.messages(Queue::Incoming).remove(0);
     assert!(
         got.ends_with(b"Subject: relay\r\n\r\n.starts with a dot\r\n..two\r\nend\r\n"),
         "{}",

@@ -145,7 +145,16 @@ impl DaemonHooks for Hooks {
         ] {
             resp.counters.insert(name.into(), v.load(Relaxed));
         }
-        resp.detail = "receiving and delivering".into();
+        let poisoned = self.server.spool.is_poisoned();
+        resp.counters
+            .insert("spool_poisoned".into(), u64::from(poisoned));
+        resp.detail = if poisoned {
+            "spool poisoned (a write or fsync failed): refusing mail with 451, delivery \
+             stopped; free the disk or fix the device, then restart mb-smtpd"
+                .into()
+        } else {
+            "receiving and delivering".into()
+        };
     }
 
     async fn reload(&self) -> Result<ReloadResponse, tonic::Status> {
@@ -268,9 +277,35 @@ impl Daemon for Smtpd {
     async fn bind(&self, cfg: &Config) -> Result<Listeners, StartError> {
         let tls = server::tls_acceptor(cfg).map_err(StartError::config)?;
         let spool_dir = cfg.path("paths.spool_dir");
-        let spool = match Spool::open(&spool_dir) {
+        // Opening reads every segment and may import the old layout (waiting for its
+        // commits): blocking work, off the async threads.
+        let dir = spool_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || Spool::open(&dir))
+            .await
+            .map_err(|e| StartError::cant_create(format!("cannot open the spool: {e}")))?;
+        let spool = match opened {
             Ok((s, rec)) => {
-                tracing::info!(complete = rec.complete, torn = rec.torn, unfinished = rec.unfinished, spool = %spool_dir.display(), "spool opened");
+                let log = &rec.log;
+                tracing::info!(
+                    messages = log.messages,
+                    segments = log.segments,
+                    torn_tails = log.torn_tails,
+                    corrupt_records = log.corrupt_records,
+                    missing_bodies = log.missing_bodies.len(),
+                    imported = rec.imported,
+                    torn = rec.torn,
+                    unfinished = rec.unfinished,
+                    elapsed_ms = log.elapsed.as_millis() as u64,
+                    spool = %spool_dir.display(),
+                    "spool opened"
+                );
+                if !log.missing_bodies.is_empty() || log.corrupt_records > 0 {
+                    tracing::error!(
+                        missing_bodies = ?log.missing_bodies,
+                        corrupt_records = log.corrupt_records,
+                        "the spool was damaged: these messages are lost"
+                    );
+                }
                 Arc::new(s)
             }
             Err(e) => {
@@ -406,6 +441,7 @@ impl Daemon for Smtpd {
             ));
         }
         background.spawn(manager.run(shutdown.clone()));
+        background.spawn(compact(server.spool.clone(), shutdown.clone()));
         let mut sessions = JoinSet::new();
         for (l, kind) in listeners.tcp {
             sessions.spawn(server.clone().serve(l, kind, shutdown.clone()));
@@ -418,5 +454,41 @@ impl Daemon for Smtpd {
         Ok(Serving::new(hooks, work)
             .with_services(Routes::new(queue))
             .with_background(background))
+    }
+}
+
+/// How often the spool's sparse segments are compacted.
+const COMPACT_EVERY: Duration = Duration::from_secs(300);
+
+/// Every `COMPACT_EVERY`, copies the live messages of segments under a quarter live
+/// forward so that those segments can be deleted (off the async threads: it reads and
+/// waits for fsyncs).
+async fn compact(spool: Arc<Spool>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(COMPACT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.requested() => return,
+        }
+        if spool.is_poisoned() {
+            continue;
+        }
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.compact()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(records)) => {
+                let stats = spool.stats();
+                tracing::info!(
+                    records,
+                    segments = stats.segments,
+                    segment_bytes = stats.segment_bytes,
+                    "spool compacted"
+                );
+            }
+            Ok(Err(e)) => tracing::error!(cause = %e, "spool compaction failed"),
+            Err(e) => tracing::error!(cause = %e, "spool compaction stopped"),
+        }
     }
 }

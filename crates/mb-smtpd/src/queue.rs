@@ -13,24 +13,30 @@ use mb_proto::v1::{
 use mb_runtime::uds::caller;
 use tonic::{Request, Response, Status};
 
-use crate::spool::{self, Envelope, Queue, RecipientState, Spool};
+use crate::spool::{self, Change, Envelope, Queue, RecipientState, Spool};
 
 pub struct QueueService {
     pub spool: Arc<Spool>,
     pub manager: Option<Arc<crate::qmgr::Manager>>,
 }
 
-/// A queued message as read off the disk: its queue, bytes, envelope and delivery state.
+/// A queued message as read from the spool: its queue, size, header section, envelope
+/// and delivery state.
 struct Queued {
     queue: Queue,
-    msg: Vec<u8>,
+    size: u64,
+    /// The message's first bytes, enough for its header section.
+    head: Vec<u8>,
     env: Envelope,
     state: spool::DeliveryState,
 }
 
+/// Bytes of a message `show` reads for its header section.
+const HEAD: u64 = 64 * 1024;
+
 fn entry(q: &Queued) -> QueueEntry {
     let (queue, env, state) = (q.queue, &q.env, &q.state);
-    let size = q.msg.len() as u64;
+    let size = q.size;
     QueueEntry {
         id: env.id.clone(),
         queue: queue.as_str().into(),
@@ -58,12 +64,16 @@ fn entry(q: &Queued) -> QueueEntry {
     }
 }
 
-fn io_status(e: &std::io::Error, id: &str) -> Status {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Status::not_found(format!("no message {id} in the queue; see `mb-queue list`"))
+fn spool_status(e: &spool::Error, id: &str) -> Status {
+    if e.is_not_found() {
+        not_found(id)
     } else {
-        Status::internal(e.to_string())
+        Status::unavailable(e.to_string())
     }
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("no message {id} in the queue; see `mb-queue list`"))
 }
 
 impl QueueService {
@@ -79,31 +89,43 @@ impl QueueService {
         }
     }
 
-    /// Reads one message and its delivery state off the disk without blocking the runtime.
+    /// Reads one message and its delivery state from the spool without blocking the
+    /// runtime.
     async fn read(&self, id: &str) -> Result<Queued, Status> {
-        let (queue, path) = self.spool.locate(id).ok_or_else(|| {
-            Status::not_found(format!("no message {id} in the queue; see `mb-queue list`"))
-        })?;
-        let spool = self.spool.clone();
-        let (msg, env, state) = tokio::task::spawn_blocking(move || {
-            spool::read_message(&path).map(|(msg, env)| {
-                let state = spool.load_state(&env);
-                (msg, env, state)
+        let (spool, idc) = (self.spool.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let q = spool.read(&idc)?;
+            let mut head = vec![0u8; usize::try_from(q.body.len().min(HEAD)).unwrap_or(0)];
+            q.body.read_exact_at(&mut head, 0)?;
+            Ok::<_, spool::Error>(Queued {
+                queue: q.queue,
+                size: q.body.len(),
+                head,
+                env: q.envelope,
+                state: q.state,
             })
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| io_status(&e, id))?;
-        Ok(Queued {
-            queue,
-            msg,
-            env,
-            state,
-        })
+        .map_err(|e| spool_status(&e, id))
     }
 
-    async fn moved(&self, id: &str, to: Queue, by: &str) -> Result<Response<QueueEntry>, Status> {
-        self.spool.move_to(id, to).map_err(|e| io_status(&e, id))?;
+    /// Moves a message to `to` (a durable state change), when `allowed` accepts the
+    /// queue it is in now (else the error `allowed` gave).
+    async fn moved(
+        &self,
+        id: &str,
+        to: Queue,
+        by: &str,
+        allowed: impl FnOnce(Queue) -> Result<(), Status>,
+    ) -> Result<Response<QueueEntry>, Status> {
+        self.spool
+            .update(id, |from, _| match allowed(from) {
+                Ok(()) => (Change::Set(to, None), Ok(())),
+                Err(e) => (Change::Keep, Err(e)),
+            })
+            .await
+            .map_err(|e| spool_status(&e, id))??;
         tracing::info!(id, queue = to.as_str(), by, "message moved");
         Ok(Response::new(entry(&self.read(id).await?)))
     }
@@ -128,11 +150,7 @@ impl proto::queue_server::Queue for QueueService {
         };
         let mut entries = Vec::new();
         for q in queues {
-            for id in self
-                .spool
-                .ids(q)
-                .map_err(|e| Status::internal(e.to_string()))?
-            {
+            for id in self.spool.ids(q) {
                 // A message can leave the queue while we list it.
                 if let Ok(q) = self.read(&id).await {
                     entries.push(entry(&q));
@@ -149,13 +167,13 @@ impl proto::queue_server::Queue for QueueService {
         let id = req.into_inner().id;
         let q = self.read(&id).await?;
         let end = q
-            .msg
+            .head
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
-            .map_or(q.msg.len(), |p| p + 2);
+            .map_or(q.head.len(), |p| p + 2);
         Ok(Response::new(ShowQueueResponse {
             entry: Some(entry(&q)),
-            headers: String::from_utf8_lossy(&q.msg[..end]).into_owned(),
+            headers: String::from_utf8_lossy(&q.head[..end]).into_owned(),
             history: q.state.history,
             helo: q.env.helo,
             tls: q.env.tls,
@@ -165,25 +183,28 @@ impl proto::queue_server::Queue for QueueService {
 
     async fn hold(&self, req: Request<QueueIdRequest>) -> Result<Response<QueueEntry>, Status> {
         let by = caller(&req).name;
-        self.moved(&req.into_inner().id, Queue::Hold, &by).await
+        self.moved(&req.into_inner().id, Queue::Hold, &by, |_| Ok(()))
+            .await
     }
 
     async fn release(&self, req: Request<QueueIdRequest>) -> Result<Response<QueueEntry>, Status> {
         let by = caller(&req).name;
         let id = req.into_inner().id;
-        match self.spool.locate(&id) {
-            Some((Queue::Hold, _)) => {
-                let r = self.moved(&id, Queue::Incoming, &by).await;
-                self.poke();
-                r
-            }
-            Some((q, _)) => Err(Status::failed_precondition(format!(
-                "{id} is not on hold (it is in {q})"
-            ))),
-            None => Err(Status::not_found(format!(
-                "no message {id} in the queue; see `mb-queue list`"
-            ))),
+        let r = self
+            .moved(&id, Queue::Incoming, &by, |q| {
+                if q == Queue::Hold {
+                    Ok(())
+                } else {
+                    Err(Status::failed_precondition(format!(
+                        "{id} is not on hold (it is in {q})"
+                    )))
+                }
+            })
+            .await;
+        if r.is_ok() {
+            self.poke();
         }
+        r
     }
 
     async fn flush(
@@ -194,17 +215,13 @@ impl proto::queue_server::Queue for QueueService {
         let manager = self.manager()?;
         if !id.is_empty() {
             match self.spool.locate(&id) {
-                Some((Queue::Deferred, _)) => {}
-                Some((q, _)) => {
+                Some(Queue::Deferred) => {}
+                Some(q) => {
                     return Err(Status::failed_precondition(format!(
                         "{id} is not deferred (it is in {q}); `mb-queue requeue {id}` starts it over"
                     )));
                 }
-                None => {
-                    return Err(Status::not_found(format!(
-                        "no message {id} in the queue; see `mb-queue list`"
-                    )));
-                }
+                None => return Err(not_found(&id)),
             }
         }
         let flushed = manager.flush((!id.is_empty()).then_some(id.as_str()));
@@ -217,26 +234,52 @@ impl proto::queue_server::Queue for QueueService {
         let by = caller(&req).name;
         let id = req.into_inner().id;
         let manager = self.manager()?;
-        let mut state = self.read(&id).await?.state;
-        for r in state
-            .recipients
-            .iter_mut()
-            .filter(|r| r.state != RecipientState::Delivered)
-        {
-            r.state = RecipientState::Queued;
-            r.last_error.clear();
-        }
-        state.attempts = 0;
-        state.next_attempt = 0;
-        state.delay_warned = false;
-        state.note(format!(
+        // The envelope's recipients give a message never tried its fresh state.
+        let fresh = self.read(&id).await?.state;
+        let note = format!(
             "{} requeued by {by}",
             mb_runtime::logging::timestamp(std::time::SystemTime::now())
-        ));
-        self.spool
-            .save_state(&id, &state)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let r = self.moved(&id, Queue::Incoming, &by).await;
+        );
+        // A requeue during an attempt would be undone by the attempt's own outcome (its
+        // deferral writes the state it started from): refused, to be asked again.
+        let busy = || {
+            Status::failed_precondition(format!(
+                "{id} is being delivered now; try `mb-queue requeue {id}` again when the attempt ends"
+            ))
+        };
+        if manager.is_active(&id) {
+            return Err(busy());
+        }
+        let requeued = self
+            .spool
+            .update(&id, |_, stored| {
+                if manager.is_active(&id) {
+                    return (Change::Keep, false);
+                }
+                let mut state = stored
+                    .filter(|s| s.recipients.len() == fresh.recipients.len())
+                    .unwrap_or(fresh);
+                for r in state
+                    .recipients
+                    .iter_mut()
+                    .filter(|r| r.state != RecipientState::Delivered)
+                {
+                    r.state = RecipientState::Queued;
+                    r.last_error.clear();
+                }
+                state.attempts = 0;
+                state.next_attempt = 0;
+                state.delay_warned = false;
+                state.note(note);
+                (Change::Set(Queue::Incoming, Some(state)), true)
+            })
+            .await
+            .map_err(|e| spool_status(&e, &id))?;
+        if !requeued {
+            return Err(busy());
+        }
+        tracing::info!(id, queue = Queue::Incoming.as_str(), by, "message moved");
+        let r = self.read(&id).await.map(|q| Response::new(entry(&q)));
         manager.poke();
         r
     }
@@ -252,12 +295,10 @@ impl proto::queue_server::Queue for QueueService {
         } else if r.queue == "all" {
             Queue::ALL
                 .into_iter()
-                .flat_map(|q| self.spool.ids(q).unwrap_or_default())
+                .flat_map(|q| self.spool.ids(q))
                 .collect()
         } else if let Some(q) = Queue::from_name(&r.queue) {
-            self.spool
-                .ids(q)
-                .map_err(|e| Status::internal(e.to_string()))?
+            self.spool.ids(q)
         } else {
             return Err(Status::invalid_argument(
                 "name a message, or a queue: incoming, deferred, hold or all",
@@ -265,13 +306,22 @@ impl proto::queue_server::Queue for QueueService {
         };
         let single = ids.len() == 1;
         let mut deleted = 0;
+        // Every deletion is queued first, so that they share the log's fsyncs.
+        let mut pending = Vec::new();
         for id in ids {
-            match self.spool.delete(&id) {
+            match self.spool.change(&id, |_, _| (Change::Complete, ())) {
+                Ok((p, ())) => pending.extend(p.map(|p| (id, p))),
+                Err(e) if single => return Err(spool_status(&e, &id)),
+                Err(_) => {}
+            }
+        }
+        for (id, p) in pending {
+            match p.await {
                 Ok(()) => {
                     deleted += 1;
                     tracing::info!(id = %id, by = %by, "message deleted");
                 }
-                Err(e) if single => return Err(io_status(&e, &id)),
+                Err(e) if single => return Err(spool_status(&e.into(), &id)),
                 Err(_) => {}
             }
         }
@@ -294,7 +344,8 @@ mod tests {
         };
         let q = Queued {
             queue: Queue::Deferred,
-            msg: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            size: 20,
+            head: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
             env: Envelope {
                 id: "ABC".into(),
                 ..Default::default()

@@ -251,7 +251,7 @@ impl Server {
         tls: Option<TlsAcceptor>,
         info: Arc<DaemonInfo>,
     ) -> Server {
-        let disk = Arc::new(mb_runtime::diskfree::DiskGuard::new(&spool.incoming()));
+        let disk = Arc::new(mb_runtime::diskfree::DiskGuard::new(spool.root()));
         Server {
             phases: Arc::default(),
             shared: RwLock::new(None),

@@ -1,29 +1,37 @@
-//! The durable spool. A message is streamed into `tmp/ID` as it arrives; at the end of
-//! DATA its envelope and a footer are appended, the file is fsynced, renamed into
-//! `incoming/ID`, and the directory is fsynced: only then does the client get 250.
+//! The durable spool: mb-smtpd's queue on the segment log of `mb_spool` (under the
+//! spool root: `segments/`, `bodies/`). A message is kept in memory while it is received
+//! and appended from the session task when it ends; one larger than mb-spool's
+//! `large_threshold` streams into `bodies/ID` as it arrives and commits with
+//! `append_with_body_file`. Either way the session waits for the append's `Pending`
+//! (the batch's fdatasync) before it answers 250; a failed append answers 451.
 //!
-//! File layout: `message bytes | envelope JSON | envelope length (u64 LE) | MAGIC`. A file
-//! without the footer, or whose lengths disagree, is torn: found at start and moved to
-//! `corrupt/`, never delivered. A crash before the rename leaves only `tmp/`, which is
-//! emptied at start (the client never got a 250 for it).
+//! A message's mutable part is its mb-spool `State`: the queue (incoming, deferred,
+//! hold), the next attempt, and `DeliveryState` (per-recipient states, attempts,
+//! history) as JSON in `State::data`, the format `state/ID` files had. Every change of
+//! it goes through `Spool::change`/`update` (read, change, write under one lock), so the
+//! queue manager and `mb-queue` never undo each other's changes. Delivered, bounced and
+//! deleted messages are completed (`Done` records).
 //!
-//! Upgrades: the footer's `MAGIC` names the layout (`MBQ1`). Fields added to the envelope
-//! take serde defaults, so older files read without a new layout. A new layout (the spool
-//! redesign) gets a new magic, and `read_message` dispatches on it: files of every
-//! earlier layout stay deliverable, and new files are written in the newest one only.
+//! Upgrades: at start, messages of the per-message file layout of earlier versions
+//! (`incoming/`, `deferred/`, `hold/`, files ending in `MBQ1END\n`, with `state/ID`) are
+//! appended with their queue and state, and their files removed only once the import is
+//! durable; a torn old file goes to `corrupt/`. `read_old_file` is the only reader of
+//! that layout left.
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use mb_core::envelope::{Envelope, Recipient};
+pub use mb_spool::{Body, Pending};
 
-/// The last bytes of every complete spool file.
-pub const MAGIC: &[u8; 8] = b"MBQ1END\n";
+/// The last bytes of every complete file of the old per-message layout.
+pub const OLD_MAGIC: &[u8; 8] = b"MBQ1END\n";
 
-/// The queues an administrator sees, one directory each under the spool root.
+/// The queues an administrator sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Queue {
     /// Committed, not yet tried (or requeued, or released from hold).
@@ -38,8 +46,8 @@ impl Queue {
     /// Every queue, in the order `Spool::counts` reports them.
     pub const ALL: [Queue; 3] = [Queue::Incoming, Queue::Deferred, Queue::Hold];
 
-    /// The queue's name: its directory under the spool root, and its name in the
-    /// `Queue` service and `mb-queue`.
+    /// The queue's name in the `Queue` service and `mb-queue` (and its directory in the
+    /// old layout).
     pub fn as_str(self) -> &'static str {
         match self {
             Queue::Incoming => "incoming",
@@ -60,111 +68,158 @@ impl fmt::Display for Queue {
     }
 }
 
-/// Spool directories that are not queues: messages being received, torn files found at
-/// start, and delivery states.
-const WORK_DIRS: [&str; 3] = ["tmp", "corrupt", "state"];
-
-pub struct Spool {
-    root: PathBuf,
-    counter: AtomicU64,
-    /// Told the id of every committed message (the queue manager listens).
-    notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
-    incoming_sync: std::sync::Arc<GroupSync>,
-}
-
-/// Group commit for a directory: callers that linked a file ask for an fsync of the
-/// directory; one fsync started after a caller's link covers it, so concurrent commits
-/// share one fsync instead of paying one each.
-#[derive(Default)]
-pub struct GroupSync {
-    state: std::sync::Mutex<GroupState>,
-    done: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct GroupState {
-    requested: u64,
-    synced: u64,
-    running: bool,
-}
-
-impl GroupSync {
-    /// Blocks (on a blocking-pool thread) until an fsync of `dir` that started after
-    /// this call has finished.
-    pub fn sync(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.requested += 1;
-        let mine = st.requested;
-        loop {
-            if st.synced >= mine {
-                return Ok(());
-            }
-            if st.running {
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            st.running = true;
-            let target = st.requested;
-            drop(st);
-            let result = std::fs::File::open(dir).and_then(|d| d.sync_all());
-            st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.running = false;
-            if result.is_ok() {
-                st.synced = st.synced.max(target);
-            }
-            self.done.notify_all();
-            result?;
+impl From<mb_spool::Queue> for Queue {
+    fn from(q: mb_spool::Queue) -> Queue {
+        match q {
+            mb_spool::Queue::Incoming => Queue::Incoming,
+            mb_spool::Queue::Deferred => Queue::Deferred,
+            mb_spool::Queue::Hold => Queue::Hold,
         }
     }
 }
 
-/// What a start-up scan found.
+impl From<Queue> for mb_spool::Queue {
+    fn from(q: Queue) -> mb_spool::Queue {
+        match q {
+            Queue::Incoming => mb_spool::Queue::Incoming,
+            Queue::Deferred => mb_spool::Queue::Deferred,
+            Queue::Hold => mb_spool::Queue::Hold,
+        }
+    }
+}
+
+/// What can go wrong with the spool. Every one of them is a temporary failure for the
+/// client (451) and a retry for the queue manager.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Log(#[from] mb_spool::SpoolError),
+    #[error("spool I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("message {id} has an envelope that does not parse: {cause}")]
+    BadEnvelope {
+        id: String,
+        cause: serde_json::Error,
+    },
+    #[error("cannot encode a delivery state: {0}")]
+    State(serde_json::Error),
+}
+
+impl Error {
+    /// The message is not in the spool (never was, or finished meanwhile).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Log(mb_spool::SpoolError::NotFound(_)))
+    }
+}
+
+/// The spool directories of the old per-message layout, imported and removed at start.
+const OLD_DIRS: [&str; 5] = ["incoming", "deferred", "hold", "state", "tmp"];
+
+pub struct Spool {
+    root: PathBuf,
+    log: mb_spool::Spool,
+    /// Bodies larger than this stream into `bodies/ID` while they are received.
+    large_threshold: usize,
+    counter: AtomicU64,
+    /// Told the id of every committed message (the queue manager listens).
+    notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Held while a message's state is read, changed and queued for writing.
+    changes: Mutex<()>,
+    /// The poisoned spool was reported (once).
+    poison_reported: AtomicBool,
+}
+
+/// What opening the spool found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
-    pub complete: usize,
+    /// What mb-spool's recovery found in the segments.
+    pub log: mb_spool::Recovery,
+    /// Messages of the old per-message layout appended to the log.
+    pub imported: usize,
+    /// Torn files of the old layout, moved to `corrupt/`.
     pub torn: usize,
+    /// Unfinished files in the old layout's `tmp/` (never answered 250), removed.
     pub unfinished: usize,
 }
 
+/// A queued message as read back.
+pub struct Queued {
+    pub queue: Queue,
+    pub envelope: Envelope,
+    /// The message, left where it is on disk.
+    pub body: Body,
+    pub state: DeliveryState,
+}
+
+/// How a caller waits for its record to be durable.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Awaits the `Pending` in the task: the session's commit, which must not cost a
+    /// trip to the blocking pool.
+    InTask,
+    /// Waits on the blocking pool: the queue manager's and `mb-queue`'s writes, where
+    /// the trip costs nothing that matters. Tokio does not advance paused time while a
+    /// blocking task runs, so the retry tests (paused time) see each attempt's writes
+    /// at the virtual moment they were made, as they did when these writes were file
+    /// operations on the blocking pool.
+    OffThread,
+}
+
+impl Wait {
+    async fn until_durable(self, pending: Pending) -> Result<(), Error> {
+        match self {
+            Wait::InTask => pending.await?,
+            Wait::OffThread => tokio::task::spawn_blocking(move || pending.wait())
+                .await
+                .map_err(io::Error::other)??,
+        }
+        Ok(())
+    }
+}
+
+/// What `Spool::change` does to a message.
+pub enum Change {
+    /// Nothing.
+    Keep,
+    /// Puts it in a queue, with this delivery state (or the stored one when `None`).
+    Set(Queue, Option<DeliveryState>),
+    /// Finished: delivered, bounced or deleted.
+    Complete,
+}
+
 impl Spool {
-    /// Opens the spool under `root`, creating its directories, and recovers from a crash:
-    /// unfinished files in `tmp/` are removed, torn files in `incoming/` are moved aside.
-    pub fn open(root: &Path) -> io::Result<(Spool, Recovery)> {
-        for sub in Queue::ALL.map(Queue::as_str).into_iter().chain(WORK_DIRS) {
-            std::fs::create_dir_all(root.join(sub))?;
-        }
-        let mut rec = Recovery::default();
-        for entry in std::fs::read_dir(root.join("tmp"))? {
-            std::fs::remove_file(entry?.path())?;
-            rec.unfinished += 1;
-        }
-        for entry in std::fs::read_dir(root.join(Queue::Incoming.as_str()))? {
-            let path = entry?.path();
-            if read_message(&path).is_ok() {
-                rec.complete += 1;
-            } else {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_os_string())
-                    .unwrap_or_default();
-                tracing::error!(file = %path.display(), "torn spool file moved to corrupt/");
-                std::fs::rename(&path, root.join("corrupt").join(name))?;
-                rec.torn += 1;
-            }
-        }
+    /// Opens the spool under `root` with mb-spool's default layout and imports what the
+    /// old layout left there.
+    pub fn open(root: &Path) -> Result<(Spool, Recovery), Error> {
+        Spool::open_with(root, mb_spool::Config::default())
+    }
+
+    /// `open` with a chosen segment layout (tests use small segments).
+    pub fn open_with(root: &Path, config: mb_spool::Config) -> Result<(Spool, Recovery), Error> {
+        std::fs::create_dir_all(root)?;
+        let large_threshold = config.large_threshold;
+        let (log, found) = mb_spool::Spool::open(root, config)?;
+        let mut rec = Recovery {
+            log: found,
+            ..Recovery::default()
+        };
+        import_old_layout(root, &log, &mut rec)?;
         Ok((
             Spool {
                 root: root.to_path_buf(),
+                log,
+                large_threshold,
                 counter: AtomicU64::new(0),
                 notify: std::sync::OnceLock::new(),
-                incoming_sync: std::sync::Arc::default(),
+                changes: Mutex::new(()),
+                poison_reported: AtomicBool::new(false),
             },
             rec,
         ))
     }
 
     /// A new queue id: microseconds since the epoch, the pid and a counter, in hex.
-    /// Sortable by arrival, unique within the node; `commit` never replaces a file anyway.
+    /// Sortable by arrival, unique within the node; mb-spool refuses a duplicate anyway.
     pub fn new_id(&self) -> String {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -179,37 +234,48 @@ impl Spool {
         let _ = self.notify.set(tx);
     }
 
-    pub fn incoming(&self) -> PathBuf {
-        self.dir(Queue::Incoming)
+    /// The spool root: the free-space guard watches its file system.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
-    fn dir(&self, queue: Queue) -> PathBuf {
-        self.root.join(queue.as_str())
+    /// Whether a failed write or fsync poisoned the spool: new mail gets 4xx and
+    /// nothing is delivered until a restart recovers. Logged once, at error level.
+    pub fn is_poisoned(&self) -> bool {
+        let poisoned = self.log.is_poisoned();
+        if poisoned && !self.poison_reported.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                spool = %self.root.display(),
+                "a spool write or fsync failed: new mail is refused with 451 and delivery stopped; restart mb-smtpd to recover"
+            );
+        }
+        poisoned
     }
 
-    /// Starts writing a message. Nothing touches the disk until the message outgrows
-    /// `SPILL` or is committed, so a small message costs one trip to the blocking pool.
-    pub async fn create(&self, id: &str) -> io::Result<SpoolWriter> {
+    /// Starts receiving a message. Nothing touches the disk until the message outgrows
+    /// mb-spool's `large_threshold` or is committed. Refused when the spool is poisoned.
+    pub async fn create(&self, id: &str) -> Result<SpoolWriter, Error> {
+        if self.is_poisoned() {
+            return Err(mb_spool::SpoolError::Poisoned.into());
+        }
         Ok(SpoolWriter {
+            log: self.log.clone(),
+            spill: self.large_threshold,
             buf: Vec::with_capacity(16 * 1024),
             file: None,
-            tmp: self.root.join("tmp").join(id),
-            incoming: self.incoming(),
+            path: self.log.body_file_path(id)?,
             id: id.to_string(),
             written: 0,
             kicked: 0,
             committed: false,
+            handed: Default::default(),
             notify: self.notify.get().cloned(),
-            sync: self.incoming_sync.clone(),
             headers: HeaderScan::default(),
         })
     }
 }
 
-/// Bytes kept in memory before a message being received is written out to `tmp/`.
-const SPILL: usize = 256 * 1024;
-
-/// Bytes of a large message written to `tmp/` between two starts of write-back.
+/// Bytes of a large message written to its body file between two starts of write-back.
 const WRITEBACK_CHUNK: u64 = 4 << 20;
 
 /// Starts write-back of the bytes of `f` from `kicked` to `end` once there are
@@ -238,22 +304,6 @@ fn start_writeback(f: &std::fs::File, kicked: u64, end: u64) -> u64 {
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
     end
-}
-
-/// A message being received. Dropping it without `commit` removes the partial file.
-pub struct SpoolWriter {
-    buf: Vec<u8>,
-    file: Option<std::fs::File>,
-    tmp: PathBuf,
-    incoming: PathBuf,
-    pub id: String,
-    pub written: u64,
-    /// Bytes of the temporary file already handed to write-back (`start_writeback`).
-    kicked: u64,
-    committed: bool,
-    notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
-    sync: std::sync::Arc<GroupSync>,
-    headers: HeaderScan,
 }
 
 /// Counts `Received:` fields in the header section as the message streams by, for the
@@ -293,34 +343,55 @@ impl HeaderScan {
 /// Most `Received:` fields a message may carry (Postfix's hopcount_limit).
 pub const MAX_HOPS: u32 = 50;
 
-fn open_tmp(file: Option<std::fs::File>, tmp: &Path) -> io::Result<std::fs::File> {
+/// A message being received. Dropping it without `commit` removes its body file.
+pub struct SpoolWriter {
+    log: mb_spool::Spool,
+    /// Bytes kept in memory before the message is written out to its body file.
+    spill: usize,
+    buf: Vec<u8>,
+    file: Option<std::fs::File>,
+    /// `bodies/ID`, where a large message streams.
+    path: PathBuf,
+    pub id: String,
+    pub written: u64,
+    /// Bytes of the body file already handed to write-back (`start_writeback`).
+    kicked: u64,
+    committed: bool,
+    /// Set once the body file was named to mb-spool by a commit record: from then on the
+    /// file is the log's (a record that became durable after all needs it; one that did
+    /// not leaves an orphan that the next start-up's recovery removes).
+    handed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    headers: HeaderScan,
+}
+
+fn open_body_file(file: Option<std::fs::File>, path: &Path) -> io::Result<std::fs::File> {
     match file {
         Some(f) => Ok(f),
         None => std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(tmp),
+            .open(path),
     }
 }
 
 impl SpoolWriter {
     /// The message as received so far, for the scanner, never whole in memory: a
-    /// message still under `SPILL` is copied from memory (at most 256 KiB); a larger one
-    /// has the rest of its buffer written to its temporary file (`commit` then appends
-    /// only the envelope, so the spool format is unchanged) and is streamed from a
+    /// message still in memory is copied (at most `large_threshold` bytes); a larger one
+    /// has the rest of its buffer written to its body file and is streamed from a
     /// read-only handle as the worker takes it. The handle stays readable when the
-    /// message is refused and its temporary file removed while a scan still reads it.
+    /// message is refused and its body file removed while a scan still reads it.
     pub async fn scan_body(&mut self) -> io::Result<mb_scan::Body> {
         let Some(file) = self.file.take() else {
             return Ok(mb_scan::Body::from(self.buf.clone()));
         };
         let buf = std::mem::take(&mut self.buf);
-        let tmp = self.tmp.clone();
+        let path = self.path.clone();
         let (file, reader, mut buf) = tokio::task::spawn_blocking(move || {
             use std::io::Write;
             let mut f = file;
             f.write_all(&buf)?;
-            let reader = std::fs::File::open(&tmp)?;
+            let reader = std::fs::File::open(&path)?;
             Ok::<_, io::Error>((f, reader, buf))
         })
         .await
@@ -343,15 +414,15 @@ impl SpoolWriter {
         self.headers.feed(bytes);
         self.buf.extend_from_slice(bytes);
         self.written += bytes.len() as u64;
-        if self.buf.len() >= SPILL {
+        if self.buf.len() >= self.spill {
             let buf = std::mem::take(&mut self.buf);
             let file = self.file.take();
-            let tmp = self.tmp.clone();
+            let path = self.path.clone();
             // Everything received is in the file once this write is done.
             let (kicked, end) = (self.kicked, self.written);
             let (file, mut buf, kicked) = tokio::task::spawn_blocking(move || {
                 use std::io::Write;
-                let mut f = open_tmp(file, &tmp)?;
+                let mut f = open_body_file(file, &path)?;
                 f.write_all(&buf)?;
                 let kicked = start_writeback(&f, kicked, end);
                 Ok::<_, io::Error>((f, buf, kicked))
@@ -366,58 +437,68 @@ impl SpoolWriter {
         Ok(())
     }
 
-    /// Appends the envelope, makes the file durable and links it into `incoming/`, all
-    /// in one trip to the blocking pool.
-    pub async fn commit(mut self, envelope: &Envelope) -> io::Result<()> {
-        let env = envelope.to_json();
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.extend_from_slice(env.as_bytes());
-        buf.extend_from_slice(&(env.len() as u64).to_le_bytes());
-        buf.extend_from_slice(MAGIC);
-        let file = self.file.take();
-        let (tmp, dir) = (self.tmp.clone(), self.incoming.clone());
-        let target = self.incoming.join(&self.id);
-        let sync = self.sync.clone();
-        let linked = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let mut f = open_tmp(file, &tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            drop(f);
-            // A hard link fails if the name is taken, where rename would replace a
-            // message already answered 250; then the temporary name goes.
-            std::fs::hard_link(&tmp, &target)?;
-            let _ = std::fs::remove_file(&tmp);
-            sync.sync(&dir)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        match linked {
-            Ok(()) => {
-                self.committed = true;
-                if let Some(tx) = &self.notify {
-                    let _ = tx.send(self.id.clone());
-                }
-                Ok(())
+    /// Appends the message to the spool and waits until it is durable: the caller
+    /// answers 250 only after this returned `Ok`. A message still in memory is appended
+    /// from the calling task (no trip to the blocking pool: the committer thread writes
+    /// and syncs it); a large one's body file is completed and fsynced on the blocking
+    /// pool, then committed by name.
+    pub async fn commit(self, envelope: &Envelope) -> Result<(), Error> {
+        self.commit_waiting(envelope, Wait::InTask).await
+    }
+
+    /// `commit` for the queue manager's notices: the wait for durability is made on the
+    /// blocking pool (see `Wait::OffThread`).
+    pub async fn commit_off_thread(self, envelope: &Envelope) -> Result<(), Error> {
+        self.commit_waiting(envelope, Wait::OffThread).await
+    }
+
+    async fn commit_waiting(mut self, envelope: &Envelope, wait: Wait) -> Result<(), Error> {
+        let env = envelope.to_json().into_bytes();
+        let pending = match self.file.take() {
+            // In memory, it is under `spill`, which is mb-spool's large_threshold: the
+            // body goes inline into the record, nothing blocks here.
+            None => self.log.append(&self.id, &env, &self.buf),
+            Some(file) => {
+                let buf = std::mem::take(&mut self.buf);
+                let (log, id) = (self.log.clone(), self.id.clone());
+                let handed = self.handed.clone();
+                tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    let mut f = file;
+                    f.write_all(&buf)?;
+                    drop(f);
+                    handed.store(true, std::sync::atomic::Ordering::Release);
+                    Ok::<_, io::Error>(log.append_with_body_file(&id, &env))
+                })
+                .await
+                .map_err(io::Error::other)??
             }
-            Err(e) => Err(e),
+        };
+        wait.until_durable(pending).await?;
+        self.committed = true;
+        if let Some(tx) = &self.notify {
+            let _ = tx.send(self.id.clone());
         }
+        Ok(())
     }
 }
 
 impl Drop for SpoolWriter {
     /// A message not committed (abandoned, or its commit failed) leaves nothing behind.
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
+        if !self.committed
+            && !self.handed.load(std::sync::atomic::Ordering::Acquire)
+            && self.written >= self.spill as u64
+        {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
-/// What the queue manager knows about a message's delivery, kept in `state/ID` next to
-/// the immutable message file. Written atomically (temporary file, fsync, rename,
-/// directory fsync) after every attempt that settled or deferred a recipient, so a
-/// restart never sends a delivered recipient again.
+/// What the queue manager knows about a message's delivery, kept as JSON in the
+/// message's mb-spool `State::data` (the format `state/ID` files had). Written (and
+/// awaited) after every attempt that deferred a recipient, so a restart never sends a
+/// delivered recipient again.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeliveryState {
     pub attempts: u32,
@@ -440,7 +521,7 @@ pub struct RecipientStatus {
 }
 
 /// Where one recipient of a queued message stands. Stored as its lowercase name
-/// (`"state":"deferred"`), the format `state/ID` files have always had.
+/// (`"state":"deferred"`), the format `state/ID` files always had.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -517,131 +598,135 @@ impl DeliveryState {
     }
 }
 
-impl Spool {
-    fn state_path(&self, id: &str) -> PathBuf {
-        self.root.join("state").join(id)
-    }
-
-    /// The delivery state of a message, or a fresh one when none was written yet (or
-    /// it does not match the envelope).
-    pub fn load_state(&self, env: &Envelope) -> DeliveryState {
-        std::fs::read(self.state_path(&env.id))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
-            .filter(|s| s.recipients.len() == env.recipients.len())
-            .unwrap_or_else(|| DeliveryState::fresh(env))
-    }
-
-    pub fn has_state(&self, id: &str) -> bool {
-        self.state_path(id).exists()
-    }
-
-    /// Writes the state durably.
-    pub fn save_state(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
-        use std::io::Write;
-        let dir = self.root.join("state");
-        let tmp = dir.join(format!("{id}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(state).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.state_path(id))?;
-        std::fs::File::open(dir)?.sync_all()
-    }
-
-    pub fn remove_state(&self, id: &str) {
-        let _ = std::fs::remove_file(self.state_path(id));
-    }
-
-    /// Removes state files whose message is gone (deleted while it was being delivered,
-    /// or a crash between removing a message and its state).
-    pub fn prune_states(&self) -> usize {
-        let mut n = 0;
-        if let Ok(rd) = std::fs::read_dir(self.root.join("state")) {
-            for e in rd.filter_map(Result::ok) {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !valid_id(&name) || self.locate(&name).is_none() {
-                    let _ = std::fs::remove_file(e.path());
-                    n += 1;
-                }
-            }
-        }
-        n
-    }
-
-    /// Removes a delivered message. No directory fsync: should the unlink be lost in a
-    /// crash, the message is delivered again (a duplicate, never a loss), which is the
-    /// window Postfix has too.
-    pub fn remove_delivered(&self, id: &str) {
-        if let Some((_, path)) = self.locate(id) {
-            let _ = std::fs::remove_file(path);
-        }
-        self.remove_state(id);
-    }
-}
-
-/// A queue id as `new_id` makes them: hex digits only, so it is safe as a file name.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+/// The delivery state stored in `data`, if it is one for `env` (else a fresh one).
+fn decode_state(data: &[u8], env: &Envelope) -> DeliveryState {
+    serde_json::from_slice::<DeliveryState>(data)
+        .ok()
+        .filter(|s| s.recipients.len() == env.recipients.len())
+        .unwrap_or_else(|| DeliveryState::fresh(env))
 }
 
 impl Spool {
-    /// The ids in a queue, oldest first.
-    pub fn ids(&self, queue: Queue) -> io::Result<Vec<String>> {
-        let mut ids: Vec<String> = std::fs::read_dir(self.dir(queue))?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| valid_id(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
+    /// Reads a queued message: its queue, envelope, delivery state and a handle on its
+    /// body. Reads the envelope from disk: call it off the async threads.
+    pub fn read(&self, id: &str) -> Result<Queued, Error> {
+        let m = self.log.read(id)?;
+        let text = String::from_utf8_lossy(&m.envelope);
+        let envelope = Envelope::from_json(&text).map_err(|cause| Error::BadEnvelope {
+            id: id.to_string(),
+            cause,
+        })?;
+        let state = decode_state(&m.state.data, &envelope);
+        Ok(Queued {
+            queue: m.state.queue.into(),
+            envelope,
+            body: m.body,
+            state,
+        })
+    }
+
+    /// A message whole in memory, with its envelope: for tests and small messages.
+    pub fn read_message(&self, id: &str) -> Result<(Vec<u8>, Envelope), Error> {
+        let q = self.read(id)?;
+        Ok((q.body.read_all()?, q.envelope))
+    }
+
+    /// Every message of a queue whole in memory, with its envelope, oldest first: for
+    /// tests.
+    pub fn messages(&self, queue: Queue) -> Vec<(Vec<u8>, Envelope)> {
+        self.ids(queue)
+            .iter()
+            .filter_map(|id| self.read_message(id).ok())
+            .collect()
     }
 
     /// Which queue holds `id`, if any.
-    pub fn locate(&self, id: &str) -> Option<(Queue, PathBuf)> {
-        if !valid_id(id) {
-            return None;
-        }
-        Queue::ALL
+    pub fn locate(&self, id: &str) -> Option<Queue> {
+        self.log.state(id).map(|s| s.queue.into())
+    }
+
+    /// Every live message: its id, queue and next attempt (unix seconds), by id (which
+    /// is by arrival).
+    pub fn list(&self) -> Vec<(String, Queue, u64)> {
+        // Without the delivery states: a long queue's states stay in the index only once.
+        self.log
+            .list_brief()
             .into_iter()
-            .map(|q| (q, self.dir(q).join(id)))
-            .find(|(_, p)| p.exists())
+            .map(|(id, queue, next_attempt)| (id, queue.into(), next_attempt))
+            .collect()
     }
 
-    /// Moves a message between queues durably (rename, then both directories fsynced).
-    pub fn move_to(&self, id: &str, to: Queue) -> io::Result<()> {
-        let (from, path) = self
-            .locate(id)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
-        if from == to {
-            return Ok(());
+    /// The ids in a queue, oldest first.
+    pub fn ids(&self, queue: Queue) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .filter(|(_, q, _)| *q == queue)
+            .map(|(id, _, _)| id)
+            .collect()
+    }
+
+    /// Reads a message's queue and stored delivery state, lets `f` decide a change, and
+    /// queues that change, all under one lock, so that two changes (the queue manager's
+    /// deferral, an administrator's hold) never interleave: the later one sees the
+    /// earlier. Returns `f`'s value and the change's `Pending` (none for `Keep`); the
+    /// change is durable once it resolves. `f` gets `None` for a message never tried.
+    pub fn change<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(Queue, Option<DeliveryState>) -> (Change, T),
+    ) -> Result<(Option<Pending>, T), Error> {
+        let _one_at_a_time = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = self
+            .log
+            .state(id)
+            .ok_or_else(|| mb_spool::SpoolError::NotFound(id.to_string()))?;
+        let current = serde_json::from_slice::<DeliveryState>(&stored.data).ok();
+        let (change, value) = f(stored.queue.into(), current);
+        let pending = match change {
+            Change::Keep => None,
+            Change::Set(queue, state) => {
+                let (next_attempt, data) = match state {
+                    Some(s) => (
+                        s.next_attempt,
+                        serde_json::to_vec(&s).map_err(Error::State)?,
+                    ),
+                    None => (stored.next_attempt, stored.data),
+                };
+                Some(self.log.set_state(
+                    id,
+                    mb_spool::State {
+                        queue: queue.into(),
+                        next_attempt,
+                        data,
+                    },
+                ))
+            }
+            Change::Complete => Some(self.log.complete(id)),
+        };
+        Ok((pending, value))
+    }
+
+    /// `change`, waiting until the change is durable.
+    pub async fn update<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(Queue, Option<DeliveryState>) -> (Change, T),
+    ) -> Result<T, Error> {
+        let (pending, value) = self.change(id, f)?;
+        if let Some(p) = pending {
+            Wait::OffThread.until_durable(p).await?;
         }
-        let target = self.dir(to).join(id);
-        std::fs::rename(&path, &target)?;
-        std::fs::File::open(self.dir(to))?.sync_all()?;
-        std::fs::File::open(self.dir(from))?.sync_all()
+        Ok(value)
     }
 
-    /// Deletes a message; the directory is fsynced so it stays deleted.
-    pub fn delete(&self, id: &str) -> io::Result<()> {
-        let (queue, path) = self
-            .locate(id)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no message {id}")))?;
-        std::fs::remove_file(path)?;
-        self.remove_state(id);
-        std::fs::File::open(self.dir(queue))?.sync_all()
-    }
-
-    /// Messages per queue and the age in seconds of the oldest one.
+    /// Messages per queue and the age in seconds of the oldest one, from the index.
     pub fn counts(&self) -> ([usize; 3], u64) {
         let mut counts = [0; 3];
         let mut oldest: Option<String> = None;
-        for (i, q) in Queue::ALL.into_iter().enumerate() {
-            let ids = self.ids(q).unwrap_or_default();
-            counts[i] = ids.len();
-            if let Some(first) = ids.first()
-                && oldest.as_ref().is_none_or(|o| first < o)
-            {
-                oldest = Some(first.clone());
+        for (id, q, _) in self.list() {
+            counts[q as usize] += 1;
+            if oldest.as_ref().is_none_or(|o| id < *o) {
+                oldest = Some(id);
             }
         }
         let age = oldest.and_then(|id| arrival_micros(&id)).map_or(0, |t| {
@@ -652,84 +737,210 @@ impl Spool {
         });
         (counts, age)
     }
+
+    /// What the log holds on disk (segments, bytes, body files).
+    pub fn stats(&self) -> mb_spool::Stats {
+        self.log.stats()
+    }
+
+    /// Copies the live messages of segments under a quarter live forward so that the
+    /// segments can go (blocking: run it on the blocking pool). Returns the records
+    /// written.
+    pub fn compact(&self) -> Result<usize, Error> {
+        Ok(self.log.compact(COMPACT_BELOW)?)
+    }
 }
+
+/// Segments whose live bytes are under this fraction of their size are compacted.
+pub const COMPACT_BELOW: f64 = 0.25;
 
 /// The arrival time encoded in a queue id (its first 13 hex digits are microseconds).
 pub fn arrival_micros(id: &str) -> Option<u128> {
     u128::from_str_radix(id.get(..13)?, 16).ok()
 }
 
-/// Reads a spool file: (message, envelope). Fails on a torn or foreign file.
-pub fn read_message(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
-    split_spooled(path, std::fs::read(path)?)
+/// A queued message as `snapshot` sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshotted {
+    pub id: String,
+    pub queue: Queue,
+    pub message: Vec<u8>,
+    pub envelope: Envelope,
+    /// The stored delivery state (`None` before the first attempt).
+    pub state: Option<DeliveryState>,
 }
 
-/// A queued message opened for delivery (`open_message`).
-pub enum Spooled {
-    /// Read whole: a small message.
-    Memory(Vec<u8>),
-    /// Left in its spool file, bytes `0..len`: streamed by whoever reads it.
-    File { file: std::fs::File, len: u64 },
+/// The queue under a spool root, read without changing any file (mb-spool's
+/// `snapshot`), ordered by id: for tests and the benchmark, which look at the spool of
+/// a running daemon. A message whose envelope does not parse is left out.
+pub fn snapshot(root: &Path) -> Result<Vec<Snapshotted>, Error> {
+    Ok(mb_spool::snapshot(root)?
+        .messages
+        .into_iter()
+        .filter_map(|m| {
+            let envelope = Envelope::from_json(std::str::from_utf8(&m.envelope).ok()?).ok()?;
+            Some(Snapshotted {
+                id: m.id,
+                queue: m.state.queue.into(),
+                message: m.body,
+                envelope,
+                state: serde_json::from_slice(&m.state.data).ok(),
+            })
+        })
+        .collect())
 }
 
-/// Opens a spool file for delivery: its envelope, and its message read whole when the
-/// file is at most `whole_limit` bytes, or else left in the file (only the footer and
-/// the envelope are read), so that a large message is streamed, never held whole. A
-/// small file costs the same system calls as `read_message`. Fails on a torn or
-/// foreign file.
-pub fn open_message(path: &Path, whole_limit: u64) -> io::Result<(Spooled, Envelope)> {
-    use std::io::Read;
-    use std::os::unix::fs::FileExt;
-    let mut file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
-    if size <= whole_limit {
-        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        file.read_to_end(&mut data)?;
-        let (message, envelope) = split_spooled(path, data)?;
-        return Ok((Spooled::Memory(message), envelope));
+/// Imports what the old per-message layout left under `root`: every whole message of
+/// `incoming/`, `deferred/` and `hold/` is appended with its queue and `state/ID`, and
+/// its files are removed once all of that is durable (a crash before then imports them
+/// again: the ids already in the log are only given their state again). Torn files go
+/// to `corrupt/`; `tmp/` (never answered 250) is emptied. The emptied directories go.
+/// Makes the removals in an old-layout directory durable, so that a power cut cannot bring
+/// back a file whose message was imported (and maybe delivered since).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Old-layout messages read into memory at most at once during the import.
+const IMPORT_BATCH_BYTES: usize = 64 << 20;
+const IMPORT_BATCH_MESSAGES: usize = 1000;
+
+/// Appends one batch of old-layout messages of `queue` with their states, waits until
+/// all of it is durable, then removes their old files. A message already in the log (a
+/// crash after an earlier import, before its files were removed) gets its old state again
+/// (nothing was delivered since: the import runs before the queue manager); one that was
+/// imported and finished since (`Duplicate`, then no state to set) only loses its file.
+/// Returns how many old files were taken in.
+fn import_batch(
+    root: &Path,
+    log: &mb_spool::Spool,
+    queue: Queue,
+    batch: Vec<(String, PathBuf, Vec<u8>, Envelope)>,
+) -> Result<usize, Error> {
+    let mut appended = Vec::new();
+    for (id, _, message, envelope) in &batch {
+        appended.push(log.append(id, envelope.to_json().as_bytes(), message));
     }
+    let mut fresh = Vec::new();
+    for (p, (id, ..)) in appended.into_iter().zip(&batch) {
+        match p.wait() {
+            Ok(()) => fresh.push(true),
+            Err(mb_spool::SpoolError::Duplicate(_)) => fresh.push(false),
+            Err(e) => {
+                tracing::error!(id = %id, cause = %e, "cannot import a message of the old spool layout");
+                return Err(e.into());
+            }
+        }
+    }
+    let mut states = Vec::new();
+    for (id, _, _, envelope) in &batch {
+        let stored = std::fs::read(root.join("state").join(id))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
+            .filter(|s| s.recipients.len() == envelope.recipients.len());
+        let state = mb_spool::State {
+            queue: queue.into(),
+            next_attempt: stored.as_ref().map_or(0, |s| s.next_attempt),
+            data: match &stored {
+                Some(s) => serde_json::to_vec(s).map_err(Error::State)?,
+                None => Vec::new(),
+            },
+        };
+        states.push(log.set_state(id, state));
+    }
+    for (p, fresh) in states.into_iter().zip(&fresh) {
+        match p.wait() {
+            Ok(()) => {}
+            // Imported before and delivered since: only its old file is left to remove.
+            Err(mb_spool::SpoolError::NotFound(_)) if !fresh => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (id, path, _, _) in &batch {
+        std::fs::remove_file(path)?;
+        let _ = std::fs::remove_file(root.join("state").join(id));
+    }
+    Ok(batch.len())
+}
+
+fn import_old_layout(root: &Path, log: &mb_spool::Spool, rec: &mut Recovery) -> Result<(), Error> {
+    if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
+        for entry in rd {
+            std::fs::remove_file(entry?.path())?;
+            rec.unfinished += 1;
+        }
+    }
+    // In batches (at most IMPORT_BATCH_BYTES of messages read at once), so that a large
+    // old queue is imported without holding it in memory.
+    for queue in Queue::ALL {
+        let dir = root.join(queue.as_str());
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let paths = rd
+            .map(|e| e.map(|e| e.path()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for path in paths {
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            match read_old_file(&path) {
+                Ok((message, envelope)) if mb_spool::valid_id(&id) => {
+                    bytes += message.len();
+                    batch.push((id, path, message, envelope));
+                }
+                _ => {
+                    tracing::error!(file = %path.display(), "torn spool file moved to corrupt/");
+                    std::fs::create_dir_all(root.join("corrupt"))?;
+                    std::fs::rename(&path, root.join("corrupt").join(&id))?;
+                    rec.torn += 1;
+                }
+            }
+            if bytes >= IMPORT_BATCH_BYTES || batch.len() >= IMPORT_BATCH_MESSAGES {
+                rec.imported += import_batch(root, log, queue, std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+        }
+        rec.imported += import_batch(root, log, queue, batch)?;
+        sync_dir(&dir)?;
+    }
+    if let Ok(rd) = std::fs::read_dir(root.join("state")) {
+        // States of messages that were already gone.
+        for entry in rd {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+    }
+    for dir in OLD_DIRS {
+        // Only an empty directory goes: a file not imported stays where it was.
+        let _ = std::fs::remove_dir(root.join(dir));
+    }
+    if rec.imported > 0 || rec.torn > 0 {
+        tracing::info!(
+            imported = rec.imported,
+            torn = rec.torn,
+            "messages of the old spool layout imported"
+        );
+    }
+    Ok(())
+}
+
+/// Reads a file of the old layout (`message | envelope JSON | envelope length (u64 LE)
+/// | OLD_MAGIC`): (message, envelope). Fails on a torn or foreign file.
+pub fn read_old_file(path: &Path) -> io::Result<(Vec<u8>, Envelope)> {
+    let mut data = std::fs::read(path)?;
     let torn = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{} is torn", path.display()),
         )
     };
-    if size < 16 {
-        return Err(torn());
-    }
-    let mut footer = [0u8; 16];
-    file.read_exact_at(&mut footer, size - 16)?;
-    if &footer[8..] != MAGIC {
-        return Err(torn());
-    }
-    let env_len = u64::from_le_bytes(footer[..8].try_into().map_err(|_| torn())?);
-    if env_len > size - 16 {
-        return Err(torn());
-    }
-    let env_start = size - 16 - env_len;
-    let mut env = vec![0u8; usize::try_from(env_len).map_err(|_| torn())?];
-    file.read_exact_at(&mut env, env_start)?;
-    let env = std::str::from_utf8(&env).map_err(|_| torn())?;
-    let envelope = Envelope::from_json(env).map_err(|_| torn())?;
-    Ok((
-        Spooled::File {
-            file,
-            len: env_start,
-        },
-        envelope,
-    ))
-}
-
-/// Splits the bytes of a whole spool file into (message, envelope), keeping the
-/// message in the same buffer.
-fn split_spooled(path: &Path, mut data: Vec<u8>) -> io::Result<(Vec<u8>, Envelope)> {
-    let torn = || {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is torn", path.display()),
-        )
-    };
-    if data.len() < 16 || &data[data.len() - 8..] != MAGIC {
+    if data.len() < 16 || &data[data.len() - 8..] != OLD_MAGIC {
         return Err(torn());
     }
     let len_at = data.len() - 16;
@@ -746,7 +957,7 @@ fn split_spooled(path: &Path, mut data: Vec<u8>) -> io::Result<(Vec<u8>, Envelop
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -781,25 +992,6 @@ mod tests {
         assert!(h.done);
     }
 
-    #[test]
-    fn group_sync_lets_every_caller_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = std::sync::Arc::new(GroupSync::default());
-        let threads: Vec<_> = (0..16)
-            .map(|_| {
-                let (g, d) = (g.clone(), dir.path().to_path_buf());
-                std::thread::spawn(move || (0..20).all(|_| g.sync(&d).is_ok()))
-            })
-            .collect();
-        assert!(threads.into_iter().all(|t| t.join().unwrap()));
-        let st = g.state.lock().unwrap();
-        assert_eq!(st.requested, 320);
-        assert!(st.synced == 320 && !st.running);
-        drop(st);
-        // A directory that cannot be opened is an error for the caller, not a hang.
-        assert!(g.sync(&dir.path().join("missing")).is_err());
-    }
-
     /// A `state/ID` file exactly as earlier versions wrote it (serde_json, compact,
     /// fields in declaration order, states as lowercase strings).
     const STATE_FILE: &str = concat!(
@@ -811,69 +1003,26 @@ mod tests {
         r#""history":["2026-01-01 00:00:00 <a@served.example> delivered via mx.served.example[192.0.2.1]:25: 250 2.0.0 ok"]}"#
     );
 
-    #[test]
-    fn state_files_in_the_existing_format_read_and_write_back_byte_for_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
-        let id = "18F0A1B2C3D4E5";
-        let env = Envelope {
-            id: id.into(),
-            recipients: ["a", "b", "c", "d"]
-                .map(|l| Recipient {
-                    address: format!("{l}@served.example"),
-                    ..Default::default()
-                })
-                .to_vec(),
-            ..Default::default()
-        };
-        std::fs::write(dir.path().join("state").join(id), STATE_FILE).unwrap();
-        let st = spool.load_state(&env);
-        let states: Vec<RecipientState> = st.recipients.iter().map(|r| r.state).collect();
-        assert_eq!(
-            states,
-            [
-                RecipientState::Delivered,
-                RecipientState::Bounced,
-                RecipientState::Deferred,
-                RecipientState::Queued
-            ]
-        );
-        assert_eq!(
-            (st.attempts, st.next_attempt, st.delay_warned),
-            (2, 1767225600, true)
-        );
-        assert_eq!(st.recipients[1].last_error, "550 5.1.1 no such user");
-        assert_eq!(st.history.len(), 1);
-        assert!(!st.settled());
-
-        spool.save_state(id, &st).unwrap();
-        let written = std::fs::read_to_string(dir.path().join("state").join(id)).unwrap();
-        assert_eq!(written, STATE_FILE);
-
-        // A state name this version does not know retries the recipient; the rest of
-        // the file (a delivered recipient) still counts.
-        let odd = STATE_FILE.replacen(r#""state":"deferred""#, r#""state":"parked""#, 1);
-        std::fs::write(dir.path().join("state").join(id), odd).unwrap();
-        let st = spool.load_state(&env);
-        assert_eq!(st.recipients[0].state, RecipientState::Delivered);
-        assert_eq!(st.recipients[2].state, RecipientState::Queued);
-    }
-
-    /// A spool file byte for byte as the hand-written envelope encoder of earlier versions
-    /// wrote it (sorted keys, every field present) is read and delivered as it was.
-    #[test]
-    fn spool_files_written_by_earlier_versions_read() {
-        let env = r#"{"add_headers":[["X-Spam-Status","No, score=0.0"]],"auth_user":"","body":"","client_ip":"192.0.2.7","client_name":"unknown","envid":"","helo":"mx.sender.example","id":"00000001A2B3C4D5","listener":"smtp","protocol":"ESMTP","received_at":1764590000,"recipients":[{"address":"a@served.example","notify":"","orcpt":""}],"remove_headers":["X-Spam"],"ret":"","sender":"s@sender.example","smtputf8":false,"tls":""}"#;
-        let message = b"Received: from x\r\nSubject: old\r\n\r\nbody\r\n";
+    /// A file of the old layout: message, envelope JSON, its length, the magic.
+    fn old_file(message: &[u8], env: &str) -> Vec<u8> {
         let mut file = message.to_vec();
         file.extend_from_slice(env.as_bytes());
         file.extend_from_slice(&(env.len() as u64).to_le_bytes());
-        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(OLD_MAGIC);
+        file
+    }
+
+    /// A file of the old layout byte for byte as the hand-written envelope encoder of
+    /// earlier versions wrote it (sorted keys, every field present) reads; a torn one
+    /// does not.
+    #[test]
+    fn files_of_the_old_layout_read_and_torn_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("00000001A2B3C4D5");
+        let file = old_file(OLD_MESSAGE, OLD_ENVELOPE);
         std::fs::write(&path, &file).unwrap();
-        let (m, e) = read_message(&path).unwrap();
-        assert_eq!(m, message);
+        let (m, e) = read_old_file(&path).unwrap();
+        assert_eq!(m, OLD_MESSAGE);
         assert_eq!(e.id, "00000001A2B3C4D5");
         assert_eq!(e.recipients[0].address, "a@served.example");
         assert_eq!(
@@ -882,49 +1031,233 @@ mod tests {
         );
         // One byte less of envelope: torn, never delivered.
         let mut short = file.clone();
-        short.remove(message.len());
+        short.remove(OLD_MESSAGE.len());
         std::fs::write(&path, &short).unwrap();
-        assert!(read_message(&path).is_err());
-        for limit in [0, 1 << 20] {
-            assert!(open_message(&path, limit).is_err(), "limit {limit}");
-        }
+        assert!(read_old_file(&path).is_err());
         std::fs::write(&path, b"MBQ1END\n").unwrap();
-        assert!(open_message(&path, 0).is_err());
+        assert!(read_old_file(&path).is_err());
+    }
 
-        // Opened for delivery: read whole under the limit, left in the file above it,
-        // with the same envelope either way.
-        std::fs::write(&path, &file).unwrap();
-        let (whole, e1) = open_message(&path, file.len() as u64).unwrap();
-        assert!(matches!(&whole, Spooled::Memory(m) if m == message));
-        let (streamed, e2) = open_message(&path, file.len() as u64 - 1).unwrap();
-        let Spooled::File { file: f, len } = streamed else {
-            panic!("a file above the limit is read whole");
-        };
-        assert_eq!(len, message.len() as u64);
-        let mut head = vec![0u8; message.len()];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
-        assert_eq!(head, message);
-        assert_eq!((e1.id.as_str(), e2), ("00000001A2B3C4D5", e));
+    const OLD_ENVELOPE: &str = r#"{"add_headers":[["X-Spam-Status","No, score=0.0"]],"auth_user":"","body":"","client_ip":"192.0.2.7","client_name":"unknown","envid":"","helo":"mx.sender.example","id":"00000001A2B3C4D5","listener":"smtp","protocol":"ESMTP","received_at":1764590000,"recipients":[{"address":"a@served.example","notify":"","orcpt":""}],"remove_headers":["X-Spam"],"ret":"","sender":"s@sender.example","smtputf8":false,"tls":""}"#;
+    const OLD_MESSAGE: &[u8] = b"Received: from x\r\nSubject: old\r\n\r\nbody\r\n";
+
+    fn envelope_for(id: &str, rcpts: &[&str]) -> Envelope {
+        Envelope {
+            id: id.into(),
+            sender: "a@b.example".into(),
+            recipients: rcpts.iter().map(|r| Recipient::plain(r)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The old layout is imported at start: each whole message in its queue with its
+    /// state (byte for byte), a large one with its body in a file of its own, torn files
+    /// to corrupt/, tmp/ emptied, the old files and directories gone; a second start
+    /// imports nothing again. A crash after the import became durable but before the
+    /// old files went (the message already in the log) imports it once, not twice.
+    #[test]
+    fn the_old_layout_is_imported_once_with_queues_and_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in OLD_DIRS {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let deferred = "18F0A1B2C3D4E5";
+        let held = "18F0A1B2C3D4E6";
+        let big = "18F0A1B2C3D4E7";
+        let env_json = |id: &str, rcpts: &[&str]| envelope_for(id, rcpts).to_json();
+        std::fs::write(
+            root.join("incoming/00000001A2B3C4D5"),
+            old_file(OLD_MESSAGE, OLD_ENVELOPE),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("deferred").join(deferred),
+            old_file(
+                b"Subject: d\r\n\r\nd\r\n",
+                &env_json(
+                    deferred,
+                    &[
+                        "a@served.example",
+                        "b@served.example",
+                        "c@served.example",
+                        "d@served.example",
+                    ],
+                ),
+            ),
+        )
+        .unwrap();
+        std::fs::write(root.join("state").join(deferred), STATE_FILE).unwrap();
+        std::fs::write(
+            root.join("hold").join(held),
+            old_file(
+                b"Subject: h\r\n\r\nh\r\n",
+                &env_json(held, &["x@y.example"]),
+            ),
+        )
+        .unwrap();
+        let large: Vec<u8> = b"Subject: big\r\n\r\n"
+            .iter()
+            .copied()
+            .chain((0..400_000u32).map(|i| b'a' + (i % 26) as u8))
+            .collect();
+        std::fs::write(
+            root.join("incoming").join(big),
+            old_file(&large, &env_json(big, &["x@y.example"])),
+        )
+        .unwrap();
+        let torn = old_file(
+            b"Subject: t\r\n\r\n",
+            &env_json("18F0A1B2C3D4E8", &["x@y.example"]),
+        );
+        std::fs::write(
+            root.join("incoming/18F0A1B2C3D4E8"),
+            &torn[..torn.len() - 3],
+        )
+        .unwrap();
+        std::fs::write(root.join("tmp/18F0A1B2C3D4E9"), b"half").unwrap();
+        std::fs::write(root.join("state/0000000000DEAD"), b"{}").unwrap();
+
+        // As if an earlier start had imported this one and crashed before removing it.
+        {
+            let (log, _) = mb_spool::Spool::open(root, mb_spool::Config::default()).unwrap();
+            log.append(
+                held,
+                env_json(held, &["x@y.example"]).as_bytes(),
+                b"Subject: h\r\n\r\nh\r\n",
+            )
+            .wait()
+            .unwrap();
+        }
+
+        let (spool, rec) = Spool::open(root).unwrap();
+        assert_eq!((rec.imported, rec.torn, rec.unfinished), (4, 1, 1));
+        assert!(root.join("corrupt/18F0A1B2C3D4E8").exists());
+        for d in OLD_DIRS {
+            assert!(!root.join(d).exists(), "{d}/ is left");
+        }
+        let list: Vec<(String, Queue)> =
+            spool.list().into_iter().map(|(id, q, _)| (id, q)).collect();
+        assert_eq!(
+            list,
+            [
+                ("00000001A2B3C4D5".to_string(), Queue::Incoming),
+                (deferred.to_string(), Queue::Deferred),
+                (held.to_string(), Queue::Hold),
+                (big.to_string(), Queue::Incoming),
+            ]
+        );
+        let (m, e) = spool.read_message("00000001A2B3C4D5").unwrap();
+        assert_eq!(
+            (m.as_slice(), e.sender.as_str()),
+            (OLD_MESSAGE, "s@sender.example")
+        );
+        assert!(spool.read_message(big).unwrap().0 == large);
+        assert_eq!(spool.stats().body_files, 1, "the large body has a file");
+        // The state, byte for byte as the old state file, and its next attempt.
+        let stored = spool.log.state(deferred).unwrap();
+        assert_eq!(String::from_utf8(stored.data).unwrap(), STATE_FILE);
+        assert_eq!(stored.next_attempt, 1767225600);
+        let q = spool.read(deferred).unwrap();
+        assert_eq!((q.state.attempts, q.state.delay_warned), (2, true));
+        assert_eq!(q.state.recipients[2].state, RecipientState::Deferred);
+        drop(spool);
+
+        let (spool, rec) = Spool::open(root).unwrap();
+        assert_eq!((rec.imported, rec.torn, rec.log.messages), (0, 0, 4));
+        assert_eq!(spool.list().len(), 4);
+    }
+
+    /// The delivery state round trip: written by `update`, read back as it was, with the
+    /// queue and next attempt; a state of another envelope's size reads as fresh; a
+    /// change of a finished message is refused as not found.
+    #[tokio::test]
+    async fn delivery_states_round_trip_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let id = spool.new_id();
+        let env = envelope_for(
+            &id,
+            &[
+                "a@served.example",
+                "b@served.example",
+                "c@served.example",
+                "d@served.example",
+            ],
+        );
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(b"Subject: s\r\n\r\nx\r\n").await.unwrap();
+        w.commit(&env).await.unwrap();
+        let fresh = spool.read(&id).unwrap();
+        assert_eq!(
+            (fresh.queue, &fresh.state),
+            (Queue::Incoming, &DeliveryState::fresh(&env))
+        );
+
+        let st: DeliveryState = serde_json::from_str(STATE_FILE).unwrap();
+        let seen = spool
+            .update(&id, |q, stored| {
+                (Change::Set(Queue::Deferred, Some(st.clone())), (q, stored))
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, (Queue::Incoming, None));
+        let q = spool.read(&id).unwrap();
+        assert_eq!((q.queue, &q.state), (Queue::Deferred, &st));
+        assert_eq!(spool.list()[0].2, st.next_attempt);
+        // The stored JSON is the old state file's format, byte for byte.
+        assert_eq!(spool.log.state(&id).unwrap().data, STATE_FILE.as_bytes());
+        // Hold keeps the state; the reopened spool has both.
+        spool
+            .update(&id, |_, _| (Change::Set(Queue::Hold, None), ()))
+            .await
+            .unwrap();
+        drop(spool);
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let q = spool.read(&id).unwrap();
+        assert_eq!((q.queue, &q.state), (Queue::Hold, &st));
+        assert_eq!(spool.counts().0, [0, 0, 1]);
+        // A state file for another envelope (other recipients) is not applied to this one.
+        let other = envelope_for(&id, &["a@served.example"]);
+        assert_eq!(
+            decode_state(STATE_FILE.as_bytes(), &other),
+            DeliveryState::fresh(&other)
+        );
+        // A state name this version does not know retries the recipient.
+        let odd = STATE_FILE.replacen(r#""state":"deferred""#, r#""state":"parked""#, 1);
+        let st = decode_state(odd.as_bytes(), &env);
+        assert_eq!(st.recipients[0].state, RecipientState::Delivered);
+        assert_eq!(st.recipients[2].state, RecipientState::Queued);
+
+        spool
+            .update(&id, |_, _| (Change::Complete, ()))
+            .await
+            .unwrap();
+        assert!(spool.locate(&id).is_none());
+        let gone = spool.update(&id, |_, _| (Change::Keep, ())).await;
+        assert!(gone.is_err_and(|e| e.is_not_found()));
     }
 
     #[test]
-    fn queues_are_named_by_their_directories() {
+    fn queues_have_their_names() {
         let names: Vec<&str> = Queue::ALL.map(Queue::as_str).to_vec();
         assert_eq!(names, ["incoming", "deferred", "hold"]);
         for q in Queue::ALL {
             assert_eq!(Queue::from_name(q.as_str()), Some(q));
             assert_eq!(q.to_string(), q.as_str());
+            assert_eq!(Queue::from(mb_spool::Queue::from(q)), q);
         }
         assert_eq!(Queue::from_name("corrupt"), None);
         assert_eq!(Queue::from_name("Hold"), None);
         assert_eq!(Queue::from_name("../hold"), None);
     }
 
-    /// A large message is scanned from its spool file, not from a copy in memory, and
-    /// the file committed afterwards is byte for byte what it would have been; a refused
-    /// one leaves nothing in `tmp/`, though a scan still reading it can finish.
+    /// A large message is scanned from its body file, not from a copy in memory, and
+    /// committed by name (`bodies/ID`), byte for byte; a small one stays in memory and
+    /// goes inline; a refused large one leaves no body file, though a scan still reading
+    /// it can finish.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn large_messages_are_scanned_from_the_spool_file() {
+    async fn large_messages_are_scanned_from_and_committed_with_their_body_file() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         let message: Vec<u8> = (0..1_000_000u32)
@@ -943,6 +1276,10 @@ mod tests {
             w.scan_body().await.unwrap(),
             mb_scan::Body::Memory(_)
         ));
+        w.commit(&envelope_for(&small, &["x@y.example"]))
+            .await
+            .unwrap();
+        assert_eq!(spool.stats().body_files, 0, "a small body is inline");
 
         let id = spool.new_id();
         let mut w = spool.create(&id).await.unwrap();
@@ -953,15 +1290,18 @@ mod tests {
         assert!(matches!(body, mb_scan::Body::File { .. }));
         assert_eq!(body.len(), message.len() as u64);
         assert!(body.read_all().unwrap() == message);
-        let env = Envelope {
-            id: id.clone(),
-            sender: "a@b.example".into(),
-            ..Default::default()
-        };
+        let env = envelope_for(&id, &["x@y.example"]);
         w.commit(&env).await.unwrap();
-        let (got, got_env) = read_message(&spool.incoming().join(&id)).unwrap();
+        assert_eq!(spool.stats().body_files, 1);
+        assert!(dir.path().join("bodies").join(&id).exists());
+        let (got, got_env) = spool.read_message(&id).unwrap();
         assert!(got == message);
         assert_eq!(got_env, env);
+        // And after a restart.
+        drop(spool);
+        let (spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!((rec.log.messages, rec.log.orphan_bodies), (2, 0));
+        assert!(spool.read_message(&id).unwrap().0 == message);
 
         // Refused after the scan began: the writer goes, the scan's handle still reads.
         let refused = spool.new_id();
@@ -969,84 +1309,94 @@ mod tests {
         w.write(&message).await.unwrap();
         let body = w.scan_body().await.unwrap();
         drop(w);
-        assert!(!dir.path().join("tmp").join(&refused).exists());
+        assert!(!dir.path().join("bodies").join(&refused).exists());
         assert!(body.read_all().unwrap() == message);
+        assert!(spool.locate(&refused).is_none());
     }
 
+    /// A commit is visible and readable once it returns, and survives a restart; an id
+    /// already in the spool is refused; an abandoned writer leaves nothing behind.
     #[tokio::test]
-    async fn commit_recover_and_detect_torn_files() {
-        let dir = std::env::temp_dir().join(format!("mb-spool-test-{}", std::process::id()));
-        let (spool, rec) = Spool::open(&dir).unwrap();
-        assert_eq!(rec, Recovery::default());
+    async fn commits_are_durable_unique_and_abandoned_ones_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!((rec.imported, rec.log.messages), (0, 0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        spool.on_commit(tx);
         let id = spool.new_id();
         assert_ne!(id, spool.new_id());
+        let env = envelope_for(&id, &["c@d.example"]);
         let mut w = spool.create(&id).await.unwrap();
         w.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
-        let env = Envelope {
-            id: id.clone(),
-            sender: "a@b.example".into(),
-            recipients: vec![Recipient {
-                address: "c@d.example".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
         w.commit(&env).await.unwrap();
-        let (msg, got) = read_message(&spool.incoming().join(&id)).unwrap();
-        assert_eq!(msg, b"Subject: hi\r\n\r\nbody\r\n");
-        assert_eq!(got, env);
+        assert_eq!(rx.try_recv().unwrap(), id, "the queue manager is told");
+        assert_eq!(spool.locate(&id), Some(Queue::Incoming));
 
-        // A commit never replaces a message already in incoming/.
-        let mut w = spool.create(&format!("{id}-again")).await.unwrap();
-        w.id = id.clone();
+        // A commit never replaces a message already in the spool.
+        let mut w = spool.create(&id).await.unwrap();
         w.write(b"other").await.unwrap();
         assert!(w.commit(&env).await.is_err());
         assert_eq!(
-            read_message(&spool.incoming().join(&id)).unwrap().0,
+            spool.read_message(&id).unwrap().0,
             b"Subject: hi\r\n\r\nbody\r\n"
-        );
-        assert_eq!(
-            std::fs::read_dir(dir.join("tmp")).unwrap().count(),
-            0,
-            "failed commit left a file"
         );
 
         // An abandoned writer leaves nothing behind.
         let other = spool.new_id();
         let mut w = spool.create(&other).await.unwrap();
-        w.write(b"partial").await.unwrap();
+        w.write(&b"x".repeat(300_000)).await.unwrap();
+        assert!(dir.path().join("bodies").join(&other).exists());
         drop(w);
-        assert!(!dir.join("tmp").join(&other).exists());
+        assert!(!dir.path().join("bodies").join(&other).exists());
+        assert!(spool.locate(&other).is_none());
 
-        // A crash mid-write leaves tmp/ files; a torn file in incoming/ is moved aside.
-        std::fs::write(dir.join("tmp/leftover"), b"half").unwrap();
-        let full = std::fs::read(spool.incoming().join(&id)).unwrap();
-        std::fs::write(spool.incoming().join("TORN"), &full[..full.len() - 3]).unwrap();
-        let (_, rec) = Spool::open(&dir).unwrap();
+        drop(spool);
+        let (spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!(rec.log.messages, 1);
+        let (msg, got) = spool.read_message(&id).unwrap();
         assert_eq!(
-            rec,
-            Recovery {
-                complete: 1,
-                torn: 1,
-                unfinished: 1
-            }
+            (msg.as_slice(), got),
+            (b"Subject: hi\r\n\r\nbody\r\n".as_slice(), env)
         );
-        assert!(dir.join("corrupt/TORN").exists());
-        // Queue operations: hold, release, delete; ids that could be paths are refused.
-        let (spool, _) = Spool::open(&dir).unwrap();
-        assert_eq!(spool.locate(&id).unwrap().0, Queue::Incoming);
-        spool.move_to(&id, Queue::Hold).unwrap();
-        assert_eq!(spool.locate(&id).unwrap().0, Queue::Hold);
+        assert!(!spool.is_poisoned());
+    }
+
+    /// A spool whose commit failed (the next segment's name taken, so the rotation
+    /// fails) is poisoned: that commit errs (the session's 451), a new message is
+    /// refused before it is received, and nothing was made visible.
+    #[tokio::test]
+    async fn a_poisoned_spool_refuses_new_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = mb_spool::Config {
+            segment_size: 0,
+            ..mb_spool::Config::default()
+        };
+        let (spool, _) = Spool::open_with(dir.path(), config).unwrap();
+        block_next_segment(dir.path());
+        let id = spool.new_id();
+        let mut w = spool.create(&id).await.unwrap();
+        w.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
         assert!(
-            dir.join("hold").join(&id).exists(),
-            "the queue is its directory"
+            w.commit(&envelope_for(&id, &["c@d.example"]))
+                .await
+                .is_err()
         );
-        assert_eq!(spool.counts().0, [0, 0, 1]);
-        spool.move_to(&id, Queue::Incoming).unwrap();
-        assert!(spool.locate("../incoming/x").is_none());
-        assert!(spool.delete("../../etc/passwd").is_err());
-        spool.delete(&id).unwrap();
+        assert!(spool.is_poisoned());
         assert!(spool.locate(&id).is_none());
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(spool.create(&spool.new_id()).await.is_err());
+    }
+
+    /// Puts a directory where the spool's next segment goes, so that its next rotation
+    /// fails (a spare segment file cannot be renamed over a directory either).
+    pub(crate) fn block_next_segment(root: &Path) {
+        let last = std::fs::read_dir(root.join("segments"))
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                u64::from_str_radix(name.strip_suffix(".seg")?, 16).ok()
+            })
+            .max()
+            .unwrap();
+        std::fs::create_dir(root.join("segments").join(format!("{:016X}.seg", last + 1))).unwrap();
     }
 }

@@ -12,7 +12,7 @@ use mb_core::EnhancedStatus;
 use mb_core::verdict::{Action, Direction, ScanRequest, Verdict};
 
 use crate::session::{Client, Listener, Session, Settings, Summary, TlsMode};
-use crate::spool::{Spool, read_message};
+use crate::spool::{Queue, Spool};
 
 /// Pacing of large messages from strangers (tests/data_rate.rs).
 mod data_rate;
@@ -120,8 +120,18 @@ struct T {
 
 impl T {
     async fn start(settings: Settings, ip: &str, listener: Listener) -> T {
+        T::start_with(settings, ip, listener, mb_spool::Config::default()).await
+    }
+
+    /// `start` on a spool of this layout.
+    async fn start_with(
+        settings: Settings,
+        ip: &str,
+        listener: Listener,
+        layout: mb_spool::Config,
+    ) -> T {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let (spool, _) = Spool::open_with(dir.path(), layout).unwrap();
         let spool = Arc::new(spool);
         let (client, server) = tokio::io::duplex(1 << 20);
         let s = spool.clone();
@@ -217,11 +227,7 @@ impl T {
     }
 
     fn spooled(&self) -> Vec<(Vec<u8>, crate::spool::Envelope)> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(self.spool.incoming()).unwrap() {
-            out.push(read_message(&e.unwrap().path()).unwrap());
-        }
-        out
+        self.spool.messages(Queue::Incoming)
     }
 
     async fn envelope(&mut self, from: &str, to: &[&str]) {
@@ -298,6 +304,40 @@ async fn a_message_is_spooled_with_its_envelope() {
         ("8BITMIME", "HDRS", "abc")
     );
     assert!(r.contains(&env.id));
+}
+
+/// 250 comes only once the message is durable: when the spool's commit fails (the
+/// next segment's name is taken, so its rotation fails and poisons it), that message
+/// gets 451, never 250, and the next one is refused at DATA.
+#[tokio::test]
+async fn a_message_gets_250_only_once_it_is_durable() {
+    let layout = mb_spool::Config {
+        // Every batch starts a new segment.
+        segment_size: 0,
+        ..mb_spool::Config::default()
+    };
+    let mut t = T::start_with(settings(), OUTSIDE, Listener::Smtp, layout).await;
+    t.cmd("EHLO client.example", 250).await;
+    let send = |n: u32| format!("Subject: {n}\r\n\r\nbody\r\n.\r\n");
+    t.cmd("MAIL FROM:<alice@sender.example>", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send(&send(1)).await;
+    t.expect(250).await;
+    crate::spool::tests::block_next_segment(t.dir.path());
+    t.cmd("MAIL FROM:<alice@sender.example>", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send(&send(2)).await;
+    let r = t.expect(451).await;
+    assert!(r.contains("4.3.0"), "{r}");
+    t.cmd("MAIL FROM:<alice@sender.example>", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 250).await;
+    t.cmd("DATA", 451).await;
+    assert!(t.spool.is_poisoned());
+    let spooled = t.spooled();
+    assert_eq!(spooled.len(), 1);
+    assert!(String::from_utf8_lossy(&spooled[0].0).ends_with("Subject: 1\r\n\r\nbody\r\n"));
 }
 
 #[tokio::test]
@@ -385,7 +425,7 @@ async fn size_and_recipient_limits() {
     assert!(r.contains("5.3.4"), "{r}");
     assert!(t.spooled().is_empty());
     assert!(
-        std::fs::read_dir(t.dir.path().join("tmp"))
+        std::fs::read_dir(t.dir.path().join("bodies"))
             .unwrap()
             .next()
             .is_none(),
@@ -447,7 +487,7 @@ async fn smuggling_probes_never_end_data_or_start_a_second_message() {
         assert_eq!(s.end, "smuggling attempt");
         assert!(t.spooled().is_empty(), "{probe:?} produced a message");
         assert!(
-            std::fs::read_dir(t.dir.path().join("tmp"))
+            std::fs::read_dir(t.dir.path().join("bodies"))
                 .unwrap()
                 .next()
                 .is_none()
@@ -692,14 +732,7 @@ async fn starttls_upgrades_and_is_recorded() {
     assert!(rest.contains("250 2.0.0 Ok: queued as"), "{rest}");
     let summary = t.task.take().unwrap().await.unwrap();
     assert!(summary.tls);
-    let dir = t.spool.incoming();
-    let file = std::fs::read_dir(dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let (msg, env) = read_message(&file).unwrap();
+    let (msg, env) = t.spool.messages(Queue::Incoming).remove(0);
     assert_eq!(env.protocol, "ESMTPS");
     let text = String::from_utf8_lossy(&msg);
     assert!(text.contains("(using TLSv1.3 with cipher TLS13_"), "{text}");
@@ -812,13 +845,7 @@ async fn auth_plain_and_login_under_tls() {
     assert!(tls_cmd(&mut tls, "QUIT").await.starts_with("221"));
     let s = task.await.unwrap();
     assert_eq!(s.auth, 2);
-    let file = std::fs::read_dir(spool.incoming())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let (_, env) = read_message(&file).unwrap();
+    let (_, env) = spool.messages(Queue::Incoming).remove(0);
     assert_eq!(
         (env.protocol.as_str(), env.auth_user.as_str()),
         ("ESMTPSA", "alice")

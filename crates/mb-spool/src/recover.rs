@@ -142,7 +142,7 @@ pub(crate) fn scan(root: &Path) -> Result<(Index, Recovery), SpoolError> {
 }
 
 /// The next offset after `from` where a whole record verifies, if any.
-fn resync(data: &[u8], from: usize, seq: u64) -> Option<usize> {
+pub(crate) fn resync(data: &[u8], from: usize, seq: u64) -> Option<usize> {
     let magic = record::RECORD_MAGIC.to_le_bytes();
     let mut at = from;
     while at + record::RECORD_HEADER <= data.len() {

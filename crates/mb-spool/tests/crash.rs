@@ -19,6 +19,7 @@ fn config() -> Config {
     Config {
         segment_size: 256 << 10,
         large_threshold: 32 << 10,
+        ..Config::default()
     }
 }
 

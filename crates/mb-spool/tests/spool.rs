@@ -38,6 +38,7 @@ fn small_segments() -> Config {
     Config {
         segment_size: 1,
         large_threshold: 1024,
+        ..Config::default()
     }
 }
 
@@ -288,6 +289,7 @@ fn compaction_moves_long_deferred_messages_forward() {
     let cfg = Config {
         segment_size: 16 << 10,
         large_threshold: 8 << 10,
+        ..Config::default()
     };
     let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
     let ids: Vec<String> = (0..60).map(|i| format!("M{i:02}")).collect();
@@ -374,7 +376,7 @@ proptest! {
     fn recovery_returns_exactly_what_was_acknowledged(ops in proptest::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let cfg = Config { segment_size: 2048, large_threshold: 1024 };
+        let cfg = Config { segment_size: 2048, large_threshold: 1024, ..Config::default() };
         let mut spool = Spool::open(root, cfg.clone()).unwrap().0;
         let mut model: BTreeMap<String, (State, Vec<u8>)> = BTreeMap::new();
         let mut next = 0;
@@ -441,6 +443,7 @@ fn recycled_segment_files_never_bring_old_records_back() {
     let cfg = Config {
         segment_size: 4096,
         large_threshold: 1 << 20,
+        ..Config::default()
     };
     let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
     for i in 0..120 {
@@ -499,6 +502,7 @@ fn a_done_record_outlives_the_commit_it_cancels() {
     let cfg = Config {
         segment_size: 600,
         large_threshold: 1 << 20,
+        ..Config::default()
     };
     let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
     // X, Y and Z share the first segment (Z fills it).
@@ -523,4 +527,276 @@ fn a_done_record_outlives_the_commit_it_cancels() {
     let (spool, rec) = Spool::open(root, cfg).unwrap();
     let ids: Vec<String> = spool.list().into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, ["V", "Y", "Z"], "{rec:?}");
+}
+
+/// A failed segment write (here: the next segment's name is already taken when the
+/// committer rotates) poisons the spool: the pending append fails, every later one is
+/// refused, and `is_poisoned` says so.
+#[test]
+fn a_failed_commit_poisons_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 0,
+        large_threshold: 1024,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), config).unwrap();
+    assert!(!spool.is_poisoned());
+    let active = segment_files(dir.path());
+    assert_eq!(active.len(), 1, "{active:?}");
+    let seq = u64::from_str_radix(active[0].file_stem().unwrap().to_str().unwrap(), 16).unwrap();
+    std::fs::write(
+        dir.path()
+            .join("segments")
+            .join(format!("{:016X}.seg", seq + 1)),
+        b"in the way",
+    )
+    .unwrap();
+    assert!(spool.append("A1", b"env", b"body").wait().is_err());
+    assert!(spool.is_poisoned());
+    assert!(matches!(
+        spool.append("A2", b"env", b"body").wait(),
+        Err(SpoolError::Poisoned)
+    ));
+    assert!(
+        spool.read("A1").is_err(),
+        "a failed commit is never visible"
+    );
+}
+
+/// `snapshot` sees what the spool holds (states, large bodies, done messages gone) and
+/// the log's order, and changes no file.
+#[test]
+fn a_snapshot_reads_the_queue_without_changing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        large_threshold: 1024,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), config).unwrap();
+    spool.append("M1", b"e1", b"small").wait().unwrap();
+    spool
+        .append("M2", b"e2", &body_for("M2", 5000))
+        .wait()
+        .unwrap();
+    spool.append("M3", b"e3", b"gone").wait().unwrap();
+    let held = State {
+        queue: Queue::Hold,
+        next_attempt: 7,
+        data: b"{}".to_vec(),
+    };
+    spool.set_state("M1", held.clone()).wait().unwrap();
+    spool.complete("M3").wait().unwrap();
+    let listing = |root: &Path| {
+        let mut v: Vec<_> = ["segments", "bodies"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path(), e.metadata().unwrap().len())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(dir.path());
+    let snap = mb_spool::snapshot(dir.path()).unwrap();
+    assert_eq!(listing(dir.path()), before);
+    let ids: Vec<&str> = snap.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["M1", "M2"]);
+    assert_eq!(snap.messages[0].state, held);
+    assert_eq!(snap.messages[0].body, b"small");
+    assert_eq!(snap.messages[1].body, body_for("M2", 5000));
+    assert_eq!(snap.messages[1].envelope, b"e2");
+    use mb_spool::LogKind;
+    let log: Vec<(LogKind, &str)> = snap.log.iter().map(|(k, id)| (*k, id.as_str())).collect();
+    assert_eq!(
+        log,
+        [
+            (LogKind::Commit, "M1"),
+            (LogKind::Commit, "M2"),
+            (LogKind::Commit, "M3"),
+            (LogKind::State, "M1"),
+            (LogKind::Done, "M3")
+        ]
+    );
+    assert_eq!(
+        mb_spool::snapshot(&dir.path().join("nothing")).unwrap(),
+        mb_spool::Snapshot::default()
+    );
+}
+
+/// A reclaim that fails after its batch was made durable does not fail that batch (its
+/// clients would resend it): the batch is acknowledged and the spool poisoned.
+#[test]
+fn a_failed_reclaim_acknowledges_the_durable_batch_and_poisons() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 0,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), config.clone()).unwrap();
+    spool.append("A1", b"env", b"body").wait().unwrap();
+    let segs = segment_files(dir.path());
+    let a1_seg = segs
+        .last()
+        .unwrap()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    // The segment A1 lies in cannot become a spare: its completion's reclaim fails.
+    std::fs::create_dir(dir.path().join("segments").join(format!("spare-{a1_seg}"))).unwrap();
+    spool.complete("A1").wait().unwrap();
+    assert!(spool.is_poisoned());
+    assert!(matches!(
+        spool.append("A2", b"env", b"body").wait(),
+        Err(SpoolError::Poisoned)
+    ));
+    drop(spool);
+    std::fs::remove_dir(dir.path().join("segments").join(format!("spare-{a1_seg}"))).unwrap();
+    let (spool, _) = Spool::open(dir.path(), config).unwrap();
+    assert_eq!(
+        spool.list(),
+        vec![],
+        "the acknowledged completion is durable"
+    );
+}
+
+/// On a poisoned spool a state change or completion is refused and changes nothing:
+/// the message keeps its state and stays listed.
+#[test]
+fn a_refused_change_leaves_the_message_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_size: 0,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(dir.path(), config).unwrap();
+    spool.append("A1", b"env", b"body").wait().unwrap();
+    let segs = segment_files(dir.path());
+    let seq = u64::from_str_radix(
+        segs.last().unwrap().file_stem().unwrap().to_str().unwrap(),
+        16,
+    )
+    .unwrap();
+    // A directory (a spare file would be renamed over a file) is in the way of the
+    // next segment: the next batch fails and poisons the spool.
+    std::fs::create_dir(
+        dir.path()
+            .join("segments")
+            .join(format!("{:016X}.seg", seq + 1)),
+    )
+    .unwrap();
+    assert!(spool.append("A2", b"env", b"body").wait().is_err());
+    assert!(spool.is_poisoned());
+    let held = State {
+        queue: Queue::Hold,
+        next_attempt: 7,
+        data: b"x".to_vec(),
+    };
+    assert!(matches!(
+        spool.set_state("A1", held).wait(),
+        Err(SpoolError::Poisoned)
+    ));
+    assert_eq!(spool.state("A1"), Some(State::default()));
+    assert!(matches!(
+        spool.complete("A1").wait(),
+        Err(SpoolError::Poisoned)
+    ));
+    assert_eq!(spool.list(), vec![("A1".to_string(), State::default())]);
+    assert!(spool.read("A1").is_ok());
+}
+
+/// One `compact` call copies about `compact_max_bytes`, so that a compaction after a
+/// drained backlog does not hold every survivor in memory; calls repeated until one
+/// copies nothing move every survivor, oldest segments first.
+#[test]
+fn one_compaction_copies_a_bounded_number_of_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 64 << 10,
+        large_threshold: 8 << 10,
+        compact_max_bytes: 10_000,
+    };
+    let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
+    let ids: Vec<String> = (0..40).map(|i| format!("C{i:02}")).collect();
+    for id in &ids {
+        spool
+            .append(id, id.as_bytes(), &body_for(id, 4000))
+            .wait()
+            .unwrap();
+    }
+    // Every other message finishes: each closed segment is about half live.
+    let survivors: Vec<&String> = ids.iter().step_by(2).collect();
+    for id in ids.iter().skip(1).step_by(2) {
+        spool.complete(id).wait().unwrap();
+    }
+    let first = segment_files(root).remove(0);
+    let mut calls = Vec::new();
+    loop {
+        let n = spool.compact(0.6).unwrap();
+        if n == 0 {
+            break;
+        }
+        // A copy is about 4 KiB: at most the 10,000 bytes and one record more.
+        assert!(n <= 3, "one compaction copied {n} records");
+        calls.push(n);
+        assert!(calls.len() < 40, "compaction does not finish: {calls:?}");
+    }
+    assert!(calls.len() >= 4, "{calls:?}");
+    assert!(!first.exists(), "compaction left {first:?}");
+    drop(spool);
+    let (spool, rec) = Spool::open(root, cfg).unwrap();
+    assert_eq!(rec.messages, survivors.len());
+    for id in survivors {
+        let m = spool.read(id).unwrap();
+        assert_eq!(m.body.read_all().unwrap(), body_for(id, 4000));
+    }
+}
+
+/// `list_brief` gives what `list` does (ids in order, queue, next attempt) without the
+/// states' data, and leaves out finished and finishing messages.
+#[test]
+fn list_brief_gives_queues_and_retry_times_without_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+    for id in ["B1", "B2", "B3", "B4"] {
+        spool.append(id, b"env", b"body").wait().unwrap();
+    }
+    let deferred = State {
+        queue: Queue::Deferred,
+        next_attempt: 1_700_000_000,
+        data: vec![b'd'; 8000],
+    };
+    spool.set_state("B2", deferred.clone()).wait().unwrap();
+    spool
+        .set_state(
+            "B4",
+            State {
+                queue: Queue::Hold,
+                next_attempt: 0,
+                data: b"held".to_vec(),
+            },
+        )
+        .wait()
+        .unwrap();
+    spool.complete("B3").wait().unwrap();
+    assert_eq!(
+        spool.list_brief(),
+        vec![
+            ("B1".to_string(), Queue::Incoming, 0),
+            ("B2".to_string(), Queue::Deferred, 1_700_000_000),
+            ("B4".to_string(), Queue::Hold, 0),
+        ]
+    );
+    let full: Vec<(String, Queue, u64)> = spool
+        .list()
+        .into_iter()
+        .map(|(id, s)| (id, s.queue, s.next_attempt))
+        .collect();
+    assert_eq!(full, spool.list_brief());
+    assert_eq!(spool.state("B2"), Some(deferred));
 }

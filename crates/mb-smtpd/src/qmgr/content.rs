@@ -1,20 +1,20 @@
-//! The message as delivered: the spool file's message with the verdict's header changes
+//! The message as delivered: the spooled message with the verdict's header changes
 //! applied. A small message is read whole, as it always was; a large one keeps only its
-//! header section in memory and is streamed from the spool file for each transaction
-//! (`mb_smtp::client::Body::streamed`), so delivering it never holds it whole.
+//! header section in memory and is streamed from the spool (its body file, or its
+//! segment) for each transaction (`mb_smtp::client::Body::streamed`), so delivering it
+//! never holds it whole.
 
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use mb_core::message::with_headers;
 use mb_smtp::client::{Body, DATA_CHUNK};
 
 use crate::dsn::Original;
-use crate::spool::{self, Envelope, Spooled};
+use crate::spool::{Body as Spooled, Envelope};
 
-/// Spool files up to this size are read whole, in one read as before streaming: the
+/// Messages up to this size are read whole, in one read as before streaming: the
 /// fast path of small mail. It is above `dsn::RETURN_LIMIT`, so a message a bounce may
 /// return whole is always at hand whole.
 pub(super) const WHOLE_LIMIT: u64 = 256 * 1024;
@@ -33,7 +33,8 @@ pub(super) struct Content {
     eight_bit: bool,
 }
 
-/// The part of a large message that stays in the spool file.
+/// The part of a large message that stays in the spool: `len` bytes at `offset` of
+/// `file`.
 struct Rest {
     file: Arc<std::fs::File>,
     offset: u64,
@@ -41,14 +42,12 @@ struct Rest {
 }
 
 impl Content {
-    /// Opens the spool file at `path` (blocking: call it on the blocking pool).
-    pub(super) fn load(path: &Path) -> io::Result<(Content, Envelope)> {
-        let (spooled, env) = spool::open_message(path, WHOLE_LIMIT)?;
-        let content = match spooled {
-            Spooled::Memory(m) => Content::whole(&m, &env),
-            Spooled::File { file, len } => Content::from_file(file, len, &env)?,
-        };
-        Ok((content, env))
+    /// Reads a spooled message's body (blocking: call it on the blocking pool).
+    pub(super) fn load(body: &Spooled, env: &Envelope) -> io::Result<Content> {
+        if body.len() <= WHOLE_LIMIT {
+            return Ok(Content::whole(&body.read_all()?, env));
+        }
+        Content::from_file(body.file().clone(), body.offset(), body.len(), env)
     }
 
     fn whole(message: &[u8], env: &Envelope) -> Content {
@@ -60,9 +59,15 @@ impl Content {
         }
     }
 
-    fn from_file(file: std::fs::File, len: u64, env: &Envelope) -> io::Result<Content> {
+    /// The message is bytes `base..base + len` of `file`.
+    fn from_file(
+        file: Arc<std::fs::File>,
+        base: u64,
+        len: u64,
+        env: &Envelope,
+    ) -> io::Result<Content> {
         let mut first = vec![0u8; usize::try_from(len.min(HEAD_LIMIT)).unwrap_or(0)];
-        file.read_exact_at(&mut first, 0)?;
+        file.read_exact_at(&mut first, base)?;
         // Where the header section ends, exactly as `with_headers` finds it.
         let split = if first.starts_with(b"\r\n") {
             Some(0)
@@ -74,18 +79,18 @@ impl Content {
         };
         let Some(split) = split else {
             let mut message = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
-            file.read_exact_at(&mut message, 0)?;
+            file.read_exact_at(&mut message, base)?;
             return Ok(Content::whole(&message, env));
         };
         first.truncate(split);
         let head = with_headers(&first, &env.add_headers, &env.remove_headers);
         let offset = split as u64;
-        let eight_bit = !head.is_ascii() || has_eight_bit(&file, offset, len)?;
+        let eight_bit = !head.is_ascii() || has_eight_bit(&file, base + offset, base + len)?;
         Ok(Content {
             head,
             rest: Some(Rest {
-                file: Arc::new(file),
-                offset,
+                file,
+                offset: base + offset,
                 len: len - offset,
             }),
             eight_bit,
@@ -144,7 +149,7 @@ fn has_eight_bit(file: &std::fs::File, from: u64, to: u64) -> io::Result<bool> {
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the spool file is shorter than its message",
+                "the spool is shorter than its message",
             ));
         }
         if !buf[..n].is_ascii() {
@@ -160,16 +165,11 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    /// Writes `message` as a spool file with `env`.
-    fn spool_file(dir: &Path, message: &[u8], env: &Envelope) -> std::path::PathBuf {
-        let json = env.to_json();
-        let mut file = message.to_vec();
-        file.extend_from_slice(json.as_bytes());
-        file.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        file.extend_from_slice(spool::MAGIC);
-        let path = dir.join("00000001A2B3C4D5");
-        std::fs::write(&path, file).unwrap();
-        path
+    /// Appends `message` to a spool as message `id` and reads it back. Bodies under
+    /// 1 MiB stay inline in the segment (after other records), larger ones get a file.
+    async fn spooled(log: &mb_spool::Spool, id: &str, message: &[u8]) -> Spooled {
+        log.append(id, b"{}", message).await.unwrap();
+        log.read(id).unwrap().body
     }
 
     /// Everything a transaction sends, read back.
@@ -188,6 +188,15 @@ mod tests {
     #[tokio::test]
     async fn a_large_message_is_streamed_and_sent_as_the_whole_would_be() {
         let dir = tempfile::tempdir().unwrap();
+        let config = mb_spool::Config {
+            large_threshold: 1 << 20,
+            ..mb_spool::Config::default()
+        };
+        let (log, _) = mb_spool::Spool::open(dir.path(), config).unwrap();
+        log.append("FIRST", b"{}", b"a record before the others")
+            .await
+            .unwrap();
+        let mut n = 0;
         let body: Vec<u8> = b"line of body text\r\n".repeat(20_000);
         let cases: Vec<(Vec<u8>, bool)> = vec![
             (
@@ -205,6 +214,11 @@ mod tests {
             ),
             // No header section end within HEAD_LIMIT: read whole.
             (b"X-Long: aaaaaaaaaaaaaaaa\r\n".repeat(50_000), false),
+            // In a body file of its own.
+            (
+                [b"Subject: huge\r\n\r\n".as_slice(), &body, &body, &body].concat(),
+                true,
+            ),
             (
                 b"X-Spam: yes\r\nSubject: small\r\n\r\nbody\r\n".to_vec(),
                 false,
@@ -224,9 +238,9 @@ mod tests {
                     remove_headers: remove.clone(),
                     ..Default::default()
                 };
-                let path = spool_file(dir.path(), message, &env);
-                let (content, got_env) = Content::load(&path).unwrap();
-                assert_eq!(got_env, env);
+                n += 1;
+                let body = spooled(&log, &format!("M{n}"), message).await;
+                let content = Content::load(&body, &env).unwrap();
                 assert_eq!(content.rest.is_some(), *streamed, "{}", message.len());
                 let expected = with_headers(message, &add, &remove);
                 assert_eq!(content.eight_bit, !expected.is_ascii());

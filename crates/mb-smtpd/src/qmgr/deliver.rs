@@ -584,7 +584,7 @@ mod tests {
     use crate::dns::Dns;
     use crate::qmgr::tests::{config, queue_message, sink, wait_for};
     use crate::qmgr::{Clock, Manager};
-    use crate::spool::{self, Queue, RecipientState, Spool};
+    use crate::spool::{Queue, RecipientState, Spool};
 
     #[tokio::test]
     async fn mandatory_tls_never_falls_back_to_plaintext() {
@@ -615,11 +615,10 @@ mod tests {
         tokio::spawn(m.clone().run(shutdown.clone()));
         let id = queue_message(&spool, m.clock.unix(), &["user@plain.example"]).await;
         wait_for("the deferral", || {
-            spool.locate(&id).is_some_and(|(q, _)| q == Queue::Deferred)
+            spool.locate(&id) == Some(Queue::Deferred)
         })
         .await;
-        let (_, env) = spool::read_message(&spool.locate(&id).unwrap().1).unwrap();
-        let st = spool.load_state(&env);
+        let st = spool.read(&id).unwrap().state;
         assert_eq!(st.recipients[0].state, RecipientState::Deferred);
         assert!(
             st.recipients[0].last_error.contains("TLS is required")

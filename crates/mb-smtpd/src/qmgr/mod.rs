@@ -1,8 +1,8 @@
-//! The queue manager: takes committed messages from `incoming/`, routes every recipient
-//! (transport table, relay host, MX), delivers with connection reuse and concurrency
-//! limits, keeps each recipient's state durably in `state/ID`, retries temporary
-//! failures from `deferred/` with exponential backoff, and sends delay warnings and
-//! bounces as DSNs.
+//! The queue manager: takes committed messages from the incoming queue, routes every
+//! recipient (transport table, relay host, MX), delivers with connection reuse and
+//! concurrency limits, keeps each recipient's state durably in the spool (the message's
+//! `DeliveryState`), retries temporary failures from the deferred queue with exponential
+//! backoff, and sends delay warnings and bounces as DSNs.
 //!
 //! Split by concern, as Postfix splits `qmgr_*.c`: this module schedules (the run loop,
 //! concurrency, the connection cache, retries) and settles one attempt of a message;
@@ -11,11 +11,14 @@
 //! `notify.rs` tells the sender and the message log, `tls.rs` holds the TLS client
 //! configurations.
 //!
-//! Crash safety: the message file is never changed. A recipient's success is written to
-//! the state file (fsynced) before anything else happens to the message, and the message
-//! is removed only when every recipient is delivered or bounced. A crash can therefore
-//! repeat a delivery whose 250 was not yet recorded (the window Postfix has too), never
-//! lose one.
+//! Crash safety: the message itself is never changed. A DSN is appended to the spool and
+//! durable before the state or completion of the message it reports on is written, so a
+//! crash can repeat a notice, never lose one (a success notice the spool refuses to write
+//! is logged and dropped, see `notify`). A deferral's state is awaited. A message
+//! every recipient of which is delivered or bounced is completed, and that completion is
+//! queued, not awaited: a crash before its batch is durable repeats the delivery (the
+//! RFC 1047 window, one batch long), never loses one. Nothing is delivered while the
+//! spool is poisoned.
 
 mod content;
 mod deliver;
@@ -25,6 +28,7 @@ pub(crate) mod tls;
 mod trouble;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,7 +40,7 @@ use mb_runtime::lifecycle::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::dns::Dns;
-use crate::spool::{self, DeliveryState, Envelope, Queue, Recipient, RecipientState, Spool};
+use crate::spool::{Change, DeliveryState, Envelope, Queue, Recipient, RecipientState, Spool};
 use content::Content;
 use deliver::Session;
 use notify::Handoff;
@@ -125,7 +129,7 @@ struct Delivery<'a> {
     cfg: &'a Config,
     env: &'a Envelope,
     /// The message as delivered (the verdict's header changes applied), streamed from
-    /// the spool file when it is large.
+    /// the spool when it is large.
     message: &'a Content,
     /// Unix seconds at the start of the attempt.
     now: u64,
@@ -217,23 +221,18 @@ impl Manager {
         }
     }
 
-    /// At start: drops states of messages that are gone and schedules `deferred/`.
+    /// At start: schedules the deferred messages the spool's recovery found, each at
+    /// its next attempt (the incoming ones are dispatched by `scan_incoming`).
     fn recover_schedule(&self) {
-        let pruned = self.spool.prune_states();
-        if pruned > 0 {
-            tracing::info!(pruned, "removed delivery states of messages that are gone");
-        }
-        for id in self.spool.ids(Queue::Deferred).unwrap_or_default() {
-            let next = self
-                .spool
-                .locate(&id)
-                .and_then(|(_, p)| spool::open_message(&p, 0).ok())
-                .map_or(0, |(_, env)| self.spool.load_state(&env).next_attempt);
-            self.lock_schedule().insert(id, next);
+        let mut schedule = self.lock_schedule();
+        for (id, queue, next) in self.spool.list() {
+            if queue == Queue::Deferred {
+                schedule.insert(id, next);
+            }
         }
     }
 
-    /// Once a second: due retries, stale idle sessions, and `incoming/` again when
+    /// Once a second: due retries, stale idle sessions, and the incoming queue again when
     /// delivery was just enabled (and every 30 s). Returns whether delivery is enabled.
     fn on_tick(self: &Arc<Self>, ticks: u64, was_enabled: bool) -> bool {
         let enabled = self.follower.current().bool("queue.delivery_enabled");
@@ -243,7 +242,7 @@ impl Manager {
         }
         self.dispatch_due();
         self.sweep_pool();
-        // A safety net: anything in incoming/ that was not announced.
+        // A safety net: anything incoming that was not announced.
         if ticks.is_multiple_of(30) {
             self.scan_incoming();
         }
@@ -272,13 +271,18 @@ impl Manager {
         n
     }
 
-    /// Tells the manager to look at `incoming/` again (after release or requeue).
+    /// Whether a delivery attempt of `id` is running now.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.active.lock().is_ok_and(|a| a.contains(id))
+    }
+
+    /// Tells the manager to look at the incoming queue again (after release or requeue).
     pub fn poke(&self) {
         self.wake.notify_one();
     }
 
     fn scan_incoming(self: &Arc<Self>) {
-        for id in self.spool.ids(Queue::Incoming).unwrap_or_default() {
+        for id in self.spool.ids(Queue::Incoming) {
             self.dispatch(id);
         }
     }
@@ -305,13 +309,11 @@ impl Manager {
     }
 
     fn dispatch(self: &Arc<Self>, id: String) {
-        if !self.follower.current().bool("queue.delivery_enabled") {
+        // A poisoned spool cannot record what a delivery did: deliver nothing (logged
+        // once by `is_poisoned`) until a restart recovers it.
+        if !self.follower.current().bool("queue.delivery_enabled") || self.spool.is_poisoned() {
             // Stays where it is; the tick re-scans when delivery is enabled again.
-            if self
-                .spool
-                .locate(&id)
-                .is_some_and(|(q, _)| q == Queue::Deferred)
-            {
+            if self.spool.locate(&id) == Some(Queue::Deferred) {
                 self.lock_schedule().insert(id, self.clock.unix() + 1);
             }
             return;
@@ -349,14 +351,23 @@ impl Manager {
         if d.age >= d.lifetime {
             expire(&mut state, d.age);
         }
-        self.count(&before, &state);
+        // The notices are durable before anything below records what they report (a
+        // bounce that could not be queued leaves its recipients deferred).
         self.notify(&d, &mut state, &before, &handoffs).await;
+        self.count(&before, &state);
         self.event(&env, &state, message.len());
 
         if state.settled() {
             // The usual case: everything went on the first attempt, no state to write.
-            let (spool, idc) = (self.spool.clone(), id.to_string());
-            let _ = tokio::task::spawn_blocking(move || spool.remove_delivered(&idc)).await;
+            // The completion is queued, not awaited: should the process die before its
+            // batch is durable, the message is delivered again (RFC 1047's window).
+            match self.spool.change(id, |_, _| (Change::Complete, ())) {
+                Ok((pending, ())) => drop(pending),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::error!(id = %id, cause = %e, "cannot complete a delivered message")
+                }
+            }
             tracing::debug!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "message done");
             return;
         }
@@ -366,18 +377,19 @@ impl Manager {
     /// Opens a queued message and reads its delivery state, unless it is on hold or
     /// gone. A large message stays in its file (`Content`).
     async fn load(&self, id: &str) -> Option<(Content, Envelope, DeliveryState)> {
-        // File system work goes to the blocking pool: a metadata operation can wait for a
-        // journal commit, and the runtime's threads serve every SMTP session meanwhile.
+        // Reads go to the blocking pool: the runtime's threads serve every SMTP session
+        // meanwhile.
         let (spool, idc) = (self.spool.clone(), id.to_string());
         let read = tokio::task::spawn_blocking(move || {
-            let (queue, path) = spool.locate(&idc)?;
-            if queue == Queue::Hold {
+            let q = match spool.read(&idc) {
+                Ok(q) => q,
+                Err(e) if e.is_not_found() => return None,
+                Err(e) => return Some(Err(io::Error::other(e))),
+            };
+            if q.queue == Queue::Hold {
                 return None;
             }
-            Some(Content::load(&path).map(|(m, env)| {
-                let state = spool.load_state(&env);
-                (m, env, state)
-            }))
+            Some(Content::load(&q.body, &q.envelope).map(|m| (m, q.envelope, q.state)))
         })
         .await;
         match read {
@@ -480,8 +492,8 @@ impl Manager {
         }
     }
 
-    /// Schedules the next attempt (backoff, never past expiry), writes the state and
-    /// moves a new message to `deferred/`.
+    /// Schedules the next attempt (backoff, never past expiry) and writes the state with
+    /// the message in the deferred queue (a held one stays on hold, unscheduled).
     async fn reschedule(&self, id: &str, d: &Delivery<'_>, mut state: DeliveryState) {
         let backoff = backoff(
             state.attempts,
@@ -491,26 +503,28 @@ impl Manager {
         // Never retry after the lifetime without bouncing: the last try is at expiry.
         state.next_attempt = (d.now + backoff.as_secs()).min(d.expiry()).max(d.now + 1);
         let next = state.next_attempt;
-        // Scheduled before the move, so a flush that sees it in deferred/ finds it.
+        // Scheduled before the change, so a flush that sees it deferred finds it.
         self.lock_schedule().insert(id.to_string(), next);
-        let (spool, idc) = (self.spool.clone(), id.to_string());
-        let schedule = tokio::task::spawn_blocking(move || {
-            if let Err(e) = spool.save_state(&idc, &state) {
-                tracing::error!(id = %idc, cause = %e, "cannot write the delivery state; will retry");
+        let written = self
+            .spool
+            .update(id, |queue, _| {
+                // An administrator's hold made during the attempt stands.
+                let to = if queue == Queue::Hold {
+                    Queue::Hold
+                } else {
+                    Queue::Deferred
+                };
+                (Change::Set(to, Some(state)), to == Queue::Deferred)
+            })
+            .await;
+        let schedule = match written {
+            Ok(deferred) => deferred,
+            Err(e) if e.is_not_found() => false,
+            Err(e) => {
+                tracing::error!(id = %id, cause = %e, "cannot write the delivery state; will retry");
+                true
             }
-            match spool.locate(&idc) {
-                Some((Queue::Incoming, _)) => {
-                    if let Err(e) = spool.move_to(&idc, Queue::Deferred) {
-                        tracing::error!(id = %idc, cause = %e, "cannot move to deferred/");
-                    }
-                    true
-                }
-                Some((Queue::Hold, _)) | None => false,
-                Some((Queue::Deferred, _)) => true,
-            }
-        })
-        .await
-        .unwrap_or(true);
+        };
         if !schedule {
             self.lock_schedule().remove(id);
         }
@@ -747,7 +761,9 @@ mod tests {
         w.write(b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n")
             .await
             .unwrap();
-        w.commit(&env).await.unwrap();
+        // Waited for on the blocking pool: paused time stands still meanwhile (see
+        // `spool::Wait`), so the first attempt starts when the message was queued.
+        w.commit_off_thread(&env).await.unwrap();
         id
     }
 
@@ -755,9 +771,8 @@ mod tests {
     fn notices(spool: &Spool) -> Vec<String> {
         let mut out = Vec::new();
         for q in [Queue::Incoming, Queue::Deferred] {
-            for id in spool.ids(q).unwrap() {
-                if let Some((_, p)) = spool.locate(&id)
-                    && let Ok((msg, env)) = spool::read_message(&p)
+            for id in spool.ids(q) {
+                if let Ok((msg, env)) = spool.read_message(&id)
                     && env.sender.is_empty()
                 {
                     out.push(String::from_utf8_lossy(&msg).into_owned());
@@ -765,6 +780,26 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Asserts, from the log on disk, that a notice was committed before the `Done` of
+    /// message `id` (waiting for that `Done`, which is queued, not awaited).
+    async fn notice_before_completion(root: &std::path::Path, id: &str) {
+        use mb_spool::LogKind;
+        let log = || mb_spool::snapshot(root).unwrap().log;
+        wait_for("the completion on disk", || {
+            log().iter().any(|(k, i)| *k == LogKind::Done && i == id)
+        })
+        .await;
+        let log = log();
+        let done = log.iter().position(|(k, i)| *k == LogKind::Done && i == id);
+        let notice = log
+            .iter()
+            .position(|(k, i)| *k == LogKind::Commit && i != id);
+        assert!(
+            notice.is_some_and(|n| Some(n) < done),
+            "the notice is not before the completion: {log:?}"
+        );
     }
 
     fn fixed_dns() -> Dns {
@@ -817,7 +852,7 @@ mod tests {
         )
         .await;
         wait_for("the deferral", || {
-            spool.locate(&id).is_some_and(|(q, _)| q == Queue::Deferred)
+            spool.locate(&id) == Some(Queue::Deferred)
         })
         .await;
         {
@@ -827,8 +862,7 @@ mod tests {
             assert_eq!(got[0].1, ["ok1@served.example", "ok2@Served.Example"]);
             assert_eq!(got[0].2, b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n");
         }
-        let (_, env) = spool::read_message(&spool.locate(&id).unwrap().1).unwrap();
-        let st = spool.load_state(&env);
+        let st = spool.read(&id).unwrap().state;
         let states: Vec<RecipientState> = st.recipients.iter().map(|r| r.state).collect();
         assert_eq!(
             states,
@@ -859,14 +893,10 @@ mod tests {
         // A flush retries at once; delivered recipients are not sent again.
         tmp_ok.store(true, Ordering::SeqCst);
         assert_eq!(m.flush(Some(&id)), 1);
-        wait_for("the retry", || {
-            spool.locate(&id).is_none() && !spool.has_state(&id)
-        })
-        .await;
+        wait_for("the retry", || spool.locate(&id).is_none()).await;
         let got = got.lock().unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(got[1].1, ["tmp@served.example"]);
-        assert!(!spool.has_state(&id));
         assert!(
             m.counters.reused.load(Ordering::Relaxed)
                 + m.counters.connections.load(Ordering::Relaxed)
@@ -923,6 +953,8 @@ mod tests {
         w.commit(&env).await.unwrap();
         tokio::spawn(m.clone().run(shutdown.clone()));
         wait_for("the delivery", || spool.locate(&id).is_none()).await;
+        // The bounce was durable before the completion of the message it reports on.
+        notice_before_completion(&dir.path().join("spool"), &id).await;
         {
             let got = got.lock().unwrap();
             assert_eq!(got.len(), 1);
@@ -956,25 +988,47 @@ mod tests {
         tokio::spawn(m.clone().run(shutdown.clone()));
         let t0 = clock.unix();
         let id = queue_message(&spool, t0, &["user@nowhere.example"]).await;
-        let attempts = |spool: &Spool| {
-            spool.locate(&id).map(|(_, p)| {
-                let (_, env) = spool::read_message(&p).unwrap();
-                spool.load_state(&env).attempts
-            })
-        };
+        let attempts = |spool: &Spool| spool.read(&id).ok().map(|q| q.state.attempts);
         let until = |mins: u64| async move {
             while clock.unix() < t0 + mins * 60 {
                 tokio::time::sleep(Duration::from_secs(20)).await;
             }
         };
+        // An attempt's writes wait for the spool's committer thread, in real time, while
+        // paused time may run on: what an attempt wrote is looked for in real time.
+        let settled = |want: Option<u32>| {
+            let spool = spool.clone();
+            let id = id.clone();
+            async move {
+                for _ in 0..500 {
+                    if spool.read(&id).ok().map(|q| q.state.attempts) == want {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    tokio::task::yield_now().await;
+                }
+                false
+            }
+        };
         // Attempts at 0, 5m, 15m, 35m, 65m, 95m, ... (doubling from 5m, at most 30m).
         for (at, want) in [(4, 1), (6, 2), (14, 2), (16, 3), (36, 4), (64, 4)] {
             until(at).await;
-            assert_eq!(attempts(&spool), Some(want), "at {at}m");
+            assert!(
+                settled(Some(want)).await,
+                "at {at}m: {:?}; now {} schedule {:?} active {:?} list {:?}",
+                attempts(&spool),
+                clock.unix() - t0,
+                m.lock_schedule()
+                    .iter()
+                    .map(|(i, t)| (i.clone(), t.saturating_sub(t0)))
+                    .collect::<Vec<_>>(),
+                m.active.lock().unwrap(),
+                spool.list(),
+            );
         }
         assert!(notices(&spool).is_empty(), "no delay warning before 1h");
         until(66).await;
-        assert_eq!(attempts(&spool), Some(5));
+        assert!(settled(Some(5)).await, "{:?}", attempts(&spool));
         let n = notices(&spool);
         assert_eq!(n.len(), 1, "one delay warning");
         assert!(n[0].contains("Action: delayed") && n[0].contains("Will-Retry-Until:"));
@@ -984,7 +1038,7 @@ mod tests {
             "still retried before the lifetime"
         );
         until(181).await;
-        assert_eq!(attempts(&spool), None, "bounced and removed at 3h");
+        assert!(settled(None).await, "bounced and removed at 3h");
         let n = notices(&spool);
         assert_eq!(n.len(), 2, "the warning and the bounce");
         let bounce = n
@@ -1077,11 +1131,10 @@ mod tests {
             .unwrap();
         w.commit(&env).await.unwrap();
         wait_for("the deferral", || {
-            spool.locate(&id).is_some_and(|(q, _)| q == Queue::Deferred)
+            spool.locate(&id) == Some(Queue::Deferred)
         })
         .await;
-        let (_, env) = spool::read_message(&spool.locate(&id).unwrap().1).unwrap();
-        let st = spool.load_state(&env);
+        let st = spool.read(&id).unwrap().state;
         let states: Vec<(&str, RecipientState, &str)> = st
             .recipients
             .iter()

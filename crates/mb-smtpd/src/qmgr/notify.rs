@@ -27,8 +27,13 @@ pub(super) struct Handoff {
 
 impl Manager {
     /// Tells the sender what this attempt settled (bounces, success notices) and, once
-    /// `queue.delay_warning` has passed, what is still waiting. The notices are written
-    /// to the spool before the state that settles them.
+    /// `queue.delay_warning` has passed, what is still waiting. Each notice is durable
+    /// in the spool when this returns, before the state or completion that settles
+    /// it is written: a crash can repeat a notice, never lose one. A bounce that cannot
+    /// be queued leaves its recipients deferred (the message is kept and the bounce
+    /// tried again), a delay warning that cannot be queued stays due. A success notice
+    /// that cannot be queued is only logged: its recipients were delivered, and keeping
+    /// them would deliver them twice.
     pub(super) async fn notify(
         &self,
         d: &Delivery<'_>,
@@ -37,8 +42,16 @@ impl Manager {
         handoffs: &[Handoff],
     ) {
         let (failed, succeeded) = settled_reports(d.env, state, before, handoffs);
-        self.notify_sender(d.cfg, d.env, d.message.original(), &failed, None)
-            .await;
+        if !self
+            .notify_sender(d.cfg, d.env, d.message.original(), &failed, None)
+            .await
+        {
+            for (r, was) in state.recipients.iter_mut().zip(before) {
+                if r.state == RecipientState::Bounced && *was != RecipientState::Bounced {
+                    r.state = RecipientState::Deferred;
+                }
+            }
+        }
         self.notify_sender(d.cfg, d.env, d.message.original(), &succeeded, None)
             .await;
         let warning = d.cfg.duration("queue.delay_warning").as_secs();
@@ -49,16 +62,18 @@ impl Manager {
                 .iter()
                 .any(|r| r.state == RecipientState::Deferred)
             {
-                state.delay_warned = true;
                 let until = SystemTime::UNIX_EPOCH + Duration::from_secs(d.expiry());
-                self.notify_sender(d.cfg, d.env, d.message.original(), &delayed, Some(until))
+                state.delay_warned = self
+                    .notify_sender(d.cfg, d.env, d.message.original(), &delayed, Some(until))
                     .await;
             }
         }
     }
 
-    /// Writes a DSN about `env` into the spool (null sender, to the original sender).
-    /// Nothing goes to the null sender: a notice about a notice would loop.
+    /// Writes a DSN about `env` into the spool (null sender, to the original sender)
+    /// and waits until it is durable. Nothing goes to the null sender: a notice about a
+    /// notice would loop. Returns false only when a notice was due and could not be
+    /// queued.
     async fn notify_sender(
         &self,
         cfg: &Config,
@@ -66,15 +81,15 @@ impl Manager {
         message: dsn::Original<'_>,
         reports: &[Report],
         until: Option<SystemTime>,
-    ) {
+    ) -> bool {
         if reports.is_empty() || env.sender.is_empty() {
-            return;
+            return true;
         }
         let internet = from_internet(cfg, env);
         if internet && reports.iter().any(|r| r.action != Action::Failed) {
             tracing::info!(id = %env.id, to = %env.sender, action = ?reports[0].action,
                 "no notice to the sender of mail from the internet (only failures are reported)");
-            return;
+            return true;
         }
         let headers_only;
         let env = if internet {
@@ -93,15 +108,18 @@ impl Manager {
         let written = async {
             let mut w = self.spool.create(&id).await?;
             w.write(&body).await?;
-            w.commit(&notice).await
+            w.commit_off_thread(&notice).await
         };
-        match written.await {
+        let written: Result<(), crate::spool::Error> = written.await;
+        match written {
             Ok(()) => {
                 self.counters.notices.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(id = %env.id, notice = %id, to = %env.sender, action = ?reports[0].action, "sender notified");
+                true
             }
             Err(e) => {
-                tracing::error!(id = %env.id, cause = %e, "cannot queue a delivery status notification")
+                tracing::error!(id = %env.id, cause = %e, "cannot queue a delivery status notification");
+                false
             }
         }
     }

@@ -2,7 +2,7 @@
 //! a delivery attempt can fail is a `DeliveryError` variant, and this module alone
 //! decides what each one means: the text recorded for the recipient and sent in a
 //! bounce, whether it is permanent (the recipient bounces) or transient (it waits in
-//! `deferred/`), and whether the connection loop tries the next address.
+//! the deferred queue), and whether the connection loop tries the next address.
 //!
 //! Per recipient, an attempt ends as Stalwart's `Status`: accepted (`Accepted`), or
 //! failed with an error that says whether it is final. Scheduling the next attempt is
@@ -82,7 +82,7 @@ pub enum DeliveryError {
     /// The session broke during the transaction (I/O error, timeout, protocol error).
     #[error("451 4.4.2 {remote} lost the session: {cause}")]
     SessionLost { remote: String, cause: String },
-    /// The queued message could not be read for the transaction (its spool file is
+    /// The queued message could not be read for the transaction (a large one is
     /// streamed, not held in memory): a local problem, tried again later.
     #[error("451 4.3.0 cannot read the queued message: {0}")]
     Spool(String),

@@ -53,7 +53,7 @@ impl<'a> Session<'a> {
         let mut writer = match self.spool.create(&id).await {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(cause = %e, "cannot create a spool file");
+                tracing::error!(cause = %e, "cannot start a message in the spool");
                 self.tx = None;
                 return self
                     .error(Reply::new(
@@ -488,7 +488,7 @@ impl<'a> Session<'a> {
                 Reply::new(250, EnhancedStatus::OK, format!("Ok: queued as {id}"))
             }
             Err(e) => {
-                tracing::error!(cause = %e, "cannot commit a spool file");
+                tracing::error!(cause = %e, "cannot commit a message to the spool");
                 Reply::new(
                     451,
                     EnhancedStatus::SYSTEM_TEMPORARY,

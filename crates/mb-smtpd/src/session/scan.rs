@@ -1,6 +1,6 @@
 //! The filter's verdict before the 250: the scan request, and the verdict turned
 //! into the reply through `mb_scan::reply` (the same in every mode). A large message is
-//! streamed to the worker from its spool file (`SpoolWriter::scan_body`), so mb-smtpd
+//! streamed to the worker from its body file (`SpoolWriter::scan_body`), so mb-smtpd
 //! never holds a whole message in memory for a scan.
 
 use super::*;

@@ -1,6 +1,7 @@
 //! Spool designs measured side by side (issue 18): mb-spool's segment log with group
-//! commit, the file-per-message spool mb-smtpd has today (its system calls replicated
-//! one for one), and redb and fjall used as the spool with one durable commit per batch.
+//! commit, the file-per-message spool mb-smtpd had before issue 18 (its system calls
+//! replicated one for one), and redb and fjall used as the spool with one durable commit
+//! per batch.
 //!
 //! The workload is a relay's: N writer threads each commit messages one at a time and
 //! wait until each is durable (the 250), then hand it to one delivery thread that reads
@@ -55,7 +56,7 @@ impl Store for Log {
     }
 }
 
-// ---- the file-per-message spool, as crates/mb-smtpd/src/spool.rs does it ----
+// ---- the file-per-message spool, as crates/mb-smtpd/src/spool.rs did it before issue 18 ----
 
 struct Files {
     root: PathBuf,
