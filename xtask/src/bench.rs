@@ -442,21 +442,29 @@ impl BenchGateway {
     }
 }
 
+impl BenchGateway {
+    /// Starts mb-smtpd on this gateway's configuration, its output into `log` (a file
+    /// name in the gateway's directory).
+    fn smtpd(&self, bin: &Path, log: &str) -> Result<Proc> {
+        let log = fs::File::create(self.dir.path().join(log))?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Proc {
+            child,
+            name: "mb-smtpd".into(),
+        })
+    }
+}
+
 fn through_mailborder(load: &Load, bin: &Path, mode: Mode) -> Result<Outcome> {
     let (sink_port, _sink) = sink()?;
     let gw = BenchGateway::start(bin, sink_port, mode)?;
-    let (d, config, port, workers) = (gw.dir.path(), &gw.config, gw.port, &gw.workers);
-    let log = fs::File::create(d.join("smtpd.log"))?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let smtpd = Proc {
-        child,
-        name: "mb-smtpd".into(),
-    };
+    let (d, port, workers) = (gw.dir.path(), gw.port, &gw.workers);
+    let smtpd = gw.smtpd(bin, "smtpd.log")?;
     let socket = d.join("run/mb-smtpd.sock");
     wait_until("mb-smtpd", Duration::from_secs(30), || socket.exists())
         .with_context(|| fs::read_to_string(d.join("smtpd.log")).unwrap_or_default())?;
@@ -494,6 +502,135 @@ fn through_mailborder(load: &Load, bin: &Path, mode: Mode) -> Result<Outcome> {
     })
 }
 
+/// Messages the recovery row queues before it restarts mb-smtpd.
+pub const RECOVERY_MESSAGES: u32 = 100_000;
+
+/// The recovery row's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RecoveryFigures {
+    /// Messages in the queue when mb-smtpd was stopped, and after its restart.
+    queued: usize,
+    recovered: usize,
+    /// Bytes under the spool directory.
+    spool_bytes: u64,
+    /// From the restarted process's start until its SMTP greeting.
+    ready_secs: f64,
+    /// The spool's own figure, from the "spool opened" line of the restart's log.
+    spool_ms: Option<u64>,
+    /// Whether the page cache was dropped before the restart (as root).
+    cold: bool,
+}
+
+/// The recovery row: mb-smtpd with delivery off takes `messages` messages, is stopped
+/// (SIGTERM), the page cache is dropped (when root), and it is started again: the time
+/// until it greets on its SMTP port, and whether every message is back in its queue.
+fn recovery(load: &Load, bin: &Path, messages: u32) -> Result<RecoveryFigures> {
+    let (sink_port, _sink) = sink()?;
+    let gw = BenchGateway::start(bin, sink_port, Mode::ReceiveOnly)?;
+    let (d, port) = (gw.dir.path(), gw.port);
+    let spool = d.join("spool");
+    let mut smtpd = gw.smtpd(bin, "smtpd.log")?;
+    wait_until("mb-smtpd", Duration::from_secs(30), || {
+        greets(port, Duration::from_millis(500))
+    })
+    .with_context(|| fs::read_to_string(d.join("smtpd.log")).unwrap_or_default())?;
+    let fill = Load {
+        messages,
+        sessions: load.sessions,
+        size: load.size,
+    };
+    source(&fill, port)?;
+    if smtpd.stop(Duration::from_secs(120)) != Some(0) {
+        bail!(
+            "mb-smtpd did not stop cleanly: {}",
+            fs::read_to_string(d.join("smtpd.log")).unwrap_or_default()
+        );
+    }
+    let queued = queued(&spool);
+    let spool_bytes = dir_bytes(&spool);
+    // The restart logs at info level: its "spool opened" line has the spool's own time.
+    fs::write(
+        &gw.config,
+        gw.config_text
+            .replace("level = \"warn\"", "level = \"info\""),
+    )?;
+    nix::unistd::sync();
+    let cold = fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
+    let started = Instant::now();
+    let restarted = gw.smtpd(bin, "smtpd-restart.log")?;
+    let limit = Duration::from_secs(600);
+    while !greets(port, Duration::from_millis(500)) {
+        if started.elapsed() > limit {
+            bail!("mb-smtpd did not greet within {limit:?} of its restart");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ready_secs = started.elapsed().as_secs_f64();
+    let log = fs::read_to_string(d.join("smtpd-restart.log")).unwrap_or_default();
+    let recovered = queued_now(&spool);
+    drop(restarted);
+    if recovered != queued || queued < messages as usize {
+        bail!("{messages} messages sent, {queued} queued before the restart, {recovered} after it");
+    }
+    Ok(RecoveryFigures {
+        queued,
+        recovered,
+        spool_bytes,
+        ready_secs,
+        spool_ms: spool_opened_ms(&log),
+        cold,
+    })
+}
+
+/// The queue of a running gateway's spool (every message, held ones too).
+fn queued_now(spool: &Path) -> usize {
+    mb_spool::snapshot(spool).map_or(0, |s| s.messages.len())
+}
+
+/// Whether an SMTP server on 127.0.0.1:`port` sends its 220 greeting within `wait`.
+fn greets(port: u16, wait: Duration) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(wait));
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).is_ok() && &buf == b"220"
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `elapsed_ms` of mb-smtpd's "spool opened" log line.
+fn spool_opened_ms(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("spool opened"))?;
+    let rest = &line[line.find("elapsed_ms=")? + "elapsed_ms=".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The recovery row's text.
+fn recovery_text(r: &RecoveryFigures) -> String {
+    format!(
+        "greets {:.2}s after its start ({}spool recovery {}), {} of {} messages back, spool {:.0} MiB",
+        r.ready_secs,
+        if r.cold { "cold cache; " } else { "" },
+        r.spool_ms.map_or("-".into(), |ms| format!("{ms} ms")),
+        r.recovered,
+        r.queued,
+        r.spool_bytes as f64 / (1024.0 * 1024.0)
+    )
+}
+
 /// A step of the full bench: one row of its table (two for the attack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -505,12 +642,13 @@ pub enum Step {
     Milter,
     Idle,
     Attack,
+    Recovery,
     Api,
 }
 
 impl Step {
     /// Every step, in the order the full bench runs them.
-    const ALL: [Step; 9] = [
+    const ALL: [Step; 10] = [
         Step::Ceiling,
         Step::Postfix,
         Step::Relay,
@@ -519,6 +657,7 @@ impl Step {
         Step::Milter,
         Step::Idle,
         Step::Attack,
+        Step::Recovery,
         Step::Api,
     ];
 
@@ -533,6 +672,7 @@ impl Step {
             Step::Milter => "milter",
             Step::Idle => "idle",
             Step::Attack => "attack",
+            Step::Recovery => "recovery",
             Step::Api => "api",
         }
     }
@@ -564,6 +704,8 @@ pub struct Options {
     pub idle_sessions: u32,
     /// Seconds of each measuring window of the idle and attack rows.
     pub seconds: u64,
+    /// Messages queued before the recovery row's restart.
+    pub recovery_messages: u32,
 }
 
 /// The idle row's figures.
@@ -618,6 +760,7 @@ struct Results {
     milter: Option<Outcome>,
     idle: Option<IdleFigures>,
     attack: Vec<AttackFigures>,
+    recovery: Option<RecoveryFigures>,
     /// The API row's text: p50/p99 of a few requests.
     api: Option<String>,
 }
@@ -751,6 +894,13 @@ impl Results {
                 ratio: x(a.ratio.is_finite().then_some(a.ratio), "alone"),
                 cpu_ms: a.cpu_ms,
                 peak_mib: Some(a.peak_mib),
+                ..Default::default()
+            });
+        }
+        if let Some(r) = &self.recovery {
+            out.push(Line {
+                name: format!("mb-smtpd restart, {} queued", thousands(r.queued as u32)),
+                text: Some(recovery_text(r)),
                 ..Default::default()
             });
         }
@@ -1030,6 +1180,10 @@ fn run_step(
                 .collect::<Vec<_>>()
                 .join(", ")
         }
+        Step::Recovery => {
+            let r = recovery(load, mb_smtpd, options.recovery_messages)?;
+            recovery_text(results.recovery.insert(r))
+        }
         Step::Api => {
             let rows = crate::api_bench::run(mb_smtpd.parent().unwrap_or(Path::new(".")))?;
             results.api.insert(api_text(&rows)).clone()
@@ -1178,6 +1332,7 @@ mod tests {
                 cpu_ms: Some(0.5),
                 peak_mib: 40.0,
             }],
+            recovery: None,
             api: Some("status 1.0/2.0".into()),
         }
     }
@@ -1304,6 +1459,36 @@ mod tests {
         };
         assert_eq!(check(quiet), Verdict::NotMet);
         assert_eq!(idle_goal(None).verdict, Verdict::NotMeasured);
+    }
+
+    #[test]
+    fn the_recovery_row_takes_the_spools_own_time_from_its_log_line() {
+        let log = "2026-12-02T15:00:00.1Z  INFO mb_smtpd: started\n\
+                   2026-12-02T15:00:01.0Z  INFO mb_smtpd: spool opened messages=100000 segments=7 \
+                   elapsed_ms=912 spool=/tmp/mb-bench-x/spool\n";
+        assert_eq!(spool_opened_ms(log), Some(912));
+        assert_eq!(
+            spool_opened_ms("INFO mb_smtpd: listening elapsed_ms=5"),
+            None
+        );
+        let r = RecoveryFigures {
+            queued: 100_000,
+            recovered: 100_000,
+            spool_bytes: 440 * 1024 * 1024,
+            ready_secs: 1.234,
+            spool_ms: spool_opened_ms(log),
+            cold: true,
+        };
+        assert_eq!(
+            recovery_text(&r),
+            "greets 1.23s after its start (cold cache; spool recovery 912 ms), \
+             100000 of 100000 messages back, spool 440 MiB"
+        );
+        let results = Results {
+            recovery: Some(r),
+            ..Default::default()
+        };
+        assert_eq!(results.lines()[0].name, "mb-smtpd restart, 100,000 queued");
     }
 
     #[test]

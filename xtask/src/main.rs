@@ -176,12 +176,17 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
         /// Only these rows of the full bench (comma-separated): ceiling, postfix, relay,
-        /// receive, filtered, milter, idle, attack, api; ratios need their reference rows
+        /// receive, filtered, milter, idle, attack, recovery, api; ratios need their
+        /// reference rows
         #[arg(long, value_delimiter = ',', value_name = "STEPS")]
         only: Vec<String>,
         /// Idle sessions held by the full bench's idle row
         #[arg(long, default_value_t = bench::IDLE_SESSIONS)]
         idle_sessions: u32,
+        /// Messages the full bench's recovery row queues before it restarts mb-smtpd
+        /// (page cache dropped when root) and times its start-up
+        #[arg(long, default_value_t = bench::RECOVERY_MESSAGES)]
+        recovery_messages: u32,
         /// Only Postfix alone and with mb-milter, with the CPU split between Postfix,
         /// mb-milter and the workers
         #[arg(long)]
@@ -253,6 +258,7 @@ fn main() -> ExitCode {
             debug,
             only,
             idle_sessions,
+            recovery_messages,
             milter,
             log_search,
             api,
@@ -347,6 +353,7 @@ fn main() -> ExitCode {
                     steps,
                     idle_sessions,
                     seconds,
+                    recovery_messages,
                 },
             )
         })(),
