@@ -121,8 +121,8 @@ pub struct Spool {
     /// Bodies larger than this stream into `bodies/ID` while they are received.
     large_threshold: usize,
     counter: AtomicU64,
-    /// Told the id of every committed message (the queue manager listens).
-    notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Told of every committed message (the queue manager listens).
+    notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Committed>>,
     /// Held while a message's state is read, changed and queued for writing.
     changes: Mutex<()>,
     /// The poisoned spool was reported (once).
@@ -229,8 +229,8 @@ impl Spool {
         format!("{micros:X}{:X}{n:04X}", std::process::id())
     }
 
-    /// Sends the id of every message committed from now on to `tx`.
-    pub fn on_commit(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    /// Tells `tx` of every message committed from now on.
+    pub fn on_commit(&self, tx: tokio::sync::mpsc::UnboundedSender<Committed>) {
         let _ = self.notify.set(tx);
     }
 
@@ -361,8 +361,25 @@ pub struct SpoolWriter {
     /// file is the log's (a record that became durable after all needs it; one that did
     /// not leaves an orphan that the next start-up's recovery removes).
     handed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    notify: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<Committed>>,
     headers: HeaderScan,
+}
+
+/// A message just committed, as the queue manager is told of it.
+#[derive(Debug)]
+pub struct Committed {
+    pub id: String,
+    /// A message that was whole in memory comes with its bytes and envelope, so its
+    /// first delivery attempt reads nothing back from the spool (no trip to the blocking
+    /// pool, no JSON parse). Large messages (in their body file) come without.
+    pub fresh: Option<Fresh>,
+}
+
+/// A committed message's envelope and bytes, exactly as the spool holds them.
+#[derive(Debug)]
+pub struct Fresh {
+    pub envelope: Envelope,
+    pub message: Vec<u8>,
 }
 
 fn open_body_file(file: Option<std::fs::File>, path: &Path) -> io::Result<std::fs::File> {
@@ -454,6 +471,7 @@ impl SpoolWriter {
 
     async fn commit_waiting(mut self, envelope: &Envelope, wait: Wait) -> Result<(), Error> {
         let env = envelope.to_json().into_bytes();
+        let inline = self.file.is_none();
         let pending = match self.file.take() {
             // In memory, it is under `spill`, which is mb-spool's large_threshold: the
             // body goes inline into the record, nothing blocks here.
@@ -477,7 +495,14 @@ impl SpoolWriter {
         wait.until_durable(pending).await?;
         self.committed = true;
         if let Some(tx) = &self.notify {
-            let _ = tx.send(self.id.clone());
+            let fresh = inline.then(|| Fresh {
+                envelope: envelope.clone(),
+                message: std::mem::take(&mut self.buf),
+            });
+            let _ = tx.send(Committed {
+                id: self.id.clone(),
+                fresh,
+            });
         }
         Ok(())
     }
@@ -638,6 +663,13 @@ impl Spool {
             .iter()
             .filter_map(|id| self.read_message(id).ok())
             .collect()
+    }
+
+    /// The queue and delivery state of `id` from the index in memory (no disk read):
+    /// with the envelope the caller already has.
+    pub fn queued_state(&self, id: &str, env: &Envelope) -> Option<(Queue, DeliveryState)> {
+        let st = self.log.state(id)?;
+        Some((st.queue.into(), decode_state(&st.data, env)))
     }
 
     /// Which queue holds `id`, if any.
@@ -1329,7 +1361,14 @@ pub(crate) mod tests {
         let mut w = spool.create(&id).await.unwrap();
         w.write(b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
         w.commit(&env).await.unwrap();
-        assert_eq!(rx.try_recv().unwrap(), id, "the queue manager is told");
+        let told = rx.try_recv().unwrap();
+        assert_eq!(told.id, id, "the queue manager is told");
+        let fresh = told.fresh.expect("a small message comes with its bytes");
+        assert_eq!(
+            (fresh.message.as_slice(), &fresh.envelope),
+            (&b"Subject: hi\r\n\r\nbody\r\n"[..], &env),
+            "exactly what the spool holds"
+        );
         assert_eq!(spool.locate(&id), Some(Queue::Incoming));
 
         // A commit never replaces a message already in the spool.

@@ -50,7 +50,7 @@ impl Content {
         Content::from_file(body.file().clone(), body.offset(), body.len(), env)
     }
 
-    fn whole(message: &[u8], env: &Envelope) -> Content {
+    pub(super) fn whole(message: &[u8], env: &Envelope) -> Content {
         let head = with_headers(message, &env.add_headers, &env.remove_headers);
         Content {
             eight_bit: !head.is_ascii(),

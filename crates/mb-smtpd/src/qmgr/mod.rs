@@ -29,7 +29,7 @@ mod trouble;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +40,9 @@ use mb_runtime::lifecycle::Shutdown;
 use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::dns::Dns;
-use crate::spool::{Change, DeliveryState, Envelope, Queue, Recipient, RecipientState, Spool};
+use crate::spool::{
+    Change, Committed, DeliveryState, Envelope, Fresh, Queue, Recipient, RecipientState, Spool,
+};
 use content::Content;
 use deliver::Session;
 use notify::Handoff;
@@ -99,8 +101,10 @@ pub struct Manager {
     active: Mutex<HashSet<String>>,
     /// Deferred messages by id: the unix second of their next attempt.
     schedule: Mutex<BTreeMap<String, u64>>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Committed>>>,
     wake: Notify,
+    /// Bytes of new messages held in memory for their first attempt (`Held`).
+    held_bytes: Arc<AtomicUsize>,
     global: Arc<Semaphore>,
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Idle sessions by `session_key`.
@@ -108,6 +112,41 @@ pub struct Manager {
     tls: tls::Connectors,
     pub events: Option<mb_runtime::events::EventSink>,
     pub counters: DeliveryCounters,
+}
+
+/// At most this many bytes of new messages wait in memory for their first attempt; past
+/// it, a new message is read back from the spool when its turn comes, as a deferred one
+/// is. It bounds what a backlog (the next hop slow, `queue.concurrency` reached) holds.
+const HELD_BUDGET: usize = 32 << 20;
+
+/// A new message's bytes held for its first attempt, counted against `HELD_BUDGET`
+/// until dropped.
+struct Held {
+    fresh: Fresh,
+    budget: Arc<AtomicUsize>,
+}
+
+impl Held {
+    /// Holds `fresh` if the budget allows, else drops it.
+    fn take(fresh: Fresh, budget: &Arc<AtomicUsize>) -> Option<Held> {
+        let n = fresh.message.len();
+        budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= HELD_BUDGET).then_some(used + n)
+            })
+            .ok()?;
+        Some(Held {
+            fresh,
+            budget: budget.clone(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget
+            .fetch_sub(self.fresh.message.len(), Ordering::AcqRel);
+    }
 }
 
 /// How long an idle outbound connection is kept for reuse.
@@ -182,6 +221,7 @@ impl Manager {
             schedule: Mutex::default(),
             rx: Mutex::new(Some(rx)),
             wake: Notify::new(),
+            held_bytes: Arc::default(),
             global: Arc::new(Semaphore::new(permits)),
             destinations: Mutex::default(),
             pool: Mutex::default(),
@@ -204,8 +244,11 @@ impl Manager {
         let mut enabled = true;
         loop {
             tokio::select! {
-                id = rx.recv() => match id {
-                    Some(id) => self.dispatch(id),
+                c = rx.recv() => match c {
+                    Some(c) => {
+                        let held = c.fresh.and_then(|f| Held::take(f, &self.held_bytes));
+                        self.dispatch_held(c.id, held);
+                    }
                     None => break,
                 },
                 () = self.wake.notified() => {
@@ -309,6 +352,11 @@ impl Manager {
     }
 
     fn dispatch(self: &Arc<Self>, id: String) {
+        self.dispatch_held(id, None);
+    }
+
+    /// `dispatch`, with the bytes of a new message when they are at hand.
+    fn dispatch_held(self: &Arc<Self>, id: String, held: Option<Held>) {
         // A poisoned spool cannot record what a delivery did: deliver nothing (logged
         // once by `is_poisoned`) until a restart recovers it.
         if !self.follower.current().bool("queue.delivery_enabled") || self.spool.is_poisoned() {
@@ -332,13 +380,13 @@ impl Manager {
             let Ok(_permit) = me.global.clone().acquire_owned().await else {
                 return;
             };
-            me.deliver(&id).await;
+            me.deliver(&id, held).await;
         });
     }
 
     /// One delivery attempt for every recipient of a message that is still pending.
-    async fn deliver(self: &Arc<Self>, id: &str) {
-        let Some((message, env, mut state)) = self.load(id).await else {
+    async fn deliver(self: &Arc<Self>, id: &str, held: Option<Held>) {
+        let Some((message, env, mut state)) = self.load(id, held).await else {
             return;
         };
         let cfg = self.follower.current();
@@ -376,7 +424,22 @@ impl Manager {
 
     /// Opens a queued message and reads its delivery state, unless it is on hold or
     /// gone. A large message stays in its file (`Content`).
-    async fn load(&self, id: &str) -> Option<(Content, Envelope, DeliveryState)> {
+    async fn load(
+        &self,
+        id: &str,
+        held: Option<Held>,
+    ) -> Option<(Content, Envelope, DeliveryState)> {
+        if let Some(mut held) = held {
+            // A new message whose bytes came with its commit: its queue and state (an
+            // administrator may have held it, or changed it, meanwhile) are in the
+            // spool's index; nothing is read from disk.
+            let env = std::mem::take(&mut held.fresh.envelope);
+            let (queue, state) = self.spool.queued_state(id, &env)?;
+            if queue == Queue::Hold {
+                return None;
+            }
+            return Some((Content::whole(&held.fresh.message, &env), env, state));
+        }
         // Reads go to the blocking pool: the runtime's threads serve every SMTP session
         // meanwhile.
         let (spool, idc) = (self.spool.clone(), id.to_string());
@@ -820,6 +883,64 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    /// A new message reaches the manager with its bytes, so its first attempt reads
+    /// nothing back; one an administrator held between its commit and that attempt
+    /// stays held (the index is asked, not the bytes); the held bytes are let go.
+    #[tokio::test]
+    async fn a_new_message_goes_from_memory_unless_held_before_its_first_attempt() {
+        let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+                addr.port()
+            ),
+        );
+        let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Arc::new(spool);
+        // Not running yet: both commits wait in its channel, with their bytes.
+        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        let held = queue_message(&spool, m.clock.unix(), &["held@served.example"]).await;
+        let sent = queue_message(&spool, m.clock.unix(), &["sent@served.example"]).await;
+        let (pending, ()) = spool
+            .change(&held, |_, _| (Change::Set(Queue::Hold, None), ()))
+            .unwrap();
+        pending.unwrap().await.unwrap();
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        wait_for("the delivery", || spool.locate(&sent).is_none()).await;
+        {
+            let got = got.lock().unwrap();
+            assert_eq!(got.len(), 1, "only the message not held");
+            assert_eq!(got[0].1, ["sent@served.example"]);
+            assert_eq!(got[0].2, b"Subject: test\r\n\r\n.leading dot\r\nbody\r\n");
+        }
+        assert_eq!(spool.locate(&held), Some(Queue::Hold));
+        wait_for("the bytes let go", || {
+            m.held_bytes.load(Ordering::Acquire) == 0
+        })
+        .await;
+    }
+
+    /// What waits in memory for a first attempt is bounded: past `HELD_BUDGET` a new
+    /// message's bytes are dropped (it is read back from the spool when its turn comes).
+    #[test]
+    fn held_bytes_stay_within_their_budget() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let fresh = |n: usize| Fresh {
+            envelope: Envelope::default(),
+            message: vec![b'x'; n],
+        };
+        let big = Held::take(fresh(HELD_BUDGET - 10), &budget).expect("within the budget");
+        assert!(Held::take(fresh(11), &budget).is_none(), "over it");
+        let small = Held::take(fresh(10), &budget).expect("exactly at it");
+        assert_eq!(budget.load(Ordering::Acquire), HELD_BUDGET);
+        drop((big, small));
+        assert_eq!(budget.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]
