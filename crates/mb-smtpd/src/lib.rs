@@ -464,7 +464,12 @@ const COMPACT_EVERY: Duration = Duration::from_secs(300);
 /// forward so that those segments can be deleted (off the async threads: it reads and
 /// waits for fsyncs).
 async fn compact(spool: Arc<Spool>, shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(COMPACT_EVERY);
+    compact_every(spool, shutdown, COMPACT_EVERY).await;
+}
+
+/// `compact`'s loop, every `every` (tests run it often).
+async fn compact_every(spool: Arc<Spool>, shutdown: Shutdown, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {

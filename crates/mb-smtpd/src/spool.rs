@@ -103,6 +103,11 @@ pub enum Error {
     },
     #[error("cannot encode a delivery state: {0}")]
     State(serde_json::Error),
+    #[error("cannot encode the envelope of message {id}: {cause}")]
+    EncodeEnvelope {
+        id: String,
+        cause: serde_json::Error,
+    },
 }
 
 impl Error {
@@ -127,6 +132,9 @@ pub struct Spool {
     changes: Mutex<()>,
     /// The poisoned spool was reported (once).
     poison_reported: AtomicBool,
+    /// Tests: `create` refuses new messages (as a spool that cannot take a DSN would).
+    #[cfg(test)]
+    pub(crate) refuse_new: AtomicBool,
 }
 
 /// What opening the spool found.
@@ -213,6 +221,8 @@ impl Spool {
                 notify: std::sync::OnceLock::new(),
                 changes: Mutex::new(()),
                 poison_reported: AtomicBool::new(false),
+                #[cfg(test)]
+                refuse_new: AtomicBool::new(false),
             },
             rec,
         ))
@@ -258,6 +268,10 @@ impl Spool {
         if self.is_poisoned() {
             return Err(mb_spool::SpoolError::Poisoned.into());
         }
+        #[cfg(test)]
+        if self.refuse_new.load(Ordering::SeqCst) {
+            return Err(io::Error::other("new messages refused by the test").into());
+        }
         Ok(SpoolWriter {
             log: self.log.clone(),
             spill: self.large_threshold,
@@ -273,6 +287,25 @@ impl Spool {
             headers: HeaderScan::default(),
         })
     }
+}
+
+thread_local! {
+    /// The envelope JSON of the message a session task on this thread commits: reused
+    /// from one small message's commit to the next (see `commit_waiting`).
+    static ENVELOPE_JSON: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most bytes `ENVELOPE_JSON` keeps between two commits.
+const ENVELOPE_JSON_KEPT: usize = 64 << 10;
+
+/// Writes `envelope` as JSON into `buf` (emptied first): the bytes of
+/// `Envelope::to_json`, which is what the spool has always stored and reads back.
+fn write_envelope(envelope: &Envelope, id: &str, buf: &mut Vec<u8>) -> Result<(), Error> {
+    buf.clear();
+    serde_json::to_writer(&mut *buf, envelope).map_err(|cause| Error::EncodeEnvelope {
+        id: id.to_string(),
+        cause,
+    })
 }
 
 /// Bytes of a large message written to its body file between two starts of write-back.
@@ -470,13 +503,25 @@ impl SpoolWriter {
     }
 
     async fn commit_waiting(mut self, envelope: &Envelope, wait: Wait) -> Result<(), Error> {
-        let env = envelope.to_json().into_bytes();
         let inline = self.file.is_none();
         let pending = match self.file.take() {
             // In memory, it is under `spill`, which is mb-spool's large_threshold: the
-            // body goes inline into the record, nothing blocks here.
-            None => self.log.append(&self.id, &env, &self.buf),
+            // body goes inline into the record, nothing blocks here. The envelope's JSON
+            // is written into this thread's reused buffer (mb-spool copies it into the
+            // record), not into a String of its own per message.
+            None => ENVELOPE_JSON.with_borrow_mut(|env| {
+                write_envelope(envelope, &self.id, env)?;
+                let pending = self.log.append(&self.id, env.as_slice(), &self.buf);
+                if env.capacity() > ENVELOPE_JSON_KEPT {
+                    // A huge envelope (thousands of recipients) is not kept for good.
+                    *env = Vec::new();
+                }
+                Ok::<_, Error>(pending)
+            })?,
             Some(file) => {
+                // Moved to the blocking pool: this one needs a buffer of its own.
+                let mut env = Vec::new();
+                write_envelope(envelope, &self.id, &mut env)?;
                 let buf = std::mem::take(&mut self.buf);
                 let (log, id) = (self.log.clone(), self.id.clone());
                 let handed = self.handed.clone();
@@ -1198,6 +1243,151 @@ pub(crate) mod tests {
         let (spool, rec) = Spool::open(root).unwrap();
         assert_eq!((rec.imported, rec.torn, rec.log.messages), (0, 0, 4));
         assert_eq!(spool.list().len(), 4);
+    }
+
+    /// A crash in the middle of the import loses nothing and duplicates nothing. The
+    /// state a crash leaves: incoming/ imported and its files removed; deferred/
+    /// imported (messages and states durable) while its files were being removed, one
+    /// message's files still there and another's state file left behind its removed
+    /// message file; hold/ not reached yet. The next start takes in what is left: every
+    /// message once (one commit record each), in its queue, with its state.
+    #[test]
+    fn a_crash_in_the_middle_of_the_import_loses_and_duplicates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let four = [
+            "a@served.example",
+            "b@served.example",
+            "c@served.example",
+            "d@served.example",
+        ];
+        let (a, b, c, e, h) = (
+            "18F0A1B2C3D501",
+            "18F0A1B2C3D502",
+            "18F0A1B2C3D503",
+            "18F0A1B2C3D504",
+            "18F0A1B2C3D505",
+        );
+        let body = |id: &str| format!("Subject: {id}\r\n\r\nbody of {id}\r\n").into_bytes();
+        let file =
+            |id: &str, rcpts: &[&str]| old_file(&body(id), &envelope_for(id, rcpts).to_json());
+        let put = |queue: &str, id: &str, bytes: &[u8]| {
+            std::fs::create_dir_all(root.join(queue)).unwrap();
+            std::fs::write(root.join(queue).join(id), bytes).unwrap();
+        };
+        put("incoming", a, &file(a, &["x@y.example"]));
+        for id in [b, c, e] {
+            put("deferred", id, &file(id, &four));
+            put("state", id, STATE_FILE.as_bytes());
+        }
+        // The start that crashed, up to the end of deferred/'s import.
+        let (spool, rec) = Spool::open(root).unwrap();
+        assert_eq!(rec.imported, 4);
+        drop(spool);
+        // What its crash left of the old layout.
+        put("deferred", b, &file(b, &four));
+        put("state", b, STATE_FILE.as_bytes());
+        put("state", c, STATE_FILE.as_bytes());
+        put("hold", h, &file(h, &["x@y.example"]));
+
+        let (spool, rec) = Spool::open(root).unwrap();
+        assert_eq!(
+            (rec.imported, rec.torn),
+            (2, 0),
+            "b again (already in the log) and h"
+        );
+        for d in OLD_DIRS {
+            assert!(!root.join(d).exists(), "{d}/ is left");
+        }
+        let list: Vec<(String, Queue)> =
+            spool.list().into_iter().map(|(id, q, _)| (id, q)).collect();
+        let want = [
+            (a, Queue::Incoming),
+            (b, Queue::Deferred),
+            (c, Queue::Deferred),
+            (e, Queue::Deferred),
+            (h, Queue::Hold),
+        ]
+        .map(|(id, q)| (id.to_string(), q));
+        assert_eq!(list, want);
+        for (id, _) in &want {
+            assert_eq!(spool.read_message(id).unwrap().0, body(id), "{id}");
+        }
+        for id in [b, c, e] {
+            let stored = spool.log.state(id).unwrap();
+            assert_eq!(
+                (stored.data.as_slice(), stored.next_attempt),
+                (STATE_FILE.as_bytes(), 1767225600),
+                "{id}"
+            );
+        }
+        drop(spool);
+        // Each message is in the log once.
+        let log = mb_spool::snapshot(root).unwrap().log;
+        for (id, _) in &want {
+            let commits = log
+                .iter()
+                .filter(|(k, i)| *k == mb_spool::LogKind::Commit && i == id)
+                .count();
+            assert_eq!(commits, 1, "{id}: {log:?}");
+        }
+        let (spool, rec) = Spool::open(root).unwrap();
+        assert_eq!((rec.imported, rec.log.messages), (0, 5));
+        assert_eq!(spool.list().len(), 5);
+    }
+
+    /// The envelope a commit stores is exactly `Envelope::to_json`'s bytes: for small
+    /// messages (written through the thread's reused buffer), after an envelope too large
+    /// for that buffer to be kept, for a small envelope right after a larger one (nothing
+    /// of it left over), and for a large message (committed with its body file).
+    #[tokio::test]
+    async fn committed_envelopes_are_the_bytes_of_to_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let rich = |id: &str, n: usize| Envelope {
+            id: id.into(),
+            received_at: 1_764_590_000,
+            sender: "\u{c5}sa@sender.example".into(),
+            recipients: (0..n)
+                .map(|i| Recipient {
+                    address: format!("r{i}@served.example"),
+                    notify: "SUCCESS,FAILURE".into(),
+                    orcpt: format!("rfc822;r{i}@served.example"),
+                })
+                .collect(),
+            add_headers: vec![(
+                "X-Spam-Status".into(),
+                "No, score=0.0 \"quoted\"\tand a tab".into(),
+            )],
+            remove_headers: vec!["X-Spam".into()],
+            client_ip: "192.0.2.7".into(),
+            helo: "mx.sender.example".into(),
+            smtputf8: true,
+            ..Default::default()
+        };
+        // (recipients, body bytes)
+        for (n, size) in [
+            (3, 20),
+            (2000, 20),
+            (1, 20),
+            (40, 20),
+            (2, 20),
+            (5, 400_000),
+        ] {
+            let id = spool.new_id();
+            let env = rich(&id, n);
+            let mut w = spool.create(&id).await.unwrap();
+            w.write(&vec![b'x'; size]).await.unwrap();
+            w.commit(&env).await.unwrap();
+            let stored = spool.log.read(&id).unwrap().envelope;
+            assert!(
+                stored == env.to_json().as_bytes(),
+                "{n} recipients, {size} bytes: {}",
+                String::from_utf8_lossy(&stored)
+            );
+            assert_eq!(spool.read(&id).unwrap().envelope, env);
+        }
+        assert!(ENVELOPE_JSON.with_borrow(|b| b.capacity()) <= ENVELOPE_JSON_KEPT);
     }
 
     /// The delivery state round trip: written by `update`, read back as it was, with the

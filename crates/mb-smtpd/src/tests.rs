@@ -340,6 +340,50 @@ async fn a_message_gets_250_only_once_it_is_durable() {
     assert!(String::from_utf8_lossy(&spooled[0].0).ends_with("Subject: 1\r\n\r\nbody\r\n"));
 }
 
+/// A spool poisoned after records were written (a message was accepted and completed,
+/// and the reclaim its durable completion allowed failed) refuses the next message with
+/// 451 at DATA; what was written before stays acknowledged.
+#[tokio::test]
+async fn a_spool_poisoned_after_writing_answers_451() {
+    let layout = mb_spool::Config {
+        // Every batch starts a new segment.
+        segment_size: 0,
+        ..mb_spool::Config::default()
+    };
+    let mut t = T::start_with(settings(), OUTSIDE, Listener::Smtp, layout).await;
+    t.cmd("EHLO client.example", 250).await;
+    t.cmd("MAIL FROM:<alice@sender.example>", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 250).await;
+    t.cmd("DATA", 354).await;
+    t.send("Subject: 1\r\n\r\nbody\r\n.\r\n").await;
+    t.expect(250).await;
+    let id = t.spool.ids(Queue::Incoming).remove(0);
+    // The segment the message lies in cannot become a spare once it is done.
+    let newest = std::fs::read_dir(t.dir.path().join("segments"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".seg").map(str::to_string))
+        .max()
+        .unwrap();
+    std::fs::create_dir(
+        t.dir
+            .path()
+            .join("segments")
+            .join(format!("spare-{newest}")),
+    )
+    .unwrap();
+    t.spool
+        .update(&id, |_, _| (crate::spool::Change::Complete, ()))
+        .await
+        .unwrap();
+    assert!(t.spool.is_poisoned());
+    t.cmd("MAIL FROM:<alice@sender.example>", 250).await;
+    t.cmd("RCPT TO:<bob@served.example>", 250).await;
+    let r = t.cmd("DATA", 451).await;
+    assert!(r.contains("4.3.0"), "{r}");
+    assert!(t.spooled().is_empty());
+}
+
 #[tokio::test]
 async fn sequence_errors() {
     let mut t = T::outside().await;

@@ -262,6 +262,9 @@ struct Shared {
     wake: Condvar,
     batches: AtomicU64,
     syncs: AtomicU64,
+    /// Tests: the next batch's `fdatasync` fails (after its records were written).
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 /// Records accepted but not yet written, in acceptance order.
@@ -450,6 +453,8 @@ impl Spool {
             wake: Condvar::new(),
             batches: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
         let committer = Committer {
             shared: shared.clone(),
@@ -1046,6 +1051,10 @@ impl Committer {
             at += n as u64;
             IoSlice::advance_slices(&mut slices, n);
         }
+        #[cfg(test)]
+        if self.shared.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::other("fdatasync failed (injected by the test)"));
+        }
         self.file.sync_data()?;
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
@@ -1250,5 +1259,54 @@ mod tests {
         }
         assert!(test_hooks::DELETIONS.load(Ordering::SeqCst) >= before + 6);
         assert_eq!(test_hooks::DELETIONS_UNDER_LOCK.load(Ordering::SeqCst), 0);
+    }
+
+    /// A failed `fdatasync` of a batch whose records were written (in the active
+    /// segment, no rotation involved), after earlier records were acknowledged: the
+    /// batch's append fails and is never visible, the spool is poisoned, every later
+    /// append, state change and completion is refused and changes nothing, and what was
+    /// acknowledged before is what a restart recovers.
+    #[test]
+    fn a_failed_sync_after_a_write_poisons_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+        spool.append("A1", b"env", b"body").wait().unwrap();
+        let held = State {
+            queue: Queue::Hold,
+            next_attempt: 7,
+            data: b"x".to_vec(),
+        };
+        spool.set_state("A1", held.clone()).wait().unwrap();
+        let segments = spool.stats().segments;
+        spool.shared.fail_next_sync.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            spool.append("A2", b"env", b"body 2").wait(),
+            Err(SpoolError::Io(_))
+        ));
+        assert!(spool.is_poisoned());
+        assert_eq!(spool.stats().segments, segments, "no rotation");
+        assert!(
+            spool.read("A2").is_err(),
+            "a failed commit is never visible"
+        );
+        assert!(matches!(
+            spool.append("A3", b"env", b"body 3").wait(),
+            Err(SpoolError::Poisoned)
+        ));
+        assert!(matches!(
+            spool.set_state("A1", State::default()).wait(),
+            Err(SpoolError::Poisoned)
+        ));
+        assert!(matches!(
+            spool.complete("A1").wait(),
+            Err(SpoolError::Poisoned)
+        ));
+        assert_eq!(spool.state("A1"), Some(held.clone()));
+        assert_eq!(spool.read("A1").unwrap().body.read_all().unwrap(), b"body");
+        drop(spool);
+        let (spool, _) = Spool::open(dir.path(), Config::default()).unwrap();
+        assert!(!spool.is_poisoned());
+        assert_eq!(spool.state("A1"), Some(held));
+        assert!(spool.state("A3").is_none());
     }
 }

@@ -24,6 +24,10 @@ mod content;
 mod deliver;
 mod notify;
 pub(crate) mod resolve;
+/// The queue manager with the spool: failed notices, administrators' changes during an
+/// attempt, compaction and a poisoned spool.
+#[cfg(test)]
+mod spool_tests;
 pub(crate) mod tls;
 mod trouble;
 
@@ -831,7 +835,7 @@ mod tests {
     }
 
     /// The notices (null-sender messages) in the spool, as text.
-    fn notices(spool: &Spool) -> Vec<String> {
+    pub(super) fn notices(spool: &Spool) -> Vec<String> {
         let mut out = Vec::new();
         for q in [Queue::Incoming, Queue::Deferred] {
             for id in spool.ids(q) {
@@ -865,7 +869,7 @@ mod tests {
         );
     }
 
-    fn fixed_dns() -> Dns {
+    pub(super) fn fixed_dns() -> Dns {
         Dns::Fixed {
             mx: HashMap::from([(
                 "nowhere.example".into(),
