@@ -387,7 +387,18 @@ fn tls_policy_mandatory_defers_plaintext_peers_and_starttls_is_used_when_offered
         "{out}"
     );
     // requeue starts it over: tried at once, fresh counters, the admin named in the history.
-    let (code, out, err) = text(&g.gw.tool("mb-queue", &["requeue", &plain]));
+    // (The deferral is visible a moment before its attempt ends; a requeue then is
+    // refused with "being delivered now; try again", and is accepted once it has.)
+    let mut requeued = text(&g.gw.tool("mb-queue", &["requeue", &plain]));
+    let started = std::time::Instant::now();
+    while requeued.0 != 0
+        && requeued.2.contains("being delivered now")
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        requeued = text(&g.gw.tool("mb-queue", &["requeue", &plain]));
+    }
+    let (code, out, err) = requeued;
     assert_eq!(code, 0, "{out}{err}");
     wait_until("the requeued attempt", Duration::from_secs(20), || {
         let (_, out, _) = text(&g.gw.tool("mb-queue", &["--json", "show", &plain]));
