@@ -39,6 +39,9 @@ pub const TEMPFAIL: u8 = b't';
 pub const ADDHDRS: u32 = 0x01;
 pub const CHGHDRS: u32 = 0x10;
 pub const QUARANTINE_ACT: u32 = 0x20;
+/// The milter may name the macros it wants at each stage (protocol 6, after the three
+/// words of its OPTNEG reply).
+pub const SETSYMLIST: u32 = 0x100;
 
 // Protocol steps (SMFIP_*): "do not send" and "no reply expected".
 pub const NOEOH: u32 = 0x40;
@@ -47,8 +50,19 @@ pub const NODATA: u32 = 0x200;
 pub const NOHREPL: u32 = 0x80;
 pub const NR_CONN: u32 = 0x1000;
 pub const NR_HELO: u32 = 0x2000;
+pub const NR_MAIL: u32 = 0x4000;
+pub const NR_RCPT: u32 = 0x8000;
 pub const NR_EOH: u32 = 0x4_0000;
 pub const NR_BODY: u32 = 0x8_0000;
+
+// Stages of a macro list in the OPTNEG reply (SMFIM_*).
+pub const STAGE_CONNECT: u32 = 0;
+pub const STAGE_HELO: u32 = 1;
+pub const STAGE_MAIL: u32 = 2;
+pub const STAGE_RCPT: u32 = 3;
+pub const STAGE_DATA: u32 = 4;
+pub const STAGE_EOM: u32 = 5;
+pub const STAGE_EOH: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -35,6 +35,21 @@ pub const MAX_HEADER_BYTES: usize = 1 << 20;
 /// Most recipients of one message (Postfix's `smtpd_recipient_limit` is 1000).
 pub const MAX_RCPTS: usize = 10_000;
 
+/// The macros a verdict uses, by stage, asked for when the MTA lets us name them
+/// (SMFIF_SETSYMLIST): the client's address and name, TLS, the authenticated user and
+/// the queue id (`i`, known for certain only once the message is, so asked for at every
+/// later stage). A stage left without a list gets the MTA's default list (Postfix takes
+/// an empty list that way too), so each stage names at least one macro.
+pub const MACROS_BY_STAGE: &[(u32, &str)] = &[
+    (proto::STAGE_CONNECT, "{client_addr} {client_name}"),
+    (proto::STAGE_HELO, "{tls_version} {cipher}"),
+    (proto::STAGE_MAIL, "{auth_authen}"),
+    (proto::STAGE_RCPT, "i"),
+    (proto::STAGE_DATA, "i"),
+    (proto::STAGE_EOH, "i"),
+    (proto::STAGE_EOM, "i"),
+];
+
 /// What a connection knows.
 #[derive(Default)]
 struct State {
@@ -181,21 +196,53 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     "milter protocol version {version} is too old"
                 )));
             }
-            let want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
+            // Naming our macros (protocol 6) spares the MTA looking up, and both sides
+            // sending and parsing, the dozen others it sends by default at every stage.
+            let symlist = version >= 6 && actions & proto::SETSYMLIST != 0;
+            let mut want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
             // Steps we do not need are declined, and replies we would only "continue" are
             // skipped where the MTA allows it.
-            let want_protocol = proto::NOUNKNOWN
+            let mut want_protocol = proto::NOUNKNOWN
                 | proto::NODATA
                 | proto::NOHREPL
                 | proto::NR_CONN
                 | proto::NR_HELO
                 | proto::NR_EOH
                 | proto::NR_BODY;
+            // A reply at MAIL or RCPT only ever refuses by policy: when no policy could
+            // refuse there now, the MTA need not wait for one (a block that arrives
+            // later in the session is still applied by the scan, at end of message).
+            let policies = shared.policies.current();
+            let blocks = |at_rcpt: bool| {
+                policies.iter().any(|p| {
+                    p.action == policy::Action::Block
+                        && !(at_rcpt && p.direction == policy::Direction::From)
+                })
+            };
+            if !blocks(false) {
+                want_protocol |= proto::NR_MAIL;
+            }
+            if !blocks(true) {
+                want_protocol |= proto::NR_RCPT;
+            }
+            // CONNECT is still asked for although its data then comes as connect macros
+            // too: clients such as OpenDKIM's miltertest stop at a declined CONNECT, and
+            // skipping it saved no system call (it travels with the HELO and MAIL).
+            if symlist {
+                want_actions |= proto::SETSYMLIST;
+            }
             st.protocol = offered & want_protocol;
-            let mut out = Vec::with_capacity(12);
+            let mut out = Vec::with_capacity(128);
             out.extend_from_slice(&version.min(6).to_be_bytes());
             out.extend_from_slice(&(actions & want_actions).to_be_bytes());
             out.extend_from_slice(&st.protocol.to_be_bytes());
+            if symlist {
+                for (stage, names) in MACROS_BY_STAGE {
+                    out.extend_from_slice(&stage.to_be_bytes());
+                    out.extend_from_slice(names.as_bytes());
+                    out.push(0);
+                }
+            }
             proto::write(io, proto::OPTNEG, &out)
                 .await
                 .map_err(io_err)?;
@@ -263,23 +310,29 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             st.limit = usize::try_from(shared.follower.current().size("smtp.message_size_limit"))
                 .unwrap_or(usize::MAX);
             let sender = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
-            let blocked = blocked_by(shared, &sender, &[], st.client_ip);
+            if reply_unless(proto::NR_MAIL, st) {
+                let blocked = blocked_by(shared, &sender, &[], st.client_ip);
+                respond_policy(io, shared, blocked).await?;
+            }
             st.sender = Some(sender);
-            respond_policy(io, shared, blocked).await?;
         }
         proto::RCPT => {
             let rcpt = proto::address(&proto::strings(data).first().cloned().unwrap_or_default());
-            let blocked =
-                blocked_by(shared, "", std::slice::from_ref(&rcpt), None).filter(|p| p.1 != "from");
             if st.rcpts.len() >= MAX_RCPTS {
                 return Err(SessionError::Limit(format!(
                     "more than {MAX_RCPTS} recipients"
                 )));
             }
-            if blocked.is_none() {
-                st.rcpts.push(rcpt);
+            if reply_unless(proto::NR_RCPT, st) {
+                let blocked = blocked_by(shared, "", std::slice::from_ref(&rcpt), None)
+                    .filter(|p| p.1 != "from");
+                let refused = blocked.is_some();
+                respond_policy(io, shared, blocked).await?;
+                if refused {
+                    return Ok(true);
+                }
             }
-            respond_policy(io, shared, blocked).await?;
+            st.rcpts.push(rcpt);
         }
         proto::HEADER => {
             let mut parts = proto::strings(data).into_iter();
@@ -326,7 +379,14 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         proto::ABORT => st.reset_message(),
         proto::QUIT => return Ok(false),
-        proto::QUIT_NC => *st = State::default(),
+        // A new connection on the same socket keeps what was negotiated (the MTA does
+        // not negotiate again): answering steps it no longer waits for would put every
+        // later reply out of step.
+        proto::QUIT_NC => {
+            let protocol = st.protocol;
+            *st = State::default();
+            st.protocol = protocol;
+        }
         proto::DATA | proto::UNKNOWN => {
             proto::write(io, proto::CONTINUE, &[])
                 .await
@@ -950,6 +1010,269 @@ mod tests {
         packet(&mut mta, proto::QUIT, b"").await;
         mta.shutdown().await.unwrap();
         server.await.unwrap();
+    }
+
+    /// What a scanner was told about each message.
+    type Told = Arc<std::sync::Mutex<Vec<ScanRequest>>>;
+
+    struct Teller(Told);
+
+    #[tonic::async_trait]
+    impl mb_scan::Scanner for Teller {
+        async fn scan(&self, env: &ScanRequest, _message: Body) -> Result<Verdict, ScanError> {
+            self.0.lock().unwrap().push(env.clone());
+            Ok(Verdict::accept())
+        }
+    }
+
+    /// Postfix offers SMFIF_SETSYMLIST: the reply names our macros stage by stage. The verdict
+    /// still sees the client's address and name, HELO, the authenticated user, TLS and
+    /// the queue id, and header fields named like macros change none of them.
+    #[tokio::test]
+    async fn named_macros_are_negotiated_and_reach_the_verdict() {
+        let told = Told::default();
+        let (_shared, mut mta, server) = session("", Box::new(Teller(told.clone())));
+        // Postfix 3.7, milter_protocol = 6: every action and every step offered.
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x1ffu32.to_be_bytes());
+        opt.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        let (cmd, reply) = proto::read(&mut mta).await.unwrap();
+        assert_eq!(cmd, proto::OPTNEG);
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&6u32.to_be_bytes());
+        expected.extend_from_slice(&0x131u32.to_be_bytes());
+        expected.extend_from_slice(&0x000c_f380u32.to_be_bytes());
+        for (stage, names) in [
+            (0u32, "{client_addr} {client_name}"),
+            (1, "{tls_version} {cipher}"),
+            (2, "{auth_authen}"),
+            (3, "i"),
+            (4, "i"),
+            (6, "i"),
+            (5, "i"),
+        ] {
+            expected.extend_from_slice(&stage.to_be_bytes());
+            expected.extend_from_slice(names.as_bytes());
+            expected.push(0);
+        }
+        assert_eq!(reply, expected, "{}", String::from_utf8_lossy(&reply));
+        // As Postfix sends a message then: macros, CONNECT (here with another address:
+        // the macro wins), HELO without a reply.
+        packet(
+            &mut mta,
+            proto::MACRO,
+            b"C{client_addr}\x00192.0.2.9\x00{client_name}\x00mx.sender.example\x00",
+        )
+        .await;
+        packet(
+            &mut mta,
+            proto::CONNECT,
+            b"other.example\x004\x00\x19198.51.100.1\x00",
+        )
+        .await;
+        packet(
+            &mut mta,
+            proto::MACRO,
+            b"H{tls_version}\0TLSv1.3\0{cipher}\0TLS_AES_256_GCM_SHA384\0",
+        )
+        .await;
+        packet(&mut mta, proto::HELO, b"helo.sender.example\0").await;
+        packet(&mut mta, proto::MACRO, b"M{auth_authen}\0alice\0").await;
+        // No policy could refuse at MAIL or RCPT: no replies asked for there either.
+        packet(&mut mta, proto::MAIL, b"<alice@sender.example>\0").await;
+        packet(&mut mta, proto::MACRO, b"Ri\0Q7\0").await;
+        packet(&mut mta, proto::RCPT, b"<bob@served.example>\0").await;
+        packet(&mut mta, proto::MACRO, b"Ti\0Q7\0").await;
+        // Forged: fields named like the macros, as a sender may write them.
+        for field in [
+            &b"{client_addr}\x00203.0.113.66\x00"[..],
+            b"client_addr\x00203.0.113.66\x00",
+            b"{auth_authen}\x00mallory\x00",
+            b"auth_authen\x00mallory\x00",
+            b"i\x00FORGED\x00",
+            b"Subject\x00hi\x00",
+        ] {
+            packet(&mut mta, proto::HEADER, field).await;
+        }
+        packet(&mut mta, proto::MACRO, b"Ni\0Q7\0").await;
+        packet(&mut mta, proto::EOH, b"").await;
+        packet(&mut mta, proto::BODY, b"hello\r\n").await;
+        packet(&mut mta, proto::MACRO, b"Ei\0Q7\0").await;
+        packet(&mut mta, proto::BODYEOB, b"").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        let told = told.lock().unwrap();
+        assert_eq!(
+            *told,
+            [ScanRequest {
+                queue_id: "Q7".into(),
+                client_ip: Some("192.0.2.9".parse().unwrap()),
+                client_name: "mx.sender.example".into(),
+                helo: "helo.sender.example".into(),
+                sender: "alice@sender.example".into(),
+                recipients: vec!["bob@served.example".into()],
+                auth_user: "alice".into(),
+                tls: "TLSv1.3 TLS_AES_256_GCM_SHA384".into(),
+                direction: Direction::Outbound,
+            }]
+        );
+    }
+
+    /// An MTA that cannot take a macro list (SMFIF_SETSYMLIST not offered) gets the
+    /// plain 12-byte reply and still sends CONNECT, where the client's address is read.
+    #[tokio::test]
+    async fn without_macro_lists_the_connect_packet_gives_the_client() {
+        let told = Told::default();
+        let (_shared, mut mta, server) = session("", Box::new(Teller(told.clone())));
+        let mut opt = 6u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0xffu32.to_be_bytes());
+        opt.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
+        packet(&mut mta, proto::OPTNEG, &opt).await;
+        let (cmd, reply) = proto::read(&mut mta).await.unwrap();
+        assert_eq!(cmd, proto::OPTNEG);
+        assert_eq!(reply.len(), 12);
+        assert_eq!(&reply[4..8], &0x31u32.to_be_bytes());
+        assert_eq!(&reply[8..12], &0x000c_f380u32.to_be_bytes());
+        packet(
+            &mut mta,
+            proto::CONNECT,
+            b"mx.sender.example\x004\x00\x19192.0.2.9\x00",
+        )
+        .await;
+        packet(&mut mta, proto::HELO, b"helo.sender.example\0").await;
+        packet(&mut mta, proto::MAIL, b"<a@sender.example>\0").await;
+        packet(&mut mta, proto::RCPT, b"<b@served.example>\0").await;
+        packet(&mut mta, proto::HEADER, b"Subject\0hi\0").await;
+        packet(&mut mta, proto::EOH, b"").await;
+        packet(&mut mta, proto::BODYEOB, b"hello\r\n").await;
+        assert_eq!(proto::read(&mut mta).await.unwrap().0, proto::CONTINUE);
+        packet(&mut mta, proto::QUIT, b"").await;
+        mta.shutdown().await.unwrap();
+        server.await.unwrap();
+        let told = told.lock().unwrap();
+        assert_eq!(told.len(), 1);
+        assert_eq!(
+            (
+                told[0].client_ip,
+                told[0].client_name.as_str(),
+                told[0].helo.as_str()
+            ),
+            (
+                Some("192.0.2.9".parse().unwrap()),
+                "mx.sender.example",
+                "helo.sender.example"
+            )
+        );
+        assert_eq!(told[0].direction, Direction::Inbound);
+    }
+
+    fn block(id: i64, pattern: &str, direction: policy::Direction) -> policy::Policy {
+        policy::Policy {
+            id,
+            name: format!("b{id}"),
+            priority: 10,
+            object: policy::Object::Domain,
+            pattern: pattern.into(),
+            direction,
+            action: policy::Action::Block,
+            tag: None,
+            quarantine: None,
+            reject: None,
+            unauthenticated: false,
+            recipient: String::new(),
+        }
+    }
+
+    /// MAIL and RCPT are answered only while a block policy could refuse there: a
+    /// sender block keeps the MAIL reply (and refuses at MAIL), a recipient block keeps
+    /// the RCPT reply (and refuses that recipient).
+    #[tokio::test]
+    async fn mail_and_rcpt_replies_are_kept_while_a_block_could_refuse_there() {
+        use policy::Direction::{From, FromOrTo, To};
+        for (policies, nr, mail_reply, rcpt_reply) in [
+            (vec![], proto::NR_MAIL | proto::NR_RCPT, None, None),
+            (
+                vec![block(1, "spammer.example", From)],
+                proto::NR_RCPT,
+                Some(proto::REPLYCODE),
+                None,
+            ),
+            (
+                vec![block(1, "closed.example", To)],
+                0,
+                Some(proto::CONTINUE),
+                Some(proto::REPLYCODE),
+            ),
+            (
+                vec![block(1, "closed.example", FromOrTo)],
+                0,
+                Some(proto::CONTINUE),
+                Some(proto::REPLYCODE),
+            ),
+        ] {
+            let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+            let cfg = mb_core::Config::from_toml_str("", "test").unwrap();
+            let shared = Shared {
+                follower: mb_runtime::follow::Follower::start("mb-milter-test", cfg, shutdown),
+                policies: mb_runtime::policies::PolicySet::fixed(policies.clone()),
+                scanner: Box::new(Gone),
+                stats: crate::Stats::default(),
+                progress_every: Duration::from_millis(60),
+            };
+            let (mut io, mut mta) = tokio::io::duplex(1 << 16);
+            let mut st = State::default();
+            let mut opt = 6u32.to_be_bytes().to_vec();
+            opt.extend_from_slice(&0x3fu32.to_be_bytes());
+            opt.extend_from_slice(&0x1f_ffffu32.to_be_bytes());
+            handle(&mut io, &shared, &mut st, proto::OPTNEG, &opt)
+                .await
+                .unwrap();
+            let (_, reply) = proto::read(&mut mta).await.unwrap();
+            let negotiated = u32::from_be_bytes([reply[8], reply[9], reply[10], reply[11]]);
+            assert_eq!(
+                negotiated & (proto::NR_MAIL | proto::NR_RCPT),
+                nr,
+                "{policies:?}"
+            );
+            handle(
+                &mut io,
+                &shared,
+                &mut st,
+                proto::MAIL,
+                b"<a@spammer.example>\0",
+            )
+            .await
+            .unwrap();
+            handle(
+                &mut io,
+                &shared,
+                &mut st,
+                proto::RCPT,
+                b"<b@closed.example>\0",
+            )
+            .await
+            .unwrap();
+            let (mut done, _) = tokio::io::duplex(1);
+            std::mem::swap(&mut io, &mut done);
+            drop(done);
+            let mut replies = Vec::new();
+            while let Ok((cmd, _)) = proto::read(&mut mta).await {
+                replies.push(cmd);
+            }
+            let expected: Vec<u8> = [mail_reply, rcpt_reply].into_iter().flatten().collect();
+            assert_eq!(replies, expected, "{policies:?}");
+            // A refused recipient is not scanned for.
+            let kept = usize::from(rcpt_reply != Some(proto::REPLYCODE));
+            assert_eq!(st.rcpts.len(), kept, "{policies:?}");
+            // Quit with a new connection to follow: the negotiated steps stay.
+            handle(&mut io, &shared, &mut st, proto::QUIT_NC, b"")
+                .await
+                .unwrap();
+            assert_eq!((st.protocol, st.rcpts.len()), (negotiated, 0));
+        }
     }
 
     #[tokio::test]

@@ -63,39 +63,22 @@ impl Body {
         }
     }
 
-    /// The scan request: the envelope (with the size) on the first chunk. A file is read
+    /// The scan request: the envelope (with the size) on the first chunk. A message in
+    /// memory is cut into chunks as the client takes them, all ready at once: no task
+    /// and channel per scan, and the request's head and body can leave together rather
+    /// than waking the worker once for each. A file is read
     /// chunk by chunk as the worker takes them; should a read fail, the stream ends short
     /// and the worker refuses it by the announced size.
-    fn stream(&self, mut envelope: ScanEnvelope) -> ReceiverStream<ScanChunk> {
+    fn stream(&self, mut envelope: ScanEnvelope) -> ChunkStream {
         envelope.size = self.len();
-        let (tx, rx) = mpsc::channel(4);
         match self {
-            Body::Memory(m) => {
-                let m = m.clone();
-                tokio::spawn(async move {
-                    let mut envelope = Some(envelope);
-                    let mut pieces = m.chunks(CHUNK).peekable();
-                    if pieces.peek().is_none() {
-                        let _ = tx
-                            .send(ScanChunk {
-                                envelope,
-                                data: Vec::new(),
-                            })
-                            .await;
-                        return;
-                    }
-                    for piece in pieces {
-                        let chunk = ScanChunk {
-                            envelope: envelope.take(),
-                            data: piece.to_vec(),
-                        };
-                        if tx.send(chunk).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+            Body::Memory(m) => ChunkStream::Memory(Box::new(tokio_stream::iter(MemoryChunks {
+                message: m.clone(),
+                at: 0,
+                envelope: Some(envelope),
+            }))),
             Body::File { file, len } => {
+                let (tx, rx) = mpsc::channel(4);
                 let (file, len) = (file.clone(), *len);
                 tokio::task::spawn_blocking(move || {
                     let mut envelope = Some(envelope);
@@ -117,9 +100,54 @@ impl Body {
                         }
                     }
                 });
+                ChunkStream::File(ReceiverStream::new(rx))
             }
         }
-        ReceiverStream::new(rx)
+    }
+}
+
+/// The chunks of one scan request.
+enum ChunkStream {
+    Memory(Box<tokio_stream::Iter<MemoryChunks>>),
+    File(ReceiverStream<ScanChunk>),
+}
+
+impl tokio_stream::Stream for ChunkStream {
+    type Item = ScanChunk;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<ScanChunk>> {
+        match self.get_mut() {
+            ChunkStream::Memory(s) => std::pin::Pin::new(&mut **s).poll_next(cx),
+            ChunkStream::File(s) => std::pin::Pin::new(s).poll_next(cx),
+        }
+    }
+}
+
+/// A message in memory as chunks; the first carries the envelope (an empty message is
+/// that one chunk).
+struct MemoryChunks {
+    message: Arc<Vec<u8>>,
+    at: usize,
+    envelope: Option<ScanEnvelope>,
+}
+
+impl Iterator for MemoryChunks {
+    type Item = ScanChunk;
+
+    fn next(&mut self) -> Option<ScanChunk> {
+        if self.at >= self.message.len() && self.envelope.is_none() {
+            return None;
+        }
+        let end = self.message.len().min(self.at + CHUNK);
+        let data = self.message.get(self.at..end).unwrap_or_default().to_vec();
+        self.at = end;
+        Some(ScanChunk {
+            envelope: self.envelope.take(),
+            data,
+        })
     }
 }
 
@@ -175,6 +203,9 @@ pub struct Workers {
     /// `filter.scan_timeout` takes effect at the next message).
     timeout: Box<dyn Fn() -> Duration + Send + Sync>,
     in_flight: Vec<AtomicUsize>,
+    /// Where the search for the least loaded worker starts, moved on at every scan, so
+    /// that idle workers take turns instead of the first one taking every message.
+    next: AtomicUsize,
     channels: Mutex<HashMap<usize, Channel>>,
 }
 
@@ -184,6 +215,7 @@ impl Workers {
             run_dir,
             timeout: Box::new(move || timeout),
             in_flight: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            next: AtomicUsize::new(0),
             channels: Mutex::default(),
         }
     }
@@ -239,7 +271,10 @@ fn worker_failed(status: &tonic::Status) -> bool {
 impl Scanner for Workers {
     async fn scan(&self, request: &ScanRequest, message: Body) -> Result<Verdict, ScanError> {
         let envelope = wire::request_to_wire(request);
-        let mut order: Vec<usize> = (0..self.in_flight.len()).collect();
+        // The least loaded first; among equally loaded ones, in turn from `next`.
+        let n = self.in_flight.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
         order.sort_by_key(|i| self.in_flight[*i].load(Ordering::Relaxed));
         let mut last = ScanError::NoWorkers;
         // A worker that said "busy" makes the whole scan busy even if a later one is
@@ -435,6 +470,30 @@ mod tests {
             (reply.code, reply.to_string().contains("4.7.1")),
             (451, true),
             "{reply:?}"
+        );
+    }
+
+    /// Messages one after another (every worker idle at each scan) are spread over the
+    /// workers in turn, not all given to the first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_workers_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = serve(dir.path(), 1, false);
+        let second = serve(dir.path(), 2, false);
+        let workers = Workers::new(dir.path().into(), 2, Duration::from_secs(10));
+        let body = Body::from(b"Subject: x\r\n\r\nx\r\n".to_vec());
+        for _ in 0..6 {
+            workers
+                .scan(&ScanRequest::default(), body.clone())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            (
+                first.load(Ordering::Relaxed),
+                second.load(Ordering::Relaxed)
+            ),
+            (3, 3)
         );
     }
 
