@@ -567,7 +567,7 @@ fn recovery(load: &Load, bin: &Path, messages: u32) -> Result<RecoveryFigures> {
     }
     let ready_secs = started.elapsed().as_secs_f64();
     let log = fs::read_to_string(d.join("smtpd-restart.log")).unwrap_or_default();
-    let recovered = queued_now(&spool);
+    let recovered = self::queued(&spool);
     drop(restarted);
     if recovered != queued || queued < messages as usize {
         bail!("{messages} messages sent, {queued} queued before the restart, {recovered} after it");
@@ -580,11 +580,6 @@ fn recovery(load: &Load, bin: &Path, messages: u32) -> Result<RecoveryFigures> {
         spool_ms: spool_opened_ms(&log),
         cold,
     })
-}
-
-/// The queue of a running gateway's spool (every message, held ones too).
-fn queued_now(spool: &Path) -> usize {
-    mb_spool::snapshot(spool).map_or(0, |s| s.messages.len())
 }
 
 /// Whether an SMTP server on 127.0.0.1:`port` sends its 220 greeting within `wait`.

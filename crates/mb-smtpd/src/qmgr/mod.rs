@@ -879,6 +879,31 @@ mod tests {
         }
     }
 
+    /// A manager relaying everything to the SMTP server at 127.0.0.1:`port`, on a
+    /// spool of `layout` under `dir/spool`. Not running yet: `run` it with the
+    /// `Shutdown` returned once the test has prepared what it needs.
+    pub(super) fn relay_manager(
+        dir: &std::path::Path,
+        port: u16,
+        layout: mb_spool::Config,
+    ) -> (
+        Arc<Spool>,
+        Arc<Manager>,
+        mb_runtime::lifecycle::ShutdownTrigger,
+        Shutdown,
+    ) {
+        let cfg = config(
+            dir,
+            &format!("[relay]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n"),
+        );
+        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
+        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
+        let (spool, _) = Spool::open_with(&dir.join("spool"), layout).unwrap();
+        let spool = Arc::new(spool);
+        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        (spool, m, trigger, shutdown)
+    }
+
     pub(super) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         for _ in 0..200 {
             if f() {
@@ -896,19 +921,9 @@ mod tests {
     async fn a_new_message_goes_from_memory_unless_held_before_its_first_attempt() {
         let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(
-            dir.path(),
-            &format!(
-                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
-                addr.port()
-            ),
-        );
-        let (_trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
-        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
-        let spool = Arc::new(spool);
         // Not running yet: both commits wait in its channel, with their bytes.
-        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        let (spool, m, _trigger, shutdown) =
+            relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
         let held = queue_message(&spool, m.clock.unix(), &["held@served.example"]).await;
         let sent = queue_message(&spool, m.clock.unix(), &["sent@served.example"]).await;
         let (pending, ()) = spool
@@ -952,18 +967,8 @@ mod tests {
         let tmp_ok = Arc::new(AtomicBool::new(false));
         let (addr, got) = sink(tmp_ok.clone()).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(
-            dir.path(),
-            &format!(
-                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
-                addr.port()
-            ),
-        );
-        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
-        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
-        let spool = Arc::new(spool);
-        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        let (spool, m, trigger, shutdown) =
+            relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
         tokio::spawn(m.clone().run(shutdown.clone()));
         let id = queue_message(
             &spool,
@@ -1038,18 +1043,8 @@ mod tests {
     async fn a_large_message_is_streamed_to_the_next_hop_and_bounced_with_headers_only() {
         let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(
-            dir.path(),
-            &format!(
-                "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
-                addr.port()
-            ),
-        );
-        let (trigger, shutdown) = mb_runtime::lifecycle::shutdown_pair();
-        let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
-        let (spool, _) = Spool::open(&dir.path().join("spool")).unwrap();
-        let spool = Arc::new(spool);
-        let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+        let (spool, m, trigger, shutdown) =
+            relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
         let mut message = b"X-Spam: forged\r\nSubject: large\r\n\r\n".to_vec();
         let mut n = 0u32;
         while message.len() < 3 << 20 {

@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use mb_proto::v1::queue_server::Queue as _;
 use mb_proto::v1::{DeleteQueueRequest, QueueIdRequest};
-use mb_runtime::follow::Follower;
 use mb_runtime::lifecycle::{ShutdownTrigger as Trigger, shutdown_pair};
 use mb_spool::LogKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Semaphore;
 use tonic::Request;
 
-use super::tests::{config, fixed_dns, notices, queue_message, sink, wait_for};
+use super::tests::{notices, queue_message, relay_manager, sink, wait_for};
 use super::{Clock, Manager};
 use crate::queue::QueueService;
 use crate::spool::{DeliveryState, Queue, RecipientState, Spool};
@@ -30,19 +29,8 @@ fn relaying(
     layout: mb_spool::Config,
     prepare: impl FnOnce(&Spool),
 ) -> (Arc<Spool>, Arc<Manager>, Trigger) {
-    let cfg = config(
-        dir,
-        &format!(
-            "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
-            addr.port()
-        ),
-    );
-    let (trigger, shutdown) = shutdown_pair();
-    let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
-    let (spool, _) = Spool::open_with(&dir.join("spool"), layout).unwrap();
+    let (spool, m, trigger, shutdown) = relay_manager(dir, addr.port(), layout);
     prepare(&spool);
-    let spool = Arc::new(spool);
-    let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
     tokio::spawn(m.clone().run(shutdown));
     (spool, m, trigger)
 }
@@ -72,18 +60,8 @@ async fn a_bounce_that_cannot_be_queued_keeps_the_message() {
     let (addr, got) = sink(Arc::new(AtomicBool::new(true))).await;
     let dir = tempfile::tempdir().unwrap();
     let spool_root = dir.path().join("spool");
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
-            addr.port()
-        ),
-    );
-    let (trigger, shutdown) = shutdown_pair();
-    let follower = Follower::start("mb-smtpd", cfg, shutdown.clone());
-    let (spool, _) = Spool::open(&spool_root).unwrap();
-    let spool = Arc::new(spool);
-    let m = Manager::new(spool.clone(), follower, fixed_dns(), Clock::new());
+    let (spool, m, trigger, shutdown) =
+        relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
     let id = queue_message(
         &spool,
         m.clock.unix(),
