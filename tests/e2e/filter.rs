@@ -1632,6 +1632,142 @@ fn postfix_with_the_milter_gets_verdicts_headers_policy_blocks_and_tempfails() {
     assert_eq!(milter["counters"]["tempfailed"], 1, "{milter:#}");
 }
 
+/// `milter.socket`: Postfix (its smtpd runs as user postfix) reaches mb-milter on a Unix
+/// socket given to group postfix, and gets the same verdicts as over TCP; a user outside
+/// the group who gets through the file permissions anyway (an administrator's chmod) is
+/// refused by the peer-credential check and counted.
+#[test]
+fn postfix_reaches_the_milter_on_its_unix_socket_and_other_users_are_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let sink = SmtpSink::start(&[]).unwrap();
+    // Postfix must be able to walk to the socket: a directory of its own under one that
+    // anybody may pass through (the gateway's own directory is root's alone).
+    let outer = tempfile::Builder::new()
+        .prefix("mb-milter-sock-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let socket = outer.path().join("pf/milter.sock");
+    let mut gw = Gateway::new(&format!(
+        "[smtp]\nenabled = false\nhostname = \"gw.served.test\"\ndomains = \"served.test\"\n\
+         [filter]\nenabled = true\nworkers = 1\nport = {}\n\
+         [milter]\nenabled = true\nport = {}\nsocket = {:?}\nsocket_group = \"postfix\"\n",
+        free_port(),
+        free_port(),
+        socket.display().to_string()
+    ));
+    gw.start().unwrap();
+    gw.start_filter(1).unwrap();
+    gw.start_milter().unwrap();
+    wait_until("the milter socket", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .unwrap();
+    let postfix_gid = nix::unistd::Group::from_name("postfix")
+        .unwrap()
+        .expect("group postfix (the postfix package)")
+        .gid
+        .as_raw();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660, "the socket's mode");
+    assert_eq!(meta.gid(), postfix_gid, "the socket's group");
+    let dir = std::fs::metadata(socket.parent().unwrap()).unwrap();
+    assert_eq!(
+        dir.mode() & 0o777,
+        0o750,
+        "the directory made for the socket"
+    );
+    assert_eq!(dir.gid(), postfix_gid, "the directory's group");
+
+    let postfix = mb_testkit::Postfix::start(
+        &format!("[127.0.0.1]:{}", sink.port),
+        &format!(
+            "smtpd_milters = unix:{}\nmilter_default_action = tempfail\nmilter_protocol = 6\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut c = Raw::connect(postfix.port);
+    c.reply();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<alice@sender.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@served.test>").starts_with("250"));
+    c.cmd("DATA");
+    let r = c.cmd(&format!("{CLEAN}."));
+    c.cmd("QUIT");
+    assert!(r.starts_with("250"), "{r}\n{}", postfix.log());
+    wait_until(
+        "the clean message at the sink",
+        Duration::from_secs(30),
+        || sink.messages().iter().any(|m| m.contains("\nhello")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", postfix.log()));
+    let got = sink.messages().remove(0);
+    assert!(got.contains("X-Spam-Status: No, score="), "{got}");
+    assert!(
+        !got.contains("X-Spam: Yes"),
+        "the sender's X-Spam stays: {got}"
+    );
+    assert!(
+        !postfix.log().contains("milter unix:"),
+        "Postfix complained about the milter: {}",
+        postfix.log()
+    );
+
+    // Opened up by hand: user nobody passes the file permissions and is still refused.
+    std::fs::set_permissions(
+        socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    // Refused, the connection is closed at once: an empty read, or a reset when the
+    // probe's packet arrived after the close.
+    let probe = "import socket,struct,sys\n\
+        s=socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1])\n\
+        s.settimeout(10)\n\
+        try:\n\
+        \x20   s.sendall(struct.pack('>IBIII',13,ord('O'),6,0x1ff,0x1fffff))\n\
+        \x20   print('reply' if s.recv(100) else 'closed')\n\
+        except (ConnectionResetError, BrokenPipeError):\n\
+        \x20   print('closed')\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", probe])
+        .arg(&socket)
+        .uid(nobody.uid.as_raw())
+        .gid(nobody.gid.as_raw())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "closed",
+        "user nobody on the milter socket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same probe as root (allowed) gets the negotiation reply: the probe can tell.
+    let out = std::process::Command::new("python3")
+        .args(["-c", probe])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reply");
+    let log = std::fs::read_to_string(gw.path("milter.log")).unwrap_or_default();
+    assert!(
+        log.contains("milter connection refused on milter.socket"),
+        "{log}"
+    );
+    let milter = daemon_status(&gw, "mb-milter");
+    assert_eq!(milter["counters"]["messages"], 1, "{milter:#}");
+    assert_eq!(milter["counters"]["refused"], 1, "{milter:#}");
+    assert!(
+        milter["listening"].to_string().contains("milter unix:"),
+        "{milter:#}"
+    );
+}
+
 #[test]
 fn miltertest_scripts_drive_the_milter_and_malformed_frames_close_only_their_connection() {
     let miltertest = mb_testkit::require("miltertest", "miltertest");

@@ -375,6 +375,7 @@ mod deb;
 mod fuzz;
 mod idle;
 mod logsearch;
+mod null_milter;
 #[cfg(test)]
 mod tidy;
 

@@ -461,6 +461,8 @@ pub static KEYS: &[KeyDef] = &[
     k("milter.enabled", BOOL, "false", "Run mb-milter (Postfix milter mode)").by(M).restart(),
     k("milter.listen", Kind::Ip, "127.0.0.1", "Address of the milter listener").by(M).local(),
     k("milter.port", PORT, "10032", "Port of the milter listener (smtpd_milters = inet:127.0.0.1:10032)").by(M).local(),
+    k("milter.socket", Kind::Path, "", "Unix socket mb-milter also listens on (smtpd_milters = unix:PATH; a chrooted smtpd, Debian's default, finds it under /var/spool/postfix, e.g. /var/spool/postfix/mailborder/milter.sock): only root, mb-milter's user and members of milter.socket_group or mailborder may connect (peer credentials); mode 0660, for milter.socket_group; empty for TCP only").by(M).local(),
+    k("milter.socket_group", Kind::Text { max: 32 }, "postfix", "Group given milter.socket (and a directory created for it), whose members may connect besides root and mb-milter's user: Postfix's smtpd runs in group postfix; mb-milter must have the group (SupplementaryGroups=postfix, with ReadWritePaths= for the socket's directory, in a drop-in for mb-milter.service); empty for mailborder").by(M).local(),
     k("milter.unavailable_action", UNAVAILABLE, "tempfail", "What mb-milter answers when no filter worker answers").by(M),
     k("milter.allowed_clients", Kind::CidrList, "127.0.0.0/8,::1/128", "MTAs allowed to connect to the milter port; others are refused with a log line").by(M),
     // An hour, not minutes: Postfix sends the header and body events only once cleanup has

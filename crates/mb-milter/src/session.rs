@@ -96,19 +96,36 @@ impl State {
     }
 }
 
-pub async fn run(io: &mut tokio::net::TcpStream, shared: Arc<Shared>, peer: IpAddr) {
+/// A connection from the MTA: TCP from an address in `milter.allowed_clients`, or the
+/// Unix socket `milter.socket`.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin {
+    /// Called before each wait for the MTA's next packet.
+    fn before_wait(&self) {}
+}
+
+impl Conn for tokio::net::TcpStream {
+    /// The MTA writes a macro packet and its command separately and waits for no answer
+    /// to the first: acknowledging at once keeps Nagle's algorithm on its side from
+    /// holding the command for our delayed ACK (40 ms per message otherwise). Set
+    /// before each wait on the socket (not per packet: packets already buffered need
+    /// no ACK).
+    fn before_wait(&self) {
+        let _ = socket2::SockRef::from(self).set_tcp_quickack(true);
+    }
+}
+
+/// A Unix socket has no acknowledgements to hurry.
+impl Conn for tokio::net::UnixStream {}
+
+/// Serves one connection until the MTA closes it; `peer` names the MTA in log lines.
+pub async fn run<S: Conn>(io: &mut S, shared: Arc<Shared>, peer: &str) {
     let mut st = State::default();
     let mut reader = proto::Reader::default();
     loop {
         let read = match reader.ready() {
             Ok(true) => Ok(()),
             Ok(false) => {
-                // The MTA writes a macro packet and its command separately and waits for
-                // no answer to the first: acknowledging at once keeps Nagle's algorithm
-                // on its side from holding the command for our delayed ACK (40 ms per
-                // message otherwise). Set before each wait on the socket (not per
-                // packet: packets already buffered need no ACK).
-                let _ = socket2::SockRef::from(&*io).set_tcp_quickack(true);
+                io.before_wait();
                 // Only the wait for the MTA's next packet is timed: while we scan, the
                 // MTA waits for us (and gets PROGRESS packets).
                 let silence = shared.follower.current().duration("milter.timeout");
@@ -173,6 +190,66 @@ fn hold_error(doing: &str, e: &std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{doing}: {e}"))
 }
 
+/// The answer to the MTA's option negotiation (`data`: its version, actions and
+/// protocol steps): the steps this session runs under and the OPTNEG reply. `block_at_mail`
+/// and `block_at_rcpt` say whether a block policy could refuse there now (else the MTA
+/// is told not to wait for a reply at that step). Public so that the bench's null milter
+/// (`cargo xtask bench`, the milter floor row) negotiates exactly as mb-milter does.
+pub fn negotiate(
+    data: &[u8],
+    block_at_mail: bool,
+    block_at_rcpt: bool,
+) -> Result<(u32, Vec<u8>), String> {
+    let word = |i: usize| {
+        data.get(i..i + 4)
+            .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+    };
+    let (Some(version), Some(actions), Some(offered)) = (word(0), word(4), word(8)) else {
+        return Err("short option negotiation".into());
+    };
+    if version < 2 {
+        return Err(format!("milter protocol version {version} is too old"));
+    }
+    // Naming our macros (protocol 6) spares the MTA looking up, and both sides sending
+    // and parsing, the dozen others it sends by default at every stage.
+    let symlist = version >= 6 && actions & proto::SETSYMLIST != 0;
+    let mut want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
+    // Steps we do not need are declined, and replies we would only "continue" are
+    // skipped where the MTA allows it.
+    let mut want_protocol = proto::NOUNKNOWN
+        | proto::NODATA
+        | proto::NOHREPL
+        | proto::NR_CONN
+        | proto::NR_HELO
+        | proto::NR_EOH
+        | proto::NR_BODY;
+    if !block_at_mail {
+        want_protocol |= proto::NR_MAIL;
+    }
+    if !block_at_rcpt {
+        want_protocol |= proto::NR_RCPT;
+    }
+    // CONNECT is still asked for although its data then comes as connect macros too:
+    // clients such as OpenDKIM's miltertest stop at a declined CONNECT, and skipping it
+    // saved no system call (it travels with the HELO and MAIL).
+    if symlist {
+        want_actions |= proto::SETSYMLIST;
+    }
+    let protocol = offered & want_protocol;
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&version.min(6).to_be_bytes());
+    out.extend_from_slice(&(actions & want_actions).to_be_bytes());
+    out.extend_from_slice(&protocol.to_be_bytes());
+    if symlist {
+        for (stage, names) in MACROS_BY_STAGE {
+            out.extend_from_slice(&stage.to_be_bytes());
+            out.extend_from_slice(names.as_bytes());
+            out.push(0);
+        }
+    }
+    Ok((protocol, out))
+}
+
 /// Handles one packet; `Ok(false)` ends the connection.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
@@ -185,30 +262,6 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let reply_unless = |flag: u32, st: &State| st.protocol & flag == 0;
     match cmd {
         proto::OPTNEG => {
-            if data.len() < 12 {
-                return Err(SessionError::Protocol("short option negotiation".into()));
-            }
-            let word =
-                |i: usize| u32::from_be_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
-            let (version, actions, offered) = (word(0), word(4), word(8));
-            if version < 2 {
-                return Err(SessionError::Protocol(format!(
-                    "milter protocol version {version} is too old"
-                )));
-            }
-            // Naming our macros (protocol 6) spares the MTA looking up, and both sides
-            // sending and parsing, the dozen others it sends by default at every stage.
-            let symlist = version >= 6 && actions & proto::SETSYMLIST != 0;
-            let mut want_actions = proto::ADDHDRS | proto::CHGHDRS | proto::QUARANTINE_ACT;
-            // Steps we do not need are declined, and replies we would only "continue" are
-            // skipped where the MTA allows it.
-            let mut want_protocol = proto::NOUNKNOWN
-                | proto::NODATA
-                | proto::NOHREPL
-                | proto::NR_CONN
-                | proto::NR_HELO
-                | proto::NR_EOH
-                | proto::NR_BODY;
             // A reply at MAIL or RCPT only ever refuses by policy: when no policy could
             // refuse there now, the MTA need not wait for one (a block that arrives
             // later in the session is still applied by the scan, at end of message).
@@ -219,30 +272,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                         && !(at_rcpt && p.direction == policy::Direction::From)
                 })
             };
-            if !blocks(false) {
-                want_protocol |= proto::NR_MAIL;
-            }
-            if !blocks(true) {
-                want_protocol |= proto::NR_RCPT;
-            }
-            // CONNECT is still asked for although its data then comes as connect macros
-            // too: clients such as OpenDKIM's miltertest stop at a declined CONNECT, and
-            // skipping it saved no system call (it travels with the HELO and MAIL).
-            if symlist {
-                want_actions |= proto::SETSYMLIST;
-            }
-            st.protocol = offered & want_protocol;
-            let mut out = Vec::with_capacity(128);
-            out.extend_from_slice(&version.min(6).to_be_bytes());
-            out.extend_from_slice(&(actions & want_actions).to_be_bytes());
-            out.extend_from_slice(&st.protocol.to_be_bytes());
-            if symlist {
-                for (stage, names) in MACROS_BY_STAGE {
-                    out.extend_from_slice(&stage.to_be_bytes());
-                    out.extend_from_slice(names.as_bytes());
-                    out.push(0);
-                }
-            }
+            let (protocol, out) =
+                negotiate(data, blocks(false), blocks(true)).map_err(SessionError::Protocol)?;
+            st.protocol = protocol;
             proto::write(io, proto::OPTNEG, &out)
                 .await
                 .map_err(io_err)?;
@@ -775,6 +807,37 @@ mod tests {
 
     use mb_scan::ScanError;
     use tokio::io::AsyncWriteExt;
+
+    /// What `negotiate` refuses, and that it never asks for more than the MTA offered.
+    #[test]
+    fn negotiation_refuses_short_and_ancient_offers_and_asks_only_what_is_offered() {
+        let offer = |version: u32, actions: u32, steps: u32| {
+            [version, actions, steps]
+                .iter()
+                .flat_map(|w| w.to_be_bytes())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(
+            negotiate(&offer(6, 0x1ff, 0x1f_ffff)[..11], false, false).unwrap_err(),
+            "short option negotiation"
+        );
+        assert!(
+            negotiate(&offer(1, 0x1ff, 0x1f_ffff), false, false)
+                .unwrap_err()
+                .contains("version 1 is too old")
+        );
+        // An MTA that offers no step flags and no actions gets none asked of it.
+        let (steps, reply) = negotiate(&offer(6, 0, 0), false, false).unwrap();
+        assert_eq!(steps, 0);
+        assert_eq!(reply, offer(6, 0, 0), "no macro lists without SETSYMLIST");
+        // Protocol 2 gets version 2 back and no macro lists even when offered the action.
+        let (_, reply) = negotiate(&offer(2, proto::SETSYMLIST, 0), false, false).unwrap();
+        assert_eq!(reply.len(), 12);
+        assert_eq!(&reply[..4], &2u32.to_be_bytes());
+        // A block at RCPT keeps RCPT's reply but not MAIL's.
+        let (steps, _) = negotiate(&offer(6, 0x1ff, 0x1f_ffff), false, true).unwrap();
+        assert_eq!(steps & (proto::NR_MAIL | proto::NR_RCPT), proto::NR_MAIL);
+    }
 
     /// Postfix is silent towards the milter while a client uploads DATA and between
     /// commands up to its smtpd_timeout (300 s): the default idle limit must leave room

@@ -159,9 +159,7 @@ impl Guard {
                     .and_then(|i| i.peer_cred)
                     .ok_or_else(|| Status::permission_denied("peer credentials unavailable"))?;
                 let (uid, gid) = (cred.uid(), cred.gid());
-                let in_group = group
-                    .is_some_and(|g| gid == g || cred.pid().is_some_and(|pid| has_group(pid, g)));
-                if uid == 0 || uid == *own_uid || in_group {
+                if peer_allowed(*own_uid, (uid, gid, cred.pid()), group.as_slice()) {
                     // mb-web acts for its logged-in principals: the audit trail names
                     // them (`web:alice`), not mb-web's own user. Any peer allowed here
                     // could make the change itself, so the claim grants nothing.
@@ -244,6 +242,21 @@ pub fn caller<T>(req: &Request<T>) -> Caller {
 
 /// Whether process `pid` has `gid` among its supplementary groups (SO_PEERCRED only
 /// gives the primary group).
+/// Whether a peer on one of our Unix sockets (`uid`, `gid`, `pid` from its credentials)
+/// may use it: root, the daemon's own user (`own_uid`), or a member of one of `groups`
+/// by its primary group or a supplementary one.
+pub fn peer_allowed(
+    own_uid: u32,
+    (uid, gid, pid): (u32, u32, Option<i32>),
+    groups: &[u32],
+) -> bool {
+    uid == 0
+        || uid == own_uid
+        || groups
+            .iter()
+            .any(|g| gid == *g || pid.is_some_and(|pid| has_group(pid, *g)))
+}
+
 fn has_group(pid: i32, gid: u32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
