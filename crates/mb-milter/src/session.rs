@@ -190,6 +190,15 @@ fn hold_error(doing: &str, e: &std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{doing}: {e}"))
 }
 
+/// Why an MTA's option negotiation cannot be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NegotiationError {
+    #[error("short option negotiation")]
+    Short,
+    #[error("milter protocol version {0} is too old")]
+    TooOld(u32),
+}
+
 /// The answer to the MTA's option negotiation (`data`: its version, actions and
 /// protocol steps): the steps this session runs under and the OPTNEG reply. `block_at_mail`
 /// and `block_at_rcpt` say whether a block policy could refuse there now (else the MTA
@@ -199,16 +208,16 @@ pub fn negotiate(
     data: &[u8],
     block_at_mail: bool,
     block_at_rcpt: bool,
-) -> Result<(u32, Vec<u8>), String> {
+) -> Result<(u32, Vec<u8>), NegotiationError> {
     let word = |i: usize| {
         data.get(i..i + 4)
             .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
     };
     let (Some(version), Some(actions), Some(offered)) = (word(0), word(4), word(8)) else {
-        return Err("short option negotiation".into());
+        return Err(NegotiationError::Short);
     };
     if version < 2 {
-        return Err(format!("milter protocol version {version} is too old"));
+        return Err(NegotiationError::TooOld(version));
     }
     // Naming our macros (protocol 6) spares the MTA looking up, and both sides sending
     // and parsing, the dozen others it sends by default at every stage.
@@ -272,8 +281,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                         && !(at_rcpt && p.direction == policy::Direction::From)
                 })
             };
-            let (protocol, out) =
-                negotiate(data, blocks(false), blocks(true)).map_err(SessionError::Protocol)?;
+            let (protocol, out) = negotiate(data, blocks(false), blocks(true))
+                .map_err(|e| SessionError::Protocol(e.to_string()))?;
             st.protocol = protocol;
             proto::write(io, proto::OPTNEG, &out)
                 .await
@@ -819,12 +828,11 @@ mod tests {
         };
         assert_eq!(
             negotiate(&offer(6, 0x1ff, 0x1f_ffff)[..11], false, false).unwrap_err(),
-            "short option negotiation"
+            NegotiationError::Short
         );
-        assert!(
-            negotiate(&offer(1, 0x1ff, 0x1f_ffff), false, false)
-                .unwrap_err()
-                .contains("version 1 is too old")
+        assert_eq!(
+            negotiate(&offer(1, 0x1ff, 0x1f_ffff), false, false).unwrap_err(),
+            NegotiationError::TooOld(1)
         );
         // An MTA that offers no step flags and no actions gets none asked of it.
         let (steps, reply) = negotiate(&offer(6, 0, 0), false, false).unwrap();
