@@ -298,8 +298,15 @@ fn unsendable(raw: &[u8]) -> Option<&'static str> {
 fn attachments(ctx: &mut Context<'_>, message: &Message<'_>) -> Step<Option<String>> {
     let rules = AttachmentRules::from_config(ctx.cfg);
     // Archives are expanded here (up to `attachments.archive_max_size`): CPU work that
-    // must not hold an async worker.
-    let judged = crate::cpu_bound(|| check_attachments(message, &rules).judge(&rules));
+    // must not hold an async worker. A message without attachments has only its parts'
+    // names to look at, and handing the worker's other tasks to another thread (a
+    // wake-up and a switch per message) would cost more than the check itself.
+    let check = || check_attachments(message, &rules).judge(&rules);
+    let judged = if message.attachments.is_empty() {
+        check()
+    } else {
+        crate::cpu_bound(check)
+    };
     if let Some((text, why)) = judged.refusal {
         let mut v = refuse(Action::Reject, CONTENT_REFUSED, text, Some(why));
         v.score = judged.symbols.iter().map(|s| s.score).sum();
