@@ -240,8 +240,6 @@ pub fn caller<T>(req: &Request<T>) -> Caller {
     })
 }
 
-/// Whether process `pid` has `gid` among its supplementary groups (SO_PEERCRED only
-/// gives the primary group).
 /// Whether a peer on one of our Unix sockets (`uid`, `gid`, `pid` from its credentials)
 /// may use it: root, the daemon's own user (`own_uid`), or a member of one of `groups`
 /// by its primary group or a supplementary one.
@@ -257,6 +255,8 @@ pub fn peer_allowed(
             .any(|g| gid == *g || pid.is_some_and(|pid| has_group(pid, *g)))
 }
 
+/// Whether process `pid` has `gid` among its supplementary groups (SO_PEERCRED only
+/// gives the primary group).
 fn has_group(pid: i32, gid: u32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
