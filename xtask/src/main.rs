@@ -217,9 +217,8 @@ enum Cmd {
         /// EHLO, from many loopback addresses) and a sender's throughput alone and with them
         #[arg(long)]
         idle: bool,
-        /// With --big, --attack, --idle or --milter (then only Postfix alone and with
-        /// mb-milter): the directory of already built binaries to measure (e.g. an older
-        /// commit's release build), instead of building this tree
+        /// The directory of already built binaries to measure (e.g. an older commit's
+        /// release build, or a profiling build), instead of building this tree
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
@@ -271,23 +270,6 @@ fn main() -> ExitCode {
             // A misspelt --only fails before anything is built.
             let steps = bench::Step::parse_list(&only)?;
             ensure_test_packages()?;
-            if let (true, Some(dir)) = (big, &bin_dir) {
-                return bigmem::bigmem(dir).map(|_| ());
-            }
-            if let (true, Some(dir)) = (attack, &bin_dir) {
-                return attack::attack(&dir.join("mb-smtpd"), seconds);
-            }
-            if let (true, Some(dir)) = (idle, &bin_dir) {
-                return idle::idle(&dir.join("mb-smtpd"), sessions.unwrap_or(10_000), seconds);
-            }
-            if let (true, Some(dir)) = (milter, &bin_dir) {
-                let load = bench::Load {
-                    messages,
-                    sessions: sessions.unwrap_or(20),
-                    size,
-                };
-                return bench::milter_only(&load, dir);
-            }
             if log_search {
                 run(cargo().args(["build", "--workspace", "--bins"]))?;
                 return logsearch::bench();
@@ -305,26 +287,34 @@ fn main() -> ExitCode {
                 run(&mut build)?;
                 return api_bench::bench(&root().join("target").join(profile));
             }
-            let mut build = cargo();
-            build.args([
-                "build",
-                "-p",
-                "mb-smtpd",
-                "-p",
-                "mb-filter",
-                "-p",
-                "mb-milter",
-                // The API latency row (api_bench.rs).
-                "-p",
-                "mb-rpcd",
-                "-p",
-                "mb-web",
-            ]);
-            if !debug {
-                build.arg("--release");
-            }
-            run(&mut build)?;
-            let mb_smtpd = root().join("target").join(profile).join("mb-smtpd");
+            // --bin-dir: measure binaries built elsewhere (an older commit's, a profiling
+            // build with frame pointers) instead of building this tree.
+            let bins = match &bin_dir {
+                Some(dir) => dir.clone(),
+                None => {
+                    let mut build = cargo();
+                    build.args([
+                        "build",
+                        "-p",
+                        "mb-smtpd",
+                        "-p",
+                        "mb-filter",
+                        "-p",
+                        "mb-milter",
+                        // The API latency row (api_bench.rs).
+                        "-p",
+                        "mb-rpcd",
+                        "-p",
+                        "mb-web",
+                    ]);
+                    if !debug {
+                        build.arg("--release");
+                    }
+                    run(&mut build)?;
+                    root().join("target").join(profile)
+                }
+            };
+            let mb_smtpd = bins.join("mb-smtpd");
             if attack {
                 return attack::attack(&mb_smtpd, seconds);
             }
@@ -332,7 +322,7 @@ fn main() -> ExitCode {
                 return idle::idle(&mb_smtpd, sessions.unwrap_or(10_000), seconds);
             }
             if big {
-                return bigmem::bigmem(&root().join("target").join(profile)).map(|_| ());
+                return bigmem::bigmem(&bins).map(|_| ());
             }
             if milter {
                 let load = bench::Load {
@@ -340,7 +330,7 @@ fn main() -> ExitCode {
                     sessions: sessions.unwrap_or(20),
                     size,
                 };
-                return bench::milter_only(&load, &root().join("target").join(profile));
+                return bench::milter_only(&load, &bins);
             }
             bench::bench(
                 &bench::Load {

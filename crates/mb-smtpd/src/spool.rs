@@ -126,6 +126,9 @@ pub struct Spool {
     /// Bodies larger than this stream into `bodies/ID` while they are received.
     large_threshold: usize,
     counter: AtomicU64,
+    /// This process's id, part of every queue id (read once: glibc does not cache it,
+    /// and a system call per message is measurable).
+    pid: u32,
     /// Told of every committed message (the queue manager listens).
     notify: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Committed>>,
     /// Held while a message's state is read, changed and queued for writing.
@@ -218,6 +221,7 @@ impl Spool {
                 log,
                 large_threshold,
                 counter: AtomicU64::new(0),
+                pid: std::process::id(),
                 notify: std::sync::OnceLock::new(),
                 changes: Mutex::new(()),
                 poison_reported: AtomicBool::new(false),
@@ -236,7 +240,7 @@ impl Spool {
             .map_or(0, |d| d.as_micros());
         let n = self.counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
         // The pid keeps two processes (or a restart after a clock step) apart.
-        format!("{micros:X}{:X}{n:04X}", std::process::id())
+        format!("{micros:X}{:X}{n:04X}", self.pid)
     }
 
     /// Tells `tx` of every message committed from now on.

@@ -98,6 +98,12 @@ pub struct Config {
     /// One `Spool::compact` call stops copying once it wrote this many bytes (a record
     /// more at most); the caller calls again later for the rest.
     pub compact_max_bytes: u64,
+    /// Prepares a zero-filled spare segment when the spool grows by appending (a thread
+    /// of its own writes one once the active segment grew past `PREPARE_AFTER` with no
+    /// spare left), and has the committer move to a spare as soon as the active segment
+    /// would grow: commits then write over allocated blocks, not only once old segments
+    /// were recycled. Tests that count segments or spares turn it off.
+    pub prepare_spare: bool,
 }
 
 impl Default for Config {
@@ -106,6 +112,7 @@ impl Default for Config {
             segment_size: 64 << 20,
             large_threshold: 256 << 10,
             compact_max_bytes: 64 << 20,
+            prepare_spare: true,
         }
     }
 }
@@ -260,6 +267,10 @@ struct Shared {
     reclaiming: Mutex<()>,
     queue: Mutex<Batch>,
     wake: Condvar,
+    /// Wakes the spare preparer (with `index`): a spare is wanted, or the spool closes.
+    prepare: Condvar,
+    /// The spool is closing: the preparer stops (between two chunks of its writing).
+    closing: std::sync::atomic::AtomicBool,
     batches: AtomicU64,
     syncs: AtomicU64,
     /// Tests: the next batch's `fdatasync` fails (after its records were written).
@@ -323,8 +334,12 @@ struct Index {
     segs: BTreeMap<u64, Seg>,
     active: u64,
     body_files: usize,
-    /// Reclaimed segment files kept for reuse (`segments/spare-SEQ`).
+    /// Segment files kept for reuse, each at least `Config::segment_size` long:
+    /// reclaimed ones (`segments/spare-SEQ`) and zero-filled ones the preparer wrote
+    /// (`segments/spare-new-N`).
     spares: Vec<PathBuf>,
+    /// The committer asked the preparer for a spare, which is not ready yet.
+    spare_wanted: bool,
 }
 
 /// Reclaimed segment files kept for reuse. Writing over blocks a file already has makes
@@ -392,16 +407,114 @@ impl Seg {
 struct CommitterHandle {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    preparer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for CommitterHandle {
     fn drop(&mut self) {
         lock(&self.shared.queue).shutdown = true;
         self.shared.wake.notify_all();
+        {
+            let _index = lock(&self.shared.index);
+            self.shared.closing.store(true, Ordering::SeqCst);
+            self.shared.prepare.notify_all();
+        }
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
+        if let Some(t) = lock(&self.preparer).take() {
+            let _ = t.join();
+        }
     }
+}
+
+/// The file the preparer fills before renaming it to a spare name (removed at open:
+/// a crash can leave it half written).
+const PREPARING: &str = "preparing-spare";
+
+/// Bytes the preparer writes between two `fdatasync`s: on a journalled ext4
+/// (data=ordered) a commit's journal flush waits for every newly allocated dirty page,
+/// so the preparer never leaves more than this for a commit to wait for.
+const PREPARE_CHUNK: usize = 4 << 20;
+
+/// Bytes the committer appends to a segment with no spare left before it asks the
+/// preparer for one: a spool that takes a few messages (tests, a quiet node) never
+/// writes a whole segment of zeros.
+const PREPARE_AFTER: u64 = 1 << 20;
+
+/// The spare preparer's thread: when the committer asks (`Index::spare_wanted`), writes
+/// a zero-filled file of `segment_size` bytes, syncs it, names it `spare-new-N`
+/// (directory synced) and offers it. Zeros never verify as a record, so a spare written
+/// this way is as safe as a recycled one. An error changes nothing: the committer goes
+/// on appending as it would without the preparer, and asks again from its next segment.
+fn prepare_spares(shared: &Shared) {
+    let segments = shared.root.join("segments");
+    let mut n: u64 = 0;
+    loop {
+        {
+            let mut index = lock(&shared.index);
+            while !index.spare_wanted && !shared.closing.load(Ordering::SeqCst) {
+                index = shared
+                    .prepare
+                    .wait(index)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if shared.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let tmp = segments.join(PREPARING);
+        let ready = match write_zeros(shared, &tmp) {
+            Ok(true) => loop {
+                n += 1;
+                let name = segments.join(format!("spare-new-{n:X}"));
+                if !name.exists() {
+                    break std::fs::rename(&tmp, &name)
+                        .and_then(|()| sync_dir(&segments))
+                        .map(|()| name);
+                }
+            },
+            Ok(false) => return,
+            Err(e) => Err(e),
+        };
+        let mut index = lock(&shared.index);
+        // Asked again (if need be) once the committer appends to its next segment.
+        index.spare_wanted = false;
+        match ready {
+            Ok(name) => index.spares.push(name),
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+}
+
+/// Writes `segment_size` zero bytes to `path` in `PREPARE_CHUNK`s, each synced.
+/// `Ok(false)`: the spool closed meanwhile.
+fn write_zeros(shared: &Shared, path: &Path) -> io::Result<bool> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let zeros = vec![0u8; PREPARE_CHUNK];
+    let mut at = 0u64;
+    let size = shared
+        .config
+        .segment_size
+        .max(record::SEGMENT_HEADER as u64);
+    while at < size {
+        if shared.closing.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(path);
+            return Ok(false);
+        }
+        let n = (size - at).min(PREPARE_CHUNK as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        f.sync_data()?;
+        at += n as u64;
+    }
+    f.sync_all()?;
+    Ok(true)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -431,8 +544,20 @@ impl Spool {
         std::fs::create_dir_all(root.join("segments"))?;
         std::fs::create_dir_all(root.join("bodies"))?;
         let (mut index, mut recovery) = recover::scan(root)?;
+        // A spare shorter than a segment (left by a smaller `segment_size`) would grow
+        // when written: no better than a new file. The preparer's unfinished file goes.
+        let mut spares = Vec::new();
+        for spare in std::mem::take(&mut index.spares) {
+            if std::fs::metadata(&spare)?.len() >= config.segment_size {
+                spares.push(spare);
+            } else {
+                std::fs::remove_file(&spare)?;
+            }
+        }
+        index.spares = spares;
+        let _ = std::fs::remove_file(root.join("segments").join(PREPARING));
         let seq = index.segs.keys().next_back().map_or(1, |s| s + 1);
-        let file = create_segment(root, seq, index.spares.pop())?;
+        let (file, file_len) = create_segment(root, seq, index.spares.pop())?;
         index.segs.insert(
             seq,
             Seg::new(
@@ -443,7 +568,7 @@ impl Spool {
         index.active = seq;
         let index = Mutex::new(index);
         let reclaiming = Mutex::new(());
-        recovery.reclaimed += reclaim(root, &index, &reclaiming)?;
+        recovery.reclaimed += reclaim(root, &index, &reclaiming, config.segment_size)?;
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
             config,
@@ -451,6 +576,8 @@ impl Spool {
             reclaiming,
             queue: Mutex::new(Batch::default()),
             wake: Condvar::new(),
+            prepare: Condvar::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
             batches: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             #[cfg(test)]
@@ -461,6 +588,17 @@ impl Spool {
             file,
             seq,
             pos: record::SEGMENT_HEADER as u64,
+            file_len,
+        };
+        let preparer = if shared.config.prepare_spare {
+            let shared = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("mb-spool-spare".into())
+                    .spawn(move || prepare_spares(&shared))?,
+            )
+        } else {
+            None
         };
         let thread = std::thread::Builder::new()
             .name("mb-spool-commit".into())
@@ -471,6 +609,7 @@ impl Spool {
                 _committer: Arc::new(CommitterHandle {
                     shared,
                     thread: Mutex::new(Some(thread)),
+                    preparer: Mutex::new(preparer),
                 }),
             },
             recovery,
@@ -835,6 +974,7 @@ impl Spool {
             &self.shared.root,
             &self.shared.index,
             &self.shared.reclaiming,
+            self.shared.config.segment_size,
         )?;
         Ok(n)
     }
@@ -850,7 +990,8 @@ fn check_id(id: &str) -> Result<(), SpoolError> {
 
 /// Starts segment `seq`, in a spare file when there is one (its old records stay behind
 /// the new ones but never verify: their checksums are bound to the old sequence number).
-fn create_segment(root: &Path, seq: u64, spare: Option<PathBuf>) -> io::Result<File> {
+/// Returns the file and its length (up to which writes overwrite allocated blocks).
+fn create_segment(root: &Path, seq: u64, spare: Option<PathBuf>) -> io::Result<(File, u64)> {
     let path = segment_path(root, seq);
     let f = match spare {
         Some(spare) => {
@@ -868,7 +1009,8 @@ fn create_segment(root: &Path, seq: u64, spare: Option<PathBuf>) -> io::Result<F
     f.write_all_at(&header, 0)?;
     f.sync_data()?;
     sync_dir(&root.join("segments"))?;
-    Ok(f)
+    let len = f.metadata()?.len();
+    Ok((f, len))
 }
 
 /// Deletes every closed segment nothing refers to, in rounds: a round's deletions are
@@ -883,7 +1025,14 @@ fn create_segment(root: &Path, seq: u64, spare: Option<PathBuf>) -> io::Result<F
 /// were still there (its ghost counts it, and loses it below), and no reader can reach
 /// one (nothing live has its newest commit there). `serial` keeps two reclaims (the
 /// committer's and `compact`'s) from choosing the same segment.
-fn reclaim(root: &Path, index: &Mutex<Index>, serial: &Mutex<()>) -> io::Result<usize> {
+/// A dead segment becomes a spare only when its file is at least `segment_size` long
+/// (a segment left early for a prepared spare is deleted instead).
+fn reclaim(
+    root: &Path,
+    index: &Mutex<Index>,
+    serial: &Mutex<()>,
+    segment_size: u64,
+) -> io::Result<usize> {
     let _serial = lock(serial);
     let mut total = 0;
     loop {
@@ -895,8 +1044,9 @@ fn reclaim(root: &Path, index: &Mutex<Index>, serial: &Mutex<()>) -> io::Result<
                 .filter(|(seq, s)| **seq != index.active && s.refs == 0 && s.pins == 0)
                 .map(|(seq, _)| *seq)
                 .collect();
-            // Only a reclaim adds spares (and reclaims are serial): the room can only
-            // grow while the lock is released.
+            // Only a reclaim and the preparer add spares (reclaims are serial, and the
+            // preparer adds one only when none is left): while the lock is released the
+            // room can shrink by that one at most, which MAX_SPARES tolerates.
             (dead, MAX_SPARES.saturating_sub(index.spares.len()))
         };
         if dead.is_empty() {
@@ -906,7 +1056,9 @@ fn reclaim(root: &Path, index: &Mutex<Index>, serial: &Mutex<()>) -> io::Result<
         for seq in &dead {
             #[cfg(test)]
             test_hooks::deleting(index);
-            if spares.len() < room {
+            let whole =
+                std::fs::metadata(segment_path(root, *seq)).is_ok_and(|m| m.len() >= segment_size);
+            if spares.len() < room && whole {
                 let spare = spare_path(root, *seq);
                 std::fs::rename(segment_path(root, *seq), &spare)?;
                 spares.push(spare);
@@ -968,6 +1120,9 @@ struct Committer {
     file: File,
     seq: u64,
     pos: u64,
+    /// The active file's length: writes below it overwrite allocated blocks (a spare),
+    /// writes past it grow the file (which costs `fdatasync` a metadata write).
+    file_len: u64,
 }
 
 impl Committer {
@@ -993,6 +1148,7 @@ impl Committer {
                         &self.shared.root,
                         &self.shared.index,
                         &self.shared.reclaiming,
+                        self.shared.config.segment_size,
                     );
                     for id in finished_files {
                         // The Done is durable: the body file is no longer needed. A
@@ -1032,7 +1188,10 @@ impl Committer {
     /// files a durable `Done` freed.
     fn commit(&mut self, ops: &mut [Op]) -> io::Result<Vec<Box<str>>> {
         let root = self.shared.root.clone();
-        if self.pos >= self.shared.config.segment_size {
+        let batch: u64 = ops.iter().map(|op| op.bytes.len() as u64).sum();
+        if self.pos >= self.shared.config.segment_size
+            || (self.pos + batch > self.file_len && self.spare_ready())
+        {
             self.rotate()?;
         }
         for op in ops.iter_mut() {
@@ -1059,7 +1218,18 @@ impl Committer {
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         self.pos = at;
+        let grew = at > self.file_len;
+        self.file_len = self.file_len.max(at);
         let mut index = lock(&self.shared.index);
+        if grew
+            && at >= PREPARE_AFTER
+            && self.shared.config.prepare_spare
+            && index.spares.is_empty()
+            && !index.spare_wanted
+        {
+            index.spare_wanted = true;
+            self.shared.prepare.notify_one();
+        }
         let mut offset = start;
         let mut finished_files = Vec::new();
         for op in ops.iter() {
@@ -1080,10 +1250,15 @@ impl Committer {
         Ok(finished_files)
     }
 
+    /// Whether the preparer (or a reclaim) left a spare to move to.
+    fn spare_ready(&self) -> bool {
+        self.shared.config.prepare_spare && !lock(&self.shared.index).spares.is_empty()
+    }
+
     fn rotate(&mut self) -> io::Result<()> {
         let next = self.seq + 1;
         let spare = lock(&self.shared.index).spares.pop();
-        let file = create_segment(&self.shared.root, next, spare)?;
+        let (file, file_len) = create_segment(&self.shared.root, next, spare)?;
         let read = Arc::new(File::open(segment_path(&self.shared.root, next))?);
         let mut index = lock(&self.shared.index);
         index
@@ -1095,10 +1270,12 @@ impl Committer {
             &self.shared.root,
             &self.shared.index,
             &self.shared.reclaiming,
+            self.shared.config.segment_size,
         )?;
         self.file = file;
         self.seq = next;
         self.pos = record::SEGMENT_HEADER as u64;
+        self.file_len = file_len;
         Ok(())
     }
 }

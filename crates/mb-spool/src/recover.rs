@@ -91,6 +91,9 @@ pub(crate) fn scan(root: &Path) -> Result<(Index, Recovery), SpoolError> {
                     replay(&mut index, seq, pos as u64, len as u64, r, &mut finished);
                     pos += len;
                 }
+                // The zeros of a prepared spare behind the last record: unused space,
+                // not a torn write (a record whose writing began is not all zeros).
+                Err(Bad::Short | Bad::Corrupt) if data[pos..].iter().all(|&b| b == 0) => break,
                 Err(Bad::Short | Bad::Corrupt) => match resync(&data, pos + 1, seq) {
                     Some(next) => {
                         rec.corrupt_records += 1;

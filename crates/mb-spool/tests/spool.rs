@@ -30,6 +30,89 @@ fn spare_files(root: &Path) -> usize {
     std::fs::read_dir(root.join("segments")).unwrap().count() - segment_files(root).len()
 }
 
+/// A spool that grows by appending asks for a zero-filled spare once its active segment
+/// passed 1 MiB, and moves to it at the next batch: from then on commits write over
+/// allocated blocks (the file keeps the spare's length), and a restart recovers every
+/// message without taking the zeros behind the last record for a torn tail.
+#[test]
+fn a_growing_spool_moves_to_a_prepared_zero_filled_spare() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 8 << 20,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
+    let append = |n: usize| {
+        let id = format!("G{n:04}");
+        spool
+            .append(&id, id.as_bytes(), &body_for(&id, 4000))
+            .wait()
+            .unwrap();
+    };
+    // Past 1 MiB the preparer is asked for a spare; once it is ready, the next batch
+    // moves to it.
+    let asked = std::time::Instant::now();
+    let mut n = 0;
+    while segment_files(root).len() == 1 {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(60),
+            "no move to a prepared spare within 60 s ({n} messages)"
+        );
+        append(n);
+        n += 1;
+        if n > 256 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    assert!(n > 256, "moved after {n} messages, before 1 MiB");
+    let segments = segment_files(root);
+    assert!(
+        std::fs::metadata(&segments[0]).unwrap().len() < 2 << 20,
+        "the first segment was left early"
+    );
+    let file_len = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert_eq!(
+        file_len(&segments[1]),
+        8 << 20,
+        "the new segment is a whole spare"
+    );
+    let prepared = std::fs::read_dir(root.join("segments"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_str().unwrap().starts_with("spare-new-")
+        })
+        .count();
+    assert_eq!(prepared, 0, "the spare was renamed to the segment");
+    let total = n + 50;
+    while n < total {
+        append(n);
+        n += 1;
+    }
+    assert_eq!(segment_files(root).len(), 2);
+    assert_eq!(
+        file_len(&segments[1]),
+        8 << 20,
+        "the new segment was written over, not grown"
+    );
+    // What lies behind the last record is still the spare's zeros.
+    let data = std::fs::read(&segments[1]).unwrap();
+    assert!(data[data.len() - (1 << 20)..].iter().all(|&b| b == 0));
+    drop(spool);
+
+    let (spool, rec) = Spool::open(root, cfg).unwrap();
+    assert_eq!(
+        (rec.messages, rec.torn_tails, rec.corrupt_records),
+        (total, 0, 0)
+    );
+    for n in [0, 256, total - 51, total - 1] {
+        let id = format!("G{n:04}");
+        let m = spool.read(&id).unwrap();
+        assert_eq!(m.body.read_all().unwrap(), body_for(&id, 4000));
+    }
+}
+
 fn body_files(root: &Path) -> usize {
     std::fs::read_dir(root.join("bodies")).unwrap().count()
 }
@@ -720,6 +803,8 @@ fn one_compaction_copies_a_bounded_number_of_bytes() {
         segment_size: 64 << 10,
         large_threshold: 8 << 10,
         compact_max_bytes: 10_000,
+        // Segments here are filled, not left early for a prepared spare.
+        prepare_spare: false,
     };
     let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
     let ids: Vec<String> = (0..40).map(|i| format!("C{i:02}")).collect();

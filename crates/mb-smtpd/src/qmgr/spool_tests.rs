@@ -412,10 +412,16 @@ async fn a_spool_poisoned_after_writing_stops_delivery_and_says_so() {
         recipients: vec![crate::spool::Recipient::plain(rcpt)],
         ..Default::default()
     };
+    // Segments small enough that the one holding `first` is whole: only a whole segment
+    // is kept as a spare when it is reclaimed.
+    let layout = mb_spool::Config {
+        segment_size: 64,
+        ..mb_spool::Config::default()
+    };
     // An earlier run queued `first` (in the first segment), the run after it `second`,
-    // deferred until much later (in the second segment).
+    // deferred until much later (in a later segment).
     let first = {
-        let (spool, _) = Spool::open(&root).unwrap();
+        let (spool, _) = Spool::open_with(&root, layout.clone()).unwrap();
         let id = spool.new_id();
         let mut w = spool.create(&id).await.unwrap();
         w.write(b"Subject: first\r\n\r\nbody\r\n").await.unwrap();
@@ -427,7 +433,7 @@ async fn a_spool_poisoned_after_writing_stops_delivery_and_says_so() {
     let first_segment = segment_files(&root);
     assert_eq!(first_segment.len(), 1);
     let second = {
-        let (spool, _) = Spool::open(&root).unwrap();
+        let (spool, _) = Spool::open_with(&root, layout.clone()).unwrap();
         let id = spool.new_id();
         let env = envelope(&id, "two@served.example");
         let mut w = spool.create(&id).await.unwrap();
@@ -450,7 +456,7 @@ async fn a_spool_poisoned_after_writing_stops_delivery_and_says_so() {
     // fails, and poisons the spool.
     let stem = first_segment[0].file_stem().unwrap().to_str().unwrap();
     let block = root.join("segments").join(format!("spare-{stem}"));
-    let (spool, m, trigger) = relaying(dir.path(), addr, mb_spool::Config::default(), |_| {
+    let (spool, m, trigger) = relaying(dir.path(), addr, layout, |_| {
         std::fs::create_dir(&block).unwrap();
     });
     wait_for("the poisoning", || spool.is_poisoned()).await;

@@ -383,7 +383,7 @@ impl<'a> Session<'a> {
                 "early talker",
             )
             .await;
-            self.conn.shutdown().await;
+            self.end().await;
             return self.summary;
         }
         let greeting = format!("220 {} ESMTP Mailborder\r\n", self.settings.hostname);
@@ -408,8 +408,20 @@ impl<'a> Session<'a> {
                 break;
             }
         }
-        self.conn.shutdown().await;
+        self.end().await;
         self.summary
+    }
+
+    /// Sends what is left and ends the connection. TLS says goodbye (close_notify, so a
+    /// client can tell the end from a truncation); plain TCP needs no `shutdown` before
+    /// the socket is closed: the close sends the FIN, and the client has usually closed
+    /// its side already after our 221 (a shutdown then only fails with ENOTCONN).
+    async fn end(&mut self) {
+        if self.summary.tls {
+            self.conn.shutdown().await;
+        } else {
+            let _ = self.conn.flush().await;
+        }
     }
 
     /// What a read ended with (`None`: the service is shutting down); returns true when
