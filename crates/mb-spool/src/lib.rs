@@ -15,6 +15,8 @@
 //! - `segments/spare-SEQ`: up to two reclaimed segment files kept to be written over by
 //!   later segments (overwriting allocated blocks spares `fdatasync` the journal commit
 //!   that growing a file costs).
+//! - `segments/spare-new-N`: a zero-filled spare the preparer thread wrote when the
+//!   spool grew with none left (`segments/preparing-spare` while it is written).
 //! - `bodies/ID`: the body of a message larger than `Config::large_threshold`, written
 //!   and fsynced, and its directory fsynced, before the record that names it is written.
 //!
