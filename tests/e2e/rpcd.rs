@@ -85,12 +85,19 @@ async fn a_watcher_sees_a_set_from_another_client() {
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
 }
 
+/// An event of a minute ago: within any retention, so the retention pass at start
+/// (which may run after the test stored its events) never removes it. A fixed date
+/// became older than the 30 days of `log.retention_days` and raced that pass.
 fn event(id: &str, queue: &str) -> MessageEvent {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     MessageEvent {
         event_id: id.into(),
         node: "node1".into(),
         daemon: "mb-smtpd".into(),
-        at_unix_ms: 1_700_000_000_000,
+        at_unix_ms: now - 60_000,
         queue_id: queue.into(),
         sender: "alice@example.org".into(),
         recipients: vec!["bob@example.test".into(), "carol@example.test".into()],
