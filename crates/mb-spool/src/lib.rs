@@ -247,11 +247,14 @@ pub struct Stats {
     /// Bytes of segments that still belong to live messages (commit records).
     pub live_bytes: u64,
     pub body_files: usize,
-    /// Reclaimed segment files waiting to be reused.
+    /// Segment files waiting to be reused (reclaimed or prepared).
     pub spare_segments: usize,
     /// Batches written and `fdatasync`s made since open (one per batch).
     pub batches: u64,
     pub syncs: u64,
+    /// Zero-filled spares the preparer could not write since open (each was given up,
+    /// and the committer went on appending).
+    pub spares_failed: u64,
 }
 
 /// The spool. Cheap to clone; the committer stops when the last clone is dropped.
@@ -275,6 +278,7 @@ struct Shared {
     closing: std::sync::atomic::AtomicBool,
     batches: AtomicU64,
     syncs: AtomicU64,
+    spares_failed: AtomicU64,
     /// Tests: the next batch's `fdatasync` fails (after its records were written).
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
@@ -447,8 +451,9 @@ const PREPARE_AFTER: u64 = 1 << 20;
 /// The spare preparer's thread: when the committer asks (`Index::spare_wanted`), writes
 /// a zero-filled file of `segment_size` bytes, syncs it, names it `spare-new-N`
 /// (directory synced) and offers it. Zeros never verify as a record, so a spare written
-/// this way is as safe as a recycled one. An error changes nothing: the committer goes
-/// on appending as it would without the preparer, and asks again from its next segment.
+/// this way is as safe as a recycled one. An error changes nothing but a count
+/// (`Stats::spares_failed`): the committer goes on appending as it would without the
+/// preparer, and asks again only in its next segment.
 fn prepare_spares(shared: &Shared) {
     let segments = shared.root.join("segments");
     let mut n: u64 = 0;
@@ -480,11 +485,13 @@ fn prepare_spares(shared: &Shared) {
             Err(e) => Err(e),
         };
         let mut index = lock(&shared.index);
-        // Asked again (if need be) once the committer appends to its next segment.
+        // Asked again (if need be) once the committer appends past 1 MiB of its next
+        // segment.
         index.spare_wanted = false;
         match ready {
             Ok(name) => index.spares.push(name),
             Err(_) => {
+                shared.spares_failed.fetch_add(1, Ordering::Relaxed);
                 let _ = std::fs::remove_file(&tmp);
             }
         }
@@ -582,6 +589,7 @@ impl Spool {
             closing: std::sync::atomic::AtomicBool::new(false),
             batches: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            spares_failed: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -591,6 +599,7 @@ impl Spool {
             seq,
             pos: record::SEGMENT_HEADER as u64,
             file_len,
+            asked_in: 0,
         };
         let preparer = if shared.config.prepare_spare {
             let shared = shared.clone();
@@ -860,6 +869,7 @@ impl Spool {
             spare_segments: index.spares.len(),
             batches: self.shared.batches.load(Ordering::Relaxed),
             syncs: self.shared.syncs.load(Ordering::Relaxed),
+            spares_failed: self.shared.spares_failed.load(Ordering::Relaxed),
         }
     }
 
@@ -1125,6 +1135,10 @@ struct Committer {
     /// The active file's length: writes below it overwrite allocated blocks (a spare),
     /// writes past it grow the file (which costs `fdatasync` a metadata write).
     file_len: u64,
+    /// The segment in which the committer last asked the preparer for a spare (0:
+    /// never): it asks once per segment, so a preparer that fails (a full disk) is not
+    /// set to write a segment of zeros again after every batch.
+    asked_in: u64,
 }
 
 impl Committer {
@@ -1226,9 +1240,11 @@ impl Committer {
         if grew
             && at >= PREPARE_AFTER
             && self.shared.config.prepare_spare
+            && self.asked_in != self.seq
             && index.spares.is_empty()
             && !index.spare_wanted
         {
+            self.asked_in = self.seq;
             index.spare_wanted = true;
             self.shared.prepare.notify_one();
         }

@@ -113,6 +113,52 @@ fn a_growing_spool_moves_to_a_prepared_zero_filled_spare() {
     }
 }
 
+/// A preparer that cannot write its spare (here a directory is in the way of its file,
+/// as a full disk would stop it) changes nothing for the writers: every append is
+/// acknowledged in the segment that keeps growing, the failure is counted once, and
+/// the committer does not ask again within that segment (no segment of zeros tried
+/// after every batch).
+#[test]
+fn a_spare_that_cannot_be_prepared_is_given_up_once_per_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = Config {
+        segment_size: 8 << 20,
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(root, cfg).unwrap();
+    std::fs::create_dir(root.join("segments").join("preparing-spare")).unwrap();
+    let append = |n: usize| {
+        let id = format!("F{n:04}");
+        spool
+            .append(&id, id.as_bytes(), &body_for(&id, 4000))
+            .wait()
+            .unwrap();
+    };
+    for n in 0..300 {
+        append(n);
+    }
+    let asked = std::time::Instant::now();
+    while spool.stats().spares_failed == 0 {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(60),
+            "the preparer never gave up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for n in 300..600 {
+        append(n);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let stats = spool.stats();
+    assert_eq!(
+        (stats.spares_failed, stats.spare_segments, stats.segments),
+        (1, 0, 1)
+    );
+    assert_eq!(stats.queues[0], 600);
+    assert_eq!(segment_files(root).len(), 1);
+}
+
 fn body_files(root: &Path) -> usize {
     std::fs::read_dir(root.join("bodies")).unwrap().count()
 }
