@@ -24,6 +24,12 @@ pub enum ClientError {
     /// The server refused the session or the whole transaction.
     #[error("refused: {}", .0.text())]
     Refused(Response),
+    /// The server ended the session instead of answering the transaction's first
+    /// command (MAIL FROM): a 421, or the connection closed or reset. Nothing of the
+    /// message was sent. On a session taken from a connection cache this is what an
+    /// idle session the server has dropped looks like, and a new session may try again.
+    #[error("the session ended before the reply to MAIL FROM: {0}")]
+    Ended(String),
 }
 
 impl ClientError {
@@ -255,11 +261,6 @@ impl Client {
         Ok(())
     }
 
-    /// Checks that a cached connection still works (RSET answered 250).
-    pub async fn reset(&mut self) -> bool {
-        matches!(self.command("RSET").await, Ok(r) if r.code == 250)
-    }
-
     /// Sends one message to `recipients` without DSN parameters.
     pub async fn send(
         &mut self,
@@ -341,11 +342,13 @@ impl Client {
             for l in &lines {
                 self.conn.queue(&format!("{l}\r\n"));
             }
-            for _ in &lines {
+            replies.push(self.first_reply().await?);
+            for _ in &lines[1..] {
                 replies.push(self.response().await?);
             }
         } else {
-            let mail = self.command(&lines[0]).await?;
+            self.conn.queue(&format!("{}\r\n", lines[0]));
+            let mail = self.first_reply().await?;
             let go_on = mail.is_positive();
             replies.push(mail);
             if go_on {
@@ -408,6 +411,16 @@ impl Client {
             }
         }
         Ok(outcomes)
+    }
+
+    /// The reply to MAIL FROM, the transaction's first command (flushing what is
+    /// queued): a 421 or a connection that closes or resets instead is `Ended`.
+    async fn first_reply(&mut self) -> Result<Response, ClientError> {
+        match self.response().await {
+            Ok(r) if r.code == 421 => Err(ClientError::Ended(r.text())),
+            Err(ClientError::Io(e)) => Err(ClientError::Ended(e)),
+            r => r,
+        }
     }
 
     /// Queues the message dot-stuffed; a streamed one is written out chunk by chunk as

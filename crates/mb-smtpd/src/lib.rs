@@ -142,6 +142,7 @@ impl DaemonHooks for Hooks {
             ("notices_sent", &c.notices),
             ("outbound_connections", &c.connections),
             ("outbound_reused", &c.reused),
+            ("outbound_reused_ended", &c.ended),
         ] {
             resp.counters.insert(name.into(), v.load(Relaxed));
         }

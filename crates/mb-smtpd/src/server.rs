@@ -419,6 +419,12 @@ impl Server {
 
     /// Accepts connections until shutdown, then waits for the sessions to end.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, kind: Listener, shutdown: Shutdown) {
+        // Accepted connections inherit TCP_NODELAY from the listener (Linux): one
+        // setsockopt here instead of one per session.
+        use nix::sys::socket::{setsockopt, sockopt::TcpNoDelay};
+        if let Err(e) = setsockopt(&listener, TcpNoDelay, &true) {
+            tracing::warn!(cause = %e, "cannot set TCP_NODELAY on the listener");
+        }
         let mut sessions = JoinSet::new();
         loop {
             let accepted = tokio::select! {
@@ -516,7 +522,6 @@ impl Server {
         kind: Listener,
         shutdown: Shutdown,
     ) {
-        let _ = stream.set_nodelay(true);
         let ip = normalize(peer.ip());
         self.info.counters.add("connections", 1);
         // Admission runs in a future of its own: what it holds (the configuration, the

@@ -29,6 +29,15 @@ pub(super) struct Session {
     pub idle_since: tokio::time::Instant,
 }
 
+/// How one transaction over a session went.
+enum Transacted {
+    /// An outcome for every recipient.
+    Done(Vec<Attempted>),
+    /// The server ended the session before answering MAIL FROM (the remote host and
+    /// the cause); the session is gone and nothing of the message was sent.
+    Ended(String, String),
+}
+
 /// Where to connect.
 enum Target {
     Tcp(SocketAddr),
@@ -159,14 +168,28 @@ impl Manager {
         let Ok(_permit) = sem.acquire_owned().await else {
             return Vec::new();
         };
-        let session = match self.cached(&key).await {
-            Some(s) => s,
-            None => match self.open(cfg, hop, relay, guarded).await {
-                Ok(s) => s,
-                Err(f) => return all_failed(rcpts, &f.remote, &f.error),
-            },
-        };
-        self.transact(session, &key, hop, d, rcpts).await
+        // Cached sessions first; one the server ended while it idled is replaced by
+        // the next cached one or a new session (nothing of the message went out on it).
+        loop {
+            let (session, cached) = match self.cached(&key) {
+                Some(s) => (s, true),
+                None => match self.open(cfg, hop, relay, guarded).await {
+                    Ok(s) => (s, false),
+                    Err(f) => return all_failed(rcpts, &f.remote, &f.error),
+                },
+            };
+            match self.transact(session, &key, hop, d, rcpts).await {
+                Transacted::Ended(remote, cause) if cached => {
+                    tracing::debug!(next_hop = %hop, %remote, "cached session ended: {cause}");
+                    self.counters.ended.fetch_add(1, Ordering::Relaxed);
+                }
+                Transacted::Ended(remote, cause) => {
+                    let error = DeliveryError::transaction(ClientError::Ended(cause), &remote);
+                    return all_failed(rcpts, &remote, &error);
+                }
+                Transacted::Done(out) => return out,
+            }
+        }
     }
 
     /// Sends the message to `rcpts` over `s` and puts the session back in the cache
@@ -178,7 +201,7 @@ impl Manager {
         hop: &NextHop,
         d: &Delivery<'_>,
         rcpts: &[Recipient],
-    ) -> Vec<Attempted> {
+    ) -> Transacted {
         let env = d.env;
         let prefix = return_path(hop, env);
         let mut joined = Vec::new();
@@ -187,7 +210,7 @@ impl Manager {
             Err(e) => {
                 let error = DeliveryError::Spool(e.to_string());
                 self.keep(key, s);
-                return all_failed(rcpts, "", &error);
+                return Transacted::Done(all_failed(rcpts, "", &error));
             }
         };
         let dsn_passed = s.client.caps.dsn;
@@ -223,15 +246,17 @@ impl Manager {
                     .map(|o| Attempted::reply(&o.response, &tls_note, &s.remote, dsn_passed))
                     .collect();
                 self.keep(key, s);
-                out
+                Transacted::Done(out)
             }
+            Err(ClientError::Ended(cause)) => Transacted::Ended(s.remote, cause),
             Err(e) => {
                 let remote = s.remote.clone();
                 // A refused transaction leaves the session usable; any other error broke it.
                 if matches!(e, ClientError::Refused(_)) {
                     self.keep(key, s);
                 }
-                all_failed(&rcpts, &remote, &DeliveryError::transaction(e, &remote))
+                let error = DeliveryError::transaction(e, &remote);
+                Transacted::Done(all_failed(&rcpts, &remote, &error))
             }
         }
     }

@@ -95,6 +95,9 @@ pub struct DeliveryCounters {
     pub notices: AtomicU64,
     pub connections: AtomicU64,
     pub reused: AtomicU64,
+    /// Cached sessions the next hop had ended when they were reused (the message then
+    /// went over another session).
+    pub ended: AtomicU64,
 }
 
 pub struct Manager {
@@ -607,15 +610,18 @@ impl Manager {
             .clone()
     }
 
-    /// An idle session for `key` that still answers RSET; stale ones are closed.
-    async fn cached(&self, key: &str) -> Option<Session> {
+    /// A session for `key` idle for less than `IDLE_REUSE`; older ones are closed. It
+    /// is not probed with RSET (a round trip per message): a session the server has
+    /// dropped meanwhile shows as `ClientError::Ended` at the next MAIL FROM, before
+    /// any of the message is sent, and `attempt` then opens a new one.
+    fn cached(&self, key: &str) -> Option<Session> {
         loop {
             let mut s = self
                 .pool
                 .lock()
                 .ok()
                 .and_then(|mut p| p.get_mut(key).and_then(Vec::pop))?;
-            if s.idle_since.elapsed() < IDLE_REUSE && s.client.reset().await {
+            if s.idle_since.elapsed() < IDLE_REUSE {
                 self.counters.reused.fetch_add(1, Ordering::Relaxed);
                 return Some(s);
             }
@@ -1034,6 +1040,169 @@ mod tests {
             m.counters.reused.load(Ordering::Relaxed)
                 + m.counters.connections.load(Ordering::Relaxed)
                 >= 2
+        );
+        trigger.trigger();
+    }
+
+    /// How `dropping_sink` ends an idle session when told to.
+    #[derive(Clone, Copy)]
+    enum Ending {
+        /// "421 4.4.2 ... idle too long", then the close (as Postfix's smtpd does).
+        With421,
+        /// The close alone.
+        Silently,
+    }
+
+    /// The commands each session of `dropping_sink` received, in order.
+    type Sessions = Arc<Mutex<Vec<Vec<String>>>>;
+
+    /// An SMTP server that records every session's commands and takes every message;
+    /// after a message it waits, idle, until `drop_next` holds a way to end the session,
+    /// then ends it that way (what a server's idle timeout does to a cached session).
+    async fn dropping_sink(
+        drop_next: Arc<Mutex<Option<Ending>>>,
+    ) -> (SocketAddr, Sessions, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sessions: Sessions = Arc::default();
+        let messages = Arc::new(AtomicUsize::new(0));
+        let (log, count) = (sessions.clone(), messages.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Vec::new());
+                    log.len() - 1
+                };
+                let (log, count, drop_next) = (log.clone(), count.clone(), drop_next.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let _ = w.write_all(b"220 sink.test ESMTP\r\n").await;
+                    let mut line = String::new();
+                    loop {
+                        // Between transactions: a command, or the drop when told.
+                        line.clear();
+                        let drop = tokio::select! {
+                            n = r.read_line(&mut line) => {
+                                if n.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                None
+                            }
+                            d = async {
+                                loop {
+                                    if let Some(d) = drop_next.lock().unwrap().take() {
+                                        return d;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                }
+                            } => Some(d),
+                        };
+                        match drop {
+                            Some(Ending::With421) => {
+                                let _ = w.write_all(b"421 4.4.2 sink.test idle too long\r\n").await;
+                                return;
+                            }
+                            Some(Ending::Silently) => return,
+                            None => {}
+                        }
+                        log.lock().unwrap()[n].push(line.trim_end().to_string());
+                        let up = line.to_ascii_uppercase();
+                        let reply = if up.starts_with("EHLO") {
+                            "250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                        } else if up.starts_with("DATA") {
+                            let _ = w.write_all(b"354 go\r\n").await;
+                            loop {
+                                let mut l = String::new();
+                                if r.read_line(&mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == ".\r\n" {
+                                    break;
+                                }
+                            }
+                            count.fetch_add(1, Ordering::SeqCst);
+                            "250 2.0.0 queued\r\n"
+                        } else if up.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else {
+                            "250 ok\r\n"
+                        };
+                        if w.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, sessions, messages)
+    }
+
+    /// A cached session is reused without an RSET round trip; when the next hop ended
+    /// it while it idled (a 421 and the close, or the close alone), the message goes
+    /// over a new session at once instead of being deferred, and is delivered once.
+    #[tokio::test]
+    async fn a_cached_session_is_reused_without_rset_and_replaced_when_the_server_ended_it() {
+        let drop_next = Arc::new(Mutex::new(None));
+        let (addr, sessions, messages) = dropping_sink(drop_next.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, m, trigger, shutdown) =
+            relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        let pooled = |m: &Manager| m.pool.lock().unwrap().values().map(Vec::len).sum::<usize>();
+        let send = |n: usize| {
+            let (spool, m, messages) = (spool.clone(), m.clone(), messages.clone());
+            async move {
+                let id = queue_message(&spool, m.clock.unix(), &["rcpt@served.example"]).await;
+                wait_for("the delivery", || {
+                    spool.locate(&id).is_none() && messages.load(Ordering::SeqCst) == n
+                })
+                .await;
+                wait_for("the session back in the cache", || pooled(&m) == 1).await;
+            }
+        };
+        // Two messages over one session: the second straight after the first.
+        send(1).await;
+        send(2).await;
+        // The server ends that session with a 421, then a new one silently.
+        for (n, how) in [(3, Ending::With421), (4, Ending::Silently)] {
+            *drop_next.lock().unwrap() = Some(how);
+            wait_for("the server ending the session", || {
+                drop_next.lock().unwrap().is_none()
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            send(n).await;
+        }
+        send(5).await;
+        let c = &m.counters;
+        assert_eq!(c.connections.load(Ordering::Relaxed), 3);
+        assert_eq!(c.ended.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            c.reused.load(Ordering::Relaxed),
+            4,
+            "every message after the first"
+        );
+        assert_eq!(c.deferred.load(Ordering::Relaxed), 0);
+        let sessions = sessions.lock().unwrap().clone();
+        let verbs = |s: &Vec<String>| -> Vec<String> {
+            s.iter()
+                .map(|c| c.split([' ', ':']).next().unwrap_or("").to_string())
+                .collect()
+        };
+        let one = ["MAIL", "RCPT", "DATA"];
+        let mut first = vec!["EHLO"];
+        first.extend(one.iter().chain(&one));
+        assert_eq!(sessions.len(), 3, "{sessions:?}");
+        assert_eq!(verbs(&sessions[0]), first, "no RSET before the reuse");
+        assert_eq!(verbs(&sessions[1]), ["EHLO", "MAIL", "RCPT", "DATA"]);
+        assert_eq!(verbs(&sessions[2]), first, "no RSET before the reuse");
+        assert_eq!(
+            messages.load(Ordering::SeqCst),
+            5,
+            "each message delivered once"
         );
         trigger.trigger();
     }
