@@ -2,7 +2,8 @@
 //! which relays to Postfix's smtp-sink; mb-smtpd is killed at random moments three times
 //! in a row and restarted. Every message that got a 250 must reach the sink whole; a
 //! message may arrive twice only when mb-smtpd died between the sink's 250 and the
-//! durable completion (RFC 1047's window, one commit batch long), and those duplicates
+//! durable completion (RFC 1047's window: one commit batch, or the lazy completion's
+//! wait of at most 5 ms for the next batch, long), and those duplicates
 //! are reported and must stay few.
 
 use std::collections::HashMap;

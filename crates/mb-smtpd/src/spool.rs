@@ -196,6 +196,10 @@ pub enum Change {
     Set(Queue, Option<DeliveryState>),
     /// Finished: delivered, bounced or deleted.
     Complete,
+    /// Finished, and nobody waits for the record: it rides with the next batch another
+    /// record makes durable (`mb_spool::Spool::complete_lazily`, at most
+    /// `mb_spool::LAZY_WAIT` later). For the queue manager after the last delivery.
+    CompleteLazily,
 }
 
 impl Spool {
@@ -783,6 +787,7 @@ impl Spool {
                 ))
             }
             Change::Complete => Some(self.log.complete(id)),
+            Change::CompleteLazily => Some(self.log.complete_lazily(id)),
         };
         Ok((pending, value))
     }

@@ -36,8 +36,10 @@
 //! attempt)`, hold/release/requeue are `set_state` with `Hold`/`Incoming`, delivered,
 //! bounced and deleted are `complete`. A DSN is appended as a new message and made
 //! durable before the message it reports on is completed, so a crash can repeat a notice
-//! but never lose one. Completion after the next hop's 250 need not be awaited: a crash
-//! before it is durable repeats that delivery (the RFC 1047 window, one batch long).
+//! but never lose one. Completion after the next hop's 250 need not be awaited, nor cost
+//! an `fdatasync` of its own: `complete_lazily` waits up to `Config::lazy_wait` (5 ms)
+//! for a batch that a commit makes durable anyway; a crash before it is durable repeats
+//! that delivery (the RFC 1047 window, one batch and that wait long).
 //! The free-space guard watches the file system of the spool root. `snapshot` reads a
 //! spool without changing it, for tests and benchmarks that look at a running daemon's
 //! queue.
@@ -83,6 +85,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 pub use record::{Queue, State, valid_id};
 pub use recover::Recovery;
@@ -106,6 +109,9 @@ pub struct Config {
     /// would grow: commits then write over allocated blocks, not only once old segments
     /// were recycled. Tests that count segments or spares turn it off.
     pub prepare_spare: bool,
+    /// How long a lazy record (`Spool::complete_lazily`) waits for a batch that another
+    /// record makes the committer sync anyway (`LAZY_WAIT`; tests lengthen it).
+    pub lazy_wait: Duration,
 }
 
 impl Default for Config {
@@ -115,6 +121,7 @@ impl Default for Config {
             large_threshold: 256 << 10,
             compact_max_bytes: 64 << 20,
             prepare_spare: true,
+            lazy_wait: LAZY_WAIT,
         }
     }
 }
@@ -288,6 +295,9 @@ struct Shared {
 #[derive(Default)]
 struct Batch {
     ops: Vec<Op>,
+    /// How many of `ops` are not lazy: with none, the committer lets the lazy ones wait
+    /// (up to `Config::lazy_wait`) for a record that needs a sync anyway.
+    eager: usize,
     shutdown: bool,
     poisoned: bool,
 }
@@ -297,6 +307,14 @@ struct Op {
     kind: OpKind,
     ack: tokio::sync::oneshot::Sender<Result<(), SpoolError>>,
 }
+
+/// How long, by default (`Config::lazy_wait`), a lazy record (`Spool::complete_lazily`)
+/// waits in the queue for a batch that another record makes the committer write and
+/// sync anyway, before it is written
+/// and synced on its own. Under load the next commit comes well within it, so a relayed
+/// message costs one `fdatasync` share instead of two; it bounds how much longer than
+/// one batch a crash can leave a finished delivery undone (RFC 1047's window).
+pub const LAZY_WAIT: Duration = Duration::from_millis(5);
 
 enum OpKind {
     Commit {
@@ -733,6 +751,11 @@ impl Spool {
     /// order in which the index accepted the changes. `accept` makes the change in the
     /// index, only once the record is queued (not on a poisoned or closed spool).
     fn push(&self, bytes: Vec<u8>, kind: OpKind, accept: impl FnOnce()) -> Pending {
+        self.push_op(bytes, kind, false, accept)
+    }
+
+    /// `push`; a `lazy` record does not make the committer sync before `lazy_wait`.
+    fn push_op(&self, bytes: Vec<u8>, kind: OpKind, lazy: bool, accept: impl FnOnce()) -> Pending {
         let (ack, rx) = tokio::sync::oneshot::channel();
         let mut q = lock(&self.shared.queue);
         if q.poisoned {
@@ -742,10 +765,15 @@ impl Spool {
             return Pending::ready(Err(SpoolError::Closed));
         }
         accept();
-        let first = q.ops.is_empty();
+        // The committer waits for the first record (and, with only lazy ones queued,
+        // for the first eager one or `LAZY_WAIT`).
+        let wake = if lazy { q.ops.is_empty() } else { q.eager == 0 };
+        if !lazy {
+            q.eager += 1;
+        }
         q.ops.push(Op { bytes, kind, ack });
         drop(q);
-        if first {
+        if wake {
             self.shared.wake.notify_one();
         }
         Pending(PendingInner::Wait(rx))
@@ -773,6 +801,22 @@ impl Spool {
             return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
         };
         self.push(bytes, OpKind::Done { id: id.into() }, || e.dying = true)
+    }
+
+    /// `complete` for a completion nobody waits for (a delivered message): its record
+    /// waits up to `Config::lazy_wait` for a batch that another record makes durable anyway,
+    /// instead of costing an `fdatasync` of its own, and its `Pending` resolves then.
+    /// A crash in between repeats the delivery, as one during any batch does.
+    pub fn complete_lazily(&self, id: &str) -> Pending {
+        let mut bytes = Vec::with_capacity(record::RECORD_HEADER + 1 + id.len());
+        record::encode_done(&mut bytes, id);
+        let mut index = lock(&self.shared.index);
+        let Some(e) = index.live.get_mut(id).filter(|e| !e.dying) else {
+            return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
+        };
+        self.push_op(bytes, OpKind::Done { id: id.into() }, true, || {
+            e.dying = true
+        })
     }
 
     /// Whether a failed write or fsync has poisoned the spool: every operation fails
@@ -1147,13 +1191,32 @@ impl Committer {
         loop {
             {
                 let mut q = lock(&self.shared.queue);
-                while q.ops.is_empty() && !q.shutdown {
-                    q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                // Lazy records alone wait for an eager one, a shutdown or `lazy_wait`.
+                let mut lazy_until: Option<Instant> = None;
+                while !q.shutdown && q.eager == 0 {
+                    if q.ops.is_empty() {
+                        lazy_until = None;
+                        q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    let wait = self.shared.config.lazy_wait;
+                    let until = *lazy_until.get_or_insert_with(|| Instant::now() + wait);
+                    let now = Instant::now();
+                    if now >= until {
+                        break;
+                    }
+                    q = self
+                        .shared
+                        .wake
+                        .wait_timeout(q, until - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
                 if q.ops.is_empty() {
                     return;
                 }
                 std::mem::swap(&mut q.ops, &mut ops);
+                q.eager = 0;
             }
             match self.commit(&mut ops) {
                 Ok(finished_files) => {
@@ -1192,6 +1255,7 @@ impl Committer {
         let mut q = lock(&self.shared.queue);
         q.poisoned = true;
         let rest = std::mem::take(&mut q.ops);
+        q.eager = 0;
         drop(q);
         for op in failed.into_iter().chain(rest) {
             let _ = op.ack.send(Err(err.clone()));
@@ -1298,25 +1362,23 @@ impl Committer {
     }
 }
 
-/// Writes as much of `slices` as one `pwritev` takes. Positioned writes need no seek
-/// and keep the committer's idea of the end of the segment authoritative.
+/// Writes as much of `slices` as one `pwritev` takes (the records as they are, without
+/// gathering them into one buffer first). Positioned writes need no seek and keep the
+/// committer's idea of the end of the segment authoritative.
 fn write_vectored_at(file: &File, slices: &[IoSlice<'_>], at: u64) -> io::Result<usize> {
-    // std has no pwritev; gather small records into one buffer and write the large
-    // ones as they are, which keeps the common batch (many small records) one call.
-    let total: usize = slices.iter().map(|s| s.len()).sum();
-    if slices.len() == 1 || total > 8 << 20 {
-        let n = file.write_at(&slices[0], at)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "segment write"));
+    // At most IOV_MAX (1024 on Linux) slices per call; the caller loops for the rest.
+    let slices = &slices[..slices.len().min(1024)];
+    let offset = i64::try_from(at).map_err(io::Error::other)?;
+    let n = loop {
+        match nix::sys::uio::pwritev(file, slices, offset) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r.map_err(io::Error::from)?,
         }
-        return Ok(n);
+    };
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "segment write"));
     }
-    let mut buf = Vec::with_capacity(total);
-    for s in slices {
-        buf.extend_from_slice(s);
-    }
-    file.write_all_at(&buf, at)?;
-    Ok(total)
+    Ok(n)
 }
 
 /// Applies one durable record (written at `offset` of segment `seq`, `len` bytes) to the

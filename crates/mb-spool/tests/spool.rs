@@ -326,6 +326,84 @@ fn a_damaged_record_is_skipped_and_the_records_after_it_recovered() {
     );
 }
 
+/// A lazy completion costs no `fdatasync` of its own while another record is to come:
+/// it waits (here up to a minute) and rides with the next commit's batch; a close syncs
+/// it; with a short wait it is made durable on its own. Meanwhile the message is hidden
+/// (as after any queued completion) and cannot be completed twice.
+#[test]
+fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let long = Config {
+        lazy_wait: std::time::Duration::from_secs(60),
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(root, long.clone()).unwrap();
+    spool.append("A", b"env-a", b"body-a").wait().unwrap();
+    let syncs = spool.stats().syncs;
+    let done_a = spool.complete_lazily("A");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        spool.stats().syncs,
+        syncs,
+        "the lazy Done was synced on its own"
+    );
+    let on_disk = mb_spool::snapshot(root).unwrap();
+    assert_eq!(on_disk.messages.len(), 1, "A's Done was written on its own");
+    assert!(
+        spool.list().is_empty(),
+        "a queued completion hides A at once"
+    );
+    assert!(
+        matches!(spool.complete("A").wait(), Err(SpoolError::NotFound(_))),
+        "A was completed twice"
+    );
+    spool.append("B", b"env-b", b"body-b").wait().unwrap();
+    done_a.wait().unwrap();
+    assert_eq!(
+        spool.stats().syncs,
+        syncs + 1,
+        "A's Done and B's commit: one batch"
+    );
+    let ids: Vec<String> = spool.list().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, ["B"]);
+    // Closing syncs a lazy record still waiting.
+    let done_b = spool.complete_lazily("B");
+    drop(spool);
+    done_b.wait().unwrap();
+    let (spool, rec) = Spool::open(root, long).unwrap();
+    assert_eq!(rec.messages, 0, "B's lazy Done was lost at close");
+    drop(spool);
+
+    // With a short wait and nothing else to come, it goes on its own.
+    let short = Config {
+        lazy_wait: std::time::Duration::from_millis(20),
+        ..Config::default()
+    };
+    let (spool, _) = Spool::open(root, short.clone()).unwrap();
+    spool.append("C", b"env-c", b"body-c").wait().unwrap();
+    let syncs = spool.stats().syncs;
+    let started = std::time::Instant::now();
+    spool.complete_lazily("C").wait().unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(20));
+    assert_eq!(spool.stats().syncs, syncs + 1);
+    assert_eq!(spool.list(), vec![]);
+    // An eager record queued behind a waiting lazy one wakes the committer at once.
+    spool.append("D", b"env-d", b"body-d").wait().unwrap();
+    let done_d = spool.complete_lazily("D");
+    let started = std::time::Instant::now();
+    spool.append("E", b"env-e", b"body-e").wait().unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the commit waited for the lazy record's timer"
+    );
+    done_d.wait().unwrap();
+    drop(spool);
+    let (spool, rec) = Spool::open(root, short).unwrap();
+    assert_eq!(rec.messages, 1);
+    assert!(spool.read("E").is_ok() && spool.read("D").is_err());
+}
+
 #[test]
 fn a_segment_is_reclaimed_only_after_all_its_messages_are_done() {
     let dir = tempfile::tempdir().unwrap();
@@ -851,6 +929,7 @@ fn one_compaction_copies_a_bounded_number_of_bytes() {
         compact_max_bytes: 10_000,
         // Segments here are filled, not left early for a prepared spare.
         prepare_spare: false,
+        ..Config::default()
     };
     let (spool, _) = Spool::open(root, cfg.clone()).unwrap();
     let ids: Vec<String> = (0..40).map(|i| format!("C{i:02}")).collect();

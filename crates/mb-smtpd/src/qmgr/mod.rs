@@ -417,9 +417,11 @@ impl Manager {
 
         if state.settled() {
             // The usual case: everything went on the first attempt, no state to write.
-            // The completion is queued, not awaited: should the process die before its
-            // batch is durable, the message is delivered again (RFC 1047's window).
-            match self.spool.change(id, |_, _| (Change::Complete, ())) {
+            // The completion is queued, not awaited, and rides with the next commit's
+            // batch (at most `mb_spool::LAZY_WAIT` later) instead of costing an fdatasync
+            // of its own: should the process die before it is durable, the message is
+            // delivered again (RFC 1047's window).
+            match self.spool.change(id, |_, _| (Change::CompleteLazily, ())) {
                 Ok((pending, ())) => drop(pending),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
