@@ -146,6 +146,20 @@ impl DaemonHooks for Hooks {
         ] {
             resp.counters.insert(name.into(), v.load(Relaxed));
         }
+        // The log itself: its files, its syncs, and zero-filled spares the preparer
+        // could not write (a full disk, say: the spool then appends, which is slower).
+        let st = self.server.spool.stats();
+        for (name, v) in [
+            ("spool_segments", st.segments as u64),
+            ("spool_segment_bytes", st.segment_bytes),
+            ("spool_live_bytes", st.live_bytes),
+            ("spool_body_files", st.body_files as u64),
+            ("spool_spare_segments", st.spare_segments as u64),
+            ("spool_syncs", st.syncs),
+            ("spool_spares_failed", st.spares_failed),
+        ] {
+            resp.counters.insert(name.into(), v);
+        }
         let poisoned = self.server.spool.is_poisoned();
         resp.counters
             .insert("spool_poisoned".into(), u64::from(poisoned));

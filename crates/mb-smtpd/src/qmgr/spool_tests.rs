@@ -495,6 +495,14 @@ async fn a_spool_poisoned_after_writing_stops_delivery_and_says_so() {
         .status(&mb_proto::v1::StatusRequest::default(), &mut resp)
         .await;
     assert_eq!(resp.counters.get("spool_poisoned"), Some(&1), "{resp:?}");
+    // And the log's own figures.
+    let counter = |k: &str| resp.counters.get(k).copied();
+    assert!(counter("spool_syncs").is_some_and(|n| n >= 1), "{resp:?}");
+    assert!(
+        counter("spool_segments").is_some_and(|n| n >= 1),
+        "{resp:?}"
+    );
+    assert_eq!(counter("spool_spares_failed"), Some(0), "{resp:?}");
     assert!(resp.detail.contains("spool poisoned"), "{}", resp.detail);
     trigger.trigger();
 }
