@@ -794,13 +794,7 @@ impl Spool {
     /// Records that a message is finished (delivered, bounced or deleted). Its space is
     /// reclaimed once this is durable and its segments hold nothing else live.
     pub fn complete(&self, id: &str) -> Pending {
-        let mut bytes = Vec::with_capacity(record::RECORD_HEADER + 1 + id.len());
-        record::encode_done(&mut bytes, id);
-        let mut index = lock(&self.shared.index);
-        let Some(e) = index.live.get_mut(id).filter(|e| !e.dying) else {
-            return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
-        };
-        self.push(bytes, OpKind::Done { id: id.into() }, || e.dying = true)
+        self.finish(id, false)
     }
 
     /// `complete` for a completion nobody waits for (a delivered message): its record
@@ -808,13 +802,17 @@ impl Spool {
     /// instead of costing an `fdatasync` of its own, and its `Pending` resolves then.
     /// A crash in between repeats the delivery, as one during any batch does.
     pub fn complete_lazily(&self, id: &str) -> Pending {
+        self.finish(id, true)
+    }
+
+    fn finish(&self, id: &str, lazy: bool) -> Pending {
         let mut bytes = Vec::with_capacity(record::RECORD_HEADER + 1 + id.len());
         record::encode_done(&mut bytes, id);
         let mut index = lock(&self.shared.index);
         let Some(e) = index.live.get_mut(id).filter(|e| !e.dying) else {
             return Pending::ready(Err(SpoolError::NotFound(id.to_string())));
         };
-        self.push_op(bytes, OpKind::Done { id: id.into() }, true, || {
+        self.push_op(bytes, OpKind::Done { id: id.into() }, lazy, || {
             e.dying = true
         })
     }
