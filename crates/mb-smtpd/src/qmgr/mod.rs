@@ -421,7 +421,7 @@ impl Manager {
             // batch (at most `mb_spool::LAZY_WAIT` later) instead of costing an fdatasync
             // of its own: should the process die before it is durable, the message is
             // delivered again (RFC 1047's window).
-            match self.spool.change(id, |_, _| (Change::CompleteLazily, ())) {
+            match self.spool.change(id, |_, _| (Change::Complete, ())) {
                 Ok((pending, ())) => drop(pending),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
