@@ -466,20 +466,7 @@ impl Db {
         out: &mpsc::Sender<Chunk>,
     ) -> Result<(), DbError> {
         let send = async |c: Chunk| out.send(c).await.is_ok();
-        let mut tx = match self.dialect {
-            // A deferred transaction reads one snapshot of a WAL database.
-            Dialect::Sqlite => self.pool.begin().await?,
-            Dialect::Postgres => {
-                self.pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await?
-            }
-            Dialect::MySql => {
-                self.pool
-                    .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-                    .await?
-            }
-        };
+        let mut tx = self.snapshot_tx().await?;
         let tables: Vec<&Table> = TABLES
             .iter()
             .filter(|t| with_quarantine || t.part != Part::Quarantine)

@@ -396,6 +396,27 @@ impl Db {
         }
     }
 
+    /// A read-only transaction that reads one snapshot, so several queries agree with each
+    /// other even while writers commit between them.
+    pub(crate) async fn snapshot_tx(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.dialect {
+            // A deferred transaction reads one snapshot of a WAL database.
+            Dialect::Sqlite => self.pool.begin().await,
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+            }
+            Dialect::MySql => {
+                self.pool
+                    .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                    .await
+            }
+        }
+    }
+
     /// Stores or removes an override and its audit entry in one transaction; returns the
     /// new configuration generation and whether an override was there before.
     pub async fn apply(&self, c: &Change<'_>) -> Result<(u64, bool), DbError> {

@@ -290,6 +290,8 @@ impl Db {
             f.domains.iter().map(|d| d.trim().to_lowercase()).collect()
         };
         let marks = vec!["?"; scopes.len()].join(", ");
+        // One snapshot: the totals and the top lists agree while a prune commits.
+        let mut tx = self.snapshot_tx().await?;
         let sql = format!(
             "SELECT hour_start, direction, stage, verdict, {}, {}, {}, {} FROM stats_counts \
              WHERE hour_start >= ? AND hour_start < ? AND scope IN ({marks}) \
@@ -303,7 +305,7 @@ impl Db {
         for s in &scopes {
             q = q.bind(s);
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(&mut *tx).await?;
         let mut buckets: BTreeMap<i64, BTreeMap<(String, String, String), CountRow>> =
             BTreeMap::new();
         let mut totals: BTreeMap<(String, String, String), CountRow> = BTreeMap::new();
@@ -354,7 +356,7 @@ impl Db {
             let rows = q
                 .bind(*dimension)
                 .bind(i64::from(f.top))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
             report.top[i] = rows
                 .iter()
@@ -366,20 +368,25 @@ impl Db {
                 })
                 .collect::<Result<_, DbError>>()?;
         }
+        tx.commit().await?;
         Ok(report)
     }
 
     /// Deletes the rollups of hours that started before `before` (Unix seconds); returns
     /// how many rows went.
     pub async fn prune_stats(&self, before: i64) -> Result<u64, DbError> {
+        // One transaction: a report read meanwhile sees the hour either whole or gone,
+        // never its totals gone and its top lists still there.
+        let mut tx = self.write_tx().await?;
         let mut gone = 0;
         for table in ["stats_counts", "stats_top"] {
             gone += sqlx::query(self.sql(&format!("DELETE FROM {table} WHERE hour_start < ?")))
                 .bind(before)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?
                 .rows_affected();
         }
+        tx.commit().await?;
         Ok(gone)
     }
 
@@ -775,6 +782,71 @@ mod tests {
             r.buckets.is_empty() && r.top.iter().all(Vec::is_empty),
             "{r:?}"
         );
+    }
+
+    /// A report read while a prune commits sees each pruned hour whole or gone: never its
+    /// totals gone and its top lists still there (the two tables are pruned in one
+    /// transaction and read from one snapshot).
+    async fn reports_never_see_half_a_prune(url: &str) {
+        let db = Arc::new(Db::open(url, 4).await.expect("the database opens"));
+        let filter = StatsFilter {
+            from: 700 * HOUR,
+            to: 800 * HOUR,
+            step: Step::Hour,
+            domains: vec![],
+            top: 10,
+        };
+        let mut reads = 0;
+        for round in 0..8 {
+            let batch: Vec<EventRecord> = (0..400)
+                .map(|i| {
+                    event(
+                        &format!("p{round}-{i}"),
+                        (700 + round) * HOUR * 1000,
+                        "accept",
+                        &format!("s{i}@x{i}.test"),
+                        &[&format!("u{i}@a.test")],
+                    )
+                })
+                .collect();
+            db.store_events(&batch, false).await.unwrap();
+            let pruner = {
+                let db = db.clone();
+                tokio::spawn(async move { db.prune_stats(800 * HOUR).await })
+            };
+            loop {
+                let done = pruner.is_finished();
+                let r = db.stats(&filter).await.unwrap();
+                reads += 1;
+                let total: u64 = r.totals.iter().map(|c| c.messages).sum();
+                assert!(
+                    (total, r.top.iter().all(Vec::is_empty)) == (400, false)
+                        || (total, r.top.iter().all(Vec::is_empty)) == (0, true),
+                    "round {round}: half a prune: {total} messages, top {:?}",
+                    r.top
+                );
+                if done {
+                    break;
+                }
+            }
+            assert!(pruner.await.unwrap().unwrap() > 0);
+        }
+        assert!(reads >= 8);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_never_see_half_a_prune_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("mb-stats-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        reports_never_see_half_a_prune(&format!("sqlite://{}/mb.db", dir.display())).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_never_see_half_a_prune_on_postgresql() {
+        let server =
+            mb_testkit::Postgres::start().expect("PostgreSQL starts (apt-get install postgresql)");
+        reports_never_see_half_a_prune(&server.url()).await;
     }
 
     #[tokio::test]
