@@ -417,11 +417,12 @@ impl Manager {
 
         if state.settled() {
             // The usual case: everything went on the first attempt, no state to write.
-            // The completion is queued, not awaited, and rides with the next commit's
-            // batch (at most `mb_spool::LAZY_WAIT` later) instead of costing an fdatasync
-            // of its own: should the process die before it is durable, the message is
-            // delivered again (RFC 1047's window).
-            match self.spool.change(id, |_, _| (Change::Complete, ())) {
+            // The completion is not awaited: it is written at once (a killed process
+            // keeps it) and its fdatasync rides with the next commit's (at most
+            // `mb_spool::LAZY_WAIT` later) instead of costing one of its own. Should the
+            // machine go down before that sync, the message is delivered again (RFC
+            // 1047's window).
+            match self.spool.change(id, |_, _| (Change::CompleteLazily, ())) {
                 Ok((pending, ())) => drop(pending),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
@@ -739,17 +740,56 @@ mod tests {
 
     pub(super) type Got = Arc<Mutex<Vec<(String, Vec<String>, Vec<u8>)>>>;
 
-    /// A scripted SMTP server: RCPT to bad* is refused (550), to tmp* deferred (451)
-    /// unless `tmp_ok`; everything else accepted. Records each transaction.
-    pub(super) async fn sink(tmp_ok: Arc<AtomicBool>) -> (SocketAddr, Got) {
+    /// The commands each session of a scripted next hop received, in order.
+    pub(super) type Sessions = Arc<Mutex<Vec<Vec<String>>>>;
+
+    /// How a scripted next hop ends an idle session when told to.
+    #[derive(Clone, Copy)]
+    pub(super) enum Ending {
+        /// "421 4.4.2 ... idle too long", then the close (as Postfix's smtpd does).
+        With421,
+        /// The close alone.
+        Silently,
+    }
+
+    /// What a scripted next hop does besides taking mail: RCPT to bad* is refused
+    /// (550), to tmp* deferred (451) unless `tmp_ok`; everything else accepted.
+    #[derive(Clone, Default)]
+    pub(super) struct Script {
+        pub tmp_ok: Arc<AtomicBool>,
+        /// Every RCPT waits for a permit of the semaphore, then is deferred (451); the
+        /// counter counts the RCPTs that came.
+        pub stall: Option<(Arc<tokio::sync::Semaphore>, Arc<AtomicUsize>)>,
+        /// Taken by the first session waiting for a command: it ends that way (what a
+        /// server's idle timeout does to a cached session).
+        pub end_next: Arc<Mutex<Option<Ending>>>,
+    }
+
+    /// A scripted next hop: where it listens and what it saw.
+    pub(super) struct Sink {
+        pub addr: SocketAddr,
+        /// Each transaction taken: sender, recipients, body (dot-unstuffed).
+        pub got: Got,
+        pub sessions: Sessions,
+    }
+
+    /// Starts a scripted SMTP server on loopback (PIPELINING offered).
+    pub(super) async fn scripted(script: Script) -> Sink {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let got: Got = Arc::default();
-        let g = got.clone();
+        let sink = Sink {
+            addr: l.local_addr().unwrap(),
+            got: Arc::default(),
+            sessions: Arc::default(),
+        };
+        let (got, log) = (sink.got.clone(), sink.sessions.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
-                let g = g.clone();
-                let tmp_ok = tmp_ok.clone();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Vec::new());
+                    log.len() - 1
+                };
+                let (got, log, script) = (got.clone(), log.clone(), script.clone());
                 tokio::spawn(async move {
                     let (r, mut w) = s.into_split();
                     let mut r = BufReader::new(r);
@@ -758,9 +798,31 @@ mod tests {
                     let mut line = String::new();
                     loop {
                         line.clear();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
+                        let end = tokio::select! {
+                            n = r.read_line(&mut line) => {
+                                if n.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                None
+                            }
+                            e = async {
+                                loop {
+                                    if let Some(e) = script.end_next.lock().unwrap().take() {
+                                        return e;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                }
+                            } => Some(e),
+                        };
+                        match end {
+                            Some(Ending::With421) => {
+                                let _ = w.write_all(b"421 4.4.2 sink.test idle too long\r\n").await;
+                                return;
+                            }
+                            Some(Ending::Silently) => return,
+                            None => {}
                         }
+                        log.lock().unwrap()[n].push(line.trim_end().to_string());
                         let up = line.to_ascii_uppercase();
                         let reply: String = if up.starts_with("EHLO") {
                             "250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n".into()
@@ -770,14 +832,23 @@ mod tests {
                             "250 2.1.0 ok\r\n".into()
                         } else if up.starts_with("RCPT TO:") {
                             let a = line[8..].trim().trim_matches(['<', '>']).to_string();
-                            if a.starts_with("bad") {
+                            if let Some((gate, entered)) = &script.stall {
+                                entered.fetch_add(1, Ordering::SeqCst);
+                                if let Ok(permit) = gate.acquire().await {
+                                    permit.forget();
+                                }
+                                "451 4.2.0 try later\r\n".into()
+                            } else if a.starts_with("bad") {
                                 "550 5.1.1 no such user\r\n".into()
-                            } else if a.starts_with("tmp") && !tmp_ok.load(Ordering::SeqCst) {
+                            } else if a.starts_with("tmp") && !script.tmp_ok.load(Ordering::SeqCst)
+                            {
                                 "451 4.2.0 try later\r\n".into()
                             } else {
                                 rcpts.push(a);
                                 "250 2.1.5 ok\r\n".into()
                             }
+                        } else if up.starts_with("DATA") && rcpts.is_empty() {
+                            "554 5.5.1 no valid recipients\r\n".into()
                         } else if up.starts_with("DATA") {
                             let _ = w.write_all(b"354 go\r\n").await;
                             let mut data = Vec::new();
@@ -793,7 +864,9 @@ mod tests {
                                     l.strip_prefix('.').unwrap_or(&l).as_bytes(),
                                 );
                             }
-                            g.lock().unwrap().push((from.clone(), rcpts.clone(), data));
+                            got.lock()
+                                .unwrap()
+                                .push((from.clone(), rcpts.clone(), data));
                             "250 2.0.0 queued\r\n".into()
                         } else if up.starts_with("QUIT") {
                             let _ = w.write_all(b"221 bye\r\n").await;
@@ -808,7 +881,17 @@ mod tests {
                 });
             }
         });
-        (addr, got)
+        sink
+    }
+
+    /// A scripted next hop with only `tmp_ok` set.
+    pub(super) async fn sink(tmp_ok: Arc<AtomicBool>) -> (SocketAddr, Got) {
+        let s = scripted(Script {
+            tmp_ok,
+            ..Script::default()
+        })
+        .await;
+        (s.addr, s.got)
     }
 
     pub(super) fn config(dir: &std::path::Path, extra: &str) -> Config {
@@ -1046,109 +1129,15 @@ mod tests {
         trigger.trigger();
     }
 
-    /// How `dropping_sink` ends an idle session when told to.
-    #[derive(Clone, Copy)]
-    enum Ending {
-        /// "421 4.4.2 ... idle too long", then the close (as Postfix's smtpd does).
-        With421,
-        /// The close alone.
-        Silently,
-    }
-
-    /// The commands each session of `dropping_sink` received, in order.
-    type Sessions = Arc<Mutex<Vec<Vec<String>>>>;
-
-    /// An SMTP server that records every session's commands and takes every message;
-    /// after a message it waits, idle, until `drop_next` holds a way to end the session,
-    /// then ends it that way (what a server's idle timeout does to a cached session).
-    async fn dropping_sink(
-        drop_next: Arc<Mutex<Option<Ending>>>,
-    ) -> (SocketAddr, Sessions, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let sessions: Sessions = Arc::default();
-        let messages = Arc::new(AtomicUsize::new(0));
-        let (log, count) = (sessions.clone(), messages.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let n = {
-                    let mut log = log.lock().unwrap();
-                    log.push(Vec::new());
-                    log.len() - 1
-                };
-                let (log, count, drop_next) = (log.clone(), count.clone(), drop_next.clone());
-                tokio::spawn(async move {
-                    let (r, mut w) = s.into_split();
-                    let mut r = BufReader::new(r);
-                    let _ = w.write_all(b"220 sink.test ESMTP\r\n").await;
-                    let mut line = String::new();
-                    loop {
-                        // Between transactions: a command, or the drop when told.
-                        line.clear();
-                        let drop = tokio::select! {
-                            n = r.read_line(&mut line) => {
-                                if n.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                None
-                            }
-                            d = async {
-                                loop {
-                                    if let Some(d) = drop_next.lock().unwrap().take() {
-                                        return d;
-                                    }
-                                    tokio::time::sleep(Duration::from_millis(5)).await;
-                                }
-                            } => Some(d),
-                        };
-                        match drop {
-                            Some(Ending::With421) => {
-                                let _ = w.write_all(b"421 4.4.2 sink.test idle too long\r\n").await;
-                                return;
-                            }
-                            Some(Ending::Silently) => return,
-                            None => {}
-                        }
-                        log.lock().unwrap()[n].push(line.trim_end().to_string());
-                        let up = line.to_ascii_uppercase();
-                        let reply = if up.starts_with("EHLO") {
-                            "250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-                        } else if up.starts_with("DATA") {
-                            let _ = w.write_all(b"354 go\r\n").await;
-                            loop {
-                                let mut l = String::new();
-                                if r.read_line(&mut l).await.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                if l == ".\r\n" {
-                                    break;
-                                }
-                            }
-                            count.fetch_add(1, Ordering::SeqCst);
-                            "250 2.0.0 queued\r\n"
-                        } else if up.starts_with("QUIT") {
-                            let _ = w.write_all(b"221 bye\r\n").await;
-                            return;
-                        } else {
-                            "250 ok\r\n"
-                        };
-                        if w.write_all(reply.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, sessions, messages)
-    }
-
     /// A cached session is reused without an RSET round trip; when the next hop ended
     /// it while it idled (a 421 and the close, or the close alone), the message goes
     /// over a new session at once instead of being deferred, and is delivered once.
     #[tokio::test]
     async fn a_cached_session_is_reused_without_rset_and_replaced_when_the_server_ended_it() {
-        let drop_next = Arc::new(Mutex::new(None));
-        let (addr, sessions, messages) = dropping_sink(drop_next.clone()).await;
+        let script = Script::default();
+        let drop_next = script.end_next.clone();
+        let sink = scripted(script).await;
+        let (addr, sessions, messages) = (sink.addr, sink.sessions, sink.got);
         let dir = tempfile::tempdir().unwrap();
         let (spool, m, trigger, shutdown) =
             relay_manager(dir.path(), addr.port(), mb_spool::Config::default());
@@ -1159,7 +1148,7 @@ mod tests {
             async move {
                 let id = queue_message(&spool, m.clock.unix(), &["rcpt@served.example"]).await;
                 wait_for("the delivery", || {
-                    spool.locate(&id).is_none() && messages.load(Ordering::SeqCst) == n
+                    spool.locate(&id).is_none() && messages.lock().unwrap().len() == n
                 })
                 .await;
                 wait_for("the session back in the cache", || pooled(&m) == 1).await;
@@ -1202,7 +1191,7 @@ mod tests {
         assert_eq!(verbs(&sessions[1]), ["EHLO", "MAIL", "RCPT", "DATA"]);
         assert_eq!(verbs(&sessions[2]), first, "no RSET before the reuse");
         assert_eq!(
-            messages.load(Ordering::SeqCst),
+            messages.lock().unwrap().len(),
             5,
             "each message delivered once"
         );

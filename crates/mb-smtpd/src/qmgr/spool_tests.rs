@@ -12,11 +12,10 @@ use mb_proto::v1::queue_server::Queue as _;
 use mb_proto::v1::{DeleteQueueRequest, QueueIdRequest};
 use mb_runtime::lifecycle::{ShutdownTrigger as Trigger, shutdown_pair};
 use mb_spool::LogKind;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Semaphore;
 use tonic::Request;
 
-use super::tests::{notices, queue_message, relay_manager, sink, wait_for};
+use super::tests::{Script, notices, queue_message, relay_manager, scripted, sink, wait_for};
 use super::{Clock, Manager};
 use crate::queue::QueueService;
 use crate::spool::{DeliveryState, Queue, RecipientState, Spool};
@@ -113,49 +112,6 @@ async fn a_bounce_that_cannot_be_queued_keeps_the_message() {
     trigger.trigger();
 }
 
-/// An SMTP server that holds its answer to every RCPT until the test lets one go
-/// (`gate`), then defers the recipient (451). `entered` counts the RCPTs that came.
-async fn stalling_sink(gate: Arc<Semaphore>, entered: Arc<AtomicUsize>) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (gate, entered) = (gate.clone(), entered.clone());
-            tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = BufReader::new(r);
-                let _ = w.write_all(b"220 stall.test ESMTP\r\n").await;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let up = line.to_ascii_uppercase();
-                    let reply = if up.starts_with("EHLO") {
-                        "250-stall.test\r\n250 8BITMIME\r\n"
-                    } else if up.starts_with("RCPT") {
-                        entered.fetch_add(1, Ordering::SeqCst);
-                        if let Ok(permit) = gate.acquire().await {
-                            permit.forget();
-                        }
-                        "451 4.2.0 try later\r\n"
-                    } else if up.starts_with("QUIT") {
-                        let _ = w.write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        "250 ok\r\n"
-                    };
-                    if w.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A message whose first attempt is in flight: the next hop has its RCPT and holds the
 /// answer until `gate` gets a permit (then defers it).
 struct InFlight {
@@ -172,7 +128,14 @@ struct InFlight {
 async fn in_flight() -> InFlight {
     let gate = Arc::new(Semaphore::new(0));
     let entered = Arc::new(AtomicUsize::new(0));
-    let addr = stalling_sink(gate.clone(), entered.clone()).await;
+    // A next hop that holds its answer to every RCPT until the test lets one go, then
+    // defers the recipient (451).
+    let addr = scripted(Script {
+        stall: Some((gate.clone(), entered.clone())),
+        ..Script::default()
+    })
+    .await
+    .addr;
     let dir = tempfile::tempdir().unwrap();
     let (spool, m, trigger) = relaying(dir.path(), addr, mb_spool::Config::default(), |_| {});
     let id = queue_message(&spool, m.clock.unix(), &["slow@served.example"]).await;
