@@ -196,9 +196,9 @@ pub enum Change {
     Set(Queue, Option<DeliveryState>),
     /// Finished: delivered, bounced or deleted.
     Complete,
-    /// Finished, and nobody waits for the record: it rides with the next batch another
-    /// record makes durable (`mb_spool::Spool::complete_lazily`, at most
-    /// `mb_spool::LAZY_WAIT` later). For the queue manager after the last delivery.
+    /// Finished, and nobody waits for the record: written at once, it is synced with the
+    /// next batch another record makes durable (`mb_spool::Spool::complete_lazily`, at
+    /// most `mb_spool::LAZY_WAIT` later). For the queue manager after the last delivery.
     CompleteLazily,
 }
 

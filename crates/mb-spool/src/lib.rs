@@ -37,9 +37,10 @@
 //! bounced and deleted are `complete`. A DSN is appended as a new message and made
 //! durable before the message it reports on is completed, so a crash can repeat a notice
 //! but never lose one. Completion after the next hop's 250 need not be awaited, nor cost
-//! an `fdatasync` of its own: `complete_lazily` waits up to `Config::lazy_wait` (5 ms)
-//! for a batch that a commit makes durable anyway; a crash before it is durable repeats
-//! that delivery (the RFC 1047 window, one batch and that wait long).
+//! an `fdatasync` of its own: `complete_lazily`'s record is written at once (a killed
+//! process keeps it) and its sync waits up to `Config::lazy_wait` (5 ms) for the sync a
+//! commit needs anyway; a machine crash before it is durable repeats that delivery (the
+//! RFC 1047 window, one batch and that wait long).
 //! The free-space guard watches the file system of the spool root. `snapshot` reads a
 //! spool without changing it, for tests and benchmarks that look at a running daemon's
 //! queue.
@@ -109,8 +110,8 @@ pub struct Config {
     /// would grow: commits then write over allocated blocks, not only once old segments
     /// were recycled. Tests that count segments or spares turn it off.
     pub prepare_spare: bool,
-    /// How long a lazy record (`Spool::complete_lazily`) waits for a batch that another
-    /// record makes the committer sync anyway (`LAZY_WAIT`; tests lengthen it).
+    /// How long a written lazy record (`Spool::complete_lazily`) waits for the sync that
+    /// another record makes the committer do anyway (`LAZY_WAIT`; tests lengthen it).
     pub lazy_wait: Duration,
 }
 
@@ -295,8 +296,8 @@ struct Shared {
 #[derive(Default)]
 struct Batch {
     ops: Vec<Op>,
-    /// How many of `ops` are not lazy: with none, the committer lets the lazy ones wait
-    /// (up to `Config::lazy_wait`) for a record that needs a sync anyway.
+    /// How many of `ops` are not lazy: with none, the committer writes the lazy ones and
+    /// lets their sync wait (up to `Config::lazy_wait`) for a record that needs one anyway.
     eager: usize,
     shutdown: bool,
     poisoned: bool,
@@ -308,12 +309,12 @@ struct Op {
     ack: tokio::sync::oneshot::Sender<Result<(), SpoolError>>,
 }
 
-/// How long, by default (`Config::lazy_wait`), a lazy record (`Spool::complete_lazily`)
-/// waits in the queue for a batch that another record makes the committer write and
-/// sync anyway, before it is written
-/// and synced on its own. Under load the next commit comes well within it, so a relayed
-/// message costs one `fdatasync` share instead of two; it bounds how much longer than
-/// one batch a crash can leave a finished delivery undone (RFC 1047's window).
+/// How long, by default (`Config::lazy_wait`), a lazy record (`Spool::complete_lazily`),
+/// written at once, waits for the sync another record makes the committer do anyway
+/// before it is synced on its own. Under load the next commit comes well within it, so a
+/// relayed message costs one `fdatasync` share instead of two; it bounds how much longer
+/// than one batch a machine crash can leave a finished delivery undone (RFC 1047's
+/// window). A killed process does not widen that window: the record is already written.
 pub const LAZY_WAIT: Duration = Duration::from_millis(5);
 
 enum OpKind {
@@ -618,6 +619,7 @@ impl Spool {
             pos: record::SEGMENT_HEADER as u64,
             file_len,
             asked_in: 0,
+            written: Vec::new(),
         };
         let preparer = if shared.config.prepare_spare {
             let shared = shared.clone();
@@ -754,7 +756,8 @@ impl Spool {
         self.push_op(bytes, kind, false, accept)
     }
 
-    /// `push`; a `lazy` record does not make the committer sync before `lazy_wait`.
+    /// `push`; a `lazy` record is written at once but does not make the committer sync
+    /// before `lazy_wait`.
     fn push_op(&self, bytes: Vec<u8>, kind: OpKind, lazy: bool, accept: impl FnOnce()) -> Pending {
         let (ack, rx) = tokio::sync::oneshot::channel();
         let mut q = lock(&self.shared.queue);
@@ -797,10 +800,11 @@ impl Spool {
         self.finish(id, false)
     }
 
-    /// `complete` for a completion nobody waits for (a delivered message): its record
-    /// waits up to `Config::lazy_wait` for a batch that another record makes durable anyway,
-    /// instead of costing an `fdatasync` of its own, and its `Pending` resolves then.
-    /// A crash in between repeats the delivery, as one during any batch does.
+    /// `complete` for a completion nobody waits for (a delivered message): its record is
+    /// written at once, and its sync waits up to `Config::lazy_wait` for the one another
+    /// record needs anyway instead of costing an `fdatasync` of its own; its `Pending`
+    /// resolves then. A machine crash in between repeats the delivery, as one during any
+    /// batch does; a killed process does not (the written record survives it).
     pub fn complete_lazily(&self, id: &str) -> Pending {
         self.finish(id, true)
     }
@@ -1181,24 +1185,32 @@ struct Committer {
     /// never): it asks once per segment, so a preparer that fails (a full disk) is not
     /// set to write a segment of zeros again after every batch.
     asked_in: u64,
+    /// Records written to the active segment and not yet synced, in log order.
+    written: Vec<Written>,
+}
+
+/// A record written but not yet synced, and where in the active segment.
+struct Written {
+    op: Op,
+    offset: u64,
 }
 
 impl Committer {
     fn run(mut self) {
         let mut ops = Vec::new();
+        // Set while `written` holds lazy records only: when they are synced on their own.
+        let mut lazy_until: Option<Instant> = None;
         loop {
-            {
+            let (eager, shutdown) = {
                 let mut q = lock(&self.shared.queue);
-                // Lazy records alone wait for an eager one, a shutdown or `lazy_wait`.
-                let mut lazy_until: Option<Instant> = None;
-                while !q.shutdown && q.eager == 0 {
-                    if q.ops.is_empty() {
-                        lazy_until = None;
+                // Queued records are written at once (a process kill keeps a written
+                // record); written lazy records alone wait for an eager record, a
+                // shutdown or `lazy_wait` before the sync.
+                while !q.shutdown && q.eager == 0 && q.ops.is_empty() {
+                    let Some(until) = lazy_until else {
                         q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                         continue;
-                    }
-                    let wait = self.shared.config.lazy_wait;
-                    let until = *lazy_until.get_or_insert_with(|| Instant::now() + wait);
+                    };
                     let now = Instant::now();
                     if now >= until {
                         break;
@@ -1210,40 +1222,35 @@ impl Committer {
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
-                if q.ops.is_empty() {
+                std::mem::swap(&mut q.ops, &mut ops);
+                let eager = q.eager > 0;
+                q.eager = 0;
+                (eager, q.shutdown)
+            };
+            if ops.is_empty() && self.written.is_empty() {
+                if shutdown {
                     return;
                 }
-                std::mem::swap(&mut q.ops, &mut ops);
-                q.eager = 0;
+                lazy_until = None;
+                continue;
             }
-            match self.commit(&mut ops) {
-                Ok(finished_files) => {
-                    // The batch is durable and in the index whatever happens now: a
-                    // failed reclaim must not fail it (its clients would resend it), so
-                    // it is acknowledged and the spool poisoned for what comes later.
-                    let reclaimed = reclaim(
-                        &self.shared.root,
-                        &self.shared.index,
-                        &self.shared.reclaiming,
-                        self.shared.config.segment_size,
-                    );
-                    for id in finished_files {
-                        // The Done is durable: the body file is no longer needed. A
-                        // lost unlink leaves an orphan, which recovery removes.
-                        let _ = std::fs::remove_file(body_path(&self.shared.root, &id));
-                    }
-                    if let Err(e) = reclaimed {
-                        self.poison(e.into(), Vec::new());
-                    }
-                    for op in ops.drain(..) {
-                        let _ = op.ack.send(Ok(()));
-                    }
-                }
-                Err(e) => {
-                    // After a failed write or fsync the page cache may hold data that
-                    // never reaches the disk: refuse everything from now on.
-                    self.poison(e.into(), std::mem::take(&mut ops));
-                }
+            if !ops.is_empty()
+                && let Err(e) = self.write(&mut ops)
+            {
+                // After a failed write the page cache may hold data that never reaches
+                // the disk: refuse everything from now on.
+                let mut failed: Vec<Op> = self.written.drain(..).map(|w| w.op).collect();
+                failed.append(&mut ops);
+                self.poison(e.into(), failed);
+                lazy_until = None;
+                continue;
+            }
+            let due = lazy_until.is_some_and(|u| Instant::now() >= u);
+            if eager || shutdown || due {
+                let _ = self.sync();
+                lazy_until = None;
+            } else if lazy_until.is_none() {
+                lazy_until = Some(Instant::now() + self.shared.config.lazy_wait);
             }
         }
     }
@@ -1262,14 +1269,17 @@ impl Committer {
         index.reserved.clear();
     }
 
-    /// Writes and syncs a batch and applies it to the index. Returns the ids whose body
-    /// files a durable `Done` freed.
-    fn commit(&mut self, ops: &mut [Op]) -> io::Result<Vec<Box<str>>> {
+    /// Writes `ops` (drained) after the records already written, without syncing them:
+    /// they join `written`. Moving to a new segment first syncs what the old one holds.
+    fn write(&mut self, ops: &mut Vec<Op>) -> io::Result<()> {
         let root = self.shared.root.clone();
         let batch: u64 = ops.iter().map(|op| op.bytes.len() as u64).sum();
         if self.pos >= self.shared.config.segment_size
             || (self.pos + batch > self.file_len && self.spare_ready())
         {
+            if !self.written.is_empty() && !self.sync() {
+                return Err(io::Error::other("the previous segment's sync failed"));
+            }
             self.rotate()?;
         }
         for op in ops.iter_mut() {
@@ -1280,14 +1290,68 @@ impl Committer {
             sync_dir(&root.join("bodies"))?;
         }
         let start = self.pos;
-        let mut slices: Vec<IoSlice<'_>> = ops.iter().map(|op| IoSlice::new(&op.bytes)).collect();
-        let mut slices = &mut slices[..];
-        let mut at = start;
-        while !slices.is_empty() {
-            let n = write_vectored_at(&self.file, slices, at)?;
-            at += n as u64;
-            IoSlice::advance_slices(&mut slices, n);
+        {
+            let mut slices: Vec<IoSlice<'_>> =
+                ops.iter().map(|op| IoSlice::new(&op.bytes)).collect();
+            let mut slices = &mut slices[..];
+            let mut at = start;
+            while !slices.is_empty() {
+                let n = write_vectored_at(&self.file, slices, at)?;
+                at += n as u64;
+                IoSlice::advance_slices(&mut slices, n);
+            }
         }
+        let mut offset = start;
+        for op in ops.drain(..) {
+            let len = op.bytes.len() as u64;
+            self.written.push(Written { op, offset });
+            offset += len;
+        }
+        self.pos = offset;
+        Ok(())
+    }
+
+    /// Makes `written` durable with one `fdatasync`, applies it to the index, reclaims
+    /// what it freed and acknowledges it; a failed sync poisons the spool instead (and
+    /// returns false).
+    fn sync(&mut self) -> bool {
+        let written = std::mem::take(&mut self.written);
+        match self.sync_and_apply(&written) {
+            Ok(finished_files) => {
+                // The batch is durable and in the index whatever happens now: a failed
+                // reclaim must not fail it (its clients would resend it), so it is
+                // acknowledged and the spool poisoned for what comes later.
+                let reclaimed = reclaim(
+                    &self.shared.root,
+                    &self.shared.index,
+                    &self.shared.reclaiming,
+                    self.shared.config.segment_size,
+                );
+                for id in finished_files {
+                    // The Done is durable: the body file is no longer needed. A lost
+                    // unlink leaves an orphan, which recovery removes.
+                    let _ = std::fs::remove_file(body_path(&self.shared.root, &id));
+                }
+                if let Err(e) = reclaimed {
+                    self.poison(e.into(), Vec::new());
+                }
+                for w in written {
+                    let _ = w.op.ack.send(Ok(()));
+                }
+                true
+            }
+            Err(e) => {
+                // After a failed fsync the page cache may hold data that never reaches
+                // the disk: refuse everything from now on.
+                self.poison(e.into(), written.into_iter().map(|w| w.op).collect());
+                false
+            }
+        }
+    }
+
+    /// The `fdatasync` of the active segment, then `written` applied to the index.
+    /// Returns the ids whose body files a durable `Done` freed.
+    fn sync_and_apply(&mut self, written: &[Written]) -> io::Result<Vec<Box<str>>> {
         #[cfg(test)]
         if self.shared.fail_next_sync.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("fdatasync failed (injected by the test)"));
@@ -1295,7 +1359,7 @@ impl Committer {
         self.file.sync_data()?;
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        self.pos = at;
+        let at = self.pos;
         let grew = at > self.file_len;
         self.file_len = self.file_len.max(at);
         let mut index = lock(&self.shared.index);
@@ -1310,19 +1374,16 @@ impl Committer {
             index.spare_wanted = true;
             self.shared.prepare.notify_one();
         }
-        let mut offset = start;
         let mut finished_files = Vec::new();
-        for op in ops.iter() {
-            let len = op.bytes.len() as u64;
+        for w in written {
             apply(
                 &mut index,
                 self.seq,
-                offset,
-                len,
-                &op.kind,
+                w.offset,
+                w.op.bytes.len() as u64,
+                &w.op.kind,
                 &mut finished_files,
             );
-            offset += len;
         }
         if let Some(s) = index.segs.get_mut(&self.seq) {
             s.size = self.pos;

@@ -327,9 +327,10 @@ fn a_damaged_record_is_skipped_and_the_records_after_it_recovered() {
 }
 
 /// A lazy completion costs no `fdatasync` of its own while another record is to come:
-/// it waits (here up to a minute) and rides with the next commit's batch; a close syncs
-/// it; with a short wait it is made durable on its own. Meanwhile the message is hidden
-/// (as after any queued completion) and cannot be completed twice.
+/// it is written at once (a process kill keeps it), and its sync waits (here up to a
+/// minute) for the next commit's; a close syncs it; with a short wait it is synced on
+/// its own. Meanwhile the message is hidden (as after any queued completion) and cannot
+/// be completed twice.
 #[test]
 fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
     let dir = tempfile::tempdir().unwrap();
@@ -348,8 +349,14 @@ fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
         syncs,
         "the lazy Done was synced on its own"
     );
+    // Written at once, synced later: a reader of the files (what recovery after a
+    // process kill reads) already finds A done.
     let on_disk = mb_spool::snapshot(root).unwrap();
-    assert_eq!(on_disk.messages.len(), 1, "A's Done was written on its own");
+    assert_eq!(
+        on_disk.messages.len(),
+        0,
+        "A's lazy Done is not written while it waits for its sync"
+    );
     assert!(
         spool.list().is_empty(),
         "a queued completion hides A at once"
@@ -402,6 +409,27 @@ fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
     let (spool, rec) = Spool::open(root, short).unwrap();
     assert_eq!(rec.messages, 1);
     assert!(spool.read("E").is_ok() && spool.read("D").is_err());
+    drop(spool);
+
+    // A commit that moves to a new segment first syncs the lazy record written to the
+    // old one (a sync covers one file).
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let rotating = Config {
+        lazy_wait: std::time::Duration::from_secs(60),
+        ..small_segments()
+    };
+    let (spool, _) = Spool::open(root, rotating.clone()).unwrap();
+    spool.append("F", b"env-f", b"body-f").wait().unwrap();
+    let syncs = spool.stats().syncs;
+    let done_f = spool.complete_lazily("F");
+    spool.append("G", b"env-g", b"body-g").wait().unwrap();
+    done_f.wait().unwrap();
+    assert_eq!(spool.stats().syncs, syncs + 2);
+    drop(spool);
+    let (spool, rec) = Spool::open(root, rotating).unwrap();
+    assert_eq!(rec.messages, 1);
+    assert!(spool.read("G").is_ok() && spool.read("F").is_err());
 }
 
 #[test]
