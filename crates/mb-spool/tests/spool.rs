@@ -331,6 +331,19 @@ fn a_damaged_record_is_skipped_and_the_records_after_it_recovered() {
 /// minute) for the next commit's; a close syncs it; with a short wait it is synced on
 /// its own. Meanwhile the message is hidden (as after any queued completion) and cannot
 /// be completed twice.
+/// Waits until a reader of the spool's files finds no live message (a lazy Done written,
+/// though not synced).
+fn wait_written(root: &Path) {
+    let started = std::time::Instant::now();
+    while !mb_spool::snapshot(root).unwrap().messages.is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the lazy Done was never written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,13 +363,8 @@ fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
         "the lazy Done was synced on its own"
     );
     // Written at once, synced later: a reader of the files (what recovery after a
-    // process kill reads) already finds A done.
-    let on_disk = mb_spool::snapshot(root).unwrap();
-    assert_eq!(
-        on_disk.messages.len(),
-        0,
-        "A's lazy Done is not written while it waits for its sync"
-    );
+    // process kill reads) finds A done.
+    wait_written(root);
     assert!(
         spool.list().is_empty(),
         "a queued completion hides A at once"
@@ -423,6 +431,8 @@ fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
     spool.append("F", b"env-f", b"body-f").wait().unwrap();
     let syncs = spool.stats().syncs;
     let done_f = spool.complete_lazily("F");
+    // F's Done written before G comes: otherwise both go in one batch to the new segment.
+    wait_written(root);
     spool.append("G", b"env-g", b"body-g").wait().unwrap();
     done_f.wait().unwrap();
     assert_eq!(spool.stats().syncs, syncs + 2);
