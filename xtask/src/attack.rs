@@ -993,8 +993,18 @@ pub(crate) fn run(mb_smtpd: &Path, seconds: u64) -> Result<[Row; 2]> {
 /// `cargo xtask bench --attack`: runs the attack and prints every figure.
 pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
     let rows = run(mb_smtpd, seconds)?;
-    println!("attackers: {}", Attackers::from_env()?.names());
-    println!(
+    print!("{}", details(&rows)?);
+    Ok(())
+}
+
+/// The per-attacker table, the CPU by phase and the refusals seen: `--attack`'s output,
+/// and what the full bench's attack step writes to its log.
+pub(crate) fn details(rows: &[Row]) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(out, "attackers: {}", Attackers::from_env()?.names())?;
+    writeln!(
+        out,
         "{:<10} {:>16} {:>14} {:>7} {:>15} {:>9} {:>16} {:>10} {:>10} {:>14} {:>12}",
         "target",
         "alone msg/s b/a",
@@ -1007,10 +1017,11 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
         "slow held",
         "auth 535/tried",
         "20MB acc/ref"
-    );
-    for r in &rows {
+    )?;
+    for r in rows {
         let t = &r.tally;
-        println!(
+        writeln!(
+            out,
             "{:<10} {:>16} {:>14.0} {:>7.2} {:>15} {:>9.1} {:>16} {:>10} {:>10} {:>14} {:>12}",
             r.name,
             format!("{:.0}/{:.0}", r.alone, r.after),
@@ -1035,9 +1046,10 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
                 t.big_accepted.load(Relaxed),
                 t.big_refused.load(Relaxed)
             ),
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "{:<10} {:<9} {:>6} {:>8} {:>10} {:>7} {:>7} {:>14} {:>12}",
         "CPU",
         "phase",
@@ -1048,14 +1060,15 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
         "sink",
         "msg/target-s",
         "atk conn/s"
-    );
-    for r in &rows {
+    )?;
+    for r in rows {
         for (phase, rate, c) in [
             ("alone", r.alone, r.cpu_alone),
             ("attacked", r.attacked, r.cpu_attacked),
             ("after", r.after, r.cpu_after),
         ] {
-            println!(
+            writeln!(
+                out,
                 "{:<10} {:<9} {:>6.2} {:>8.2} {:>10.2} {:>7.2} {:>7.2} {:>14.0} {:>12.0}",
                 r.name,
                 phase,
@@ -1070,30 +1083,33 @@ pub fn attack(mb_smtpd: &Path, seconds: u64) -> Result<()> {
                     f64::NAN
                 },
                 c.attempts
-            );
+            )?;
         }
     }
-    for r in &rows {
+    for r in rows {
         let big = r.tally.big_reasons.lock().expect("reasons");
         if !big.is_empty() {
-            println!("{}: 20 MB messages refused by: {:?}", r.name, *big);
+            writeln!(out, "{}: 20 MB messages refused by: {:?}", r.name, *big)?;
         }
     }
-    for r in &rows {
+    for r in rows {
         let reasons = r.tally.legit_reasons.lock().expect("reasons");
         if !reasons.is_empty() || !r.reasons_alone.is_empty() {
-            println!(
+            writeln!(
+                out,
                 "{}: the legitimate sender was refused by: alone {:?}; under attack {:?}",
                 r.name, r.reasons_alone, *reasons
-            );
+            )?;
         }
     }
-    println!(
+    writeln!(
+        out,
         "alone msg/s b/a: before and after the attack; ratio: under attack over the mean of the two; legit refusals: alone (both)/under attack; idle and slow held: most sessions open at once; auth 535/tried: guesses that reached a password check"
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "CPU: seconds of CPU per second of the phase (2.00 = two cores) used by the target (its process family), the attackers and the legitimate client (this process's threads of each, on runtimes of their own) and the relay's smtp-sink; msg/target-s: legitimate messages per second of the target's CPU; atk conn/s: connections the attackers opened a second; load: 1-minute load average at the phase's start. Everything shares this machine's {} cores: what the attackers and the sink use, the target cannot, so read the ratio together with these figures (it is not corrected for them).",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
-    );
-    Ok(())
+    )?;
+    Ok(out)
 }

@@ -1269,6 +1269,8 @@ fn run_step(
         }
         Step::Attack => {
             let rows = crate::attack::run(mb_smtpd, options.seconds)?;
+            // The table shows one ratio per target; the log gets what explains it.
+            eprint!("{}", crate::attack::details(&rows)?);
             results.attack = rows
                 .iter()
                 .map(|r| AttackFigures {
