@@ -136,6 +136,8 @@ pub(crate) struct Tally {
     pub(crate) legit_sent: AtomicU64,
     pub(crate) legit_refused: AtomicU64,
     pub(crate) legit_reasons: std::sync::Mutex<Vec<String>>,
+    /// What each legitimate session is waiting for, and since when.
+    legit_waiting: [std::sync::Mutex<Option<(&'static str, Instant)>>; LEGIT_SESSIONS],
     flood_admitted: AtomicU64,
     flood_refused: AtomicU64,
     idle_open: AtomicU64,
@@ -261,33 +263,47 @@ pub(crate) async fn legit(
             }
         }
     };
+    let waiting = |step: &'static str| {
+        if let Some(w) = tally.legit_waiting.get(n) {
+            *w.lock().expect("waiting") = Some((step, Instant::now()));
+        }
+    };
     tokio::time::sleep(LEGIT_PACE * u32::try_from(n).unwrap_or(0)).await;
     while !stop.load(Relaxed) {
+        waiting("the connection");
         let stream = match connect_from(LEGIT, target.smtp).await {
             Ok(s) => s,
             Err(e) => {
                 refused(format!("connect: {e}"));
+                waiting("its pause after a refusal");
                 tokio::time::sleep(LEGIT_PACE * 4).await;
                 continue;
             }
         };
         let mut s = BufReader::new(stream);
+        waiting("the greeting");
         let greeting = reply(&mut s).await;
         let ehlo = match greeting {
-            Ok(220) => command(&mut s, "EHLO mail.legit.test\r\n").await,
+            Ok(220) => {
+                waiting("the reply to EHLO");
+                command(&mut s, "EHLO mail.legit.test\r\n").await
+            }
             other => {
                 refused(format!("greeting {other:?}"));
+                waiting("its pause after a refusal");
                 tokio::time::sleep(LEGIT_PACE * 4).await;
                 continue;
             }
         };
         if !matches!(ehlo, Ok(250)) {
             refused(format!("EHLO {ehlo:?}"));
+            waiting("its pause after a refusal");
             tokio::time::sleep(LEGIT_PACE * 4).await;
             continue;
         }
         // One connection for the whole run, as an MTA's connection cache keeps it.
         while !stop.load(Relaxed) {
+            waiting("a message's replies");
             match send_one(&mut s, "news@legit.test", &body).await {
                 Ok(Ok(())) => {
                     if measuring.load(Relaxed) {
@@ -306,6 +322,28 @@ pub(crate) async fn legit(
         }
         let _ = command(&mut s, "QUIT\r\n").await;
     }
+}
+
+/// A legitimate session that has waited longer than this at the end of a window is
+/// reported as stalled (a message's dialogue takes milliseconds; a pause after a
+/// refusal is 2.4 s).
+const STALLED: Duration = Duration::from_secs(5);
+
+/// The legitimate sessions waiting longer than [`STALLED`] now, each as "N s for STEP":
+/// a window with no message and no refusal says where its sessions stood.
+pub(crate) fn stalled(tally: &Tally) -> Vec<String> {
+    tally
+        .legit_waiting
+        .iter()
+        .filter_map(|w| *w.lock().expect("waiting"))
+        .filter(|(_, since)| since.elapsed() > STALLED)
+        .map(|(step, since)| {
+            format!(
+                "stalled {:.0} s waiting for {step}",
+                since.elapsed().as_secs_f64()
+            )
+        })
+        .collect()
 }
 
 /// Opens and closes connections at a steady rate from one address.
@@ -792,6 +830,8 @@ fn measure(
         std::thread::sleep(Duration::from_millis(200));
     }
     measuring.store(false, Relaxed);
+    let stalls = stalled(&tally);
+    tally.legit_reasons.lock().expect("reasons").extend(stalls);
     let secs = started.elapsed().as_secs_f64();
     let mut cpu = CpuMark::now(root, sink).since(&mark, load);
     cpu.attempts = (tally.attempts.load(Relaxed) - attempts) as f64 / secs;
@@ -1097,7 +1137,7 @@ pub(crate) fn details(rows: &[Row]) -> Result<String> {
         if !reasons.is_empty() || !r.reasons_alone.is_empty() {
             writeln!(
                 out,
-                "{}: the legitimate sender was refused by: alone {:?}; under attack {:?}",
+                "{}: the legitimate sender was refused or stalled: alone {:?}; under attack {:?}",
                 r.name, r.reasons_alone, *reasons
             )?;
         }
@@ -1112,4 +1152,26 @@ pub(crate) fn details(rows: &[Row]) -> Result<String> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     )?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_waiting_past_the_limit_is_reported_with_its_step() {
+        let tally = Tally::default();
+        let long_ago = Instant::now()
+            .checked_sub(STALLED + Duration::from_secs(2))
+            .expect("monotonic clock past its start");
+        *tally.legit_waiting[0].lock().expect("waiting") = Some(("the greeting", long_ago));
+        *tally.legit_waiting[1].lock().expect("waiting") =
+            Some(("a message's replies", Instant::now()));
+        let stalls = stalled(&tally);
+        assert_eq!(stalls.len(), 1, "{stalls:?}");
+        assert!(
+            stalls[0].starts_with("stalled 7 s waiting for the greeting"),
+            "{stalls:?}"
+        );
+    }
 }

@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 
 use crate::attack::{
     LEGIT_PACE, LEGIT_SESSIONS, Tally, Target, command, connect_from, legit, raise_nofile, reply,
+    stalled,
 };
 use crate::bench::{cpu_secs, pss, sink};
 
@@ -188,6 +189,10 @@ fn measure(rt: &tokio::runtime::Runtime, target: Target, window: Duration, pid: 
         std::thread::sleep(Duration::from_millis(200));
     }
     measuring.store(false, Relaxed);
+    let stalls = stalled(&tally);
+    if let Ok(mut reasons) = tally.legit_reasons.lock() {
+        reasons.extend(stalls);
+    }
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_secs(pid) - cpu_before;
     stop.store(true, Relaxed);
@@ -202,7 +207,7 @@ fn measure(rt: &tokio::runtime::Runtime, target: Target, window: Duration, pid: 
         .map(|r| r.clone())
         .unwrap_or_default();
     if !reasons.is_empty() {
-        eprintln!("xtask: bench --idle: the sender was refused: {reasons:?}");
+        eprintln!("xtask: bench --idle: the sender was refused or stalled: {reasons:?}");
     }
     let sent = tally.legit_sent.load(Relaxed);
     Flow {
