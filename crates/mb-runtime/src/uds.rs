@@ -258,9 +258,12 @@ pub fn peer_allowed(
 /// Whether process `pid` has `gid` among its supplementary groups (SO_PEERCRED only
 /// gives the primary group).
 fn has_group(pid: i32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|status| status_has_group(&status, gid))
+}
+
+/// Whether a `/proc/PID/status` text lists `gid` on its `Groups:` line.
+fn status_has_group(status: &str, gid: u32) -> bool {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
@@ -351,6 +354,71 @@ pub fn describe_status(daemon: &str, status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_pass_as_root_as_ourselves_or_by_a_group_primary_or_supplementary() {
+        let status = "Name:\tnginx\nUid:\t33\t33\t33\t33\nGid:\t33\t33\t33\t33\n\
+                      FDSize:\t64\nGroups:\t33 4242 \nNStgid:\t77\n";
+        assert!(status_has_group(status, 4242));
+        assert!(status_has_group(status, 33));
+        assert!(!status_has_group(status, 424), "a prefix is no match");
+        assert!(!status_has_group(status, 42));
+        assert!(!status_has_group("Name:\tx\nGroups:\t\n", 0));
+        assert!(!status_has_group("Name:\tx\n", 0), "no Groups line");
+
+        let (own, mb) = (998, 4242);
+        assert!(peer_allowed(own, (0, 0, None), &[mb]), "root");
+        assert!(peer_allowed(own, (own, 65534, None), &[mb]), "our own uid");
+        assert!(peer_allowed(own, (33, mb, None), &[1, mb]), "primary group");
+        assert!(!peer_allowed(own, (33, 33, None), &[mb]), "a stranger");
+        assert!(!peer_allowed(own, (33, 33, None), &[]), "no group allowed");
+        // Our own process: its supplementary groups, as /proc lists them, let it in; a
+        // group it is not in, or a process that has gone, does not.
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let mine = std::fs::read_to_string("/proc/self/status").expect("status");
+        let groups: Vec<u32> = mine
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .map(|g| {
+                g.split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for g in &groups {
+            assert!(peer_allowed(own, (33, 33, Some(me)), &[*g]), "group {g}");
+        }
+        let outside = (1..u32::MAX)
+            .find(|g| !groups.contains(g) && *g != 33)
+            .expect("gid");
+        assert!(!peer_allowed(own, (33, 33, Some(me)), &[outside]));
+        assert!(
+            !peer_allowed(own, (33, 33, Some(i32::MAX)), &[outside]),
+            "no such process"
+        );
+        // As root (CI), our own process may have no supplementary group: a child is
+        // given some (setpriv, util-linux) and judged by its /proc entry.
+        if nix::unistd::geteuid().is_root() {
+            let mut child = std::process::Command::new("setpriv")
+                .args(["--groups", "4242,4243", "--", "sleep", "10"])
+                .spawn()
+                .expect("setpriv (util-linux) runs sleep");
+            let pid = i32::try_from(child.id()).expect("pid");
+            let path = format!("/proc/{pid}/status");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !std::fs::read_to_string(&path).is_ok_and(|s| s.contains("Name:\tsleep")) {
+                assert!(std::time::Instant::now() < deadline, "sleep did not start");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let judged = (
+                peer_allowed(own, (33, 33, Some(pid)), &[4243]),
+                peer_allowed(own, (33, 33, Some(pid)), &[4244]),
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            assert_eq!(judged, (true, false), "supplementary 4243 in, 4244 out");
+        }
+    }
 
     #[test]
     fn keys_compare_exactly() {
