@@ -271,7 +271,31 @@ fn main() -> ExitCode {
             let steps = bench::Step::parse_list(&only)?;
             ensure_test_packages()?;
             if log_search {
-                run(cargo().args(["build", "--workspace", "--bins"]))?;
+                if let Some(dir) = &bin_dir {
+                    if !dir.join("mb-rpcd").is_file() {
+                        bail!(
+                            "--bin-dir {}: no mb-rpcd there (build it with `cargo build --workspace --bins [--release]`)",
+                            dir.display()
+                        );
+                    }
+                    // The test kit's gateway finds its daemons through MB_BIN_DIR, and
+                    // this process does not change its own environment: the search runs
+                    // in a child that has it.
+                    let status = Command::new(std::env::current_exe()?)
+                        .args(["bench", "--log-search"])
+                        .env("MB_BIN_DIR", dir)
+                        .status()?;
+                    if !status.success() {
+                        bail!(
+                            "bench --log-search with {} failed ({status})",
+                            dir.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                if std::env::var_os("MB_BIN_DIR").is_none() {
+                    run(cargo().args(["build", "--workspace", "--bins"]))?;
+                }
                 return logsearch::bench();
             }
             let profile = if debug { "debug" } else { "release" };
