@@ -326,11 +326,6 @@ fn a_damaged_record_is_skipped_and_the_records_after_it_recovered() {
     );
 }
 
-/// A lazy completion costs no `fdatasync` of its own while another record is to come:
-/// it is written at once (a process kill keeps it), and its sync waits (here up to a
-/// minute) for the next commit's; a close syncs it; with a short wait it is synced on
-/// its own. Meanwhile the message is hidden (as after any queued completion) and cannot
-/// be completed twice.
 /// Waits until a reader of the spool's files finds no live message (a lazy Done written,
 /// though not synced).
 fn wait_written(root: &Path) {
@@ -344,6 +339,11 @@ fn wait_written(root: &Path) {
     }
 }
 
+/// A lazy completion costs no `fdatasync` of its own while another record is to come:
+/// it is written at once (a process kill keeps it), and its sync waits (here up to a
+/// minute) for the next commit's; a close syncs it; with a short wait it is synced on
+/// its own. Meanwhile the message is hidden (as after any queued completion) and cannot
+/// be completed twice.
 #[test]
 fn a_lazy_completion_rides_with_the_next_commit_or_goes_alone_after_its_wait() {
     let dir = tempfile::tempdir().unwrap();
