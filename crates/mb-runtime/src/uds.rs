@@ -264,10 +264,17 @@ fn has_group(pid: i32, gid: u32) -> bool {
 
 /// Whether a `/proc/PID/status` text lists `gid` on its `Groups:` line.
 fn status_has_group(status: &str, gid: u32) -> bool {
+    status_groups(status).any(|g| g == gid)
+}
+
+/// The supplementary groups on a `/proc/PID/status` text's `Groups:` line.
+fn status_groups(status: &str) -> impl Iterator<Item = u32> + '_ {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .filter_map(|g| g.parse().ok())
 }
 
 pub fn user_name(uid: u32) -> String {
@@ -376,15 +383,7 @@ mod tests {
         // group it is not in, or a process that has gone, does not.
         let me = i32::try_from(std::process::id()).expect("pid");
         let mine = std::fs::read_to_string("/proc/self/status").expect("status");
-        let groups: Vec<u32> = mine
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .map(|g| {
-                g.split_whitespace()
-                    .filter_map(|g| g.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let groups: Vec<u32> = status_groups(&mine).collect();
         for g in &groups {
             assert!(peer_allowed(own, (33, 33, Some(me)), &[*g]), "group {g}");
         }
